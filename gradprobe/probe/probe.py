@@ -1,0 +1,638 @@
+"""The probe: attach to a multi-loss model and record per-loss gradient statistics.
+
+Cadence: a non-probe step costs the weighted sum and one ordinary backward, nothing else.
+On a probe step the per-loss gradients are taken with ``torch.autograd.grad`` (exact, no
+estimates), their Gram matrix G = J J^T on the shared parameters is recorded, and the
+parameters' ``.grad`` is filled either from those same gradients (the *assembled* path:
+no extra backward) or by the ordinary backward (the *separate* path). docs/probe.md says
+which path runs when.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from gradprobe import __version__, metrics
+from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunWriter
+
+from .graph import has_user_hooks, infer_shared, reachable_leaves
+from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
+                      ProbeUsageError, SaturationWatch, batch_scalars, latent_pair)
+
+ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
+         "reconstruction", "regularization", "other")
+
+# Substrings of common loss names, checked in this order, for roles the user did not give.
+_ROLE_HINTS = (
+    ("task", ("task", "ce", "bce", "mse", "xent", "cls", "pred", "main", "sup")),
+    ("contrastive", ("cont", "nce", "clr", "simclr", "moco", "triplet")),
+    ("prototype", ("proto", "center", "centroid", "cluster")),
+    ("orthogonality", ("orth",)),
+    ("decorrelation", ("corr", "decor", "hsic", "mi")),
+    ("adversarial", ("adv", "domain", "grl", "disc", "gan")),
+    ("reconstruction", ("rec", "recon", "ae")),
+    ("regularization", ("reg", "l1", "l2", "sparse", "kl", "wd", "entropy")),
+)
+
+RESERVED_OBSERVE = ("groups",)
+
+
+@dataclass
+class PerLossGradients:
+    """The per-loss gradients of one probe step: rows of the Jacobian J, split by input kind."""
+
+    path: str
+    weights: torch.Tensor
+    inputs: list[torch.Tensor]  # shared parameters, then other leaves, then latents
+    grads: list[tuple[torch.Tensor | None, ...]]  # one tuple per loss, aligned with inputs
+    n_shared: int
+    n_others: int
+    latent_names: list[str]
+    per_loss_leaves: list[dict]
+    shared_ids: set[int]
+
+
+class GradprobeWarning(UserWarning):
+    """Something the probe noticed or could not do; training continues."""
+
+
+def guess_role(name: str) -> str:
+    lowered = name.lower()
+    for role, hints in _ROLE_HINTS:
+        if any(lowered == h or lowered.startswith(h) or h in lowered.split("_") for h in hints):
+            return role
+    return "other"
+
+
+class Probe:
+    """Records per-loss gradient statistics of a multi-loss model on the shared parameters.
+
+    Parameters
+    ----------
+    model: the ``nn.Module`` being trained (parameter names come from it).
+    shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
+        probe step as the nearest layer that two or more losses reach (``shared="all"``:
+        every parameter two or more losses reach).
+    every: probe cadence in steps (step 0 is a probe step).
+    log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
+        (it still travels in ``state_dict()``).
+    task: the primary loss (default: the first key of the first ``backward`` call).
+    roles: ``{loss name: role}`` with roles from :data:`ROLES`; omitted names are guessed
+        from common names and the run file says which roles were guessed.
+    expect_groups_per_batch: what the batch sampler is meant to give (e.g. 1 for
+        single-group batches), so diagnosis can tell when the batches look otherwise.
+    max_rows: rows of each latent used per probe step (a bounded sample).
+    assemble: fill ``.grad`` from the per-loss gradients instead of running the ordinary
+        backward on probe steps (saves one backward; equal up to float32 rounding).
+    overwrite: replace an existing run file instead of refusing it.
+    """
+
+    def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int = 50,
+                 log: str | Path | None = None, task: str | None = None,
+                 roles: Mapping[str, str] | None = None, name: str | None = None,
+                 expect_groups_per_batch: int | None = None, max_rows: int = 1024,
+                 assemble: bool = False, overwrite: bool = False):
+        if not isinstance(model, torch.nn.Module):
+            raise ProbeUsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps), "
+                                  f"got {every!r}")
+        for loss_name, role in (roles or {}).items():
+            if role not in ROLES:
+                raise ProbeUsageError(f"unknown role {role!r} for loss {loss_name!r}; "
+                                      f"roles are: {', '.join(ROLES)}")
+        self.model = model
+        self.every = every
+        self.task = task
+        self.roles = dict(roles or {})
+        self.expect_groups_per_batch = expect_groups_per_batch
+        self.max_rows = max_rows
+        self.assemble = assemble
+        self.run_name = name or (Path(log).stem if log else "run")
+        self.step = 0
+        self.enabled = True
+        self.last_grad_norms: dict[str, float] | None = None
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._shared_spec = shared
+        self._shared: list[torch.Tensor] | None = self._resolve_shared(shared)
+        self._latents: dict[str, LatentWatch] = {}
+        self._prototypes: dict[str, PrototypeWatch] = {}
+        self._saturations: dict[str, SaturationWatch] = {}
+        self._contrastive: dict[str, ContrastiveWatch] = {}
+        self._captured: dict[str, Any] = {}
+        self._losses: list[str] | None = None
+        self._warned: set[str] = set()
+        self._resumed = False
+        self._meta_written = False
+        self.backward_path = "separate"
+        if log is not None and overwrite:
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(log) + suffix).unlink(missing_ok=True)
+        self._writer = RunWriter(log)
+        self._existing_steps = self._writer.last_step() is not None
+
+    # -- what to watch ---------------------------------------------------------------------
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "|" in name:
+            raise ProbeUsageError(f"watch names must be non-empty strings without '|', got {name!r}")
+        taken = set(self._latents) | set(self._prototypes) | set(self._saturations) | \
+            set(self._contrastive) | set(RESERVED_OBSERVE)
+        for watch in self._saturations.values():
+            taken.update(watch.terms or ())
+        if name in taken:
+            raise ProbeUsageError(f"the name {name!r} is already watched (names must be unique)")
+
+    def watch_latent(self, name: str, module: torch.nn.Module | None = None, *,
+                     every: int | None = None) -> None:
+        """Record a latent ([batch, dim]): from ``module``'s forward output, or ``observe(name=...)``."""
+        self._check_new_name(name)
+        watch = LatentWatch(name, module, every)
+        if module is not None:
+            watch.handle = module.register_forward_hook(self._capture_output(name))
+        self._latents[name] = watch
+
+    def watch_prototypes(self, name: str, source: Any, *, latent: str | None = None,
+                         every: int | None = None) -> None:
+        """Record a prototype matrix (tensor, Parameter, buffer or zero-argument callable).
+
+        ``latent``: the watched latent the prototypes summarise (rows indexed by the group
+        ids passed as ``observe(groups=...)``), for usage and lag.
+        """
+        self._check_new_name(name)
+        if not (isinstance(source, torch.Tensor) or callable(source)):
+            raise ProbeUsageError(f"prototypes {name!r}: pass a tensor, Parameter, buffer or a "
+                                  f"zero-argument callable, got {type(source).__name__}")
+        self._prototypes[name] = PrototypeWatch(name, source, latent, every)
+
+    def watch_saturation(self, name: str, module: torch.nn.Module | None = None, *,
+                         temperature: Any = None, threshold: float = 4.6,
+                         terms: tuple[str, str] | None = None, every: int | None = None) -> None:
+        """Record sigmoid inputs: a module's input (e.g. ``nn.Sigmoid``) or ``observe(name=...)``.
+
+        ``temperature``: a number or callable recorded beside it; ``terms``: the names of two
+        energy terms passed to ``observe`` (e.g. ``("U_I", "R_E")``) whose scale ratio is kept.
+        """
+        self._check_new_name(name)
+        for term in terms or ():
+            self._check_new_name(term)
+        watch = SaturationWatch(name, module, temperature, threshold,
+                                tuple(terms) if terms else None, every)
+        if module is not None:
+            watch.handle = module.register_forward_pre_hook(self._capture_input(name))
+        self._saturations[name] = watch
+
+    def watch_contrastive(self, name: str, *, temperature: float = 0.1,
+                          every: int | None = None) -> None:
+        """Record an InfoNCE batch passed as ``observe(name=(anchors, positives))``."""
+        self._check_new_name(name)
+        self._contrastive[name] = ContrastiveWatch(name, temperature, every)
+
+    # -- the training loop -------------------------------------------------------------------
+
+    @property
+    def is_probe_step(self) -> bool:
+        """Whether the current step (the next ``backward``) records."""
+        return self.enabled and self.step % self.every == 0
+
+    def _capture_output(self, name: str) -> Callable:
+        def hook(module, inputs, output):
+            if self.is_probe_step:
+                self._captured[name] = output
+        return hook
+
+    def _capture_input(self, name: str) -> Callable:
+        def hook(module, inputs):
+            if self.is_probe_step and inputs:
+                self._captured[name] = inputs[0]
+        return hook
+
+    def observe(self, **tensors: Any) -> None:
+        """Hand the probe tensors it watches (latents, sigmoid inputs, pairs, ``groups``)."""
+        known = set(self._latents) | set(self._saturations) | set(self._contrastive) | \
+            set(RESERVED_OBSERVE)
+        for watch in self._saturations.values():
+            known.update(watch.terms or ())
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise ProbeUsageError(f"observe() got {', '.join(map(repr, unknown))}, which no watch "
+                                  f"expects; watched names: {', '.join(sorted(known))}")
+        if self.is_probe_step:
+            self._captured.update(tensors)
+
+    def _validate(self, losses: Mapping[str, Any], weights: Mapping[str, Any]) -> None:
+        if not isinstance(losses, Mapping) or not losses:
+            raise ProbeUsageError("backward() needs a non-empty dict {loss name: 0-dim tensor}")
+        names = list(losses)
+        if self._losses is not None and names != self._losses:
+            if set(names) != set(self._losses):
+                raise ProbeUsageError(f"the losses changed from {self._losses} to {names}; "
+                                      "pass the same loss names every step")
+        device = None
+        for loss_name, value in losses.items():
+            if not isinstance(loss_name, str) or not loss_name or "|" in loss_name:
+                raise ProbeUsageError(f"loss names must be non-empty strings without '|', "
+                                      f"got {loss_name!r}")
+            if not isinstance(value, torch.Tensor):
+                raise ProbeUsageError(f"loss {loss_name!r} is a {type(value).__name__}, "
+                                      "expected a 0-dim tensor")
+            if value.ndim != 0:
+                raise ProbeUsageError(f"loss {loss_name!r} has shape {list(value.shape)}; expected "
+                                      "a scalar (0-dim) tensor: reduce it, e.g. with .mean()")
+            if not value.is_floating_point():
+                raise ProbeUsageError(f"loss {loss_name!r} has dtype {value.dtype}; expected "
+                                      "a floating-point tensor")
+            if device is not None and value.device != device:
+                raise ProbeUsageError(f"loss {loss_name!r} is on {value.device}, the others "
+                                      f"on {device}; compute all losses on one device")
+            device = value.device
+        unknown = sorted(set(weights) - set(losses))
+        if unknown:
+            raise ProbeUsageError(f"weights for unknown losses {unknown}; the losses are "
+                                  f"{sorted(losses)}")
+        for loss_name, w in weights.items():
+            if isinstance(w, torch.Tensor) and w.numel() != 1:
+                raise ProbeUsageError(f"weight {loss_name!r} must be a float or a 0-dim tensor, "
+                                      f"got shape {list(w.shape)}")
+        if self.task is not None and self.task not in losses:
+            raise ProbeUsageError(f"task loss {self.task!r} is not among the losses {names}")
+
+    def backward(self, losses: Mapping[str, torch.Tensor],
+                 weights: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Backpropagate ``sum_k w_k L_k`` (missing weights are 1.0); returns the detached total.
+
+        On probe steps the per-loss gradient statistics are recorded as well.
+        """
+        weights = dict(weights or {})
+        if self._losses is None or list(losses) != self._losses:
+            self._validate(losses, weights)
+        else:
+            unknown = set(weights) - set(losses)
+            if unknown:
+                self._validate(losses, weights)
+        if self._losses is None:
+            self._start(list(losses))
+        total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            raise ProbeUsageError("no loss requires grad: every loss is computed from detached "
+                                  "tensors, so nothing can be trained")
+        step = self.step
+        gradients = None
+        if self.is_probe_step:
+            try:
+                gradients = self._per_loss_gradients(losses, weights)
+            except Exception as exc:  # the observer must not harm the observed
+                self._fail(exc)
+        if gradients is not None and gradients.path == "assembled":
+            self._assemble(gradients)
+        else:
+            # The user's own backward stays outside any try: its errors are theirs to see.
+            total.backward()
+        if gradients is not None:
+            try:
+                self._record(step, losses, gradients)
+            except Exception as exc:
+                self._fail(exc)
+        self._captured.clear()
+        self.step += 1
+        return total.detach()
+
+    def log(self, **scalars: Any) -> None:
+        """Record extra scalars (learning rate, validation losses...) at the current step."""
+        if not self.enabled:
+            return
+        try:
+            values = {}
+            for key, value in scalars.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach()
+                    if value.numel() != 1:
+                        raise ProbeUsageError(f"log({key}=...) needs a number, got shape "
+                                              f"{list(value.shape)}")
+                values[("logged", key)] = float(value)
+            self._writer.add_scalars(max(self.step - 1, 0), values)
+        except ProbeUsageError:
+            raise
+        except Exception as exc:
+            self._fail(exc)
+
+    # -- the probe step ------------------------------------------------------------------
+
+    def _start(self, names: list[str]) -> None:
+        if self._existing_steps and not self._resumed:
+            raise ProbeUsageError(
+                f"run file {self._writer.path} already holds a recorded run; choose another "
+                "log= path, pass overwrite=True, or load_state_dict() to resume it")
+        self._losses = names
+        if self.task is None:
+            self.task = names[0]
+        guessed = []
+        for loss_name in names:
+            if loss_name not in self.roles:
+                self.roles[loss_name] = "task" if loss_name == self.task else guess_role(loss_name)
+                guessed.append(loss_name)
+        self._roles_guessed = guessed
+
+    def _resolve_shared(self, shared: Any) -> list[torch.Tensor] | None:
+        if shared is None or shared == "all":
+            return None
+        if isinstance(shared, torch.nn.Module):
+            params = [p for p in shared.parameters() if p.requires_grad]
+        elif isinstance(shared, torch.Tensor):
+            params = [shared]
+        elif isinstance(shared, Iterable) and not isinstance(shared, str):
+            params = list(shared)
+        else:
+            raise ProbeUsageError(f"shared must be a module, parameters, None or 'all', "
+                                  f"got {shared!r}")
+        if not params or not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
+            raise ProbeUsageError("shared must name at least one parameter that requires grad")
+        return params
+
+    def _choose_path(self, per_loss_leaves: list[dict], weights: Mapping[str, Any]) -> str:
+        """'assembled' fills .grad from the per-loss gradients; 'separate' runs the ordinary backward.
+
+        'separate' is the default: the parameter updates are then bit-identical to training
+        without the probe. ``assemble=True`` saves that backward (worth it when the shared
+        set reaches deep into the model, where each per-loss pass costs a full backward) and
+        gives the same ``.grad`` up to float32 rounding; it is used only when the ordinary
+        backward has no side effects of its own: no DDP reducer, no hooks on the leaves, no
+        loss weight that itself needs a gradient.
+        """
+        if not self.assemble:
+            return "separate"
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return "separate"
+        if any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights.values()):
+            return "separate"
+        if any(has_user_hooks(t) for leaves in per_loss_leaves for t, _ in leaves.values()):
+            return "separate"
+        return "assembled"
+
+    def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor],
+                            weights: Mapping[str, Any]) -> "PerLossGradients":
+        """One ``torch.autograd.grad`` per loss, over the shared parameters and watched latents
+        (and, on the assembled path, every other leaf, so that ``.grad`` can be filled exactly)."""
+        names = self._losses
+        per_loss_leaves = [reachable_leaves(losses[k]) for k in names]
+        if self._shared is None:
+            self._shared = infer_shared(per_loss_leaves, self._names,
+                                        whole=self._shared_spec == "all")
+            if not self._shared:
+                raise ProbeUsageError("no parameter receives gradient from two or more losses: "
+                                      "there is nothing shared to probe (pass shared=...)")
+        all_leaves: dict[int, torch.Tensor] = {}
+        for leaves in per_loss_leaves:
+            all_leaves.update((k, t) for k, (t, _) in leaves.items())
+        path = self._choose_path(per_loss_leaves, weights)
+        self.backward_path = path
+        latents = {n: t for n, t in self._captured.items()
+                   if n in self._latents and isinstance(t, torch.Tensor) and t.requires_grad}
+        shared_ids = {id(p) for p in self._shared}
+        others = [t for k, t in all_leaves.items() if k not in shared_ids] \
+            if path == "assembled" else []
+        inputs = list(self._shared) + others + list(latents.values())
+        grads = []
+        for loss_name in names:
+            loss = losses[loss_name]
+            if not loss.requires_grad:
+                grads.append((None,) * len(inputs))
+                continue
+            # The graph is kept so that a failure anywhere in the probe step can still fall
+            # back to the ordinary backward; it is freed when the loop drops its losses.
+            grads.append(torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True))
+        w = torch.tensor([float(weights.get(k, 1.0)) for k in names], dtype=torch.float64)
+        return PerLossGradients(path, w, inputs, grads, len(self._shared), len(others),
+                                list(latents), per_loss_leaves, shared_ids)
+
+    @staticmethod
+    def _assemble(gradients: "PerLossGradients") -> None:
+        """``.grad += sum_k w_k g_k``: what the ordinary backward of the weighted sum gives."""
+        n_params = gradients.n_shared + gradients.n_others
+        weights = gradients.weights.tolist()
+        for j, param in enumerate(gradients.inputs[:n_params]):
+            combined = None
+            for k, per_loss in enumerate(gradients.grads):
+                g = per_loss[j]
+                if g is None:
+                    continue
+                term = g if weights[k] == 1.0 else g * weights[k]
+                combined = term if combined is None else combined + term
+            if combined is None:
+                continue
+            param.grad = combined if param.grad is None else param.grad + combined
+
+    def _record(self, step: int, losses: Mapping[str, torch.Tensor],
+                gradients: "PerLossGradients") -> None:
+        names = self._losses
+        w, grads, n_shared = gradients.weights, gradients.grads, gradients.n_shared
+        n_params = n_shared + gradients.n_others
+        latent_names = gradients.latent_names
+        per_loss_leaves, shared_ids = gradients.per_loss_leaves, gradients.shared_ids
+        scalars: dict[tuple[str, str], float] = {}
+        arrays: dict[tuple[str, str], np.ndarray] = {}
+        for k, loss_name in enumerate(names):
+            value = float(losses[loss_name].detach())
+            scalars[("loss", loss_name)] = value
+            scalars[("weight", loss_name)] = float(w[k])
+            if not np.isfinite(value):
+                self._event(step, "non_finite", loss_name, f"loss {loss_name!r} is {value}")
+            reach = per_loss_leaves[k]
+            if not reach:
+                self._event(step, "inert_loss", loss_name,
+                            f"loss {loss_name!r} has no gradient path to any parameter "
+                            "(computed from detached tensors?): it trains nothing")
+            elif not (set(reach) & shared_ids):
+                self._event(step, "no_shared_path", loss_name,
+                            f"loss {loss_name!r} reaches no shared parameter")
+        device = self._shared[0].device
+        rows = []
+        for per_loss in grads:
+            parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=device)
+                     for g, p in zip(per_loss[:n_shared], self._shared)]
+            rows.append(torch.cat([part.to(device=device, dtype=torch.float64) for part in parts]))
+        jacobian = torch.stack(rows)
+        gram = (jacobian @ jacobian.T).cpu()
+        if not torch.isfinite(gram).all():
+            self._event(step, "non_finite", "gradient",
+                        "a per-loss gradient on the shared parameters holds NaN or Inf")
+        stats = metrics.gram_statistics(gram, w)
+        arrays[("grad_gram", "shared")] = gram.numpy()
+        self.last_grad_norms = {}
+        for k, loss_name in enumerate(names):
+            norm = float(stats["norm"][k])
+            self.last_grad_norms[loss_name] = norm
+            scalars[("grad_norm", loss_name)] = norm
+            scalars[("weighted_grad_norm", loss_name)] = float(stats["weighted_norm"][k])
+            for j in range(k + 1, len(names)):
+                pair = f"{loss_name}|{names[j]}"
+                scalars[("grad_dot", pair)] = float(gram[k, j])
+                scalars[("grad_cosine", pair)] = float(stats["cosine"][k, j])
+                scalars[("magnitude_similarity", pair)] = float(stats["magnitude_similarity"][k, j])
+        scalars[("combined_grad_norm", "shared")] = float(stats["combined_norm"])
+        for i, latent_name in enumerate(latent_names):
+            for k, loss_name in enumerate(names):
+                g = grads[k][n_params + i]
+                norm = 0.0 if g is None else float(torch.linalg.vector_norm(g.double()))
+                scalars[("latent_grad_norm", f"{latent_name}|{loss_name}")] = norm
+        self._record_watches(step, scalars, arrays)
+        self._write(step, scalars, arrays)
+
+    def _due(self, watch_every: int | None, step: int) -> bool:
+        return watch_every is None or step % watch_every == 0
+
+    def _record_watches(self, step: int, scalars: dict, arrays: dict) -> None:
+        captured = self._captured
+        groups = captured.get("groups")
+        if groups is not None:
+            groups = torch.as_tensor(groups).detach().reshape(-1).cpu()
+            if groups.numel():
+                scalars.update(batch_scalars(groups))
+        latents = {}
+        for name, watch in self._latents.items():
+            if name in captured and self._due(watch.every, step):
+                try:
+                    got_scalars, got_arrays = watch.record(captured[name], self.max_rows)
+                except NonFinite as exc:
+                    self._event(step, "non_finite", name, f"{exc} holds NaN or Inf")
+                    continue
+                scalars.update(got_scalars)
+                arrays.update(got_arrays)
+                latents[name] = captured[name]
+        ordered = list(latents)
+        for i, a in enumerate(ordered):
+            for b in ordered[i + 1:]:
+                scalars.update(latent_pair(a, latents[a], b, latents[b], self.max_rows))
+        for name, watch in self._prototypes.items():
+            if self._due(watch.every, step):
+                feature = captured.get(watch.latent) if watch.latent else None
+                scalars.update(watch.record(step, feature, groups, self.max_rows))
+        for name, watch in self._saturations.items():
+            if name in captured and self._due(watch.every, step):
+                try:
+                    got_scalars, got_arrays = watch.record(captured[name], captured)
+                except NonFinite as exc:
+                    self._event(step, "non_finite", name, f"{exc} holds NaN or Inf")
+                    continue
+                scalars.update(got_scalars)
+                arrays.update(got_arrays)
+        for name, watch in self._contrastive.items():
+            if name in captured and self._due(watch.every, step):
+                scalars.update(watch.record(captured[name], groups, self.max_rows))
+
+    def _event(self, step: int, kind: str, name: str, message: str) -> None:
+        self._writer.add_event(step, kind, name, message)
+        if (kind, name) not in self._warned:
+            self._warned.add((kind, name))
+            warnings.warn(f"gradprobe: step {step}: {message}", GradprobeWarning, stacklevel=4)
+
+    def _write(self, step: int, scalars: dict, arrays: dict) -> None:
+        if not self._meta_written:
+            self._writer.set_meta(**self._meta())
+            self._meta_written = True
+        self._writer.write_step(step, scalars, arrays)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "run_name": self.run_name,
+            "gradprobe_version": __version__,
+            "torch_version": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "losses": self._losses,
+            "task": self.task,
+            "roles": self.roles,
+            "roles_guessed": self._roles_guessed,
+            "every": self.every,
+            "shared_parameters": [self._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
+                                  for p in self._shared],
+            "shared_numel": int(sum(p.numel() for p in self._shared)),
+            "backward_path": self.backward_path,
+            "latents": sorted(self._latents),
+            "prototypes": {n: w.latent for n, w in self._prototypes.items()},
+            "saturations": sorted(self._saturations),
+            "contrastive": sorted(self._contrastive),
+            "expect_groups_per_batch": self.expect_groups_per_batch,
+            "max_rows": self.max_rows,
+        }
+
+    def _fail(self, exc: BaseException) -> None:
+        """Report once, stop probing, keep what was recorded; training goes on."""
+        self.enabled = False
+        self._remove_hooks()
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        warnings.warn(f"gradprobe disabled itself at step {self.step} ({message}); training "
+                      "continues and everything recorded before stays readable",
+                      GradprobeWarning, stacklevel=3)
+        try:
+            self._writer.add_event(self.step, "probe_disabled", "probe", message)
+            self._writer.flush()
+        except Exception:  # the run file itself may be what failed
+            pass
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _remove_hooks(self) -> None:
+        for watch in list(self._latents.values()) + list(self._saturations.values()):
+            if watch.handle is not None:
+                watch.handle.remove()
+                watch.handle = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, numbers, strings, lists, dicts) holding the recorded run itself.
+
+        A checkpoint holding it loads with ``torch.load(path, weights_only=True)`` and can be
+        analysed on its own with ``gradprobe analyze``.
+        """
+        data = self._writer.to_bytes()
+        return {
+            "format": STATE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "gradprobe_version": __version__,
+            "step": self.step,
+            "every": self.every,
+            "log": str(self._writer.path) if self._writer.path else "",
+            "database": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            "prototypes": {n: w.state() for n, w in self._prototypes.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the step counter continues and the same run file is appended to."""
+        if state.get("format") != STATE_FORMAT:
+            raise ProbeUsageError("not a gradprobe probe state (no format marker)")
+        if int(state.get("schema_version", -1)) != SCHEMA_VERSION:
+            raise ProbeUsageError(f"probe state has schema version {state.get('schema_version')}, "
+                                  f"this gradprobe reads {SCHEMA_VERSION}")
+        self.step = int(state["step"])
+        if self._writer.last_step() is None:
+            path = self._writer.path
+            self._writer.close()
+            self._writer = RunWriter(path, initial_bytes=state["database"].numpy().tobytes())
+        for name, proto_state in state.get("prototypes", {}).items():
+            if name in self._prototypes:
+                self._prototypes[name].load_state(proto_state)
+        self._resumed = True
+
+    def close(self) -> None:
+        """Flush and close the run file and remove the hooks; safe to call twice."""
+        self._remove_hooks()
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception as exc:
+                warnings.warn(f"gradprobe: could not close the run file cleanly ({exc})",
+                              GradprobeWarning, stacklevel=2)
+
+    def __enter__(self) -> "Probe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+

@@ -1,0 +1,258 @@
+"""One small unit per watched quantity: what it captures and the scalars it records.
+
+Each watch is keyed by the user's name (two latents of the same class never collide) and
+keeps only the state its own quantity needs (the previous prototype values, say). The
+numbers come from :mod:`gradprobe.metrics`; a watch only decides what to feed them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from gradprobe import metrics
+
+Scalars = dict[tuple[str, str], float]
+Arrays = dict[tuple[str, str], np.ndarray]
+
+
+class ProbeUsageError(ValueError):
+    """The training loop called the probe in a way it cannot record (one clear message)."""
+
+
+def as_matrix(name: str, tensor: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """A detached [n, d] view of a latent, at most ``max_rows`` rows, upcast for the metrics."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ProbeUsageError(f"latent {name!r} is a {type(tensor).__name__}, expected a tensor")
+    if tensor.ndim < 2:
+        raise ProbeUsageError(f"latent {name!r} has shape {list(tensor.shape)}; expected "
+                              "[batch, dim] (or [batch, ...], which is flattened)")
+    if tensor.shape[0] == 0:
+        raise ProbeUsageError(f"latent {name!r} is an empty batch (shape {list(tensor.shape)})")
+    if not (tensor.is_floating_point()):
+        raise ProbeUsageError(f"latent {name!r} has integer dtype {tensor.dtype}; "
+                              "expected floating-point features")
+    z = tensor.detach()[:max_rows]
+    return z.reshape(z.shape[0], -1)
+
+
+class LatentWatch:
+    """A named latent: captured from a module's forward output, or passed to ``observe``."""
+
+    def __init__(self, name: str, module: torch.nn.Module | None, every: int | None):
+        self.name = name
+        self.module = module
+        self.every = every
+        self.handle = None
+
+    def record(self, z: torch.Tensor, max_rows: int) -> tuple[Scalars, Arrays]:
+        z = as_matrix(self.name, z, max_rows)
+        if not torch.isfinite(z).all():
+            raise NonFinite(f"latent {self.name!r}")
+        n, d = z.shape
+        key = self.name
+        scalars = {
+            ("effective_rank", key): metrics.effective_rank(z),
+            ("effective_rank_isotropic", key): metrics.isotropic_effective_rank(n, d),
+            ("effective_rank_centred", key): metrics.effective_rank_centred(z),
+            ("participation_ratio", key): metrics.participation_ratio(z),
+            ("normalized_std", key): metrics.normalized_std(z),
+            ("latent_norm", key): metrics.latent_norm(z),
+            ("latent_dim", key): float(d),
+            ("latent_rows", key): float(n),
+        }
+        arrays = {("singular_spectrum", key):
+                  metrics.singular_spectrum(z, k=min(32, d)).cpu().numpy().astype(np.float32)}
+        return scalars, arrays
+
+
+class NonFinite(Exception):
+    """A watched value holds NaN or Inf: recorded as an event, not as a number."""
+
+
+def latent_pair(a: str, za: torch.Tensor, b: str, zb: torch.Tensor, max_rows: int) -> Scalars:
+    """Dependence between two latents of the same batch (the record's Corr(z_I, z_E))."""
+    za, zb = as_matrix(a, za, max_rows), as_matrix(b, zb, max_rows)
+    if za.shape[0] != zb.shape[0] or za.shape[0] < 4:
+        return {}
+    key = f"{a}|{b}"
+    n = za.shape[0]
+    return {
+        ("cka", key): metrics.linear_cka(za, zb, debiased=True),
+        ("max_abs_correlation", key): metrics.max_abs_correlation(za, zb),
+        ("max_abs_correlation_null", key):
+            metrics.max_abs_correlation_null(n, za.shape[1], zb.shape[1]),
+    }
+
+
+class PrototypeWatch:
+    """A set of prototypes (rows indexed by group id): drift, staleness, spread, usage, lag."""
+
+    def __init__(self, name: str, source: Any, latent: str | None, every: int | None):
+        self.name = name
+        self.source = source
+        self.latent = latent
+        self.every = every
+        self.previous: torch.Tensor | None = None
+        self.last_moved: torch.Tensor | None = None  # probe step at which each row last moved
+        self.group_means: dict[int, torch.Tensor] = {}
+
+    def current(self) -> torch.Tensor:
+        value = self.source() if callable(self.source) else self.source
+        if not isinstance(value, torch.Tensor) or value.ndim != 2:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ProbeUsageError(f"prototypes {self.name!r} must be a [num_prototypes, dim] "
+                                  f"tensor, got {shape}")
+        return value.detach().to("cpu", torch.float64).clone()
+
+    def record(self, step: int, latent: torch.Tensor | None, groups: torch.Tensor | None,
+               max_rows: int) -> Scalars:
+        now = self.current()
+        key = self.name
+        scalars: Scalars = {}
+        spread = metrics.prototype_spread(now)
+        scalars[("prototype_min_distance", key)] = spread["min_distance"]
+        scalars[("prototype_mean_distance", key)] = spread["mean_distance"]
+        scalars[("prototype_rank", key)] = spread["effective_rank"]
+        if self.previous is None or self.previous.shape != now.shape:
+            self.last_moved = torch.full((now.shape[0],), step, dtype=torch.int64)
+        else:
+            drift = metrics.prototype_drift(self.previous, now)
+            scalars[("prototype_drift", key)] = drift["relative"]
+            scalars[("prototype_moved_share", key)] = float(drift["moved"].double().mean())
+            self.last_moved[drift["moved"]] = step
+            scalars[("prototype_steps_since_moved", key)] = float((step - self.last_moved).max())
+        self.previous = now
+        if latent is not None:
+            e = as_matrix(self.latent, latent, max_rows).to("cpu", torch.float64)
+            if e.shape[1] == now.shape[1]:
+                scalars[("prototype_usage", key)] = metrics.prototype_usage(e, now)
+                if groups is not None and len(groups) == e.shape[0]:
+                    scalars.update(self._lag(now, e, groups))
+        return scalars
+
+    def _lag(self, protos: torch.Tensor, e: torch.Tensor, groups: torch.Tensor) -> Scalars:
+        groups = groups[: e.shape[0]].to(torch.int64)
+        in_range = (groups >= 0) & (groups < protos.shape[0])
+        if not bool(in_range.all()):
+            return {}
+        scalars = {("prototype_lag", self.name): metrics.prototype_lag(protos, e, groups)}
+        shifts = []
+        for g in torch.unique(groups).tolist():
+            mean = e[groups == g].mean(0)
+            before = self.group_means.get(g)
+            if before is not None and float(before.norm()) > 0:
+                shifts.append(float((mean - before).norm() / before.norm()))
+            self.group_means[g] = mean
+        if shifts:
+            # How far what the prototypes summarise moved since it was last seen.
+            scalars[("prototype_target_shift", self.name)] = float(np.mean(shifts))
+        return scalars
+
+    def state(self) -> dict[str, Any]:
+        if self.previous is None:
+            return {}
+        return {"previous": self.previous.clone(), "last_moved": self.last_moved.clone()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if "previous" in state:
+            self.previous = state["previous"].clone()
+            self.last_moved = state["last_moved"].clone()
+
+
+def resolve_scalar(value: Any) -> float | None:
+    if value is None:
+        return None
+    if callable(value):
+        value = value()
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ProbeUsageError(f"temperature must be a number, got shape {list(value.shape)}")
+        return float(value.detach())
+    return float(value)
+
+
+class SaturationWatch:
+    """Pre-sigmoid values: share in the flat region, mean sigmoid', a fixed-bin histogram."""
+
+    def __init__(self, name: str, module: torch.nn.Module | None,
+                 temperature: float | Callable[[], Any] | None, threshold: float,
+                 terms: tuple[str, str] | None, every: int | None):
+        self.name = name
+        self.module = module
+        self.temperature = temperature
+        self.threshold = threshold
+        self.terms = terms
+        self.every = every
+        self.handle = None
+
+    def record(self, x: torch.Tensor, observed: dict[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            raise ProbeUsageError(f"saturation watch {self.name!r} needs a non-empty tensor")
+        x = x.detach().reshape(-1).to(torch.float64)
+        if not torch.isfinite(x).all():
+            raise NonFinite(f"sigmoid input {self.name!r}")
+        key = self.name
+        scalars = {
+            ("saturated_fraction", key): metrics.saturated_fraction(x, threshold=self.threshold),
+            ("mean_sigmoid_grad", key): metrics.mean_sigmoid_grad(x),
+            ("saturation_threshold", key): float(self.threshold),
+        }
+        temperature = resolve_scalar(self.temperature)
+        if temperature is not None:
+            scalars[("temperature", key)] = temperature
+        if self.terms is not None:
+            u, r = (observed.get(t) for t in self.terms)
+            if u is not None and r is not None:
+                scalars[("energy_scale_ratio", key)] = metrics.energy_scale_ratio(
+                    u.detach().reshape(-1), r.detach().reshape(-1))
+        arrays = {("saturation_histogram", key):
+                  metrics.saturation_histogram(x).cpu().numpy().astype(np.float64)}
+        return scalars, arrays
+
+
+class ContrastiveWatch:
+    """An InfoNCE batch (anchors, positives): how much signal its negatives carry."""
+
+    def __init__(self, name: str, temperature: float, every: int | None):
+        self.name = name
+        self.temperature = temperature
+        self.every = every
+
+    def record(self, pair: Any, groups: torch.Tensor | None, max_rows: int) -> Scalars:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ProbeUsageError(f"observe({self.name}=...) needs a pair (anchors, positives)")
+        anchors = as_matrix(self.name, pair[0], max_rows)
+        positives = as_matrix(self.name, pair[1], max_rows)
+        if anchors.shape != positives.shape or anchors.shape[0] < 2:
+            raise ProbeUsageError(f"contrastive pair {self.name!r}: anchors {list(anchors.shape)}"
+                                  f" and positives {list(positives.shape)} must match, n >= 2")
+        if groups is not None and len(groups) >= anchors.shape[0]:
+            groups = groups[: anchors.shape[0]]
+        else:
+            groups = None
+        signal = metrics.contrastive_signal(anchors, positives, temperature=self.temperature,
+                                            groups=groups)
+        key = self.name
+        scalars = {
+            ("contrastive_loss_ratio", key): signal["loss_ratio"],
+            ("contrastive_gap", key): signal["gap"],
+            ("contrastive_effective_negatives", key): signal["effective_negatives"],
+            ("contrastive_negatives", key): float(anchors.shape[0] - 1),
+        }
+        share = signal.get("same_group_negative_share")
+        if share is not None and np.isfinite(share):
+            scalars[("contrastive_same_group_share", key)] = share
+        return scalars
+
+
+def batch_scalars(groups: torch.Tensor) -> Scalars:
+    diversity = metrics.group_diversity(groups)
+    return {
+        ("groups_per_batch", "batch"): float(diversity["distinct"]),
+        ("group_entropy", "batch"): diversity["entropy"],
+        ("same_group_pair_share", "batch"): diversity["same_group_pair_share"],
+        ("batch_size", "batch"): float(len(groups)),
+    }
