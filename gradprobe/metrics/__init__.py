@@ -1,0 +1,65 @@
+"""Pure metric functions of gradprobe.
+
+Every function takes tensors (or array-likes), computes under ``torch.no_grad()`` in
+float64 and returns a Python float, a small tensor or a small dict. Non-finite input
+raises ``ValueError("... contains NaN/Inf ...")``; see docs/metrics.md for formulas,
+references, null levels and the edge-case policy.
+"""
+
+from .batch import group_diversity
+from .contrastive import contrastive_signal
+from .gradients import gram_from_gradients, gram_statistics
+from .prototypes import prototype_drift, prototype_lag, prototype_spread, prototype_usage
+from .representation import (
+    alignment,
+    effective_rank,
+    effective_rank_centred,
+    isotropic_effective_rank,
+    isotropic_participation_ratio,
+    latent_norm,
+    linear_cka,
+    max_abs_correlation,
+    max_abs_correlation_null,
+    normalized_std,
+    participation_ratio,
+    singular_spectrum,
+    uniformity,
+)
+from .saturation import (
+    SATURATION_THRESHOLD,
+    energy_scale_ratio,
+    mean_sigmoid_grad,
+    saturated_fraction,
+    saturation_histogram,
+    saturation_histogram_edges,
+)
+
+__all__ = [
+    "SATURATION_THRESHOLD",
+    "alignment",
+    "contrastive_signal",
+    "effective_rank",
+    "effective_rank_centred",
+    "energy_scale_ratio",
+    "gram_from_gradients",
+    "gram_statistics",
+    "group_diversity",
+    "isotropic_effective_rank",
+    "isotropic_participation_ratio",
+    "latent_norm",
+    "linear_cka",
+    "max_abs_correlation",
+    "max_abs_correlation_null",
+    "mean_sigmoid_grad",
+    "normalized_std",
+    "participation_ratio",
+    "prototype_drift",
+    "prototype_lag",
+    "prototype_spread",
+    "prototype_usage",
+    "saturated_fraction",
+    "saturation_histogram",
+    "saturation_histogram_edges",
+    "singular_spectrum",
+    "uniformity",
+]

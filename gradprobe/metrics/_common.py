@@ -1,0 +1,186 @@
+"""Shared input validation and spectral helpers for :mod:`gradprobe.metrics`.
+
+Policy applied by every metric (see docs/metrics.md):
+
+* inputs are detached, moved off MPS if needed, and upcast to float64
+  (float16/bfloat16/int/bool included) before any arithmetic;
+* a non-finite entry raises ``ValueError("<name> contains NaN/Inf ...")``;
+* a wrong number of dimensions, an empty input or mismatched shapes raise
+  ``ValueError`` naming the expected shape;
+* no exception escapes from inside torch: linear-algebra failures are caught and
+  retried with a fallback, and only then reported as ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__: list[str] = []  # private module
+
+_EPS64 = float(np.finfo(np.float64).eps)
+RANKME_EPS = 1e-7  # the epsilon of Garrido et al. (2023), also used by reptrix
+
+
+def to_tensor(x: Any, name: str) -> Tensor:
+    """Return ``x`` as a detached tensor (not yet upcast); reject complex input."""
+    if isinstance(x, Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise ValueError(f"{name} cannot be converted to a tensor: {exc}") from None
+    if t.is_complex():
+        raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
+    if t.device.type == "mps":  # MPS has no float64
+        t = t.cpu()
+    return t
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"{name} contains NaN/Inf; gradprobe metrics require finite input "
+            "(non-finite events are recorded separately by the probe)"
+        )
+
+
+def as_matrix(x: Any, name: str, shape: str = "(n, d)", check: bool = True) -> Tensor:
+    """Validate a 2-D non-empty finite matrix and return it as float64.
+
+    ``check=False`` skips the finiteness scan; the caller must then pass the result
+    through :func:`gram_eigenvalues` (via ``source=``), which detects non-finite
+    input from the Gram matrix at no extra cost.
+    """
+    t = to_tensor(x, name)
+    if t.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D tensor of shape {shape}, got {t.ndim}-D shape {tuple(t.shape)}"
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty tensor of shape {shape}, got {tuple(t.shape)}")
+    if check:
+        check_finite(t, name)
+    return t.to(torch.float64)
+
+
+def as_array(x: Any, name: str) -> Tensor:
+    """Validate a non-empty finite tensor of any shape and return it flattened, float64."""
+    t = to_tensor(x, name)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty tensor, got shape {tuple(t.shape)}")
+    check_finite(t, name)
+    return t.reshape(-1).to(torch.float64)
+
+
+def as_labels(x: Any, name: str, n: int | None = None) -> Tensor:
+    """Validate a 1-D tensor of integer group ids (integral floats are accepted)."""
+    t = to_tensor(x, name)
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of integer ids of shape (n,), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty")
+    if n is not None and t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(t.shape)}")
+    if t.is_floating_point():
+        check_finite(t, name)
+        if not bool((t == torch.round(t)).all()):
+            raise ValueError(f"{name} must hold integer ids, got non-integral values")
+    return t.to(torch.int64).cpu()
+
+
+def check_positive_int(v: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def check_positive_float(v: Any, name: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}") from None
+    if not math.isfinite(f) or f <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return f
+
+
+def small_gram(x: Tensor) -> Tensor:
+    """The smaller of ``x x^T`` (n x n) and ``x^T x`` (d x d) of a float64 matrix.
+
+    On CPU the product goes through numpy, which recognises ``a.T @ a`` and calls
+    BLAS ``syrk`` (half the flops of a general matmul, ~2x faster than torch here).
+    """
+    n, d = x.shape
+    if x.device.type == "cpu":
+        a = x.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> Inf, reported by the caller
+            g = a.T @ a if n >= d else a @ a.T
+        return torch.from_numpy(np.ascontiguousarray(g))
+    return x.T @ x if n >= d else x @ x.T
+
+
+def gram_eigenvalues(g: Tensor, name: str = "input", source: Tensor | None = None) -> Tensor:
+    """Eigenvalues of a symmetric PSD float64 Gram matrix, descending, negatives -> 0.
+
+    Round-off eigenvalues below ``lambda_max * size * eps64`` are set to 0 so that a
+    collapsed (rank-deficient) matrix gives exact zeros instead of noise.
+    """
+    if not bool(torch.isfinite(torch.diagonal(g)).all()) or not bool(torch.isfinite(g).all()):
+        # A non-finite input entry always makes its row/column's diagonal entry non-finite.
+        if source is not None:
+            check_finite(source, name)
+        raise ValueError(f"{name} overflows float64 (its Gram matrix contains Inf)")
+    try:
+        if g.device.type == "cpu":
+            ev = torch.from_numpy(np.linalg.eigvalsh(g.numpy()).copy())  # reads the lower triangle
+        else:
+            ev = torch.linalg.eigvalsh(0.5 * (g + g.T))
+    except Exception:  # LinAlgError from numpy or torch
+        try:
+            ev = torch.linalg.svdvals(g)  # PSD: singular values == eigenvalues
+        except Exception as exc:
+            raise ValueError(f"eigen-decomposition of the Gram matrix of {name} failed: {exc}") from None
+    ev = torch.flip(torch.sort(ev).values, dims=[0]).clamp_min(0.0)
+    if ev.numel() and ev[0] > 0:
+        ev = torch.where(ev <= ev[0] * g.shape[0] * 4 * _EPS64, torch.zeros_like(ev), ev)
+    return ev
+
+
+def squared_singular_values(x: Tensor, name: str = "input", method: str = "gram") -> Tensor:
+    """Squared singular values (length min(n, d), descending) of a float64 matrix.
+
+    ``method="gram"`` (default): eigenvalues of the smaller Gram matrix.
+    ``method="svd"``: ``torch.linalg.svdvals``; if it fails to converge (it can when
+    rows collapse onto each other) it falls back to the Gram eigenvalues.
+    """
+    if method == "svd":
+        try:
+            check_finite(x, name)
+            s = torch.linalg.svdvals(x)
+            return torch.sort(s * s, descending=True).values
+        except Exception:
+            pass
+    elif method != "gram":
+        raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
+    return gram_eigenvalues(small_gram(x), name, source=x)
+
+
+def entropy_rank(values: Tensor, eps: float = RANKME_EPS) -> float:
+    """``exp(-sum p_k log p_k)`` with ``p_k = v_k / sum(v) + eps``; 0.0 if ``sum(v) == 0``."""
+    total = float(values.sum())
+    if total <= 0.0:
+        return 0.0
+    p = values / total + eps
+    return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+def l2_normalize_rows(x: Tensor) -> Tensor:
+    """Rows divided by their l2 norm; all-zero rows stay zero (as ``F.normalize``)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))

@@ -1,0 +1,376 @@
+"""Representation (latent) metrics: rank, collapse, geometry and dependence.
+
+All functions take ``n x d`` matrices (rows = samples), upcast to float64 and
+work from the smaller Gram matrix. See docs/metrics.md for the null levels and
+the edge-case policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import special
+from torch import Tensor
+
+from ._common import (
+    as_matrix,
+    check_positive_float,
+    check_positive_int,
+    entropy_rank,
+    gram_eigenvalues,
+    l2_normalize_rows,
+    small_gram,
+    squared_singular_values,
+)
+
+__all__ = [
+    "effective_rank",
+    "effective_rank_centred",
+    "participation_ratio",
+    "isotropic_effective_rank",
+    "isotropic_participation_ratio",
+    "normalized_std",
+    "singular_spectrum",
+    "alignment",
+    "uniformity",
+    "linear_cka",
+    "max_abs_correlation",
+    "max_abs_correlation_null",
+    "latent_norm",
+]
+
+
+def _centre(x: Tensor) -> Tensor:
+    return x - x.mean(dim=0, keepdim=True)
+
+
+# --------------------------------------------------------------------------- rank
+
+
+@torch.no_grad()
+def effective_rank(z: Tensor, method: str = "gram") -> float:
+    r"""RankMe (Garrido et al., "RankMe: Assessing the downstream performance of
+    pretrained self-supervised representations by their rank", ICML 2023), uncentred.
+
+    With the singular values ``s_1..s_m`` (m = min(n, d)) of the n x d matrix ``z``:
+    ``p_k = s_k / sum(s) + 1e-7``, ``RankMe = exp(-sum_k p_k log p_k)``.
+
+    Range ~[1, min(n, d)]; a rank-r matrix with equal singular values gives r.
+    Singular values come from the eigenvalues of the smaller Gram matrix
+    (``method="gram"``, default) or ``torch.linalg.svdvals`` (``method="svd"``,
+    falling back to the Gram eigenvalues if it does not converge).
+    Edge cases: zero matrix -> 0.0; a single non-zero row or rows collapsed onto one
+    vector -> ~1.0. Depends on n when n is not >> d: compare with
+    :func:`isotropic_effective_rank`.
+    """
+    x = as_matrix(z, "z", check=False)  # finiteness is checked on the Gram matrix
+    s = torch.sqrt(squared_singular_values(x, "z", method))
+    return entropy_rank(s)
+
+
+@torch.no_grad()
+def effective_rank_centred(z: Tensor) -> float:
+    r"""RankMe over the eigenvalues of the covariance matrix (the reptrix variant).
+
+    ``lambda_1..lambda_m`` (m = min(n, d)) are the eigenvalues of
+    ``C = (z - mean)^T (z - mean) / (n - 1)``; ``p_k = lambda_k / sum(lambda) + 1e-7``;
+    result ``exp(-sum p_k log p_k)``. Note it uses eigenvalues (squared singular
+    values), so it is smaller than :func:`effective_rank` for non-flat spectra.
+    Edge cases: constant columns / constant or zero matrix / n = 1 -> 0.0
+    (no variance at all).
+    """
+    x = as_matrix(z, "z")
+    lam = gram_eigenvalues(small_gram(_centre(x)), "z")
+    return entropy_rank(lam)
+
+
+@torch.no_grad()
+def participation_ratio(z: Tensor) -> float:
+    r"""Participation ratio ``(tr C)^2 / tr(C^2) = (sum lambda)^2 / sum lambda^2`` of
+    the covariance C (Gao et al. 2017; Recanatesi et al. 2019).
+
+    Computed without an eigendecomposition: ``tr C ∝ tr G`` and
+    ``tr C^2 ∝ ||G||_F^2`` for the smaller Gram matrix G of the centred data.
+    Range [1, min(n - 1, d)]; constant / zero input or n = 1 -> 0.0.
+    """
+    x = as_matrix(z, "z")
+    g = small_gram(_centre(x))
+    tr = float(torch.diagonal(g).sum())
+    tr2 = float((g * g).sum())
+    if tr <= 0.0 or tr2 <= 0.0:
+        return 0.0
+    return tr * tr / tr2
+
+
+@functools.lru_cache(maxsize=256)
+def _isotropic_rank_cached(n: int, d: int, seed: int, centred: bool) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return effective_rank_centred(x) if centred else effective_rank(x)
+
+
+def isotropic_effective_rank(n: int, d: int, seed: int = 0, centred: bool = False) -> float:
+    """RankMe of one seeded ``n x d`` standard Gaussian sample (cached).
+
+    The reference level for :func:`effective_rank` (or, with ``centred=True``,
+    :func:`effective_rank_centred`) at the same shape: RankMe of an isotropic sample
+    is below min(n, d) when n is not >> d (Marchenko-Pastur spread of singular
+    values). The probe records ``rank / isotropic_effective_rank(n, d)``.
+    Deterministic for given arguments (``torch.Generator().manual_seed(seed)``).
+    """
+    n = check_positive_int(n, "n")
+    d = check_positive_int(d, "d")
+    seed = check_positive_int(seed, "seed", minimum=0)
+    return _isotropic_rank_cached(n, d, seed, bool(centred))
+
+
+def isotropic_participation_ratio(n: int, d: int) -> float:
+    r"""Expected participation ratio of an isotropic Gaussian ``n x d`` sample.
+
+    The sample covariance is Wishart with ``m = n - 1`` degrees of freedom, for which
+    ``E[(tr W)^2] = m d (m d + 2)`` and ``E[tr W^2] = m d (m + d + 1)``; the ratio of
+    expectations gives ``(m d + 2) / (m + d + 1)`` (~ n d / (n + d)). It is exact
+    for m = 1 or d = 1 (value 1) and within ~1% of Monte Carlo for n, d >= 8
+    (tested). n = 1 -> 0.0 (no variance).
+    """
+    n = check_positive_int(n, "n")
+    d = check_positive_int(d, "d")
+    m = n - 1
+    if m == 0:
+        return 0.0
+    return (m * d + 2.0) / (m + d + 1.0)
+
+
+# ------------------------------------------------------------------ collapse / geometry
+
+
+@torch.no_grad()
+def normalized_std(z: Tensor) -> float:
+    r"""Std of l2-normalised rows (SimSiam collapse indicator; Chen & He, "Exploring
+    Simple Siamese Representation Learning", CVPR 2021), as lightly's
+    ``std_of_l2_normalized``: ``mean_j std_i(z_ij / |z_i|)`` with the unbiased std.
+
+    Healthy (isotropic) ~ 1/sqrt(d); complete collapse -> 0. Zero rows stay zero
+    after normalisation. n = 1 -> 0.0 (a single sample has no spread).
+    """
+    x = as_matrix(z, "z")
+    if x.shape[0] < 2:
+        return 0.0
+    return float(l2_normalize_rows(x).std(dim=0, unbiased=True).mean())
+
+
+@torch.no_grad()
+def singular_spectrum(z: Tensor, k: int = 32, centred: bool = False) -> Tensor:
+    """Top-k singular values of ``z`` normalised to sum 1 (Jing et al.,
+    "Understanding Dimensional Collapse in Contrastive Self-Supervised Learning",
+    ICLR 2022, who plot the spectrum of the embedding covariance; use
+    ``centred=True`` for that view).
+
+    Returns a float64 CPU Tensor[k], descending, padded with zeros when
+    min(n, d) < k. Zero matrix -> all zeros.
+    """
+    k = check_positive_int(k, "k")
+    x = as_matrix(z, "z")
+    if centred:
+        x = _centre(x)
+    s = torch.sqrt(squared_singular_values(x, "z")).cpu()[:k]
+    out = torch.zeros(k, dtype=torch.float64)
+    total = float(s.sum())
+    if total > 0:
+        out[: s.numel()] = s / total
+    return out
+
+
+@torch.no_grad()
+def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
+    r"""Alignment ``E_i ||x_i - y_i||^alpha`` of l2-normalised positive pairs
+    (Wang & Isola, "Understanding Contrastive Representation Learning through
+    Alignment and Uniformity on the Hypersphere", ICML 2020).
+
+    Range [0, 2^alpha]; 0 = perfectly aligned pairs. Null (independent isotropic
+    rows): ~2 for alpha = 2. Zero rows are left at zero.
+    """
+    alpha = check_positive_float(alpha, "alpha")
+    x = as_matrix(z1, "z1")
+    y = as_matrix(z2, "z2")
+    if x.shape != y.shape:
+        raise ValueError(f"z1 and z2 must have the same shape (n, d), got {tuple(x.shape)} and {tuple(y.shape)}")
+    y = y.to(x.device)
+    diff = l2_normalize_rows(x) - l2_normalize_rows(y)
+    return float(torch.linalg.vector_norm(diff, dim=1).pow(alpha).mean())
+
+
+@torch.no_grad()
+def uniformity(z: Tensor, t: float = 2.0) -> float:
+    r"""Uniformity ``log E_{i<j} exp(-t ||x_i - x_j||^2)`` of l2-normalised rows
+    (Wang & Isola, ICML 2020).
+
+    Range [-4t, 0]: 0 = all rows identical (collapse), more negative = more uniform.
+    Null for isotropic rows in high d: ~ -2t (pairs nearly orthogonal: distance^2 ~ 2).
+    Cost O(n^2 d) time and O(n^2) memory. n = 1 -> 0.0 (the collapsed value).
+    """
+    t = check_positive_float(t, "t")
+    x = as_matrix(z, "z")
+    n = x.shape[0]
+    if n < 2:
+        return 0.0
+    xn = l2_normalize_rows(x)
+    sq = (xn * xn).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (xn @ xn.T)).clamp_min(0.0)
+    iu = torch.triu_indices(n, n, offset=1, device=x.device)
+    vals = -t * d2[iu[0], iu[1]]
+    return float(torch.logsumexp(vals, dim=0) - math.log(vals.numel()))
+
+
+@torch.no_grad()
+def latent_norm(z: Tensor) -> float:
+    """Mean l2 norm of the rows of ``z`` (``mean_i |z_i|``); 0.0 for a zero matrix."""
+    x = as_matrix(z, "z")
+    return float(torch.linalg.vector_norm(x, dim=1).mean())
+
+
+# --------------------------------------------------------------------------- dependence
+
+
+@torch.no_grad()
+def linear_cka(x: Tensor, y: Tensor, debiased: bool = True) -> float:
+    r"""Linear centred kernel alignment (Kornblith et al., "Similarity of Neural
+    Network Representations Revisited", ICML 2019).
+
+    ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with ``K = X X^T``, ``L = Y Y^T``
+    of the column-centred features. Biased: ``HSIC ∝ ||X^T Y||_F^2``. Debiased
+    (default): the unbiased HSIC estimator of Song et al. (JMLR 2012), as used by
+    Nguyen, Raghu & Kornblith (ICLR 2021):
+    ``[tr(K~L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))``
+    with ``K~`` = K with zeroed diagonal, evaluated in O(n d) from the features.
+
+    CKA(x, x) = 1; invariant to orthogonal transforms and isotropic scaling of either
+    input. Null (independent data): biased CKA has a positive floor that grows with
+    d/n (~0.2 for two independent 64-d Gaussians at n = 256); debiased ~0 (can be
+    slightly negative). Requires n >= 4 (debiased) or n >= 2 (biased), else
+    ``ValueError``. If either input has no variance (or its unbiased self-HSIC is
+    <= 0) the result is 0.0.
+    """
+    a = as_matrix(x, "x")
+    b = as_matrix(y, "y").to(a.device)
+    n = a.shape[0]
+    if b.shape[0] != n:
+        raise ValueError(f"x and y must have the same number of rows: x is (n, dx) = {tuple(a.shape)}, y is {tuple(b.shape)}")
+    need = 4 if debiased else 2
+    if n < need:
+        raise ValueError(f"linear_cka(debiased={debiased}) needs at least {need} rows, got n = {n}")
+    a = _centre(a)
+    b = _centre(b)
+
+    def cross_sq(p: Tensor, q: Tensor) -> float:  # ||P^T Q||_F^2 == tr(P P^T Q Q^T)
+        if p.shape[1] * q.shape[1] <= n * n:
+            m = p.T @ q
+        else:
+            m = (p @ p.T) * (q @ q.T)
+            return float(m.sum())
+        return float((m * m).sum())
+
+    def self_sq(p: Tensor) -> float:
+        g = small_gram(p)
+        return float((g * g).sum())
+
+    if not debiased:
+        hxy, hxx, hyy = cross_sq(a, b), self_sq(a), self_sq(b)
+    else:
+        ka = (a * a).sum(dim=1)  # diag(K)
+        kb = (b * b).sum(dim=1)
+
+        def hsic_u(tr_kl: float, dk: Tensor, dl: Tensor) -> float:
+            tr_t = tr_kl - float((dk * dl).sum())
+            sum_k = -float(dk.sum())  # 1^T K~ 1 for centred features
+            sum_l = -float(dl.sum())
+            cross = float((dk * dl).sum())  # 1^T K~ L~ 1 = (K~1).(L~1) = diag(K).diag(L)
+            return (tr_t + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (n * (n - 3))
+
+        hxy = hsic_u(cross_sq(a, b), ka, kb)
+        hxx = hsic_u(self_sq(a), ka, ka)
+        hyy = hsic_u(self_sq(b), kb, kb)
+    if hxx <= 0.0 or hyy <= 0.0:
+        return 0.0
+    return hxy / math.sqrt(hxx * hyy)
+
+
+def _standardised_columns(x: Tensor) -> Tensor:
+    """Centred columns scaled to unit norm; (numerically) constant columns -> 0."""
+    xc = _centre(x)
+    norms = torch.linalg.vector_norm(xc, dim=0)
+    scale = x.abs().amax(dim=0) * math.sqrt(x.shape[0])
+    const = (x.amax(dim=0) == x.amin(dim=0)) | (norms <= 1e-12 * scale)
+    safe = torch.where(const, torch.ones_like(norms), norms)
+    return torch.where(const[None, :], torch.zeros_like(xc), xc / safe)
+
+
+@torch.no_grad()
+def max_abs_correlation(x: Tensor, y: Tensor) -> float:
+    r"""``max_{j,k} |r(x_:j, y_:k)|``: the largest absolute Pearson correlation between
+    any column of ``x`` (n x dx) and any column of ``y`` (n x dy).
+
+    Constant columns contribute 0 (0.0 if all are constant). Cost O(n dx dy).
+    Null: :func:`max_abs_correlation_null`. Requires n >= 2 (n = 2 gives 1.0 for
+    any non-constant columns), else ``ValueError``.
+    """
+    a = as_matrix(x, "x")
+    b = as_matrix(y, "y").to(a.device)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"x and y must have the same number of rows: x is (n, dx) = {tuple(a.shape)}, y is {tuple(b.shape)}")
+    if a.shape[0] < 2:
+        raise ValueError(f"max_abs_correlation needs at least 2 rows, got n = {a.shape[0]}")
+    r = _standardised_columns(a).T @ _standardised_columns(b)
+    return min(float(r.abs().max()), 1.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _max_corr_null_analytic(n: int, m: int) -> float:
+    if n == 2:
+        return 1.0
+    b = (n - 2) / 2.0
+    # E[max of m i.i.d. |r|] = int_0^1 (1 - F(x)^m) dx with r^2 ~ Beta(1/2, (n-2)/2)
+    xs = np.linspace(0.0, 1.0, 200_001)
+    sf = special.betaincc(0.5, b, xs * xs)
+    with np.errstate(divide="ignore"):
+        cdf_m = np.exp(m * np.log1p(-np.minimum(sf, 1.0)))
+    return float(np.trapezoid(1.0 - cdf_m, xs))
+
+
+@functools.lru_cache(maxsize=64)
+def _max_corr_null_mc(n: int, dx: int, dy: int, seed: int, reps: int) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(reps):
+        a = torch.randn(n, dx, generator=gen, dtype=torch.float64)
+        b = torch.randn(n, dy, generator=gen, dtype=torch.float64)
+        vals.append(max_abs_correlation(a, b))
+    return float(np.mean(vals))
+
+
+def max_abs_correlation_null(
+    n: int, dx: int, dy: int, seed: int = 0, method: str = "analytic", reps: int = 32
+) -> float:
+    r"""Expected :func:`max_abs_correlation` for independent Gaussian data of shape
+    (n, dx) and (n, dy).
+
+    ``method="analytic"`` (default): under independence ``r^2 ~ Beta(1/2, (n-2)/2)``
+    exactly; treating the ``m = dx dy`` correlations as independent,
+    ``E[max |r|] = int_0^1 (1 - F(x)^m) dx`` (numerical quadrature, cached; the seed
+    is unused). ``method="montecarlo"``: mean over ``reps`` seeded samples (cached).
+    The two agree to a few percent (tested). Requires n >= 2; n = 2 -> 1.0.
+    """
+    n = check_positive_int(n, "n", minimum=2)
+    dx = check_positive_int(dx, "dx")
+    dy = check_positive_int(dy, "dy")
+    seed = check_positive_int(seed, "seed", minimum=0)
+    if method == "analytic":
+        return _max_corr_null_analytic(n, dx * dy)
+    if method == "montecarlo":
+        return _max_corr_null_mc(n, dx, dy, seed, check_positive_int(reps, "reps"))
+    raise ValueError(f"method must be 'analytic' or 'montecarlo', got {method!r}")
+

@@ -1,0 +1,85 @@
+"""Sigmoid saturation of an energy head ``p = sigmoid((U - R) / T)``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import as_array, check_positive_float, check_positive_int
+
+__all__ = [
+    "saturated_fraction",
+    "mean_sigmoid_grad",
+    "energy_scale_ratio",
+    "saturation_histogram",
+    "saturation_histogram_edges",
+]
+
+# sigmoid'(x) = s(1 - s) < 0.01  <=>  |x| > 2 acosh(1 / (2 sqrt(0.01))) = 4.5951...
+SATURATION_THRESHOLD = 4.6
+
+
+@torch.no_grad()
+def saturated_fraction(x: Tensor, threshold: float = SATURATION_THRESHOLD) -> float:
+    """Share of sigmoid inputs (logits, any shape) with ``|x| > threshold``.
+
+    With the default 4.6 these are the logits where ``sigmoid'(x) < 0.01`` (1/25 of
+    its maximum 0.25) - their gradient has all but vanished. Null (standard-normal
+    logits): ``2 (1 - Phi(4.6))`` ~ 4e-6.
+    """
+    threshold = check_positive_float(threshold, "threshold")
+    v = as_array(x, "x")
+    return float((v.abs() > threshold).double().mean())
+
+
+@torch.no_grad()
+def mean_sigmoid_grad(x: Tensor) -> float:
+    """``mean sigmoid(x) (1 - sigmoid(x))`` over all entries: 0.25 at x = 0 (healthy,
+    maximal gradient), -> 0 when saturated. Null (standard-normal x): ~0.2067."""
+    v = as_array(x, "x")
+    s = torch.sigmoid(v)
+    return float((s * (1.0 - s)).mean())
+
+
+@torch.no_grad()
+def energy_scale_ratio(u: Tensor, r: Tensor, symmetric: bool = True) -> float:
+    """Scale mismatch of the two energy terms ``U`` and ``R`` (any shape each).
+
+    ``symmetric=True`` (default): ``max(std u, std r) / min(std u, std r) >= 1``
+    (1 = matched scales). ``symmetric=False``: ``std(u) / std(r)``. Population std
+    (ddof = 0), so single values are allowed (std 0). Both stds 0 -> 1.0; exactly
+    one 0 -> ``math.inf`` (infinite mismatch; for ``symmetric=False`` with std(u) = 0
+    and std(r) > 0 the plain ratio is 0.0).
+    """
+    su = float(as_array(u, "u").std(unbiased=False))
+    sr = float(as_array(r, "r").std(unbiased=False))
+    if su == 0.0 and sr == 0.0:
+        return 1.0
+    if symmetric:
+        lo, hi = min(su, sr), max(su, sr)
+        return math.inf if lo == 0.0 else hi / lo
+    return math.inf if sr == 0.0 else su / sr
+
+
+def saturation_histogram_edges(bins: int = 41, limit: float = 20.0) -> Tensor:
+    """The fixed ``bins + 1`` equal-width edges on [-limit, limit] (float64) used by
+    :func:`saturation_histogram`."""
+    bins = check_positive_int(bins, "bins")
+    limit = check_positive_float(limit, "limit")
+    return torch.linspace(-limit, limit, bins + 1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def saturation_histogram(x: Tensor, bins: int = 41, limit: float = 20.0) -> Tensor:
+    """Counts (int64 CPU Tensor[bins]) of ``clamp(x, -limit, limit)`` over the fixed
+    equal-width bins of :func:`saturation_histogram_edges` (bin i = [e_i, e_{i+1}),
+    the last bin closed), so histograms of different steps are comparable; values
+    beyond +-limit land in the outer bins. Counts sum to ``x.numel()``.
+    """
+    bins = check_positive_int(bins, "bins")
+    limit = check_positive_float(limit, "limit")
+    v = as_array(x, "x").clamp(-limit, limit)
+    idx = torch.floor((v + limit) * (bins / (2.0 * limit))).to(torch.int64).clamp(0, bins - 1)
+    return torch.bincount(idx.cpu(), minlength=bins)
