@@ -1,0 +1,149 @@
+"""Tests for the record-22 reproduction (gradprobe.demo)."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradprobe.demo import CellBatchSampler, make_data, train
+from gradprobe.demo.data import scan_motifs
+from gradprobe.demo.decoupling import (FAILING_WEIGHTS, REMEDIES, GradReverse, IntrinsicEncoder, build_model,
+                                       evaluate)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_data(seed=3, n_train_per_cell=300, n_val_per_cell=100, n_heldout_per_cell=300)
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b, c = make_data(seed=7, n_train_per_cell=50), make_data(seed=7, n_train_per_cell=50), \
+        make_data(seed=8, n_train_per_cell=50)
+    for name in ("train", "val", "heldout"):
+        sa, sb = getattr(a, name), getattr(b, name)
+        for field in ("x", "y", "cell", "context", "prob"):
+            assert torch.equal(getattr(sa, field), getattr(sb, field))
+    assert not torch.equal(a.train.x, c.train.x)
+    assert np.array_equal(a.weights, b.weights)
+
+
+def test_generator_shape_and_splits(small):
+    d = small
+    assert d.train.x.shape[1:] == (4, 100)
+    assert torch.all(d.train.x.sum(1) == 1)  # one-hot
+    assert d.n_cells >= 8 and set(d.lineage.tolist()) == {0, 1}
+    assert set(d.train.cell.tolist()) == set(d.train_cells) == set(d.val.cell.tolist())
+    assert set(d.heldout.cell.tolist()) == set(d.heldout_cells)
+    assert not set(d.train_cells) & set(d.heldout_cells)
+    assert {int(d.lineage[c]) for c in d.heldout_cells} == {0, 1}  # one held-out line per lineage
+    # cell lines change which motifs matter, not just an offset: weight profiles differ by lineage
+    lin = [d.weights[d.lineage == g].mean(0) for g in (0, 1)]
+    assert np.abs(lin[0] - lin[1]).max() > 1.0
+
+
+def test_bayes_accuracy_matches_direct_computation(small):
+    d = small
+    for split in (d.train, d.val, d.heldout):
+        seqs = split.x.argmax(1).numpy()
+        motifs = scan_motifs(seqs, d.motif_seqs).astype(float)
+        assert np.array_equal(motifs, split.motifs.numpy())
+        logit = (motifs * d.weights[split.cell.numpy()]).sum(1) + d.bias[split.cell.numpy()]
+        p = 1 / (1 + np.exp(-logit))
+        assert np.allclose(p, split.prob.numpy(), atol=1e-6)
+        direct = float(np.maximum(p, 1 - p).mean())
+        assert split.bayes_accuracy == pytest.approx(direct, abs=1e-6)
+        # the labels were really drawn from p: the Bayes rule's realised accuracy agrees
+        n = len(split)
+        assert abs(split.bayes_empirical - direct) < 4 * np.sqrt(0.25 / n) + 1e-3
+    assert 0.6 < d.heldout.bayes_accuracy < 0.95
+
+
+def test_generation_is_fast():
+    import time
+    t = time.perf_counter()
+    make_data(seed=0)
+    assert time.perf_counter() - t < 2.0
+
+
+def test_cell_batch_sampler_single_cell_line(small):
+    sampler = CellBatchSampler(small.train.cell, 32, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    seen = np.concatenate(batches)
+    assert len(set(seen.tolist())) == len(seen)  # no index twice in an epoch
+    for b in batches:
+        assert len(b) == 32
+        assert len(torch.unique(small.train.cell[torch.from_numpy(b)])) == 1
+    assert len({int(small.train.cell[b[0]]) for b in batches}) == len(small.train_cells)
+    again = list(sampler)  # a new epoch, new order
+    assert any(not np.array_equal(x, y) for x, y in zip(batches, again))
+
+
+def test_model_forward_shapes(small):
+    for variant in ("failing", "fixed"):
+        m = build_model(small, variant)
+        out = m(small.train.x[:5], small.train.context[:5])
+        assert out.z_I.shape == (5, 16) and out.z_E.shape == (5, 16)
+        assert out.u.shape == out.r.shape == out.energy.shape == out.logits.shape == (5,)
+        assert m.prototypes.shape == (small.n_cells, 16)
+        assert m.f_I(small.train.x[:5]).shape == (5, 16)  # the watched module returns the latent
+    failing = build_model(small, "failing")
+    assert failing.temperature is None and failing.lam is None and float(failing.T) == 1.0
+    fixed = build_model(small, "fixed")
+    assert fixed.temperature is not None and fixed.lam is not None
+    assert build_model(small, "fixed", frozenset({"interaction"})).lam is None
+
+
+def test_intrinsic_encoder_is_a_convolution():
+    m = IntrinsicEncoder(8, channels=6, kernel=5)
+    x = torch.randn(3, 4, 30)
+    ref = m.proj(torch.relu(torch.nn.functional.conv1d(x, m.conv_weight, m.conv_bias)).amax(2))
+    assert torch.allclose(m(x), ref, atol=1e-5)
+
+
+def test_gradient_reversal():
+    x = torch.randn(4, 3, requires_grad=True)
+    GradReverse.apply(x, 2.0).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, -2.0))
+
+
+def test_prototype_momentum_update(small):
+    m = build_model(small, "failing")
+    z = torch.ones(4, 16)
+    cells = torch.tensor([1, 1, 1, 1])
+    m.update_prototypes(z, cells)
+    assert torch.allclose(m.prototypes[1], torch.ones(16))  # first sight: the mean
+    m.update_prototypes(torch.zeros(4, 16), cells, momentum=0.9)
+    assert torch.allclose(m.prototypes[1], torch.full((16,), 0.9))
+    assert torch.all(m.prototypes[0] == 0)
+
+
+@pytest.mark.parametrize("variant", ["failing", "fixed"])
+def test_short_training_runs_and_learns(small, variant, tmp_path):
+    before = evaluate(build_model(small, variant), small.val)["loss"]
+    r = train(variant, steps=60, seed=0, out_dir=tmp_path, probe_every=10, progress=False, data=small,
+              val_every=20)
+    assert (tmp_path / f"{variant}.ckpt").exists()
+    ckpt = torch.load(tmp_path / f"{variant}.ckpt", weights_only=False)
+    assert "model" in ckpt and "gradprobe" in ckpt
+    hist = r["history"]
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 59
+    assert r["val_loss"] < before
+    assert r["train_loss"] < hist[0]["task"]
+    assert 0.0 <= r["heldout_accuracy"] <= 1.0
+    assert r["bayes_accuracy"] == pytest.approx(small.heldout.bayes_accuracy)
+    if r["run_path"] is not None:
+        assert (tmp_path / f"{variant}.gprobe").exists()
+    if variant == "failing":
+        assert r["final_weights"] == FAILING_WEIGHTS
+        assert r["remedies"] == []
+    else:
+        assert set(r["remedies"]) == set(REMEDIES)
+
+
+def test_ablation_flags_and_validation(small, tmp_path):
+    r = train("fixed", steps=5, out_dir=tmp_path, progress=False, data=small, disable=frozenset({"balance", "l1"}))
+    assert "balance" not in r["remedies"] and "l1" not in r["remedies"] and "memory" in r["remedies"]
+    with pytest.raises(ValueError):
+        train("fixed", steps=5, out_dir=tmp_path, progress=False, data=small, disable=frozenset({"nope"}))
+    with pytest.raises(ValueError):
+        train("other", steps=5, out_dir=tmp_path, progress=False, data=small)
