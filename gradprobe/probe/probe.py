@@ -63,6 +63,11 @@ class GradprobeWarning(UserWarning):
     """Something the probe noticed or could not do; training continues."""
 
 
+def remove_run_file(path: str | Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
 def guess_role(name: str) -> str:
     lowered = name.lower()
     for role, hints in _ROLE_HINTS:
@@ -133,8 +138,7 @@ class Probe:
         self._meta_written = False
         self.backward_path = "separate"
         if log is not None and overwrite:
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(log) + suffix).unlink(missing_ok=True)
+            remove_run_file(log)
         self._writer = RunWriter(log)
         self._existing_steps = self._writer.last_step() is not None
 
@@ -460,11 +464,16 @@ class Probe:
             rows.append(torch.cat([part.to(device=device, dtype=torch.float64) for part in parts]))
         jacobian = torch.stack(rows)
         gram = (jacobian @ jacobian.T).cpu()
-        if not torch.isfinite(gram).all():
+        arrays[("grad_gram", "shared")] = gram.numpy()
+        if torch.isfinite(gram).all():
+            stats = metrics.gram_statistics(gram, w)
+        else:
             self._event(step, "non_finite", "gradient",
                         "a per-loss gradient on the shared parameters holds NaN or Inf")
-        stats = metrics.gram_statistics(gram, w)
-        arrays[("grad_gram", "shared")] = gram.numpy()
+            nan_matrix = torch.full_like(gram, float("nan"))
+            stats = {"norm": gram.diagonal().sqrt(), "weighted_norm": w.abs() * gram.diagonal().sqrt(),
+                     "cosine": nan_matrix, "magnitude_similarity": nan_matrix,
+                     "combined_norm": float("nan")}
         self.last_grad_norms = {}
         for k, loss_name in enumerate(names):
             norm = float(stats["norm"][k])
@@ -611,8 +620,12 @@ class Probe:
                                   f"this gradprobe reads {SCHEMA_VERSION}")
         self.step = int(state["step"])
         if self._writer.last_step() is None:
+            # Nothing recorded here yet (a new or missing run file): continue from the copy
+            # of the run that the state carries.
             path = self._writer.path
             self._writer.close()
+            if path is not None:
+                remove_run_file(path)
             self._writer = RunWriter(path, initial_bytes=state["database"].numpy().tobytes())
         for name, proto_state in state.get("prototypes", {}).items():
             if name in self._prototypes:

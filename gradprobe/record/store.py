@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY, wall_time REAL NOT N
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+def portable_bytes(data: bytes) -> bytes:
+    """Database bytes an in-memory connection can open: header bytes 18-19 say 'WAL' (2)
+    in a WAL-mode file, and an in-memory database only opens with the legacy value (1)."""
+    if len(data) >= 20 and data[:16] == SQLITE_MAGIC and data[18:20] == b"\x02\x02":
+        return data[:18] + b"\x01\x01" + data[20:]
+    return data
+
+
 class RunFileError(Exception):
     """A run file or checkpoint that cannot be read or written; the message is one line."""
 
@@ -208,9 +216,11 @@ class RunWriter:
     def to_bytes(self) -> bytes:
         """The whole database as bytes (what a checkpoint carries); works after ``close`` too."""
         if self._conn is None:
-            return self._closed_bytes if self.path is None else self.path.read_bytes()
-        self.flush()
-        return self._conn.serialize()
+            data = self._closed_bytes if self.path is None else self.path.read_bytes()
+        else:
+            self.flush()
+            data = self._conn.serialize()
+        return portable_bytes(data)
 
     def close(self) -> None:
         if self._conn is None:

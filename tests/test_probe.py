@@ -1,0 +1,305 @@
+"""The probe records exact per-loss gradient statistics and does not change training."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradprobe
+from gradprobe import GradprobeWarning, ProbeUsageError
+
+from models import WEIGHTS, TwoLatentNet, four_losses, make_data, train
+
+
+def attach(model, **kwargs):
+    probe = gradprobe.Probe(model, **kwargs)
+    probe.watch_latent("z_I", model.f_I)
+    probe.watch_latent("z_E")
+    return probe
+
+
+def test_gram_and_norms_match_independent_autograd(tmp_path):
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    probe = attach(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    losses, (z_I, z_E, _) = four_losses(model, x[:32], y[:32], g[:32])
+    # The independent computation: one autograd.grad per loss, flattened.
+    trunk = list(model.trunk.parameters())
+    rows, latent_norms = [], {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, trunk + [z_I, z_E], retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([gr.reshape(-1) for gr in grads[:len(trunk)]]).double())
+        for latent, gr in zip(("z_I", "z_E"), grads[len(trunk):]):
+            latent_norms[f"{latent}|{name}"] = 0.0 if gr is None else \
+                float(torch.linalg.vector_norm(gr))
+    J = torch.stack(rows)
+    expected_gram = (J @ J.T).numpy()
+    probe.observe(z_E=z_E)
+    probe.backward(losses, weights=WEIGHTS)
+    probe.close()
+
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    names = list(losses)
+    _, grams = run.arrays("grad_gram", "shared")
+    np.testing.assert_allclose(grams[0], expected_gram, rtol=1e-5)
+    for k, name in enumerate(names):
+        norm = float(torch.linalg.vector_norm(J[k]))
+        w = WEIGHTS.get(name, 1.0)
+        np.testing.assert_allclose(run.series("grad_norm", name)[1], [norm], rtol=1e-5)
+        np.testing.assert_allclose(run.series("weighted_grad_norm", name)[1], [w * norm], rtol=1e-5)
+        np.testing.assert_allclose(run.series("weight", name)[1], [w])
+        for j in range(k + 1, len(names)):
+            pair = f"{name}|{names[j]}"
+            cos = float(J[k] @ J[j]) / (norm * float(torch.linalg.vector_norm(J[j])))
+            np.testing.assert_allclose(run.series("grad_cosine", pair)[1], [cos], rtol=1e-5)
+            nj = float(torch.linalg.vector_norm(J[j]))
+            np.testing.assert_allclose(run.series("magnitude_similarity", pair)[1],
+                                       [2 * norm * nj / (norm ** 2 + nj ** 2)], rtol=1e-5)
+    w = torch.tensor([WEIGHTS.get(n, 1.0) for n in names], dtype=torch.float64)
+    combined = float(torch.linalg.vector_norm(w @ J))
+    np.testing.assert_allclose(run.series("combined_grad_norm", "shared")[1], [combined], rtol=1e-5)
+    for key, value in latent_norms.items():
+        np.testing.assert_allclose(run.series("latent_grad_norm", key)[1], [value], rtol=1e-5,
+                                   atol=1e-12)
+    assert run.meta["shared_parameters"] == [n for n, _ in model.named_parameters()
+                                             if n.startswith("trunk.")]
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_probe_every_step_leaves_training_unchanged(optimizer):
+    plain, _ = train(30, optimizer=optimizer)
+    probed, probe = train(30, lambda m: attach(m, shared=m.trunk, every=1), optimizer=optimizer)
+    assert probe.enabled and probe.step == 30
+    for a, b in zip(_params(plain), _params(probed)):
+        assert torch.allclose(a, b, rtol=1e-5)
+
+
+def test_assembled_backward_fills_grad_like_the_ordinary_backward():
+    # SGD: the update is linear in .grad, so float32 rounding of the assembled sum stays tiny.
+    plain, _ = train(30, optimizer="sgd")
+    probed, probe = train(30, lambda m: attach(m, shared=m.trunk, every=1, assemble=True),
+                          optimizer="sgd")
+    assert probe.backward_path == "assembled"
+    for a, b in zip(_params(plain), _params(probed)):
+        assert torch.allclose(a, b, rtol=1e-5)
+    # Adam divides by sqrt(v): rounding-level differences in .grad stay at rounding level.
+    plain, _ = train(30, optimizer="adam")
+    probed, _ = train(30, lambda m: attach(m, shared=m.trunk, every=1, assemble=True))
+    for a, b in zip(_params(plain), _params(probed)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_error_inside_probe_warns_once_disables_and_training_finishes(tmp_path):
+    calls = {"n": 0}
+
+    def flaky_prototypes(model):
+        def source():
+            calls["n"] += 1
+            if calls["n"] >= 4:
+                raise RuntimeError("prototype store went away")
+            return model.prototypes
+        return source
+
+    def factory(m):
+        probe = attach(m, shared=m.trunk, every=1, log=tmp_path / "r.gprobe")
+        probe.watch_prototypes("cell", flaky_prototypes(m))
+        return probe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain, _ = train(12)
+        probed, probe = train(12, factory)
+    disabled = [w for w in caught if "disabled itself" in str(w.message)]
+    assert len(disabled) == 1 and "prototype store went away" in str(disabled[0].message)
+    assert not probe.enabled and probe.step == 12
+    for a, b in zip(_params(plain), _params(probed)):
+        assert torch.allclose(a, b, rtol=1e-5)
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    assert run.probe_steps().tolist() == [0, 1, 2]
+    assert [e["kind"] for e in run.events("probe_disabled")] == ["probe_disabled"]
+
+
+def test_unwritable_run_file_warns_once_and_keeps_what_was_written(tmp_path):
+    def factory(m):
+        probe = attach(m, shared=m.trunk, every=1, log=tmp_path / "r.gprobe")
+        real_write = probe._writer.write_step
+
+        def failing_write(step, *args, **kwargs):
+            if step >= 5:
+                raise OSError(28, "No space left on device")
+            return real_write(step, *args, **kwargs)
+
+        probe._writer.write_step = failing_write
+        return probe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, probe = train(10, factory)
+    assert sum("disabled itself" in str(w.message) for w in caught) == 1
+    assert probe.step == 10
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    assert run.probe_steps().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_bad_losses_and_weights_are_clear_errors_at_the_first_step():
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    losses, _ = four_losses(model, x[:8], y[:8], g[:8])
+    probe = gradprobe.Probe(model, every=1)
+    with pytest.raises(ProbeUsageError, match="shape \\[8\\]"):
+        probe.backward({"task": torch.ones(8, requires_grad=True)})
+    with pytest.raises(ProbeUsageError, match="unknown losses \\['typo'\\]"):
+        probe.backward(losses, weights={"typo": 0.1})
+    with pytest.raises(ProbeUsageError, match="every must be a positive integer"):
+        gradprobe.Probe(model, every=0)
+    with pytest.raises(ProbeUsageError, match="unknown role 'contrastiv'"):
+        gradprobe.Probe(model, roles={"cont": "contrastiv"})
+    with pytest.raises(ProbeUsageError, match="'z'.*no watch expects"):
+        probe.observe(z=torch.ones(3))
+    assert probe.step == 0
+
+
+def test_non_finite_inert_and_unshared_losses_are_recorded(tmp_path):
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            losses, (z_I, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
+            losses["detached"] = (z_I.detach() ** 2).mean()        # trains nothing
+            losses["head_only"] = model.head.weight.pow(2).sum()    # never reaches the trunk
+            if step == 2:
+                losses["cont"] = losses["cont"] * float("nan")
+            probe.backward(losses)
+    probe.close()
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    assert {e["name"] for e in run.events("inert_loss")} == {"detached"}
+    assert {e["name"] for e in run.events("no_shared_path")} == {"head_only"}
+    non_finite = run.events("non_finite")
+    assert non_finite[0]["step"] == 2 and non_finite[0]["name"] == "cont"
+    assert math.isnan(run.series("loss", "cont")[1][2])
+    np.testing.assert_array_equal(run.series("grad_norm", "detached")[1], [0.0, 0.0, 0.0])
+    # One warning per (kind, loss), not one per step.
+    assert sum("'detached'" in str(w.message) for w in caught) == 1
+
+
+def test_shared_inferred_from_the_graph_is_the_nearest_shared_layer(tmp_path):
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    losses, _ = four_losses(model, x[:16], y[:16], g[:16])
+    reached = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True,
+                                    allow_unused=True)
+        for (pname, _), gr in zip(model.named_parameters(), grads):
+            if gr is not None:
+                reached[pname] = reached.get(pname, 0) + 1
+    shared_everywhere = sorted(p for p, c in reached.items() if c >= 2)
+    probe = gradprobe.Probe(model, every=1, log=tmp_path / "a.gprobe")
+    probe.backward(losses)
+    probe.close()
+    chosen = gradprobe.load_run(tmp_path / "a.gprobe").meta["shared_parameters"]
+    assert set(chosen) <= set(shared_everywhere)
+    # The nearest shared layer of this model is f_I or f_E (both feed the head and a loss).
+    assert {c.rpartition(".")[0] for c in chosen} in ({"f_I"}, {"f_E"})
+
+    losses, _ = four_losses(model, x[:16], y[:16], g[:16])
+    probe = gradprobe.Probe(model, "all", every=1, log=tmp_path / "b.gprobe")
+    probe.backward(losses)
+    probe.close()
+    assert gradprobe.load_run(tmp_path / "b.gprobe").meta["shared_parameters"] == shared_everywhere
+
+
+def test_changing_weights_are_recorded_as_used(tmp_path):
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=tmp_path / "r.gprobe")
+    used = {}
+    for step in range(6):
+        losses, _ = four_losses(model, x[:16], y[:16], g[:16])
+        w = torch.tensor(0.1 * (step + 1))
+        used[step] = float(w)
+        total = probe.backward(losses, weights={"cont": w})
+        expected = sum((float(w) if k == "cont" else 1.0) * float(v) for k, v in losses.items())
+        assert float(total) == pytest.approx(expected, rel=1e-6)
+        opt.step()
+        opt.zero_grad()
+        probe.log(lr=0.01 * (step + 1))
+    probe.close()
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    steps, weights = run.series("weight", "cont")
+    assert steps.tolist() == [0, 2, 4]
+    np.testing.assert_allclose(weights, [used[s] for s in steps.tolist()])
+    steps, lrs = run.series("logged", "lr")
+    assert steps.tolist() == list(range(6))
+    np.testing.assert_allclose(lrs, [0.01 * (s + 1) for s in range(6)])
+    assert run.roles["cont"] == "contrastive" and "cont" in run.meta["roles_guessed"]
+
+
+def test_checkpoint_loads_with_weights_only_and_resumes(tmp_path):
+    log = tmp_path / "r.gprobe"
+    model, probe = train(6, lambda m: attach(m, shared=m.trunk, every=2, log=log))
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"model": model.state_dict(), "gradprobe": probe.state_dict()}, ckpt)
+    loaded = torch.load(ckpt, weights_only=True)
+    assert loaded["gradprobe"]["step"] == 6
+    run = gradprobe.load_run(ckpt)
+    assert run.probe_steps().tolist() == [0, 2, 4]
+    np.testing.assert_allclose(run.series("grad_norm", "task")[1],
+                               gradprobe.load_run(log).series("grad_norm", "task")[1])
+
+    # Resume into the same run file: the step counter continues.
+    resumed = attach(model, shared=model.trunk, every=2, log=log)
+    resumed.load_state_dict(loaded["gradprobe"])
+    x, y, g = make_data()
+    for _ in range(4):
+        losses, (_, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
+        resumed.observe(z_E=z_E)
+        resumed.backward(losses)
+    resumed.close()
+    assert gradprobe.load_run(log).probe_steps().tolist() == [0, 2, 4, 6, 8]
+
+    # The run file is gone (the checkpoint went to a colleague): it is recreated from the state.
+    log.unlink()
+    again = attach(model, shared=model.trunk, every=2, log=log)
+    again.load_state_dict(loaded["gradprobe"])
+    losses, (_, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
+    again.observe(z_E=z_E)
+    again.backward(losses)
+    again.close()
+    assert gradprobe.load_run(log).probe_steps().tolist() == [0, 2, 4, 6]
+
+
+def test_existing_run_file_and_second_writer_are_refused(tmp_path):
+    log = tmp_path / "r.gprobe"
+    train(2, lambda m: attach(m, shared=m.trunk, every=1, log=log))
+    with pytest.raises(ProbeUsageError, match="already holds a recorded run"):
+        train(1, lambda m: attach(m, shared=m.trunk, every=1, log=log))
+    first = gradprobe.Probe(TwoLatentNet(), every=1, log=tmp_path / "s.gprobe")
+    with pytest.raises(gradprobe.RunFileError, match="already being written"):
+        gradprobe.Probe(TwoLatentNet(), every=1, log=tmp_path / "s.gprobe")
+    first.close()
+    _, probe = train(2, lambda m: attach(m, shared=m.trunk, every=1, log=log, overwrite=True))
+    assert gradprobe.load_run(log).probe_steps().tolist() == [0, 1]
+
+
+def test_non_probe_steps_record_nothing_but_the_logged_scalars(tmp_path):
+    _, probe = train(10, lambda m: attach(m, shared=m.trunk, every=5, log=tmp_path / "r.gprobe"))
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    assert run.probe_steps().tolist() == [0, 5]
+    assert run.series("loss", "task")[0].tolist() == [0, 5]
