@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -296,7 +296,7 @@ def _make_probe(model, variant, out_dir: Path, probe_every: int, fixed_on: set[s
 
 
 def train(variant: str = "failing", steps: int = DEFAULT_STEPS, seed: int = 0, out_dir: Path | str = "gradprobe-demo",
-          probe_every: int = 10, progress: bool = True, disable: frozenset[str] = frozenset(),
+          probe_every: int = 10, progress: bool | Callable[[int], None] = True, disable: frozenset[str] = frozenset(),
           val_every: int = 25, balance_every: int = 10, data: Optional[DecouplingData] = None,
           use_probe: bool = True, num_threads: Optional[int] = 1) -> dict:
     """Train one variant of the record-22 model on the synthetic data; write the run and a checkpoint.
@@ -397,13 +397,15 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
                                 "val_accuracy": val["accuracy"], **{f"w_{k}": v for k, v in weights.items()},
                                 **{f"gn_{k}": v for k, v in norms.items()},
                                 **{f"wgn_{k}": weights.get(k, 1.0) * v for k, v in norms.items()}})
-                if progress:
+                if progress is True:
                     print(f"[{variant}] step {step:4d}  task {last_losses['task']:.3f}  val {val['loss']:.3f}  "
                           f"cont {last_losses['cont']:.3f}  proto {last_losses['proto']:.3g}  "
                           f"orth {last_losses['orth']:.3g}  adv {last_losses['adv']:.3f}  |w*grad|/|grad task| "
                           + " ".join(f"{k} {weights.get(k, 1.0) * v / max(norms['task'], 1e-12):.2g}"
                                      for k, v in norms.items() if k != "task"), flush=True)
             step += 1
+            if callable(progress):
+                progress(1)
     train_time = time.perf_counter() - t0
 
     val = evaluate(model, data.val)
@@ -430,7 +432,7 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
         "temperature": float(model.T.detach()), "lam": float(model.lam.detach()) if model.lam is not None else None,
         "train_seconds": train_time, "history": history,
     }
-    if progress:
+    if progress is True:
         print(f"[{variant}] done in {train_time:.1f}s: held-out acc {held['accuracy']:.3f}, val acc "
               f"{val['accuracy']:.3f} (Bayes {data.heldout.bayes_accuracy:.3f} held-out, "
               f"{data.val.bayes_accuracy:.3f} val)", flush=True)

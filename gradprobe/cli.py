@@ -1,0 +1,231 @@
+"""The ``gradprobe`` command: a thin layer over the Python API.
+
+Exit codes: 0 analysed; 1 a finding at or above ``--fail-on``; 2 bad input (one line, no
+traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from gradprobe import __version__
+
+
+class BadInput(click.ClickException):
+    """Bad input: one line naming the problem, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"gradprobe: error: {self.format_message()}", err=True)
+
+
+def _load(path: str):
+    from gradprobe.record import RunFileError, load_run
+
+    try:
+        return load_run(path)
+    except RunFileError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _thresholds(config: str | None):
+    from gradprobe.diagnose import ConfigError, load_thresholds
+
+    if config is None:
+        return None
+    try:
+        return load_thresholds(config)
+    except ConfigError as exc:
+        raise BadInput(f"{config}: {exc}") from None
+    except OSError as exc:
+        raise BadInput(f"{config}: cannot read config ({exc.strerror})") from None
+
+
+def _diagnose_with_progress(run, thresholds):
+    from gradprobe.diagnose import diagnose
+
+    with click.progressbar(length=1, label="analysing", file=sys.stderr) as bar:
+        def progress(i: int, n: int, rule: str) -> None:
+            bar.length = n
+            bar.label = f"analysing ({rule})"
+            bar.update(1)
+        return diagnose(run, thresholds, progress=progress)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradprobe")
+def main() -> None:
+    """gradprobe: why did my multi-loss model not train the way it was designed?
+
+    \b
+    Record a run by attaching gradprobe.Probe to your training loop, then:
+      gradprobe analyze runs/exp1.gprobe              findings in the terminal
+      gradprobe analyze run.ckpt -o report.pdf        ... and a PDF failure report
+      gradprobe analyze run.ckpt --json - --fail-on error   gate a pipeline on findings
+      gradprobe demo                                   the record-22 failure and its fix
+    """
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", "pdf", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the PDF failure report here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+              help="Write the findings as JSON to FILE ('-' for standard output).")
+@click.option("--fail-on", type=click.Choice(["warning", "error"]), default=None,
+              help="Exit with code 1 when a finding of this severity or worse is present.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=str),
+              help="TOML file overriding diagnosis thresholds (see docs/findings.md).")
+def analyze(path: str, pdf: str | None, json_out: str | None, fail_on: str | None,
+            config: str | None) -> None:
+    """Flag the failure modes of a recorded run.
+
+    PATH is a run file written by a Probe (.gprobe) or a checkpoint holding
+    probe.state_dict() (loaded with torch.load(weights_only=True): a checkpoint that needs
+    pickle code to load is refused). Prints a ranked summary; exit code 0 when analysed,
+    1 when a finding reaches --fail-on, 2 on bad input.
+    """
+    from gradprobe.diagnose import SEVERITY_ORDER
+    from gradprobe.report import findings_json, summary_lines
+
+    thresholds = _thresholds(config)
+    run = _load(path)
+    findings = _diagnose_with_progress(run, thresholds)
+    summary = run.summary()
+    to_stdout = json_out == "-"
+    echo = (lambda line: click.echo(line, err=True)) if to_stdout else click.echo
+    for line in summary_lines(summary, findings, color=not to_stdout and sys.stdout.isatty()):
+        echo(line)
+    if json_out:
+        text = findings_json(summary, findings)
+        if to_stdout:
+            click.echo(text)
+        else:
+            Path(json_out).write_text(text + "\n")
+            echo(f"findings written to {json_out}")
+    if pdf:
+        from gradprobe.report import write_pdf
+
+        written = write_pdf(run, findings, pdf)
+        echo(f"report written to {written}")
+    if fail_on is not None and any(SEVERITY_ORDER[f.severity] <= SEVERITY_ORDER[fail_on]
+                                   for f in findings):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="CSV file to write (long form: step, quantity, name, value).")
+def export(path: str, output: str) -> None:
+    """Write every recorded scalar of a run as a long-form CSV (for pandas or a spreadsheet)."""
+    run = _load(path)
+    rows = run.to_csv(output)
+    click.echo(f"{rows} rows written to {output}")
+
+
+def _findings_table(labels: list[str], findings_per_run: list[list]) -> list[str]:
+    """Finding ids down, runs across: each cell the severity, or '-' where the run is clear."""
+    ids = sorted({f.id for findings in findings_per_run for f in findings})
+    width = max([len(i) for i in ids] + [len("finding")])
+    cols = [max(len(label), 7) for label in labels]
+    lines = ["  ".join([f"{'finding':<{width}}"] + [f"{lb:<{c}}" for lb, c in zip(labels, cols)])]
+    for finding_id in ids:
+        cells = []
+        for findings, c in zip(findings_per_run, cols):
+            severities = [f.severity for f in findings if f.id == finding_id]
+            cells.append(f"{(min(severities, key=_severity_rank) if severities else '-'):<{c}}")
+        lines.append("  ".join([f"{finding_id:<{width}}"] + cells))
+    if not ids:
+        lines.append("no failure modes found in any run")
+    return lines
+
+
+def _severity_rank(severity: str) -> int:
+    from gradprobe.diagnose import SEVERITY_ORDER
+
+    return SEVERITY_ORDER[severity]
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "pdf", type=click.Path(dir_okay=False, path_type=str),
+              help="Write a PDF with the findings side by side and the key series overlaid.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=str),
+              help="TOML file overriding diagnosis thresholds.")
+def compare(paths: tuple[str, ...], pdf: str | None, config: str | None) -> None:
+    """Compare the findings of several runs (e.g. before and after a fix).
+
+    Prints one row per finding id and one column per run; with -o, also a PDF overlaying
+    the key series (gradient ratios, latent ranks, saturation) of all runs.
+    """
+    from gradprobe.diagnose import diagnose
+
+    thresholds = _thresholds(config)
+    runs = [_load(p) for p in paths]
+    findings_per_run = [diagnose(run, thresholds) for run in runs]
+    for line in _findings_table([run.name for run in runs], findings_per_run):
+        click.echo(line)
+    if pdf:
+        from gradprobe.report import write_comparison_pdf
+
+        click.echo(f"comparison written to {write_comparison_pdf(runs, findings_per_run, pdf)}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="gradprobe-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=str), help="Folder for runs and reports.")
+@click.option("--steps", type=click.IntRange(min=20), default=None,
+              help="Training steps per variant (default: the demo's built-in length).")
+@click.option("--failing", "variant", flag_value="failing", help="Only the failing model.")
+@click.option("--fixed", "variant", flag_value="fixed", help="Only the fixed model.")
+@click.option("--both", "variant", flag_value="both", default=True,
+              help="Both, then compare them (the default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(out_dir: str, steps: int | None, variant: str, seed: int) -> None:
+    """Reproduce the record-22 failure and its fix, and show what gradprobe finds.
+
+    Trains the dual-stream decoupling model of record 22 on synthetic sequences (failing:
+    fixed small loss weights, single-cell-line batches, strict orthogonality, fixed T = 1;
+    fixed: the record's remedies), with the probe attached; writes DIR/<variant>.gprobe,
+    DIR/<variant>.ckpt and DIR/<variant>.pdf, prints the findings and held-out accuracy.
+    """
+    from gradprobe import demo as decoupling
+    from gradprobe.diagnose import diagnose
+    from gradprobe.report import summary_lines, write_pdf
+
+    variants = ["failing", "fixed"] if variant == "both" else [variant]
+    steps = steps or decoupling.DEFAULT_STEPS
+    runs, findings_per_run, results = [], [], []
+    for name in variants:
+        with click.progressbar(length=steps, label=f"training {name:7s}", file=sys.stderr,
+                               show_eta=True) as bar:
+            result = decoupling.train(name, steps=steps, seed=seed, out_dir=out_dir,
+                                      progress=bar.update)
+        run = _load(result["run_path"])
+        findings = diagnose(run)
+        report = write_pdf(run, findings, Path(out_dir) / f"{name}.pdf", title=f"record-22 demo: {name}")
+        runs.append(run)
+        findings_per_run.append(findings)
+        results.append(result)
+        click.echo("")
+        for line in summary_lines(run.summary(), findings, color=sys.stdout.isatty()):
+            click.echo(line)
+        click.echo(f"held-out cell-line accuracy {result['heldout_accuracy']:.3f} "
+                   f"(Bayes-optimal {result['bayes_accuracy']:.3f}); report: {report}")
+    if len(runs) > 1:
+        click.echo("")
+        for line in _findings_table(variants, findings_per_run):
+            click.echo(line)
+        from gradprobe.report import write_comparison_pdf
+
+        path = write_comparison_pdf(runs, findings_per_run, Path(out_dir) / "compare.pdf")
+        click.echo(f"comparison written to {path}")
+
+
+if __name__ == "__main__":
+    main()
