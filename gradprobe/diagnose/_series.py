@@ -1,0 +1,166 @@
+"""Small NaN-aware helpers over recorded series (steps int64, values float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradprobe.record import Run
+
+from .thresholds import Thresholds
+
+MAX_EVIDENCE_POINTS = 60
+
+
+def get(run: Run, quantity: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The series, or None when it was not recorded (or holds no step)."""
+    if not run.has(quantity, name):
+        return None
+    steps, values = run.series(quantity, name)
+    if len(steps) == 0:
+        return None
+    return steps, values
+
+
+def finite(series: tuple[np.ndarray, np.ndarray] | None):
+    if series is None:
+        return None
+    steps, values = series
+    keep = np.isfinite(values)
+    if not keep.any():
+        return None
+    return steps[keep], values[keep]
+
+
+def median(values: np.ndarray) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else math.nan
+
+
+def nanmax(values: np.ndarray) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.max()) if len(v) else math.nan
+
+
+def rolling_median(values: np.ndarray, width: int) -> np.ndarray:
+    """Centred rolling median (NaN-aware; shrinks at the edges)."""
+    v = np.asarray(values, dtype=np.float64)
+    if width <= 1 or len(v) < 2:
+        return v.copy()
+    half = width // 2
+    out = np.empty_like(v)
+    for i in range(len(v)):
+        out[i] = median(v[max(0, i - half): i + half + 1])
+    return out
+
+
+def window_size(n: int, th: Thresholds) -> int:
+    return min(n, max(th.min_points, int(math.ceil(th.window_share * n))))
+
+
+def start_end(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> dict:
+    """Medians of the first and last windows (finite values only), with their step ranges."""
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    k = window_size(len(values), th)
+    return {
+        "start": median(values[:k]), "end": median(values[-k:]),
+        "start_steps": [int(steps[0]), int(steps[k - 1])],
+        "end_steps": [int(steps[-k]), int(steps[-1])],
+        "points": int(len(values)),
+    }
+
+
+def align(*series: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Restrict several series to the steps they all share."""
+    common = series[0][0]
+    for s, _ in series[1:]:
+        common = np.intersect1d(common, s)
+    out = []
+    for s, v in series:
+        idx = np.searchsorted(s, common)
+        out.append(v[idx])
+    return common, out
+
+
+def persistent(held: np.ndarray, judged: np.ndarray, th: Thresholds) -> bool:
+    """Held on at least ``min_points`` and at least ``min_share`` of the judged steps."""
+    n_judged = int(judged.sum())
+    n_held = int((held & judged).sum())
+    return n_judged >= th.min_points and n_held >= th.min_points and \
+        n_held / n_judged >= th.min_share
+
+
+def held_range(steps: np.ndarray, held: np.ndarray) -> tuple[int, int] | None:
+    idx = np.flatnonzero(held)
+    if not len(idx):
+        return None
+    return int(steps[idx[0]]), int(steps[idx[-1]])
+
+
+def trailing_range(steps: np.ndarray, held: np.ndarray) -> tuple[int, int] | None:
+    """The last unbroken stretch of held steps (where a state was entered and kept)."""
+    idx = np.flatnonzero(held)
+    if not len(idx):
+        return None
+    last = idx[-1]
+    first = last
+    while first - 1 >= 0 and held[first - 1]:
+        first -= 1
+    return int(steps[first]), int(steps[last])
+
+
+def thin(steps: np.ndarray, values: np.ndarray, limit: int = MAX_EVIDENCE_POINTS) -> dict:
+    """At most ``limit`` evenly spaced points of a series for the evidence."""
+    n = len(steps)
+    idx = np.arange(n) if n <= limit else np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+    return {"steps": [int(s) for s in steps[idx]],
+            "values": [float(v) if math.isfinite(v) else None for v in values[idx]]}
+
+
+def g(x: float, digits: int = 3) -> str:
+    """Short number for titles: 3 significant digits."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def pct(x: float) -> str:
+    if not math.isfinite(x):
+        return "n/a"
+    if x >= 0.1:
+        return f"{100 * x:.0f}%"
+    if x >= 0.001:
+        return f"{100 * x:.1f}%"
+    return f"{100 * x:.2g}%"
+
+
+def roles(run: Run) -> dict[str, str]:
+    r = run.roles
+    return {name: r.get(name, "other") for name in run.losses}
+
+
+def task_name(run: Run) -> str | None:
+    if run.task in run.losses:
+        return run.task
+    return run.losses[0] if run.losses else None
+
+
+def task_learning(run: Run, steps: np.ndarray, th: Thresholds) -> np.ndarray:
+    """Per step: is the task still learning (smoothed loss above memorised_fraction of start)?"""
+    task = task_name(run)
+    series = finite(get(run, "loss", task)) if task else None
+    if series is None or len(series[0]) < th.min_points:
+        return np.ones(len(steps), dtype=bool)
+    s, v = series
+    start = start_end(s, v, th)["start"]
+    if not start > 0:
+        return np.ones(len(steps), dtype=bool)
+    smooth = rolling_median(v, th.smooth_points)
+    memorised_at = np.flatnonzero(smooth <= th.memorised_fraction * start)
+    if not len(memorised_at):
+        return np.ones(len(steps), dtype=bool)
+    return steps < s[memorised_at[0]]

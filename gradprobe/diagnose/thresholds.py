@@ -1,0 +1,203 @@
+"""Every number a diagnosis rule compares against, with its documented default.
+
+Override from Python (``Thresholds(swamping_ratio=0.05)``, ``Thresholds.from_mapping({...})``)
+or from a TOML file of flat ``key = value`` lines (:func:`load_thresholds`). docs/findings.md
+says where each default comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
+         "reconstruction", "regularization", "other")
+
+
+class ConfigError(ValueError):
+    """A thresholds mapping or file that cannot be used; the message is one line."""
+
+
+def _f(default: float, doc: str):
+    return field(default=default, metadata={"doc": doc, "kind": "float"})
+
+
+def _i(default: int, doc: str):
+    return field(default=default, metadata={"doc": doc, "kind": "int"})
+
+
+def _roles(default: tuple[str, ...], doc: str):
+    return field(default=default, metadata={"doc": doc, "kind": "roles"})
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Thresholds of the diagnosis rules (see docs/findings.md for each number's source)."""
+
+    # -- persistence and phase (all rules) -------------------------------------------------
+    min_points: int = _i(3, "fewest probe steps a condition must hold on (and fewest to judge)")
+    min_share: float = _f(0.5, "share of the judged probe steps a persistent condition must hold on")
+    window_share: float = _f(0.2, "start/end windows: this share of the probe steps "
+                                   "(at least min_points)")
+    smooth_points: int = _i(3, "rolling-median width used for peaks and phase detection")
+    memorised_fraction: float = _f(0.05, "the task has memorised its data once its smoothed loss "
+                                          "is below this fraction of its start")
+    # -- gradient-swamping -------------------------------------------------------------------
+    swamping_ratio: float = _f(0.1, "weighted gradient norm / largest loss's below this: swamped")
+    swamping_error_ratio: float = _f(0.01, "median ratio below this: severity error")
+    learned_fraction: float = _f(0.05, "a loss below this fraction of its start has nothing "
+                                        "left to learn (not judged for swamping)")
+    exempt_roles: tuple[str, ...] = _roles(("regularization",),
+                                           "roles never reported as swamped or conflicting")
+    # -- constraint-neglect ------------------------------------------------------------------
+    neglect_task_fraction: float = _f(0.1, "task loss end/start at most this: driven towards 0")
+    neglect_constraint_fraction: float = _f(0.8, "constraint loss end/start at least this: stays "
+                                                  "high")
+    constraint_roles: tuple[str, ...] = _roles(
+        ("contrastive", "prototype", "orthogonality", "decorrelation", "reconstruction"),
+        "roles counted as geometric constraints")
+    # -- gradient-conflict -------------------------------------------------------------------
+    conflict_median_cosine: float = _f(-0.2, "median cosine of a pair at most this")
+    conflict_share: float = _f(0.6, "share of probe steps with cosine < 0 at least this")
+    conflict_tragic_share: float = _f(0.5, "share of steps with cos <= -magnitude similarity at "
+                                            "least this: severity error")
+    # -- representation-collapse -------------------------------------------------------------
+    collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std) at most this fraction "
+                                             "of its own peak")
+    collapse_rank_fraction: float = _f(0.25, "... and end rank at most this fraction of the "
+                                             "isotropic (healthy) rank")
+    collapse_std_fraction: float = _f(0.3, "... or end normalised std * sqrt(d) at most this "
+                                            "(healthy ~1)")
+    collapse_error_rank: float = _f(1.5, "end effective rank at most this: severity error")
+    # -- weak-contrastive-signal -------------------------------------------------------------
+    contrastive_same_group_share: float = _f(0.9, "median share of same-group negatives at "
+                                                   "least this")
+    contrastive_loss_ratio: float = _f(0.8, "end InfoNCE loss / log(K+1) at least this ...")
+    contrastive_gap: float = _f(0.0, "... and end positive-minus-hardest-negative gap at most this")
+    # -- prototype-stale ---------------------------------------------------------------------
+    stale_drift: float = _f(1e-6, "relative prototype change at most this: did not move")
+    stale_min_target_shift: float = _f(1e-3, "relative movement of the group feature means at "
+                                              "least this: the latent moved")
+    # -- prototype-collapse ------------------------------------------------------------------
+    proto_collapse_fraction: float = _f(0.2, "end mean pairwise distance at most this fraction of "
+                                              "its peak (scale-free when the latent's norm is "
+                                              "recorded)")
+    proto_merge_fraction: float = _f(0.05, "end min / mean pairwise distance at most this: two "
+                                            "prototypes merged")
+    proto_usage: float = _f(0.35, "end usage entropy at most this on mixed batches")
+    # -- orthogonality-vanishing -------------------------------------------------------------
+    vanishing_norm_fraction: float = _f(0.1, "end latent norm at most this fraction of its peak")
+    unnormalised_correlation: float = _f(0.9, "correlation of log orthogonality loss with "
+                                              "log(|z_a|^2 |z_b|^2) at least this ...")
+    unnormalised_norm_range: float = _f(10.0, "... while |z_a|^2 |z_b|^2 varies by at least "
+                                              "this factor")
+    # -- latent-dependence -------------------------------------------------------------------
+    dependence_cka: float = _f(0.3, "debiased linear CKA at least this: dependent")
+    dependence_corr_excess: float = _f(0.25, "max |corr| minus its independence null at least "
+                                              "this: dependent")
+    # -- sigmoid-saturation ------------------------------------------------------------------
+    saturation_fraction: float = _f(0.25, "saturated share of sigmoid inputs at least this")
+    saturation_error_fraction: float = _f(0.5, "median saturated share at least this: error")
+    saturation_energy_ratio: float = _f(10.0, "energy-term scale ratio at least this is reported")
+    # -- static-loss-weights -----------------------------------------------------------------
+    static_weight_tolerance: float = _f(1e-9, "relative range (max-min)/max |w| at most this: "
+                                               "constant")
+    # -- overfitting -------------------------------------------------------------------------
+    overfit_val_rise: float = _f(0.1, "validation end / its minimum - 1 at least this")
+    overfit_train_drop: float = _f(0.1, "training loss fell by at least this share after the "
+                                         "validation minimum")
+    overfit_error_rise: float = _f(0.5, "validation rise at least this: severity error")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _check(f, value))
+        for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
+                     "contrastive_same_group_share", "memorised_fraction", "learned_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"threshold {name!r} must be within [0, 1], got {value}")
+        if self.min_points < 1 or self.smooth_points < 1:
+            raise ConfigError("thresholds 'min_points' and 'smooth_points' must be >= 1")
+
+    @classmethod
+    def known_keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """``(key, default, meaning)`` for every threshold, in declaration order."""
+        return [(f.name, f.default, f.metadata["doc"]) for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], source: str = "thresholds") -> "Thresholds":
+        """Defaults overridden by ``mapping``; an unknown key raises :class:`ConfigError`."""
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of threshold names to values, "
+                              f"got {type(mapping).__name__}")
+        known = cls.known_keys()
+        for key in mapping:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown threshold {key!r}; known thresholds: "
+                                  f"{', '.join(known)}")
+        try:
+            return cls(**dict(mapping))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def replace(self, **changes: Any) -> "Thresholds":
+        return type(self).from_mapping({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self)}
+
+
+def _check(f: dataclasses.Field, value: Any) -> Any:
+    kind = f.metadata["kind"]
+    if kind == "roles":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+                not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"threshold {f.name!r} must be a list of role names, got {value!r}")
+        unknown = [v for v in value if v not in ROLES]
+        if unknown:
+            raise ConfigError(f"threshold {f.name!r}: unknown role(s) {', '.join(unknown)}; "
+                              f"roles are: {', '.join(ROLES)}")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"threshold {f.name!r} must be a number, got {value!r}")
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"threshold {f.name!r} must be an integer, got {value!r}")
+        return int(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"threshold {f.name!r} must be finite, got {value!r}")
+    return value
+
+
+def load_thresholds(path: str | os.PathLike) -> Thresholds:
+    """Thresholds from a TOML file of flat ``key = value`` lines (defaults for the rest)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise ConfigError("reading a TOML thresholds file needs Python >= 3.11 (tomllib) "
+                              "or the tomli package") from None
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such thresholds file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a thresholds file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    return Thresholds.from_mapping(data, source=str(path))

@@ -1,0 +1,406 @@
+"""Small seeded training runs recorded with the real Probe, one family per failure mode.
+
+Each builder trains a tiny model on CPU (a second or two) with ``gradprobe.Probe`` attached
+and returns the recorded :class:`gradprobe.record.Run`. A ``bad``/``mode`` argument switches
+the one mechanism record-22 describes; everything else stays the same, so the healthy
+counterpart differs only in that mechanism. Results are cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradprobe import Probe
+from gradprobe.record import Run, run_from_state
+from gradprobe.remedies import GradNormBalancer, correlation_loss, info_nce
+
+
+def _cached(builder):
+    """Cache a builder per process and run it on one thread: these models are tiny, and
+    intra-op threads only add contention on a busy CI machine."""
+
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(builder)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return builder(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def _finish(probe: Probe, name: str) -> Run:
+    probe.close()
+    return run_from_state(probe.state_dict(), name)
+
+
+def _setup(seed: int):
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# -------------------------------------------------------------- gradient-swamping (100x)
+
+@_cached
+def two_task_regression(balanced: bool, steps: int = 120, seed: int = 0) -> Run:
+    """Two regression tasks on one trunk whose targets differ in scale by 100x.
+
+    Equal weights: 'small''s gradient on the trunk is ~1% of 'big''s. ``balanced``: weights
+    from the recorded gradient norms (GradNormBalancer, updated each probe step).
+    """
+    gen = _setup(seed)
+    x = torch.randn(512, 8, generator=gen)
+    a, b = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    y_big = 100.0 * torch.sin(x @ a)
+    y_small = torch.cos(x @ b)
+    trunk = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+    head_big, head_small = nn.Linear(32, 1), nn.Linear(32, 1)
+    model = nn.ModuleDict(dict(trunk=trunk, big=head_big, small=head_small))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = Probe(model, shared=trunk, every=2, task="big", roles={"small": "task"})
+    balancer = GradNormBalancer(task="big") if balanced else None
+    weights = {"big": 1.0, "small": 1.0}
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        h = trunk(x[idx])
+        losses = {"big": F.mse_loss(head_big(h).squeeze(1), y_big[idx]),
+                  "small": F.mse_loss(head_small(h).squeeze(1), y_small[idx])}
+        probe.backward(losses, weights=weights)
+        opt.step()
+        opt.zero_grad()
+        if balancer is not None and probe.last_grad_norms and step % 2 == 0:
+            weights = {"big": 1.0, **balancer.update(probe.last_grad_norms)}
+    return _finish(probe, f"two_task_balanced={balanced}")
+
+
+# ------------------------------------------------- constraint-neglect (memorised task)
+
+@_cached
+def memorising_decoupler(bad: bool, steps: int = 200, seed: int = 0) -> Run:
+    """A classifier memorising 32 random labels through two latents z_I, z_E.
+
+    ``bad``: the record's strict orthogonality ||z_I^T z_E||^2 with a small fixed weight
+    (1e-5), which the memorisation overruns. Healthy: the scale-free correlation loss with
+    weight 1.0, which keeps falling.
+    """
+    gen = _setup(seed)
+    x = torch.randn(32, 16, generator=gen)
+    y = (torch.rand(32, generator=gen) > 0.5).float()
+    trunk = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
+    f_I, f_E, head = nn.Linear(64, 4), nn.Linear(64, 4), nn.Linear(8, 1)
+    model = nn.ModuleList([trunk, f_I, f_E, head])
+    # Plain SGD: the loss weights act as written (Adam would rescale a lone small gradient).
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probe = Probe(model, shared=trunk, every=4, roles={"orth": "orthogonality"})
+    probe.watch_latent("z_I")
+    probe.watch_latent("z_E")
+    for step in range(steps):
+        h = trunk(x)
+        z_I, z_E = f_I(h), f_E(h)
+        logit = head(torch.cat([z_I, z_E], 1)).squeeze(1)
+        orth = (z_I.T @ z_E).pow(2).sum() / len(x) ** 2 if bad else correlation_loss(z_I, z_E)
+        losses = {"task": F.binary_cross_entropy_with_logits(logit, y), "orth": orth}
+        probe.observe(z_I=z_I, z_E=z_E)
+        probe.backward(losses, weights={"orth": 1e-5 if bad else 1.0})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"memorising_bad={bad}")
+
+
+# ---------------------------------------------------- gradient-conflict (gradient reversal)
+
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+@_cached
+def domain_adversarial(reversal: bool, steps: int = 120, seed: int = 0) -> Run:
+    """The task needs the group (y depends on it) while a domain classifier on the same
+    features is trained through gradient reversal to remove it: the two gradients oppose.
+    Healthy counterpart: the same classifier without reversal (an auxiliary group head)."""
+    gen = _setup(seed)
+    n, groups = 512, 4
+    grp = torch.randint(0, groups, (n,), generator=gen)
+    x = torch.randn(n, 8, generator=gen) + F.one_hot(grp, 8).float() * 2.0
+    y = grp.float() + 0.1 * torch.randn(n, generator=gen)
+    trunk = nn.Sequential(nn.Linear(8, 2), nn.Tanh())  # a narrow shared feature both contest
+    head, disc = nn.Linear(2, 1), nn.Linear(2, groups)
+    model = nn.ModuleList([trunk, head, disc])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=trunk, every=2, roles={"adv": "adversarial"})
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        h = trunk(x[idx])
+        feats = _Reverse.apply(h) if reversal else h
+        losses = {"task": F.mse_loss(head(h).squeeze(1), y[idx]),
+                  "adv": F.cross_entropy(disc(feats), grp[idx])}
+        probe.backward(losses, weights={"adv": 1.0})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"domain_adversarial_reversal={reversal}")
+
+
+# ---------------------------- representation-collapse / orthogonality-vanishing (latent)
+
+@_cached
+def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
+    """A regression model whose watched latent z (dim 8) feeds the head through a map that
+    changes during training: ``"rank1"`` projects z progressively onto one direction (rank
+    collapse), ``"vanish"`` multiplies it by a factor shrinking to 0.005 (norm collapse, with an
+    unnormalised orthogonality loss against a second latent), ``"healthy"`` leaves it alone.
+    """
+    gen = _setup(seed)
+    x = torch.randn(512, 12, generator=gen)
+    y = torch.tanh(x[:, :4]).sum(1)
+    enc = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 8))
+    enc2 = nn.Linear(12, 8)
+    head = nn.Linear(16, 1)
+    model = nn.ModuleList([enc, enc2, head])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=enc, every=2, roles={"orth": "orthogonality"})
+    probe.watch_latent("z")
+    probe.watch_latent("w")
+    u = F.normalize(torch.randn(8, generator=gen), dim=0)
+    for step in range(steps):
+        t = min(1.0, step / (0.7 * steps))
+        idx = torch.randint(0, 512, (64,), generator=gen)
+        z = enc(x[idx])
+        if mode == "rank1":
+            a = t
+            z = (1 - a) * z + a * (z @ u)[:, None] * u[None, :]
+        elif mode == "vanish":
+            z = z * (1.0 - t * 0.995)
+        w = enc2(x[idx])
+        losses = {"task": F.mse_loss(head(torch.cat([z, w], 1)).squeeze(1), y[idx]),
+                  "orth": (z.T @ w).pow(2).sum() / len(idx) ** 2}
+        probe.observe(z=z, w=w)
+        probe.backward(losses, weights={"orth": 1.0})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"shrinking_latent_{mode}")
+
+
+# ------------------------ weak-contrastive-signal / batch-composition-mismatch (batches)
+
+@_cached
+def contrastive_batches(batches: str, expect: int | None, steps: int = 100,
+                        seed: int = 0) -> Run:
+    """InfoNCE between two noisy views of 4 groups of data. ``batches="single"``: each batch
+    holds one group (the record's CellBatchSampler); ``"mixed"``: random batches."""
+    gen = _setup(seed)
+    n, groups = 512, 4
+    grp = torch.randint(0, groups, (n,), generator=gen)
+    centres = 3.0 * torch.randn(groups, 16, generator=gen)
+    x = centres[grp] + torch.randn(n, 16, generator=gen)
+    y = x[:, 0]
+    enc = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    head = nn.Linear(8, 1)
+    model = nn.ModuleList([enc, head])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=enc, every=2, expect_groups_per_batch=expect)
+    probe.watch_contrastive("cont", temperature=0.1)
+    by_group = [torch.nonzero(grp == k).squeeze(1) for k in range(groups)]
+    for step in range(steps):
+        if batches == "single":
+            pool = by_group[step % groups]
+            idx = pool[torch.randint(0, len(pool), (32,), generator=gen)]
+        else:
+            idx = torch.randint(0, n, (32,), generator=gen)
+        xa = x[idx] + 0.3 * torch.randn(32, 16, generator=gen)
+        xb = x[idx] + 0.3 * torch.randn(32, 16, generator=gen)
+        za, zb = enc(xa), enc(xb)
+        losses = {"task": F.mse_loss(head(za).squeeze(1), y[idx]),
+                  "cont": info_nce(za, zb, temperature=0.1)}
+        probe.observe(cont=(za, zb), groups=grp[idx])
+        probe.backward(losses, weights={"cont": 0.5})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"contrastive_{batches}_expect={expect}")
+
+
+# ------------------------------------------- prototype-stale / prototype-collapse
+
+@_cached
+def prototype_model(update: str, steps: int = 100, seed: int = 0) -> Run:
+    """Environment features z_E of 4 groups pulled towards per-group prototypes (L_proto).
+
+    ``update``: ``"momentum"`` (p_g <- 0.9 p_g + 0.1 mean(z_E of group g), every step, as in
+    the record), ``"never"`` (the update is never called), ``"batch_mean"`` (every prototype
+    is updated with the mean of the whole batch: the momentum-average trap, all converge).
+    """
+    gen = _setup(seed)
+    n, groups = 512, 4
+    grp = torch.randint(0, groups, (n,), generator=gen)
+    centres = 2.0 * torch.randn(groups, 12, generator=gen)
+    x = centres[grp] + torch.randn(n, 12, generator=gen)
+    y = x[:, :3].sum(1)
+    enc = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 8))
+    head = nn.Linear(8, 1)
+    model = nn.ModuleList([enc, head])
+    protos = torch.randn(groups, 8, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=enc, every=2)
+    probe.watch_latent("z_E")
+    probe.watch_prototypes("proto", lambda: protos, latent="z_E")
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        z = enc(x[idx])
+        g = grp[idx]
+        losses = {"task": F.mse_loss(head(z).squeeze(1), y[idx]),
+                  "proto": ((z - protos[g]) ** 2).sum(1).mean()}
+        probe.observe(z_E=z, groups=g)
+        probe.backward(losses, weights={"proto": 0.1})
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            if update == "momentum":
+                for c in g.unique():
+                    protos[c] = 0.9 * protos[c] + 0.1 * z[g == c].mean(0)
+            elif update == "batch_mean":
+                protos.mul_(0.9).add_(0.1 * z.mean(0))
+    return _finish(probe, f"prototypes_{update}")
+
+
+# ------------------------------------------------------------------ latent-dependence
+
+@_cached
+def two_latents(dependent: bool, steps: int = 80, seed: int = 0) -> Run:
+    """z_I from the sequence x, z_E from the context c. ``dependent``: z_E is a linear
+    function of z_I (the environment encoder reads the sequence features); healthy: z_E sees
+    only c, which is independent of x. A decorrelation loss is present in both."""
+    gen = _setup(seed)
+    n = 512
+    x, c = torch.randn(n, 10, generator=gen), torch.randn(n, 6, generator=gen)
+    y = torch.tanh(x[:, 0]) + torch.tanh(c[:, 0])
+    f_I = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 6))
+    f_E = nn.Linear(6, 6, bias=False) if dependent else nn.Sequential(nn.Linear(6, 16),
+                                                                        nn.Tanh(), nn.Linear(16, 6))
+    head = nn.Linear(12, 1)
+    model = nn.ModuleList([f_I, f_E, head])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=f_I, every=2, roles={"corr": "decorrelation"})
+    probe.watch_latent("z_I")
+    probe.watch_latent("z_E")
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        z_I = f_I(x[idx])
+        z_E = f_E(z_I) if dependent else f_E(c[idx])
+        losses = {"task": F.mse_loss(head(torch.cat([z_I, z_E], 1)).squeeze(1), y[idx]),
+                  "corr": correlation_loss(z_I, z_E)}
+        probe.observe(z_I=z_I, z_E=z_E)
+        probe.backward(losses, weights={"corr": 0.1})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"two_latents_dependent={dependent}")
+
+
+# ----------------------------------------------------------------- sigmoid-saturation
+
+@_cached
+def energy_logistic(scale: float, steps: int = 80, seed: int = 0) -> Run:
+    """p = sigmoid((U - R) / T) with T = 1 fixed; U is ``scale`` times a linear energy."""
+    gen = _setup(seed)
+    n = 512
+    x = torch.randn(n, 8, generator=gen)
+    y = ((x[:, 0] + 0.5 * x[:, 1] + 0.3 * torch.randn(n, generator=gen)) > 0).float()
+    u_net, r_net = nn.Linear(8, 1), nn.Linear(8, 1)
+    model = nn.ModuleList([u_net, r_net])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = Probe(model, shared=u_net, every=2, roles={"l2": "regularization"})
+    probe.watch_saturation("energy", temperature=1.0, terms=("U", "R"))
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        u = scale * u_net(x[idx]).squeeze(1)
+        r = r_net(x[idx]).squeeze(1)
+        logit = (u - r) / 1.0
+        losses = {"task": F.binary_cross_entropy_with_logits(logit, y[idx]),
+                  "l2": u_net.weight.pow(2).sum()}
+        probe.observe(energy=logit, U=u, R=r)
+        probe.backward(losses, weights={"l2": 1e-4})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"energy_logistic_scale={scale}")
+
+
+# ------------------------------------------------------------------------ overfitting
+
+@_cached
+def memorise_noisy(n_train: int, steps: int = 240, seed: int = 0) -> Run:
+    """An MLP on ``n_train`` samples with 30% flipped labels; validation BCE on 512 held-out
+    samples logged every 6 steps as 'val_task'. 16 samples: memorised, validation rises."""
+    gen = _setup(seed)
+    w_true = torch.randn(16, generator=gen)
+
+    def data(n):
+        x = torch.randn(n, 16, generator=gen)
+        y = (x @ w_true > 0).float()
+        flip = torch.rand(n, generator=gen) < 0.3
+        return x, torch.where(flip, 1 - y, y)
+
+    x, y = data(n_train)
+    xv, yv = data(512)
+    trunk = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
+    head = nn.Linear(64, 1)
+    model = nn.ModuleList([trunk, head])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    probe = Probe(model, shared=trunk, every=3, roles={"l2": "regularization"})
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (min(64, n_train),), generator=gen)
+        logit = head(trunk(x[idx])).squeeze(1)
+        losses = {"task": F.binary_cross_entropy_with_logits(logit, y[idx]),
+                  "l2": sum(p.pow(2).sum() for p in trunk.parameters())}
+        probe.backward(losses, weights={"l2": 1e-5})
+        opt.step()
+        opt.zero_grad()
+        if step % 6 == 0:
+            with torch.no_grad():
+                val = F.binary_cross_entropy_with_logits(head(trunk(xv)).squeeze(1), yv)
+            probe.log(val_task=val)
+    return _finish(probe, f"memorise_noisy_{n_train}")
+
+
+# ---------------------------------------------------------- inert-loss / non-finite
+
+@_cached
+def wiring(mode: str, steps: int = 40, seed: int = 0) -> Run:
+    """Three losses on one encoder. ``"detached"``: 'aux' is computed from z.detach() (it
+    trains nothing); ``"nan"``: from step 20 'aux' overflows to Inf (its input is scaled by
+    1e30); ``"healthy"``: wired normally."""
+    gen = _setup(seed)
+    x = torch.randn(256, 8, generator=gen)
+    y = x[:, 0] - x[:, 1]
+    enc = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+    head, head2 = nn.Linear(16, 1), nn.Linear(16, 1)
+    model = nn.ModuleList([enc, head, head2])
+    target = torch.tanh(x[:, 3])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=enc, every=2, roles={"aux": "reconstruction"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe warns about the failures it records
+        for step in range(steps):
+            idx = torch.randint(0, 256, (32,), generator=gen)
+            z = enc(x[idx])
+            src = z.detach() if mode == "detached" else z
+            scale = 1e30 if mode == "nan" and step >= 20 else 1.0
+            losses = {"task": F.mse_loss(head(z).squeeze(1), y[idx]),
+                      "rec": F.mse_loss(head2(z).squeeze(1), x[idx, 2]),
+                      "aux": F.mse_loss((src * scale).mean(1), target[idx])}
+            probe.backward(losses)
+            opt.step()
+            opt.zero_grad()
+    return _finish(probe, f"wiring_{mode}")

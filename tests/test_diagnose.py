@@ -1,0 +1,327 @@
+"""The diagnose stage: every finding id fires on a real training run that has the failure and
+stays silent on its healthy counterpart; evidence numbers are checked against the recorded
+series; thresholds load from Python and TOML."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runs
+from gradprobe.diagnose import (FINDING_IDS, SEVERITY_ORDER, ConfigError, DiagnoseWarning,
+                                Finding, Thresholds, diagnose, load_thresholds)
+from gradprobe.diagnose.rules import RULES
+from gradprobe.record import RunWriter, load_run
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "findings.md"
+
+
+def _diagnose(run, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagnoseWarning)  # no rule may fail on real runs
+        return diagnose(run, **kw)
+
+
+def _ids(run, **kw):
+    return {f.id for f in _diagnose(run, **kw)}
+
+
+def _one(run, fid, subject=None):
+    found = [f for f in _diagnose(run) if f.id == fid and (subject is None or f.subject == subject)]
+    assert found, f"{fid} did not fire on {run.name}: {[f.title for f in _diagnose(run)]}"
+    return found[0]
+
+
+# --------------------------------------------------------------- trigger / healthy pairs
+
+# (finding id, builder of the run that has the failure, builder of its healthy counterpart)
+PAIRS = [
+    ("gradient-swamping", lambda: runs.two_task_regression(False),
+     lambda: runs.two_task_regression(True)),
+    ("constraint-neglect", lambda: runs.memorising_decoupler(True),
+     lambda: runs.memorising_decoupler(False)),
+    ("gradient-conflict", lambda: runs.domain_adversarial(True),
+     lambda: runs.domain_adversarial(False)),
+    ("representation-collapse", lambda: runs.shrinking_latent("rank1"),
+     lambda: runs.shrinking_latent("healthy")),
+    ("weak-contrastive-signal", lambda: runs.contrastive_batches("single", 1),
+     lambda: runs.contrastive_batches("mixed", None)),
+    ("prototype-stale", lambda: runs.prototype_model("never"),
+     lambda: runs.prototype_model("momentum")),
+    ("prototype-collapse", lambda: runs.prototype_model("batch_mean"),
+     lambda: runs.prototype_model("momentum")),
+    ("orthogonality-vanishing", lambda: runs.shrinking_latent("vanish"),
+     lambda: runs.shrinking_latent("healthy")),
+    ("latent-dependence", lambda: runs.two_latents(True), lambda: runs.two_latents(False)),
+    ("sigmoid-saturation", lambda: runs.energy_logistic(50.0), lambda: runs.energy_logistic(1.0)),
+    ("static-loss-weights", lambda: runs.two_task_regression(False),
+     lambda: runs.two_task_regression(True)),
+    ("batch-composition-mismatch", lambda: runs.contrastive_batches("mixed", 1),
+     lambda: runs.contrastive_batches("single", 1)),
+    ("overfitting", lambda: runs.memorise_noisy(16), lambda: runs.memorise_noisy(1024)),
+    ("inert-loss", lambda: runs.wiring("detached"), lambda: runs.wiring("healthy")),
+    ("non-finite", lambda: runs.wiring("nan"), lambda: runs.wiring("healthy")),
+]
+
+
+def test_every_id_has_a_pair_and_a_rule():
+    assert [p[0] for p in PAIRS] == list(FINDING_IDS)
+    assert list(RULES) == list(FINDING_IDS)
+
+
+@pytest.mark.parametrize("fid,bad,good", PAIRS, ids=[p[0] for p in PAIRS])
+def test_fires_on_failure_and_not_on_healthy_counterpart(fid, bad, good):
+    assert fid in _ids(bad())
+    assert fid not in _ids(good())
+
+
+HEALTHY = [lambda: runs.two_task_regression(True), lambda: runs.memorising_decoupler(False),
+           lambda: runs.domain_adversarial(False), lambda: runs.shrinking_latent("healthy"),
+           lambda: runs.prototype_model("momentum"), lambda: runs.two_latents(False),
+           lambda: runs.energy_logistic(1.0), lambda: runs.memorise_noisy(1024),
+           lambda: runs.wiring("healthy")]
+
+
+@pytest.mark.parametrize("build", HEALTHY, ids=range(len(HEALTHY)))
+def test_healthy_runs_have_no_findings_at_all(build):
+    assert [f.title for f in _diagnose(build())] == []
+
+
+# ------------------------------------------------------- evidence against the series
+
+def test_swamping_evidence_matches_the_series():
+    run = runs.two_task_regression(False)
+    f = _one(run, "gradient-swamping", "small")
+    assert f.severity == "error" and f.evidence["dominant"] == "big"
+    s_small, v_small = run.series("weighted_grad_norm", "small")
+    _, v_big = run.series("weighted_grad_norm", "big")
+    ratio = v_small / np.maximum(v_small, v_big)
+    # Every step is judged here (the big task never memorises within the run).
+    assert f.evidence["judged_steps"] == len(s_small)
+    assert f.evidence["median_ratio"] == pytest.approx(float(np.median(ratio)), rel=1e-9)
+    assert f.evidence["median_ratio"] < 0.01  # the 100x scale gap
+    assert f.steps == (int(s_small[0]), int(s_small[-1]))
+    assert f.plot == {"quantity": "weighted_grad_norm", "names": ["small", "big"],
+                      "threshold": 0.1, "ratio_to": "big"}
+
+
+def test_constraint_neglect_evidence():
+    run = runs.memorising_decoupler(True)
+    f = _one(run, "constraint-neglect", "orth")
+    _, task = run.series("loss", "task")
+    _, orth = run.series("loss", "orth")
+    k = max(3, math.ceil(0.2 * len(task)))
+    assert f.evidence["task_end"] == pytest.approx(np.median(task[-k:]))
+    assert f.evidence["constraint_start"] == pytest.approx(np.median(orth[:k]))
+    assert f.evidence["constraint_ratio"] == pytest.approx(np.median(orth[-k:]) /
+                                                           np.median(orth[:k]))
+    assert f.evidence["constraint_ratio"] > 1 and f.severity == "error"  # it rose
+
+
+def test_conflict_evidence():
+    run = runs.domain_adversarial(True)
+    f = _one(run, "gradient-conflict", "task|adv")
+    s, cos = run.series("grad_cosine", "task|adv")
+    assert f.evidence["judged_steps"] <= len(s)
+    assert f.evidence["median_cosine"] < -0.2
+    assert f.evidence["median_cosine"] == pytest.approx(
+        np.median(np.array(f.evidence["cosine"]["values"])), abs=0.1)
+    assert float(np.median(cos)) < 0
+
+
+def test_collapse_and_vanishing_are_told_apart():
+    rank1, vanish = runs.shrinking_latent("rank1"), runs.shrinking_latent("vanish")
+    f = _one(rank1, "representation-collapse", "z")
+    _, r = rank1.series("effective_rank", "z")
+    assert f.evidence["rank_end"] == pytest.approx(np.median(r[-max(3, math.ceil(0.2 * len(r))):]))
+    assert f.evidence["rank_end"] < 1.5 and f.severity == "error"
+    assert "orthogonality-vanishing" not in _ids(rank1)
+    v = _one(vanish, "orthogonality-vanishing", "z")
+    _, norm = vanish.series("latent_norm", "z")
+    assert v.evidence["ratio"] < 0.1
+    assert v.evidence["norm_end"] == pytest.approx(np.median(norm[-max(3, math.ceil(0.2 * len(norm))):]))
+    assert v.evidence["orthogonality_gradient_lost"] == ["orth"]
+    # the unnormalised orthogonality loss is named as well
+    assert any(f.subject == "orth" for f in _diagnose(vanish) if f.id == "orthogonality-vanishing")
+
+
+def test_prototype_evidence():
+    never = _one(runs.prototype_model("never"), "prototype-stale", "proto")
+    assert never.evidence["never_moved"] and never.evidence["still_share"] == 1.0
+    run = runs.prototype_model("momentum")
+    _, drift = run.series("prototype_drift", "proto")
+    assert np.all(drift > 1e-6)  # the healthy update moves them at every probe step
+    col = _one(runs.prototype_model("batch_mean"), "prototype-collapse", "proto")
+    assert col.evidence["mean_distance_end"] < 0.2 * col.evidence["mean_distance_peak"]
+
+
+def test_saturation_evidence():
+    run = runs.energy_logistic(50.0)
+    f = _one(run, "sigmoid-saturation", "energy")
+    _, sat = run.series("saturated_fraction", "energy")
+    assert f.evidence["median_saturated_fraction"] == pytest.approx(np.median(sat))
+    assert f.evidence["temperature_fixed"] is True
+    assert f.evidence["median_energy_scale_ratio"] > 10
+
+
+def test_overfitting_evidence():
+    run = runs.memorise_noisy(16)
+    f = _one(run, "overfitting", "val_task")
+    s, val = run.series("logged", "val_task")
+    assert f.evidence["val_min"] >= float(np.min(val)) - 1e-12
+    assert f.evidence["val_end"] > f.evidence["val_min"] * 1.1
+    assert f.evidence["training"] == "task"
+    assert f.steps[1] == int(s[-1])
+
+
+def test_wiring_evidence():
+    inert = _one(runs.wiring("detached"), "inert-loss", "aux")
+    assert inert.severity == "error" and inert.evidence["event"] == "inert_loss"
+    nan = runs.wiring("nan")
+    f = _one(nan, "non-finite", "aux")
+    s, v = nan.series("loss", "aux")
+    assert f.steps[0] == int(s[~np.isfinite(v)][0]) == 20
+
+
+def test_batch_and_contrastive_evidence():
+    f = _one(runs.contrastive_batches("mixed", 1), "batch-composition-mismatch")
+    _, gpb = runs.contrastive_batches("mixed", 1).series("groups_per_batch", "batch")
+    assert f.evidence["declared"] == 1
+    assert f.evidence["median_observed"] == pytest.approx(np.median(gpb))
+    w = _one(runs.contrastive_batches("single", 1), "weak-contrastive-signal", "cont")
+    assert w.evidence["median_same_group_share"] == 1.0
+
+
+def test_static_weights_names_the_related_finding():
+    f = _one(runs.two_task_regression(False), "static-loss-weights")
+    assert f.evidence["weights"] == {"small": 1.0}
+    assert {"id": "gradient-swamping", "subject": "small"}.items() <= \
+        f.evidence["related_findings"][0].items()
+
+
+# ------------------------------------------------------------------------ public API
+
+def test_findings_are_sorted_json_and_progress_is_reported():
+    run = runs.prototype_model("never")
+    calls = []
+    found = _diagnose(run, progress=lambda i, n, rid: calls.append((i, n, rid)))
+    assert calls == [(i + 1, len(FINDING_IDS), rid) for i, rid in enumerate(FINDING_IDS)]
+    keys = [(SEVERITY_ORDER[f.severity], f.id) for f in found]
+    assert keys == sorted(keys)
+    for f in found:
+        d = f.to_dict()
+        assert list(d) == ["id", "severity", "title", "subject", "key_number", "evidence",
+                           "why", "remedy", "steps"]
+        json.dumps(d, allow_nan=False)
+        assert "\n" not in f.title and f.why.startswith("record-22")
+        assert "gradprobe." in f.remedy or f.id == "prototype-stale"  # a loop fix, no piece
+        assert d["steps"] is None or d["steps"][0] <= d["steps"][1]
+
+
+def test_thresholds_override_changes_the_verdict():
+    run = runs.two_task_regression(False)
+    assert "gradient-swamping" in _ids(run)
+    assert "gradient-swamping" not in _ids(run, thresholds=Thresholds(swamping_ratio=0.001))
+    assert "gradient-swamping" not in _ids(
+        run, thresholds=Thresholds.from_mapping({"exempt_roles": ["task"]}))
+
+
+def test_unknown_or_bad_keys_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown threshold 'swamp_ratio'.*swamping_ratio"):
+        Thresholds.from_mapping({"swamp_ratio": 0.1})
+    path = tmp_path / "t.toml"
+    path.write_text("swamping_ratio = 0.05\nnot_a_key = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_thresholds(path)
+    assert "'not_a_key'" in str(info.value) and "\n" not in str(info.value)
+    path.write_text("swamping_ratio = 'high'\n")
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_thresholds(path)
+    path.write_text("exempt_roles = ['nonsense']\n")
+    with pytest.raises(ConfigError, match="unknown role"):
+        load_thresholds(path)
+    path.write_text("swamping_ratio = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_thresholds(path)
+    with pytest.raises(ConfigError, match="no such"):
+        load_thresholds(tmp_path / "missing.toml")
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_toml_overrides_and_the_documented_example_loads(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text("swamping_ratio = 0.05\nmin_points = 4\n")
+    th = load_thresholds(path)
+    assert th.swamping_ratio == 0.05 and th.min_points == 4
+    assert th.conflict_share == Thresholds().conflict_share
+    text = DOCS.read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert blocks, "docs/findings.md has no TOML example"
+    for i, block in enumerate(blocks):
+        p = tmp_path / f"doc{i}.toml"
+        p.write_text(block)
+        load_thresholds(p)
+    for key in Thresholds.known_keys():  # every threshold is documented
+        assert f"`{key}`" in text, key
+
+
+# --------------------------------------------------------- synthetic edge cases
+
+def _synthetic(tmp_path, rows, losses=("task", "aux"), **meta):
+    path = tmp_path / "syn.gprobe"
+    w = RunWriter(path)
+    w.set_meta(losses=list(losses), task=losses[0], roles={l: "other" for l in losses[1:]} |
+               {losses[0]: "task"}, every=1, expect_groups_per_batch=None, **meta)
+    for step, scalars in rows:
+        w.write_step(step, scalars)
+    w.close()
+    return load_run(path)
+
+
+def test_missing_quantities_and_nan_give_no_findings_and_no_crash(tmp_path):
+    rows = [(s, {("loss", "task"): float("nan") if s == 3 else 1.0 / (s + 1)}) for s in range(20)]
+    run = _synthetic(tmp_path, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagnoseWarning)
+        found = diagnose(run)
+    # a NaN loss (stored as NULL) is reported as non-finite and nothing else crashes
+    assert [f.id for f in found] == ["non-finite"] and found[0].steps == (3, 3)
+
+
+def test_a_single_spike_is_not_persistent(tmp_path):
+    rows = []
+    for s in range(30):
+        aux = 0.001 if s == 10 else 1.0  # one swamped step among 30
+        rows.append((s, {("loss", "task"): 1.0, ("loss", "aux"): 1.0,
+                         ("grad_norm", "task"): 1.0, ("grad_norm", "aux"): aux,
+                         ("weighted_grad_norm", "task"): 1.0, ("weighted_grad_norm", "aux"): aux,
+                         ("weight", "task"): 1.0, ("weight", "aux"): 1.0}))
+    assert _ids(_synthetic(tmp_path, rows)) == set()
+
+
+def test_swamping_is_not_judged_after_the_task_memorised(tmp_path):
+    # The task learns for 10 steps, then memorises: its gradient vanishes and the ratios
+    # invert. Only the learning phase is judged, and there 'aux' was not swamped.
+    rows = []
+    for s in range(40):
+        learning = s < 10
+        task_loss = 1.0 - 0.05 * s if learning else 1e-4
+        t_grad = 1.0 if learning else 1e-4
+        rows.append((s, {("loss", "task"): task_loss, ("loss", "aux"): 1.0,
+                         ("grad_norm", "task"): t_grad, ("grad_norm", "aux"): 0.5,
+                         ("weighted_grad_norm", "task"): t_grad,
+                         ("weighted_grad_norm", "aux"): 0.5 if learning else 1e-7,
+                         ("weight", "task"): 1.0, ("weight", "aux"): 1.0}))
+    assert "gradient-swamping" not in _ids(_synthetic(tmp_path, rows))
+
+
+def test_finding_validates_its_id():
+    with pytest.raises(ValueError):
+        Finding(id="nope", severity="error", title="t", subject="s", key_number="k",
+                evidence={}, why="w", remedy="r", steps=None, plot=None)
