@@ -46,8 +46,11 @@ def _thresholds(config: str | None):
 
 
 def _diagnose_with_progress(run, thresholds):
+    """Diagnose with a progress bar on a terminal (a large run must not look hung)."""
     from gradprobe.diagnose import diagnose
 
+    if not sys.stderr.isatty():
+        return diagnose(run, thresholds)
     with click.progressbar(length=1, label="analysing", file=sys.stderr) as bar:
         def progress(i: int, n: int, rule: str) -> None:
             bar.length = n

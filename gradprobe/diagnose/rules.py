@@ -743,10 +743,11 @@ def static_loss_weights(run: Run, th: Thresholds) -> list[Finding]:
     evidence = {"weights": {n: values[n] for n in names}, "all_constant_weights": values,
                 "related_findings": related, "tolerance": th.static_weight_tolerance}
     ws = ", ".join(f"{n}={g(values[n])}" for n in names)
+    present = sorted({r["id"] for r in related})
     return [_finding(
         "static-loss-weights", "warning",
-        f"loss weights fixed for the whole run ({ws}) while "
-        f"{' and '.join(sorted({r['id'] for r in related}))} persist",
+        f"loss weights fixed for the whole run ({ws}) while {' and '.join(present)} "
+        f"{'persists' if len(present) == 1 else 'persist'}",
         ",".join(names), ws, evidence,
         (int(steps[0]), int(steps[-1])) if len(steps) else None,
         plot={"quantity": "weight", "names": names, "threshold": None, "ratio_to": None})]
