@@ -7,6 +7,7 @@ traceback).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -27,7 +28,10 @@ def _load(path: str):
     from gradprobe.record import RunFileError, load_run
 
     try:
-        return load_run(path)
+        with warnings.catch_warnings():
+            # torch warns while refusing a pickle; the refusal itself is the one line we print.
+            warnings.simplefilter("ignore")
+            return load_run(path)
     except RunFileError as exc:
         raise BadInput(str(exc)) from None
 

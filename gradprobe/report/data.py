@@ -1,0 +1,161 @@
+"""What the report reads from a run: cached series, decimation for long runs, snapshots.
+
+Plotting never computes a metric again: it reads the recorded series and arrays of a
+:class:`gradprobe.record.Run` (and the findings), so any run can be re-plotted later.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gradprobe.record import Run
+
+# A plotted line keeps at most this many points: min and max of each of MAX_POINTS / 2
+# buckets, so spikes survive and a 1,000,000-step run draws as fast as a short one.
+MAX_POINTS = 4000
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Min/max per bucket: the extremes of each of ``max_points // 2`` equal buckets, in step order.
+
+    Buckets holding only NaN keep one NaN (the line shows the gap); shorter series are
+    returned unchanged.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    if n <= max_points:
+        return x, y
+    buckets = max(max_points // 2, 1)
+    size = math.ceil(n / buckets)
+    rows = math.ceil(n / size)
+    padded = np.full(rows * size, np.nan)
+    padded[:n] = y
+    block = padded.reshape(rows, size)
+    finite = np.isfinite(block)
+    any_finite = finite.any(axis=1)
+    lo = np.argmin(np.where(finite, block, np.inf), axis=1)
+    hi = np.argmax(np.where(finite, block, -np.inf), axis=1)
+    first = np.minimum(lo, hi)
+    second = np.maximum(lo, hi)
+    base = np.arange(rows) * size
+    idx = np.stack([base + first, base + second], axis=1)
+    # an all-NaN bucket keeps its first index (a NaN: a gap in the line)
+    idx[~any_finite] = base[~any_finite, None]
+    idx = idx.reshape(-1)
+    keep = np.ones(len(idx), dtype=bool)
+    keep[1:] = idx[1:] != idx[:-1]
+    idx = idx[keep]
+    idx = idx[idx < n]
+    return x[idx], y[idx]
+
+
+class RunData:
+    """A read-only view of a run for plotting: every series is read from the file once."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.losses = run.losses
+        self.meta = run.meta
+        self._series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[tuple[str, str], tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._quantities = set(run.quantities())
+        self._names = {q: run.names(q) for q in self._quantities}
+
+    # -- scalars -------------------------------------------------------------------------
+
+    def has(self, quantity: str, name: str | None = None) -> bool:
+        if name is None:
+            return bool(self._names.get(quantity))
+        return name in self._names.get(quantity, ())
+
+    def names(self, quantity: str) -> list[str]:
+        return list(self._names.get(quantity, ()))
+
+    def series(self, quantity: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        key = (quantity, name)
+        if key not in self._series:
+            self._series[key] = self.run.series(quantity, name)
+        return self._series[key]
+
+    def plotted(self, quantity: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The series as it is drawn (decimated for long runs)."""
+        return decimate(*self.series(quantity, name))
+
+    def ratio(self, quantity: str, name: str, to: str) -> tuple[np.ndarray, np.ndarray]:
+        """``name / to`` at the steps both were recorded."""
+        s1, v1 = self.series(quantity, name)
+        s2, v2 = self.series(quantity, to)
+        common, i1, i2 = np.intersect1d(s1, s2, assume_unique=True, return_indices=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return common, v1[i1] / v2[i2]
+
+    def ratio_to_largest(self, quantity: str, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each name's value over the largest value among ``names`` at the same step."""
+        steps = None
+        for name in names:
+            s, _ = self.series(quantity, name)
+            steps = s if steps is None else np.intersect1d(steps, s, assume_unique=True)
+        if steps is None or not len(steps):
+            return {}
+        table = []
+        for name in names:
+            s, v = self.series(quantity, name)
+            table.append(v[np.searchsorted(s, steps)])
+        table = np.vstack(table)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            largest = np.nanmax(np.where(np.isfinite(table), table, np.nan), axis=0) \
+                if np.isfinite(table).any() else np.full(len(steps), np.nan)
+            return {name: (steps, table[i] / largest) for i, name in enumerate(names)}
+
+    def step_range(self) -> tuple[int | None, int | None]:
+        """First and last step anything was recorded at (probe steps, or the loss series)."""
+        steps = self.run.probe_steps()
+        lo = int(steps[0]) if len(steps) else None
+        hi = int(steps[-1]) if len(steps) else None
+        for name in self.names("loss")[:1]:
+            s, _ = self.series("loss", name)
+            if len(s):
+                lo = int(s[0]) if lo is None else min(lo, int(s[0]))
+                hi = int(s[-1]) if hi is None else max(hi, int(s[-1]))
+        return lo, hi
+
+    # -- arrays --------------------------------------------------------------------------
+
+    def array_names(self, quantity: str) -> list[str]:
+        return self.run.array_names(quantity)
+
+    def arrays(self, quantity: str, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        key = (quantity, name)
+        if key not in self._arrays:
+            self._arrays[key] = self.run.arrays(quantity, name)
+        return self._arrays[key]
+
+    def snapshots(self, quantity: str, name: str) -> list[tuple[str, int, np.ndarray]]:
+        """The recorded array at three moments: ``[("start", step, a), ("middle", ...), ("end", ...)]``."""
+        steps, values = self.arrays(quantity, name)
+        return [(label, int(steps[i]), values[i]) for label, i in moment_indices(steps)]
+
+
+def moment_indices(steps: np.ndarray) -> list[tuple[str, int]]:
+    """Indices of the first, middle and last entries of ``steps`` (fewer when fewer exist)."""
+    n = len(steps)
+    if n == 0:
+        return []
+    if n == 1:
+        return [("end", 0)]
+    if n == 2:
+        return [("start", 0), ("end", 1)]
+    middle = int(np.argmin(np.abs(steps - (steps[0] + steps[-1]) / 2)))
+    middle = min(max(middle, 1), n - 2)
+    return [("start", 0), ("middle", middle), ("end", n - 1)]
+
+
+def finding_value(finding: Any, field: str, default: Any = None) -> Any:
+    """A field of a Finding (the dataclass, or a plain dict with the same keys)."""
+    if isinstance(finding, dict):
+        return finding.get(field, default)
+    return getattr(finding, field, default)
