@@ -22,9 +22,10 @@ import torch
 from gradprobe import __version__, metrics
 from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunWriter
 
+from .distributed import rank_group_for
 from .graph import has_user_hooks, infer_shared, reachable_leaves
 from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
-                      ProbeUsageError, SaturationWatch, batch_scalars, latent_pair)
+                      ProbeUsageError, SaturationWatch, as_matrix, batch_scalars, latent_pair)
 
 ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
          "reconstruction", "regularization", "other")
@@ -57,6 +58,30 @@ class PerLossGradients:
     latent_names: list[str]
     per_loss_leaves: list[dict]
     shared_ids: set[int]
+    scale: float  # the GradScaler's scale the gradients carry (1.0 without one)
+
+
+@dataclass
+class StepNumbers:
+    """What one probe step records, before the metrics: global (all ranks') values under DDP."""
+
+    loss_values: torch.Tensor  # [K] float64
+    jacobian: torch.Tensor  # [K, P] float64: unscaled per-loss gradients on the shared set
+    latent_grad_sq: torch.Tensor  # [L, K] float64: squared norms of dL_k / d latent
+    observed: dict[str, Any]  # watched tensors by name (gathered over the ranks under DDP)
+    local_groups: torch.Tensor | None  # this rank's batch: what a per-rank loss sees
+
+
+@dataclass
+class ProbeStep:
+    """A step between :meth:`Probe.before_backward` and :meth:`Probe.after_backward`."""
+
+    step: int
+    probing: bool
+    losses: Mapping[str, torch.Tensor]
+    total: torch.Tensor
+    gradients: PerLossGradients | None
+    scaler: Any
 
 
 class GradprobeWarning(UserWarning):
@@ -66,6 +91,13 @@ class GradprobeWarning(UserWarning):
 def remove_run_file(path: str | Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """A ``torch.compile``d module (possibly inside DDP)."""
+    inner = getattr(model, "module", model)
+    return any(type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
+               for m in (model, inner))
 
 
 def guess_role(name: str) -> str:
@@ -97,15 +129,32 @@ class Probe:
     assemble: fill ``.grad`` from the per-loss gradients instead of running the ordinary
         backward on probe steps (saves one backward; equal up to float32 rounding).
     overwrite: replace an existing run file instead of refusing it.
+    sinks: objects with ``write_step(step, scalars)`` (``scalars``: ``{(quantity, name):
+        value}``) that also receive every recorded step, e.g.
+        :class:`gradprobe.integrations.tensorboard.TensorBoardSink`.
+
+    With a ``DistributedDataParallel`` model the statistics describe the global (all-reduced)
+    gradients and the global batch, only rank 0 writes ``log`` (and feeds the sinks), and
+    parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
     """
 
     def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int = 50,
                  log: str | Path | None = None, task: str | None = None,
                  roles: Mapping[str, str] | None = None, name: str | None = None,
                  expect_groups_per_batch: int | None = None, max_rows: int = 1024,
-                 assemble: bool = False, overwrite: bool = False):
+                 assemble: bool = False, overwrite: bool = False, sinks: Iterable[Any] = ()):
         if not isinstance(model, torch.nn.Module):
             raise ProbeUsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if is_compiled(model):
+            raise ProbeUsageError(
+                "Probe cannot attach to a torch.compile'd model: its forward is one fused "
+                "autograd node, so every loss appears to reach every parameter (the shared "
+                "set and inert losses cannot be found) and forward hooks on its submodules "
+                "do not run. Attach the probe to the eager model (compiled._orig_mod) and "
+                "train with that model on the runs you want to probe")
+        for sink in sinks:
+            if not callable(getattr(sink, "write_step", None)):
+                raise ProbeUsageError(f"sink {sink!r} has no write_step(step, scalars) method")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps), "
                                   f"got {every!r}")
@@ -124,7 +173,16 @@ class Probe:
         self.step = 0
         self.enabled = True
         self.last_grad_norms: dict[str, float] | None = None
-        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._ranks = rank_group_for(model)
+        self._writes = self._ranks is None or self._ranks.writes
+        # Names of the module DDP wraps: the same names as a single-process run of the model.
+        unwrapped = model.module if isinstance(
+            model, torch.nn.parallel.DistributedDataParallel) else model
+        self._names = {id(p): n for n, p in unwrapped.named_parameters()}
+        self._sinks = list(sinks) if self._writes else []
+        self._failure: str | None = None
+        self._scaler: Any = None
+        self._scale_check: tuple[int, float] | None = None  # (probe step, scale it ran with)
         self._shared_spec = shared
         self._shared: list[torch.Tensor] | None = self._resolve_shared(shared)
         self._latents: dict[str, LatentWatch] = {}
@@ -137,6 +195,9 @@ class Probe:
         self._resumed = False
         self._meta_written = False
         self.backward_path = "separate"
+        if not self._writes:
+            # Ranks other than 0 record nothing: no file, no lock, never a wait on I/O.
+            log = None
         if log is not None and overwrite:
             remove_run_file(log)
         self._writer = RunWriter(log)
@@ -269,10 +330,31 @@ class Probe:
             raise ProbeUsageError(f"task loss {self.task!r} is not among the losses {names}")
 
     def backward(self, losses: Mapping[str, torch.Tensor],
-                 weights: Mapping[str, Any] | None = None) -> torch.Tensor:
+                 weights: Mapping[str, Any] | None = None, *,
+                 scaler: "torch.amp.GradScaler | None" = None) -> torch.Tensor:
         """Backpropagate ``sum_k w_k L_k`` (missing weights are 1.0); returns the detached total.
 
-        On probe steps the per-loss gradient statistics are recorded as well.
+        On probe steps the per-loss gradient statistics are recorded as well. ``scaler``: a
+        ``torch.amp.GradScaler``; the backward is then ``scaler.scale(total).backward()`` and
+        the recorded gradients are unscaled. Call ``scaler.step`` and ``scaler.update`` as usual.
+        """
+        pending = self.before_backward(losses, weights, scaler=scaler, assemble=self.assemble)
+        if pending.gradients is not None and pending.gradients.path == "assembled":
+            self._assemble(pending.gradients)
+        elif scaler is not None:
+            # The user's own backward stays outside any try: its errors are theirs to see.
+            scaler.scale(pending.total).backward()
+        else:
+            pending.total.backward()
+        self.after_backward(pending)
+        return pending.total.detach()
+
+    def before_backward(self, losses: Mapping[str, torch.Tensor],
+                        weights: Mapping[str, Any] | None = None, *, scaler: Any = None,
+                        assemble: bool = False) -> ProbeStep:
+        """For loops that run the backward themselves (e.g. Lightning): the first half of
+        :meth:`backward`. Returns the step; backpropagate ``step.total`` (scaled, with a
+        scaler), then call :meth:`after_backward` with it.
         """
         weights = dict(weights or {})
         if self._losses is None or list(losses) != self._losses:
@@ -287,30 +369,30 @@ class Probe:
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             raise ProbeUsageError("no loss requires grad: every loss is computed from detached "
                                   "tensors, so nothing can be trained")
-        step = self.step
+        self._check_skipped()
+        self._scaler = scaler
+        probing = self.is_probe_step
         gradients = None
-        if self.is_probe_step:
+        if probing and self._failure is None:
             try:
-                gradients = self._per_loss_gradients(losses, weights)
+                gradients = self._per_loss_gradients(losses, weights, scaler, assemble)
             except Exception as exc:  # the observer must not harm the observed
                 self._fail(exc)
-        if gradients is not None and gradients.path == "assembled":
-            self._assemble(gradients)
-        else:
-            # The user's own backward stays outside any try: its errors are theirs to see.
-            total.backward()
-        if gradients is not None:
-            try:
-                self._record(step, losses, gradients)
-            except Exception as exc:
-                self._fail(exc)
+        return ProbeStep(self.step, probing, losses, total, gradients, scaler)
+
+    def after_backward(self, pending: ProbeStep) -> None:
+        """The second half of :meth:`backward`: records the probe step, advances the counter."""
+        if pending.probing:
+            self._finish(pending)
         self._captured.clear()
         self.step += 1
-        return total.detach()
 
     def log(self, **scalars: Any) -> None:
-        """Record extra scalars (learning rate, validation losses...) at the current step."""
-        if not self.enabled:
+        """Record extra scalars (learning rate, validation losses...) at the current step.
+
+        Under DDP only rank 0 records them (other ranks ignore the call).
+        """
+        if not self.enabled or not self._writes:
             return
         try:
             values = {}
@@ -321,7 +403,9 @@ class Probe:
                         raise ProbeUsageError(f"log({key}=...) needs a number, got shape "
                                               f"{list(value.shape)}")
                 values[("logged", key)] = float(value)
-            self._writer.add_scalars(max(self.step - 1, 0), values)
+            step = max(self.step - 1, 0)
+            self._writer.add_scalars(step, values)
+            self._to_sinks(step, values)
         except ProbeUsageError:
             raise
         except Exception as exc:
@@ -360,7 +444,8 @@ class Probe:
             raise ProbeUsageError("shared must name at least one parameter that requires grad")
         return params
 
-    def _choose_path(self, per_loss_leaves: list[dict], weights: Mapping[str, Any]) -> str:
+    def _choose_path(self, per_loss_leaves: list[dict], weights: Mapping[str, Any],
+                     assemble: bool) -> str:
         """'assembled' fills .grad from the per-loss gradients; 'separate' runs the ordinary backward.
 
         'separate' is the default: the parameter updates are then bit-identical to training
@@ -370,7 +455,7 @@ class Probe:
         backward has no side effects of its own: no DDP reducer, no hooks on the leaves, no
         loss weight that itself needs a gradient.
         """
-        if not self.assemble:
+        if not assemble:
             return "separate"
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             return "separate"
@@ -381,7 +466,8 @@ class Probe:
         return "assembled"
 
     def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor],
-                            weights: Mapping[str, Any]) -> "PerLossGradients":
+                            weights: Mapping[str, Any], scaler: Any,
+                            assemble: bool) -> "PerLossGradients":
         """One ``torch.autograd.grad`` per loss, over the shared parameters and watched latents
         (and, on the assembled path, every other leaf, so that ``.grad`` can be filled exactly)."""
         names = self._losses
@@ -395,7 +481,7 @@ class Probe:
         all_leaves: dict[int, torch.Tensor] = {}
         for leaves in per_loss_leaves:
             all_leaves.update((k, t) for k, (t, _) in leaves.items())
-        path = self._choose_path(per_loss_leaves, weights)
+        path = self._choose_path(per_loss_leaves, weights, assemble)
         self.backward_path = path
         latents = {n: t for n, t in self._captured.items()
                    if n in self._latents and isinstance(t, torch.Tensor) and t.requires_grad}
@@ -403,18 +489,25 @@ class Probe:
         others = [t for k, t in all_leaves.items() if k not in shared_ids] \
             if path == "assembled" else []
         inputs = list(self._shared) + others + list(latents.values())
+        # With a GradScaler the per-loss gradients are taken of the scaled losses, as the
+        # ordinary backward is (small half-precision gradients would underflow otherwise);
+        # the recorded statistics divide the scale out again.
+        scale = 1.0 if scaler is None else float(scaler.get_scale()) if scaler.is_enabled() \
+            else 1.0
         grads = []
         for loss_name in names:
             loss = losses[loss_name]
             if not loss.requires_grad:
                 grads.append((None,) * len(inputs))
                 continue
+            if scale != 1.0:
+                loss = scaler.scale(loss)
             # The graph is kept so that a failure anywhere in the probe step can still fall
             # back to the ordinary backward; it is freed when the loop drops its losses.
             grads.append(torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True))
         w = torch.tensor([float(weights.get(k, 1.0)) for k in names], dtype=torch.float64)
         return PerLossGradients(path, w, inputs, grads, len(self._shared), len(others),
-                                list(latents), per_loss_leaves, shared_ids)
+                                list(latents), per_loss_leaves, shared_ids, scale)
 
     @staticmethod
     def _assemble(gradients: "PerLossGradients") -> None:
@@ -433,17 +526,136 @@ class Probe:
                 continue
             param.grad = combined if param.grad is None else param.grad + combined
 
-    def _record(self, step: int, losses: Mapping[str, torch.Tensor],
-                gradients: "PerLossGradients") -> None:
-        names = self._losses
-        w, grads, n_shared = gradients.weights, gradients.grads, gradients.n_shared
+    # -- recording a probe step -------------------------------------------------------
+
+    def _finish(self, pending: ProbeStep) -> None:
+        if self._ranks is None:
+            if pending.gradients is None:  # the probe failed earlier in this step
+                return
+            try:
+                numbers = self._local_numbers(pending.losses, pending.gradients)
+                self._record(pending.step, pending.gradients, numbers)
+            except Exception as exc:
+                self._fail(exc)
+            return
+        self._finish_distributed(pending)
+
+    def _finish_distributed(self, pending: ProbeStep) -> None:
+        """Vote, then all-reduce and all-gather, then (rank 0 only) the metrics and the write."""
+        names = self._gathered_names()
+        numbers, rows = None, [0] * len(names)
+        if self._failure is None and pending.gradients is not None:
+            try:
+                numbers = self._local_numbers(pending.losses, pending.gradients)
+                rows = [self._rows(numbers.observed.get(n)) for n in names]
+            except Exception as exc:
+                self._fail(exc)
+        try:
+            failed, rows = self._ranks.agree(self._failure is not None, rows)
+            if not failed:
+                numbers = self._globalize(numbers, names, rows)
+        except Exception as exc:  # the process group itself failed: nothing left to agree on
+            self._fail(exc)
+            self._stop()
+            return
+        if failed:
+            if self._failure is None:
+                self._report_failure("the probe failed on another rank, whose warning says why")
+            self._stop()
+            return
+        if self._writes:
+            try:
+                self._record(pending.step, pending.gradients, numbers)
+            except Exception as exc:  # the other ranks stop with this one at the next vote
+                self._fail(exc)
+
+    def _gathered_names(self) -> list[str]:
+        """Watched tensors whose statistics use every rank's rows (the same list on all ranks).
+
+        Contrastive pairs stay per rank: an InfoNCE loss computed on each rank sees only its
+        own batch as negatives, so that batch is what its signal describes.
+        """
+        names = set(self._latents) | set(self._saturations) | {"groups"}
+        for watch in self._saturations.values():
+            names.update(watch.terms or ())
+        return sorted(names)
+
+    @staticmethod
+    def _rows(tensor: Any) -> int:
+        return tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.ndim else 0
+
+    def _local_numbers(self, losses: Mapping[str, torch.Tensor],
+                       gradients: PerLossGradients) -> StepNumbers:
+        names, grads, n_shared = self._losses, gradients.grads, gradients.n_shared
         n_params = n_shared + gradients.n_others
-        latent_names = gradients.latent_names
+        device = self._shared[0].device
+        loss_values = torch.stack([losses[k].detach().to(device, torch.float64) for k in names])
+        rows = []
+        for per_loss in grads:
+            parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=device)
+                     for g, p in zip(per_loss[:n_shared], self._shared)]
+            rows.append(torch.cat([part.to(device=device, dtype=torch.float64) for part in parts]))
+        jacobian = torch.stack(rows) / gradients.scale
+        latent_grad_sq = torch.zeros(len(gradients.latent_names), len(names), dtype=torch.float64,
+                                     device=device)
+        for i in range(len(gradients.latent_names)):
+            for k in range(len(names)):
+                g = grads[k][n_params + i]
+                if g is not None:
+                    latent_grad_sq[i, k] = (g.to(device, torch.float64) / gradients.scale).square().sum()
+        observed = dict(self._captured)
+        groups = observed.get("groups")
+        if groups is not None:
+            observed["groups"] = torch.as_tensor(groups).detach().reshape(-1)
+        if self._ranks is not None:
+            # Checked here, before the vote: a malformed tensor on one rank must not reach a
+            # collective whose shapes the other ranks expect to match.
+            for name in self._gathered_names():
+                if isinstance(observed.get(name), torch.Tensor) and name != "groups":
+                    observed[name] = self._rows_matrix(name, observed[name])
+        return StepNumbers(loss_values, jacobian, latent_grad_sq, observed, observed.get("groups"))
+
+    def _rows_matrix(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A watched tensor as [rows, features], single or double precision, for the gather."""
+        if name in self._latents:
+            matrix = as_matrix(name, tensor, self.max_rows)
+        else:
+            if tensor.ndim == 0 or not tensor.is_floating_point():
+                raise ProbeUsageError(f"{name!r} must be a floating-point tensor with a batch "
+                                      f"dimension, got {tensor.dtype} of shape {list(tensor.shape)}")
+            matrix = tensor.detach().reshape(tensor.shape[0], -1)
+        return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+
+    def _globalize(self, numbers: StepNumbers, names: list[str], rows: list[int]) -> StepNumbers:
+        """The ranks' numbers combined into those of the global batch (see distributed.py)."""
+        ranks = self._ranks
+        k, p = numbers.jacobian.shape
+        flat = torch.cat([numbers.loss_values, numbers.jacobian.reshape(-1),
+                          numbers.latent_grad_sq.reshape(-1)])
+        mean = ranks.mean(flat).to(numbers.jacobian.device)
+        # The global loss is the mean of the ranks' losses, so d(global)/d(latent rows of rank r)
+        # is the rank's own latent gradient divided by the world size: squared norms add up
+        # divided by world^2, i.e. their mean divided by world.
+        observed = dict(numbers.observed)
+        per_rank = max(1, self.max_rows // ranks.world)
+        for name, fewest in zip(names, rows):
+            if fewest == 0:  # missing on some rank: nothing comparable to gather
+                observed.pop(name, None)
+            else:
+                observed[name] = ranks.gather_rows(observed[name], min(fewest, per_rank))
+        return StepNumbers(mean[:k], mean[k:k + k * p].reshape(k, p),
+                           mean[k + k * p:].reshape(numbers.latent_grad_sq.shape) / ranks.world,
+                           observed, numbers.local_groups)
+
+    def _record(self, step: int, gradients: PerLossGradients, numbers: StepNumbers) -> None:
+        names = self._losses
+        w = gradients.weights
         per_loss_leaves, shared_ids = gradients.per_loss_leaves, gradients.shared_ids
         scalars: dict[tuple[str, str], float] = {}
         arrays: dict[tuple[str, str], np.ndarray] = {}
+        loss_values = numbers.loss_values.cpu().tolist()
         for k, loss_name in enumerate(names):
-            value = float(losses[loss_name].detach())
+            value = loss_values[k]
             scalars[("loss", loss_name)] = value
             scalars[("weight", loss_name)] = float(w[k])
             if not np.isfinite(value):
@@ -456,20 +668,26 @@ class Probe:
             elif not (set(reach) & shared_ids):
                 self._event(step, "no_shared_path", loss_name,
                             f"loss {loss_name!r} reaches no shared parameter")
-        device = self._shared[0].device
-        rows = []
-        for per_loss in grads:
-            parts = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=device)
-                     for g, p in zip(per_loss[:n_shared], self._shared)]
-            rows.append(torch.cat([part.to(device=device, dtype=torch.float64) for part in parts]))
-        jacobian = torch.stack(rows)
+        if gradients.scale != 1.0:
+            scalars[("grad_scale", "amp")] = gradients.scale
+        jacobian = numbers.jacobian
         gram = (jacobian @ jacobian.T).cpu()
         arrays[("grad_gram", "shared")] = gram.numpy()
         if torch.isfinite(gram).all():
             stats = metrics.gram_statistics(gram, w)
+            if gradients.scale != 1.0:
+                # The scaler skips this step only if it finds inf/NaN; the next call checks.
+                self._scale_check = (step, gradients.scale)
         else:
-            self._event(step, "non_finite", "gradient",
-                        "a per-loss gradient on the shared parameters holds NaN or Inf")
+            if gradients.scale != 1.0:
+                # Overflow of the scaled gradients is what a GradScaler expects now and then:
+                # it skips the optimizer step and lowers the scale; not a failure of the model.
+                self._event(step, "skipped_step", "scaler",
+                            f"the scaled gradients (scale {gradients.scale:g}) hold inf/NaN: "
+                            "GradScaler skips this optimizer step")
+            else:
+                self._event(step, "non_finite", "gradient",
+                            "a per-loss gradient on the shared parameters holds NaN or Inf")
             nan_matrix = torch.full_like(gram, float("nan"))
             stats = {"norm": gram.diagonal().sqrt(), "weighted_norm": w.abs() * gram.diagonal().sqrt(),
                      "cosine": nan_matrix, "magnitude_similarity": nan_matrix,
@@ -486,24 +704,40 @@ class Probe:
                 scalars[("grad_cosine", pair)] = float(stats["cosine"][k, j])
                 scalars[("magnitude_similarity", pair)] = float(stats["magnitude_similarity"][k, j])
         scalars[("combined_grad_norm", "shared")] = float(stats["combined_norm"])
-        for i, latent_name in enumerate(latent_names):
+        latent_norms = numbers.latent_grad_sq.sqrt().cpu().tolist()
+        for i, latent_name in enumerate(gradients.latent_names):
             for k, loss_name in enumerate(names):
-                g = grads[k][n_params + i]
-                norm = 0.0 if g is None else float(torch.linalg.vector_norm(g.double()))
-                scalars[("latent_grad_norm", f"{latent_name}|{loss_name}")] = norm
-        self._record_watches(step, scalars, arrays)
+                scalars[("latent_grad_norm", f"{latent_name}|{loss_name}")] = latent_norms[i][k]
+        self._record_watches(step, scalars, arrays, numbers.observed, numbers.local_groups)
         self._write(step, scalars, arrays)
+
+    def _check_skipped(self) -> None:
+        """Whether the GradScaler skipped the last probe step: it lowers its scale if it did."""
+        if self._scale_check is None or self._scaler is None:
+            return
+        step, scale = self._scale_check
+        self._scale_check = None
+        try:
+            now = float(self._scaler.get_scale())
+            if now < scale:
+                self._event(step, "skipped_step", "scaler",
+                            f"GradScaler skipped the optimizer step (inf/NaN in the scaled "
+                            f"gradients); its scale fell from {scale:g} to {now:g}")
+        except Exception as exc:
+            self._fail(exc)
 
     def _due(self, watch_every: int | None, step: int) -> bool:
         return watch_every is None or step % watch_every == 0
 
-    def _record_watches(self, step: int, scalars: dict, arrays: dict) -> None:
-        captured = self._captured
+    def _record_watches(self, step: int, scalars: dict, arrays: dict, captured: dict,
+                        local_groups: torch.Tensor | None) -> None:
+        """``captured``: the watched tensors (all ranks' rows under DDP); ``local_groups``: the
+        group ids of this rank's own batch, which is what batch composition describes."""
+        if local_groups is not None and local_groups.numel():
+            scalars.update(batch_scalars(local_groups.cpu()))
         groups = captured.get("groups")
         if groups is not None:
-            groups = torch.as_tensor(groups).detach().reshape(-1).cpu()
-            if groups.numel():
-                scalars.update(batch_scalars(groups))
+            groups = groups.cpu()
         latents = {}
         for name, watch in self._latents.items():
             if name in captured and self._due(watch.every, step):
@@ -534,11 +768,14 @@ class Probe:
                 arrays.update(got_arrays)
         for name, watch in self._contrastive.items():
             if name in captured and self._due(watch.every, step):
-                scalars.update(watch.record(captured[name], groups, self.max_rows))
+                scalars.update(watch.record(captured[name], local_groups, self.max_rows))
 
     def _event(self, step: int, kind: str, name: str, message: str) -> None:
+        if not self._writes:
+            return
         self._writer.add_event(step, kind, name, message)
-        if (kind, name) not in self._warned:
+        # A GradScaler skipping a step now and then is how it works: recorded, not warned.
+        if kind != "skipped_step" and (kind, name) not in self._warned:
             self._warned.add((kind, name))
             warnings.warn(f"gradprobe: step {step}: {message}", GradprobeWarning, stacklevel=4)
 
@@ -547,6 +784,18 @@ class Probe:
             self._writer.set_meta(**self._meta())
             self._meta_written = True
         self._writer.write_step(step, scalars, arrays)
+        self._to_sinks(step, scalars)
+
+    def _to_sinks(self, step: int, scalars: dict) -> None:
+        """A sink that fails is dropped with one warning; the run file and training go on."""
+        for sink in list(self._sinks):
+            try:
+                sink.write_step(step, scalars)
+            except Exception as exc:
+                self._sinks.remove(sink)
+                warnings.warn(f"gradprobe: sink {type(sink).__name__} failed at step {step} "
+                              f"({type(exc).__name__}: {exc}); it receives nothing more",
+                              GradprobeWarning, stacklevel=4)
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -569,21 +818,40 @@ class Probe:
             "contrastive": sorted(self._contrastive),
             "expect_groups_per_batch": self.expect_groups_per_batch,
             "max_rows": self.max_rows,
+            "world_size": 1 if self._ranks is None else self._ranks.world,
+            # Under DDP: statistics of the all-reduced (mean) gradients and the gathered batch.
+            "gradient_statistics": "global",
+            "grad_scaler": self._scaler is not None and bool(self._scaler.is_enabled()),
         }
 
     def _fail(self, exc: BaseException) -> None:
-        """Report once, stop probing, keep what was recorded; training goes on."""
-        self.enabled = False
-        self._remove_hooks()
+        """Report once, stop probing, keep what was recorded; training goes on.
+
+        Under DDP this rank stops recording now, and every rank stops together at the next
+        probe step's vote (the others may be about to enter a collective with this one).
+        """
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        warnings.warn(f"gradprobe disabled itself at step {self.step} ({message}); training "
+        self._report_failure(message)
+        if self._ranks is None:
+            self._stop()
+
+    def _report_failure(self, message: str) -> None:
+        self._failure = message
+        rank = "" if self._ranks is None else f" on rank {self._ranks.rank}"
+        warnings.warn(f"gradprobe disabled itself{rank} at step {self.step} ({message}); training "
                       "continues and everything recorded before stays readable",
-                      GradprobeWarning, stacklevel=3)
+                      GradprobeWarning, stacklevel=4)
+        if not self._writes:
+            return
         try:
             self._writer.add_event(self.step, "probe_disabled", "probe", message)
             self._writer.flush()
         except Exception:  # the run file itself may be what failed
             pass
+
+    def _stop(self) -> None:
+        self.enabled = False
+        self._remove_hooks()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -634,6 +902,7 @@ class Probe:
 
     def close(self) -> None:
         """Flush and close the run file and remove the hooks; safe to call twice."""
+        self._check_skipped()
         self._remove_hooks()
         if self._writer is not None:
             try:

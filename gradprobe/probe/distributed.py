@@ -1,0 +1,69 @@
+"""The probe on DistributedDataParallel: which statistics are global, and the collectives behind them.
+
+What DDP descends is the mean over ranks of each rank's gradient, so the probe records the
+statistics of that mean gradient. The Gram matrix of the mean per-loss gradients is *not* the
+mean of the ranks' Gram matrices (the cross-rank inner products are missing), so the K rows of
+the per-loss Jacobian on the shared set are all-reduced: K x P float64 numbers per probe step,
+P being the shared set's size (the nearest shared layer by default, so usually small; see
+docs/distributed.md for measured costs). Losses and latent-gradient norms cost K and K x L
+numbers; latents are all-gathered, at most ``max_rows // world`` rows from each rank.
+
+Every probe step starts with one small all-reduce in which each rank says whether its probe
+failed (and how many rows of each gathered tensor it holds): a failure anywhere disables the
+probe on every rank at the same step, before any further collective, so no rank waits forever
+in a collective the others no longer enter.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class RankGroup:
+    """The process group a DDP model averages its gradients over, seen from one rank."""
+
+    def __init__(self, group, device: torch.device):
+        self.group = group
+        self.device = device
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    @property
+    def writes(self) -> bool:
+        """Only the group's rank 0 writes the run file (and forwards to sinks)."""
+        return self.rank == 0
+
+    def agree(self, failed: bool, row_counts: Sequence[int]) -> tuple[bool, list[int]]:
+        """One all-reduce: did any rank fail, and the fewest rows each rank holds per tensor."""
+        votes = torch.tensor([-int(failed), *row_counts], dtype=torch.int64, device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=self.group)
+        values = votes.tolist()
+        return values[0] < 0, values[1:]
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks, as DDP averages gradients (sum, then divide by the world size)."""
+        reduced = tensor.to(self.device).contiguous()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
+        return reduced / self.world
+
+    def gather_rows(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of every rank's tensor, stacked in rank order."""
+        local = tensor.detach()[:rows].to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.cat(parts).to(tensor.device)
+
+
+def rank_group_for(model: torch.nn.Module) -> RankGroup | None:
+    """The ranks of a DDP-wrapped model, or None for a model trained in one process."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    device = next(model.parameters()).device
+    if dist.get_backend(model.process_group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return RankGroup(model.process_group, device)

@@ -1,0 +1,135 @@
+"""Optional integrations, each tested where its package is installed (gradprobe[lightning],
+gradprobe[tensorboard]); without them these tests are skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradprobe
+
+from models import WEIGHTS, TwoLatentNet, four_losses, make_data
+
+
+def test_tensorboard_sink_holds_the_same_numbers_as_the_run_file(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradprobe.integrations.tensorboard import TensorBoardSink
+
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = SummaryWriter(tmp_path / "tb")
+    probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=tmp_path / "r.gprobe",
+                            sinks=[TensorBoardSink(writer)])
+    probe.watch_latent("z_E")
+    for step in range(6):
+        losses, (_, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
+        probe.observe(z_E=z_E)
+        probe.backward(losses, weights=WEIGHTS)
+        opt.step()
+        opt.zero_grad()
+        probe.log(lr=0.01)
+    probe.close()
+    writer.close()
+
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    compared = 0
+    for quantity in run.quantities():
+        for name in run.names(quantity):
+            steps, values = run.series(quantity, name)
+            tag = TensorBoardSink.tag("gradprobe", quantity, name)
+            assert tag in tags, tag
+            board = events.Scalars(tag)
+            assert [e.step for e in board] == steps.tolist()
+            # TensorBoard stores float32.
+            np.testing.assert_allclose([e.value for e in board], values.astype(np.float32),
+                                       rtol=1e-6, equal_nan=True)
+            compared += 1
+    assert compared > 20 and "gradprobe/grad_cosine/task|cont" in tags
+
+
+def test_failing_sink_is_dropped_with_one_warning_and_the_run_file_goes_on(tmp_path):
+    class BrokenSink:
+        def write_step(self, step, scalars):
+            raise ConnectionError("dashboard went away")
+
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe",
+                            sinks=[BrokenSink()])
+    with pytest.warns(gradprobe.GradprobeWarning, match="dashboard went away"):
+        for _ in range(3):
+            losses, _ = four_losses(model, x[:16], y[:16], g[:16])
+            probe.backward(losses)
+    probe.close()
+    assert probe.enabled
+    assert gradprobe.load_run(tmp_path / "r.gprobe").probe_steps().tolist() == [0, 1, 2]
+    with pytest.raises(gradprobe.ProbeUsageError, match="write_step"):
+        gradprobe.Probe(model, sinks=[object()])
+
+
+def test_lightning_callback_records_a_readable_run_and_leaves_training_unchanged(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradprobe.integrations.lightning import GradProbeCallback
+
+    x, y, g = make_data(n=64)
+    batches = torch.utils.data.TensorDataset(x, y, g)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = TwoLatentNet()
+
+        def training_step(self, batch, batch_idx):
+            losses, _ = four_losses(self.net, *batch)
+            return losses
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def fit(callbacks, module):
+        trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks,
+                             default_root_dir=tmp_path)
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=16))
+        return module
+
+    callback = GradProbeCallback(log=tmp_path / "pl.gprobe", weights=WEIGHTS, every=1,
+                                 configure=lambda probe, m: probe.watch_latent("z_I", m.net.f_I))
+    probed = fit([callback], Module())
+
+    # The same training by hand, with the probe's own backward: same run, same parameters.
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = gradprobe.Probe(model, every=1, log=tmp_path / "loop.gprobe")
+    probe.watch_latent("z_I", model.f_I)
+    for step in range(4):
+        losses, _ = four_losses(model, x[step * 16:(step + 1) * 16], y[step * 16:(step + 1) * 16],
+                                g[step * 16:(step + 1) * 16])
+        probe.backward(losses, weights=WEIGHTS)
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+
+    for a, b in zip(probed.net.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    run, loop = gradprobe.load_run(tmp_path / "pl.gprobe"), gradprobe.load_run(tmp_path / "loop.gprobe")
+    assert run.probe_steps().tolist() == [0, 1, 2, 3]
+    assert run.meta["shared_parameters"] == [f"net.{n}" for n in loop.meta["shared_parameters"]]
+    for quantity, name in [("grad_norm", "task"), ("grad_cosine", "task|cont"),
+                           ("loss", "orth"), ("effective_rank", "z_I")]:
+        np.testing.assert_allclose(run.series(quantity, name)[1], loop.series(quantity, name)[1],
+                                   rtol=1e-5)
+    assert "training_step" not in vars(probed)  # the wrapper is gone after fit
