@@ -99,11 +99,19 @@ def run_path(tmp_path_factory):
     return path
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def run(run_path):
     r = load_run(run_path)
     yield r
     r.close()
+
+
+@pytest.fixture(scope="module")
+def figures(run):
+    """The pages of the all-findings report, built once for the tests that read them."""
+    pages = report_figures(run, all_findings(38))
+    yield pages
+    close_all(pages)
 
 
 def pdf_text(path) -> tuple[int, list[str], dict]:
@@ -116,12 +124,10 @@ def close_all(figures):
         fig.clear()
 
 
-def test_pdf_pages_verdict_and_every_finding_id(run, tmp_path):
+def test_pdf_pages_verdict_and_every_finding_id(run, figures, tmp_path):
     findings = all_findings(38)
     out = write_pdf(run, findings, tmp_path / "report.pdf", title="Four-loss test run")
-    figures = report_figures(run, findings)
     names = [n for n, _ in figures]
-    close_all(figures)
     n_pages, texts, meta = pdf_text(out)
     assert n_pages == len(names)
     assert names[0] == "verdict" and "findings" in names
@@ -165,18 +171,17 @@ def test_real_diagnosis_report(run, tmp_path):
 
 
 
-def test_page_renders_to_a_non_blank_png(run):
-    figures = dict(report_figures(run, all_findings(38)))
+def test_page_renders_to_a_non_blank_png(figures):
+    pages = dict(figures)
     for name in ("verdict", "gradients"):
         buf = io.BytesIO()
-        save_figure(figures[name], buf, format="png", dpi=60)
+        save_figure(pages[name], buf, format="png", dpi=60)
         buf.seek(0)
         import matplotlib.image as mpimg
         pixels = mpimg.imread(buf)[..., :3]
         assert pixels.shape[0] > 600 and pixels.shape[1] > 400
         assert pixels.std() > 0.05, name  # not a blank page
         assert (pixels.mean(axis=2) < 0.5).mean() > 0.005, name  # ink on the page
-    close_all(figures.items())
 
 
 def test_pages_of_unrecorded_quantities_are_left_out(tmp_path):
@@ -269,7 +274,7 @@ def test_decimation_keeps_extremes_and_bounds_points():
 
 
 def test_long_run_is_decimated(tmp_path):
-    synthetic_run(tmp_path / "long.gprobe", ["task", "cont"], 9000)
+    synthetic_run(tmp_path / "long.gprobe", ["task", "cont"], MAX_POINTS + 500)
     with load_run(tmp_path / "long.gprobe") as long_run:
         figures = report_figures(long_run, [])
     fig = dict(figures)["gradients"]
@@ -277,3 +282,22 @@ def test_long_run_is_decimated(tmp_path):
         for line in ax.get_lines():
             assert len(line.get_xdata()) <= MAX_POINTS
     close_all(figures)
+
+
+def test_shaded_labels_sit_above_every_line(figures):
+    """A finding's 'shaded: id' label has a band of its own: no line runs under it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    checked = 0
+    for name, fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        for ax in fig.axes:
+            labels = [t for t in ax.texts if t.get_text().startswith("shaded: ")]
+            if not labels:
+                continue
+            bottom = min(t.get_window_extent(renderer).y0 for t in labels)
+            for line in ax.get_lines():
+                xy = line.get_transform().transform(line.get_xydata())
+                y = xy[np.isfinite(xy[:, 1]), 1]
+                assert not len(y) or y.max() < bottom, (name, ax.get_title(loc="left"))
+            checked += 1
+    assert checked >= 3  # the batches, losses and gradient pages mark findings

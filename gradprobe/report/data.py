@@ -111,6 +111,14 @@ class RunData:
                 if np.isfinite(table).any() else np.full(len(steps), np.nan)
             return {name: (steps, table[i] / largest) for i, name in enumerate(names)}
 
+    def relative_to_first(self, quantity: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The series over its first finite non-zero value (None when it has none)."""
+        s, v = self.series(quantity, name)
+        finite = np.flatnonzero(np.isfinite(v) & (v != 0))
+        if not len(finite):
+            return None
+        return s, v / v[finite[0]]
+
     def step_range(self) -> tuple[int | None, int | None]:
         """First and last step anything was recorded at (probe steps, or the loss series)."""
         steps = self.run.probe_steps()

@@ -221,10 +221,11 @@ class _Context:
                                linewidth=0.8, zorder=0)
                 if ("span", fid) not in labelled:
                     labelled.add(("span", fid))
+                    stacked = sum(1 for k in labelled if k[0] == "span")
                     ax.annotate(f"shaded: {fid}", xy=(0.0, 1.0), xycoords="axes fraction",
-                                xytext=(3, -3 - 10 * sum(1 for k in labelled if k[0] == "span")
-                                        + 10), textcoords="offset points", ha="left", va="top",
-                                fontsize=6.5, color=colour, fontweight="bold", zorder=5,
+                                xytext=(3, -3 - 10 * (stacked - 1)), textcoords="offset points",
+                                ha="left", va="top", fontsize=6.5, color=colour,
+                                fontweight="bold", zorder=5,
                                 bbox=dict(boxstyle="square,pad=0.15", facecolor="white",
                                           edgecolor="none", alpha=0.8))
             threshold = finding_value(f, "plot").get("threshold")
@@ -243,16 +244,53 @@ class _Context:
                 else:
                     ax.axvline(threshold, color=colour, linestyle=(0, (4, 2)), linewidth=1.2)
             self.marked.setdefault(id(f), page)
+        spans = sum(1 for k in labelled if k[0] == "span")
+        if spans:  # the 'shaded:' labels get a band of their own above the data, never on a line
+            headroom(ax, 3 + 10 * spans + 2,
+                     include=[k[2] for k in labelled if k[0] == "threshold"])
         return hits
 
     def step_axis(self, ax, label: bool = True) -> None:
-        if self.xlim is not None and self.xlim[1] > self.xlim[0]:
-            pad = 0.01 * (self.xlim[1] - self.xlim[0])
-            ax.set_xlim(self.xlim[0] - pad, self.xlim[1] + pad)
-        ax.xaxis.set_major_formatter(FuncFormatter(_fmt_step))
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-        if label:
-            ax.set_xlabel("step")
+        step_axis(ax, self.xlim, label)
+
+
+def step_axis(ax, xlim: tuple[int, int] | None, label: bool = True) -> None:
+    """A step x axis over ``xlim`` (1% padding), with 1k/1M tick labels."""
+    if xlim is not None and xlim[1] > xlim[0]:
+        pad = 0.01 * (xlim[1] - xlim[0])
+        ax.set_xlim(xlim[0] - pad, xlim[1] + pad)
+    ax.xaxis.set_major_formatter(FuncFormatter(_fmt_step))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    if label:
+        ax.set_xlabel("step")
+
+
+def headroom(ax, points: float, include: Iterable[float] = ()) -> None:
+    """Raise the top of ``ax``'s y range so the data stays below a band ``points`` high.
+
+    Works in the axis' own scale (linear or log) and always from the y range the axes had
+    before the first call (widened to ``include``, e.g. threshold lines drawn since), so
+    repeated calls never compound.
+    """
+    base = getattr(ax, "_gradprobe_ylim", None) or ax.get_ylim()
+    values = [v for v in include if np.isfinite(v)]
+    if ax.get_yscale() == "log":
+        values = [v for v in values if v > 0]
+    if values:
+        base = (min(base[0], min(values)), max(base[1], max(values)))
+    ax._gradprobe_ylim = base
+    fig = ax.get_figure()
+    height_pt = ax.get_position().height * fig.get_figheight() * 72
+    if height_pt <= 0:
+        return
+    band = min(points / height_pt, 0.5)
+    scale = ax.yaxis.get_transform()
+    lo, hi = scale.transform([base[0], base[1]])
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return
+    top = scale.inverted().transform([lo + (hi - lo) / (1 - band)])[0]
+    if np.isfinite(top):
+        ax.set_ylim(base[0], top)
 
 
 def _look_sentence(f: Any) -> str:
@@ -275,22 +313,25 @@ def _look_sentence(f: Any) -> str:
 # -- page frame ---------------------------------------------------------------------------------
 
 
-class _Page:
-    """An A4 page: title, one sentence per marked finding (or how to read it), loss legend."""
+class _Frame:
+    """An A4 page frame: title, a grey corner label, 'what to look at' sentences and a legend.
 
-    def __init__(self, ctx: _Context, key: str, *, loss_legend: bool = True):
-        self.ctx = ctx
-        self.key = key
-        self.title = PAGE_TITLES[key]
+    Shared by the report's pages (legend: the losses) and the comparison's (legend: the runs).
+    """
+
+    def __init__(self, title: str, corner: str, legend: list[tuple[str, dict]] | None = None,
+                 *, more: str = "… (more on the 'Findings in detail' page)"):
+        self.title = title
         self.fig = Figure(figsize=PAGE_SIZE)
-        self.fig.text(0.06, 0.972, self.title, fontsize=15, fontweight="bold", va="top")
-        self.fig.text(0.94, 0.968, _clip(ctx.run.name, 50), fontsize=8, ha="right", va="top",
+        self.fig.text(0.06, 0.972, title, fontsize=15, fontweight="bold", va="top")
+        self.fig.text(0.94, 0.968, _clip(corner, 50), fontsize=8, ha="right", va="top",
                       color="#666666")
-        self.loss_legend = loss_legend
+        self.legend = list(legend or [])
+        self.more = more
         self.top = 0.935
 
     def header(self, sentences: list[str]) -> None:
-        """Write the 'what to look at' sentences and the loss legend; sets where the plots start."""
+        """Write the 'what to look at' sentences and the legend; sets where the plots start."""
         y = 0.945
         lines: list[str] = []
         for s in sentences:
@@ -300,16 +341,14 @@ class _Page:
             self.fig.text(0.06, y, line, fontsize=8.5, va="top")
             y -= 0.0145
         if len(lines) > 9:
-            self.fig.text(0.06, y, "… (more on the 'Findings in detail' page)", fontsize=8,
-                          va="top", color="#666666")
+            self.fig.text(0.06, y, self.more, fontsize=8, va="top", color="#666666")
             y -= 0.0145
-        if self.loss_legend and self.ctx.run.losses:
-            losses = self.ctx.run.losses
-            handles = [Line2D([], [], **{**self.ctx.palette.loss(n), "markevery": None})
-                       for n in losses]
-            ncol = min(len(losses), 6)
-            rows = math.ceil(len(losses) / ncol)
-            self.fig.legend(handles, losses, loc="upper center", bbox_to_anchor=(0.5, y - 0.002),
+        if self.legend:
+            labels = [label for label, _ in self.legend]
+            handles = [Line2D([], [], **{**style, "markevery": None}) for _, style in self.legend]
+            ncol = min(len(labels), 6)
+            rows = math.ceil(len(labels) / ncol)
+            self.fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, y - 0.002),
                             ncol=ncol, fontsize=8, frameon=False, handlelength=3.2,
                             columnspacing=1.6, title=None)
             y -= 0.0175 * rows + 0.008
@@ -318,6 +357,16 @@ class _Page:
     def grid(self, nrows: int, ncols: int, **kw) -> GridSpec:
         return GridSpec(nrows, ncols, figure=self.fig, left=LEFT, right=RIGHT, top=self.top,
                         bottom=0.075, **{"hspace": 0.55, "wspace": 0.3, **kw})
+
+
+class _Page(_Frame):
+    """A report page: the run's name in the corner, the loss legend (when asked for)."""
+
+    def __init__(self, ctx: _Context, key: str, *, loss_legend: bool = True):
+        self.ctx = ctx
+        self.key = key
+        legend = [(n, ctx.palette.loss(n)) for n in ctx.run.losses] if loss_legend else []
+        super().__init__(PAGE_TITLES[key], ctx.run.name, legend)
 
 
 def _unique(items: list[Any]) -> list[Any]:
@@ -569,12 +618,10 @@ def _losses_page(ctx: _Context) -> list[Figure]:
             flagged = ctx.flagged_names("loss")
             values = []
             for name in names:
-                s, v = data.series("loss", name)
-                finite = np.flatnonzero(np.isfinite(v) & (v != 0))
-                if not len(finite):
+                relative = data.relative_to_first("loss", name)
+                if relative is None:
                     continue
-                first = v[finite[0]]
-                x, y = _decimated(s, v / first)
+                x, y = _decimated(*relative)
                 values.append(y)
                 _plot_steps(ax, x, y, pal.loss(name), emphasis=name in flagged)
             if values and all(np.all(y[np.isfinite(y)] > 0) for y in values) and \
@@ -1102,9 +1149,12 @@ class _TextFlow:
 
     MARGIN_TOP, MARGIN_BOTTOM, X0 = 0.7, 0.7, 0.55
 
-    def __init__(self, ctx: _Context, key: str):
-        self.ctx = ctx
-        self.key = key
+    def __init__(self, corner: str, title: str, *, title_first: bool = True):
+        """``corner``: the grey label top right; ``title``: each page's heading (the first
+        page's only with ``title_first``; later pages say "(continued)")."""
+        self.corner = corner
+        self.title = title
+        self.title_first = title_first
         self.figs: list[Figure] = []
         self._new_page()
 
@@ -1112,15 +1162,18 @@ class _TextFlow:
         self.fig = Figure(figsize=PAGE_SIZE)
         self.figs.append(self.fig)
         self.y = self.MARGIN_TOP
-        title = PAGE_TITLES[self.key] + (" (continued)" if len(self.figs) > 1 else "")
-        self.fig.text(0.94, 1 - 0.35 / PAGE_SIZE[1], _clip(self.ctx.run.name, 50), fontsize=8,
+        title = self.title + (" (continued)" if len(self.figs) > 1 else "")
+        self.fig.text(0.94, 1 - 0.35 / PAGE_SIZE[1], _clip(self.corner, 50), fontsize=8,
                       ha="right", va="top", color="#666666")
-        if len(self.figs) > 1 or self.key != "verdict":
+        if len(self.figs) > 1 or self.title_first:
             self.text(title, size=15, weight="bold", gap=0.42)
 
-    def need(self, inches: float) -> None:
+    def need(self, inches: float) -> bool:
+        """Start a new page unless ``inches`` fit on this one; True when it did."""
         if self.y + inches > PAGE_SIZE[1] - self.MARGIN_BOTTOM:
             self._new_page()
+            return True
+        return False
 
     def fy(self, y_in: float) -> float:
         return 1 - y_in / PAGE_SIZE[1]
@@ -1171,7 +1224,7 @@ def _weights_summary(ctx: _Context, name: str) -> str:
 
 def _verdict_pages(ctx: _Context, pages_of: dict[int, str]) -> list[Figure]:
     run, meta = ctx.run, ctx.run.meta
-    flow = _TextFlow(ctx, "verdict")
+    flow = _TextFlow(run.name, PAGE_TITLES["verdict"], title_first=False)
     flow.text(flow.fit(ctx.title, flow.X0, 7.72, 17, "bold"), size=17, weight="bold", gap=0.36)
     created = meta.get("created", "")
     flow.text(flow.fit(f"run {run.name} · {run.source}", flow.X0, 7.72, 8), size=8,
@@ -1316,7 +1369,7 @@ def _fmt_int(v: Any) -> str:
 def _detail_pages(ctx: _Context, pages_of: dict[int, str]) -> list[Figure]:
     if not ctx.findings:
         return []
-    flow = _TextFlow(ctx, "findings")
+    flow = _TextFlow(ctx.run.name, PAGE_TITLES["findings"])
     for f in ctx.findings:
         flow.need(1.3)
         sev = finding_value(f, "severity")
@@ -1368,14 +1421,18 @@ def _build(run: Run, findings: Iterable[Any], title: str | None) -> list[tuple[s
         plots.append(("evidence", fig))
     text = [("verdict", fig) for fig in _verdict_pages(ctx, ctx.marked)]
     text += [("findings", fig) for fig in _detail_pages(ctx, ctx.marked)]
-    pages = text + plots
+    return number_pages(text + plots, run.name)
+
+
+def number_pages(pages: list[tuple[str, Figure]], footer: str) -> list[tuple[str, Figure]]:
+    """Name the pages (a key's second page gets ``-2``...) and write each one's footer."""
     named: list[tuple[str, Figure]] = []
     seen: dict[str, int] = {}
     total = len(pages)
     for number, (key, fig) in enumerate(pages, 1):
         seen[key] = seen.get(key, 0) + 1
         name = key if seen[key] == 1 else f"{key}-{seen[key]}"
-        fig.text(0.5, 0.018, f"{_clip(run.name, 40)} · gradprobe {__version__} · page {number} "
+        fig.text(0.5, 0.018, f"{_clip(footer, 40)} · gradprobe {__version__} · page {number} "
                  f"of {total}", fontsize=7, ha="center", color="#888888")
         named.append((name, fig))
     return named

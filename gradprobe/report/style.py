@@ -38,6 +38,11 @@ MOMENT_STYLES = [(0, (1, 1.5)), (0, (5, 2)), "-"]
 SEVERITY_COLOURS = {"error": "#c0392b", "warning": "#e08e0b", "info": "#2e86c1"}
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
+# Runs in a comparison (``gradprobe compare``): strongly contrasting colours (the first two,
+# blue and vermillion, are the before/after pair), each with its own line style and marker.
+RUN_COLOURS = ['#0173b2', '#d55e00', '#029e73', '#cc78bc', '#3b3b3b', '#de8f05', '#56b4e9',
+               '#6a3d9a']
+
 REFERENCE_COLOUR = "#555555"
 MARKEVERY = 0.12  # markers spaced along the line in display space (readable in grayscale)
 
@@ -53,6 +58,15 @@ def series_style(index: int, palette: list[str] | None = None) -> dict:
         "markevery": MARKEVERY,
         "linewidth": 1.3,
     }
+
+
+def run_style(index: int) -> dict:
+    """Matplotlib keyword arguments for the ``index``-th run of a comparison (never dotted:
+    dotted lines are the references)."""
+    style = series_style(index, RUN_COLOURS)
+    style["linestyle"] = OTHER_STYLES[index % len(OTHER_STYLES)]
+    style["linewidth"] = 1.5
+    return style
 
 
 class Palette:
