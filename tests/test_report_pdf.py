@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,29 +18,8 @@ from gradprobe.report.plots import report_figures, save_figure  # noqa: E402
 
 from models import train  # noqa: E402
 
-ALL_IDS = ("gradient-swamping", "constraint-neglect", "gradient-conflict",
-           "representation-collapse", "weak-contrastive-signal", "prototype-stale",
-           "prototype-collapse", "orthogonality-vanishing", "latent-dependence",
-           "sigmoid-saturation", "static-loss-weights", "batch-composition-mismatch",
-           "overfitting", "inert-loss", "non-finite")
 
-try:
-    from gradprobe.diagnose import Finding, diagnose
-except ImportError:  # diagnose not landed yet: the spec's record
-    diagnose = None
-
-    @dataclass
-    class Finding:  # type: ignore[no-redef]
-        id: str
-        severity: str
-        title: str
-        subject: str
-        key_number: str
-        evidence: dict
-        why: str
-        remedy: str
-        steps: tuple[int, int] | None = None
-        plot: dict | None = None
+from gradprobe.diagnose import FINDING_IDS, Finding, diagnose  # noqa: E402
 
 
 PLOTS = {
@@ -71,7 +49,7 @@ def all_findings(last_step: int) -> list:
     """One finding of every id (severities mixed), as the diagnosis would report them."""
     severities = ("error", "warning", "info")
     out = []
-    for k, fid in enumerate(ALL_IDS):
+    for k, fid in enumerate(FINDING_IDS):
         out.append(Finding(
             id=fid, severity=severities[k % 3], title=f"{fid} seen in the test run",
             subject="cont", key_number=f"ratio 0.0{k + 1}", evidence={"median": 0.01 * k},
@@ -139,7 +117,7 @@ def test_pdf_pages_verdict_and_every_finding_id(run, figures, tmp_path):
     assert "failure modes found" in texts[0]
     assert "ERROR" in texts[0] and "WARNING" in texts[0] and "INFO" in texts[0]
     everything = "\n".join(texts)
-    for fid in ALL_IDS:
+    for fid in FINDING_IDS:
         assert fid in texts[0] or fid in everything.split("Findings in detail", 1)[0], fid
         assert fid in everything
     # errors come first in the verdict table
@@ -157,8 +135,6 @@ def test_pdf_pages_verdict_and_every_finding_id(run, figures, tmp_path):
 
 
 def test_real_diagnosis_report(run, tmp_path):
-    if diagnose is None:
-        pytest.skip("gradprobe.diagnose has not landed")
     findings = diagnose(run)
     out = write_pdf(run, findings, tmp_path / "diagnosed.pdf")
     _, texts, meta = pdf_text(out)

@@ -3,33 +3,78 @@
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import json
 import os
 import pickle
 import sqlite3
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .store import FORMAT_NAME, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError
+from .store import _SCHEMA, FORMAT_NAME, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError, portable_bytes
 
 STATE_FORMAT = "gradprobe.state"
 
+# What a damaged file can make the reading code raise, besides SQLite's own errors: a value
+# of the wrong type in a column (TypeError, ValueError), a number out of range (OverflowError).
+_DAMAGE = (sqlite3.Error, ValueError, TypeError, OverflowError, MemoryError)
+_CHUNK = 65536
+
+
+def _damage_message(source: str, exc: BaseException) -> str:
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return f"{source}: damaged run file ({detail})"
+
 
 def _database_errors(method):
-    """Turn SQLite's errors on a damaged file into one-line RunFileErrors."""
+    """Turn every error a damaged file can cause into a one-line RunFileError (generators too)."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def gen_wrapper(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except RunFileError:
+                raise
+            except _DAMAGE as exc:
+                raise RunFileError(_damage_message(self.source, exc)) from None
+        return gen_wrapper
 
+    @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.DatabaseError as exc:
-            raise RunFileError(f"{self.source}: damaged run file ({exc})") from None
+        except (RunFileError, KeyError):
+            raise
+        except _DAMAGE as exc:
+            raise RunFileError(_damage_message(self.source, exc)) from None
 
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
     return wrapper
+
+
+def _expected_columns() -> dict[str, list[tuple]]:
+    """Each table's columns (name, type, not null, primary key, hidden) in schema version 1."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(_SCHEMA)
+    tables = {name: [tuple(row[1:]) for row in conn.execute(f"PRAGMA table_xinfo({name})")]
+              for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    return tables
+
+
+_TABLES = _expected_columns()
+
+# Meta keys the reader relies on, with the JSON types they must have.
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "run_name": (str, type(None)), "task": (str, type(None)), "losses": (list,),
+    "roles": (dict,), "roles_guessed": (list,), "every": (int, type(None)),
+    "shared_parameters": (list,), "shared_numel": (int, type(None)),
+    "gradprobe_version": (str, type(None)), "latents": (list,), "prototypes": (dict,),
+    "saturations": (list,), "contrastive": (list,), "max_rows": (int, type(None)),
+    "expect_groups_per_batch": (int, type(None)), "backward_path": (str, type(None)),
+}
 
 
 class Run:
@@ -42,9 +87,69 @@ class Run:
     def __init__(self, conn: sqlite3.Connection, source: str):
         self._conn = conn
         self.source = source
-        self.meta = self._read_meta()
-        self._series = {(q, n): sid for sid, q, n in
-                        self._query("SELECT id, quantity, name FROM series")}
+        # Text from a damaged file may not be UTF-8: read it with replacement characters
+        # rather than fail deep inside a query.
+        conn.text_factory = lambda data: data.decode("utf-8", "replace")
+        try:
+            self._snapshot()
+            self._check_schema()
+            self.meta = self._read_meta()
+            self._series = self._read_series()
+        except RunFileError:
+            conn.close()
+            raise
+        except _DAMAGE as exc:
+            conn.close()
+            raise RunFileError(_damage_message(source, exc)) from None
+
+    def _snapshot(self) -> None:
+        """One read transaction for the life of the Run: while a trainer keeps writing, every
+        query sees the same committed prefix of the run (load the run again to see more)."""
+        try:
+            # Defence in depth for files from elsewhere: no writes, no functions from the
+            # file's schema (the schema itself is checked against ours below).
+            self._conn.execute("PRAGMA query_only=ON")
+            self._conn.execute("PRAGMA trusted_schema=OFF")
+            self._conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise RunFileError(f"{self.source}: cannot read run file ({exc})") from None
+
+    def _check_schema(self) -> None:
+        """Only our own tables, with our own columns: no views, triggers or generated columns,
+        so reading a file from someone else runs no SQL but ours."""
+        try:
+            objects = self._conn.execute(
+                "SELECT type, name, tbl_name FROM sqlite_master").fetchall()
+        except sqlite3.Error as exc:
+            raise RunFileError(f"{self.source}: not a gradprobe run file ({exc})") from None
+        for kind, name, table in objects:
+            if kind == "table" and name in _TABLES:
+                continue
+            if kind == "index" and str(name).startswith("sqlite_autoindex_") and table in _TABLES:
+                continue
+            raise RunFileError(f"{self.source}: not a gradprobe run file "
+                               f"(unexpected {kind} {str(name)[:60]!r})")
+        present = {name for kind, name, _ in objects if kind == "table"}
+        if "meta" not in present:
+            raise RunFileError(f"{self.source}: an SQLite database, but not a gradprobe run file")
+        for name in present:
+            try:
+                columns = [tuple(row[1:]) for row in
+                           self._conn.execute(f"PRAGMA table_xinfo({name})")]
+            except sqlite3.Error as exc:
+                raise RunFileError(_damage_message(self.source, exc)) from None
+            if columns != _TABLES[name]:
+                raise RunFileError(f"{self.source}: damaged or foreign run file (table {name!r} "
+                                   "has unexpected columns)")
+
+    @_database_errors
+    def _read_series(self) -> dict[tuple[str, str], int]:
+        series = {}
+        for sid, quantity, name in self._query("SELECT id, quantity, name FROM series"):
+            if not (isinstance(sid, int) and isinstance(quantity, str) and isinstance(name, str)):
+                raise RunFileError(f"{self.source}: damaged run file (series table)")
+            series[(quantity, name)] = sid
+        return series
 
     @_database_errors
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -57,7 +162,7 @@ class Run:
             raise RunFileError(f"{self.source}: not a gradprobe run file ({exc})") from None
         try:
             meta = {k: json.loads(v) for k, v in rows}
-        except ValueError:
+        except (ValueError, TypeError, RecursionError):
             raise RunFileError(f"{self.source}: damaged run file (unreadable metadata)") from None
         if meta.get("format") != FORMAT_NAME:
             raise RunFileError(f"{self.source}: an SQLite database, but not a gradprobe run file")
@@ -71,7 +176,16 @@ class Run:
         if version < SCHEMA_VERSION:
             raise RunFileError(
                 f"{self.source}: run-file schema version {version} is older than any this "
-                f"gradprobe reads ({SCHEMA_VERSION})")
+                f"gradprobe reads ({SCHEMA_VERSION}); it cannot be migrated")
+        for key, types in _META_TYPES.items():
+            if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+                raise RunFileError(f"{self.source}: damaged run file (metadata {key!r} is "
+                                   f"a {type(meta[key]).__name__})")
+        for key in ("losses", "roles_guessed", "shared_parameters"):
+            if not all(isinstance(v, str) for v in meta.get(key, [])):
+                raise RunFileError(f"{self.source}: damaged run file (metadata {key!r})")
+        if not all(isinstance(v, str) for v in meta.get("roles", {}).values()):
+            raise RunFileError(f"{self.source}: damaged run file (metadata 'roles')")
         return meta
 
     # -- what was recorded ---------------------------------------------------------------
@@ -112,38 +226,68 @@ class Run:
             known = ", ".join(self.names(quantity)) or "none"
             raise KeyError(f"no series {quantity!r} / {name!r} in {self.source} "
                            f"(names recorded for {quantity!r}: {known})")
-        rows = self._query("SELECT step, value FROM scalars WHERE series=? ORDER BY step", (sid,))
-        steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        values = np.fromiter((np.nan if r[1] is None else r[1] for r in rows),
-                             dtype=np.float64, count=len(rows))
-        return steps, values
+        return self._read_series_rows(sid)
 
+    @_database_errors
+    def _read_series_rows(self, sid: int) -> tuple[np.ndarray, np.ndarray]:
+        # In chunks: a 1,000,000-step series never exists as a million Python tuples at once.
+        cur = self._conn.execute("SELECT step, value FROM scalars WHERE series=? ORDER BY step",
+                                 (sid,))
+        step_parts, value_parts = [], []
+        while True:
+            rows = cur.fetchmany(_CHUNK)
+            if not rows:
+                break
+            steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            # NULL (how SQLite stores NaN) becomes NaN; a non-number raises (damaged file).
+            values = np.array([r[1] for r in rows], dtype=np.float64)
+            step_parts.append(steps)
+            value_parts.append(values)
+        if not step_parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        return np.concatenate(step_parts), np.concatenate(value_parts)
+
+    @_database_errors
     def array_names(self, quantity: str) -> list[str]:
         return [r[0] for r in self._query(
             "SELECT DISTINCT name FROM arrays WHERE quantity=? ORDER BY name", (quantity,))]
 
+    @_database_errors
     def arrays(self, quantity: str, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
         """``(steps, [array, ...])`` of one recorded array quantity."""
         rows = self._query("SELECT step, dtype, shape, data FROM arrays WHERE quantity=? AND "
                            "name=? ORDER BY step", (quantity, name))
         steps = np.array([r[0] for r in rows], dtype=np.int64)
         try:
-            values = [np.frombuffer(r[3], dtype=np.dtype(r[1])).reshape(json.loads(r[2]))
-                      for r in rows]
-        except (ValueError, TypeError):
+            values = []
+            for _, dtype, shape, data in rows:
+                dtype = np.dtype(str(dtype))
+                if dtype.hasobject or not isinstance(data, bytes):
+                    raise ValueError("not plain numbers")
+                values.append(np.frombuffer(data, dtype=dtype).reshape(json.loads(shape)))
+        except (ValueError, TypeError, RecursionError):
             raise RunFileError(f"{self.source}: damaged array {quantity}/{name}") from None
         return steps, values
 
+    @_database_errors
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT step, kind, name, message FROM events"
         rows = self._query(sql + " WHERE kind=? ORDER BY step", (kind,)) if kind else \
             self._query(sql + " ORDER BY step")
         return [dict(step=s, kind=k, name=n, message=m) for s, k, n, m in rows]
 
+    @_database_errors
     def probe_steps(self) -> np.ndarray:
-        return np.array([r[0] for r in self._query("SELECT step FROM steps ORDER BY step")],
-                        dtype=np.int64)
+        cur = self._conn.execute("SELECT step FROM steps ORDER BY step")
+        parts = []
+        while True:
+            rows = cur.fetchmany(_CHUNK)
+            if not rows:
+                break
+            parts.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
+    @_database_errors
     def iter_scalars(self) -> Iterator[tuple[int, str, str, float]]:
         """Every recorded scalar in long form ``(step, quantity, name, value)``."""
         for (quantity, name) in sorted(self._series):
@@ -162,6 +306,7 @@ class Run:
                 count += 1
         return count
 
+    @_database_errors
     def summary(self) -> dict[str, Any]:
         steps = self.probe_steps()
         return {
@@ -181,7 +326,10 @@ class Run:
         }
 
     def close(self) -> None:
-        self._conn.close()
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass
 
     def __enter__(self) -> "Run":
         return self
@@ -195,17 +343,48 @@ def _open_sqlite(path: Path) -> sqlite3.Connection:
     uri = f"file:{path.resolve().as_posix()}?mode=ro"
     try:
         return sqlite3.connect(uri, uri=True, check_same_thread=False)
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.Error as exc:
         raise RunFileError(f"{path}: cannot open run file ({exc})") from None
+
+
+def _open_run_file(path: Path) -> Run:
+    try:
+        return _checked(Run(_open_sqlite(path), str(path)))
+    except RunFileError as exc:
+        if "unable to open" not in str(exc) and "readonly" not in str(exc):
+            raise
+    # A WAL-mode file (one whose writer was killed, or still runs) in a directory we cannot
+    # write: SQLite cannot create its -shm file. Read the main file as it is (immutable):
+    # steps still only in a -wal file are not seen.
+    uri = f"file:{path.resolve().as_posix()}?mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise RunFileError(f"{path}: cannot open run file ({exc})") from None
+    return _checked(Run(conn, str(path)))
+
+
+def _checked(run: Run) -> Run:
+    try:
+        run.probe_steps()  # touches the data pages: a truncated file fails here, not later
+        run._conn.execute("PRAGMA quick_check(1)").fetchall()  # noqa: SLF001
+    except RunFileError:
+        run.close()
+        raise
+    except sqlite3.Error as exc:
+        run.close()
+        raise RunFileError(_damage_message(run.source, exc)) from None
+    return run
 
 
 def run_from_bytes(data: bytes, source: str) -> Run:
     conn = sqlite3.connect(":memory:", check_same_thread=False)
     try:
-        conn.deserialize(data)
-    except sqlite3.DatabaseError as exc:
+        conn.deserialize(portable_bytes(data))
+    except (sqlite3.Error, OverflowError, MemoryError) as exc:
+        conn.close()
         raise RunFileError(f"{source}: the checkpoint's run data is damaged ({exc})") from None
-    return Run(conn, source)
+    return _checked(Run(conn, source))
 
 
 def find_state(obj: Any) -> dict | None:
@@ -226,41 +405,45 @@ def load_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), "")
-        raise RunFileError(
-            f"{path}: refused: the checkpoint needs pickle code to load, and gradprobe only "
-            f"loads plain data (weights_only=True){': ' + detail.strip() if detail else ''}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            IndexError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        if detail or "Weights only load failed" in str(exc):
+            raise RunFileError(
+                f"{path}: refused: the checkpoint needs pickle code to load, and gradprobe only "
+                f"loads plain data (weights_only=True){': ' + detail[:200] if detail else ''}"
+            ) from None
+        message = lines[0][:200] if lines and lines[0] else "unpickling failed"
         raise RunFileError(f"{path}: not a readable checkpoint (corrupt or truncated: "
-                           f"{message[:200]})") from None
+                           f"{message})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
+        text = str(exc).strip()
+        message = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise RunFileError(f"{path}: not a readable checkpoint (corrupt or truncated: "
+                           f"{message})") from None
 
 
 def load_run(path: str | os.PathLike) -> Run:
     """Open a run file (``.gprobe``) or a checkpoint holding ``probe.state_dict()``.
 
     Raises :class:`RunFileError` with one line naming the problem for a missing, empty,
-    truncated, corrupt or foreign file, a directory, or a checkpoint that needs code to load.
+    truncated, corrupt or foreign file, a directory, or a checkpoint that needs code to load;
+    never another exception. Reading a file never runs code or SQL from it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise RunFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise RunFileError(f"{path}: is a directory, not a run file or checkpoint")
     try:
+        path = Path(path)
+        if not path.exists():
+            raise RunFileError(f"{path}: no such file")
+        if path.is_dir():
+            raise RunFileError(f"{path}: is a directory, not a run file or checkpoint")
         with open(path, "rb") as fh:
             head = fh.read(16)
-    except OSError as exc:
-        raise RunFileError(f"{path}: cannot read ({exc.strerror})") from None
+    except (OSError, ValueError, TypeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RunFileError(f"{path}: cannot read ({reason})") from None
     if not head:
         raise RunFileError(f"{path}: empty file")
     if head == SQLITE_MAGIC:
-        run = Run(_open_sqlite(path), str(path))
-        run.probe_steps()  # touches the data pages: a truncated file fails here, not later
-        return run
+        return _open_run_file(path)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         state = find_state(load_checkpoint(path))
         if state is None:
@@ -274,9 +457,11 @@ def run_from_state(state: dict, source: str) -> Run:
     import torch
 
     database = state.get("database")
-    if not isinstance(database, torch.Tensor) or database.dtype != torch.uint8:
+    if not isinstance(database, torch.Tensor) or database.dtype != torch.uint8 \
+            or database.layout != torch.strided:
         raise RunFileError(f"{source}: the probe state holds no recorded data")
-    run = run_from_bytes(database.numpy().tobytes(), source)
-    run.probe_steps()
-    return run
-
+    try:
+        data = database.detach().cpu().contiguous().numpy().tobytes()
+    except Exception as exc:  # noqa: BLE001 - an odd tensor from a damaged checkpoint
+        raise RunFileError(f"{source}: the probe state's run data is unreadable ({exc})") from None
+    return run_from_bytes(data, source)

@@ -17,6 +17,7 @@ Layout (schema version 1):
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
@@ -59,6 +60,11 @@ def portable_bytes(data: bytes) -> bytes:
 class RunFileError(Exception):
     """A run file or checkpoint that cannot be read or written; the message is one line."""
 
+    def __init__(self, message: str = ""):
+        # SQLite's and torch's own messages can span lines (a schema quoted in an error):
+        # fold them, so that the CLI prints exactly one line.
+        super().__init__(" ".join(str(message).split()))
+
 
 class RunWriter:
     """Appends probe steps to a run file (or to an in-memory database when ``path`` is None).
@@ -67,65 +73,115 @@ class RunWriter:
     at any moment leaves every earlier step readable. Scalars logged between probe steps are
     buffered and committed with the next step, or after ``flush_seconds`` at the latest.
     A second writer on the same file is refused (an exclusive lock on ``<path>.lock``).
+
+    ``commit_seconds`` > 0 trades that guarantee for speed (group commit): steps are committed
+    together at most every ``commit_seconds``, so a SIGKILL loses at most the steps of that
+    window (docs/run-file.md). The default, 0, commits every step.
+
+    The first failed write (disk full, file unwritable, I/O error) raises one
+    :class:`RunFileError`; the writer is then *failed*: later writes raise at once, ``close``
+    releases the file without raising again, and every step committed before stays readable.
     """
 
     def __init__(self, path: str | os.PathLike | None, *, flush_seconds: float = 5.0,
-                 initial_bytes: bytes | None = None):
+                 initial_bytes: bytes | None = None, overwrite: bool = False,
+                 commit_seconds: float = 0.0):
         self.path = None if path is None else Path(path)
         self.flush_seconds = flush_seconds
+        self.commit_seconds = commit_seconds
+        self.error: str | None = None
         self._series_ids: dict[tuple[str, str], int] = {}
         self._pending_scalars: list[tuple[str, str, int, float]] = []
         self._pending_events: list[tuple[int, str, str, str]] = []
         self._last_commit = time.monotonic()
+        self._uncommitted = False
         self._lock_file = None
+        self._closed_bytes = b""
+        self._conn: sqlite3.Connection | None = None
         if self.path is None:
             self._conn = sqlite3.connect(":memory:", check_same_thread=False)
             if initial_bytes:
-                self._conn.deserialize(initial_bytes)
+                try:
+                    self._conn.deserialize(portable_bytes(initial_bytes))
+                except sqlite3.Error as exc:
+                    raise RunFileError(f"cannot resume from the run data: {exc}") from None
         else:
-            self._open_file(initial_bytes)
-        self._init_schema()
+            self._open_file(initial_bytes, overwrite)
+        try:
+            self._init_schema()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self._conn.close()
+            self._conn = None
+            self._release_lock()
+            where = self.path if self.path is not None else "the in-memory run"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise RunFileError(f"cannot write to {where}: {reason}") from None
 
-    def _open_file(self, initial_bytes: bytes | None) -> None:
+    def _open_file(self, initial_bytes: bytes | None, overwrite: bool) -> None:
         assert self.path is not None
         if self.path.is_dir():
             raise RunFileError(f"cannot write the run file: {self.path} is a directory")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        if exists:
-            with open(self.path, "rb") as fh:
-                if fh.read(16) != SQLITE_MAGIC:
-                    self._release_lock()
-                    raise RunFileError(
-                        f"cannot append to {self.path}: it exists and is not a gradprobe run file")
-        elif initial_bytes:
-            # Resuming from a checkpoint whose run file is gone: recreate it from the copy
-            # the checkpoint carries, then keep appending to it.
-            source = sqlite3.connect(":memory:")
-            source.deserialize(initial_bytes)
-            target = sqlite3.connect(self.path)
-            source.backup(target)
-            source.close()
-            target.close()
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunFileError(f"cannot write the run file {self.path}: cannot create its "
+                               f"directory ({exc.strerror})") from None
+        self._acquire_lock()
+        try:
+            if overwrite:
+                # Only once the lock is held: never delete a file another probe is writing.
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
+            exists = self.path.exists() and self.path.stat().st_size > 0
+            if exists:
+                with open(self.path, "rb") as fh:
+                    if fh.read(16) != SQLITE_MAGIC:
+                        raise RunFileError(f"cannot append to {self.path}: it exists and is not "
+                                           "a gradprobe run file")
+            elif initial_bytes:
+                # Resuming from a checkpoint whose run file is gone: recreate it from the copy
+                # the checkpoint carries, then keep appending to it.
+                source = sqlite3.connect(":memory:")
+                source.deserialize(portable_bytes(initial_bytes))
+                target = sqlite3.connect(self.path)
+                source.backup(target)
+                source.close()
+                target.close()
             self._conn = sqlite3.connect(self.path, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit survives the process being killed (it is in the OS cache);
             # only a power loss can drop the last transactions.
             self._conn.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.DatabaseError as exc:
+        except RunFileError:
             self._release_lock()
-            raise RunFileError(f"cannot open run file {self.path}: {exc}") from None
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._release_lock()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise RunFileError(f"cannot open run file {self.path}: {reason}") from None
 
     def _acquire_lock(self) -> None:
         import fcntl
 
         assert self.path is not None
         lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock_file = open(lock_path, "a+")
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_file = open(lock_path, "a+")
+        except OSError as exc:
+            raise RunFileError(f"cannot write the run file {self.path}: {exc.strerror} "
+                               f"(creating {lock_path.name})") from None
+        try:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                # The holder may be a writer of this process that nothing references any more
+                # (a probe dropped without close(), kept alive by a reference cycle): collect it,
+                # which releases its lock, before calling the file busy.
+                gc.collect()
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_file.close()
             self._lock_file = None
@@ -156,17 +212,45 @@ class RunWriter:
 
     # -- writing -----------------------------------------------------------------------
 
+    def _check_usable(self) -> sqlite3.Connection:
+        if self.error is not None:
+            raise RunFileError(self.error)
+        if self._conn is None:
+            raise RunFileError(f"run file {self.path or '(in memory)'} is closed")
+        return self._conn
+
+    def _failed(self, exc: BaseException, doing: str) -> RunFileError:
+        """Record the first write failure; the writer accepts nothing more after it."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = self.path if self.path is not None else "the in-memory run"
+        self.error = (f"cannot write {where} ({doing}): {reason}; the steps committed "
+                      "before stay readable")
+        self._pending_scalars.clear()
+        self._pending_events.clear()
+        if self._conn is not None:
+            try:
+                self._conn.rollback()
+            except (sqlite3.Error, OSError):
+                pass
+        self._uncommitted = False
+        return RunFileError(self.error)
+
     def set_meta(self, **items: Any) -> None:
-        with self._conn:
-            self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                   [(k, json.dumps(v)) for k, v in items.items()])
+        conn = self._check_usable()
+        try:
+            with conn:
+                conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 [(k, json.dumps(v)) for k, v in items.items()])
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failed(exc, "writing metadata") from None
 
     def get_meta(self, key: str, default: Any = None) -> Any:
-        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        row = self._check_usable().execute("SELECT value FROM meta WHERE key=?",
+                                           (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
     def last_step(self) -> int | None:
-        row = self._conn.execute("SELECT MAX(step) FROM steps").fetchone()
+        row = self._check_usable().execute("SELECT MAX(step) FROM steps").fetchone()
         return row[0]
 
     def _series_id(self, quantity: str, name: str) -> int:
@@ -179,27 +263,41 @@ class RunWriter:
 
     def add_scalars(self, step: int, scalars: dict[tuple[str, str], float]) -> None:
         """Buffer scalars logged between probe steps; committed with the next step."""
+        self._check_usable()
         self._pending_scalars.extend((q, n, step, float(v)) for (q, n), v in scalars.items())
         if time.monotonic() - self._last_commit > self.flush_seconds:
             self.flush()
 
     def add_event(self, step: int, kind: str, name: str, message: str) -> None:
-        self._pending_events.append((step, kind, name, message))
+        if self.error is None:
+            self._pending_events.append((step, kind, name, message))
 
     def write_step(self, step: int, scalars: dict[tuple[str, str], float],
                    arrays: dict[tuple[str, str], np.ndarray] | None = None) -> None:
-        """Commit one probe step (and everything buffered before it) as one transaction."""
+        """Commit one probe step (and everything buffered before it) as one transaction.
+
+        With ``commit_seconds`` > 0 the transaction is committed once that long has passed
+        since the last commit (group commit), else left open for the next steps.
+        """
+        conn = self._check_usable()
         self._pending_scalars.extend((q, n, step, float(v)) for (q, n), v in scalars.items())
-        with self._conn:
+        try:
             self._write_pending()
             for (quantity, name), array in (arrays or {}).items():
                 array = np.ascontiguousarray(array)
-                self._conn.execute(
+                conn.execute(
                     "INSERT OR REPLACE INTO arrays VALUES (?, ?, ?, ?, ?, ?)",
                     (quantity, name, step, array.dtype.str, json.dumps(list(array.shape)),
                      array.tobytes()))
-            self._conn.execute("INSERT OR REPLACE INTO steps VALUES (?, ?)", (step, time.time()))
-        self._last_commit = time.monotonic()
+            conn.execute("INSERT OR REPLACE INTO steps VALUES (?, ?)", (step, time.time()))
+            self._uncommitted = True
+            if self.commit_seconds <= 0 or \
+                    time.monotonic() - self._last_commit >= self.commit_seconds:
+                conn.commit()
+                self._uncommitted = False
+                self._last_commit = time.monotonic()
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failed(exc, f"step {step}") from None
 
     def _write_pending(self) -> None:
         rows = [(self._series_id(q, n), step, value) for q, n, step, value in self._pending_scalars]
@@ -209,31 +307,81 @@ class RunWriter:
         self._pending_events.clear()
 
     def flush(self) -> None:
-        with self._conn:
+        """Commit everything buffered (logged scalars, events, a group-commit window)."""
+        conn = self._check_usable()
+        try:
             self._write_pending()
+            conn.commit()
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failed(exc, "flushing") from None
+        self._uncommitted = False
         self._last_commit = time.monotonic()
 
     def to_bytes(self) -> bytes:
-        """The whole database as bytes (what a checkpoint carries); works after ``close`` too."""
+        """The whole database as bytes (what a checkpoint carries); works after ``close``
+        and after a failed write too (then it holds the steps committed before)."""
         if self._conn is None:
-            data = self._closed_bytes if self.path is None else self.path.read_bytes()
+            if self.path is None:
+                data = self._closed_bytes
+            else:
+                data = _read_database_bytes(self.path)
         else:
-            self.flush()
-            data = self._conn.serialize()
+            if self.error is None:
+                self.flush()
+            try:
+                data = self._conn.serialize()
+            except (sqlite3.Error, OSError, MemoryError) as exc:
+                raise RunFileError(f"cannot copy the run data: {exc}") from None
         return portable_bytes(data)
 
     def close(self) -> None:
+        """Commit what is pending and release the file; safe to call twice.
+
+        Raises :class:`RunFileError` (once) when that last commit fails; after an earlier
+        failure it only releases the file. The WAL is folded into the main file (unless a
+        reader holds an older snapshot of it), so the closed run is one self-contained file;
+        it stays in WAL mode, so that readers never block a later writer (a resume).
+        """
         if self._conn is None:
             return
+        conn = self._conn
+        error: RunFileError | None = None
         try:
-            self.flush()
-            if self.path is not None:
-                # Fold the WAL into the main file so the run is one self-contained file.
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            else:
-                self._closed_bytes = self._conn.serialize()
+            if self.error is None:
+                try:
+                    self.flush()
+                    if self.path is not None:
+                        # Fold the WAL into the main file so the run is one self-contained
+                        # file; a reader holding the file open must not keep us waiting.
+                        conn.execute("PRAGMA busy_timeout=200")
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except RunFileError as exc:
+                    error = exc
+                except (sqlite3.Error, OSError) as exc:
+                    error = self._failed(exc, "closing")
+            if self.path is None:
+                try:
+                    self._closed_bytes = conn.serialize()
+                except (sqlite3.Error, MemoryError):
+                    self._closed_bytes = b""
         finally:
-            self._conn.close()
+            try:
+                conn.close()
+            except (sqlite3.Error, OSError):
+                pass
             self._conn = None
             self._release_lock()
+        if error is not None:
+            raise error
 
+
+def _read_database_bytes(path: Path) -> bytes:
+    """A closed run file's bytes, with anything still in its WAL."""
+    try:
+        conn = sqlite3.connect(f"file:{path.resolve().as_posix()}?mode=ro", uri=True)
+        try:
+            return conn.serialize()
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise RunFileError(f"cannot read {path}: {exc}") from None

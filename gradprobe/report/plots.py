@@ -823,32 +823,36 @@ def _simple_panels(ctx: _Context, key: str, panels: list[dict], how_to_read: str
         if p.get("draw"):
             p["draw"](ax)
         else:
-            flagged = ctx.flagged_names(p["quantity"])
-            values = []
-            for name in p["names"]:
-                if not ctx.data.has(p["quantity"], name):
-                    continue
-                x, y = ctx.data.plotted(p["quantity"], name)
-                values.append(y)
-                _plot_steps(ax, x, y, ctx.palette.other(name), label=name,
-                            emphasis=name in flagged)
-            if p.get("log") and _has_positive(values):
-                ax.set_yscale("log", nonpositive="mask")
-            if p.get("ylim"):
-                ax.set_ylim(*p["ylim"])
-            _include_refs(ax, p)
-            for value, label in p.get("refs", []):
-                ax.axhline(value, color=REFERENCE_COLOUR, linestyle=(0, (1, 1.5)), linewidth=1.0)
-                ax.annotate(label, xy=(0.0, value), xycoords=("axes fraction", "data"),
-                            xytext=(2, 2), textcoords="offset points", fontsize=6.5,
-                            color=REFERENCE_COLOUR)
-            if len(p["names"]) > 1 or p.get("legend"):
-                ax.legend(loc="best", fontsize=7)
-            ax.set_ylabel(p["ylabel"])
-            ax.set_title(p["title"])
-            ctx.step_axis(ax)
+            _series_panel(ctx, ax, p)
         ctx.mark(ax, p["quantity"], title, threshold_axis=p.get("threshold_axis", "y"))
     return [fig]
+
+
+def _series_panel(ctx: _Context, ax, p: dict) -> None:
+    """One panel of step series from a panel spec (see :func:`_simple_panels`)."""
+    flagged = ctx.flagged_names(p["quantity"])
+    values = []
+    for name in p["names"]:
+        if not ctx.data.has(p["quantity"], name):
+            continue
+        x, y = ctx.data.plotted(p["quantity"], name)
+        values.append(y)
+        _plot_steps(ax, x, y, ctx.palette.other(name), label=name, emphasis=name in flagged)
+    if p.get("log") and _has_positive(values):
+        ax.set_yscale("log", nonpositive="mask")
+    if p.get("ylim"):
+        ax.set_ylim(*p["ylim"])
+    _include_refs(ax, p)
+    for value, label in p.get("refs", []):
+        ax.axhline(value, color=REFERENCE_COLOUR, linestyle=(0, (1, 1.5)), linewidth=1.0)
+        ax.annotate(label, xy=(0.0, value), xycoords=("axes fraction", "data"),
+                    xytext=(2, 2), textcoords="offset points", fontsize=6.5,
+                    color=REFERENCE_COLOUR)
+    if len(p["names"]) > 1 or p.get("legend"):
+        ax.legend(loc="best", fontsize=7)
+    ax.set_ylabel(p["ylabel"])
+    ax.set_title(p["title"])
+    ctx.step_axis(ax)
 
 
 def _include_refs(ax, p: dict) -> None:
@@ -1002,30 +1006,8 @@ def _saturation_layout(ctx: _Context, ordered: list) -> list[Figure]:
             p["draw"](ax)
             ctx.mark(ax, p["quantity"], title, threshold_axis="x")
             continue
-        flagged = ctx.flagged_names(p["quantity"])
-        values = []
-        for name in p["names"]:
-            if d.has(p["quantity"], name):
-                x, y = d.plotted(p["quantity"], name)
-                values.append(y)
-                _plot_steps(ax, x, y, ctx.palette.other(name), label=name,
-                            emphasis=name in flagged)
-        if p.get("log") and _has_positive(values):
-            ax.set_yscale("log", nonpositive="mask")
-        if p.get("ylim"):
-            ax.set_ylim(*p["ylim"])
-        _include_refs(ax, p)
-        for value, label in p.get("refs", []):
-            ax.axhline(value, color=REFERENCE_COLOUR, linestyle=(0, (1, 1.5)), linewidth=1.0)
-            ax.annotate(label, xy=(0.0, value), xycoords=("axes fraction", "data"),
-                        xytext=(2, 2), textcoords="offset points", fontsize=6.5,
-                        color=REFERENCE_COLOUR)
-        if len(p["names"]) > 1:
-            ax.legend(loc="best", fontsize=7)
-        ax.set_ylabel(p["ylabel"])
-        ax.set_title(p["title"])
+        _series_panel(ctx, ax, p)
         ctx.mark(ax, p["quantity"], title)
-        ctx.step_axis(ax)
     return [fig]
 
 
