@@ -6,6 +6,7 @@ traceback).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +35,21 @@ def _load(path: str):
             return load_run(path)
     except RunFileError as exc:
         raise BadInput(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _damaged_as_bad_input():
+    """One line for a damaged page (it surfaces only when read, long after the file opened)
+    and for an output that cannot be written."""
+    from gradprobe.record import RunFileError
+
+    try:
+        yield
+    except RunFileError as exc:
+        raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise BadInput(f"cannot write {exc.filename or 'the output'}: "
+                       f"{exc.strerror or exc}") from None
 
 
 def _thresholds(config: str | None):
@@ -96,11 +112,16 @@ def analyze(path: str, pdf: str | None, json_out: str | None, fail_on: str | Non
     pickle code to load is refused). Prints a ranked summary; exit code 0 when analysed,
     1 when a finding reaches --fail-on, 2 on bad input.
     """
+    thresholds = _thresholds(config)
+    run = _load(path)
+    with _damaged_as_bad_input():
+        _report(run, thresholds, pdf, json_out, fail_on)
+
+
+def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str | None) -> None:
     from gradprobe.diagnose import SEVERITY_ORDER
     from gradprobe.report import findings_json, summary_lines
 
-    thresholds = _thresholds(config)
-    run = _load(path)
     findings = _diagnose_with_progress(run, thresholds)
     summary = run.summary()
     to_stdout = json_out == "-"
@@ -131,7 +152,8 @@ def analyze(path: str, pdf: str | None, json_out: str | None, fail_on: str | Non
 def export(path: str, output: str) -> None:
     """Write every recorded scalar of a run as a long-form CSV (for pandas or a spreadsheet)."""
     run = _load(path)
-    rows = run.to_csv(output)
+    with _damaged_as_bad_input():
+        rows = run.to_csv(output)
     click.echo(f"{rows} rows written to {output}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gradprobe import __version__, metrics
-from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunWriter
+from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunFileError, RunWriter
 
 from .distributed import rank_group_for
 from .graph import has_user_hooks, infer_shared, reachable_leaves
@@ -86,11 +86,6 @@ class ProbeStep:
 
 class GradprobeWarning(UserWarning):
     """Something the probe noticed or could not do; training continues."""
-
-
-def remove_run_file(path: str | Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
@@ -198,9 +193,7 @@ class Probe:
         if not self._writes:
             # Ranks other than 0 record nothing: no file, no lock, never a wait on I/O.
             log = None
-        if log is not None and overwrite:
-            remove_run_file(log)
-        self._writer = RunWriter(log)
+        self._writer = RunWriter(log, overwrite=overwrite)
         self._existing_steps = self._writer.last_step() is not None
 
     # -- what to watch ---------------------------------------------------------------------
@@ -314,6 +307,9 @@ class Probe:
             if not value.is_floating_point():
                 raise ProbeUsageError(f"loss {loss_name!r} has dtype {value.dtype}; expected "
                                       "a floating-point tensor")
+            if value.device.type == "meta":
+                raise ProbeUsageError(f"loss {loss_name!r} is on the meta device (shapes only, no "
+                                      "data): compute the losses on a real device")
             if device is not None and value.device != device:
                 raise ProbeUsageError(f"loss {loss_name!r} is on {value.device}, the others "
                                       f"on {device}; compute all losses on one device")
@@ -323,9 +319,13 @@ class Probe:
             raise ProbeUsageError(f"weights for unknown losses {unknown}; the losses are "
                                   f"{sorted(losses)}")
         for loss_name, w in weights.items():
-            if isinstance(w, torch.Tensor) and w.numel() != 1:
+            if isinstance(w, torch.Tensor):
+                if w.numel() != 1:
+                    raise ProbeUsageError(f"weight {loss_name!r} must be a float or a 0-dim "
+                                          f"tensor, got shape {list(w.shape)}")
+            elif isinstance(w, bool) or not isinstance(w, (int, float)):
                 raise ProbeUsageError(f"weight {loss_name!r} must be a float or a 0-dim tensor, "
-                                      f"got shape {list(w.shape)}")
+                                      f"got {type(w).__name__} {w!r}")
         if self.task is not None and self.task not in losses:
             raise ProbeUsageError(f"task loss {self.task!r} is not among the losses {names}")
 
@@ -415,6 +415,7 @@ class Probe:
 
     def _start(self, names: list[str]) -> None:
         if self._existing_steps and not self._resumed:
+            self._writer.close()
             raise ProbeUsageError(
                 f"run file {self._writer.path} already holds a recorded run; choose another "
                 "log= path, pass overwrite=True, or load_state_dict() to resume it")
@@ -654,12 +655,16 @@ class Probe:
         scalars: dict[tuple[str, str], float] = {}
         arrays: dict[tuple[str, str], np.ndarray] = {}
         loss_values = numbers.loss_values.cpu().tolist()
+        non_finite = [(n, v) for n, v in zip(names, loss_values) if not np.isfinite(v)]
+        if non_finite:
+            listed = ", ".join(f"{n!r} = {v}" for n, v in non_finite)
+            hint = " (an empty batch?)" if all(np.isnan(v) for _, v in non_finite) else ""
+            self._event(step, "non_finite", non_finite[0][0],
+                        f"non-finite loss: {listed}{hint}",
+                        also=[n for n, _ in non_finite[1:]])
         for k, loss_name in enumerate(names):
-            value = loss_values[k]
-            scalars[("loss", loss_name)] = value
+            scalars[("loss", loss_name)] = loss_values[k]
             scalars[("weight", loss_name)] = float(w[k])
-            if not np.isfinite(value):
-                self._event(step, "non_finite", loss_name, f"loss {loss_name!r} is {value}")
             reach = per_loss_leaves[k]
             if not reach:
                 self._event(step, "inert_loss", loss_name,
@@ -770,13 +775,18 @@ class Probe:
             if name in captured and self._due(watch.every, step):
                 scalars.update(watch.record(captured[name], local_groups, self.max_rows))
 
-    def _event(self, step: int, kind: str, name: str, message: str) -> None:
+    def _event(self, step: int, kind: str, name: str, message: str,
+               also: Iterable[str] = ()) -> None:
+        """Record an event (for ``name`` and the names in ``also``) and warn once per kind and name."""
         if not self._writes:
             return
-        self._writer.add_event(step, kind, name, message)
+        names = [name, *also]
+        for each in names:
+            self._writer.add_event(step, kind, each, message)
         # A GradScaler skipping a step now and then is how it works: recorded, not warned.
-        if kind != "skipped_step" and (kind, name) not in self._warned:
-            self._warned.add((kind, name))
+        fresh = [(kind, each) for each in names if (kind, each) not in self._warned]
+        if kind != "skipped_step" and fresh:
+            self._warned.update(fresh)
             warnings.warn(f"gradprobe: step {step}: {message}", GradprobeWarning, stacklevel=4)
 
     def _write(self, step: int, scalars: dict, arrays: dict) -> None:
@@ -867,7 +877,14 @@ class Probe:
         A checkpoint holding it loads with ``torch.load(path, weights_only=True)`` and can be
         analysed on its own with ``gradprobe analyze``.
         """
-        data = self._writer.to_bytes()
+        try:
+            data = self._writer.to_bytes()
+        except RunFileError as exc:
+            # A broken run file must not break the user's checkpoint save.
+            warnings.warn(f"gradprobe: the recorded run could not be read for the checkpoint "
+                          f"({exc}); the run file on disk keeps what was written",
+                          GradprobeWarning, stacklevel=2)
+            data = b""
         return {
             "format": STATE_FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -892,9 +909,8 @@ class Probe:
             # of the run that the state carries.
             path = self._writer.path
             self._writer.close()
-            if path is not None:
-                remove_run_file(path)
-            self._writer = RunWriter(path, initial_bytes=state["database"].numpy().tobytes())
+            self._writer = RunWriter(path, initial_bytes=state["database"].numpy().tobytes(),
+                                     overwrite=True)
         for name, proto_state in state.get("prototypes", {}).items():
             if name in self._prototypes:
                 self._prototypes[name].load_state(proto_state)
