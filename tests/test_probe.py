@@ -64,6 +64,10 @@ def test_gram_and_norms_match_independent_autograd(tmp_path):
     w = torch.tensor([WEIGHTS.get(n, 1.0) for n in names], dtype=torch.float64)
     combined = float(torch.linalg.vector_norm(w @ J))
     np.testing.assert_allclose(run.series("combined_grad_norm", "shared")[1], [combined], rtol=1e-5)
+    total = w @ J
+    for k, name in enumerate(names):
+        share = float(w[k] * (J[k] @ total)) / combined ** 2
+        np.testing.assert_allclose(run.series("grad_contribution", name)[1], [share], rtol=1e-5)
     for key, value in latent_norms.items():
         np.testing.assert_allclose(run.series("latent_grad_norm", key)[1], [value], rtol=1e-5,
                                    atol=1e-12)

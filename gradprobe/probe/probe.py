@@ -696,13 +696,15 @@ class Probe:
             nan_matrix = torch.full_like(gram, float("nan"))
             stats = {"norm": gram.diagonal().sqrt(), "weighted_norm": w.abs() * gram.diagonal().sqrt(),
                      "cosine": nan_matrix, "magnitude_similarity": nan_matrix,
-                     "combined_norm": float("nan")}
+                     "combined_norm": float("nan"),
+                     "contribution": torch.full((len(names),), float("nan"), dtype=torch.float64)}
         self.last_grad_norms = {}
         for k, loss_name in enumerate(names):
             norm = float(stats["norm"][k])
             self.last_grad_norms[loss_name] = norm
             scalars[("grad_norm", loss_name)] = norm
             scalars[("weighted_grad_norm", loss_name)] = float(stats["weighted_norm"][k])
+            scalars[("grad_contribution", loss_name)] = float(stats["contribution"][k])
             for j in range(k + 1, len(names)):
                 pair = f"{loss_name}|{names[j]}"
                 scalars[("grad_dot", pair)] = float(gram[k, j])
