@@ -77,3 +77,100 @@ def test_contrastive_signal_errors():
         M.contrastive_signal(torch.randn(3, 4), torch.randn(3, 4), temperature=0)
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         M.contrastive_signal(torch.randn(3, 4), torch.randn(3, 4), groups=torch.zeros(4))
+
+
+def test_contrastive_signal_extra_negatives_match_info_nce():
+    """With memory negatives and same-group masking the statistics describe the loss that
+    gradprobe.remedies.info_nce actually optimises."""
+    from gradprobe.remedies import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a, p = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 8, generator=g, dtype=torch.float64)
+    groups = torch.tensor([0] * 8 + [1] * 8)
+    mem = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    mem_groups = torch.arange(40) % 5
+    out = M.contrastive_signal(a, p, 0.2, groups=groups, negatives=mem, negative_groups=mem_groups,
+                               mask_same_group=True)
+    ref = info_nce(a, p, 0.2, memory=mem, groups=groups, memory_groups=mem_groups)
+    assert out["loss"] == pytest.approx(float(ref), rel=1e-10)
+    assert out["same_group_negative_share"] == 0.0
+    # K_i = 7 other-group in-batch negatives + 32 other-group memory entries
+    assert out["num_negatives"] == pytest.approx(8 + 32)
+    # without masking: every candidate counts; shares by explicit counting
+    out = M.contrastive_signal(a, p, 0.2, groups=groups, negatives=mem, negative_groups=mem_groups)
+    assert out["loss"] == pytest.approx(float(info_nce(a, p, 0.2, memory=mem)), rel=1e-10)
+    assert out["num_negatives"] == 15 + 40
+    assert out["same_group_negative_share"] == pytest.approx((7 + 8) / 55)
+    # extra negatives of unknown group: the share covers the in-batch negatives only
+    out = M.contrastive_signal(a, p, 0.2, groups=groups, negatives=mem)
+    assert out["same_group_negative_share"] == pytest.approx(7 / 15)
+    # the 2-argument form is unchanged by an empty set of extra negatives
+    base = M.contrastive_signal(a, p, 0.2, groups=groups)
+    same = M.contrastive_signal(a, p, 0.2, groups=groups, negatives=torch.zeros(0, 8))
+    assert base == same
+
+
+def test_contrastive_signal_single_group_batch_with_memory():
+    # the record's case: one cell line per batch; in-batch negatives are all same-line
+    a = torch.randn(8, 4, dtype=torch.float64)
+    groups = torch.zeros(8, dtype=torch.long)
+    plain = M.contrastive_signal(a, a + 0.1, groups=groups)
+    assert plain["same_group_negative_share"] == 1.0
+    with pytest.raises(ValueError, match="no anchor has a negative"):
+        M.contrastive_signal(a, a, groups=groups, mask_same_group=True)
+    mem = torch.randn(12, 4, dtype=torch.float64)
+    out = M.contrastive_signal(a, a, groups=groups, negatives=mem, negative_groups=torch.ones(12),
+                               mask_same_group=True)
+    assert out["num_negatives"] == 12 and out["same_group_negative_share"] == 0.0
+    with pytest.raises(ValueError, match="needs groups"):
+        M.contrastive_signal(a, a, negatives=mem, mask_same_group=True)
+    with pytest.raises(ValueError, match="negative_groups"):
+        M.contrastive_signal(a, a, groups=groups, negatives=mem, mask_same_group=True)
+    with pytest.raises(ValueError, match="columns"):
+        M.contrastive_signal(a, a, negatives=torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("form", ["pair", "tuple4", "dict"])
+def test_contrastive_watch_forms(tmp_path, form):
+    from gradprobe import Probe, load_run
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    probe = Probe(lin, every=1, log=str(tmp_path / "run.gprobe"), task="task")
+    probe.watch_contrastive("cont", temperature=0.1)
+    mem, mem_groups = torch.randn(20, 4), torch.arange(20) % 4
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        z, zp = lin(x), lin(x + 0.01)
+        groups = torch.zeros(8, dtype=torch.long)
+        value = {"pair": (z, zp), "tuple4": (z, zp, mem, mem_groups),
+                 "dict": {"anchors": z, "positives": zp, "negatives": mem, "negative_groups": mem_groups,
+                          "mask_same_group": True}}[form]
+        probe.observe(cont=value, groups=groups)
+        probe.backward({"task": z.pow(2).mean(), "reg": z.abs().mean()})
+    probe.close()
+    run = load_run(str(tmp_path / "run.gprobe"))
+    share = run.series("contrastive_same_group_share", "cont")[1]
+    k = run.series("contrastive_negatives", "cont")[1]
+    expected = {"pair": (1.0, 7), "tuple4": ((7 + 5) / 27, 27), "dict": (0.0, 15)}[form]
+    assert share[-1] == pytest.approx(expected[0]) and k[-1] == pytest.approx(expected[1])
+
+
+def test_contrastive_watch_rejects_bad_forms():
+    from gradprobe.probe.watches import ContrastiveWatch, ProbeUsageError
+
+    w = ContrastiveWatch("cont", 0.1, None)
+    z = torch.randn(4, 3)
+    with pytest.raises(ProbeUsageError, match="needs"):
+        w.record((z,), None, 64)
+    with pytest.raises(ProbeUsageError, match="keys"):
+        w.record({"anchors": z}, None, 64)
+    with pytest.raises(ProbeUsageError, match="negatives must be"):
+        w.record((z, z, torch.randn(5, 2)), None, 64)
+    with pytest.raises(ProbeUsageError, match="negative_groups"):
+        w.record((z, z, torch.randn(5, 3), torch.zeros(4)), None, 64)
+    with pytest.raises(ProbeUsageError, match="mask_same_group"):
+        w.record({"anchors": z, "positives": z, "mask_same_group": True}, None, 64)
+    # masked away entirely (empty memory, one group): nothing to measure, no error
+    assert w.record({"anchors": z, "positives": z, "mask_same_group": True},
+                    torch.zeros(4, dtype=torch.long), 64) == {}

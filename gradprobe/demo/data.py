@@ -93,10 +93,12 @@ def scan_motifs(seqs: np.ndarray, motif_seqs: np.ndarray) -> np.ndarray:
     return (codes[:, :, None] == motif_codes[None, None, :]).any(1)
 
 
-def _sample_split(rng, cells_per_sample, motif_seqs, plant_p, seq_len, data_fn):
+def _sample_split(rng, cells_per_sample, motif_seqs, plant_p, seq_len, data_fn, composition):
     n = cells_per_sample.shape[0]
     k, ml = motif_seqs.shape
-    seqs = rng.integers(0, 4, size=(n, seq_len), dtype=np.int8)
+    # background bases drawn from each sample's cell-line composition [C, 4]
+    cum = np.cumsum(composition[cells_per_sample], axis=1)[:, None, :3]          # [N, 1, 3]
+    seqs = (rng.random((n, seq_len))[:, :, None] >= cum).sum(2).astype(np.int8)   # [N, L] in 0..3
     for j in range(k):
         rows = np.nonzero(rng.random(n) < plant_p)[0]
         pos = rng.integers(0, seq_len - ml + 1, size=rows.shape[0])
@@ -106,9 +108,10 @@ def _sample_split(rng, cells_per_sample, motif_seqs, plant_p, seq_len, data_fn):
 
 
 def make_data(seed: int = 0, n_cells: int = 10, heldout_cells: tuple[int, ...] = (4, 9),
-              n_train_per_cell: int = 1000, n_val_per_cell: int = 200, n_heldout_per_cell: int = 1000,
+              n_train_per_cell: int = 128, n_val_per_cell: int = 200, n_heldout_per_cell: int = 1000,
               seq_len: int = 100, n_motifs: int = 8, motif_len: int = 8, plant_p: float = 0.4,
-              context_dim: int = 16, context_noise: float = 0.3) -> DecouplingData:
+              context_dim: int = 16, context_noise: float = 0.3,
+              composition_concentration: float | None = 30.0) -> DecouplingData:
     """Generate the synthetic record-22 problem, deterministically from ``seed``.
 
     Cell lines ``0 .. n_cells/2 - 1`` are epithelial, the rest fibroblast. Ground truth, for
@@ -123,6 +126,20 @@ def make_data(seed: int = 0, n_cells: int = 10, heldout_cells: tuple[int, ...] =
     deviations, and ``b_c`` centres each line (plus a per-line offset). ``heldout_cells``
     (default one per lineage) appear only in the held-out split; ``val`` holds fresh samples
     of the training cell lines.
+
+    Two choices make the problem faithful to the record's data rather than convenient:
+
+    - ``n_train_per_cell`` is small (128 sequences per cell line by default), as measured
+      per-cell-line data is; the record's over-parameterised model can memorise it (its
+      "L_task ~ 0" solution) while the validation loss climbs (biological point 3).
+    - Each cell line's library has its own background base composition, drawn from a
+      Dirichlet with ``composition_concentration`` (30: base frequencies differ by about
+      +-0.08 between lines; ``None``: uniform bases for every line). Sequences measured in
+      different cell lines therefore carry cell-line information, as real libraries do (GC
+      bias of the assay, the cell line's accessible regions). The label does *not* depend on
+      it; it is a shortcut the intrinsic encoder can use to learn per-cell-line biases, and
+      the one the domain-adversarial loss exists to remove (I(z_I; c) small). With uniform
+      bases the adversary has nothing to remove and is inert by construction.
     """
     if n_cells < 4 or n_cells % 2:
         raise ValueError("n_cells must be even and >= 4")
@@ -131,6 +148,12 @@ def make_data(seed: int = 0, n_cells: int = 10, heldout_cells: tuple[int, ...] =
     rng = np.random.default_rng(seed)
     lineage = np.repeat(np.arange(2), n_cells // 2)
     motif_seqs = rng.integers(0, 4, size=(n_motifs, motif_len), dtype=np.int8)
+    if composition_concentration is None:
+        composition = np.full((n_cells, 4), 0.25)
+    else:
+        if not composition_concentration > 0:
+            raise ValueError("composition_concentration must be positive (or None)")
+        composition = rng.dirichlet(np.full(4, composition_concentration / 4.0), size=n_cells)
 
     w_shared = np.zeros(n_motifs)
     n_shared = n_motifs // 2
@@ -168,10 +191,13 @@ def make_data(seed: int = 0, n_cells: int = 10, heldout_cells: tuple[int, ...] =
     for name, cells, n in (("train", train_cells, n_train_per_cell), ("val", train_cells, n_val_per_cell),
                            ("heldout", heldout, n_heldout_per_cell)):
         cell_ids = np.repeat(np.asarray(cells, dtype=np.int64), n)
-        splits[name] = _sample_split(rng, cell_ids, motif_seqs, plant_p, seq_len, to_split)
+        splits[name] = _sample_split(rng, cell_ids, motif_seqs, plant_p, seq_len, to_split, composition)
     return DecouplingData(train=splits["train"], val=splits["val"], heldout=splits["heldout"],
                           train_cells=train_cells, heldout_cells=heldout, lineage=lineage,
                           motif_seqs=motif_seqs, weights=weights, bias=bias, gain=gain,
                           cell_features=cell_features, seed=seed,
                           meta={"seq_len": seq_len, "motif_len": motif_len, "plant_p": plant_p,
-                                "context_noise": context_noise, "lineages": LINEAGES})
+                                "context_noise": context_noise, "lineages": LINEAGES,
+                                "composition": composition,
+                                "composition_concentration": composition_concentration,
+                                "n_train_per_cell": n_train_per_cell})

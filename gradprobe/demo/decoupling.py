@@ -5,10 +5,13 @@
 - intrinsic encoder ``f_I`` (1-D conv over the one-hot sequence, global max pool) -> ``z_I``;
 - environment encoder ``f_E`` (MLP over the cell-line context vector) -> ``z_E``;
 - energy ``p = sigmoid((U_I - R_E) / T)``, ``U_I``, ``R_E`` linear heads, fixed ``T = 1``;
-- ``L_cont``: InfoNCE on ``z_E`` between two views of each sample's context (the clean context
-  and one with fresh measurement noise, tau = 0.1); negatives are the other samples of the
-  batch -- which, with the single-cell-line ``CellBatchSampler``, all come from the same cell
-  line (record-22 root cause 2);
+- ``L_cont``: InfoNCE on ``z_E`` whose positive for a sample is *another sample of the same
+  cell line* (its context with fresh measurement noise, tau = 0.1): the loss exists to separate
+  cell lines. Negatives are the other positives of the batch -- which, with the
+  single-cell-line ``CellBatchSampler``, all come from the anchor's own cell line, so positive
+  and negatives are exchangeable and the loss cannot fall below chance (record-22 root
+  cause 2: "all negatives come from the same cell line ... cannot drive cross-cell-line
+  separation");
 - ``L_proto = ||z_E - p_c||^2`` with momentum prototypes ``p_c <- mu p_c + (1 - mu) E[z_E]``
   (a buffer, updated in the training loop after every optimiser step, mu = 0.9);
 - ``L_orth = ||z_I^T z_E / B||_F^2``: strict, unnormalised orthogonality (only divided by the
@@ -22,8 +25,14 @@
 - ``balance``: :class:`~gradprobe.remedies.GradNormBalancer` sets the auxiliary weights so that
   each weighted gradient norm on the encoders is ``BALANCE_TARGET`` of the task's
   (measured with ``torch.autograd.grad`` every ``balance_every`` steps);
-- ``memory``: a :class:`~gradprobe.remedies.MemoryBank` of past ``z_E`` views supplies
-  cross-cell-line negatives, and same-cell-line negatives are masked out;
+- ``memory``: a :class:`~gradprobe.remedies.MemoryBank` of the last ``MEMORY_SIZE`` positive
+  *contexts* (with their cell lines) supplies cross-cell-line negatives, re-encoded by the
+  current ``f_E`` every step (detached), and same-cell-line negatives are masked out; the
+  probe's contrastive watch is handed the same negatives and masking. Storing features
+  instead (the MoCo/XBM way, without a momentum encoder) does not work here: this small
+  encoder drifts fast, each cell line learns to move away from where the *others were*, and
+  the lines end up nearly on top of each other (centroid cosine 0.90, nearest-centroid
+  accuracy 0.62 vs 0.97 with re-encoding; docs/demo.md);
 - ``corr``: :func:`~gradprobe.remedies.correlation_loss` replaces the orthogonality loss
   (same loss name ``orth``);
 - ``interaction``: energy ``U_I - R_E + lam U_I R_E`` with a learnt ``lam``;
@@ -33,7 +42,10 @@
   losses ramp in linearly over ``CURRICULUM_RAMP`` of the steps.
 
 Nothing here is tuned to make a finding appear: hyper-parameters are ordinary defaults for a
-small model, and both variants share data, architecture, optimiser and sampler.
+small model, and both variants share data, architecture, optimiser and sampler. The data
+(:func:`~gradprobe.demo.data.make_data`) has 128 training sequences per cell line, which the
+model can memorise as the record's did, and cell-line-specific base composition, which gives
+the domain adversary something to remove. docs/demo.md reports what the runs show.
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ __all__ = ["CellBatchSampler", "DecouplingModel", "ModelOutput", "GradReverse", 
 REMEDIES = ("balance", "memory", "corr", "interaction", "temperature", "l1", "curriculum")
 FAILING_WEIGHTS = {"cont": 0.05, "proto": 0.1, "orth": 0.01, "adv": 0.01}
 ROLES = {"cont": "contrastive", "proto": "prototype", "orth": "orthogonality", "adv": "adversarial"}
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 1000
 BATCH_SIZE = 64
 LR = 3e-3
 TAU = 0.1               # InfoNCE temperature
@@ -227,15 +239,35 @@ def build_model(data: DecouplingData, variant: str, disable: frozenset[str] = fr
 # losses and evaluation
 
 
+def same_group_partner(groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each row, the index of a *different* row of the same group (random, a derangement
+    within every group of >= 2 rows; a row alone in its group is its own partner)."""
+    partner = torch.arange(len(groups))
+    for g in torch.unique(groups).tolist():
+        idx = torch.nonzero(groups == g).flatten()
+        if len(idx) > 1:
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            partner[idx] = idx.roll(1)
+    return partner
+
+
 def compute_losses(model: DecouplingModel, out: ModelOutput, batch: dict, cell_index: torch.Tensor,
                    fixed_on: set[str], memory: Optional[MemoryBank], aug_gen: torch.Generator
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The per-loss 0-dim tensors; also returns the second InfoNCE view (for the memory bank)."""
-    x_view = batch["context"] + AUG_NOISE * torch.randn(batch["context"].shape, generator=aug_gen)
-    positives = model.f_E(x_view)
+    """The per-loss 0-dim tensors, the positives (second InfoNCE view), their contexts (for the
+    memory bank) and the memory negatives used (``None`` without a memory)."""
+    partner = same_group_partner(batch["cell"], aug_gen)
+    ctx = batch["context"][partner]
+    pos_ctx = ctx + AUG_NOISE * torch.randn(ctx.shape, generator=aug_gen)
+    positives = model.f_E(pos_ctx)
+    negatives = None
     losses = {"task": F.binary_cross_entropy_with_logits(out.logits, batch["y"])}
     if "memory" in fixed_on:
-        losses["cont"] = info_nce(out.z_E, positives, TAU, memory=memory, groups=batch["cell"])
+        if memory is not None and len(memory) > 0:
+            with torch.no_grad():  # past contexts, encoded by the current f_E: never stale
+                negatives = F.normalize(model.f_E(memory.features), dim=1)
+        losses["cont"] = info_nce(out.z_E, positives, TAU, memory=negatives, groups=batch["cell"],
+                                  memory_groups=memory.groups if negatives is not None else None)
     else:
         losses["cont"] = info_nce(out.z_E, positives, TAU)
     protos = model.prototypes[batch["cell"]]
@@ -249,7 +281,7 @@ def compute_losses(model: DecouplingModel, out: ModelOutput, batch: dict, cell_i
     losses["adv"] = F.cross_entropy(adv_logits, cell_index[batch["cell"]])
     if "l1" in fixed_on:
         losses["l1"] = l1_penalty(out.z_I, out.z_E)
-    return losses, positives
+    return losses, positives, pos_ctx, negatives
 
 
 @torch.no_grad()
@@ -340,7 +372,7 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
     cell_index[data.train_cells] = torch.arange(len(data.train_cells))
     sampler = CellBatchSampler(data.train.cell, BATCH_SIZE, seed=seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
-    memory = MemoryBank(MEMORY_SIZE, model.head_R.in_features) if "memory" in fixed_on else None
+    memory = MemoryBank(MEMORY_SIZE, data.context_dim, normalize=False) if "memory" in fixed_on else None
     balancer = GradNormBalancer(task="task", targets=BALANCE_TARGET, ema=0.8, min_w=1e-3, max_w=1e3,
                                 init=dict(FAILING_WEIGHTS)) if "balance" in fixed_on else None
     probe = _make_probe(model, variant, out_dir, probe_every, fixed_on) if use_probe else None
@@ -358,7 +390,8 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
             batch = {"x": data.train.x[idx_t], "y": data.train.y[idx_t], "cell": data.train.cell[idx_t],
                      "context": data.train.context[idx_t]}
             out = model(batch["x"], batch["context"])
-            losses, positives = compute_losses(model, out, batch, cell_index, fixed_on, memory, aug_gen)
+            losses, positives, pos_ctx, negatives = compute_losses(model, out, batch, cell_index, fixed_on,
+                                                                   memory, aug_gen)
 
             report_step = step % val_every == 0 or step == steps - 1
             norms = None
@@ -375,8 +408,15 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
                 weights = {k: w * ramp for k, w in weights.items()}
 
             if probe is not None:
+                if memory is not None:  # what info_nce used: memory negatives, same-line ones masked
+                    cont = {"anchors": out.z_E, "positives": positives,
+                            "negatives": negatives if negatives is not None else out.z_E.new_zeros(0, out.z_E.shape[1]),
+                            "negative_groups": memory.groups if negatives is not None else None,
+                            "mask_same_group": True}
+                else:
+                    cont = (out.z_E, positives)
                 probe.observe(z_E=out.z_E, energy=out.logits, U_I=out.u, R_E=out.r, groups=batch["cell"],
-                              cont=(out.z_E, positives))
+                              cont=cont)
                 total = probe.backward(losses, weights=weights)
             else:
                 total = losses["task"] + sum(weights[k] * losses[k] for k in losses if k != "task")
@@ -386,7 +426,7 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
             opt.zero_grad(set_to_none=True)
             model.update_prototypes(out.z_E.detach(), batch["cell"])
             if memory is not None:
-                memory.push(positives.detach(), batch["cell"])
+                memory.push(pos_ctx, batch["cell"])
             last_losses = {k: float(v.detach()) for k, v in losses.items()}
 
             if report_step:

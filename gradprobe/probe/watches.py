@@ -214,33 +214,91 @@ class SaturationWatch:
 
 
 class ContrastiveWatch:
-    """An InfoNCE batch (anchors, positives): how much signal its negatives carry."""
+    """An InfoNCE batch: how much signal the negatives it actually uses carry.
+
+    ``observe(name=...)`` accepts:
+
+    - ``(anchors, positives)``: in-batch negatives only (row j's positive is a negative of
+      every other anchor), the plain SimCLR/InfoNCE batch;
+    - ``(anchors, positives, negatives)`` or ``(anchors, positives, negatives,
+      negative_groups)``: plus extra negatives [m, d] shared by all anchors (a cross-batch
+      memory bank), with their group ids [m] when known;
+    - a mapping with keys ``anchors``, ``positives`` and optionally ``negatives``,
+      ``negative_groups`` and ``mask_same_group`` (bool): with ``mask_same_group`` the
+      negatives from the anchor's own group (per ``observe(groups=...)``) are left out, as
+      ``gradprobe.remedies.info_nce(..., groups=...)`` leaves them out of the loss.
+
+    Anchors and positives are limited to ``max_rows`` rows like every latent; extra negatives
+    are used in full (they are what the loss compares every anchor with).
+    """
+
+    KEYS = ("anchors", "positives", "negatives", "negative_groups", "mask_same_group")
 
     def __init__(self, name: str, temperature: float, every: int | None):
         self.name = name
         self.temperature = temperature
         self.every = every
 
+    def _unpack(self, value: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(self.KEYS))
+            if unknown or "anchors" not in value or "positives" not in value:
+                raise ProbeUsageError(
+                    f"observe({self.name}={{...}}) needs keys 'anchors' and 'positives' (optional: "
+                    f"'negatives', 'negative_groups', 'mask_same_group'); got {sorted(value)}")
+            return dict(value)
+        if isinstance(value, (tuple, list)) and 2 <= len(value) <= 4:
+            return dict(zip(self.KEYS, value))
+        raise ProbeUsageError(f"observe({self.name}=...) needs (anchors, positives), (anchors, "
+                              "positives, negatives[, negative_groups]) or a dict with those keys")
+
     def record(self, pair: Any, groups: torch.Tensor | None, max_rows: int) -> Scalars:
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ProbeUsageError(f"observe({self.name}=...) needs a pair (anchors, positives)")
-        anchors = as_matrix(self.name, pair[0], max_rows)
-        positives = as_matrix(self.name, pair[1], max_rows)
-        if anchors.shape != positives.shape or anchors.shape[0] < 2:
+        spec = self._unpack(pair)
+        anchors = as_matrix(self.name, spec["anchors"], max_rows)
+        positives = as_matrix(self.name, spec["positives"], max_rows)
+        negatives = spec.get("negatives")
+        if negatives is not None:
+            if not isinstance(negatives, torch.Tensor) or negatives.ndim != 2 or \
+                    (negatives.shape[0] and negatives.shape[1] != anchors.shape[1]):
+                shape = list(negatives.shape) if isinstance(negatives, torch.Tensor) else \
+                    type(negatives).__name__
+                raise ProbeUsageError(f"contrastive {self.name!r}: negatives must be [m, "
+                                      f"{anchors.shape[1]}], got {shape}")
+            negatives = negatives.detach().to(anchors.device)
+            if negatives.shape[0] == 0:
+                negatives = None
+        neg_groups = spec.get("negative_groups") if negatives is not None else None
+        if neg_groups is not None:
+            neg_groups = torch.as_tensor(neg_groups).detach().reshape(-1).cpu()
+            if neg_groups.shape[0] != negatives.shape[0]:
+                raise ProbeUsageError(f"contrastive {self.name!r}: {neg_groups.shape[0]} "
+                                      f"negative_groups for {negatives.shape[0]} negatives")
+        mask = bool(spec.get("mask_same_group", False))
+        extra = 0 if negatives is None else negatives.shape[0]
+        if anchors.shape != positives.shape or (anchors.shape[0] < 2 and extra == 0):
             raise ProbeUsageError(f"contrastive pair {self.name!r}: anchors {list(anchors.shape)}"
                                   f" and positives {list(positives.shape)} must match, n >= 2")
         if groups is not None and len(groups) >= anchors.shape[0]:
             groups = groups[: anchors.shape[0]]
         else:
             groups = None
-        signal = metrics.contrastive_signal(anchors, positives, temperature=self.temperature,
-                                            groups=groups)
+        if mask and (groups is None or (negatives is not None and neg_groups is None)):
+            raise ProbeUsageError(f"contrastive {self.name!r}: mask_same_group needs "
+                                  "observe(groups=...) and negative_groups for the negatives")
+        try:
+            signal = metrics.contrastive_signal(anchors, positives, temperature=self.temperature,
+                                                groups=groups, negatives=negatives,
+                                                negative_groups=neg_groups, mask_same_group=mask)
+        except ValueError as exc:
+            if mask and "no anchor has a negative" in str(exc):
+                return {}  # e.g. an empty memory and single-group batches: nothing to measure yet
+            raise ProbeUsageError(f"contrastive {self.name!r}: {exc}") from None
         key = self.name
         scalars = {
             ("contrastive_loss_ratio", key): signal["loss_ratio"],
             ("contrastive_gap", key): signal["gap"],
             ("contrastive_effective_negatives", key): signal["effective_negatives"],
-            ("contrastive_negatives", key): float(anchors.shape[0] - 1),
+            ("contrastive_negatives", key): signal["num_negatives"],
         }
         share = signal.get("same_group_negative_share")
         if share is not None and np.isfinite(share):

@@ -33,7 +33,10 @@ class MemoryBank(nn.Module):
     Learning", CVPR 2020) and cross-batch memory (Wang et al., "Cross-Batch Memory for
     Embedding Learning", CVPR 2020). Unlike MoCo there is no momentum key encoder: the
     stored features come from the online encoder and are slightly stale, which Wang et al.
-    show is harmless once the features drift slowly.
+    show is harmless once the features drift slowly. When they drift fast (a small encoder
+    early in training) stale negatives can keep groups from separating at all; then store the
+    encoder's *inputs* (``normalize=False``) and re-encode them every step, passing the result
+    to :func:`info_nce` as a tensor with ``memory_groups`` (docs/remedies.md).
 
     The buffers are registered, so the bank moves with ``.to(device)`` and is saved in the
     owning module's ``state_dict``.
