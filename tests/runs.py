@@ -342,7 +342,8 @@ def energy_logistic(scale: float, steps: int = 80, seed: int = 0) -> Run:
 @_cached
 def memorise_noisy(n_train: int, steps: int = 240, seed: int = 0) -> Run:
     """An MLP on ``n_train`` samples with 30% flipped labels; validation BCE on 512 held-out
-    samples logged every 6 steps as 'val_task'. 16 samples: memorised, validation rises."""
+    samples logged every 6 steps as 'val_task' (and accuracy as 'val_accuracy'). 16 samples:
+    memorised, validation loss rises."""
     gen = _setup(seed)
     w_true = torch.randn(16, generator=gen)
 
@@ -369,8 +370,10 @@ def memorise_noisy(n_train: int, steps: int = 240, seed: int = 0) -> Run:
         opt.zero_grad()
         if step % 6 == 0:
             with torch.no_grad():
-                val = F.binary_cross_entropy_with_logits(head(trunk(xv)).squeeze(1), yv)
-            probe.log(val_task=val)
+                val_logit = head(trunk(xv)).squeeze(1)
+                val = F.binary_cross_entropy_with_logits(val_logit, yv)
+                accuracy = ((val_logit > 0).float() == yv).float().mean()
+            probe.log(val_task=val, val_accuracy=accuracy)
     return _finish(probe, f"memorise_noisy_{n_train}")
 
 

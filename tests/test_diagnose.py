@@ -180,6 +180,15 @@ def test_overfitting_evidence():
     assert f.steps[1] == int(s[-1])
 
 
+def test_a_rising_validation_score_is_not_overfitting():
+    run = runs.memorise_noisy(1024)
+    steps, accuracy = run.series("logged", "val_accuracy")
+    # Learning raises the validation accuracy well above its worst value...
+    assert accuracy[-3:].mean() > accuracy.min() * 1.1
+    # ...which is progress, not a validation loss rising.
+    assert not [f for f in diagnose(run) if f.id == "overfitting"]
+
+
 def test_wiring_evidence():
     inert = _one(runs.wiring("detached"), "inert-loss", "aux")
     assert inert.severity == "error" and inert.evidence["event"] == "inert_loss"

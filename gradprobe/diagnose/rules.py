@@ -792,11 +792,16 @@ def batch_composition_mismatch(run: Run, th: Thresholds) -> list[Finding]:
 
 # ------------------------------------------------------------------------------ overfitting
 
+# Logged validation series where higher is better: not losses, so a rise is not overfitting.
+_SCORE_WORDS = ("acc", "auc", "f1", "precision", "recall", "score", "iou", "map")
+
+
 def overfitting(run: Run, th: Thresholds) -> list[Finding]:
     out = []
     task = task_name(run)
     for val in run.names("logged"):
-        if not val.lower().startswith("val"):
+        lowered = val.lower()
+        if not lowered.startswith("val") or any(word in lowered for word in _SCORE_WORDS):
             continue
         series = finite(get(run, "logged", val))
         if series is None or len(series[0]) < 2 * th.min_points:
