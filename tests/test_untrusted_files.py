@@ -154,7 +154,7 @@ def test_run_file_with_views_triggers_or_generated_columns_is_refused(tmp_path):
         "generated": ["DROP TABLE events",
                       "CREATE TABLE events (step INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT "
                       "NOT NULL, message TEXT NOT NULL, x AS (zeroblob(1000000000)))"],
-        "extra index": ["CREATE INDEX i ON scalars (value)"],
+        "extra index": ["CREATE INDEX i ON step_scalars (step)"],
     }
     for label, statements in attacks.items():
         path = tmp_path / f"{label.replace(' ', '_')}.gprobe"

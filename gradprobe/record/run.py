@@ -77,6 +77,55 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+class _Scalars:
+    """Every recorded scalar, grouped by series while the rows are read, chunk by chunk (so
+    that memory holds the result, about 16 bytes a value, plus one chunk; never a sort of the
+    whole run): ``series[sid]`` = (steps, values), sorted by step, one value a step, the
+    value written last for a step kept."""
+
+    def __init__(self, known: list[int]):
+        self.known = known
+        self._pieces: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in known]
+        self.series: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def add(self, index: np.ndarray, steps: np.ndarray, values: np.ndarray) -> None:
+        """One chunk: ``index[i]`` (position in ``known``), ``steps[i]``, ``values[i]``, in
+        the order they were written."""
+        if len(self.known) <= 1 << 16:
+            index = index.astype(np.uint16)  # numpy sorts 16-bit integers by radix: O(n)
+        # Stable: within a series, values stay in the order they were written.
+        order = np.argsort(index, kind="stable")
+        counts = np.bincount(index, minlength=len(self.known))
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        steps, values = steps[order], values[order]
+        del order
+        for i in np.flatnonzero(counts).tolist():
+            start, stop = bounds[i], bounds[i + 1]
+            self._pieces[i].append((steps[start:stop].copy(), values[start:stop].copy()))
+
+    def finish(self) -> "_Scalars":
+        for i, sid in enumerate(self.known):
+            pieces, self._pieces[i] = self._pieces[i], []
+            if not pieces:
+                self.series[sid] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+                continue
+            steps = np.concatenate([s for s, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+            values = np.concatenate([v for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
+            del pieces
+            if len(steps) > 1:
+                if (steps[1:] < steps[:-1]).any():
+                    # Steps that go back (a resumed run, a rewritten step): sort stably, so
+                    # that the value written last still comes last.
+                    order = np.argsort(steps, kind="stable")
+                    steps, values = steps[order], values[order]
+                repeated = steps[1:] == steps[:-1]
+                if repeated.any():  # the last value written for a step wins
+                    keep = np.append(~repeated, True)
+                    steps, values = steps[keep], values[keep]
+            self.series[sid] = (steps, values)
+        return self
+
+
 class Run:
     """A recorded run. Every quantity is a series of (step, value) keyed by (quantity, name).
 
@@ -95,6 +144,7 @@ class Run:
             self._check_schema()
             self.meta = self._read_meta()
             self._series = self._read_series()
+            self._scalars: _Scalars | None = None  # every series, loaded on first use
         except RunFileError:
             conn.close()
             raise
@@ -226,26 +276,52 @@ class Run:
             known = ", ".join(self.names(quantity)) or "none"
             raise KeyError(f"no series {quantity!r} / {name!r} in {self.source} "
                            f"(names recorded for {quantity!r}: {known})")
-        return self._read_series_rows(sid)
+        if self._scalars is None:
+            self._scalars = self._load_scalars()
+        steps, values = self._scalars.series[sid]
+        # Copies: a caller may change its arrays without changing what the next call returns.
+        return steps.copy(), values.copy()
 
     @_database_errors
-    def _read_series_rows(self, sid: int) -> tuple[np.ndarray, np.ndarray]:
-        # In chunks: a 1,000,000-step series never exists as a million Python tuples at once.
-        cur = self._conn.execute("SELECT step, value FROM scalars WHERE series=? ORDER BY step",
-                                 (sid,))
-        step_parts, value_parts = [], []
+    def _load_scalars(self) -> "_Scalars":
+        """Every scalar of the run, read once, in one query, a chunk of rows at a time."""
+        known = sorted(self._series.values())
+        known_ids = np.array(known, dtype=np.int64)
+        scalars = _Scalars(known)
+        # In chunks: a 1,000,000-step run never exists as a million Python tuples at once.
+        cur = self._conn.execute("SELECT step, ids, vals FROM step_scalars ORDER BY id")
         while True:
             rows = cur.fetchmany(_CHUNK)
             if not rows:
                 break
-            steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            # NULL (how SQLite stores NaN) becomes NaN; a non-number raises (damaged file).
-            values = np.array([r[1] for r in rows], dtype=np.float64)
-            step_parts.append(steps)
-            value_parts.append(values)
-        if not step_parts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-        return np.concatenate(step_parts), np.concatenate(value_parts)
+            row_steps, row_ids, row_vals = zip(*rows)
+            del rows
+            try:
+                id_bytes, value_bytes = b"".join(row_ids), b"".join(row_vals)
+            except TypeError:
+                raise RunFileError(f"{self.source}: damaged run file (step_scalars holds "
+                                   "a value that is not a blob)") from None
+            id_lengths = np.fromiter(map(len, row_ids), dtype=np.int64, count=len(row_ids))
+            value_lengths = np.fromiter(map(len, row_vals), dtype=np.int64,
+                                        count=len(row_vals))
+            del row_ids, row_vals
+            if (id_lengths % 4).any() or (value_lengths % 8).any() \
+                    or not np.array_equal(id_lengths // 4, value_lengths // 8):
+                raise RunFileError(f"{self.source}: damaged run file (step_scalars rows whose "
+                                   "ids and values differ in length)")
+            ids = np.frombuffer(id_bytes, dtype="<i4")
+            index = np.searchsorted(known_ids, ids)
+            if len(ids) and (index.max() >= len(known)
+                             or not np.array_equal(known_ids[index], ids)):
+                raise RunFileError(f"{self.source}: damaged run file (step_scalars names a "
+                                   "series missing from the series table)")
+            del ids, id_bytes
+            values = np.frombuffer(value_bytes, dtype="<f8").astype(np.float64, copy=False)
+            steps = np.repeat(np.fromiter(row_steps, dtype=np.int64, count=len(row_steps)),
+                              id_lengths // 4)
+            scalars.add(index, steps, values)
+            del index, values, value_bytes, steps
+        return scalars.finish()
 
     @_database_errors
     def array_names(self, quantity: str) -> list[str]:

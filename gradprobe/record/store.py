@@ -7,8 +7,12 @@ Layout (schema version 1):
 
 - ``meta(key, value)``: JSON values: schema version, losses, roles, shared parameters...
 - ``series(id, quantity, name)``: one row per recorded scalar series.
-- ``scalars(series, step, value)``: the long-form scalar table (NaN is stored as NULL,
-  which SQLite does by itself; the reader turns NULL back into NaN).
+- ``step_scalars(id, step, ids, vals)``: the scalars, step-major: one row per step per
+  commit (a probe step; scalars logged between probe steps may add more rows for the same
+  step). ``ids`` is a blob of little-endian int32 series ids, ``vals`` a blob of as many
+  little-endian float64 values (NaN stays NaN). When a (series, step) occurs more than once,
+  the row with the highest ``id`` (the last written) wins. One row per step keeps a commit to
+  one appended page, and lets the reader load every series in one vectorised pass.
 - ``arrays(quantity, name, step, dtype, shape, data)``: small arrays (Gram matrices,
   singular spectra, histograms, group ids, prototype snapshots).
 - ``events(step, kind, name, message)``: non-finite values, inert losses, probe errors.
@@ -21,6 +25,7 @@ import gc
 import json
 import os
 import sqlite3
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +39,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY, quantity TEXT NOT NULL, name TEXT NOT NULL, UNIQUE (quantity, name));
-CREATE TABLE IF NOT EXISTS scalars (
-    series INTEGER NOT NULL, step INTEGER NOT NULL, value REAL,
-    PRIMARY KEY (series, step)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_scalars (
+    id INTEGER PRIMARY KEY, step INTEGER NOT NULL, ids BLOB NOT NULL, vals BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS arrays (
     quantity TEXT NOT NULL, name TEXT NOT NULL, step INTEGER NOT NULL,
     dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL,
@@ -47,6 +51,18 @@ CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY, wall_time REAL NOT N
 """
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def pack_ids(ids) -> bytes:
+    """Series ids as the ``step_scalars.ids`` blob: little-endian int32."""
+    ids = tuple(ids)
+    return struct.pack(f"<{len(ids)}i", *ids)
+
+
+def pack_values(values) -> bytes:
+    """Values as the ``step_scalars.vals`` blob: little-endian float64 (NaN stays NaN)."""
+    values = tuple(values)
+    return struct.pack(f"<{len(values)}d", *values)
 
 
 def portable_bytes(data: bytes) -> bytes:
@@ -280,9 +296,9 @@ class RunWriter:
         since the last commit (group commit), else left open for the next steps.
         """
         conn = self._check_usable()
-        self._pending_scalars.extend((q, n, step, float(v)) for (q, n), v in scalars.items())
+        values = {key: float(v) for key, v in scalars.items()}
         try:
-            self._write_pending()
+            self._write_pending(step, values)
             for (quantity, name), array in (arrays or {}).items():
                 array = np.ascontiguousarray(array)
                 conn.execute(
@@ -299,10 +315,31 @@ class RunWriter:
         except (sqlite3.Error, OSError) as exc:
             raise self._failed(exc, f"step {step}") from None
 
-    def _write_pending(self) -> None:
-        rows = [(self._series_id(q, n), step, value) for q, n, step, value in self._pending_scalars]
-        self._conn.executemany("INSERT OR REPLACE INTO scalars VALUES (?, ?, ?)", rows)
-        self._conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", self._pending_events)
+    def _write_pending(self, step: int | None = None,
+                       scalars: dict[tuple[str, str], float] | None = None) -> None:
+        """Insert the buffered scalars and events, then ``scalars`` of probe step ``step``:
+        one step_scalars row per step, {series id: value}, the last value of a series wins."""
+        by_step: dict[int, dict[int, float]] = {}
+        for q, n, at, value in self._pending_scalars:
+            values = by_step.get(at)
+            if values is None:
+                values = by_step[at] = {}
+            values[self._series_id(q, n)] = value
+        if scalars:
+            values = by_step.get(step)
+            if values is None:
+                values = by_step[step] = {}
+            known = self._series_ids
+            for key, value in scalars.items():
+                sid = known.get(key)
+                values[self._series_id(*key) if sid is None else sid] = value
+        if by_step:
+            self._conn.executemany(
+                "INSERT INTO step_scalars (step, ids, vals) VALUES (?, ?, ?)",
+                [(step, pack_ids(values), pack_values(values.values()))
+                 for step, values in by_step.items()])
+        if self._pending_events:
+            self._conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", self._pending_events)
         self._pending_scalars.clear()
         self._pending_events.clear()
 
