@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -51,10 +52,14 @@ def rolling_median(values: np.ndarray, width: int) -> np.ndarray:
     if width <= 1 or len(v) < 2:
         return v.copy()
     half = width // 2
-    out = np.empty_like(v)
-    for i in range(len(v)):
-        out[i] = median(v[max(0, i - half): i + half + 1])
-    return out
+    # NaN padding makes the window shrink at the edges; non-finite values are ignored, as
+    # median() ignores them.
+    padded = np.concatenate([np.full(half, np.nan), np.where(np.isfinite(v), v, np.nan),
+                             np.full(half, np.nan)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window gives NaN
+        return np.nanmedian(windows, axis=1)
 
 
 def window_size(n: int, th: Thresholds) -> int:
@@ -78,7 +83,8 @@ def align(*series: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[np.n
     """Restrict several series to the steps they all share."""
     common = series[0][0]
     for s, _ in series[1:]:
-        common = np.intersect1d(common, s)
+        if not np.array_equal(common, s):
+            common = np.intersect1d(common, s, assume_unique=True)
     out = []
     for s, v in series:
         idx = np.searchsorted(s, common)
