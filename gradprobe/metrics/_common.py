@@ -113,15 +113,11 @@ def check_positive_float(v: Any, name: str) -> float:
 def small_gram(x: Tensor) -> Tensor:
     """The smaller of ``x x^T`` (n x n) and ``x^T x`` (d x d) of a float64 matrix.
 
-    On CPU the product goes through numpy, which recognises ``a.T @ a`` and calls
-    BLAS ``syrk`` (half the flops of a general matmul, ~2x faster than torch here).
+    Computed with torch, not numpy: inside a training process numpy's BLAS thread pool
+    competes with torch's for the same cores (measured: 2.8 ms instead of 0.3 ms for a
+    256 x 128 latent after an MLP step on 2 cores). Overflow gives Inf, reported by the caller.
     """
     n, d = x.shape
-    if x.device.type == "cpu":
-        a = x.numpy()
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> Inf, reported by the caller
-            g = a.T @ a if n >= d else a @ a.T
-        return torch.from_numpy(np.ascontiguousarray(g))
     return x.T @ x if n >= d else x @ x.T
 
 
@@ -137,10 +133,7 @@ def gram_eigenvalues(g: Tensor, name: str = "input", source: Tensor | None = Non
             check_finite(source, name)
         raise ValueError(f"{name} overflows float64 (its Gram matrix contains Inf)")
     try:
-        if g.device.type == "cpu":
-            ev = torch.from_numpy(np.linalg.eigvalsh(g.numpy()).copy())  # reads the lower triangle
-        else:
-            ev = torch.linalg.eigvalsh(0.5 * (g + g.T))
+        ev = torch.linalg.eigvalsh(0.5 * (g + g.T))
     except Exception:  # LinAlgError from numpy or torch
         try:
             ev = torch.linalg.svdvals(g)  # PSD: singular values == eigenvalues
