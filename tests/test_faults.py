@@ -299,8 +299,6 @@ def test_second_writer_in_another_process_is_refused_and_cannot_delete_the_file(
     assert load_run(log).probe_steps().tolist() == [0]
 
 
-@pytest.mark.xfail(reason="Probe(overwrite=True) deletes the file before RunWriter takes the "
-                          "lock; fix: pass overwrite= to RunWriter (see the report)", strict=False)
 def test_probe_overwrite_never_deletes_a_file_another_probe_writes(tmp_path):
     log = tmp_path / "r.gprobe"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(log)], stdin=subprocess.PIPE,
