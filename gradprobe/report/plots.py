@@ -711,41 +711,15 @@ def _representations_page(ctx: _Context) -> list[Figure]:
     for r, row in enumerate(rows):
         if row == "scalars":
             sub = gs[r].subgridspec(1, 2, wspace=0.3)
-            ax = fig.add_subplot(sub[0, 0])
-            flagged = ctx.flagged_names("effective_rank")
-            for name in latents:
-                if not data.has("effective_rank", name):
-                    continue
-                style = pal.other(name)
-                x, y = data.plotted("effective_rank", name)
-                _plot_steps(ax, x, y, style, label=name, emphasis=name in flagged)
-                if data.has("effective_rank_isotropic", name):
-                    x, y = data.plotted("effective_rank_isotropic", name)
-                    ax.plot(x, y, color=style["color"], linestyle=":", linewidth=1.0, alpha=0.9)
-            ax.set_ylabel("effective rank (dimensions)")
-            ax.set_title("Effective rank (dotted: isotropic reference)")
-            ax.set_ylim(bottom=0)
-            ax.legend(loc="lower left", fontsize=7)
-            ctx.mark(ax, "effective_rank", title)
-            ctx.step_axis(ax)
-            ax = fig.add_subplot(sub[0, 1])
-            flagged = ctx.flagged_names("normalized_std")
-            for name in latents:
-                if not data.has("normalized_std", name):
-                    continue
-                style = pal.other(name)
-                x, y = data.plotted("normalized_std", name)
-                _plot_steps(ax, x, y, style, label=name, emphasis=name in flagged)
-                if data.has("latent_dim", name):
-                    x, y = data.plotted("latent_dim", name)
-                    with np.errstate(divide="ignore"):
-                        ax.plot(x, 1 / np.sqrt(y), color=style["color"], linestyle=":",
-                                linewidth=1.0)
-            ax.set_ylabel("std of ℓ2-normalised rows")
-            ax.set_title("Normalised std (dotted: 1/√dim)")
-            ax.set_ylim(bottom=0)
-            ctx.mark(ax, "normalized_std", title)
-            ctx.step_axis(ax)
+            _latent_panel(ctx, fig.add_subplot(sub[0, 0]), latents, "effective_rank",
+                          lambda name: data.plotted("effective_rank_isotropic", name)
+                          if data.has("effective_rank_isotropic", name) else None,
+                          "effective rank (dimensions)",
+                          "Effective rank (dotted: isotropic reference)", legend=True)
+            _latent_panel(ctx, fig.add_subplot(sub[0, 1]), latents, "normalized_std",
+                          lambda name: _inverse_sqrt(data.plotted("latent_dim", name))
+                          if data.has("latent_dim", name) else None,
+                          "std of ℓ2-normalised rows", "Normalised std (dotted: 1/√dim)")
         elif row == "spectra":
             shown = spectra[:4]
             sub = gs[r].subgridspec(1, len(shown), wspace=0.3)
@@ -793,6 +767,34 @@ def _representations_page(ctx: _Context) -> list[Figure]:
             ctx.mark(ax, "max_abs_correlation", title)
             ctx.step_axis(ax)
     return [fig]
+
+
+def _inverse_sqrt(series):
+    x, y = series
+    with np.errstate(divide="ignore"):
+        return x, 1 / np.sqrt(y)
+
+
+def _latent_panel(ctx: _Context, ax, latents: list[str], quantity: str, reference,
+                  ylabel: str, title: str, legend: bool = False) -> None:
+    """One latent quantity over steps, each latent with its healthy reference dotted."""
+    flagged = ctx.flagged_names(quantity)
+    for name in latents:
+        if not ctx.data.has(quantity, name):
+            continue
+        style = ctx.palette.other(name)
+        x, y = ctx.data.plotted(quantity, name)
+        _plot_steps(ax, x, y, style, label=name, emphasis=name in flagged)
+        ref = reference(name)
+        if ref is not None:
+            ax.plot(*ref, color=style["color"], linestyle=":", linewidth=1.0, alpha=0.9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    if legend:
+        ax.legend(loc="lower left", fontsize=7)
+    ctx.mark(ax, quantity, PAGE_TITLES["representations"])
+    ctx.step_axis(ax)
 
 
 def _snaps3(data: RunData, name: str):
