@@ -394,11 +394,9 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
                                                                    memory, aug_gen)
 
             report_step = step % val_every == 0 or step == steps - 1
-            norms = None
-            if report_step or (balancer is not None and step % balance_every == 0):
+            if balancer is not None and step % balance_every == 0:
                 # unweighted per-loss gradient norms on the encoders (graph kept for the backward)
                 norms = grad_norms(losses, shared)
-            if balancer is not None and step % balance_every == 0:
                 balancer.update({k: v for k, v in norms.items() if k in ("task", *FAILING_WEIGHTS)})
             weights = dict(balancer.weights) if balancer is not None else dict(FAILING_WEIGHTS)
             if "l1" in fixed_on:
@@ -434,15 +432,16 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
                 if probe is not None:
                     probe.log(val_task=val["loss"], val_accuracy=val["accuracy"])
                 history.append({"step": step, "total": float(total), **last_losses, "val_task": val["loss"],
-                                "val_accuracy": val["accuracy"], **{f"w_{k}": v for k, v in weights.items()},
-                                **{f"gn_{k}": v for k, v in norms.items()},
-                                **{f"wgn_{k}": weights.get(k, 1.0) * v for k, v in norms.items()}})
+                                "val_accuracy": val["accuracy"], **{f"w_{k}": v for k, v in weights.items()}})
                 if progress is True:
+                    # The gradient balance as the probe last measured it (the run file has all of it).
+                    norms = probe.last_grad_norms if probe is not None else None
+                    balance = "" if not norms else "  |w*grad|/|grad task| " + " ".join(
+                        f"{k} {weights.get(k, 1.0) * v / max(norms['task'], 1e-12):.2g}"
+                        for k, v in norms.items() if k != "task")
                     print(f"[{variant}] step {step:4d}  task {last_losses['task']:.3f}  val {val['loss']:.3f}  "
                           f"cont {last_losses['cont']:.3f}  proto {last_losses['proto']:.3g}  "
-                          f"orth {last_losses['orth']:.3g}  adv {last_losses['adv']:.3f}  |w*grad|/|grad task| "
-                          + " ".join(f"{k} {weights.get(k, 1.0) * v / max(norms['task'], 1e-12):.2g}"
-                                     for k, v in norms.items() if k != "task"), flush=True)
+                          f"orth {last_losses['orth']:.3g}  adv {last_losses['adv']:.3f}{balance}", flush=True)
             step += 1
             if callable(progress):
                 progress(1)
