@@ -202,11 +202,7 @@ class Probe:
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or "|" in name:
             raise ProbeUsageError(f"watch names must be non-empty strings without '|', got {name!r}")
-        taken = set(self._latents) | set(self._prototypes) | set(self._saturations) | \
-            set(self._contrastive) | set(RESERVED_OBSERVE)
-        for watch in self._saturations.values():
-            taken.update(watch.terms or ())
-        if name in taken:
+        if name in self._observable_names() | set(self._prototypes):
             raise ProbeUsageError(f"the name {name!r} is already watched (names must be unique)")
 
     def watch_latent(self, name: str, module: torch.nn.Module | None = None, *,
@@ -273,12 +269,17 @@ class Probe:
                 self._captured[name] = inputs[0]
         return hook
 
-    def observe(self, **tensors: Any) -> None:
-        """Hand the probe tensors it watches (latents, sigmoid inputs, pairs, ``groups``)."""
-        known = set(self._latents) | set(self._saturations) | set(self._contrastive) | \
+    def _observable_names(self) -> set[str]:
+        """Every name ``observe`` accepts: the watches fed by it, energy terms, ``groups``."""
+        names = set(self._latents) | set(self._saturations) | set(self._contrastive) | \
             set(RESERVED_OBSERVE)
         for watch in self._saturations.values():
-            known.update(watch.terms or ())
+            names.update(watch.terms or ())
+        return names
+
+    def observe(self, **tensors: Any) -> None:
+        """Hand the probe tensors it watches (latents, sigmoid inputs, pairs, ``groups``)."""
+        known = self._observable_names()
         unknown = sorted(set(tensors) - known)
         if unknown:
             raise ProbeUsageError(f"observe() got {', '.join(map(repr, unknown))}, which no watch "
@@ -358,12 +359,10 @@ class Probe:
         scaler), then call :meth:`after_backward` with it.
         """
         weights = dict(weights or {})
-        if self._losses is None or list(losses) != self._losses:
+        # The full check runs when anything differs from the last step that passed it.
+        if (self._losses is None or list(losses) != self._losses
+                or not weights.keys() <= losses.keys()):
             self._validate(losses, weights)
-        else:
-            unknown = set(weights) - set(losses)
-            if unknown:
-                self._validate(losses, weights)
         if self._losses is None:
             self._start(list(losses))
         total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
@@ -577,10 +576,7 @@ class Probe:
         Contrastive pairs stay per rank: an InfoNCE loss computed on each rank sees only its
         own batch as negatives, so that batch is what its signal describes.
         """
-        names = set(self._latents) | set(self._saturations) | {"groups"}
-        for watch in self._saturations.values():
-            names.update(watch.terms or ())
-        return sorted(names)
+        return sorted(self._observable_names() - set(self._contrastive))
 
     @staticmethod
     def _rows(tensor: Any) -> int:
