@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .store import _SCHEMA, FORMAT_NAME, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError, portable_bytes
+from .store import _SCHEMA, FORMAT_NAME, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError, memory_database
 
 STATE_FORMAT = "gradprobe.state"
 
@@ -454,11 +454,9 @@ def _checked(run: Run) -> Run:
 
 
 def run_from_bytes(data: bytes, source: str) -> Run:
-    conn = sqlite3.connect(":memory:", check_same_thread=False)
     try:
-        conn.deserialize(portable_bytes(data))
+        conn = memory_database(data)
     except (sqlite3.Error, OverflowError, MemoryError) as exc:
-        conn.close()
         raise RunFileError(f"{source}: the checkpoint's run data is damaged ({exc})") from None
     return _checked(Run(conn, source))
 

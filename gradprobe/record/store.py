@@ -73,6 +73,20 @@ def portable_bytes(data: bytes) -> bytes:
     return data
 
 
+def memory_database(data: bytes) -> sqlite3.Connection:
+    """An in-memory connection holding a copy of run-file bytes (a checkpoint's copy).
+
+    Raises what SQLite raises for bytes it cannot take; callers name the problem.
+    """
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        conn.deserialize(portable_bytes(data))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class RunFileError(Exception):
     """A run file or checkpoint that cannot be read or written; the message is one line."""
 
@@ -115,12 +129,11 @@ class RunWriter:
         self._closed_bytes = b""
         self._conn: sqlite3.Connection | None = None
         if self.path is None:
-            self._conn = sqlite3.connect(":memory:", check_same_thread=False)
-            if initial_bytes:
-                try:
-                    self._conn.deserialize(portable_bytes(initial_bytes))
-                except sqlite3.Error as exc:
-                    raise RunFileError(f"cannot resume from the run data: {exc}") from None
+            try:
+                self._conn = memory_database(initial_bytes) if initial_bytes else \
+                    sqlite3.connect(":memory:", check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise RunFileError(f"cannot resume from the run data: {exc}") from None
         else:
             self._open_file(initial_bytes, overwrite)
         try:
@@ -157,8 +170,7 @@ class RunWriter:
             elif initial_bytes:
                 # Resuming from a checkpoint whose run file is gone: recreate it from the copy
                 # the checkpoint carries, then keep appending to it.
-                source = sqlite3.connect(":memory:")
-                source.deserialize(portable_bytes(initial_bytes))
+                source = memory_database(initial_bytes)
                 target = sqlite3.connect(self.path)
                 source.backup(target)
                 source.close()
