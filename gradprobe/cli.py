@@ -157,29 +157,6 @@ def export(path: str, output: str) -> None:
     click.echo(f"{rows} rows written to {output}")
 
 
-def _findings_table(labels: list[str], findings_per_run: list[list]) -> list[str]:
-    """Finding ids down, runs across: each cell the severity, or '-' where the run is clear."""
-    ids = sorted({f.id for findings in findings_per_run for f in findings})
-    width = max([len(i) for i in ids] + [len("finding")])
-    cols = [max(len(label), 7) for label in labels]
-    lines = ["  ".join([f"{'finding':<{width}}"] + [f"{lb:<{c}}" for lb, c in zip(labels, cols)])]
-    for finding_id in ids:
-        cells = []
-        for findings, c in zip(findings_per_run, cols):
-            severities = [f.severity for f in findings if f.id == finding_id]
-            cells.append(f"{(min(severities, key=_severity_rank) if severities else '-'):<{c}}")
-        lines.append("  ".join([f"{finding_id:<{width}}"] + cells))
-    if not ids:
-        lines.append("no failure modes found in any run")
-    return lines
-
-
-def _severity_rank(severity: str) -> int:
-    from gradprobe.diagnose import SEVERITY_ORDER
-
-    return SEVERITY_ORDER[severity]
-
-
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", "pdf", type=click.Path(dir_okay=False, path_type=str),
@@ -193,11 +170,12 @@ def compare(paths: tuple[str, ...], pdf: str | None, config: str | None) -> None
     the key series (gradient ratios, latent ranks, saturation) of all runs.
     """
     from gradprobe.diagnose import diagnose
+    from gradprobe.report import comparison_lines
 
     thresholds = _thresholds(config)
     runs = [_load(p) for p in paths]
     findings_per_run = [diagnose(run, thresholds) for run in runs]
-    for line in _findings_table([run.name for run in runs], findings_per_run):
+    for line in comparison_lines([run.name for run in runs], findings_per_run):
         click.echo(line)
     if pdf:
         from gradprobe.report import write_comparison_pdf
@@ -225,11 +203,11 @@ def demo(out_dir: str, steps: int | None, variant: str, seed: int) -> None:
     """
     from gradprobe import demo as decoupling
     from gradprobe.diagnose import diagnose
-    from gradprobe.report import summary_lines, write_pdf
+    from gradprobe.report import comparison_lines, summary_lines, write_comparison_pdf, write_pdf
 
     variants = ["failing", "fixed"] if variant == "both" else [variant]
     steps = steps or decoupling.DEFAULT_STEPS
-    runs, findings_per_run, results = [], [], []
+    runs, findings_per_run = [], []
     for name in variants:
         with click.progressbar(length=steps, label=f"training {name:7s}", file=sys.stderr,
                                show_eta=True) as bar:
@@ -240,7 +218,6 @@ def demo(out_dir: str, steps: int | None, variant: str, seed: int) -> None:
         report = write_pdf(run, findings, Path(out_dir) / f"{name}.pdf", title=f"record-22 demo: {name}")
         runs.append(run)
         findings_per_run.append(findings)
-        results.append(result)
         click.echo("")
         for line in summary_lines(run.summary(), findings, color=sys.stdout.isatty()):
             click.echo(line)
@@ -248,10 +225,8 @@ def demo(out_dir: str, steps: int | None, variant: str, seed: int) -> None:
                    f"(Bayes-optimal {result['bayes_accuracy']:.3f}); report: {report}")
     if len(runs) > 1:
         click.echo("")
-        for line in _findings_table(variants, findings_per_run):
+        for line in comparison_lines(variants, findings_per_run):
             click.echo(line)
-        from gradprobe.report import write_comparison_pdf
-
         path = write_comparison_pdf(runs, findings_per_run, Path(out_dir) / "compare.pdf")
         click.echo(f"comparison written to {path}")
 

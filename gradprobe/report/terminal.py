@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from gradprobe.diagnose import SEVERITY_ORDER
+
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 
@@ -26,4 +28,22 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
         lines.append(f"  {severity} {finding.id:<{width}}  {finding.title}  [{finding.key_number}]")
     counts = {s: sum(f.severity == s for f in findings) for s in SEVERITY_STYLE}
     lines.append(", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n))
+    return lines
+
+
+def comparison_lines(labels: list[str], findings_per_run: list[list]) -> list[str]:
+    """Finding ids down, runs across: each cell the worst severity, or '-' where the run is clear."""
+    ids = sorted({f.id for findings in findings_per_run for f in findings})
+    width = max([len(i) for i in ids] + [len("finding")])
+    cols = [max(len(label), 7) for label in labels]
+    lines = ["  ".join([f"{'finding':<{width}}"] + [f"{lb:<{c}}" for lb, c in zip(labels, cols)])]
+    for finding_id in ids:
+        cells = []
+        for findings, c in zip(findings_per_run, cols):
+            severities = [f.severity for f in findings if f.id == finding_id]
+            worst = min(severities, key=SEVERITY_ORDER.__getitem__) if severities else "-"
+            cells.append(f"{worst:<{c}}")
+        lines.append("  ".join([f"{finding_id:<{width}}"] + cells))
+    if not ids:
+        lines.append("no failure modes found in any run")
     return lines
