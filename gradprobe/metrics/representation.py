@@ -21,7 +21,6 @@ from ._common import (
     check_positive_float,
     check_positive_int,
     entropy_rank,
-    gram_eigenvalues,
     l2_normalize_rows,
     small_gram,
     squared_singular_values,
@@ -84,7 +83,7 @@ def effective_rank_centred(z: Tensor) -> float:
     (no variance at all).
     """
     x = as_matrix(z, "z")
-    lam = gram_eigenvalues(small_gram(_centre(x)), "z")
+    lam = squared_singular_values(_centre(x), "z")  # eigenvalues of the centred Gram
     return entropy_rank(lam)
 
 
