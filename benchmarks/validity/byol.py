@@ -1,0 +1,108 @@
+"""BYOL, after Grill et al. 2020 ("Bootstrap Your Own Latent", NeurIPS; deepmind-research/byol)
+and its PyTorch port lucidrains/byol-pytorch.
+
+Published setup: an online network (encoder, projector MLP fc-BN-ReLU-fc with hidden 4096
+and output 256, predictor MLP of the same shape) and a target network (encoder + projector)
+that is an exponential moving average of the online one; loss 2 - 2 cos(q(z1), z2') summed
+over both view orders, the target's outputs carrying no gradient. lucidrains' port: Adam
+lr 3e-4, target decay 0.99. The predictor is what keeps BYOL from collapsing: without it
+the online network can match the slowly moving target with a constant (the paper's
+ablation, section 5, and Chen & He 2021, Table 1, for the same architecture without EMA).
+
+Here: the digits backbone (``common.DigitEncoder``), projector and predictor with hidden
+256 and output 64, Adam lr 3e-4, decay 0.99, batch 256, 500 steps, ``common.augment`` views.
+The probe: ``Probe(model, log=...)`` on the online network, the projector output watched,
+the two view orders passed as two losses.
+
+Variants (truth by construction):
+- ``predictor``: healthy (the published method).
+- ``no-predictor``: the online projection is compared with the target's directly.
+  Expected: ``representation-collapse`` on ``z``, checked by the centred rank and normalised
+  std of the projector output on test digits. Must not: ``weak-contrastive-signal``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradprobe
+
+from .common import DigitEncoder, augment, batches, digits_split, representation_truth
+from .harness import Expect, Family, Variant
+
+HIDDEN, DIM = 256, 64
+BATCH, STEPS = 256, 500
+DECAY = 0.99
+
+
+def mlp(inp: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(),
+                         nn.Linear(HIDDEN, DIM))
+
+
+class Online(nn.Module):
+    def __init__(self, predictor: bool):
+        super().__init__()
+        self.encoder = DigitEncoder()
+        self.projector = mlp(self.encoder.width)
+        self.predictor = mlp(DIM) if predictor else nn.Identity()
+
+    def forward(self, x):
+        return self.predictor(self.projector(self.encoder(x)))
+
+
+def byol_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (2 - 2 * F.cosine_similarity(p, target.detach(), dim=1)).mean()
+
+
+def train(variant: str, seed: int, log: Path) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_tr, _, _, _ = digits_split()
+    online = Online(predictor=variant == "predictor")
+    target = nn.Sequential(copy.deepcopy(online.encoder), copy.deepcopy(online.projector))
+    for p in target.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(online.parameters(), lr=3e-4)
+    probe = gradprobe.Probe(online, log=log)
+    probe.watch_latent("z", online.projector)
+    with probe:
+        for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
+            v1, v2 = augment(x_tr[idx], gen), augment(x_tr[idx], gen)
+            with torch.no_grad():
+                t1, t2 = target(v1), target(v2)
+            losses = {"view1": byol_loss(online(v1), t2), "view2": byol_loss(online(v2), t1)}
+            probe.backward(losses)
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():  # exponential moving average of the online weights
+                src = [*online.encoder.parameters(), *online.projector.parameters()]
+                for t, o in zip(target.parameters(), src):
+                    t.mul_(DECAY).add_(o, alpha=1 - DECAY)
+                src_buffers = [*online.encoder.buffers(), *online.projector.buffers()]
+                for t, o in zip(target.buffers(), src_buffers):
+                    t.copy_(o)
+    return representation_truth(online.encoder, online.projector)
+
+
+FAMILY = Family(
+    name="byol",
+    source="Grill et al. 2020 (deepmind-research/byol); lucidrains/byol-pytorch",
+    train=train,
+    variants=(
+        Variant("predictor", True, "the published method (predictor + moving-average target)",
+                must_not=("representation-collapse",)),
+        Variant("no-predictor", False,
+                "no predictor: the online network can match the slowly moving target with a "
+                "constant, the collapse BYOL's ablation reports",
+                expected=(Expect("representation-collapse", "z"),),
+                must_not=("weak-contrastive-signal",)),
+    ),
+    seeds=(0, 1, 2, 3),
+    quick=(("no-predictor", 1),),
+)

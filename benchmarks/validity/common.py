@@ -1,0 +1,126 @@
+"""Data, augmentations and ground-truth measurements shared by the corpus families.
+
+Everything here is independent of gradprobe: the families use it to train and to measure
+what actually happened to the model (accuracy, rank, active units...), so that the truth
+of a variant is checked by numbers gradprobe never computed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    data = load_digits()
+    return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+
+
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits in [0, 1]: a fixed stratified 75/25 split (the same for
+    every seed, so seeds vary the model and the batches, not the data)."""
+    x, y = _digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te),
+            torch.from_numpy(y_te))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A view of a batch of flattened 8x8 digits for self-supervised learning: a random shift
+    of up to one pixel, a random intensity scale in [0.6, 1.4], a random 3x3 erased patch
+    (half of the images) and Gaussian noise (std 0.1), the digit-sized analogue of SimCLR's
+    crop + colour distortion + blur."""
+    n = x.shape[0]
+    img = x.view(n, 8, 8)
+    padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
+    dx = torch.randint(0, 3, (n,), generator=gen)
+    dy = torch.randint(0, 3, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(8)[None, :])[:, :, None].expand(n, 8, 8)
+    cols = (dx[:, None] + torch.arange(8)[None, :])[:, None, :].expand(n, 8, 8)
+    view = padded[torch.arange(n)[:, None, None], rows, cols]
+    view = view * (0.6 + 0.8 * torch.rand(n, 1, 1, generator=gen))
+    erase = torch.rand(n, generator=gen) < 0.5
+    r0 = torch.randint(0, 6, (n,), generator=gen)
+    c0 = torch.randint(0, 6, (n,), generator=gen)
+    grid = torch.arange(8)
+    patch = ((grid[None, :, None] >= r0[:, None, None]) & (grid[None, :, None] < r0[:, None, None] + 3)
+             & (grid[None, None, :] >= c0[:, None, None]) & (grid[None, None, :] < c0[:, None, None] + 3))
+    view = torch.where(patch & erase[:, None, None], torch.zeros(()), view)
+    view = view + 0.1 * torch.randn(view.shape, generator=gen)
+    return view.reshape(n, 64)
+
+
+def linear_probe_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray,
+                          y_test: np.ndarray) -> float:
+    """Test accuracy of a logistic-regression probe on frozen features (the standard linear
+    evaluation of self-supervised representations), features standardised on the training set."""
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-8
+    clf = LogisticRegression(max_iter=2000)
+    clf.fit((f_train - mean) / std, y_train)
+    return float(clf.score((f_test - mean) / std, y_test))
+
+
+def centred_effective_rank(z: np.ndarray) -> float:
+    """Effective rank (Roy & Vetterli 2007: exp of the entropy of the normalised singular
+    values) of the centred matrix z, computed with numpy, independently of gradprobe."""
+    z = np.asarray(z, dtype=np.float64)
+    s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+    if s.sum() <= 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def normalised_std(z: np.ndarray) -> float:
+    """Mean per-dimension std of the l2-normalised outputs, times sqrt(d): ~1 when the outputs
+    spread over the sphere, 0 when they collapse to one point (SimSiam, Chen & He 2021, sec. 4.1)."""
+    z = np.asarray(z, dtype=np.float64)
+    zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return float(zn.std(0).mean() * np.sqrt(z.shape[1]))
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True):
+    """Endless mini-batch indices over n items: reshuffled each epoch (or in order)."""
+    while True:
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+class DigitEncoder(torch.nn.Module):
+    """The backbone of the self-supervised families: a two-layer MLP with batch norm on the
+    flattened 8x8 digits (the ResNet of the published setups, scaled to 64 inputs; width 128)."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        self.width = width
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(),
+            torch.nn.Linear(width, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def representation_truth(encoder: torch.nn.Module, head: torch.nn.Module) -> dict:
+    """What a self-supervised run learnt, measured on the digits' test split without
+    gradprobe: linear-probe accuracy of the backbone features and of the head's outputs, and
+    the centred effective rank and normalised std of the head's outputs."""
+    x_tr, y_tr, x_te, y_te = digits_split()
+    encoder.eval()
+    head.eval()
+    with torch.no_grad():
+        f_tr, f_te = encoder(x_tr), encoder(x_te)
+        z_tr, z_te = head(f_tr), head(f_te)
+    y_tr, y_te = y_tr.numpy(), y_te.numpy()
+    return {"linear_acc": linear_probe_accuracy(f_tr.numpy(), y_tr, f_te.numpy(), y_te),
+            "z_linear_acc": linear_probe_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te),
+            "z_rank": centred_effective_rank(z_te.numpy()), "z_std": normalised_std(z_te.numpy()),
+            "z_dim": int(z_te.shape[1])}

@@ -1,0 +1,137 @@
+"""Run the validation corpus: train every family's variants, diagnose them at the default
+thresholds, print each run's findings and per-finding-id precision/recall (held-out and
+calibration halves), calibrate thresholds on the calibration half, and write
+docs/validity.md.
+
+Usage:
+    python benchmarks/validity/run.py            # the whole corpus; writes docs/validity.md
+    python benchmarks/validity/run.py --quick    # held-out runs of a representative subset
+    python benchmarks/validity/run.py --reuse    # re-diagnose the run files of a previous run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.validity`` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.validity.calibrate import Calibrator  # noqa: E402
+from benchmarks.validity.harness import (Family, RunRecord, Runs, default_workers,  # noqa: E402
+                                         train_runs)
+from benchmarks.validity.report import acceptance, finding_lines, markdown, scores, score_text  # noqa: E402
+
+MODULES = ("mtl", "gradnorm_toy", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
+           "sigmoid_mse", "decoupler")
+
+
+def load_families(names: list[str] | None = None) -> dict[str, tuple[str, Family]]:
+    out = {}
+    for module in MODULES:
+        qualified = f"benchmarks.validity.{module}"
+        family = importlib.import_module(qualified).FAMILY
+        if names is None or family.name in names:
+            out[family.name] = (qualified, family)
+    return out
+
+
+def jobs_for(families: dict[str, tuple[str, Family]], quick: bool) -> list[tuple[str, Family, str, int]]:
+    jobs = []
+    for module, family in families.values():
+        runs = family.quick if quick else [(v.name, s) for v in family.variants for s in family.seeds]
+        jobs += [(module, family, variant, seed) for variant, seed in runs]
+    return jobs
+
+
+def collect(jobs, out_dir: Path, workers: int, reuse: bool) -> list[RunRecord]:
+    """Train the jobs (or, with reuse, read back a previous run's files and outcomes)."""
+    if reuse:
+        records = []
+        for _, family, variant, seed in jobs:
+            path = out_dir / f"{family.name}-{variant}-s{seed}.gprobe"
+            meta = json.loads(path.with_suffix(".json").read_text())
+            records.append(RunRecord(family.name, variant, seed, path, meta["outcome"], meta["seconds"],
+                                     meta["cpu_seconds"]))
+        return records
+    records = train_runs(jobs, out_dir, workers)
+    for r in records:
+        r.path.with_suffix(".json").write_text(json.dumps({"outcome": r.outcome, "seconds": r.seconds,
+                                                             "cpu_seconds": r.cpu_seconds}))
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="held-out runs of a representative subset")
+    parser.add_argument("--families", nargs="*", help="only these families (by name)")
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "validity" / "runs",
+                        help="where run files are written")
+    parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="page to write (default: docs/validity.md for a full run, none for --quick)")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    families = load_families(args.families)
+    by_name = {name: fam for name, (_, fam) in families.items()}
+    jobs = jobs_for(families, args.quick)
+    print(f"validity corpus: {len(jobs)} runs of {len(families)} families, {args.workers} workers",
+          flush=True)
+    records = collect(jobs, args.out, args.workers, args.reuse)
+    runs = Runs(records)
+    runs.attach()
+
+    print("\n== findings per run (default thresholds)")
+    for r in records:
+        print(f"-- {r.label} [{r.split}] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in r.outcome.items()))
+        for line in finding_lines(r, by_name[r.family]):
+            print("   " + line)
+    for split in ("held-out", "calibration"):
+        if any(r.split == split for r in records):
+            print(f"\n== precision / recall per finding id, {split} half, default thresholds")
+            print("\n".join(score_text(scores(records, by_name, split))))
+    checks = acceptance(records, by_name)
+    print(f"\n== acceptance, held-out half: {sum(c.passed for c in checks)} of {len(checks)} checks hold")
+    for c in checks:
+        print(f"   {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+
+    key_results = after = None
+    calibration = [r for r in records if r.split == "calibration"]
+    if calibration:
+        print("\n== calibration on the calibration half", flush=True)
+        chosen, key_results = Calibrator(runs, calibration, by_name).calibrate()
+        for k in key_results:
+            if k.constrained:
+                rng = f"{k.best_range[0]:.3g}..{k.best_range[1]:.3g}" if k.best_range else "-"
+                moved = "MOVED" if k.chosen != k.start else "kept "
+                print(f"   {moved} {k.key:30s} {k.start:<10.4g} -> {k.chosen:<10.4g} errors "
+                      f"{k.errors_at_start} -> {k.errors_best}; fewest-error range {rng}")
+        after = [dataclasses.replace(r) for r in records]
+        found = runs.diagnose(chosen)
+        for a, r in zip(after, records):
+            a.findings = found[id(r)]
+        print("\n== precision / recall per finding id, held-out half, chosen thresholds")
+        print("\n".join(score_text(scores(after, by_name, "held-out"))))
+    runs.close()
+
+    elapsed = time.perf_counter() - started
+    doc = args.doc if args.doc is not None else (None if args.quick else ROOT / "docs" / "validity.md")
+    if doc is not None:
+        command = "python benchmarks/validity/run.py" + (" --quick" if args.quick else "")
+        doc.write_text(markdown(records, by_name, key_results, after, elapsed, command, args.workers))
+        print(f"\nwrote {doc}")
+    print(f"done in {elapsed / 60:.1f} min")
+    return 0 if all(c.passed for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

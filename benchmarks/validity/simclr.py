@@ -1,0 +1,119 @@
+"""SimCLR, after Chen, Kornblith, Norouzi & Hinton 2020 ("A Simple Framework for Contrastive
+Learning of Visual Representations", ICML; google-research/simclr) and its PyTorch port
+sthalles/SimCLR (run.py, simclr.py: ``info_nce_loss``).
+
+Published setup: two augmented views per image, an encoder and an MLP projection head
+(fc-ReLU-fc, output 128), the NT-Xent loss over the 2N views of a batch (each view's
+positive is its other view, the other 2N - 2 views are negatives), temperature 0.07, Adam
+lr 3e-4, weight decay 1e-4, batch 256 (sthalles' defaults).
+
+Here: the digits backbone (``common.DigitEncoder``), head fc 128-128-ReLU-fc 64, the same
+loss, temperature and optimiser, batch 128 (about one class's worth of training digits),
+500 steps. NT-Xent's anchors from the first and second view are passed to the probe as two
+losses (their mean is the published loss); the contrastive watch sees the same embeddings,
+with the digit classes as groups (``observe(groups=labels)``).
+
+Variants (truth by construction):
+- ``shuffled``: healthy. Batches drawn uniformly: ~90% of in-batch negatives belong to
+  other classes.
+- ``one-class-batches``: each batch holds digits of one class (a group sampler, as in
+  record 22, or an unshuffled class-sorted dataset). Every negative shares the anchor's
+  class: the loss can only separate digits of one class from each other, never classes
+  (false negatives, Chuang et al. 2020). Checked by ``same_class_negatives``.
+  Expected: ``weak-contrastive-signal`` on the watch ``cont``. Must not:
+  ``representation-collapse``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradprobe
+
+from .common import DigitEncoder, augment, batches, digits_split, representation_truth
+from .harness import Expect, Family, Variant
+
+BATCH, STEPS = 128, 500
+TEMPERATURE = 0.07
+DIM = 64
+
+
+class SimCLR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = DigitEncoder()
+        w = self.encoder.width
+        self.head = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, DIM))
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def nt_xent_halves(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent split by the anchors' view: the mean loss of the first view's anchors and of
+    the second's (the published loss is their average)."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / TEMPERATURE
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    per_anchor = F.cross_entropy(sim, positive, reduction="none")
+    return per_anchor[:n].mean(), per_anchor[n:].mean()
+
+
+def one_class_batches(labels: torch.Tensor, batch: int, gen: torch.Generator):
+    """Endless batches of one class each (a group sampler with one group per batch)."""
+    classes = labels.unique()
+    while True:
+        c = classes[torch.randint(0, len(classes), (1,), generator=gen)]
+        members = torch.nonzero(labels == c).squeeze(1)
+        yield members[torch.randperm(len(members), generator=gen)[:batch]]
+
+
+def train(variant: str, seed: int, log: Path) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_tr, y_tr, _, _ = digits_split()
+    model = SimCLR()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
+    sampler = batches(len(x_tr), BATCH, gen) if variant == "shuffled" else \
+        one_class_batches(y_tr, BATCH, gen)
+    probe = gradprobe.Probe(model, log=log)
+    probe.watch_latent("z", model.head)
+    probe.watch_contrastive("cont", temperature=TEMPERATURE)
+    same_class = []
+    with probe:
+        for _, idx in zip(range(STEPS), sampler):
+            labels = y_tr[idx]
+            z1, z2 = model(augment(x_tr[idx], gen)), model(augment(x_tr[idx], gen))
+            probe.observe(cont=(z1, z2), groups=labels)
+            first, second = nt_xent_halves(z1, z2)
+            probe.backward({"view1": first, "view2": second}, weights={"view1": 0.5, "view2": 0.5})
+            opt.step()
+            opt.zero_grad()
+            same = (labels[:, None] == labels[None, :]).float()
+            same_class.append(float((same.sum() - len(idx)) / (len(idx) * (len(idx) - 1))))
+    return representation_truth(model.encoder, model.head) | \
+        {"same_class_negatives": sum(same_class) / len(same_class)}
+
+
+FAMILY = Family(
+    name="simclr",
+    source="Chen et al. 2020 (google-research/simclr); sthalles/SimCLR",
+    train=train,
+    variants=(
+        Variant("shuffled", True, "uniformly shuffled batches, as published",
+                must_not=("weak-contrastive-signal", "representation-collapse")),
+        Variant("one-class-batches", False,
+                "every batch holds one digit class, so every negative is a same-class "
+                "negative and the loss never separates classes",
+                expected=(Expect("weak-contrastive-signal", "cont"),),
+                must_not=("representation-collapse",)),
+    ),
+    seeds=(0, 1, 2, 3),
+    quick=(("shuffled", 1), ("one-class-batches", 1)),
+)
