@@ -217,8 +217,23 @@ def test_shared_inferred_from_the_graph_is_the_nearest_shared_layer(tmp_path):
     probe.close()
     chosen = gradprobe.load_run(tmp_path / "a.gprobe").meta["shared_parameters"]
     assert set(chosen) <= set(shared_everywhere)
-    # The nearest shared layer of this model is f_I or f_E (both feed the head and a loss).
-    assert {c.rpartition(".")[0] for c in chosen} in ({"f_I"}, {"f_E"})
+    # f_I and f_E are each reached by several losses, but 'proto' bypasses f_I and the f_I
+    # path bypasses f_E: the nearest layer every path of every loss crosses is the trunk's
+    # last convolution. Checked by cutting each layer's output from the graph: only a layer
+    # all paths cross leaves the trunk's first convolution without gradient from every loss.
+    assert {c.rpartition(".")[0] for c in chosen} == {"trunk.2"}
+
+    def deepest_gradients(cut):
+        handle = cut.register_forward_hook(lambda module, inputs, output: output.detach())
+        cut_losses, _ = four_losses(model, x[:16], y[:16], g[:16])
+        handle.remove()
+        return [torch.autograd.grad(loss, model.trunk[0].weight, retain_graph=True,
+                                    allow_unused=True)[0] if loss.requires_grad else None
+                for loss in cut_losses.values()]
+
+    assert all(gr is None for gr in deepest_gradients(model.trunk[2]))
+    for bypassed in (model.f_I, model.f_E):
+        assert any(gr is not None for gr in deepest_gradients(bypassed))
 
     losses, _ = four_losses(model, x[:16], y[:16], g[:16])
     probe = gradprobe.Probe(model, "all", every=1, log=tmp_path / "b.gprobe")

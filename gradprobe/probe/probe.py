@@ -110,8 +110,8 @@ class Probe:
     ----------
     model: the ``nn.Module`` being trained (parameter names come from it).
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
-        probe step as the nearest layer that two or more losses reach (``shared="all"``:
-        every parameter two or more losses reach).
+        probe step as the layer nearest below the point where every loss's gradient paths
+        meet (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
     every: probe cadence in steps (step 0 is a probe step).
     log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``).
@@ -474,11 +474,15 @@ class Probe:
         names = self._losses
         per_loss_leaves = [reachable_leaves(losses[k]) for k in names]
         if self._shared is None:
-            self._shared = infer_shared(per_loss_leaves, self._names,
+            regularisers = [k for k, n in enumerate(names) if self.roles[n] == "regularization"]
+            self._shared = infer_shared([losses[k] for k in names], self._names,
+                                        task=names.index(self.task), exempt=regularisers,
                                         whole=self._shared_spec == "all")
             if not self._shared:
-                raise ProbeUsageError("no parameter receives gradient from two or more losses: "
-                                      "there is nothing shared to probe (pass shared=...)")
+                raise ProbeUsageError("no parameter of the model receives gradient from "
+                                      + ("two or more losses" if self._shared_spec == "all"
+                                         else "the losses")
+                                      + ": there is nothing shared to probe (pass shared=...)")
         all_leaves: dict[int, torch.Tensor] = {}
         for leaves in per_loss_leaves:
             all_leaves.update((k, t) for k, (t, _) in leaves.items())
@@ -683,7 +687,7 @@ class Probe:
                             "(computed from detached tensors?): it trains nothing")
             elif not (set(reach) & shared_ids):
                 self._event(step, "no_shared_path", loss_name,
-                            f"loss {loss_name!r} reaches no shared parameter")
+                            self._unshared_message(loss_name, reach, per_loss_leaves))
         if gradients.scale != 1.0:
             scalars[("grad_scale", "amp")] = gradients.scale
         jacobian = numbers.jacobian
@@ -728,6 +732,13 @@ class Probe:
                 scalars[("latent_grad_norm", f"{latent_name}|{loss_name}")] = latent_norms[i][k]
         self._record_watches(step, scalars, arrays, numbers.observed, numbers.local_groups)
         self._write(step, scalars, arrays)
+
+    def _unshared_message(self, loss_name: str, reach: dict, per_loss_leaves: list[dict]) -> str:
+        task_reach = per_loss_leaves[self._losses.index(self.task)]
+        if loss_name != self.task and not (set(reach) & set(task_reach)):
+            return (f"loss {loss_name!r} shares no parameter with the task loss {self.task!r} "
+                    "(computed from detached features?): it reaches none of the shared parameters")
+        return f"loss {loss_name!r} reaches none of the shared parameters"
 
     def _check_skipped(self) -> None:
         """Whether the GradScaler skipped the last probe step: it lowers its scale if it did."""
