@@ -322,7 +322,7 @@ def energy_logistic(scale: float, steps: int = 80, seed: int = 0) -> Run:
     model = nn.ModuleList([u_net, r_net])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     probe = Probe(model, shared=u_net, every=2, roles={"l2": "regularization"})
-    probe.watch_saturation("energy", temperature=1.0, terms=("U", "R"))
+    probe.watch_saturation("energy", temperature=1.0, terms=("U", "R"), target="label")
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         u = scale * u_net(x[idx]).squeeze(1)
@@ -330,7 +330,7 @@ def energy_logistic(scale: float, steps: int = 80, seed: int = 0) -> Run:
         logit = (u - r) / 1.0
         losses = {"task": F.binary_cross_entropy_with_logits(logit, y[idx]),
                   "l2": u_net.weight.pow(2).sum()}
-        probe.observe(energy=logit, U=u, R=r)
+        probe.observe(energy=logit, U=u, R=r, label=y[idx])
         probe.backward(losses, weights={"l2": 1e-4})
         opt.step()
         opt.zero_grad()
@@ -407,3 +407,34 @@ def wiring(mode: str, steps: int = 40, seed: int = 0) -> Run:
             opt.step()
             opt.zero_grad()
     return _finish(probe, f"wiring_{mode}")
+
+
+@_cached
+def sigmoid_head(loss: str, steps: int = 80, seed: int = 0) -> Run:
+    """Six sigmoid outputs (multi-label, each label on for about half the samples), three of
+    them started saturated at "off" (bias -15). ``"mse"``: MSE on the probabilities, whose
+    gradient at a saturated wrong output is ~sigmoid'(x) ~ 3e-7, so those outputs stay
+    wrong; ``"bce"``: cross-entropy on the logits, whose gradient there is sigmoid(x) - y."""
+    gen = _setup(seed)
+    n = 512
+    x = torch.randn(n, 8, generator=gen)
+    y = (x @ torch.randn(8, 6, generator=gen) > 0).float()
+    trunk, head = nn.Linear(8, 16), nn.Linear(16, 6)
+    with torch.no_grad():
+        head.bias[:3] = -15.0
+    model = nn.ModuleList([trunk, head])
+    # Plain SGD: an adaptive optimiser would rescale the vanishing gradient back up.
+    opt = torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9)
+    probe = Probe(model, every=2, roles={"l2": "regularization"})
+    probe.watch_saturation("out", target="label")
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        logit = head(torch.tanh(trunk(x[idx])))
+        fit = F.mse_loss(torch.sigmoid(logit), y[idx]) if loss == "mse" else \
+            F.binary_cross_entropy_with_logits(logit, y[idx])
+        losses = {"fit": fit, "l2": head.weight.pow(2).sum()}
+        probe.observe(out=logit, label=y[idx])
+        probe.backward(losses, weights={"l2": 1e-4})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"sigmoid_head_{loss}")
