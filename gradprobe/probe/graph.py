@@ -49,14 +49,13 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
     """The parameters the losses compete for, named in ``names`` (id -> parameter name).
 
     ``whole=True``: every parameter two or more losses reach. Otherwise one layer: the one
-    nearest the losses among the layers that *every path* of every loss's gradient crosses
-    on its way to the deepest parameter they share (a layer on each loss's dominator chain
-    in the autograd graph). Parallel heads (a VAE's mean and log-variance layers) are not
-    crossed by all paths; the layer they both read from is. Layers with a weight matrix or
-    kernel are preferred: a normalisation layer's per-channel scale and shift alone are
-    passed over. A model applied several times (two batches through one encoder) has one
-    graph per application, joined only at the parameters; layers are compared by name, so
-    that is the same layer.
+    nearest the losses that *every path* of every loss's gradient crosses on its way to the
+    deepest parameter they share. A layer is crossed by all paths when cutting every use of
+    it from the autograd graph (every application: a model run on two batches has two)
+    leaves that parameter without a path from the loss. Parallel heads (a VAE's mean and
+    log-variance layers) are not crossed by all paths; the layer they both read from is.
+    Layers with a weight matrix or kernel are preferred: a normalisation layer's per-channel
+    scale and shift alone are passed over.
 
     The losses taken into account are all those that reach a parameter, less the
     ``exempt`` ones (regularisers that touch a few parameters by design) when two or more
@@ -76,26 +75,27 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
     if not group:
         return []
     common = set(leaves[group[0]]).intersection(*(leaves[k] for k in group[1:]))
-    graphs = [_Graph(losses[k].grad_fn, reach[k]) for k in group]
+    graphs = [_Graph(losses[k].grad_fn, reach[k], names) for k in group]
     # The deepest shared parameter: the longest path to it, so that a layer below two
     # parallel heads counts as deeper than either head.
     bottom = max(common, key=lambda key: (max(graph.longest[leaves[k][key]]
                                               for k, graph in zip(group, graphs)), names[key]))
-    crossed = [graph.crossed_layers(leaves[k][bottom], names) for k, graph in zip(group, graphs)]
     by_layer: dict[str, list[torch.Tensor]] = {}
     for key in sorted(common, key=lambda key: names[key]):
         by_layer.setdefault(module_prefix(names[key]), []).append(tensors[key])
-    candidates = set(by_layer).intersection(*crossed)
-    nearest = sorted(candidates, key=lambda layer: (max(c[layer] for c in crossed), layer))
-    if not nearest:  # no layer crosses every path: the shared layer nearest the losses
-        nearest = [module_prefix(names[min(common, key=lambda key: (
-            max(reach[k][leaves[k][key]] for k in group), names[key]))])]
-    weighted = [layer for layer in nearest if any(t.ndim >= 2 for t in by_layer[layer])]
-    return by_layer[(weighted or nearest)[0]]
+    nearest_first = sorted(by_layer, key=lambda layer: (max(g.depth_of(layer) for g in graphs),
+                                                        layer))
+    crossed_plain = None
+    for layer in nearest_first:
+        if not all(g.crossed(layer, leaves[k][bottom]) for k, g in zip(group, graphs)):
+            continue
+        if any(t.ndim >= 2 for t in by_layer[layer]):
+            return by_layer[layer]
+        crossed_plain = crossed_plain or layer
+    return by_layer[crossed_plain or module_prefix(names[bottom])]
 
 
-def _meeting_group(leaves: list[dict], task: int,
-                   exempt: set[int]) -> list[int]:
+def _meeting_group(leaves: list[dict], task: int, exempt: set[int]) -> list[int]:
     """The losses whose common layer is the shared set (indices into the losses)."""
     active = [k for k, found in enumerate(leaves) if found]
     if not active:
@@ -121,58 +121,52 @@ def _meeting_group(leaves: list[dict], task: int,
 
 
 class _Graph:
-    """One loss's autograd graph: a topological order, longest depths and dominators."""
+    """One loss's autograd graph: its layers' operations, depths and cuts."""
 
-    def __init__(self, root: Any, depth: dict[Any, int]):
+    def __init__(self, root: Any, depth: dict[Any, int], names: dict[int, str]):
         self.root, self.depth = root, depth
         self.children = {node: [c for c, _ in node.next_functions if c is not None]
                          for node in depth}
+        # A layer's operations: the nodes its parameters feed (directly, or through a
+        # transpose or view of the weight).
+        self.operations: dict[str, set[Any]] = {}
+        for node, kids in self.children.items():
+            for child in kids:
+                parameter = _parameter_below(child)
+                if parameter is not None and id(parameter) in names:
+                    self.operations.setdefault(module_prefix(names[id(parameter)]),
+                                               set()).add(node)
         indegree = Counter(c for kids in self.children.values() for c in kids)
-        self.order, queue = [], deque([root])
+        order, queue = [], deque([root])
         while queue:
             node = queue.popleft()
-            self.order.append(node)
+            order.append(node)
             for child in self.children[node]:
                 indegree[child] -= 1
                 if indegree[child] == 0:
                     queue.append(child)
         self.longest = {root: 0}
-        for node in self.order:
+        for node in order:
             for child in self.children[node]:
                 self.longest[child] = max(self.longest.get(child, 0), self.longest[node] + 1)
 
-    def crossed_layers(self, bottom: Any, names: dict[int, str]) -> dict[str, int]:
-        """Layers whose operation every path from the loss to ``bottom`` crosses -> its depth.
+    def depth_of(self, layer: str) -> int:
+        return min(self.depth[node] for node in self.operations[layer])
 
-        The dominators of ``bottom``, computed in one pass over the topological order (the
-        graph is a DAG; Cooper, Harvey & Kennedy 2001, "A simple, fast dominance
-        algorithm"); a layer's operation is a dominator whose own parameters hang below
-        it (directly, or through a transpose or view of the weight).
-        """
-        idom, level = {self.root: self.root}, {self.root: 0}
-
-        def common_dominator(a: Any, b: Any) -> Any:
-            while a is not b:
-                if level[a] >= level[b]:
-                    a = idom[a]
-                else:
-                    b = idom[b]
-            return a
-
-        for node in self.order:
-            for child in self.children[node]:
-                idom[child] = node if child not in idom else common_dominator(idom[child], node)
-                level[child] = level[idom[child]] + 1
-        layers: dict[str, int] = {}
-        node = bottom
-        while True:
-            for child in self.children[node]:
-                parameter = _parameter_below(child)
-                if parameter is not None and id(parameter) in names:
-                    layers.setdefault(module_prefix(names[id(parameter)]), self.depth[node])
-            if node is self.root:
-                return layers
-            node = idom[node]
+    def crossed(self, layer: str, target: Any) -> bool:
+        """Whether every path from the loss to ``target`` passes an operation of ``layer``."""
+        cut = self.operations[layer]
+        if self.root in cut:
+            return True
+        seen, queue = {self.root}, deque([self.root])
+        while queue:
+            for child in self.children[queue.popleft()]:
+                if child is target:
+                    return False
+                if child not in seen and child not in cut:
+                    seen.add(child)
+                    queue.append(child)
+        return True
 
 
 def _parameter_below(node: Any, hops: int = 3) -> torch.Tensor | None:
