@@ -228,7 +228,10 @@ def test_findings_are_sorted_json_and_progress_is_reported():
         assert list(d) == ["id", "severity", "title", "subject", "key_number", "evidence",
                            "why", "remedy", "steps"]
         json.dumps(d, allow_nan=False)
-        assert "\n" not in f.title and f.why.startswith("record-22")
+        assert "\n" not in f.title
+        # Written for any multi-loss model: record 22 is cited as an example, never as the
+        # reader's model, and no text points at the record's own numbered next steps.
+        assert not f.why.lower().startswith("record") and "next step" not in f.remedy
         assert "gradprobe." in f.remedy or f.id == "prototype-stale"  # a loop fix, no piece
         assert d["steps"] is None or d["steps"][0] <= d["steps"][1]
 

@@ -720,8 +720,11 @@ class Probe:
                             f"loss {loss_name!r} has no gradient path to any parameter "
                             "(computed from detached tensors?): it trains nothing")
             elif not (set(reach) & shared_ids):
+                # Recorded for every loss, but a regulariser touching only its own parameters
+                # (an L2 penalty on one head) is that way by design: no warning.
                 self._event(step, "no_shared_path", loss_name,
-                            self._unshared_message(loss_name, reach, per_loss_leaves))
+                            self._unshared_message(loss_name, reach, per_loss_leaves),
+                            warn=self.roles[loss_name] != "regularization")
         if gradients.scale != 1.0:
             scalars[("grad_scale", "amp")] = gradients.scale
         jacobian = numbers.jacobian
@@ -835,7 +838,7 @@ class Probe:
                 scalars.update(watch.record(captured[name], local_groups, self.max_rows))
 
     def _event(self, step: int, kind: str, name: str, message: str,
-               also: Iterable[str] = ()) -> None:
+               also: Iterable[str] = (), warn: bool = True) -> None:
         """Record an event (for ``name`` and the names in ``also``) and warn once per kind and name."""
         if not self._writes:
             return
@@ -844,7 +847,7 @@ class Probe:
             self._writer.add_event(step, kind, each, message)
         # A GradScaler skipping a step now and then is how it works: recorded, not warned.
         fresh = [(kind, each) for each in names if (kind, each) not in self._warned]
-        if kind != "skipped_step" and fresh:
+        if warn and kind != "skipped_step" and fresh:
             self._warned.update(fresh)
             warnings.warn(f"gradprobe: step {step}: {message}", GradprobeWarning, stacklevel=4)
 
