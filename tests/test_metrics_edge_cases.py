@@ -127,15 +127,24 @@ def test_svd_failure_falls_back_to_gram_eigenvalues(monkeypatch):
     assert M.effective_rank(x, method="svd") == pytest.approx(expected, rel=1e-12)
 
 
-def test_eigh_failure_falls_back_to_svd(monkeypatch):
-    x = torch.randn(30, 6)
-    expected = M.effective_rank(x)
+@pytest.mark.parametrize("shape", [(30, 6), (2048, 520)], ids=["torch-eigh", "numpy-eigh"])
+def test_eigh_failure_falls_back_to_svd(monkeypatch, shape):
+    # A small latent takes torch's eigvalsh, a large one (>= 2^20 entries) numpy's: both
+    # are broken, and the rank must come from the SVD fallback, equal to numpy's own SVD.
+    x = torch.randn(*shape, dtype=torch.float64)
+    s = np.linalg.svd(x.numpy(), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    expected = float(np.exp(-(p * np.log(p)).sum()))
+    calls = []
 
     def broken(*a, **k):
+        calls.append(1)
         raise np.linalg.LinAlgError("eigh did not converge")
 
     monkeypatch.setattr(_common.np.linalg, "eigvalsh", broken)
+    monkeypatch.setattr(_common.torch.linalg, "eigvalsh", broken)
     assert M.effective_rank(x) == pytest.approx(expected, rel=1e-9)
+    assert calls == [1]  # the eigen-decomposition was tried and failed
 
 
 def test_collapsed_rows_give_clean_rank():
