@@ -111,8 +111,8 @@ class Probe:
     ----------
     model: the ``nn.Module`` being trained (parameter names come from it).
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
-        probe step as the layer nearest below the point where every loss's gradient paths
-        meet (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
+        probe step as the layer nearest the losses that every path of every loss's gradient
+        crosses (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
     every: probe cadence in steps (step 0 is a probe step).
     log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``).
