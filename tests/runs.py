@@ -162,7 +162,9 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
     """A regression model whose watched latent z (dim 8) feeds the head through a map that
     changes during training: ``"rank1"`` projects z progressively onto one direction (rank
     collapse), ``"vanish"`` multiplies it by a factor shrinking to 0.005 (norm collapse, with an
-    unnormalised orthogonality loss against a second latent), ``"healthy"`` leaves it alone.
+    unnormalised orthogonality loss against a second latent), ``"offset"`` adds a common
+    offset growing to 20 (its mean drifts, its spread is unchanged: no collapse), ``"healthy"``
+    leaves it alone.
     """
     gen = _setup(seed)
     x = torch.randn(512, 12, generator=gen)
@@ -185,6 +187,8 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
             z = (1 - a) * z + a * (z @ u)[:, None] * u[None, :]
         elif mode == "vanish":
             z = z * (1.0 - t * 0.995)
+        elif mode == "offset":
+            z = z + 20.0 * t * u[None, :]
         w = enc2(x[idx])
         losses = {"task": F.mse_loss(head(torch.cat([z, w], 1)).squeeze(1), y[idx]),
                   "orth": (z.T @ w).pow(2).sum() / len(idx) ** 2}
@@ -322,7 +326,7 @@ def energy_logistic(scale: float, steps: int = 80, seed: int = 0) -> Run:
     model = nn.ModuleList([u_net, r_net])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     probe = Probe(model, shared=u_net, every=2, roles={"l2": "regularization"})
-    probe.watch_saturation("energy", temperature=1.0, terms=("U", "R"))
+    probe.watch_saturation("energy", temperature=1.0, terms=("U", "R"), target="label")
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         u = scale * u_net(x[idx]).squeeze(1)
@@ -330,7 +334,7 @@ def energy_logistic(scale: float, steps: int = 80, seed: int = 0) -> Run:
         logit = (u - r) / 1.0
         losses = {"task": F.binary_cross_entropy_with_logits(logit, y[idx]),
                   "l2": u_net.weight.pow(2).sum()}
-        probe.observe(energy=logit, U=u, R=r)
+        probe.observe(energy=logit, U=u, R=r, label=y[idx])
         probe.backward(losses, weights={"l2": 1e-4})
         opt.step()
         opt.zero_grad()
@@ -407,3 +411,247 @@ def wiring(mode: str, steps: int = 40, seed: int = 0) -> Run:
             opt.step()
             opt.zero_grad()
     return _finish(probe, f"wiring_{mode}")
+
+
+@_cached
+def sigmoid_head(loss: str, steps: int = 80, seed: int = 0) -> Run:
+    """Six sigmoid outputs (multi-label, each label on for about half the samples), three of
+    them started saturated at "off" (bias -15). ``"mse"``: MSE on the probabilities, whose
+    gradient at a saturated wrong output is ~sigmoid'(x) ~ 3e-7, so those outputs stay
+    wrong; ``"bce"``: cross-entropy on the logits, whose gradient there is sigmoid(x) - y."""
+    gen = _setup(seed)
+    n = 512
+    x = torch.randn(n, 8, generator=gen)
+    y = (x @ torch.randn(8, 6, generator=gen) > 0).float()
+    trunk, head = nn.Linear(8, 16), nn.Linear(16, 6)
+    with torch.no_grad():
+        head.bias[:3] = -15.0
+    model = nn.ModuleList([trunk, head])
+    # Plain SGD: an adaptive optimiser would rescale the vanishing gradient back up.
+    opt = torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9)
+    probe = Probe(model, every=2, roles={"l2": "regularization"})
+    probe.watch_saturation("out", target="label")
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        logit = head(torch.tanh(trunk(x[idx])))
+        fit = F.mse_loss(torch.sigmoid(logit), y[idx]) if loss == "mse" else \
+            F.binary_cross_entropy_with_logits(logit, y[idx])
+        losses = {"fit": fit, "l2": head.weight.pow(2).sum()}
+        probe.observe(out=logit, label=y[idx])
+        probe.backward(losses, weights={"l2": 1e-4})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"sigmoid_head_{loss}")
+
+
+# ------------------------------------------- the shared set at defaults (DANN, VAE)
+
+class _ScaledReverse(torch.autograd.Function):
+    """Gradient reversal with a coefficient (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.alpha * grad, None
+
+
+@_cached
+def dann(domain_input: str, steps: int = 60, seed: int = 0) -> Run:
+    """Domain-adversarial training as in fungtion/DANN: one feature extractor applied to a
+    source and a target batch, a label head on the source features, one domain head on both
+    through gradient reversal; losses 'label', 's_domain', 't_domain'; the probe infers the
+    shared set. ``domain_input="detached"``: the domain head reads ``feature.detach()``, so
+    the domain losses share nothing with the label loss (the adversary trains nothing in
+    the features): a wiring bug."""
+    gen = _setup(seed)
+    n, classes = 512, 4
+    ys = torch.randint(0, classes, (n,), generator=gen)
+    centres = 2.0 * torch.randn(classes, 10, generator=gen)
+    xs = centres[ys] + torch.randn(n, 10, generator=gen)
+    xt = centres[torch.randint(0, classes, (n,), generator=gen)] + \
+        torch.randn(n, 10, generator=gen) + 1.5  # the shifted target domain
+    feature = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                            nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU())
+    label_head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, classes))
+    domain_head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    model = nn.ModuleDict(dict(feature=feature, label=label_head, domain=domain_head))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    probe = Probe(model, every=2)
+    detach = domain_input == "detached"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe warns about the wiring it records
+        for step in range(steps):
+            idx = torch.randint(0, n, (32,), generator=gen)
+            fs, ft = feature(xs[idx]), feature(xt[idx])
+            alpha = 2.0 / (1.0 + math.exp(-10 * step / steps)) - 1.0
+            ds, dt = ((f.detach() if detach else _ScaledReverse.apply(f, alpha)) for f in (fs, ft))
+            losses = {"label": F.cross_entropy(label_head(fs), ys[idx]),
+                      "s_domain": F.cross_entropy(domain_head(ds), torch.zeros(32, dtype=torch.long)),
+                      "t_domain": F.cross_entropy(domain_head(dt), torch.ones(32, dtype=torch.long))}
+            probe.backward(losses)
+            opt.step()
+            opt.zero_grad()
+    return _finish(probe, f"dann_{domain_input}")
+
+
+class _VAE(nn.Module):
+    """pytorch/examples vae/main.py, scaled down: fc1 -> fc21 (mu) / fc22 (logvar) ->
+    reparameterise -> fc3 -> fc4 -> sigmoid."""
+
+    def __init__(self, d: int = 32, hidden: int = 64, latent: int = 8):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(d, hidden), nn.Linear(hidden, latent), \
+            nn.Linear(hidden, latent)
+        self.fc3, self.fc4 = nn.Linear(latent, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+@_cached
+def vae(beta: float, steps: int = 300, seed: int = 0) -> Run:
+    """A VAE on 32-pixel binary images drawn from 4 latent factors, losses 'bce' (summed
+    over pixels, as in the example) and 'kld' with weight ``beta``. beta 1 learns; beta 50
+    pushes every unit of the posterior to the prior (posterior collapse: no active unit).
+    Watched as the docs say: the posterior mean, and the decoder's logits (the output of
+    fc4, which ``torch.sigmoid`` then reads) against the pixels they reconstruct."""
+    gen = _setup(seed)
+    n = 1024
+    factors = torch.randn(n, 4, generator=gen)
+    x = (torch.sigmoid(3.0 * factors @ torch.randn(4, 32, generator=gen)) >
+         torch.rand(n, 32, generator=gen)).float()
+    model = _VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    probe = Probe(model, every=5)
+    probe.watch_latent("mu", model.fc21)
+    probe.watch_saturation("pixels", model.fc4, target="x")
+    for step in range(steps):
+        idx = torch.randint(0, n, (128,), generator=gen)
+        recon, mu, logvar = model(x[idx])
+        losses = {"bce": F.binary_cross_entropy(recon, x[idx], reduction="sum") / len(idx),
+                  "kld": -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(idx)}
+        probe.observe(x=x[idx])
+        probe.backward(losses, weights={"kld": beta})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"vae_beta={beta}")
+
+
+# ------------------------------------------------ collapse without negatives (SimSiam)
+
+@_cached
+def simsiam(stop_gradient: bool, steps: int = 150, seed: int = 0) -> Run:
+    """SimSiam (Chen & He 2021; facebookresearch/simsiam builder.py) on two noisy views of
+    32-dim data: encoder with a BN projector, a bottleneck predictor, loss
+    -(cos(p1, z2) + cos(p2, z1)) / 2. Without the stop-gradient on z the outputs collapse
+    to one vector (the paper's Fig. 2)."""
+    gen = _setup(seed)
+    n = 1024
+    x = torch.randn(n, 8, generator=gen) @ torch.randn(8, 32, generator=gen)
+    # The projector's output layer ends in a BatchNorm without affine parameters, as in the
+    # reference builder, so the outputs cannot shrink to a point: collapse is dimensional.
+    encoder = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                            nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32, affine=False))
+    predictor = nn.Sequential(nn.Linear(32, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 32))
+    model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-4)
+    probe = Probe(model, every=5)
+    probe.watch_latent("z", encoder)
+    for step in range(steps):
+        idx = torch.randint(0, n, (128,), generator=gen)
+        views = [x[idx] + 0.5 * torch.randn(128, 32, generator=gen) for _ in range(2)]
+        z1, z2 = encoder(views[0]), encoder(views[1])
+        p1, p2 = predictor(z1), predictor(z2)
+        t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
+        loss = -(F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean()) / 2
+        probe.backward({"simsiam": loss})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"simsiam_stop_gradient={stop_gradient}")
+
+
+# ----------------------------------------- a supervised latent (neural collapse geometry)
+
+@_cached
+def classifier(observe_labels: bool, steps: int = 300, seed: int = 0) -> Run:
+    """A 10-class classifier whose 128-dim penultimate features are watched, trained with
+    SGD and weight decay (the setting of Papyan et al. 2020) to a small loss: its features
+    approach neural collapse, class means spanning classes - 1 = 9 directions and the
+    within-class spread shrinking, so their rank falls far below the isotropic one. With
+    ``observe_labels`` the watch sees the labels (``labels="y"``); otherwise it does not."""
+    gen = _setup(seed)
+    n, classes = 2048, 10
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = 1.5 * torch.randn(classes, 20, generator=gen)[y] + torch.randn(n, 20, generator=gen)
+    body = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+    head = nn.Linear(128, classes)
+    model = nn.ModuleList([body, head])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    probe = Probe(model, every=10)
+    probe.watch_latent("features", body, labels="y" if observe_labels else None)
+    for step in range(steps):
+        idx = torch.randint(0, n, (256,), generator=gen)
+        if observe_labels:
+            probe.observe(y=y[idx])
+        probe.backward({"ce": F.cross_entropy(head(body(x[idx])), y[idx])})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"classifier_labels={observe_labels}")
+
+
+# --------------------------------------------------- a conflict that harms (and static weights)
+
+@_cached
+def opposed_targets(steps: int = 120, seed: int = 0) -> Run:
+    """One shared output h asked by 'task' to equal y and by 'aux' (weight 3) to equal -y: the
+    gradients oppose exactly; the heavier 'aux' wins, so 'aux' falls while 'task' rises (a
+    conflict that harms the task, tragic: cos = -1 with unequal magnitudes)."""
+    gen = _setup(seed)
+    n = 512
+    x = torch.randn(n, 8, generator=gen)
+    y = torch.tanh(x @ torch.randn(8, generator=gen))
+    trunk = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(trunk.parameters(), lr=0.05)
+    probe = Probe(trunk, every=2)
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        h = trunk(x[idx]).squeeze(1)
+        losses = {"task": F.mse_loss(h, y[idx]), "aux": F.mse_loss(h, -y[idx])}
+        probe.backward(losses, weights={"aux": 3.0})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, "opposed_targets")
+
+
+@_cached
+def left_right(weight_left: float, steps: int = 80, seed: int = 0) -> Run:
+    """Two heads on one trunk as in the multi-digit LeNet of WeiChengTseng/Pytorch-PCGrad:
+    'L' (the task, first loss) and 'R' classify two halves of the input; 'L' weighted
+    ``weight_left``. At 1e-3 its gradient on the trunk is swamped by 'R''s. An L2 penalty
+    'l2' on the left head only touches that head (a regulariser local by design)."""
+    gen = _setup(seed)
+    n, classes = 1024, 5
+    yl, yr = (torch.randint(0, classes, (n,), generator=gen) for _ in range(2))
+    centres = 2.0 * torch.randn(classes, 8, generator=gen)
+    x = torch.cat([centres[yl], centres[yr]], 1) + torch.randn(n, 16, generator=gen)
+    trunk = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+    left, right = nn.Linear(32, classes), nn.Linear(32, classes)
+    model = nn.ModuleDict(dict(trunk=trunk, left=left, right=right))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    probe = Probe(model, every=2)
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        h = trunk(x[idx])
+        losses = {"L": F.cross_entropy(left(h), yl[idx]), "R": F.cross_entropy(right(h), yr[idx]),
+                  "l2": left.weight.pow(2).sum()}
+        probe.backward(losses, weights={"L": weight_left, "l2": 1e-4})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"left_right_weight={weight_left}")

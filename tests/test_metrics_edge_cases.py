@@ -127,15 +127,27 @@ def test_svd_failure_falls_back_to_gram_eigenvalues(monkeypatch):
     assert M.effective_rank(x, method="svd") == pytest.approx(expected, rel=1e-12)
 
 
-def test_eigh_failure_falls_back_to_svd(monkeypatch):
-    x = torch.randn(30, 6)
-    expected = M.effective_rank(x)
+@pytest.mark.parametrize("shape,library", [((30, 6), "torch"), ((2048, 520), "numpy")],
+                         ids=["torch-eigh", "numpy-eigh"])
+def test_eigh_failure_falls_back_to_svd(monkeypatch, shape, library):
+    # A small latent takes torch's eigvalsh, a large one (>= 2^20 entries) numpy's: both
+    # are broken, and the rank must come from the SVD fallback, equal to numpy's own SVD.
+    x = torch.randn(*shape, dtype=torch.float64)
+    s = np.linalg.svd(x.numpy(), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    expected = float(np.exp(-(p * np.log(p)).sum()))
+    calls = []
 
-    def broken(*a, **k):
-        raise np.linalg.LinAlgError("eigh did not converge")
+    def broken(name):
+        def eigvalsh(*a, **k):
+            calls.append(name)
+            raise np.linalg.LinAlgError("eigh did not converge")
+        return eigvalsh
 
-    monkeypatch.setattr(_common.np.linalg, "eigvalsh", broken)
+    monkeypatch.setattr(_common.np.linalg, "eigvalsh", broken("numpy"))
+    monkeypatch.setattr(_common.torch.linalg, "eigvalsh", broken("torch"))
     assert M.effective_rank(x) == pytest.approx(expected, rel=1e-9)
+    assert calls == [library]  # that library's eigen-decomposition was tried and failed
 
 
 def test_collapsed_rows_give_clean_rank():

@@ -252,3 +252,36 @@ def test_max_abs_correlation_null_montecarlo_and_special_cases():
     assert M.max_abs_correlation_null(3, 1, 1) == pytest.approx(2 / math.pi, rel=1e-4)
     with pytest.raises(ValueError, match="method"):
         M.max_abs_correlation_null(10, 2, 2, method="exact")
+
+
+def test_centred_rankme_ignores_a_drifting_mean():
+    # Isotropic noise plus a common offset growing to 20x the noise's spread: the uncentred
+    # RankMe falls, the centred one is that of the noise alone (numpy SVD of the centred data).
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(256, 64, generator=gen, dtype=torch.float64)
+    direction = torch.randn(64, generator=gen, dtype=torch.float64)
+    direction /= direction.norm()
+    for scale in (0.0, 20.0):
+        z = noise + scale * math.sqrt(64) * direction
+        s = np.linalg.svd((z - z.mean(0)).numpy(), compute_uv=False)
+        p = s / s.sum() + 1e-7
+        assert M.effective_rank(z, centred=True) == pytest.approx(
+            float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+    shifted = noise + 20.0 * math.sqrt(64) * direction
+    assert M.effective_rank(shifted) < 0.3 * M.effective_rank(noise)
+    assert M.effective_rank(shifted, centred=True) == pytest.approx(
+        M.effective_rank(noise, centred=True), rel=1e-9)
+
+
+def test_total_variance_and_active_units_match_numpy():
+    gen = torch.Generator().manual_seed(1)
+    # Eight units, three of which vary less than the 0.01 of Burda et al. (2016).
+    scales = torch.tensor([1.0, 0.5, 0.2, 0.15, 0.11, 0.09, 0.05, 0.0], dtype=torch.float64)
+    z = torch.randn(500, 8, generator=gen, dtype=torch.float64) * scales + 3.0
+    var = np.var(z.numpy(), axis=0, ddof=1)
+    assert M.total_variance(z) == pytest.approx(float(var.sum()), rel=1e-12)
+    assert M.active_units(z) == float((var > 0.01).sum())
+    assert M.active_units(z, threshold=0.1) == float((var > 0.1).sum())
+    assert M.total_variance(z[:1]) == M.active_units(z[:1]) == 0.0
+    with pytest.raises(ValueError):
+        M.active_units(z, threshold=0.0)

@@ -69,3 +69,19 @@ def test_group_diversity():
         M.group_diversity(torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match=r"shape \(n,\)"):
         M.group_diversity(torch.zeros(2, 2))
+
+
+def test_saturated_wrong_fraction_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 6, size=(50, 4))
+    y = (rng.random((50, 4)) > 0.5).astype(float)
+    expected = np.mean((np.abs(x) > 4.6) & (np.abs(sig(x) - y) > 0.5))
+    assert M.saturated_wrong_fraction(torch.tensor(x), torch.tensor(y)) == pytest.approx(expected)
+    # Probabilities as targets, any shape with as many entries.
+    p = rng.random(200)
+    expected = np.mean((np.abs(x.reshape(-1)) > 2.0) & (np.abs(sig(x.reshape(-1)) - p) > 0.5))
+    assert M.saturated_wrong_fraction(x, p, threshold=2.0) == pytest.approx(expected)
+    # Saturated towards the targets: nothing wrong.
+    assert M.saturated_wrong_fraction(torch.tensor([10.0, -10.0]), torch.tensor([1.0, 0.0])) == 0.0
+    with pytest.raises(ValueError, match="as many entries"):
+        M.saturated_wrong_fraction(torch.zeros(3), torch.zeros(4))

@@ -217,8 +217,23 @@ def test_shared_inferred_from_the_graph_is_the_nearest_shared_layer(tmp_path):
     probe.close()
     chosen = gradprobe.load_run(tmp_path / "a.gprobe").meta["shared_parameters"]
     assert set(chosen) <= set(shared_everywhere)
-    # The nearest shared layer of this model is f_I or f_E (both feed the head and a loss).
-    assert {c.rpartition(".")[0] for c in chosen} in ({"f_I"}, {"f_E"})
+    # f_I and f_E are each reached by several losses, but 'proto' bypasses f_I and the f_I
+    # path bypasses f_E: the nearest layer every path of every loss crosses is the trunk's
+    # last convolution. Checked by cutting each layer's output from the graph: only a layer
+    # all paths cross leaves the trunk's first convolution without gradient from every loss.
+    assert {c.rpartition(".")[0] for c in chosen} == {"trunk.2"}
+
+    def deepest_gradients(cut):
+        handle = cut.register_forward_hook(lambda module, inputs, output: output.detach())
+        cut_losses, _ = four_losses(model, x[:16], y[:16], g[:16])
+        handle.remove()
+        return [torch.autograd.grad(loss, model.trunk[0].weight, retain_graph=True,
+                                    allow_unused=True)[0] if loss.requires_grad else None
+                for loss in cut_losses.values()]
+
+    assert all(gr is None for gr in deepest_gradients(model.trunk[2]))
+    for bypassed in (model.f_I, model.f_E):
+        assert any(gr is not None for gr in deepest_gradients(bypassed))
 
     losses, _ = four_losses(model, x[:16], y[:16], g[:16])
     probe = gradprobe.Probe(model, "all", every=1, log=tmp_path / "b.gprobe")
@@ -307,3 +322,51 @@ def test_non_probe_steps_record_nothing_but_the_logged_scalars(tmp_path):
     run = gradprobe.load_run(tmp_path / "r.gprobe")
     assert run.probe_steps().tolist() == [0, 5]
     assert run.series("loss", "task")[0].tolist() == [0, 5]
+
+
+def test_each_watch_keeps_its_own_cadence(tmp_path):
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=tmp_path / "r.gprobe")
+    probe.watch_latent("z_I", model.f_I, every=6)
+    probe.watch_latent("z_E")                                   # the probe's own cadence
+    probe.watch_saturation("logit", every=4)
+    probe.watch_prototypes("proto", lambda: model.prototypes, every=8)
+    for step in range(13):
+        idx = torch.arange(16 * step, 16 * (step + 1)) % len(x)
+        losses, (z_I, z_E, logit) = four_losses(model, x[idx], y[idx], g[idx])
+        probe.observe(z_E=z_E, logit=logit)
+        probe.backward(losses, weights=WEIGHTS)
+    probe.close()
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    assert run.probe_steps().tolist() == [0, 2, 4, 6, 8, 10, 12]
+    assert run.series("effective_rank", "z_I")[0].tolist() == [0, 6, 12]
+    assert run.series("effective_rank", "z_E")[0].tolist() == [0, 2, 4, 6, 8, 10, 12]
+    assert run.series("saturated_fraction", "logit")[0].tolist() == [0, 4, 8, 12]
+    assert run.series("prototype_rank", "proto")[0].tolist() == [0, 8]
+
+
+def test_watch_saturation_reads_a_sigmoid_input_or_another_module_output(tmp_path):
+    torch.manual_seed(0)
+    linear, sigmoid = torch.nn.Linear(4, 3), torch.nn.Sigmoid()
+    model = torch.nn.Sequential(linear, sigmoid)
+    x = 3.0 * torch.randn(64, 4)
+    probe = gradprobe.Probe(model, every=1, log=tmp_path / "r.gprobe")
+    probe.watch_saturation("at_sigmoid", sigmoid, threshold=1.0)
+    probe.watch_saturation("at_linear", linear, threshold=1.0, target="y")
+    y = (torch.rand(64, 3) > 0.5).float()
+    probe.observe(y=y)
+    out = model(x)
+    probe.backward({"fit": (out - y).pow(2).mean(), "aux": out.mean()})
+    probe.close()
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    logits = linear(x).detach()
+    expected = float((logits.abs() > 1.0).double().mean())
+    # Both see the logits: the sigmoid's input is the linear layer's output.
+    assert run.series("saturated_fraction", "at_sigmoid")[1].tolist() == [expected]
+    assert run.series("saturated_fraction", "at_linear")[1].tolist() == [expected]
+    wrong = ((logits.abs() > 1.0) & ((torch.sigmoid(logits) - y).abs() > 0.5)).double().mean()
+    assert run.series("saturated_wrong_fraction", "at_linear")[1].tolist() == [float(wrong)]
+    with pytest.raises(ProbeUsageError, match="target must name a tensor"):
+        probe.watch_saturation("again", target="at_linear")

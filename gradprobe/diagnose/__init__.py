@@ -1,7 +1,8 @@
 """Stage 4: turn a recorded run into findings (the failure analysis of record-22, automated).
 
-``diagnose(run)`` runs one small rule per finding id (:data:`RULES`) and returns the findings
-sorted by severity then id. Thresholds: :class:`Thresholds` (Python) or
+``diagnose(run)`` runs one small rule per finding id (:data:`RULES`, in order; each rule
+also receives the findings of the rules before it) and returns the findings sorted by
+severity then id. Thresholds: :class:`Thresholds` (Python) or
 :func:`load_thresholds` (TOML); docs/findings.md documents every rule and number.
 """
 
@@ -41,7 +42,7 @@ def diagnose(run: Run, thresholds: Thresholds | None = None,
         if progress is not None:
             progress(i, n, rule_id)
         try:
-            findings.extend(rule(run, th))
+            findings.extend(rule(run, th, tuple(findings)))
         except Exception as exc:  # one rule's surprise must not hide the others' findings
             warnings.warn(f"gradprobe diagnose: rule {rule_id!r} could not judge "
                           f"{getattr(run, 'source', 'the run')}: {type(exc).__name__}: {exc}",

@@ -89,125 +89,140 @@ class Finding:
         }
 
 
-# The record-22 mechanism behind each id (the "why" of a finding), one or two sentences.
+# The mechanism behind each id (the "why" of a finding), for any multi-loss model; the
+# record-22 decoupling network (docs/record-22.md) is cited as one example, not as the model.
 WHY: dict[str, str] = {
     "gradient-swamping": (
-        "record-22, mathematical point 1: when one loss's weighted gradient dominates the shared "
-        "parameters, the smaller losses barely move them, so the structure they encode is "
-        "ignored (the root mechanism of the decoupling failure)."),
+        "When one loss's weighted gradient dominates the shared parameters, the other losses "
+        "barely move them, so what those losses were meant to teach the shared layers is "
+        "ignored (GradNorm, Chen et al. 2018). Record 22's decoupling network failed this way "
+        "(its mathematical point 1)."),
     "constraint-neglect": (
-        "record-22, failure theorem: with swamped constraints the optimiser converges to a point "
-        "where the task loss is ~0 while the constraint losses stay large: an overfitted solution "
-        "that satisfies none of the designed geometry."),
+        "With its constraints unheard, the optimiser converges to a point where the task loss "
+        "is near zero while a constraint loss stays high: the model fits its data without the "
+        "structure the constraint was designed to impose (record 22's failure theorem)."),
     "gradient-conflict": (
-        "record-22, mathematical point 4: losses whose gradients point against each other cancel "
-        "on the shared parameters, which gives oscillation or stalls (PCGrad, Yu et al. 2020)."),
+        "Two losses whose gradients on the shared parameters point against each other cancel "
+        "there; when one of them stalls or rises while the other falls, the shared layers "
+        "serve one loss at the other's expense (PCGrad, Yu et al. 2020). A conflict that "
+        "holds no loss back is common (two tasks trading off, an adversary) and only noted."),
     "representation-collapse": (
-        "record-22, mathematical point 3: a latent whose variance concentrates in a few "
-        "directions carries little information; contracting losses (prototype pulls) drive it "
-        "there."),
+        "A latent whose variation concentrates in a few directions, or that maps every input "
+        "to nearly one point, carries little information about its inputs. Losses that only "
+        "pull things together (positive pairs without negatives, prototype pulls, a strong "
+        "KL term to a prior) reach their minimum there unless something prevents it."),
     "weak-contrastive-signal": (
-        "record-22, mathematical point 2: InfoNCE learns only as much as its negatives differ "
-        "from the positive; negatives from the anchor's own group (single-group batches) give a "
-        "weak signal that cannot separate groups."),
+        "InfoNCE learns only as much as its negatives differ from the positive: negatives that "
+        "are too similar (all from the anchor's own group, a single-group batch) or a loss "
+        "stuck at chance give a gradient that cannot separate what it should (van den Oord et "
+        "al. 2018; record 22's mathematical point 2)."),
     "prototype-stale": (
-        "record-22, algorithmic point 1: prototypes whose update is not synchronised with the "
-        "training loop summarise a latent that has since moved, so the prototype loss pulls "
-        "features towards stale targets."),
+        "Prototypes whose update is not synchronised with the training loop summarise a "
+        "latent that has since moved, so a prototype loss pulls features towards outdated "
+        "targets (record 22, algorithmic point 1)."),
     "prototype-collapse": (
-        "record-22, mathematical point 3: momentum-averaged prototypes converge to feature means "
-        "and, with the prototype loss contracting every feature, towards each other: the "
-        "prototypes stop telling groups apart."),
+        "Prototypes updated as averages of features that a prototype loss also contracts "
+        "converge towards each other and stop telling the groups apart (the momentum-average "
+        "trap of record 22, mathematical point 3)."),
     "orthogonality-vanishing": (
-        "record-22, mathematical point 4 and algorithmic point 1: the gradient of ||z_I^T z_E||^2 "
-        "vanishes as a latent's norm goes to 0, so an unnormalised orthogonality loss is "
-        "satisfied by shrinking a latent instead of decoupling it."),
+        "The gradient of an unnormalised orthogonality loss such as ||z_a^T z_b||^2 vanishes "
+        "as a latent's norm goes to zero, so the loss is satisfied by shrinking a latent "
+        "instead of decoupling it (record 22, mathematical point 4)."),
     "latent-dependence": (
-        "record-22, biological point 1 and insight 4: the latents meant to be decoupled still "
-        "share information; forcing strict orthogonality may be the wrong target, but the "
-        "designed decoupling is not achieved."),
+        "Latents a decoupling loss (orthogonality, decorrelation, an adversary) was meant to "
+        "make independent still share information; the designed decoupling is not achieved, "
+        "or strict independence may be the wrong target for the data."),
     "sigmoid-saturation": (
-        "record-22, algorithmic point 4: with a fixed temperature and energy terms of different "
-        "scale, (U_I - R_E) / T lands in the flat part of the sigmoid and the gradient vanishes."),
+        "Where a sigmoid's input is large its derivative is nearly zero. Saturated outputs "
+        "that match their targets are where training should end. Saturated outputs on the "
+        "wrong side of their targets are harm: a loss that reads the probability (MSE, L1) "
+        "gets almost no gradient to correct them, and under cross-entropy they show inputs "
+        "on too large a scale (a fixed temperature, energy terms of different scale)."),
     "static-loss-weights": (
-        "record-22, algorithmic point 2: auxiliary weights fixed for the whole run cannot follow "
-        "the changing gradient scales, so swamping or conflict persists unchecked."),
+        "Loss weights fixed for the whole run cannot follow gradient scales that change "
+        "during training, so the swamping or harmful conflict they cause persists unchecked."),
     "batch-composition-mismatch": (
-        "record-22, algorithmic point 3: the batches do not look as the sampler was meant to make "
-        "them, so training and inference see differently organised data."),
+        "The batches do not look as the sampler was declared to make them, so the losses that "
+        "depend on batch composition (in-batch negatives, per-group statistics) see other "
+        "data than designed."),
     "overfitting": (
-        "record-22, biological point 3: the model fits its training data (the task loss keeps "
-        "falling) while the validation loss rises: it compensates a too-simple energy with "
-        "memorised biases."),
+        "The model keeps fitting its training data (the training loss falls) while the "
+        "validation loss rises: it memorises instead of learning what generalises."),
     "inert-loss": (
-        "record-22, algorithmic point 1 (implementation drift): a designed loss that moves no "
-        "parameter, or none of the shared ones, is not wired into the model and constrains "
-        "nothing."),
+        "A loss that moves no parameter, or none of the parameters it shares with the task, "
+        "constrains nothing the task uses: it is not wired into the model as designed "
+        "(computed from detached tensors, say)."),
     "non-finite": (
-        "A NaN or Inf in a loss, gradient or latent poisons every later update; the record's "
-        "failure analysis presupposes finite training."),
+        "A NaN or Inf in a loss, gradient or latent poisons every later update; nothing "
+        "recorded after it describes a working model."),
 }
 
-# The record's next steps (record point 24), naming the gradprobe piece that implements each.
+# What to do about each id, naming the gradprobe piece that implements a fix where there is one.
 REMEDY: dict[str, str] = {
     "gradient-swamping": (
-        "Adapt the weights from gradient norms (next step 1): gradprobe.remedies.GradNormBalancer "
-        "(update it from probe.last_grad_norms), or clip/normalise the dominant loss's gradient."),
+        "Adapt the weights from the gradient norms: gradprobe.remedies.GradNormBalancer "
+        "(updated from probe.last_grad_norms), or normalise each loss's gradient on the shared "
+        "parameters; raising a swamped loss's fixed weight by the recorded ratio is the "
+        "one-line check."),
     "constraint-neglect": (
-        "Balance the gradients so the constraints are heard while the task still learns "
-        "(gradprobe.remedies.GradNormBalancer) and stage the losses with a curriculum "
-        "(gradprobe.remedies.linear_ramp); add L1 sparsity (gradprobe.remedies.l1_penalty) "
-        "against memorisation."),
+        "Balance the gradients so the constraint is heard while the task still learns "
+        "(gradprobe.remedies.GradNormBalancer), stage the losses with a curriculum "
+        "(gradprobe.remedies.linear_ramp), and regularise the memorising part of the model "
+        "(gradprobe.remedies.l1_penalty, weight decay, early stopping)."),
     "gradient-conflict": (
-        "Replace strict orthogonality by correlation decoupling (next step 3: "
-        "gradprobe.remedies.correlation_loss), balance the weights "
-        "(gradprobe.remedies.GradNormBalancer), or project conflicting gradients (PCGrad)."),
+        "Project the conflicting gradients onto each other's normal plane (PCGrad, Yu et al. "
+        "2020) or seek a common descent direction (MGDA, CAGrad); rebalance the weights "
+        "(gradprobe.remedies.GradNormBalancer); if a constraint cannot hold together with the "
+        "task (strict orthogonality, for one), relax it (gradprobe.remedies.correlation_loss)."),
     "representation-collapse": (
-        "Add anti-collapse pressure: a contrastive term with cross-group negatives "
-        "(gradprobe.remedies.info_nce with gradprobe.remedies.MemoryBank), lower the prototype "
-        "weight, and balance the losses (gradprobe.remedies.GradNormBalancer)."),
+        "Add pressure against collapse suited to the losses present: informative negatives for "
+        "a contrastive loss (gradprobe.remedies.info_nce, gradprobe.remedies.MemoryBank), the "
+        "stop-gradient and predictor of a non-contrastive one, KL annealing or free bits for a "
+        "KL term; balance the losses (gradprobe.remedies.GradNormBalancer)."),
     "weak-contrastive-signal": (
-        "Give InfoNCE cross-group negatives (next step 2): a cross-batch memory bank "
+        "Give InfoNCE informative negatives: mixed batches, or a cross-batch memory bank "
         "(gradprobe.remedies.MemoryBank with gradprobe.remedies.info_nce(..., memory=bank, "
-        "groups=...)) or mixed batches."),
+        "groups=...)); check that positives are really paired with their anchors."),
     "prototype-stale": (
         "Update the prototypes inside the training loop, every step, from the current features "
-        "(momentum p <- mu p + (1 - mu) mean(e_group)), and verify it with an ablation (next "
-        "step 8)."),
+        "(momentum p <- mu p + (1 - mu) mean(z of the group)), and check with an ablation that "
+        "the update runs."),
     "prototype-collapse": (
-        "Add anti-collapse measures (insight 3): a contrastive prototype loss with cross-group "
-        "negatives (gradprobe.remedies.info_nce, gradprobe.remedies.MemoryBank), update each "
-        "prototype from its own group only, and lower the prototype pull."),
+        "Update each prototype from its own group only, add a contrastive prototype loss with "
+        "other-group negatives (gradprobe.remedies.info_nce, gradprobe.remedies.MemoryBank), "
+        "and lower the prototype pull."),
     "orthogonality-vanishing": (
-        "Replace ||z_I^T z_E||^2 by the scale-invariant squared correlation (next step 3: "
+        "Use a scale-invariant decoupling loss (squared correlation: "
         "gradprobe.remedies.correlation_loss), or normalise the latents before the "
         "orthogonality loss."),
     "latent-dependence": (
         "Decouple by correlation (gradprobe.remedies.correlation_loss) with a weight balanced "
-        "against the task (gradprobe.remedies.GradNormBalancer); if the dependence is "
-        "biological, model it with an interaction energy (gradprobe.remedies.interaction_energy)."),
+        "against the task (gradprobe.remedies.GradNormBalancer); if the dependence is real in "
+        "the data, model it (an interaction term: gradprobe.remedies.interaction_energy)."),
     "sigmoid-saturation": (
-        "Make the temperature learnable (next step 5: gradprobe.remedies.LearnableTemperature, "
-        "T = softplus(t)) and bring the energy terms to one scale; consider the interaction "
-        "energy (gradprobe.remedies.interaction_energy)."),
+        "Train the output with cross-entropy on the logits (binary_cross_entropy_with_logits), "
+        "which keeps a gradient sigmoid(x) - y where an output is wrong; scale the logits down "
+        "or learn a temperature (gradprobe.remedies.LearnableTemperature); bring energy terms "
+        "to one scale (gradprobe.remedies.interaction_energy)."),
     "static-loss-weights": (
-        "Schedule or adapt the weights (next step 1): gradprobe.remedies.GradNormBalancer for "
-        "gradient-norm balancing, gradprobe.remedies.linear_ramp for a curriculum that trains "
-        "the task basis first."),
+        "Schedule or adapt the weights of the losses that suffer: "
+        "gradprobe.remedies.GradNormBalancer for gradient-norm balancing, "
+        "gradprobe.remedies.linear_ramp for a curriculum."),
     "batch-composition-mismatch": (
         "Check that the batch sampler is the one the DataLoader actually uses (batch_sampler=), "
         "or declare the intended composition; for cross-group negatives without mixed batches "
         "use gradprobe.remedies.MemoryBank."),
     "overfitting": (
-        "Add sparsity (next step 6: gradprobe.remedies.l1_penalty), an interaction term in the "
-        "energy (next step 4: gradprobe.remedies.interaction_energy), early stopping at the "
-        "validation minimum, and balanced constraints (gradprobe.remedies.GradNormBalancer)."),
+        "Stop early at the validation minimum, regularise (gradprobe.remedies.l1_penalty, "
+        "weight decay, more data or augmentation), and give the model the structure the data "
+        "needs instead of capacity to memorise (e.g. gradprobe.remedies.interaction_energy)."),
     "inert-loss": (
         "Wire the loss to the model: compute it from non-detached tensors that depend on the "
-        "shared parameters, and verify every designed component with an ablation (next step 8)."),
+        "shared parameters (a detach() or torch.no_grad() on its input is the usual cause), and "
+        "check each designed loss with an ablation."),
     "non-finite": (
-        "Find the first non-finite value (the step below), guard logs/divisions with eps, lower "
-        "the learning rate or clip gradients; a saturating sigmoid or an unnormalised loss is a "
-        "common source (gradprobe.remedies.LearnableTemperature, "
+        "Find the first non-finite value (the step below), guard logs and divisions with an "
+        "epsilon, lower the learning rate or clip gradients; a saturating sigmoid or an "
+        "unnormalised loss is a common source (gradprobe.remedies.LearnableTemperature, "
         "gradprobe.remedies.correlation_loss)."),
 }

@@ -1,12 +1,14 @@
 """One small rule per finding id. Each reads only what it needs from the Run and returns a
-list of findings (empty when its quantities were not recorded). docs/findings.md states every
-rule precisely."""
+list of findings (empty when its quantities were not recorded). A rule also receives the
+findings of the rules before it in :data:`RULES` (``earlier``), so that a rule about a cause
+(static weights) reads the findings of the harm it explains instead of judging them again.
+docs/findings.md states every rule precisely."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,15 +20,17 @@ from ._series import (align, finite, g, get, held_range, median, nanmax, pct, pe
 from .findings import REMEDY, WHY, Finding
 from .thresholds import Thresholds
 
-Rule = Callable[[Run, Thresholds], list[Finding]]
+Earlier = Sequence[Finding]  # the findings of the rules before this one, in RULES order
+Rule = Callable[[Run, Thresholds, Earlier], list[Finding]]
 
 
 def _finding(id: str, severity: str, title: str, subject: str, key_number: str, evidence: dict,
-             steps, plot=None, why_extra: str = "", remedy_extra: str = "") -> Finding:
+             steps, plot=None, remedy: str | None = None) -> Finding:
+    """A finding with the id's mechanism as its why; ``remedy`` replaces the id's generic
+    remedy when the losses present call for a specific one."""
     return Finding(id=id, severity=severity, title=title, subject=subject, key_number=key_number,
-                   evidence=evidence, why=WHY[id] + (" " + why_extra if why_extra else ""),
-                   remedy=REMEDY[id] + (" " + remedy_extra if remedy_extra else ""),
-                   steps=steps, plot=plot)
+                   evidence=evidence, why=WHY[id], remedy=remedy or REMEDY[id], steps=steps,
+                   plot=plot)
 
 
 def _loss_start(run: Run, name: str, th: Thresholds) -> float:
@@ -66,7 +70,7 @@ def _satisfied(run: Run, th: Thresholds) -> set[str]:
 
 # ------------------------------------------------------------------------ gradient-swamping
 
-def gradient_swamping(run: Run, th: Thresholds) -> list[Finding]:
+def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     names = [n for n in run.losses if run.has("weighted_grad_norm", n)]
     if len(names) < 2:
         return []
@@ -138,7 +142,7 @@ def gradient_swamping(run: Run, th: Thresholds) -> list[Finding]:
 
 # ----------------------------------------------------------------------- constraint-neglect
 
-def constraint_neglect(run: Run, th: Thresholds) -> list[Finding]:
+def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     task = task_name(run)
     task_series = finite(get(run, "loss", task)) if task else None
     if task_series is None or len(task_series[0]) < 2 * th.min_points:
@@ -189,7 +193,7 @@ def constraint_neglect(run: Run, th: Thresholds) -> list[Finding]:
 
 # ------------------------------------------------------------------------ gradient-conflict
 
-def gradient_conflict(run: Run, th: Thresholds) -> list[Finding]:
+def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     role = roles(run)
     for pair in run.names("grad_cosine"):
@@ -231,87 +235,229 @@ def gradient_conflict(run: Run, th: Thresholds) -> list[Finding]:
         if mag is not None:
             m = np.interp(steps[judged], mag[0], mag[1])
             tragic_share = float(np.mean(c <= -m))
-        severity = "error" if tragic_share is not None and \
-            tragic_share >= th.conflict_tragic_share else "warning"
+        tragic = tragic_share is not None and tragic_share >= th.conflict_tragic_share
+        harm = _conflict_harm(run, th, (a, b), steps[judged], role)
+        severity = ("error" if tragic else "warning") if harm["suffering"] else "info"
         held = np.zeros(len(steps), dtype=bool)
         held[np.flatnonzero(judged)[negative]] = True
         evidence = {
             "pair": pair, "median_cosine": med, "negative_share": share,
-            "tragic_share": tragic_share, "judged_steps": int(judged.sum()),
+            "tragic_share": tragic_share, "judged_steps": int(judged.sum()), **harm,
             "thresholds": {"median_cosine": th.conflict_median_cosine,
-                           "share": th.conflict_share, "tragic_share": th.conflict_tragic_share},
+                           "share": th.conflict_share, "tragic_share": th.conflict_tragic_share,
+                           "stall_fraction": th.conflict_stall_fraction,
+                           "cancel_ratio": th.conflict_cancel_ratio},
             "cosine": thin(steps[judged], c),
         }
-        tragic = " (tragic: cos <= -magnitude similarity)" if severity == "error" else ""
+        what = f"'{a}' and '{b}' pull against each other: gradient cosine < 0 on {pct(share)} " \
+            "of probe steps"
+        if harm["stalled"]:
+            what += f"; {' and '.join(repr(n) for n in harm['stalled'])} stalled while the " \
+                "other fell"
+        if harm["cancelled"]:
+            what += f"; the weighted gradients cancel (combined norm {pct(harm['cancel_ratio'])}" \
+                " of their sum)"
+        if not harm["suffering"]:
+            what += ", but neither loss is held back by it"
+        elif tragic:
+            what += " (tragic: cos <= -magnitude similarity)"
         out.append(_finding(
-            "gradient-conflict", severity,
-            f"'{a}' and '{b}' pull against each other: gradient cosine < 0 on {pct(share)} of "
-            f"probe steps{tragic}",
-            pair, f"cos {g(med)} (median)", evidence, held_range(steps, held),
+            "gradient-conflict", severity, what, pair, f"cos {g(med)} (median)", evidence,
+            held_range(steps, held),
             plot={"quantity": "grad_cosine", "names": [pair], "threshold": 0.0,
                   "ratio_to": None}))
     return out
 
 
+def _loss_ratio(run: Run, name: str, lo: int, hi: int, th: Thresholds) -> float:
+    """A loss's end / start (medians of its windows) between steps ``lo`` and ``hi``."""
+    series = finite(get(run, "loss", name))
+    if series is None:
+        return math.nan
+    keep = (series[0] >= lo) & (series[0] <= hi)
+    if keep.sum() < 2 * th.min_points:
+        return math.nan
+    ends = start_end(series[0][keep], series[1][keep], th)
+    return ends["end"] / ends["start"] if ends["start"] > 0 else math.nan
+
+
+def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
+                   role: dict[str, str]) -> dict:
+    """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
+    the weighted gradients of all losses cancel on the shared parameters."""
+    lo, hi = int(judged[0]), int(judged[-1])
+    ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
+    stalled = []
+    for name, other in (pair, pair[::-1]):
+        # An adversary that does not fall is doing its job (the features defeat it).
+        if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
+                ratios[other] < th.conflict_stall_fraction:
+            stalled.append(name)
+    cancel = math.nan
+    parts = [get(run, "weighted_grad_norm", n) for n in run.losses]
+    combined = get(run, "combined_grad_norm", "shared")
+    if combined is not None and all(p is not None for p in parts):
+        steps, (total, *norms) = align(combined, *parts)
+        at = np.isin(steps, judged)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cancel = median((total / np.sum(norms, axis=0))[at])
+    cancelled = bool(cancel <= th.conflict_cancel_ratio)
+    return {"loss_ratios": ratios, "stalled": stalled, "cancel_ratio": cancel,
+            "cancelled": cancelled, "suffering": list(pair) if cancelled else stalled}
+
+
 # ------------------------------------------------------------------ representation-collapse
 
-def representation_collapse(run: Run, th: Thresholds) -> list[Finding]:
+def _end(series: tuple[np.ndarray, np.ndarray] | None, th: Thresholds) -> float:
+    """Median of a series' last window (NaN when it was not recorded)."""
+    if series is None:
+        return math.nan
+    return median(series[1][-window_size(len(series[1]), th):])
+
+
+def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
-    for z in run.names("effective_rank"):
-        rank = finite(get(run, "effective_rank", z))
+    role = roles(run)
+    kl_losses = [n for n, r in role.items() if r == "kl"]
+    for z in run.names("rankme_centred"):
+        rank = finite(get(run, "rankme_centred", z))
         if rank is None or len(rank[0]) < 2 * th.min_points:
             continue
         steps, r = rank
         k = window_size(len(r), th)
         peak = nanmax(rolling_median(r, th.smooth_points))
         end = median(r[-k:])
+        # Centring moves the isotropic sample's RankMe by O(1/n): the recorded one serves.
         iso_s = get(run, "effective_rank_isotropic", z)
         iso = median(iso_s[1]) if iso_s is not None else math.nan
+        d = median(get(run, "latent_dim", z)[1]) if run.has("latent_dim", z) else math.nan
+        # Centred measures only: a common offset that grows (a drifting mean) is no collapse.
         rank_limit = th.collapse_peak_fraction * peak
         if math.isfinite(iso):
             rank_limit = min(rank_limit, th.collapse_rank_fraction * iso)
+        classes = nanmax(get(run, "latent_classes", z)[1]) if run.has("latent_classes", z) \
+            else math.nan
+        if classes >= 2:
+            # Neural collapse (Papyan et al. 2020): a supervised latent's class means span
+            # classes - 1 directions; a rank settling there is the geometry training aims at.
+            rank_limit = min(rank_limit, th.collapse_class_fraction * (classes - 1))
         held = r <= rank_limit
         rank_cond = end <= rank_limit
-        std_cond = False
-        d = median(get(run, "latent_dim", z)[1]) if run.has("latent_dim", z) else math.nan
-        std_info = {}
-        std_s = finite(get(run, "normalized_std", z))
-        if std_s is not None and math.isfinite(d) and d > 0:
-            s_steps, sv = std_s
-            scaled = sv * math.sqrt(d)
-            s_peak = nanmax(rolling_median(scaled, th.smooth_points))
-            s_end = median(scaled[-window_size(len(scaled), th):])
-            std_limit = min(th.collapse_peak_fraction * s_peak, th.collapse_std_fraction)
-            std_cond = s_end <= std_limit
-            std_info = {"std_scaled_peak": s_peak, "std_scaled_end": s_end,
-                        "normalized_std_end": s_end / math.sqrt(d),
-                        "healthy_normalized_std": 1 / math.sqrt(d),
-                        "normalized_std": thin(s_steps, sv)}
-            if std_cond:
-                std_held = np.interp(steps, s_steps, scaled) <= std_limit
-                held = held | std_held if rank_cond else std_held
-        if not (rank_cond or std_cond):
+        point = _collapse_to_a_point(run, z, d, steps, th)
+        active = _inactive_units(run, z, d, kl_losses, steps, th)
+        if point["held"] is not None:
+            held = held | point["held"] if rank_cond else point["held"]
+        if active["held"] is not None:
+            held = held | active["held"] if rank_cond or point["condition"] else active["held"]
+        if not (rank_cond or point["condition"] or active["condition"]):
             continue
-        severity = "error" if end <= th.collapse_error_rank else "warning"
+        severity = "error" if end <= th.collapse_error_rank or point["condition"] or \
+            active.get("active_end") == 0 else "warning"
         evidence = {
             "latent": z, "dim": d, "rank_peak": peak, "rank_end": end,
-            "rank_isotropic": iso, "rank_condition": bool(rank_cond),
-            "std_condition": bool(std_cond), "end_steps": [int(steps[-k]), int(steps[-1])],
+            "rank_isotropic": iso, "classes": classes if classes >= 2 else None,
+            "rank_limit": rank_limit, "rank_condition": bool(rank_cond),
+            "point_condition": point["condition"], "active_units_condition": active["condition"],
+            "end_steps": [int(steps[-k]), int(steps[-1])],
             "thresholds": {"peak_fraction": th.collapse_peak_fraction,
                            "rank_fraction": th.collapse_rank_fraction,
-                           "std_fraction": th.collapse_std_fraction},
-            "effective_rank": thin(steps, r), **std_info,
+                           "class_fraction": th.collapse_class_fraction,
+                           "std_fraction": th.collapse_std_fraction,
+                           "active_fraction": th.collapse_active_fraction},
+            "rankme_centred": thin(steps, r),
+            **{key: v for key, v in {**point, **active}.items()
+               if key not in ("held", "condition")},
         }
-        what = f"effective rank fell from {g(peak)} to {g(end)} (healthy {g(iso)}, dim {g(d)})" \
-            if rank_cond else \
-            f"normalised std fell to {g(std_info['normalized_std_end'])} (healthy " \
-            f"{g(std_info['healthy_normalized_std'])})"
+        if active["condition"]:
+            what = f"{g(active['active_end'])} of {g(d)} units active (posterior collapse under " \
+                f"{', '.join(repr(n) for n in kl_losses)})"
+        elif point["condition"]:
+            what = f"its spread shrank to {pct(point['variance_end'] / point['variance_peak'])} " \
+                f"of its peak and its normalised std to {g(point['normalized_std_end'])} " \
+                f"(healthy {g(point['healthy_normalized_std'])}): all inputs map to one point"
+        else:
+            what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
+                f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
         out.append(_finding(
             "representation-collapse", severity, f"latent '{z}' collapsed: {what}", z,
             f"rank {g(end)} of {g(d)}", evidence, trailing_range(steps, held),
-            plot={"quantity": "effective_rank", "names": [z], "threshold": rank_limit,
-                  "ratio_to": None}))
+            plot={"quantity": "rankme_centred", "names": [z], "threshold": rank_limit,
+                  "ratio_to": None},
+            remedy=_collapse_remedy(role, active["condition"])))
     return out
+
+
+def _collapse_to_a_point(run: Run, z: str, d: float, steps: np.ndarray,
+                         th: Thresholds) -> dict:
+    """Every input mapped to (nearly) one vector: the rows' directions concentrate (SimSiam's
+    normalised std falls) and their spread itself shrinks. A mean that drifts away from a
+    spread that stays lowers the normalised std too; it keeps its total variance."""
+    std_s = finite(get(run, "normalized_std", z))
+    var_s = finite(get(run, "total_variance", z))
+    if std_s is None or var_s is None or not (math.isfinite(d) and d > 0) or \
+            len(var_s[0]) < th.min_points:
+        return {"condition": False, "held": None}
+    scaled = std_s[1] * math.sqrt(d)
+    s_peak = nanmax(rolling_median(scaled, th.smooth_points))
+    v_peak = nanmax(rolling_median(var_s[1], th.smooth_points))
+    std_limit = min(th.collapse_peak_fraction * s_peak, th.collapse_std_fraction)
+    var_limit = th.collapse_peak_fraction * v_peak
+    s_end, v_end = _end((std_s[0], scaled), th), _end(var_s, th)
+    held = (np.interp(steps, std_s[0], scaled) <= std_limit) & \
+        (np.interp(steps, var_s[0], var_s[1]) <= var_limit)
+    return {"condition": bool(s_end <= std_limit and v_end <= var_limit), "held": held,
+            "std_scaled_peak": s_peak, "std_scaled_end": s_end,
+            "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
+            "variance_peak": v_peak, "variance_end": v_end,
+            "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s)}
+
+
+def _inactive_units(run: Run, z: str, d: float, kl_losses: list[str], steps: np.ndarray,
+                    th: Thresholds) -> dict:
+    """Posterior collapse: with a KL term to a unit prior, (almost) no unit of the latent
+    varies with the input any more (active units, Burda et al. 2016)."""
+    units = finite(get(run, "active_units", z))
+    if not kl_losses or units is None or not (math.isfinite(d) and d > 0) or \
+            len(units[0]) < th.min_points:
+        return {"condition": False, "held": None}
+    reached = [n for n in kl_losses
+               if not run.has("latent_grad_norm", f"{z}|{n}")
+               or nanmax(run.series("latent_grad_norm", f"{z}|{n}")[1]) > 0]
+    if not reached:
+        return {"condition": False, "held": None}  # the KL term does not act on this latent
+    limit = th.collapse_active_fraction * d
+    a_end = _end(units, th)
+    return {"condition": bool(a_end <= limit), "held": np.interp(steps, *units) <= limit,
+            "active_end": a_end, "active_peak": nanmax(units[1]), "active_limit": limit,
+            "kl_losses": reached, "active_units": thin(*units)}
+
+
+def _collapse_remedy(role: dict[str, str], posterior: bool) -> str:
+    """What prevents collapse depends on the losses the model has."""
+    present = set(role.values())
+    if posterior:
+        return ("Posterior collapse: the KL term pushes every unit to the prior faster than the "
+                "decoder learns to use it. Anneal the KL weight from 0 (Bowman et al. 2016), "
+                "give each unit a KL floor (free bits, Kingma et al. 2016), or weaken an "
+                "autoregressive decoder that can ignore the latent.")
+    parts = []
+    if "contrastive" in present:
+        parts.append("give the contrastive loss informative negatives (other groups, a larger "
+                     "batch or a memory bank: gradprobe.remedies.info_nce with "
+                     "gradprobe.remedies.MemoryBank)")
+    if "prototype" in present:
+        parts.append("lower the weight of the prototype pull, which contracts every feature "
+                     "towards a few points")
+    if not parts:
+        parts.append("without negatives (SimSiam, BYOL, any loss that only pulls two views "
+                     "together) nothing in the loss prevents a constant output: check the "
+                     "stop-gradient on the target branch and the predictor head (SimSiam, "
+                     "Chen & He 2021; BYOL's momentum target, Grill et al. 2020), or add a "
+                     "variance and covariance term (VICReg, Bardes et al. 2022)")
+    parts.append("balance the losses so that no contracting loss dominates "
+                 "(gradprobe.remedies.GradNormBalancer)")
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 # ----------------------------------------------------------------- weak-contrastive-signal
@@ -320,7 +466,7 @@ def _groups_per_batch(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     return finite(get(run, "groups_per_batch", "batch"))
 
 
-def weak_contrastive_signal(run: Run, th: Thresholds) -> list[Finding]:
+def weak_contrastive_signal(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     watches = run.names("contrastive_loss_ratio")
     gpb = _groups_per_batch(run)
@@ -400,7 +546,7 @@ def weak_contrastive_signal(run: Run, th: Thresholds) -> list[Finding]:
 
 # ------------------------------------------------------------------------- prototype-stale
 
-def prototype_stale(run: Run, th: Thresholds) -> list[Finding]:
+def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     for p in run.names("prototype_drift"):
         drift = finite(get(run, "prototype_drift", p))
@@ -452,7 +598,7 @@ def prototype_stale(run: Run, th: Thresholds) -> list[Finding]:
 
 # ---------------------------------------------------------------------- prototype-collapse
 
-def prototype_collapse(run: Run, th: Thresholds) -> list[Finding]:
+def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     latents = run.meta.get("prototypes") or {}
     gpb = _groups_per_batch(run)
@@ -524,7 +670,7 @@ def _orthogonality_losses(run: Run) -> list[str]:
     return [n for n, r in roles(run).items() if r == "orthogonality"]
 
 
-def orthogonality_vanishing(run: Run, th: Thresholds) -> list[Finding]:
+def orthogonality_vanishing(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     orth = _orthogonality_losses(run)
     orth_grads = {}
@@ -608,7 +754,7 @@ def _unnormalised_orthogonality(run: Run, th: Thresholds, orth: list[str]) -> li
 
 # ------------------------------------------------------------------------ latent-dependence
 
-def latent_dependence(run: Run, th: Thresholds) -> list[Finding]:
+def latent_dependence(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     decoupling = [n for n, r in roles(run).items()
                   if r in ("orthogonality", "decorrelation", "adversarial")]
@@ -656,7 +802,7 @@ def latent_dependence(run: Run, th: Thresholds) -> list[Finding]:
 
 # ----------------------------------------------------------------------- sigmoid-saturation
 
-def sigmoid_saturation(run: Run, th: Thresholds) -> list[Finding]:
+def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     for s in run.names("saturated_fraction"):
         series = finite(get(run, "saturated_fraction", s))
@@ -668,6 +814,7 @@ def sigmoid_saturation(run: Run, th: Thresholds) -> list[Finding]:
         evidence: dict = {"watch": s, "median_saturated_fraction": med,
                           "held_share": float(held.mean()),
                           "thresholds": {"fraction": th.saturation_fraction,
+                                         "wrong_fraction": th.saturation_wrong_fraction,
                                          "error_fraction": th.saturation_error_fraction,
                                          "energy_ratio": th.saturation_energy_ratio},
                           "saturated_fraction": thin(steps, v)}
@@ -691,15 +838,35 @@ def sigmoid_saturation(run: Run, th: Thresholds) -> list[Finding]:
             extra.append(f"temperature fixed at {g(float(temp[1][0]))}")
         if energy is not None and median(energy[1]) >= th.saturation_energy_ratio:
             extra.append(f"energy terms differ {g(median(energy[1]))}x in scale")
-        if persistent(held, np.ones(len(v), dtype=bool), th):
+        causes = " (" + "; ".join(extra) + ")" if extra else ""
+        wrong = finite(get(run, "saturated_wrong_fraction", s))
+        harmful = False
+        if wrong is not None:
+            w_steps, wv = wrong
+            wrong_held = wv >= th.saturation_wrong_fraction
+            evidence.update(median_saturated_wrong_fraction=median(wv),
+                            saturated_wrong_fraction=thin(w_steps, wv))
+            harmful = persistent(wrong_held, np.ones(len(wv), dtype=bool), th)
+        plot = {"quantity": "saturated_fraction", "names": [s],
+                "threshold": th.saturation_fraction, "ratio_to": None}
+        if harmful:
             severity = "error" if med >= th.saturation_error_fraction else "warning"
             out.append(_finding(
                 "sigmoid-saturation", severity,
-                f"sigmoid '{s}' is saturated: {pct(med)} of its inputs lie in the flat region"
-                + (" (" + "; ".join(extra) + ")" if extra else ""),
-                s, f"saturated {pct(med)} (median)", evidence, held_range(steps, held),
-                plot={"quantity": "saturated_fraction", "names": [s],
-                      "threshold": th.saturation_fraction, "ratio_to": None}))
+                f"sigmoid '{s}' is saturated on the wrong side of its targets: "
+                f"{pct(median(wv))} of its inputs (median; {pct(med)} saturated in all)"
+                + causes, s, f"wrong and saturated {pct(median(wv))}", evidence,
+                held_range(w_steps, wrong_held), plot=plot))
+        elif persistent(held, np.ones(len(v), dtype=bool), th):
+            verdict = "towards its targets (harmless: their gradient has nothing left to do)" \
+                if wrong is not None else \
+                "(harm not judged: pass target= to watch_saturation to tell a saturation " \
+                "towards the targets from one against them)"
+            out.append(_finding(
+                "sigmoid-saturation", "info",
+                f"sigmoid '{s}' is saturated {verdict}: {pct(med)} of its inputs lie in the "
+                "flat region" + causes, s, f"saturated {pct(med)} (median)", evidence,
+                held_range(steps, held), plot=plot))
         elif energy is not None and median(energy[1]) >= th.saturation_energy_ratio:
             out.append(_finding(
                 "sigmoid-saturation", "info",
@@ -713,41 +880,50 @@ def sigmoid_saturation(run: Run, th: Thresholds) -> list[Finding]:
 
 # --------------------------------------------------------------------- static-loss-weights
 
-def static_loss_weights(run: Run, th: Thresholds) -> list[Finding]:
-    task = task_name(run)
-    constant, values = [], {}
+def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    """Fixed weights of the losses that the earlier swamping and harmful-conflict findings
+    show suffering (read from ``earlier``, not judged again)."""
+    constant: dict[str, float] = {}
     for name in run.losses:
         series = finite(get(run, "weight", name))
-        if name == task or series is None or len(series[0]) < th.min_points:
+        if series is None or len(series[0]) < th.min_points:
             continue
         w = series[1]
-        values[name] = float(w[0])
         scale = max(float(np.abs(w).max()), 1e-300)
         if float(np.ptp(w)) <= th.static_weight_tolerance * scale and w[0] != 0:
-            constant.append(name)
-    if not constant:
-        return []
-    related = []
-    for f in gradient_swamping(run, th) + gradient_conflict(run, th):
-        involved = f.subject.split("|")
+            constant[name] = float(w[0])
+    related, reasons = [], []
+    for f in earlier:
         if f.id == "gradient-swamping":
-            involved = involved + [f.evidence.get("dominant")]
-        hit = [n for n in involved if n in constant]
+            suffering = [f.subject]
+            dominant = f.evidence.get("dominant")
+            against = f"swamped by '{dominant}'" + (
+                f" (weight {g(constant[dominant])})" if dominant in constant else "")
+        elif f.id == "gradient-conflict" and f.severity != "info":
+            suffering = list(f.evidence.get("suffering") or [])
+            against = "held back by its conflict with " + " and ".join(
+                f"'{n}'" for n in f.subject.split("|") if n not in suffering) \
+                if len(suffering) == 1 else "cancelled by their conflict"
+        else:
+            continue
+        hit = [n for n in suffering if n in constant]
         if hit:
             related.append({"id": f.id, "subject": f.subject, "static": hit,
                             "steps": list(f.steps) if f.steps else None})
+            reasons.append(f"{' and '.join(repr(n) for n in hit)} "
+                           f"{'is' if len(hit) == 1 else 'are'} {against}")
     if not related:
         return []
     names = sorted({n for r in related for n in r["static"]})
     steps = run.probe_steps()
-    evidence = {"weights": {n: values[n] for n in names}, "all_constant_weights": values,
+    evidence = {"weights": {n: constant[n] for n in names},
+                "other_constant_weights": {n: w for n, w in constant.items() if n not in names},
                 "related_findings": related, "tolerance": th.static_weight_tolerance}
-    ws = ", ".join(f"{n}={g(values[n])}" for n in names)
-    present = sorted({r["id"] for r in related})
+    ws = ", ".join(f"{n}={g(constant[n])}" for n in names)
     return [_finding(
         "static-loss-weights", "warning",
-        f"loss weights fixed for the whole run ({ws}) while {' and '.join(present)} "
-        f"{'persists' if len(present) == 1 else 'persist'}",
+        f"weight{'s' if len(names) > 1 else ''} {ws} fixed for the whole run while "
+        + "; ".join(dict.fromkeys(reasons)),
         ",".join(names), ws, evidence,
         (int(steps[0]), int(steps[-1])) if len(steps) else None,
         plot={"quantity": "weight", "names": names, "threshold": None, "ratio_to": None})]
@@ -755,7 +931,7 @@ def static_loss_weights(run: Run, th: Thresholds) -> list[Finding]:
 
 # -------------------------------------------------------------- batch-composition-mismatch
 
-def batch_composition_mismatch(run: Run, th: Thresholds) -> list[Finding]:
+def batch_composition_mismatch(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     expect = run.meta.get("expect_groups_per_batch")
     gpb = _groups_per_batch(run)
     if expect is None or gpb is None or len(gpb[0]) < th.min_points:
@@ -796,7 +972,7 @@ def batch_composition_mismatch(run: Run, th: Thresholds) -> list[Finding]:
 _SCORE_WORDS = ("acc", "auc", "f1", "precision", "recall", "score", "iou", "map")
 
 
-def overfitting(run: Run, th: Thresholds) -> list[Finding]:
+def overfitting(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     task = task_name(run)
     for val in run.names("logged"):
@@ -846,14 +1022,18 @@ def overfitting(run: Run, th: Thresholds) -> list[Finding]:
 
 # ------------------------------------------------------------------------------ inert-loss
 
-def inert_loss(run: Run, th: Thresholds) -> list[Finding]:
+def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    role = roles(run)
+    # A regulariser may touch only its own parameters (an L2 penalty on one head) by design;
+    # that it misses the shared ones is no wiring fault. A fully inert one still is.
+    local_by_design = {n for n in run.losses if role[n] in th.exempt_roles}
     out, seen = [], set()
     for kind, severity in (("inert_loss", "error"), ("no_shared_path", "warning")):
         by_name: dict[str, list[dict]] = {}
         for e in run.events(kind):
             by_name.setdefault(e["name"], []).append(e)
         for name, events in by_name.items():
-            if name in seen:
+            if name in seen or (kind == "no_shared_path" and name in local_by_design):
                 continue
             seen.add(name)
             grad = finite(get(run, "grad_norm", name))
@@ -861,16 +1041,14 @@ def inert_loss(run: Run, th: Thresholds) -> list[Finding]:
                         "first_step": int(events[0]["step"]), "last_step": int(events[-1]["step"]),
                         "message": events[0]["message"],
                         "max_grad_norm": nanmax(grad[1]) if grad is not None else None}
-            what = "moves no parameter (no gradient path: computed from detached tensors?)" \
-                if kind == "inert_loss" else "reaches no shared parameter"
             out.append(_finding(
-                "inert-loss", severity, f"loss '{name}' {what}", name,
+                "inert-loss", severity, " ".join(str(events[0]["message"]).split()), name,
                 f"{len(events)} probe steps", evidence,
                 (int(events[0]["step"]), int(events[-1]["step"])),
                 plot={"quantity": "grad_norm", "names": [name], "threshold": None,
                       "ratio_to": None}))
     for name in run.losses:
-        if name in seen:
+        if name in seen or name in local_by_design:
             continue
         grad = finite(get(run, "grad_norm", name))
         if grad is None or len(grad[0]) < th.min_points:
@@ -889,7 +1067,7 @@ def inert_loss(run: Run, th: Thresholds) -> list[Finding]:
 
 # ------------------------------------------------------------------------------ non-finite
 
-def non_finite(run: Run, th: Thresholds) -> list[Finding]:
+def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     found: dict[str, dict] = {}
     for e in run.events("non_finite"):
         entry = found.setdefault(e["name"], {"first_step": int(e["step"]), "count": 0,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
-         "reconstruction", "regularization", "other")
+         "reconstruction", "regularization", "kl", "other")
 
 
 class ConfigError(ValueError):
@@ -50,8 +50,9 @@ class Thresholds:
     swamping_error_ratio: float = _f(0.01, "median ratio below this: severity error")
     learned_fraction: float = _f(0.05, "a loss below this fraction of its start has nothing "
                                         "left to learn (not judged for swamping)")
-    exempt_roles: tuple[str, ...] = _roles(("regularization",),
-                                           "roles never reported as swamped or conflicting")
+    exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
+                                           "roles never reported as swamped or conflicting, "
+                                           "nor for missing the shared parameters")
     # -- constraint-neglect ------------------------------------------------------------------
     neglect_task_fraction: float = _f(0.1, "task loss end/start at most this: driven towards 0")
     neglect_constraint_fraction: float = _f(0.8, "constraint loss end/start at least this: stays "
@@ -63,7 +64,12 @@ class Thresholds:
     conflict_median_cosine: float = _f(-0.2, "median cosine of a pair at most this")
     conflict_share: float = _f(0.6, "share of probe steps with cosine < 0 at least this")
     conflict_tragic_share: float = _f(0.5, "share of steps with cos <= -magnitude similarity at "
-                                            "least this: severity error")
+                                            "least this: severity error (with harm)")
+    conflict_stall_fraction: float = _f(0.9, "harm: a loss ends at least this fraction of its "
+                                              "start (stalled or rose) while the other ends "
+                                              "below it")
+    conflict_cancel_ratio: float = _f(0.2, "harm: median combined gradient norm / sum of the "
+                                            "weighted norms at most this (they cancel)")
     # -- representation-collapse -------------------------------------------------------------
     collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std) at most this fraction "
                                              "of its own peak")
@@ -72,6 +78,10 @@ class Thresholds:
     collapse_std_fraction: float = _f(0.3, "... or end normalised std * sqrt(d) at most this "
                                             "(healthy ~1)")
     collapse_error_rank: float = _f(1.5, "end effective rank at most this: severity error")
+    collapse_class_fraction: float = _f(0.5, "with class labels: ... and end rank at most this "
+                                              "fraction of classes - 1 (neural collapse)")
+    collapse_active_fraction: float = _f(0.1, "with a KL loss: end active units at most this "
+                                               "fraction of the dim (posterior collapse)")
     # -- weak-contrastive-signal -------------------------------------------------------------
     contrastive_same_group_share: float = _f(0.9, "median share of same-group negatives at "
                                                    "least this")
@@ -100,7 +110,10 @@ class Thresholds:
                                               "this: dependent")
     # -- sigmoid-saturation ------------------------------------------------------------------
     saturation_fraction: float = _f(0.25, "saturated share of sigmoid inputs at least this")
-    saturation_error_fraction: float = _f(0.5, "median saturated share at least this: error")
+    saturation_wrong_fraction: float = _f(0.05, "share of sigmoid inputs saturated on the wrong "
+                                                "side of their target at least this: harmful")
+    saturation_error_fraction: float = _f(0.5, "median saturated share at least this, when "
+                                               "harmful: error")
     saturation_energy_ratio: float = _f(10.0, "energy-term scale ratio at least this is reported")
     # -- static-loss-weights -----------------------------------------------------------------
     static_weight_tolerance: float = _f(1e-9, "relative range (max-min)/max |w| at most this: "
@@ -116,7 +129,8 @@ class Thresholds:
             value = getattr(self, f.name)
             object.__setattr__(self, f.name, _check(f, value))
         for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
-                     "contrastive_same_group_share", "memorised_fraction", "learned_fraction"):
+                     "contrastive_same_group_share", "memorised_fraction", "learned_fraction",
+                     "saturation_wrong_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"threshold {name!r} must be within [0, 1], got {value}")

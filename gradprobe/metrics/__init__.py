@@ -11,6 +11,7 @@ from .contrastive import contrastive_signal
 from .gradients import gram_from_gradients, gram_statistics
 from .prototypes import prototype_drift, prototype_lag, prototype_spread, prototype_usage
 from .representation import (
+    active_units,
     alignment,
     effective_rank,
     effective_rank_centred,
@@ -23,6 +24,7 @@ from .representation import (
     normalized_std,
     participation_ratio,
     singular_spectrum,
+    total_variance,
     uniformity,
 )
 from .saturation import (
@@ -30,12 +32,14 @@ from .saturation import (
     energy_scale_ratio,
     mean_sigmoid_grad,
     saturated_fraction,
+    saturated_wrong_fraction,
     saturation_histogram,
     saturation_histogram_edges,
 )
 
 __all__ = [
     "SATURATION_THRESHOLD",
+    "active_units",
     "alignment",
     "contrastive_signal",
     "effective_rank",
@@ -58,8 +62,10 @@ __all__ = [
     "prototype_spread",
     "prototype_usage",
     "saturated_fraction",
+    "saturated_wrong_fraction",
     "saturation_histogram",
     "saturation_histogram_edges",
     "singular_spectrum",
+    "total_variance",
     "uniformity",
 ]

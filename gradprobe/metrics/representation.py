@@ -33,6 +33,8 @@ __all__ = [
     "isotropic_effective_rank",
     "isotropic_participation_ratio",
     "normalized_std",
+    "total_variance",
+    "active_units",
     "singular_spectrum",
     "alignment",
     "uniformity",
@@ -51,12 +53,16 @@ def _centre(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def effective_rank(z: Tensor, method: str = "gram") -> float:
+def effective_rank(z: Tensor, method: str = "gram", centred: bool = False) -> float:
     r"""RankMe (Garrido et al., "RankMe: Assessing the downstream performance of
-    pretrained self-supervised representations by their rank", ICML 2023), uncentred.
+    pretrained self-supervised representations by their rank", ICML 2023), uncentred
+    by default.
 
     With the singular values ``s_1..s_m`` (m = min(n, d)) of the n x d matrix ``z``:
     ``p_k = s_k / sum(s) + 1e-7``, ``RankMe = exp(-sum_k p_k log p_k)``.
+    ``centred=True``: of ``z - mean(z)`` (column means), so that a common offset, which
+    carries no information about the inputs, is not counted as a direction (a mean that
+    drifts lowers the uncentred RankMe of an unchanged spread).
 
     Range ~[1, min(n, d)]; a rank-r matrix with equal singular values gives r.
     Singular values come from the eigenvalues of the smaller Gram matrix
@@ -67,6 +73,8 @@ def effective_rank(z: Tensor, method: str = "gram") -> float:
     :func:`isotropic_effective_rank`.
     """
     x = as_matrix(z, "z", check=False)  # finiteness is checked on the Gram matrix
+    if centred:
+        x = _centre(x)
     s = torch.sqrt(squared_singular_values(x, "z", method))
     return entropy_rank(s)
 
@@ -160,6 +168,39 @@ def normalized_std(z: Tensor) -> float:
     if x.shape[0] < 2:
         return 0.0
     return float(l2_normalize_rows(x).std(dim=0, unbiased=True).mean())
+
+
+@torch.no_grad()
+def total_variance(z: Tensor) -> float:
+    r"""Total variance ``tr C = sum_j var_i(z_ij)`` of the covariance (unbiased).
+
+    Unlike the rank and :func:`normalized_std` it keeps the latent's scale and ignores its
+    mean: a latent whose spread shrinks towards one point loses it, a latent that only
+    drifts (a common offset) keeps it. Null: d for standard-Gaussian rows. n = 1 -> 0.0.
+    """
+    x = as_matrix(z, "z")
+    if x.shape[0] < 2:
+        return 0.0
+    return float(x.var(dim=0, unbiased=True).sum())
+
+
+@torch.no_grad()
+def active_units(z: Tensor, threshold: float = 0.01) -> float:
+    r"""Number of active units: dimensions whose variance over the inputs exceeds
+    ``threshold``, ``#{j : var_i(z_ij) > threshold}`` (unbiased variance).
+
+    Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016: for a
+    VAE's posterior mean ``z = E_q[u | x]`` a unit is active when ``Cov_x(E_q[u_j]) > 0.01``;
+    with a standard-normal prior that scale is meaningful. A unit the KL term has pushed to
+    the prior carries the same mean for every input (variance -> 0): posterior collapse
+    leaves 0 active units. For latents whose scale is not anchored to a prior the count
+    depends on the scale. Null: d for standard-Gaussian rows. n = 1 -> 0.0.
+    """
+    threshold = check_positive_float(threshold, "threshold")
+    x = as_matrix(z, "z")
+    if x.shape[0] < 2:
+        return 0.0
+    return float((x.var(dim=0, unbiased=True) > threshold).sum())
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from ._common import as_array, check_positive_float, check_positive_int
 
 __all__ = [
     "saturated_fraction",
+    "saturated_wrong_fraction",
     "mean_sigmoid_grad",
     "energy_scale_ratio",
     "saturation_histogram",
@@ -32,6 +33,29 @@ def saturated_fraction(x: Tensor, threshold: float = SATURATION_THRESHOLD) -> fl
     threshold = check_positive_float(threshold, "threshold")
     v = as_array(x, "x")
     return float((v.abs() > threshold).double().mean())
+
+
+@torch.no_grad()
+def saturated_wrong_fraction(x: Tensor, target: Tensor,
+                             threshold: float = SATURATION_THRESHOLD) -> float:
+    """Share of sigmoid inputs that are saturated *and* on the wrong side of their target:
+    ``mean(|x| > threshold and |sigmoid(x) - y| > 0.5)`` over all entries.
+
+    ``target`` holds the value each output ``sigmoid(x)`` is trained towards (0/1 labels or
+    probabilities in [0, 1], any shape with as many entries as ``x``). A saturated input on
+    the right side of its target is where the sigmoid is meant to end up; on the wrong side
+    its gradient ``sigmoid'(x) < 0.01`` (at the default threshold) is all a loss that reads
+    the probability (MSE, L1) has to correct it with, so it stays wrong (LeCun et al.,
+    "Efficient BackProp", 1998, on saturation and target values; cross-entropy keeps a
+    gradient ``sigmoid(x) - y`` there instead). Null (standard-normal logits): ~4e-6 at most.
+    """
+    threshold = check_positive_float(threshold, "threshold")
+    v = as_array(x, "x")
+    y = as_array(target, "target").to(v.device)
+    if y.numel() != v.numel():
+        raise ValueError(f"target must have as many entries as x ({v.numel()}), got {y.numel()}")
+    wrong = (torch.sigmoid(v) - y).abs() > 0.5
+    return float(((v.abs() > threshold) & wrong).double().mean())
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
                       ProbeUsageError, SaturationWatch, as_matrix, batch_scalars, latent_pair)
 
 ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
-         "reconstruction", "regularization", "other")
+         "reconstruction", "regularization", "kl", "other")
 
 # Substrings of common loss names, checked in this order, for roles the user did not give.
 _ROLE_HINTS = (
@@ -39,7 +39,8 @@ _ROLE_HINTS = (
     ("decorrelation", ("corr", "decor", "hsic", "mi")),
     ("adversarial", ("adv", "domain", "grl", "disc", "gan")),
     ("reconstruction", ("rec", "recon", "ae")),
-    ("regularization", ("reg", "l1", "l2", "sparse", "kl", "wd", "entropy")),
+    ("kl", ("kl", "kld", "prior")),
+    ("regularization", ("reg", "l1", "l2", "sparse", "wd", "entropy")),
 )
 
 RESERVED_OBSERVE = ("groups",)
@@ -110,8 +111,8 @@ class Probe:
     ----------
     model: the ``nn.Module`` being trained (parameter names come from it).
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
-        probe step as the nearest layer that two or more losses reach (``shared="all"``:
-        every parameter two or more losses reach).
+        probe step as the layer nearest the losses that every path of every loss's gradient
+        crosses (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
     every: probe cadence in steps (step 0 is a probe step).
     log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``).
@@ -206,10 +207,17 @@ class Probe:
             raise ProbeUsageError(f"the name {name!r} is already watched (names must be unique)")
 
     def watch_latent(self, name: str, module: torch.nn.Module | None = None, *,
-                     every: int | None = None) -> None:
-        """Record a latent ([batch, dim]): from ``module``'s forward output, or ``observe(name=...)``."""
+                     labels: str | None = None, every: int | None = None) -> None:
+        """Record a latent ([batch, dim]): from ``module``'s forward output, or ``observe(name=...)``.
+
+        ``labels``: the name of an observed tensor holding the class label of each row (e.g.
+        ``labels="y"`` with ``observe(y=...)``, or ``labels="groups"``). The number of
+        classes it shows tells the diagnosis that a supervised latent whose rank settles
+        near classes - 1 has the geometry of neural collapse, not a collapse.
+        """
         self._check_new_name(name)
-        watch = LatentWatch(name, module, every)
+        self._check_observed_name(f"latent {name!r}: labels", labels, name)
+        watch = LatentWatch(name, module, labels, every)
         if module is not None:
             watch.handle = module.register_forward_hook(self._capture_output(name))
         self._latents[name] = watch
@@ -229,20 +237,44 @@ class Probe:
 
     def watch_saturation(self, name: str, module: torch.nn.Module | None = None, *,
                          temperature: Any = None, threshold: float = 4.6,
-                         terms: tuple[str, str] | None = None, every: int | None = None) -> None:
-        """Record sigmoid inputs: a module's input (e.g. ``nn.Sigmoid``) or ``observe(name=...)``.
+                         terms: tuple[str, str] | None = None, target: str | None = None,
+                         every: int | None = None) -> None:
+        """Record the inputs of a sigmoid (its logits).
 
-        ``temperature``: a number or callable recorded beside it; ``terms``: the names of two
-        energy terms passed to ``observe`` (e.g. ``("U_I", "R_E")``) whose scale ratio is kept.
+        ``module``: an ``nn.Sigmoid`` (its input is recorded), or the layer that computes the
+        logits a functional ``torch.sigmoid`` then reads (its *output* is recorded); without
+        a module, the logits passed as ``observe(name=...)``. ``target``: the name of an
+        observed tensor holding what each sigmoid output is trained towards (0/1 labels or
+        probabilities, one per logit), e.g. ``target="y"`` with ``observe(y=...)``: the
+        diagnosis then tells a saturation towards the targets (harmless) from one on the
+        wrong side of them. ``temperature``: a number or callable recorded beside it;
+        ``terms``: the names of two energy terms passed to ``observe`` (e.g.
+        ``("U_I", "R_E")``) whose scale ratio is kept.
         """
         self._check_new_name(name)
         for term in terms or ():
             self._check_new_name(term)
+        self._check_observed_name(f"saturation {name!r}: target", target, name,
+                                  allow_groups=False)
         watch = SaturationWatch(name, module, temperature, threshold,
-                                tuple(terms) if terms else None, every)
-        if module is not None:
+                                tuple(terms) if terms else None, target, every)
+        if isinstance(module, torch.nn.Sigmoid):
             watch.handle = module.register_forward_pre_hook(self._capture_input(name))
+        elif module is not None:
+            watch.handle = module.register_forward_hook(self._capture_output(name))
         self._saturations[name] = watch
+
+    def _check_observed_name(self, what: str, value: str | None, name: str, *,
+                             allow_groups: bool = True) -> None:
+        """A watch's extra input: the name of a tensor passed to ``observe`` that no watch
+        records itself (several watches may share it)."""
+        if value is None or (allow_groups and value == "groups"):
+            return
+        watched = {name, *self._latents, *self._saturations, *self._contrastive,
+                   *self._prototypes, *RESERVED_OBSERVE}
+        if not isinstance(value, str) or not value or "|" in value or value in watched:
+            raise ProbeUsageError(f"{what} must name a tensor passed to observe() that is not "
+                                  f"itself watched, got {value!r}")
 
     def watch_contrastive(self, name: str, *, temperature: float = 0.1,
                           every: int | None = None) -> None:
@@ -274,7 +306,8 @@ class Probe:
         names = set(self._latents) | set(self._saturations) | set(self._contrastive) | \
             set(RESERVED_OBSERVE)
         for watch in self._saturations.values():
-            names.update(watch.terms or ())
+            names.update(watch.observed_names())
+        names.update(w.labels for w in self._latents.values() if w.labels)
         return names
 
     def observe(self, **tensors: Any) -> None:
@@ -474,11 +507,15 @@ class Probe:
         names = self._losses
         per_loss_leaves = [reachable_leaves(losses[k]) for k in names]
         if self._shared is None:
-            self._shared = infer_shared(per_loss_leaves, self._names,
+            regularisers = [k for k, n in enumerate(names) if self.roles[n] == "regularization"]
+            self._shared = infer_shared([losses[k] for k in names], self._names,
+                                        task=names.index(self.task), exempt=regularisers,
                                         whole=self._shared_spec == "all")
             if not self._shared:
-                raise ProbeUsageError("no parameter receives gradient from two or more losses: "
-                                      "there is nothing shared to probe (pass shared=...)")
+                raise ProbeUsageError("no parameter of the model receives gradient from "
+                                      + ("two or more losses" if self._shared_spec == "all"
+                                         else "the losses")
+                                      + ": there is nothing shared to probe (pass shared=...)")
         all_leaves: dict[int, torch.Tensor] = {}
         for leaves in per_loss_leaves:
             all_leaves.update((k, t) for k, (t, _) in leaves.items())
@@ -632,11 +669,12 @@ class Probe:
         if name in self._latents:
             matrix = as_matrix(name, tensor, self.max_rows)
         else:
-            if tensor.ndim == 0 or not tensor.is_floating_point():
-                raise ProbeUsageError(f"{name!r} must be a floating-point tensor with a batch "
-                                      f"dimension, got {tensor.dtype} of shape {list(tensor.shape)}")
+            if tensor.ndim == 0 or tensor.is_complex():
+                raise ProbeUsageError(f"{name!r} must be a real tensor with a batch dimension, "
+                                      f"got {tensor.dtype} of shape {list(tensor.shape)}")
             matrix = tensor.detach().reshape(tensor.shape[0], -1)
-        return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+        # Integer labels and targets travel as float64, exact for any class id below 2^53.
+        return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.double()
 
     def _globalize(self, numbers: StepNumbers, names: list[str], rows: list[int]) -> StepNumbers:
         """The ranks' numbers combined into those of the global batch (see distributed.py)."""
@@ -682,8 +720,11 @@ class Probe:
                             f"loss {loss_name!r} has no gradient path to any parameter "
                             "(computed from detached tensors?): it trains nothing")
             elif not (set(reach) & shared_ids):
+                # Recorded for every loss, but a regulariser touching only its own parameters
+                # (an L2 penalty on one head) is that way by design: no warning.
                 self._event(step, "no_shared_path", loss_name,
-                            f"loss {loss_name!r} reaches no shared parameter")
+                            self._unshared_message(loss_name, reach, per_loss_leaves),
+                            warn=self.roles[loss_name] != "regularization")
         if gradients.scale != 1.0:
             scalars[("grad_scale", "amp")] = gradients.scale
         jacobian = numbers.jacobian
@@ -729,6 +770,13 @@ class Probe:
         self._record_watches(step, scalars, arrays, numbers.observed, numbers.local_groups)
         self._write(step, scalars, arrays)
 
+    def _unshared_message(self, loss_name: str, reach: dict, per_loss_leaves: list[dict]) -> str:
+        task_reach = per_loss_leaves[self._losses.index(self.task)]
+        if loss_name != self.task and not (set(reach) & set(task_reach)):
+            return (f"loss {loss_name!r} shares no parameter with the task loss {self.task!r} "
+                    "(computed from detached features?): it reaches none of the shared parameters")
+        return f"loss {loss_name!r} reaches none of the shared parameters"
+
     def _check_skipped(self) -> None:
         """Whether the GradScaler skipped the last probe step: it lowers its scale if it did."""
         if self._scale_check is None or self._scaler is None:
@@ -760,7 +808,8 @@ class Probe:
         for name, watch in self._latents.items():
             if name in captured and self._due(watch.every, step):
                 try:
-                    got_scalars, got_arrays = watch.record(captured[name], self.max_rows)
+                    labels = captured.get(watch.labels) if watch.labels else None
+                    got_scalars, got_arrays = watch.record(captured[name], self.max_rows, labels)
                 except NonFinite as exc:
                     self._event(step, "non_finite", name, f"{exc} holds NaN or Inf")
                     continue
@@ -789,7 +838,7 @@ class Probe:
                 scalars.update(watch.record(captured[name], local_groups, self.max_rows))
 
     def _event(self, step: int, kind: str, name: str, message: str,
-               also: Iterable[str] = ()) -> None:
+               also: Iterable[str] = (), warn: bool = True) -> None:
         """Record an event (for ``name`` and the names in ``also``) and warn once per kind and name."""
         if not self._writes:
             return
@@ -798,7 +847,7 @@ class Probe:
             self._writer.add_event(step, kind, each, message)
         # A GradScaler skipping a step now and then is how it works: recorded, not warned.
         fresh = [(kind, each) for each in names if (kind, each) not in self._warned]
-        if kind != "skipped_step" and fresh:
+        if warn and kind != "skipped_step" and fresh:
             self._warned.update(fresh)
             warnings.warn(f"gradprobe: step {step}: {message}", GradprobeWarning, stacklevel=4)
 

@@ -39,15 +39,19 @@ def as_matrix(name: str, tensor: torch.Tensor, max_rows: int) -> torch.Tensor:
 
 
 class LatentWatch:
-    """A named latent: captured from a module's forward output, or passed to ``observe``."""
+    """A named latent: captured from a module's forward output, or passed to ``observe``;
+    optionally with the class labels of its rows (the name of an observed tensor)."""
 
-    def __init__(self, name: str, module: torch.nn.Module | None, every: int | None):
+    def __init__(self, name: str, module: torch.nn.Module | None, labels: str | None,
+                 every: int | None):
         self.name = name
         self.module = module
+        self.labels = labels
         self.every = every
         self.handle = None
 
-    def record(self, z: torch.Tensor, max_rows: int) -> tuple[Scalars, Arrays]:
+    def record(self, z: torch.Tensor, max_rows: int,
+               labels: torch.Tensor | None = None) -> tuple[Scalars, Arrays]:
         z = as_matrix(self.name, z, max_rows)
         if not torch.isfinite(z).all():
             raise NonFinite(f"latent {self.name!r}")
@@ -57,12 +61,21 @@ class LatentWatch:
             ("effective_rank", key): metrics.effective_rank(z),
             ("effective_rank_isotropic", key): metrics.isotropic_effective_rank(n, d),
             ("effective_rank_centred", key): metrics.effective_rank_centred(z),
+            ("rankme_centred", key): metrics.effective_rank(z, centred=True),
             ("participation_ratio", key): metrics.participation_ratio(z),
             ("normalized_std", key): metrics.normalized_std(z),
+            ("total_variance", key): metrics.total_variance(z),
+            ("active_units", key): metrics.active_units(z),
             ("latent_norm", key): metrics.latent_norm(z),
             ("latent_dim", key): float(d),
             ("latent_rows", key): float(n),
         }
+        if labels is not None:
+            labels = torch.as_tensor(labels).detach().reshape(-1)
+            if labels.shape[0] < n:
+                raise ProbeUsageError(f"latent {self.name!r}: {labels.shape[0]} labels "
+                                      f"({self.labels!r}) for {n} rows")
+            scalars[("latent_classes", key)] = float(torch.unique(labels[:n]).numel())
         arrays = {("singular_spectrum", key):
                   metrics.singular_spectrum(z, k=min(32, d)).cpu().numpy().astype(np.float32)}
         return scalars, arrays
@@ -175,18 +188,24 @@ def resolve_scalar(value: Any) -> float | None:
 
 
 class SaturationWatch:
-    """Pre-sigmoid values: share in the flat region, mean sigmoid', a fixed-bin histogram."""
+    """Pre-sigmoid values: share in the flat region, mean sigmoid', a fixed-bin histogram;
+    with a target, the share saturated on the wrong side of it."""
 
     def __init__(self, name: str, module: torch.nn.Module | None,
                  temperature: float | Callable[[], Any] | None, threshold: float,
-                 terms: tuple[str, str] | None, every: int | None):
+                 terms: tuple[str, str] | None, target: str | None, every: int | None):
         self.name = name
         self.module = module
         self.temperature = temperature
         self.threshold = threshold
         self.terms = terms
+        self.target = target
         self.every = every
         self.handle = None
+
+    def observed_names(self) -> tuple[str, ...]:
+        """Names besides its own that this watch reads from ``observe``."""
+        return (*(self.terms or ()), *((self.target,) if self.target else ()))
 
     def record(self, x: torch.Tensor, observed: dict[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
         if not isinstance(x, torch.Tensor) or x.numel() == 0:
@@ -200,6 +219,15 @@ class SaturationWatch:
             ("mean_sigmoid_grad", key): metrics.mean_sigmoid_grad(x),
             ("saturation_threshold", key): float(self.threshold),
         }
+        target = observed.get(self.target) if self.target else None
+        if target is not None:
+            if not isinstance(target, torch.Tensor) or target.numel() != x.numel():
+                got = f"{target.numel()} values" if isinstance(target, torch.Tensor) else \
+                    type(target).__name__
+                raise ProbeUsageError(f"saturation watch {self.name!r}: target {self.target!r} "
+                                      f"needs one value per sigmoid input ({x.numel()}), got {got}")
+            scalars[("saturated_wrong_fraction", key)] = metrics.saturated_wrong_fraction(
+                x, target.detach().reshape(-1), threshold=self.threshold)
         temperature = resolve_scalar(self.temperature)
         if temperature is not None:
             scalars[("temperature", key)] = temperature

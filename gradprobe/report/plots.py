@@ -32,6 +32,7 @@ from gradprobe import __version__
 from gradprobe.record import Run
 
 from .data import RunData, finding_value, moment_indices
+from .evidence import evidence_parts
 from .style import (MOMENT_COLOURS, MOMENT_STYLES, PAGE_SIZE, REFERENCE_COLOUR, SEVERITY_COLOURS,
                     SEVERITY_ORDER, Palette, report_style)
 
@@ -76,22 +77,6 @@ def _fmt_step(x: float, _pos: Any = None) -> str:
     if abs(x) >= 10_000:
         return f"{x / 1000:g}k"
     return f"{x:g}"
-
-
-def _fmt_number(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    if isinstance(v, (float, np.floating)):
-        return "nan" if not math.isfinite(v) else f"{float(v):.3g}"
-    if isinstance(v, (list, tuple)):
-        inner = ", ".join(_fmt_number(x) for x in list(v)[:6])
-        return f"[{inner}{', …' if len(v) > 6 else ''}]"
-    if isinstance(v, dict):
-        inner = ", ".join(f"{k}: {_fmt_number(x)}" for k, x in list(v.items())[:6])
-        return "{" + inner + (", …" if len(v) > 6 else "") + "}"
-    return str(v)
 
 
 def _clip(text: str, chars: int) -> str:
@@ -1374,13 +1359,21 @@ def _detail_pages(ctx: _Context, pages_of: dict[int, str]) -> list[Figure]:
         flow.text("Remedy", size=8.5, weight="bold", gap=0.15)
         flow.paragraph(finding_value(f, "remedy") or "", x=0.75)
         evidence = finding_value(f, "evidence") or {}
-        if evidence:
-            flow.text("Evidence", size=8.5, weight="bold", gap=0.15)
-            text = ";  ".join(f"{k} = {_fmt_number(v)}" for k, v in evidence.items())
-            flow.paragraph(text, x=0.75, size=7.5, colour="#333333", family="monospace",
-                           max_lines=6)
+        if isinstance(evidence, dict) and evidence:
+            _evidence_block(flow, evidence)
         flow.space(0.22)
     return flow.figs
+
+
+def _evidence_block(flow: _TextFlow, evidence: dict) -> None:
+    """The evidence as a two-column table of its numbers, then a sentence per series."""
+    rows, sentences = evidence_parts(evidence)
+    flow.text("Evidence", size=8.5, weight="bold", gap=0.15)
+    for key, value in rows:
+        flow.text(flow.fit(key, 0.75, 2.85, 7.5), x=0.75, size=7.5, colour="#555555", gap=0)
+        flow.paragraph(value, x=2.95, size=7.5, colour="#222222", max_lines=2)
+    for sentence in sentences:
+        flow.paragraph(sentence, x=0.75, size=7.5, colour="#333333", max_lines=2)
 
 
 # -- assembly -----------------------------------------------------------------------------------
