@@ -163,8 +163,8 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
     changes during training: ``"rank1"`` projects z progressively onto one direction (rank
     collapse), ``"vanish"`` multiplies it by a factor shrinking to 0.005 (norm collapse, with an
     unnormalised orthogonality loss against a second latent), ``"offset"`` adds a common
-    offset growing to 20 (its mean drifts, its spread is unchanged: no collapse), ``"healthy"``
-    leaves it alone.
+    offset growing to 20 (its mean drifts, its spread is unchanged: no collapse; its
+    directions, watched as ``z_dir``, do collapse to one point), ``"healthy"`` leaves it alone.
     """
     gen = _setup(seed)
     x = torch.randn(512, 12, generator=gen)
@@ -177,6 +177,8 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
     probe = Probe(model, shared=enc, every=2, roles={"orth": "orthogonality"})
     probe.watch_latent("z")
     probe.watch_latent("w")
+    if mode == "offset":
+        probe.watch_latent("z_dir")  # what a cosine loss on z would see
     u = F.normalize(torch.randn(8, generator=gen), dim=0)
     for step in range(steps):
         t = min(1.0, step / (0.7 * steps))
@@ -192,7 +194,7 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
         w = enc2(x[idx])
         losses = {"task": F.mse_loss(head(torch.cat([z, w], 1)).squeeze(1), y[idx]),
                   "orth": (z.T @ w).pow(2).sum() / len(idx) ** 2}
-        probe.observe(z=z, w=w)
+        probe.observe(z=z, w=w, **({"z_dir": F.normalize(z, dim=1)} if mode == "offset" else {}))
         probe.backward(losses, weights={"orth": 1.0})
         opt.step()
         opt.zero_grad()

@@ -110,8 +110,9 @@ class Thresholds:
                                               "this: dependent")
     # -- sigmoid-saturation ------------------------------------------------------------------
     saturation_fraction: float = _f(0.25, "saturated share of sigmoid inputs at least this")
-    saturation_wrong_fraction: float = _f(0.05, "share of sigmoid inputs saturated on the wrong "
-                                                "side of their target at least this: harmful")
+    saturation_wrong_fraction: float = _f(0.01, "end share of sigmoid inputs saturated on the "
+                                                "wrong side of their target at least this: "
+                                                "harmful")
     saturation_error_fraction: float = _f(0.5, "median saturated share at least this, when "
                                                "harmful: error")
     saturation_energy_ratio: float = _f(10.0, "energy-term scale ratio at least this is reported")
