@@ -118,14 +118,17 @@ def memorising_decoupler(bad: bool, steps: int = 200, seed: int = 0) -> Run:
 
 # ---------------------------------------------------- gradient-conflict (gradient reversal)
 
-class _Reverse(torch.autograd.Function):
+class _ScaledReverse(torch.autograd.Function):
+    """Gradient reversal with a coefficient (Ganin & Lempitsky 2015)."""
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return -grad
+        return -ctx.alpha * grad, None
 
 
 @_cached
@@ -146,7 +149,7 @@ def domain_adversarial(reversal: bool, steps: int = 120, seed: int = 0) -> Run:
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         h = trunk(x[idx])
-        feats = _Reverse.apply(h) if reversal else h
+        feats = _ScaledReverse.apply(h, 1.0) if reversal else h
         losses = {"task": F.mse_loss(head(h).squeeze(1), y[idx]),
                   "adv": F.cross_entropy(disc(feats), grp[idx])}
         probe.backward(losses, weights={"adv": 1.0})
@@ -447,19 +450,6 @@ def sigmoid_head(loss: str, steps: int = 80, seed: int = 0) -> Run:
 
 
 # ------------------------------------------- the shared set at defaults (DANN, VAE)
-
-class _ScaledReverse(torch.autograd.Function):
-    """Gradient reversal with a coefficient (Ganin & Lempitsky 2015)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha):
-        ctx.alpha = alpha
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.alpha * grad, None
-
 
 @_cached
 def dann(domain_input: str, steps: int = 60, seed: int = 0) -> Run:
