@@ -374,17 +374,21 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         }
         if active["condition"]:
             what = f"{g(active['active_end'])} of {g(d)} units active (posterior collapse under " \
-                f"{', '.join(repr(n) for n in kl_losses)})"
+                f"{', '.join(repr(n) for n in active['kl_losses'])})"
+            key = f"active units {g(active['active_end'])} of {g(d)}"
         elif point["condition"]:
-            what = f"its spread shrank to {pct(point['variance_end'] / point['variance_peak'])} " \
-                f"of its peak and its normalised std to {g(point['normalized_std_end'])} " \
-                f"(healthy {g(point['healthy_normalized_std'])}): all inputs map to one point"
+            spread = point["variance_end"] / point["variance_peak"]
+            what = f"its spread shrank to {pct(spread)} of its peak and its normalised std to " \
+                f"{g(point['normalized_std_end'])} (healthy " \
+                f"{g(point['healthy_normalized_std'])}): all inputs map to one point"
+            key = f"spread x{g(spread)} of peak"
         else:
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
+            key = f"rank {g(end)} of {g(d)}"
         out.append(_finding(
             "representation-collapse", severity, f"latent '{z}' collapsed: {what}", z,
-            f"rank {g(end)} of {g(d)}", evidence, trailing_range(steps, held),
+            key, evidence, trailing_range(steps, held),
             plot={"quantity": "rankme_centred", "names": [z], "threshold": rank_limit,
                   "ratio_to": None},
             remedy=_collapse_remedy(role, active["condition"])))
