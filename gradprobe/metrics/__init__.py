@@ -6,9 +6,9 @@ raises ``ValueError("... contains NaN/Inf ...")``; see docs/metrics.md for formu
 references, null levels and the edge-case policy.
 """
 
-from .batch import group_diversity
+from .batch import batch_summary, group_diversity
 from .contrastive import contrastive_signal
-from .gradients import gram_from_gradients, gram_statistics
+from .gradients import gram_from_gradients, gram_statistics, gram_summary
 from .prototypes import prototype_drift, prototype_lag, prototype_spread, prototype_usage
 from .representation import (
     alignment,
@@ -17,6 +17,10 @@ from .representation import (
     isotropic_effective_rank,
     isotropic_participation_ratio,
     latent_norm,
+    latent_pair_summary,
+    latent_spectrum,
+    latent_statistics,
+    latent_summary,
     linear_cka,
     max_abs_correlation,
     max_abs_correlation_null,
@@ -32,21 +36,28 @@ from .saturation import (
     saturated_fraction,
     saturation_histogram,
     saturation_histogram_edges,
+    saturation_summary,
 )
 
 __all__ = [
     "SATURATION_THRESHOLD",
     "alignment",
+    "batch_summary",
     "contrastive_signal",
     "effective_rank",
     "effective_rank_centred",
     "energy_scale_ratio",
     "gram_from_gradients",
     "gram_statistics",
+    "gram_summary",
     "group_diversity",
     "isotropic_effective_rank",
     "isotropic_participation_ratio",
     "latent_norm",
+    "latent_pair_summary",
+    "latent_spectrum",
+    "latent_statistics",
+    "latent_summary",
     "linear_cka",
     "max_abs_correlation",
     "max_abs_correlation_null",
@@ -60,6 +71,7 @@ __all__ = [
     "saturated_fraction",
     "saturation_histogram",
     "saturation_histogram_edges",
+    "saturation_summary",
     "singular_spectrum",
     "uniformity",
 ]
