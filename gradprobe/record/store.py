@@ -176,6 +176,9 @@ class RunWriter:
                 source.close()
                 target.close()
             self._conn = sqlite3.connect(self.path, check_same_thread=False)
+            # A closed run is in rollback-journal mode (see close); entering WAL mode again
+            # needs a moment without readers: wait for one that is reading it right now.
+            self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit survives the process being killed (it is in the OS cache);
             # only a power loss can drop the last transactions.
@@ -191,34 +194,58 @@ class RunWriter:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise RunFileError(f"cannot open run file {self.path}: {reason}") from None
 
+    @property
+    def _lock_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".lock")
+
     def _acquire_lock(self) -> None:
         import fcntl
 
-        assert self.path is not None
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            self._lock_file = open(lock_path, "a+")
-        except OSError as exc:
-            raise RunFileError(f"cannot write the run file {self.path}: {exc.strerror} "
-                               f"(creating {lock_path.name})") from None
-        try:
+        lock_path = self._lock_path
+        while True:
             try:
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_file = open(lock_path, "a+")
+            except OSError as exc:
+                raise RunFileError(f"cannot write the run file {self.path}: {exc.strerror} "
+                                   f"(creating {lock_path.name})") from None
+            try:
+                try:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    # The holder may be a writer of this process that nothing references any
+                    # more (a probe dropped without close(), kept alive by a reference cycle):
+                    # collect it, which releases its lock, before calling the file busy.
+                    gc.collect()
+                    fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                # The holder may be a writer of this process that nothing references any more
-                # (a probe dropped without close(), kept alive by a reference cycle): collect it,
-                # which releases its lock, before calling the file busy.
-                gc.collect()
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+                self._lock_file.close()
+                self._lock_file = None
+                raise RunFileError(
+                    f"run file {self.path} is already being written by another probe; "
+                    "give this probe its own log= path") from None
+            # A closing writer deletes the lock file while it holds the lock: a lock taken on
+            # the file it deleted guards nothing, so take the lock of the file there now.
+            if self._holds_lock_path():
+                return
             self._lock_file.close()
             self._lock_file = None
-            raise RunFileError(
-                f"run file {self.path} is already being written by another probe; "
-                "give this probe its own log= path") from None
 
-    def _release_lock(self) -> None:
+    def _holds_lock_path(self) -> bool:
+        try:
+            return os.stat(self._lock_path).st_ino == os.fstat(self._lock_file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _release_lock(self, delete: bool = False) -> None:
+        """Release the lock; ``delete``: remove the lock file first (while still holding it,
+        so that no other writer can hold a lock on it; see :meth:`_acquire_lock`)."""
         if self._lock_file is not None:
+            if delete:
+                try:
+                    self._lock_path.unlink()
+                except OSError:
+                    pass  # a leftover lock file is harmless
             self._lock_file.close()
             self._lock_file = None
 
@@ -387,9 +414,10 @@ class RunWriter:
         """Commit what is pending and release the file; safe to call twice.
 
         Raises :class:`RunFileError` (once) when that last commit fails; after an earlier
-        failure it only releases the file. The WAL is folded into the main file (unless a
-        reader holds an older snapshot of it), so the closed run is one self-contained file;
-        it stays in WAL mode, so that readers never block a later writer (a resume).
+        failure it only releases the file. The closed run is one file: the WAL is folded into
+        it and the file leaves WAL mode (so a later reader creates no ``-wal``/``-shm`` beside
+        it), and the lock file is deleted. A reader that still holds the file open keeps it in
+        WAL mode (nothing is lost; SQLite's files stay until the last reader closes).
         """
         if self._conn is None:
             return
@@ -400,10 +428,10 @@ class RunWriter:
                 try:
                     self.flush()
                     if self.path is not None:
-                        # Fold the WAL into the main file so the run is one self-contained
-                        # file; a reader holding the file open must not keep us waiting.
+                        # A reader holding the file open must not keep us waiting.
                         conn.execute("PRAGMA busy_timeout=200")
                         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                        self._leave_wal_mode(conn)
                 except RunFileError as exc:
                     error = exc
                 except (sqlite3.Error, OSError) as exc:
@@ -419,9 +447,20 @@ class RunWriter:
             except (sqlite3.Error, OSError):
                 pass
             self._conn = None
-            self._release_lock()
+            self._release_lock(delete=True)
         if error is not None:
             raise error
+
+    @staticmethod
+    def _leave_wal_mode(conn: sqlite3.Connection) -> None:
+        """Switch the (checkpointed) file to rollback-journal mode, which SQLite does safely
+        against a crash at any point; a resumed writer switches it back to WAL. A reader with
+        the file open makes SQLite refuse ("locked"): the file then stays in WAL mode."""
+        try:
+            conn.execute("PRAGMA journal_mode=DELETE").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
 
 
 def _read_database_bytes(path: Path) -> bytes:
