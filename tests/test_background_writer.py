@@ -21,7 +21,7 @@ import pytest
 
 from gradprobe.record import BackgroundRunWriter, RunFileError, RunWriter, load_run
 
-from test_faults import ENV, READER, FailingConnection
+from test_faults import ENV, READER, FailingConnection, forking_server
 
 
 def _scalars(step: int) -> dict:
@@ -180,33 +180,22 @@ def test_the_interpreter_exit_commits_what_was_handed_over(tmp_path, ending):
     assert load_run(path).probe_steps().tolist() == list(range(300))
 
 
-# One process imports gradprobe once, then forks one writer per kill. Each writer appends
-# "handed committed" to <run>.steps after every step it hands over.
-ZYGOTE = textwrap.dedent("""
+# Each writer appends "handed committed" to <run>.steps after every step it hands over.
+ZYGOTE = forking_server("""
     import os, sys
     import numpy as np
     from gradprobe.record import BackgroundRunWriter
-    print("ready", flush=True)
-    for line in sys.stdin:
-        command, arg = line.split()
-        if command == "reap":
-            _, status = os.waitpid(int(arg), 0)
-            print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1, flush=True)
-            continue
-        pid = os.fork()
-        if pid:
-            print(pid, flush=True)
-            continue
-        writer = BackgroundRunWriter(arg, max_pending=4)
-        out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        rng = np.random.default_rng(os.getpid())
-        step = 0
-        while True:
-            writer.write_step(step, {("loss", k): float(rng.random()) for k in "abcd"},
-                              {("grad_gram", "shared"): rng.random((4, 4))})
-            committed = writer.committed_step
-            os.write(out, f"{step} {-1 if committed is None else committed}\\n".encode())
-            step += 1
+""", """
+    writer = BackgroundRunWriter(arg, max_pending=4)
+    out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    rng = np.random.default_rng(os.getpid())
+    step = 0
+    while True:
+        writer.write_step(step, {("loss", k): float(rng.random()) for k in "abcd"},
+                          {("grad_gram", "shared"): rng.random((4, 4))})
+        committed = writer.committed_step
+        os.write(out, f"{step} {-1 if committed is None else committed}\\n".encode())
+        step += 1
 """)
 
 

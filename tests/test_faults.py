@@ -27,14 +27,7 @@ from models import train
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 
-# One process imports torch once, then forks one trainer per kill (a fresh interpreter per
-# kill would spend the test's time importing torch). Each trainer writes its step numbers to
-# <run>.steps once probe.backward has returned, i.e. once the step is committed.
-ZYGOTE = textwrap.dedent("""
-    import os, sys
-    import torch, gradprobe
-    from torch import nn
-    torch.set_num_threads(1)
+FORK_LOOP = textwrap.dedent("""
     print("ready", flush=True)
     for line in sys.stdin:
         command, arg = line.split()
@@ -46,24 +39,43 @@ ZYGOTE = textwrap.dedent("""
         if pid:
             print(pid, flush=True)
             continue
-        torch.manual_seed(os.getpid())
-        trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
-        heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
-        model = nn.ModuleDict({"trunk": trunk, "heads": heads})
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        probe = gradprobe.Probe(model, shared=trunk, every=1, log=arg)
-        probe.watch_latent("z")
-        out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        step = 0
-        while True:
-            x = torch.randn(16, 8)
-            z = trunk(x)
-            losses = {f"l{k}": heads[k](z).pow(2).mean() for k in range(3)}
-            probe.observe(z=z)
-            probe.backward(losses)
-            os.write(out, f"{step}\\n".encode())
-            opt.step(); opt.zero_grad()
-            step += 1
+""")
+
+
+def forking_server(setup: str, child: str) -> str:
+    """A script that runs ``setup`` once, then forks a child per "train PATH" line it reads,
+    which runs ``child`` with ``arg`` = PATH; "reap PID" prints the signal that ended PID.
+    (A fresh interpreter per child would spend a test's time importing torch.)"""
+    return (textwrap.dedent(setup) + FORK_LOOP +
+            textwrap.indent(textwrap.dedent(child), " " * 4))
+
+
+# Each trainer writes its step numbers to <run>.steps once probe.backward has returned, i.e.
+# once the step is committed.
+ZYGOTE = forking_server("""
+    import os, sys
+    import torch, gradprobe
+    from torch import nn
+    torch.set_num_threads(1)
+""", """
+    torch.manual_seed(os.getpid())
+    trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gradprobe.Probe(model, shared=trunk, every=1, log=arg)
+    probe.watch_latent("z")
+    out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    step = 0
+    while True:
+        x = torch.randn(16, 8)
+        z = trunk(x)
+        losses = {f"l{k}": heads[k](z).pow(2).mean() for k in range(3)}
+        probe.observe(z=z)
+        probe.backward(losses)
+        os.write(out, f"{step}\\n".encode())
+        opt.step(); opt.zero_grad()
+        step += 1
 """)
 
 

@@ -10,6 +10,8 @@ import torch
 import gradprobe.metrics as M
 from gradprobe.opcount import count_ops
 
+from test_metrics_representation import hsic_unbiased_explicit
+
 def rankme_np(values):
     p = values / values.sum() + 1e-7
     return float(np.exp(-(p * np.log(p)).sum()))
@@ -110,17 +112,10 @@ def test_latent_summary_reads_nothing_on_the_host_and_the_spectrum_decomposes_on
 
 def cka_np(x, y):
     """Debiased CKA from the explicit n x n unbiased HSIC estimator (Song et al. 2012)."""
-    def hsic(k, l):
-        n = k.shape[0]
-        k, l = k.copy(), l.copy()
-        np.fill_diagonal(k, 0)
-        np.fill_diagonal(l, 0)
-        one = np.ones(n)
-        return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-                - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
     xc, yc = x - x.mean(0), y - y.mean(0)
     k, l = xc @ xc.T, yc @ yc.T
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+    return hsic_unbiased_explicit(k, l) / np.sqrt(hsic_unbiased_explicit(k, k) *
+                                                  hsic_unbiased_explicit(l, l))
 
 
 def test_latent_pair_summary_equals_cka_and_correlation():
