@@ -9,7 +9,10 @@ Configurations, interleaved round by round (this machine is noisy), medians over
   gradients over the whole trunk, ``.grad`` assembled from them);
 - naive: one ``autograd.grad`` per loss over all parameters, then the ordinary backward;
 - reference "forward + K backwards": one ``autograd.grad`` per loss over all parameters and
-  nothing else: the least any exact per-loss method pays.
+  nothing else: the least any exact per-loss method pays;
+- trunk Gram from layer inputs + backward (issue 13's stretch, not yet in the probe): the
+  exact per-loss Gram matrix of the whole trunk from its layers' inputs and per-loss output
+  gradients (``gradprobe.probe.layer_gram.LayerGram``), then the ordinary backward.
 
 Beside the ratios it prints what one step dispatches, counted with ``gradprobe.opcount``
 (a ``TorchDispatchMode``, untimed): aten ops and host synchronisations (``.item()``-like
@@ -39,6 +42,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe.opcount import count_ops
+from gradprobe.probe.layer_gram import LayerGram
 
 
 class ConvTwoLatent(nn.Module):
@@ -116,14 +120,21 @@ class Trainer:
             self.probe = gradprobe.Probe(self.model, **kwargs)
             self.probe.watch_latent("z_I", self.model.f_I)
             self.probe.watch_latent("z_E")
+        self.layer_gram = LayerGram.of(self.model.trunk) if mode == LAYER_GRAM else None
 
     def step(self):
         x, y, g = self.batch
-        losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
+        if self.layer_gram is not None:
+            with self.layer_gram.capture():
+                losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
+        else:
+            losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
         if self.probe is not None:
             self.probe.observe(z_E=z_E, groups=g)
             self.probe.backward(losses, WEIGHTS)
-        elif self.mode == "plain":
+        elif self.mode in ("plain", LAYER_GRAM):
+            if self.layer_gram is not None:
+                self.layer_gram.gram(list(losses.values()))
             sum(WEIGHTS.get(k, 1.0) * v for k, v in losses.items()).backward()
         else:
             per_loss = [torch.autograd.grad(v, self.params, retain_graph=True, allow_unused=True)
@@ -147,8 +158,9 @@ class Trainer:
         return counts
 
 
+LAYER_GRAM = "trunk Gram from layer inputs + backward"
 MODES = ["plain", "probe defaults", "probe every step", "probe every step, whole trunk", "naive",
-         "forward + K backwards"]
+         "forward + K backwards", LAYER_GRAM]
 
 
 def synchronised(device: torch.device):
@@ -174,7 +186,7 @@ def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False)
 def print_counts(trainers):
     print("aten ops and host syncs per step (syncs: scalar reads + copies to the host + "
           "syncing ops)")
-    print(f"{'configuration':34s} {'step':9s} {'ops':>6s} {'syncs':>6s} {'reads':>6s} "
+    print(f"{'configuration':40s} {'step':9s} {'ops':>6s} {'syncs':>6s} {'reads':>6s} "
           f"{'copies':>6s} {'sync ops':>8s}")
     probe_sites = None
     for mode, trainer in trainers.items():
@@ -183,7 +195,7 @@ def print_counts(trainers):
             if counts is None:
                 continue
             kind = "probe" if probe_step else "non-probe" if trainer.probe else "-"
-            print(f"{mode:34s} {kind:9s} {counts.ops:6d} {counts.syncs:6d} "
+            print(f"{mode:40s} {kind:9s} {counts.ops:6d} {counts.syncs:6d} "
                   f"{counts.scalar_reads:6d} {counts.host_copies:6d} {counts.sync_ops:8d}")
             if mode == "probe every step, whole trunk" and probe_step:
                 probe_sites = counts.sync_sites
@@ -205,11 +217,14 @@ def print_times(trainers, rounds, block, synchronize):
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     base = medians["plain"]
     print(f"median ms/step over {rounds} interleaved rounds of {block} steps")
-    print(f"{'configuration':34s} {'ms/step':>9s} {'x plain':>8s}")
+    print(f"{'configuration':40s} {'ms/step':>9s} {'x plain':>8s}")
     for mode in MODES:
-        print(f"{mode:34s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
-    whole = medians["probe every step, whole trunk"] / medians["forward + K backwards"]
+        print(f"{mode:40s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
+    limit = medians["forward + K backwards"]
+    whole = medians["probe every step, whole trunk"] / limit
     print(f"whole-trunk every-step probe / (forward + K backwards): {whole:.3f} (target <= 1.1)")
+    print(f"trunk Gram from layer inputs + backward / (forward + K backwards): "
+          f"{medians[LAYER_GRAM] / limit:.3f}")
     print(f"defaults overhead over plain: {100 * (medians['probe defaults'] / base - 1):+.1f}% "
           "(target <= 3%)")
 
