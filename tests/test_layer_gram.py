@@ -44,7 +44,7 @@ def autograd_gram(losses, params):
             continue
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                               for g, p in zip(grads, params)]))
+                               for g, p in zip(grads, params)]).double())
     j = torch.stack(rows)
     return j @ j.T
 
@@ -63,6 +63,18 @@ def test_layer_gram_equals_autograd(strategy):
     assert got[3].abs().max() == 0  # the constant loss has no gradient
     sum(losses).backward()  # the graph was kept for the ordinary backward
     assert all(p.grad is not None for p in gram.parameters())
+
+
+def test_float32_layers_give_the_gram_of_autograds_float32_gradients():
+    torch.manual_seed(1)
+    trunk = Trunk()
+    gram = LayerGram.of(trunk)
+    with gram.capture():
+        losses = losses_of(trunk, torch.randn(6, 3, 24))
+    expected = autograd_gram(losses, gram.parameters())  # float32 gradients, float64 Gram
+    got = gram.gram(losses)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-9)
 
 
 def test_both_routes_are_taken_where_each_is_cheaper():

@@ -21,7 +21,8 @@ none of its parameter gradients (about half of a backward for these layers). Per
 cheaper of two exact ways is taken, by counting multiply-adds from the shapes: the N x N route
 above (cheap when N is small next to the layer's width), or forming the K per-loss parameter
 gradients ``D_k^T X`` in one batched matmul and their Gram matrix (cheap when N is large, as
-for convolutions over long inputs). Either way the result is exact (float64 by default).
+for convolutions over long inputs). Either way the result is exact: the products run in the
+layers' own precision, as the backward's do, and the K x K Gram matrix is summed in float64.
 
 A standalone collaborator of :class:`gradprobe.Probe`, not yet wired into it.
 """
@@ -53,9 +54,11 @@ class LayerGram:
 
     ``strategy``: ``"auto"`` (per layer, the cheaper way), ``"inputs"`` (always the N x N
     route) or ``"gradients"`` (always per-loss parameter gradients); all are exact.
+    ``dtype``: the precision of the products (default: the layer inputs' own, like the
+    backward's); the Gram matrix itself is always summed in float64.
     """
 
-    def __init__(self, layers: Iterable[nn.Module], *, dtype: torch.dtype = torch.float64,
+    def __init__(self, layers: Iterable[nn.Module], *, dtype: torch.dtype | None = None,
                  strategy: str = "auto"):
         self.layers = list(layers)
         if not self.layers:
@@ -126,7 +129,7 @@ class LayerGram:
                     if loss.requires_grad else (None,) * len(outputs) for loss in losses]
         k = len(losses)
         device = outputs[0].device
-        total = torch.zeros(k, k, dtype=self.dtype, device=device)
+        total = torch.zeros(k, k, dtype=torch.float64, device=device)
         for layer in self.layers:
             rows, grads = [], []
             for index, (owner, (x, output, _)) in enumerate(calls):
@@ -144,7 +147,7 @@ class LayerGram:
 
     def _input_rows(self, layer: nn.Module, x: Tensor) -> Tensor:
         """[N, fan_in]: the rows the layer's weight multiplies."""
-        x = x.to(self.dtype)
+        x = x.to(self.dtype or x.dtype)
         if isinstance(layer, nn.Linear):
             return x.reshape(-1, x.shape[-1])
         pads = _padding(layer)
@@ -165,7 +168,7 @@ class LayerGram:
             rows = grad.reshape(-1, out)
         else:  # [B, out, positions...] -> [B * P, out], the order unfold gives its columns
             rows = grad.reshape(grad.shape[0], out, -1).transpose(1, 2).reshape(-1, out)
-        rows = rows.to(self.dtype)
+        rows = rows.to(self.dtype or rows.dtype)
         return torch.zeros_like(rows) if zero else rows
 
     def _layer_gram(self, layer: nn.Module, x: Tensor, d: Tensor) -> Tensor:
@@ -179,13 +182,17 @@ class LayerGram:
             s = x @ x.T
             if bias:
                 s = s + 1.0
-            flat = d.reshape(k, -1)
-            return flat @ (s @ d).reshape(k, -1).T
+            return _float64_products(d.reshape(k, -1), (s @ d).reshape(k, -1))
         weight = d.transpose(1, 2) @ x  # [K, out, fan_in]: the per-loss weight gradients
         flat = weight.reshape(k, -1)
         if bias:
             flat = torch.cat([flat, d.sum(dim=1)], dim=1)
-        return flat @ flat.T
+        return _float64_products(flat, flat)
+
+
+def _float64_products(a: Tensor, b: Tensor) -> Tensor:
+    """``a b^T`` summed in float64 (long sums of float32 products lose digits)."""
+    return a.to(torch.float64) @ b.to(torch.float64).T
 
 
 def _two(layer: nn.Module, name: str) -> tuple[int, int]:
