@@ -110,6 +110,8 @@ def test_submitted_functions_run_on_the_writer_thread_and_their_errors_surface_o
             threads.append(threading.get_ident())
             if step == 2:
                 raise ValueError("eigen-decomposition failed")
+            if step == 1:  # events found in the numbers travel with them
+                return _scalars(step), None, [("non_finite", "a", "loss 'a' is NaN")]
             return _scalars(step), None
         return numbers
 
@@ -124,7 +126,8 @@ def test_submitted_functions_run_on_the_writer_thread_and_their_errors_surface_o
     assert threads and threading.get_ident() not in threads
     with load_run(path) as run:
         assert run.probe_steps().tolist() == [0, 1, 3]
-        assert [e["kind"] for e in run.events()] == ["probe_disabled"]
+        assert [(e["step"], e["kind"]) for e in run.events()] == [(1, "non_finite"),
+                                                                  (2, "probe_disabled")]
 
 
 def test_a_failed_write_is_raised_once_then_every_write_fails_at_once(tmp_path):

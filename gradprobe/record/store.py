@@ -530,9 +530,11 @@ class BackgroundRunWriter:
         """Hand one probe step over (the arrays must not change afterwards)."""
         self._hand_over(("step", step, dict(scalars), dict(arrays or {})))
 
-    def submit(self, step: int, make: Callable[[], tuple[Scalars, Arrays | None]]) -> None:
-        """Hand over a function that returns the step's ``(scalars, arrays)``; it runs on the
-        writer thread, in order with everything else handed over."""
+    def submit(self, step: int, make: Callable[[], tuple]) -> None:
+        """Hand over a function that returns the step's ``(scalars, arrays)``, or ``(scalars,
+        arrays, events)`` with events ``(kind, name, message)`` found in its numbers; it runs
+        on the writer thread, in order with everything else handed over, and must not call
+        this writer (it would wait for itself)."""
         self._hand_over(("make", step, make))
 
     def add_scalars(self, step: int, scalars: Scalars) -> None:
@@ -653,7 +655,11 @@ def _write_item(writer: RunWriter, item: tuple, shared: _Shared) -> None:
     kind = item[0]
     if kind == "make":
         _, step, make = item
-        scalars, arrays = make()  # outside the lock: it may take a while
+        made = make()  # outside the lock: it may take a while
+        scalars, arrays, events = made if len(made) == 3 else (*made, ())
+        with shared.lock:
+            for event in events:
+                writer.add_event(step, *event)
         item = ("step", step, scalars, arrays or {})
         kind = "step"
     with shared.lock:
