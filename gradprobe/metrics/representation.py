@@ -322,22 +322,20 @@ def _linear_cka(a: Tensor, b: Tensor, debiased: bool) -> Tensor:
         g = small_gram(p)
         return (g * g).sum()
 
+    # HSIC(K, L), HSIC(K, K), HSIC(L, L) side by side: one op serves all three.
+    traces = torch.stack([cross_sq(a, b), self_sq(a), self_sq(b)])
     if not debiased:
-        hxy, hxx, hyy = cross_sq(a, b), self_sq(a), self_sq(b)
+        hxy, hxx, hyy = traces
     else:
         ka = (a * a).sum(dim=1)  # diag(K)
         kb = (b * b).sum(dim=1)
-
-        def hsic_u(tr_kl: Tensor, dk: Tensor, dl: Tensor) -> Tensor:
-            tr_t = tr_kl - (dk * dl).sum()
-            sum_k = -dk.sum()  # 1^T K~ 1 for centred features
-            sum_l = -dl.sum()
-            cross = (dk * dl).sum()  # 1^T K~ L~ 1 = (K~1).(L~1) = diag(K).diag(L)
-            return (tr_t + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (n * (n - 3))
-
-        hxy = hsic_u(cross_sq(a, b), ka, kb)
-        hxx = hsic_u(self_sq(a), ka, ka)
-        hyy = hsic_u(self_sq(b), kb, kb)
+        dk, dl = torch.stack([ka, ka, kb]), torch.stack([kb, ka, kb])
+        cross = (dk * dl).sum(dim=1)  # 1^T K~ L~ 1 = (K~1).(L~1) = diag(K).diag(L)
+        tr_t = traces - cross
+        sum_k = -dk.sum(dim=1)  # 1^T K~ 1 for centred features
+        sum_l = -dl.sum(dim=1)
+        hxy, hxx, hyy = (tr_t + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) \
+            / (n * (n - 3))
     defined = (hxx > 0) & (hyy > 0)
     denominator = torch.sqrt(torch.where(defined, hxx * hyy, torch.ones_like(hxx)))
     return torch.where(defined, hxy / denominator, torch.zeros_like(hxy))
