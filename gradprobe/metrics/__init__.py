@@ -4,6 +4,10 @@ Every function takes tensors (or array-likes), computes under ``torch.no_grad()`
 float64 and returns a Python float, a small tensor or a small dict. Non-finite input
 raises ``ValueError("... contains NaN/Inf ...")``; see docs/metrics.md for formulas,
 references, null levels and the edge-case policy.
+
+The ``*_summary`` functions (and ``latent_spectrum``, ``latent_statistics``) are the probe's
+path: dicts of tensors on the input's device, computed without reading a value on the host;
+a non-finite input is a ``finite`` flag there, not an exception.
 """
 
 from .batch import batch_summary, group_diversity

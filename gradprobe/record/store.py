@@ -690,6 +690,7 @@ def _stop_writing(items: queue.Queue, thread: threading.Thread, owner: int,
     items.put(("close",))
     thread.join()
 
+
 def _read_database_bytes(path: Path) -> bytes:
     """A closed run file's bytes, with anything still in its WAL."""
     try:
