@@ -294,6 +294,17 @@ def test_a_reader_of_a_closed_run_does_not_block_a_resume(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["r.gprobe"]
 
 
+def test_a_probed_and_analysed_run_leaves_only_its_run_file(tmp_path):
+    from gradprobe import Probe
+    from models import train
+
+    log = tmp_path / "run.gprobe"
+    train(6, lambda model: Probe(model, shared=model.trunk, every=2, log=log))
+    with load_run(log) as run:
+        assert run.probe_steps().tolist() == [0, 2, 4]
+    assert sorted(os.listdir(tmp_path)) == ["run.gprobe"]
+
+
 def test_a_lock_taken_on_a_deleted_lock_file_is_taken_again_on_the_current_one(tmp_path,
                                                                                monkeypatch):
     path = tmp_path / "r.gprobe"
