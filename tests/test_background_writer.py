@@ -299,7 +299,13 @@ def test_a_probed_and_analysed_run_leaves_only_its_run_file(tmp_path):
     from models import train
 
     log = tmp_path / "run.gprobe"
-    train(6, lambda model: Probe(model, shared=model.trunk, every=2, log=log))
+
+    def attach(model):
+        probe = Probe(model, shared=model.trunk, every=2, log=log)
+        probe.watch_latent("z_E")
+        return probe
+
+    train(6, attach)
     with load_run(log) as run:
         assert run.probe_steps().tolist() == [0, 2, 4]
     assert sorted(os.listdir(tmp_path)) == ["run.gprobe"]
