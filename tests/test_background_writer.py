@@ -1,6 +1,7 @@
 """The background run-file writer on real files and real processes: nothing handed over is
 lost at close, at exit or to garbage collection; a SIGKILL loses at most what was not yet
-committed; errors reach the training thread once; a closed run is one file."""
+committed; errors reach the training thread once; a closed run is one file. (A reader
+polling while it writes: tests/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import fcntl
 import gc
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +21,7 @@ import pytest
 
 from gradprobe.record import BackgroundRunWriter, RunFileError, RunWriter, load_run
 
-from test_faults import ENV, READER, FailingConnection, forking_server
+from test_faults import ENV, FailingConnection, forking_server, train_then_kill
 
 
 def _scalars(step: int) -> dict:
@@ -212,17 +212,7 @@ def test_sigkill_loses_only_steps_not_yet_committed(tmp_path):
         for i in range(kills):
             log = tmp_path / f"kill{i}.gprobe"
             report = Path(str(log) + ".steps")
-            zygote.stdin.write(f"train {log}\n")
-            zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
-            deadline = time.monotonic() + 30
-            while not report.exists() and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.05, 0.8))
-            os.kill(pid, signal.SIGKILL)
-            zygote.stdin.write(f"reap {pid}\n")
-            zygote.stdin.flush()
-            assert int(zygote.stdout.readline()) == signal.SIGKILL
+            train_then_kill(zygote, log, rng.uniform(0.05, 0.8))
             lines = [tuple(map(int, line.split())) for line in report.read_text().splitlines()
                      if len(line.split()) == 2]
             handed = max(h for h, _ in lines)
@@ -242,27 +232,6 @@ def test_sigkill_loses_only_steps_not_yet_committed(tmp_path):
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=30)
-
-
-def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_path):
-    log = tmp_path / "live.gprobe"
-    total = 1500
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(log), str(total)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    assert reader.stdout.readline().strip() == "ready"
-    writer = BackgroundRunWriter(log)
-    writer.set_meta(format="gradprobe.run", losses=["a", "b", "c"])
-    rng = np.random.default_rng(0)
-    for step in range(total):
-        scalars = {(q, n): float(rng.random()) for q in ("loss", "grad_norm") for n in "abc"}
-        writer.write_step(step, scalars, {("grad_gram", "shared"): rng.random((3, 3))})
-        if step % 100 == 0:
-            time.sleep(0.05)
-    writer.close()
-    out, err = reader.communicate(timeout=120)
-    assert reader.returncode == 0, err
-    reads, distinct, last = map(int, out.split())
-    assert last == total and distinct >= 3, out
 
 
 # -- a closed run is one file ---------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 import gradprobe
 from gradprobe import GradprobeWarning
-from gradprobe.record import RunFileError, RunWriter, load_run
+from gradprobe.record import BackgroundRunWriter, RunFileError, RunWriter, load_run
 
 from models import train
 
@@ -86,6 +86,22 @@ def _steps_written(path: Path) -> list[int]:
         return []
 
 
+def train_then_kill(zygote: subprocess.Popen, log: Path, pause: float) -> None:
+    """Fork a child of the forking server to write ``log``; SIGKILL it ``pause`` seconds after
+    it reported its first step, and reap it."""
+    zygote.stdin.write(f"train {log}\n")
+    zygote.stdin.flush()
+    pid = int(zygote.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not _steps_written(Path(str(log) + ".steps")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(pause)
+    os.kill(pid, signal.SIGKILL)
+    zygote.stdin.write(f"reap {pid}\n")
+    zygote.stdin.flush()
+    assert int(zygote.stdout.readline()) == signal.SIGKILL
+
+
 def test_sigkill_at_random_moments_keeps_every_committed_step(tmp_path):
     kills = 20
     rng = random.Random(8)
@@ -96,17 +112,7 @@ def test_sigkill_at_random_moments_keeps_every_committed_step(tmp_path):
         results = []
         for i in range(kills):
             log = tmp_path / f"kill{i}.gprobe"
-            zygote.stdin.write(f"train {log}\n")
-            zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
-            deadline = time.monotonic() + 30
-            while not _steps_written(Path(str(log) + ".steps")) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.05, 1.5))
-            os.kill(pid, signal.SIGKILL)
-            zygote.stdin.write(f"reap {pid}\n")
-            zygote.stdin.flush()
-            assert int(zygote.stdout.readline()) == signal.SIGKILL
+            train_then_kill(zygote, log, rng.uniform(0.05, 1.5))
             printed = _steps_written(Path(str(log) + ".steps"))
             with load_run(log) as run:
                 steps = run.probe_steps().tolist()
@@ -356,7 +362,9 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_path):
+@pytest.mark.parametrize("writer_class", [RunWriter, BackgroundRunWriter])
+def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_path,
+                                                                         writer_class):
     import numpy as np
 
     log = tmp_path / "live.gprobe"
@@ -364,7 +372,7 @@ def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_pa
     reader = subprocess.Popen([sys.executable, "-c", READER, str(log), str(total)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     assert reader.stdout.readline().strip() == "ready"
-    writer = RunWriter(log)
+    writer = writer_class(log)
     writer.set_meta(format="gradprobe.run", losses=["a", "b", "c"])
     rng = np.random.default_rng(0)
     for step in range(total):
