@@ -181,6 +181,7 @@ def test_the_interpreter_exit_commits_what_was_handed_over(tmp_path, ending):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == (1 if ending == "raise" else 0), result.stderr
     assert load_run(path).probe_steps().tolist() == list(range(300))
+    assert sorted(os.listdir(tmp_path)) == ["r.gprobe"]  # closed at exit: one file
 
 
 # Each writer appends "handed committed" to <run>.steps after every step it hands over.
