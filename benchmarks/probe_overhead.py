@@ -9,14 +9,27 @@ Configurations, interleaved round by round (this machine is noisy), medians over
   gradients over the whole trunk, ``.grad`` assembled from them);
 - naive: one ``autograd.grad`` per loss over all parameters, then the ordinary backward;
 - reference "forward + K backwards": one ``autograd.grad`` per loss over all parameters and
-  nothing else: the least any exact per-loss method pays.
+  nothing else: the least any exact per-loss method pays;
+- trunk Gram from layer inputs + backward (issue 13's stretch, not yet in the probe): the
+  exact per-loss Gram matrix of the whole trunk from its layers' inputs and per-loss output
+  gradients (``gradprobe.probe.layer_gram.LayerGram``), then the ordinary backward.
 
-Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50]
+Beside the ratios it prints what one step dispatches, counted with ``gradprobe.opcount``
+(a ``TorchDispatchMode``, untimed): aten ops and host synchronisations (``.item()``-like
+scalar reads, copies to the host, ops whose CUDA kernels wait for the device) of a probe step
+and of a non-probe step, and where the probe step's synchronisations are asked for. On a CPU
+run the copies to the host are counted where the same code would make them on a GPU.
+
+Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50] [--device cuda]
+       [--shapes issue] [--counts-only]
+``--shapes issue``: the larger models of issue 13 (conv trunk batch 512, length 200, width 128;
+MLP 1024-4096x3, batch 1024), the default with ``--device cuda``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -28,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradprobe
+from gradprobe.opcount import count_ops
+from gradprobe.probe.layer_gram import LayerGram
 
 
 class ConvTwoLatent(nn.Module):
@@ -73,7 +88,7 @@ def losses_of(model, x, y, g, prototypes):
     a, b = F.normalize(z_I, dim=1), F.normalize(z_E, dim=1)
     return {
         "task": F.binary_cross_entropy_with_logits(logit, y),
-        "cont": F.cross_entropy(a @ b.T / 0.1, torch.arange(len(x))),
+        "cont": F.cross_entropy(a @ b.T / 0.1, torch.arange(len(x), device=x.device)),
         "proto": ((z_E - prototypes[g]) ** 2).sum(1).mean(),
         "orth": (z_I.T @ z_E).pow(2).sum() / len(x) ** 2,
     }, z_E
@@ -87,11 +102,13 @@ class Trainer:
 
     def __init__(self, make_model, batch, mode, log_dir: Path):
         torch.manual_seed(0)
-        self.model = make_model()
+        device = batch[0].device
+        self.model = make_model().to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.batch = batch
         self.mode = mode
-        self.prototypes = torch.zeros(self.model.groups, self.model.f_E.out_features)
+        self.prototypes = torch.zeros(self.model.groups, self.model.f_E.out_features,
+                                      device=device)
         self.params = list(self.model.parameters())
         self.probe = None
         if mode.startswith("probe"):
@@ -103,14 +120,21 @@ class Trainer:
             self.probe = gradprobe.Probe(self.model, **kwargs)
             self.probe.watch_latent("z_I", self.model.f_I)
             self.probe.watch_latent("z_E")
+        self.layer_gram = LayerGram.of(self.model.trunk) if mode == LAYER_GRAM else None
 
     def step(self):
         x, y, g = self.batch
-        losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
+        if self.layer_gram is not None:
+            with self.layer_gram.capture():
+                losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
+        else:
+            losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
         if self.probe is not None:
             self.probe.observe(z_E=z_E, groups=g)
             self.probe.backward(losses, WEIGHTS)
-        elif self.mode == "plain":
+        elif self.mode in ("plain", LAYER_GRAM):
+            if self.layer_gram is not None:
+                self.layer_gram.gram(list(losses.values()))
             sum(WEIGHTS.get(k, 1.0) * v for k, v in losses.items()).backward()
         else:
             per_loss = [torch.autograd.grad(v, self.params, retain_graph=True, allow_unused=True)
@@ -121,57 +145,135 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad()
 
+    def counted_step(self, probe_step: bool):
+        """The ops and syncs of the next step that is (or is not) a probe step."""
+        if self.probe is None or self.probe.every == 1:
+            if probe_step != (self.probe is not None):
+                return None
+        while self.probe is not None and self.probe.is_probe_step != probe_step:
+            self.step()
+        device_is_cpu = self.batch[0].device.type == "cpu"
+        with count_ops(cpu_as_device=device_is_cpu) as counts:
+            self.step()
+        return counts
 
+
+LAYER_GRAM = "trunk Gram from layer inputs + backward"
 MODES = ["plain", "probe defaults", "probe every step", "probe every step, whole trunk", "naive",
-         "forward + K backwards"]
+         "forward + K backwards", LAYER_GRAM]
 
 
-def measure(label, make_model, batch, rounds, block, log_dir):
+def synchronised(device: torch.device):
+    if device.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, device)
+    return lambda: None
+
+
+def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False):
     trainers = {mode: Trainer(make_model, batch, mode, log_dir / label) for mode in MODES}
     for trainer in trainers.values():  # warm-up: caches, allocator, first probe step
         for _ in range(3):
             trainer.step()
-    times = {mode: [] for mode in MODES}
-    for _ in range(rounds):
-        for mode, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(block):
-                trainer.step()
-            times[mode].append((time.perf_counter() - start) / block)
-    medians = {mode: statistics.median(t) for mode, t in times.items()}
-    base = medians["plain"]
-    print(f"\n{label}: median ms/step over {rounds} interleaved rounds of {block} steps")
-    print(f"{'configuration':34s} {'ms/step':>9s} {'x plain':>8s}")
-    for mode in MODES:
-        print(f"{mode:34s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
-    whole = medians["probe every step, whole trunk"] / medians["forward + K backwards"]
-    print(f"whole-trunk every-step probe / (forward + K backwards): {whole:.3f} (target <= 1.1)")
-    print(f"defaults overhead over plain: {100 * (medians['probe defaults'] / base - 1):+.1f}% "
-          "(target <= 3%)")
+    print(f"\n{label}")
+    print_counts(trainers)
+    if not counts_only:
+        print_times(trainers, rounds, block, synchronised(batch[0].device))
     for trainer in trainers.values():
         if trainer.probe is not None:
             trainer.probe.close()
+
+
+def print_counts(trainers):
+    print("aten ops and host syncs per step (syncs: scalar reads + copies to the host + "
+          "syncing ops)")
+    print(f"{'configuration':40s} {'step':9s} {'ops':>6s} {'syncs':>6s} {'reads':>6s} "
+          f"{'copies':>6s} {'sync ops':>8s}")
+    probe_sites = None
+    for mode, trainer in trainers.items():
+        for probe_step in (True, False):
+            counts = trainer.counted_step(probe_step)
+            if counts is None:
+                continue
+            kind = "probe" if probe_step else "non-probe" if trainer.probe else "-"
+            print(f"{mode:40s} {kind:9s} {counts.ops:6d} {counts.syncs:6d} "
+                  f"{counts.scalar_reads:6d} {counts.host_copies:6d} {counts.sync_ops:8d}")
+            if mode == "probe every step, whole trunk" and probe_step:
+                probe_sites = counts.sync_sites
+    if probe_sites:
+        top = ", ".join(f"{site} x{n}" for site, n in probe_sites.most_common(12))
+        print(f"sync sites of a whole-trunk probe step (most frequent first): {top}")
+
+
+def print_times(trainers, rounds, block, synchronize):
+    times = {mode: [] for mode in MODES}
+    for _ in range(rounds):
+        for mode, trainer in trainers.items():
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(block):
+                trainer.step()
+            synchronize()
+            times[mode].append((time.perf_counter() - start) / block)
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    base = medians["plain"]
+    print(f"median ms/step over {rounds} interleaved rounds of {block} steps")
+    print(f"{'configuration':40s} {'ms/step':>9s} {'x plain':>8s}")
+    for mode in MODES:
+        print(f"{mode:40s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
+    limit = medians["forward + K backwards"]
+    whole = medians["probe every step, whole trunk"] / limit
+    print(f"whole-trunk every-step probe / (forward + K backwards): {whole:.3f} (target <= 1.1)")
+    print(f"trunk Gram from layer inputs + backward / (forward + K backwards): "
+          f"{medians[LAYER_GRAM] / limit:.3f}")
+    print(f"defaults overhead over plain: {100 * (medians['probe defaults'] / base - 1):+.1f}% "
+          "(target <= 3%)")
+
+
+SHAPES = {
+    # (conv: batch, length, width), (MLP: batch, input, width)
+    "small": ((128, 100, 64), (256, 512, 1024)),
+    "issue": ((512, 200, 128), (1024, 1024, 4096)),
+}
+
+
+def batches(shapes: str, device: torch.device):
+    (conv_n, length, conv_width), (mlp_n, inp, mlp_width) = SHAPES[shapes]
+    torch.manual_seed(0)
+    conv_batch = (torch.randn(conv_n, 4, length), torch.randint(0, 2, (conv_n,)).float(),
+                  torch.randint(0, 8, (conv_n,)))
+    mlp_batch = (torch.randn(mlp_n, inp), torch.randint(0, 2, (mlp_n,)).float(),
+                 torch.randint(0, 8, (mlp_n,)))
+    return [
+        (f"conv trunk (batch {conv_n}, length {length}, width {conv_width}), two latents, "
+         "4 losses", functools.partial(ConvTwoLatent, length=length, width=conv_width),
+         tuple(t.to(device) for t in conv_batch)),
+        (f"MLP {inp}-{mlp_width}x3 (batch {mlp_n}), two latents, 4 losses",
+         functools.partial(WideMLP, inp=inp, width=mlp_width),
+         tuple(t.to(device) for t in mlp_batch)),
+    ]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--block", type=int, default=50)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default=None,
+                        help="model and batch sizes (default: small on cpu, issue on cuda)")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="print the op and sync counts, skip the timing")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes = args.shapes or ("issue" if device.type == "cuda" else "small")
     warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    conv_batch = (torch.randn(128, 4, 100), torch.randint(0, 2, (128,)).float(),
-                  torch.randint(0, 8, (128,)))
-    mlp_batch = (torch.randn(256, 512), torch.randint(0, 2, (256,)).float(),
-                 torch.randint(0, 8, (256,)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, shapes {shapes!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        for label, make_model, batch in (("conv trunk, two latents, 4 losses", ConvTwoLatent,
-                                          conv_batch),
-                                         ("MLP 512-1024x3, two latents, 4 losses", WideMLP,
-                                          mlp_batch)):
+        for label, make_model, batch in batches(shapes, device):
             (Path(tmp) / label).mkdir()
-            measure(label, make_model, batch, args.rounds, args.block, Path(tmp))
+            measure(label, make_model, batch, args.rounds, args.block, Path(tmp),
+                    args.counts_only)
 
 
 if __name__ == "__main__":

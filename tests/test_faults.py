@@ -20,21 +20,14 @@ import torch
 
 import gradprobe
 from gradprobe import GradprobeWarning
-from gradprobe.record import RunFileError, RunWriter, load_run
+from gradprobe.record import BackgroundRunWriter, RunFileError, RunWriter, load_run
 
 from models import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 
-# One process imports torch once, then forks one trainer per kill (a fresh interpreter per
-# kill would spend the test's time importing torch). Each trainer writes its step numbers to
-# <run>.steps once probe.backward has returned, i.e. once the step is committed.
-ZYGOTE = textwrap.dedent("""
-    import os, sys
-    import torch, gradprobe
-    from torch import nn
-    torch.set_num_threads(1)
+FORK_LOOP = textwrap.dedent("""
     print("ready", flush=True)
     for line in sys.stdin:
         command, arg = line.split()
@@ -46,24 +39,43 @@ ZYGOTE = textwrap.dedent("""
         if pid:
             print(pid, flush=True)
             continue
-        torch.manual_seed(os.getpid())
-        trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
-        heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
-        model = nn.ModuleDict({"trunk": trunk, "heads": heads})
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        probe = gradprobe.Probe(model, shared=trunk, every=1, log=arg)
-        probe.watch_latent("z")
-        out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        step = 0
-        while True:
-            x = torch.randn(16, 8)
-            z = trunk(x)
-            losses = {f"l{k}": heads[k](z).pow(2).mean() for k in range(3)}
-            probe.observe(z=z)
-            probe.backward(losses)
-            os.write(out, f"{step}\\n".encode())
-            opt.step(); opt.zero_grad()
-            step += 1
+""")
+
+
+def forking_server(setup: str, child: str) -> str:
+    """A script that runs ``setup`` once, then forks a child per "train PATH" line it reads,
+    which runs ``child`` with ``arg`` = PATH; "reap PID" prints the signal that ended PID.
+    (A fresh interpreter per child would spend a test's time importing torch.)"""
+    return (textwrap.dedent(setup) + FORK_LOOP +
+            textwrap.indent(textwrap.dedent(child), " " * 4))
+
+
+# Each trainer writes its step numbers to <run>.steps once probe.backward has returned, i.e.
+# once the step is committed.
+ZYGOTE = forking_server("""
+    import os, sys
+    import torch, gradprobe
+    from torch import nn
+    torch.set_num_threads(1)
+""", """
+    torch.manual_seed(os.getpid())
+    trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gradprobe.Probe(model, shared=trunk, every=1, log=arg)
+    probe.watch_latent("z")
+    out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    step = 0
+    while True:
+        x = torch.randn(16, 8)
+        z = trunk(x)
+        losses = {f"l{k}": heads[k](z).pow(2).mean() for k in range(3)}
+        probe.observe(z=z)
+        probe.backward(losses)
+        os.write(out, f"{step}\\n".encode())
+        opt.step(); opt.zero_grad()
+        step += 1
 """)
 
 
@@ -72,6 +84,22 @@ def _steps_written(path: Path) -> list[int]:
         return [int(s) for s in path.read_text().split()]
     except FileNotFoundError:
         return []
+
+
+def train_then_kill(zygote: subprocess.Popen, log: Path, pause: float) -> None:
+    """Fork a child of the forking server to write ``log``; SIGKILL it ``pause`` seconds after
+    it reported its first step, and reap it."""
+    zygote.stdin.write(f"train {log}\n")
+    zygote.stdin.flush()
+    pid = int(zygote.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not _steps_written(Path(str(log) + ".steps")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(pause)
+    os.kill(pid, signal.SIGKILL)
+    zygote.stdin.write(f"reap {pid}\n")
+    zygote.stdin.flush()
+    assert int(zygote.stdout.readline()) == signal.SIGKILL
 
 
 def test_sigkill_at_random_moments_keeps_every_committed_step(tmp_path):
@@ -84,17 +112,7 @@ def test_sigkill_at_random_moments_keeps_every_committed_step(tmp_path):
         results = []
         for i in range(kills):
             log = tmp_path / f"kill{i}.gprobe"
-            zygote.stdin.write(f"train {log}\n")
-            zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
-            deadline = time.monotonic() + 30
-            while not _steps_written(Path(str(log) + ".steps")) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.05, 1.5))
-            os.kill(pid, signal.SIGKILL)
-            zygote.stdin.write(f"reap {pid}\n")
-            zygote.stdin.flush()
-            assert int(zygote.stdout.readline()) == signal.SIGKILL
+            train_then_kill(zygote, log, rng.uniform(0.05, 1.5))
             printed = _steps_written(Path(str(log) + ".steps"))
             with load_run(log) as run:
                 steps = run.probe_steps().tolist()
@@ -344,7 +362,9 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_path):
+@pytest.mark.parametrize("writer_class", [RunWriter, BackgroundRunWriter])
+def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_path,
+                                                                         writer_class):
     import numpy as np
 
     log = tmp_path / "live.gprobe"
@@ -352,7 +372,7 @@ def test_reader_in_another_process_sees_a_consistent_prefix_while_writing(tmp_pa
     reader = subprocess.Popen([sys.executable, "-c", READER, str(log), str(total)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     assert reader.stdout.readline().strip() == "ready"
-    writer = RunWriter(log)
+    writer = writer_class(log)
     writer.set_meta(format="gradprobe.run", losses=["a", "b", "c"])
     rng = np.random.default_rng(0)
     for step in range(total):

@@ -135,12 +135,34 @@ def small_gram(x: Tensor) -> Tensor:
     return x.T @ x if n >= d else x @ x.T
 
 
-def gram_eigenvalues(g: Tensor, name: str = "input", source: Tensor | None = None) -> Tensor:
-    """Eigenvalues of a symmetric PSD float64 Gram matrix, descending, negatives -> 0.
+def clean_eigenvalues(ev: Tensor) -> Tensor:
+    """Eigenvalues of PSD Gram matrices (last dimension), descending, negatives -> 0.
 
-    Round-off eigenvalues below ``lambda_max * size * eps64`` are set to 0 so that a
-    collapsed (rank-deficient) matrix gives exact zeros instead of noise.
+    Round-off eigenvalues below ``lambda_max * size * 4 eps64`` are set to 0 so that a
+    collapsed (rank-deficient) matrix gives exact zeros instead of noise. Branch-free: works
+    on a batch and on any device without reading a value on the host.
     """
+    ev = torch.flip(torch.sort(ev, dim=-1).values, dims=[-1]).clamp_min(0.0)
+    floor = ev[..., :1] * (ev.shape[-1] * 4 * _EPS64)
+    return torch.where(ev <= floor, torch.zeros_like(ev), ev)
+
+
+def psd_eigenvalues(g: Tensor) -> Tensor:
+    """Eigenvalues (unsorted) of symmetric PSD matrices ``[..., m, m]``: ``eigvalsh`` of the
+    symmetrised matrices, ``svdvals`` (equal for PSD matrices) if it fails to converge.
+
+    Raises what the fallback raises. On a CUDA device either waits for the device (LAPACK's
+    error code is read on the host).
+    """
+    try:
+        return torch.linalg.eigvalsh(0.5 * (g + g.mT))
+    except Exception:  # LinAlgError
+        return torch.linalg.svdvals(g)
+
+
+def gram_eigenvalues(g: Tensor, name: str = "input", source: Tensor | None = None) -> Tensor:
+    """Eigenvalues of a symmetric PSD float64 Gram matrix, as :func:`clean_eigenvalues`;
+    ``ValueError`` for a non-finite Gram matrix or a failed decomposition."""
     if not bool(torch.isfinite(torch.diagonal(g)).all()) or not bool(torch.isfinite(g).all()):
         # A non-finite input entry always makes its row/column's diagonal entry non-finite.
         if source is not None:
@@ -148,18 +170,15 @@ def gram_eigenvalues(g: Tensor, name: str = "input", source: Tensor | None = Non
         raise ValueError(f"{name} overflows float64 (its Gram matrix contains Inf)")
     try:
         if _large_on_cpu(source):  # the same library as small_gram: one BLAS thread pool
-            ev = torch.from_numpy(np.linalg.eigvalsh(g.numpy()).copy())  # reads the lower triangle
+            try:
+                ev = torch.from_numpy(np.linalg.eigvalsh(g.numpy()).copy())  # lower triangle
+            except np.linalg.LinAlgError:
+                ev = torch.linalg.svdvals(g)
         else:
-            ev = torch.linalg.eigvalsh(0.5 * (g + g.T))
-    except Exception:  # LinAlgError from numpy or torch
-        try:
-            ev = torch.linalg.svdvals(g)  # PSD: singular values == eigenvalues
-        except Exception as exc:
-            raise ValueError(f"eigen-decomposition of the Gram matrix of {name} failed: {exc}") from None
-    ev = torch.flip(torch.sort(ev).values, dims=[0]).clamp_min(0.0)
-    if ev.numel() and ev[0] > 0:
-        ev = torch.where(ev <= ev[0] * g.shape[0] * 4 * _EPS64, torch.zeros_like(ev), ev)
-    return ev
+            ev = psd_eigenvalues(g)
+    except Exception as exc:  # the fallback failed too
+        raise ValueError(f"eigen-decomposition of the Gram matrix of {name} failed: {exc}") from None
+    return clean_eigenvalues(ev)
 
 
 def squared_singular_values(x: Tensor, name: str = "input", method: str = "gram") -> Tensor:
@@ -181,13 +200,19 @@ def squared_singular_values(x: Tensor, name: str = "input", method: str = "gram"
     return gram_eigenvalues(small_gram(x), name, source=x)
 
 
+def entropy_rank_of(values: Tensor, eps: float = RANKME_EPS) -> Tensor:
+    """``exp(-sum p_k log p_k)`` with ``p_k = v_k / sum(v) + eps`` along the last dimension;
+    0 where ``sum(v) == 0``. A tensor on the input's device (no host read)."""
+    total = values.sum(dim=-1, keepdim=True)
+    positive = total > 0
+    p = values / torch.where(positive, total, torch.ones_like(total)) + eps
+    rank = torch.exp(-(p * torch.log(p)).sum(dim=-1))
+    return torch.where(positive.squeeze(-1), rank, torch.zeros_like(rank))
+
+
 def entropy_rank(values: Tensor, eps: float = RANKME_EPS) -> float:
-    """``exp(-sum p_k log p_k)`` with ``p_k = v_k / sum(v) + eps``; 0.0 if ``sum(v) == 0``."""
-    total = float(values.sum())
-    if total <= 0.0:
-        return 0.0
-    p = values / total + eps
-    return float(torch.exp(-(p * torch.log(p)).sum()))
+    """:func:`entropy_rank_of` as a Python float."""
+    return float(entropy_rank_of(values, eps))
 
 
 def l2_normalize_rows(x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._common import as_labels
 
-__all__ = ["group_diversity"]
+__all__ = ["group_diversity", "batch_summary"]
 
 
 @torch.no_grad()
@@ -27,19 +27,39 @@ def group_diversity(groups: Tensor) -> dict[str, Any]:
 
     ``groups``: 1-D integer ids (any values), else ``ValueError``.
     """
-    g = as_labels(groups, "groups")
-    n = g.numel()
-    _, counts = torch.unique(g, return_counts=True)
-    c = counts.double()
-    q = c / n
-    entropy = float(-(q * torch.log(q)).sum())
-    share = 1.0 if n < 2 else float((c * (c - 1)).sum() / (n * (n - 1)))
+    summary = _diversity(as_labels(groups, "groups"))
     return {
-        "distinct": int(counts.numel()),
-        "entropy": max(entropy, 0.0),
-        "same_group_pair_share": share,
-        "largest_group_share": float(q.max()),
+        "distinct": int(summary["distinct"]),
+        "entropy": float(summary["entropy"]),
+        "same_group_pair_share": float(summary["same_group_pair_share"]),
+        "largest_group_share": float(summary["largest_group_share"]),
     }
 
 
+def _diversity(g: Tensor) -> dict[str, Tensor]:
+    """From each element's group size c_i (sorted ids and a binary search, no ``unique``:
+    its output size depends on the data): sums over groups become sums over elements,
+    ``sum_g f(n_g) = sum_i f(c_i) / c_i``."""
+    n = g.numel()
+    ordered = torch.sort(g).values
+    c = (torch.searchsorted(ordered, g, right=True) - torch.searchsorted(ordered, g)).to(torch.float64)
+    share = ((c - 1.0).sum() / (n * (n - 1))) if n > 1 else c.new_ones(())
+    return {
+        "distinct": torch.round((1.0 / c).sum()),
+        "entropy": (-torch.log(c / n).mean()).clamp_min(0.0),
+        "same_group_pair_share": share,
+        "largest_group_share": c.max() / n,
+        "batch_size": c.new_full((), float(n)),
+    }
 
+
+@torch.no_grad()
+def batch_summary(groups: Tensor) -> dict[str, Tensor]:
+    """:func:`group_diversity` of integer group ids (any shape, flattened) as float64 0-dim
+    tensors on their device, computed without reading a value on the host, plus
+    ``batch_size``. ``ValueError`` for an empty or non-integer tensor (dtype and shape only).
+    """
+    if not isinstance(groups, Tensor) or groups.numel() == 0 or groups.is_floating_point() \
+            or groups.is_complex():
+        raise ValueError("groups must be a non-empty tensor of integer ids")
+    return _diversity(groups.detach().reshape(-1).to(torch.int64))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._common import check_finite, to_tensor
 
-__all__ = ["gram_statistics", "gram_from_gradients"]
+__all__ = ["gram_statistics", "gram_from_gradients", "gram_summary"]
 
 
 @torch.no_grad()
@@ -81,6 +81,14 @@ def gram_statistics(gram: Tensor, weights: Tensor | Sequence[float]) -> dict[str
     check_finite(w, "weights")
     w = w.to(torch.float64).cpu()
 
+    stats = _gram_statistics(g, w)
+    stats["combined_norm"] = float(stats["combined_norm"])
+    return stats
+
+
+def _gram_statistics(g: Tensor, w: Tensor) -> dict[str, Tensor]:
+    """The statistics of :func:`gram_statistics` from a symmetric float64 ``g`` and weights ``w``
+    on one device, as tensors (``combined_norm`` 0-dim), computed without host reads."""
     sq = torch.diagonal(g).clamp_min(0.0)
     norm = torch.sqrt(sq)
     outer = norm[:, None] * norm[None, :]
@@ -89,15 +97,48 @@ def gram_statistics(gram: Tensor, weights: Tensor | Sequence[float]) -> dict[str
     denom = sq[:, None] + sq[None, :]
     mag = torch.where(denom > 0, 2 * outer / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
     gw = g @ w
-    combined_sq = float(w @ gw)
-    combined_sq = max(combined_sq, 0.0)
-    contribution = (w * gw) / combined_sq if combined_sq > 0 else torch.zeros(k, dtype=torch.float64)
+    combined_sq = (w @ gw).clamp_min(0.0)
+    positive = combined_sq > 0
+    contribution = torch.where(positive, w * gw / torch.where(positive, combined_sq, 1.0),
+                               torch.zeros_like(gw))
     return {
         "norm": norm,
         "weighted_norm": w.abs() * norm,
         "cosine": cosine,
         "magnitude_similarity": mag,
-        "combined_norm": combined_sq ** 0.5,
+        "combined_norm": torch.sqrt(combined_sq),
         "conflict": cosine < 0,
         "contribution": contribution,
     }
+
+
+@torch.no_grad()
+def gram_summary(gram: Tensor, weights: Tensor) -> dict[str, Tensor]:
+    r"""The statistics of :func:`gram_statistics` as tensors on the device of ``gram``,
+    computed without reading a value on the host (the probe path).
+
+    ``gram``: K x K (any float dtype, symmetrised here), ``weights``: K values (pass a tensor
+    on ``gram``'s device: a copy from the host would wait for the device). Adds ``finite`` (bool): the Gram matrix and the weights are finite.
+    Where they are not, ``norm`` and ``weighted_norm`` are what the diagonal gives (NaN/Inf)
+    and every other entry is NaN (``conflict`` False), so a non-finite step is recorded as
+    such rather than as numbers. ``ValueError`` only for shapes that do not fit.
+    """
+    if not isinstance(gram, Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1] \
+            or gram.shape[0] == 0:
+        raise ValueError(f"gram must be a square 2-D tensor of shape (K, K), got "
+                         f"{tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__}")
+    g = gram.detach().to(torch.float64)
+    g = 0.5 * (g + g.T)
+    w = torch.as_tensor(weights).detach().reshape(-1).to(g.device, torch.float64)
+    if w.numel() != g.shape[0]:
+        raise ValueError(f"weights must have shape ({g.shape[0]},) to match gram, got {w.numel()} values")
+    finite = torch.isfinite(g).all() & torch.isfinite(w).all()
+    stats = _gram_statistics(g, w)
+    diagonal = torch.diagonal(g)
+    stats["norm"] = torch.where(finite, stats["norm"], torch.sqrt(diagonal))
+    stats["weighted_norm"] = w.abs() * stats["norm"]
+    for key in ("cosine", "magnitude_similarity", "combined_norm", "contribution"):
+        stats[key] = torch.where(finite, stats[key], torch.full_like(stats[key], float("nan")))
+    stats["conflict"] = stats["cosine"] < 0
+    stats["finite"] = finite
+    return stats

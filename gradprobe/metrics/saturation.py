@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -16,6 +14,7 @@ __all__ = [
     "energy_scale_ratio",
     "saturation_histogram",
     "saturation_histogram_edges",
+    "saturation_summary",
 ]
 
 # sigmoid'(x) = s(1 - s) < 0.01  <=>  |x| > 2 acosh(1 / (2 sqrt(0.01))) = 4.5951...
@@ -31,8 +30,11 @@ def saturated_fraction(x: Tensor, threshold: float = SATURATION_THRESHOLD) -> fl
     logits): ``2 (1 - Phi(4.6))`` ~ 4e-6.
     """
     threshold = check_positive_float(threshold, "threshold")
-    v = as_array(x, "x")
-    return float((v.abs() > threshold).double().mean())
+    return float(_saturated_fraction(as_array(x, "x"), threshold))
+
+
+def _saturated_fraction(v: Tensor, threshold: float) -> Tensor:
+    return (v.abs() > threshold).to(torch.float64).mean()
 
 
 @torch.no_grad()
@@ -62,9 +64,12 @@ def saturated_wrong_fraction(x: Tensor, target: Tensor,
 def mean_sigmoid_grad(x: Tensor) -> float:
     """``mean sigmoid(x) (1 - sigmoid(x))`` over all entries: 0.25 at x = 0 (healthy,
     maximal gradient), -> 0 when saturated. Null (standard-normal x): ~0.2067."""
-    v = as_array(x, "x")
+    return float(_mean_sigmoid_grad(as_array(x, "x")))
+
+
+def _mean_sigmoid_grad(v: Tensor) -> Tensor:
     s = torch.sigmoid(v)
-    return float((s * (1.0 - s)).mean())
+    return (s * (1.0 - s)).mean()
 
 
 @torch.no_grad()
@@ -77,14 +82,14 @@ def energy_scale_ratio(u: Tensor, r: Tensor, symmetric: bool = True) -> float:
     one 0 -> ``math.inf`` (infinite mismatch; for ``symmetric=False`` with std(u) = 0
     and std(r) > 0 the plain ratio is 0.0).
     """
-    su = float(as_array(u, "u").std(unbiased=False))
-    sr = float(as_array(r, "r").std(unbiased=False))
-    if su == 0.0 and sr == 0.0:
-        return 1.0
-    if symmetric:
-        lo, hi = min(su, sr), max(su, sr)
-        return math.inf if lo == 0.0 else hi / lo
-    return math.inf if sr == 0.0 else su / sr
+    return float(_energy_scale_ratio(as_array(u, "u"), as_array(r, "r"), symmetric))
+
+
+def _energy_scale_ratio(u: Tensor, r: Tensor, symmetric: bool) -> Tensor:
+    su, sr = u.std(unbiased=False), r.std(unbiased=False).to(u.device)
+    # IEEE division gives the documented edge values: x / 0 = inf for x > 0, 0 / x = 0.
+    ratio = torch.maximum(su, sr) / torch.minimum(su, sr) if symmetric else su / sr
+    return torch.where((su == 0) & (sr == 0), torch.ones_like(ratio), ratio)
 
 
 def saturation_histogram_edges(bins: int = 41, limit: float = 20.0) -> Tensor:
@@ -104,6 +109,42 @@ def saturation_histogram(x: Tensor, bins: int = 41, limit: float = 20.0) -> Tens
     """
     bins = check_positive_int(bins, "bins")
     limit = check_positive_float(limit, "limit")
-    v = as_array(x, "x").clamp(-limit, limit)
-    idx = torch.floor((v + limit) * (bins / (2.0 * limit))).to(torch.int64).clamp(0, bins - 1)
-    return torch.bincount(idx.cpu(), minlength=bins)
+    return _histogram(as_array(x, "x"), bins, limit).cpu()
+
+
+def _histogram(v: Tensor, bins: int, limit: float) -> Tensor:
+    # A scatter-add, not bincount: bincount's output size depends on the data, so on a GPU it
+    # reads the largest index on the host first.
+    idx = torch.floor((v.clamp(-limit, limit) + limit) * (bins / (2.0 * limit)))
+    idx = idx.to(torch.int64).clamp(0, bins - 1)
+    return torch.zeros(bins, dtype=torch.int64, device=v.device).index_add_(
+        0, idx, torch.ones_like(idx))
+
+
+@torch.no_grad()
+def saturation_summary(x: Tensor, threshold: float = SATURATION_THRESHOLD, bins: int = 41,
+                       limit: float = 20.0, terms: tuple[Tensor, Tensor] | None = None
+                       ) -> dict[str, Tensor]:
+    """What the probe records of sigmoid inputs ``x`` (any shape), as tensors on ``x``'s
+    device, computed without reading a value on the host: ``saturated_fraction``,
+    ``mean_sigmoid_grad``, ``histogram`` (int64 [bins]) as the functions of those names,
+    ``finite`` (bool: every entry of ``x`` is finite; the others are meaningless where it is
+    False) and, with ``terms=(u, r)``, ``energy_scale_ratio`` (symmetric).
+    ``ValueError`` for an empty ``x`` or invalid parameters (never for values).
+    """
+    threshold = check_positive_float(threshold, "threshold")
+    bins = check_positive_int(bins, "bins")
+    limit = check_positive_float(limit, "limit")
+    if not isinstance(x, Tensor) or x.numel() == 0:
+        raise ValueError("x must be a non-empty tensor")
+    v = x.detach().reshape(-1).to(torch.float64)
+    summary = {
+        "saturated_fraction": _saturated_fraction(v, threshold),
+        "mean_sigmoid_grad": _mean_sigmoid_grad(v),
+        "histogram": _histogram(v, bins, limit),
+        "finite": torch.isfinite(v).all(),
+    }
+    if terms is not None:
+        u, r = (t.detach().reshape(-1).to(v.device, torch.float64) for t in terms)
+        summary["energy_scale_ratio"] = _energy_scale_ratio(u, r, symmetric=True)
+    return summary

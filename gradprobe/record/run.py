@@ -153,14 +153,18 @@ class Run:
             raise RunFileError(_damage_message(source, exc)) from None
 
     def _snapshot(self) -> None:
-        """One read transaction for the life of the Run: while a trainer keeps writing, every
-        query sees the same committed prefix of the run (load the run again to see more)."""
+        """One read transaction for the life of the Run on a file being written (WAL mode):
+        while a trainer keeps writing, every query sees the same committed prefix of the run
+        (load the run again to see more). A closed run file (rollback-journal mode, see
+        ``RunWriter.close``) changes only if a writer resumes it, which a held read
+        transaction would block: there each query reads on its own."""
         try:
             # Defence in depth for files from elsewhere: no writes, no functions from the
             # file's schema (the schema itself is checked against ours below).
             self._conn.execute("PRAGMA query_only=ON")
             self._conn.execute("PRAGMA trusted_schema=OFF")
-            self._conn.execute("BEGIN")
+            if self._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                self._conn.execute("BEGIN")
         except sqlite3.Error as exc:
             raise RunFileError(f"{self.source}: cannot read run file ({exc})") from None
 
