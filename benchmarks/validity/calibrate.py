@@ -12,9 +12,11 @@ Procedure (one coordinate at a time, in the order ``Thresholds`` declares its ke
 3. If the current value already has the fewest errors, it stays (the corpus confirms its
    published or derived source). Otherwise the new value is the geometric midpoint of the
    widest run of consecutive grid values with the fewest errors: the point farthest from
-   the nearest failing value (margin-maximising).
-4. Two passes over all keys (a change can move another key's best range); the result is
-   reported with, for every key, its range of fewest errors on the grid.
+   the nearest failing value (margin-maximising); a run of a single grid value (no margin)
+   moves nothing.
+4. Rule-specific keys first, then the keys every rule reads (persistence and phase); a
+   second pass when the first moved anything (a change can move another key's best range).
+   The result is reported with, for every key, its range of fewest errors on the grid.
 
 The held-out half is never read here.
 """
@@ -57,17 +59,27 @@ class KeyResult:
     rules: tuple[str, ...]
 
 
+# Keys every rule reads (persistence and phase): tried last, so that a rule-specific key is
+# moved before a change that would shift every rule at once.
+GLOBAL_KEYS = ("min_points", "min_share", "window_share", "smooth_points", "memorised_fraction")
+
+
 def _numeric_keys() -> list[str]:
-    return [f.name for f in fields(Thresholds) if f.metadata.get("kind") in ("float", "int")]
+    keys = [f.name for f in fields(Thresholds) if f.metadata.get("kind") in ("float", "int")]
+    return [k for k in keys if k not in GLOBAL_KEYS] + [k for k in keys if k in GLOBAL_KEYS]
 
 
 def grid(key: str, value: float) -> list[float]:
-    """Candidate values; those a Thresholds refuses (a share above 1) are skipped later."""
+    """Candidate values. A share or a fraction stays within [0, 1]; values a Thresholds
+    refuses are skipped by the caller."""
     if key in ("min_points", "smooth_points"):
         return list(INT_GRID)
     if value == 0:
         return [0.0] + [s * 10.0 ** e for e in range(-3, 1) for s in (-1, 1)]
-    return sorted({value * math.sqrt(2) ** k for k in range(-GRID_STEPS, GRID_STEPS + 1)})
+    values = {value * math.sqrt(2) ** k for k in range(-GRID_STEPS, GRID_STEPS + 1)}
+    if key.endswith(("_fraction", "_share")):
+        values = {v for v in values if v <= 1.0}
+    return sorted(values)
 
 
 def _call(rule, run, th, earlier):
@@ -121,6 +133,7 @@ class Calibrator:
         cache = self._diagnose(th)
         results: dict[str, KeyResult] = {}
         for _ in range(passes):
+            before = th
             for key in _numeric_keys():
                 rules = sorted(self.rules_reading.get(key, ()), key=self.order.index)
                 if not rules:
@@ -136,8 +149,10 @@ class Calibrator:
                         continue
                     scored.append((value, self.errors(self._diagnose(trial, cache, first))))
                 best = min(e for _, e in scored)
-                run = _widest_run([v for v, _ in scored], [e == best for _, e in scored])
-                if base_errors > best and run is not None:
+                values = [v for v, _ in scored]
+                run = _widest_run(values, [e == best for _, e in scored])
+                # Move only with a margin: the fewest-error run spans two grid values or more.
+                if base_errors > best and run is not None and values.index(run[1]) > values.index(run[0]):
                     lo, hi = run
                     chosen = math.sqrt(lo * hi) if lo > 0 and hi > 0 else (lo + hi) / 2
                     if key in ("min_points", "smooth_points"):
@@ -151,6 +166,8 @@ class Calibrator:
                     errors_best=min(best, previous.errors_best) if previous else best,
                     best_range=run, constrained=len({e for _, e in scored}) > 1 or
                     bool(previous and previous.constrained), rules=tuple(rules))
+            if th == before:
+                break  # a further pass would score the same values again
         return th, list(results.values())
 
 
