@@ -118,14 +118,17 @@ def memorising_decoupler(bad: bool, steps: int = 200, seed: int = 0) -> Run:
 
 # ---------------------------------------------------- gradient-conflict (gradient reversal)
 
-class _Reverse(torch.autograd.Function):
+class _ScaledReverse(torch.autograd.Function):
+    """Gradient reversal with a coefficient (Ganin & Lempitsky 2015)."""
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return -grad
+        return -ctx.alpha * grad, None
 
 
 @_cached
@@ -146,7 +149,7 @@ def domain_adversarial(reversal: bool, steps: int = 120, seed: int = 0) -> Run:
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         h = trunk(x[idx])
-        feats = _Reverse.apply(h) if reversal else h
+        feats = _ScaledReverse.apply(h, 1.0) if reversal else h
         losses = {"task": F.mse_loss(head(h).squeeze(1), y[idx]),
                   "adv": F.cross_entropy(disc(feats), grp[idx])}
         probe.backward(losses, weights={"adv": 1.0})
@@ -163,8 +166,8 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
     changes during training: ``"rank1"`` projects z progressively onto one direction (rank
     collapse), ``"vanish"`` multiplies it by a factor shrinking to 0.005 (norm collapse, with an
     unnormalised orthogonality loss against a second latent), ``"offset"`` adds a common
-    offset growing to 20 (its mean drifts, its spread is unchanged: no collapse), ``"healthy"``
-    leaves it alone.
+    offset growing to 20 (its mean drifts, its spread is unchanged: no collapse; its
+    directions, watched as ``z_dir``, do collapse to one point), ``"healthy"`` leaves it alone.
     """
     gen = _setup(seed)
     x = torch.randn(512, 12, generator=gen)
@@ -177,6 +180,8 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
     probe = Probe(model, shared=enc, every=2, roles={"orth": "orthogonality"})
     probe.watch_latent("z")
     probe.watch_latent("w")
+    if mode == "offset":
+        probe.watch_latent("z_dir")  # what a cosine loss on z would see
     u = F.normalize(torch.randn(8, generator=gen), dim=0)
     for step in range(steps):
         t = min(1.0, step / (0.7 * steps))
@@ -192,7 +197,7 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
         w = enc2(x[idx])
         losses = {"task": F.mse_loss(head(torch.cat([z, w], 1)).squeeze(1), y[idx]),
                   "orth": (z.T @ w).pow(2).sum() / len(idx) ** 2}
-        probe.observe(z=z, w=w)
+        probe.observe(z=z, w=w, **({"z_dir": F.normalize(z, dim=1)} if mode == "offset" else {}))
         probe.backward(losses, weights={"orth": 1.0})
         opt.step()
         opt.zero_grad()
@@ -445,19 +450,6 @@ def sigmoid_head(loss: str, steps: int = 80, seed: int = 0) -> Run:
 
 
 # ------------------------------------------- the shared set at defaults (DANN, VAE)
-
-class _ScaledReverse(torch.autograd.Function):
-    """Gradient reversal with a coefficient (Ganin & Lempitsky 2015)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha):
-        ctx.alpha = alpha
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.alpha * grad, None
-
 
 @_cached
 def dann(domain_input: str, steps: int = 60, seed: int = 0) -> Run:

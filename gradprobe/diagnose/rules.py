@@ -40,6 +40,13 @@ def _loss_start(run: Run, name: str, th: Thresholds) -> float:
     return start_end(*series, th)["start"]
 
 
+def _end(series: tuple[np.ndarray, np.ndarray] | None, th: Thresholds) -> float:
+    """Median of a series' last window (NaN when it was not recorded)."""
+    if series is None:
+        return math.nan
+    return median(series[1][-window_size(len(series[1]), th):])
+
+
 def _decoupled_pairs(run: Run, th: Thresholds) -> bool:
     """True when latent pairs were recorded and all of them end independent (CKA and max |corr|
     at their null): a decorrelation/orthogonality loss is then satisfied, at its noise floor."""
@@ -80,11 +87,15 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     W = np.vstack(wn)  # K x T
     _, raw = align(*[get(run, "grad_norm", n) for n in names]) if all(
         run.has("grad_norm", n) for n in names) else (None, [W[k] for k in range(len(names))])
-    with np.errstate(invalid="ignore"):
-        largest = np.nanmax(np.where(np.isfinite(W), W, -np.inf), axis=0)
-        dominant_idx = np.argmax(np.where(np.isfinite(W), W, -np.inf), axis=0)
-    learning = task_learning(run, steps, th)
     role = roles(run)
+    # A regulariser's pull (weight decay) is not a loss competing for the shared layers: the
+    # swamping ratio is taken against the largest of the others.
+    competing = np.array([role[n] not in th.exempt_roles for n in names])[:, None]
+    candidates = np.where(np.isfinite(W) & competing, W, -np.inf)
+    with np.errstate(invalid="ignore"):
+        largest = np.max(candidates, axis=0)
+        dominant_idx = np.argmax(candidates, axis=0)
+    learning = task_learning(run, steps, th)
     satisfied = _satisfied(run, th)
     out = []
     for k, name in enumerate(names):
@@ -307,13 +318,6 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
 
 
 # ------------------------------------------------------------------ representation-collapse
-
-def _end(series: tuple[np.ndarray, np.ndarray] | None, th: Thresholds) -> float:
-    """Median of a series' last window (NaN when it was not recorded)."""
-    if series is None:
-        return math.nan
-    return median(series[1][-window_size(len(series[1]), th):])
-
 
 def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
@@ -841,22 +845,26 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         causes = " (" + "; ".join(extra) + ")" if extra else ""
         wrong = finite(get(run, "saturated_wrong_fraction", s))
         harmful = False
-        if wrong is not None:
+        if wrong is not None and len(wrong[0]) >= th.min_points:
             w_steps, wv = wrong
             wrong_held = wv >= th.saturation_wrong_fraction
+            w_end = _end(wrong, th)
             evidence.update(median_saturated_wrong_fraction=median(wv),
+                            saturated_wrong_fraction_end=w_end,
                             saturated_wrong_fraction=thin(w_steps, wv))
-            harmful = persistent(wrong_held, np.ones(len(wv), dtype=bool), th)
+            # Harm is what stays wrong: cross-entropy corrects a saturated start, so only the
+            # end of the run counts.
+            harmful = w_end >= th.saturation_wrong_fraction
         plot = {"quantity": "saturated_fraction", "names": [s],
                 "threshold": th.saturation_fraction, "ratio_to": None}
         if harmful:
             severity = "error" if med >= th.saturation_error_fraction else "warning"
             out.append(_finding(
                 "sigmoid-saturation", severity,
-                f"sigmoid '{s}' is saturated on the wrong side of its targets: "
-                f"{pct(median(wv))} of its inputs (median; {pct(med)} saturated in all)"
-                + causes, s, f"wrong and saturated {pct(median(wv))}", evidence,
-                held_range(w_steps, wrong_held), plot=plot))
+                f"sigmoid '{s}' stays saturated on the wrong side of its targets: "
+                f"{pct(w_end)} of its inputs at the end ({pct(med)} saturated in all)"
+                + causes, s, f"wrong and saturated {pct(w_end)}", evidence,
+                trailing_range(w_steps, wrong_held), plot=plot))
         elif persistent(held, np.ones(len(v), dtype=bool), th):
             verdict = "towards its targets (harmless: their gradient has nothing left to do)" \
                 if wrong is not None else \

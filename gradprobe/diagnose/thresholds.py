@@ -71,8 +71,8 @@ class Thresholds:
     conflict_cancel_ratio: float = _f(0.2, "harm: median combined gradient norm / sum of the "
                                             "weighted norms at most this (they cancel)")
     # -- representation-collapse -------------------------------------------------------------
-    collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std) at most this fraction "
-                                             "of its own peak")
+    collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std, total variance) at "
+                                             "most this fraction of its own peak")
     collapse_rank_fraction: float = _f(0.25, "... and end rank at most this fraction of the "
                                              "isotropic (healthy) rank")
     collapse_std_fraction: float = _f(0.3, "... or end normalised std * sqrt(d) at most this "
@@ -110,8 +110,9 @@ class Thresholds:
                                               "this: dependent")
     # -- sigmoid-saturation ------------------------------------------------------------------
     saturation_fraction: float = _f(0.25, "saturated share of sigmoid inputs at least this")
-    saturation_wrong_fraction: float = _f(0.05, "share of sigmoid inputs saturated on the wrong "
-                                                "side of their target at least this: harmful")
+    saturation_wrong_fraction: float = _f(0.01, "end share of sigmoid inputs saturated on the "
+                                                "wrong side of their target at least this: "
+                                                "harmful")
     saturation_error_fraction: float = _f(0.5, "median saturated share at least this, when "
                                                "harmful: error")
     saturation_energy_ratio: float = _f(10.0, "energy-term scale ratio at least this is reported")
