@@ -13,8 +13,9 @@ same architecture without the moving average).
 Here: the digits backbone (``common.DigitEncoder``), projector and predictor with hidden
 256 and output 64, SGD with momentum 0.9 at the paper's base lr 0.2 and weight decay 1.5e-6
 (LARS is not in PyTorch), decay 0.99, batch 256, 500 steps, ``common.augment`` views.
-The probe: ``Probe(model, log=...)`` on the online network, the projector output watched,
-the two view orders passed as two losses.
+The probe: ``Probe(model, log=...)`` on the online network, the l2-normalised projector output
+watched (docs/probe.md: watch what a cosine loss compares), the two view orders passed as
+two losses.
 
 Variants (truth by construction):
 - ``predictor``: healthy (the published method).
@@ -59,7 +60,8 @@ class Online(nn.Module):
         self.predictor = mlp(DIM) if predictor else nn.Identity()
 
     def forward(self, x):
-        return self.predictor(self.projector(self.encoder(x)))
+        z = self.projector(self.encoder(x))
+        return self.predictor(z), z
 
 
 def byol_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,13 +78,15 @@ def train(variant: str, seed: int, log: Path) -> dict:
         p.requires_grad_(False)
     opt = torch.optim.SGD(online.parameters(), lr=0.2, momentum=0.9, weight_decay=1.5e-6)
     probe = gradprobe.Probe(online, log=log)
-    probe.watch_latent("z", online.projector)
+    probe.watch_latent("z")
     with probe:
         for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
             v1, v2 = augment(x_tr[idx], gen), augment(x_tr[idx], gen)
             with torch.no_grad():
                 t1, t2 = target(v1), target(v2)
-            losses = {"view1": byol_loss(online(v1), t2), "view2": byol_loss(online(v2), t1)}
+            (p1, z1), (p2, _) = online(v1), online(v2)
+            probe.observe(z=F.normalize(z1, dim=1))  # what the cosine loss compares
+            losses = {"view1": byol_loss(p1, t2), "view2": byol_loss(p2, t1)}
             probe.backward(losses)
             opt.step()
             opt.zero_grad()

@@ -11,7 +11,8 @@ Here: the digits backbone (``common.DigitEncoder``), head fc 128-128-ReLU-fc 64,
 loss, temperature and optimiser, batch 128 (about one class's worth of training digits),
 500 steps. NT-Xent's anchors from the first and second view are passed to the probe as two
 losses (their mean is the published loss); the contrastive watch sees the same embeddings,
-with the digit classes as groups (``observe(groups=labels)``).
+with the digit classes as groups (``observe(groups=labels)``); the l2-normalised embedding
+the loss compares is watched as a latent.
 
 Variants (truth by construction):
 - ``shuffled``: healthy. Batches drawn uniformly: ~90% of in-batch negatives belong to
@@ -83,14 +84,14 @@ def train(variant: str, seed: int, log: Path) -> dict:
     sampler = batches(len(x_tr), BATCH, gen) if variant == "shuffled" else \
         one_class_batches(y_tr, BATCH, gen)
     probe = gradprobe.Probe(model, log=log)
-    probe.watch_latent("z", model.head)
+    probe.watch_latent("z")
     probe.watch_contrastive("cont", temperature=TEMPERATURE)
     same_class = []
     with probe:
         for _, idx in zip(range(STEPS), sampler):
             labels = y_tr[idx]
             z1, z2 = model(augment(x_tr[idx], gen)), model(augment(x_tr[idx], gen))
-            probe.observe(cont=(z1, z2), groups=labels)
+            probe.observe(cont=(z1, z2), groups=labels, z=F.normalize(z1, dim=1))
             first, second = nt_xent_halves(z1, z2)
             probe.backward({"view1": first, "view2": second}, weights={"view1": 0.5, "view2": 0.5})
             opt.step()
