@@ -84,6 +84,10 @@ CASES = {
     "a weight tensor with several values": lambda: _first_step(weights={"cont": torch.ones(2)}),
     "a duplicated watch name": lambda: _first_step(watch=_watch_twice),
     "a name observe() does not expect": lambda: _first_step(observe={"zz": torch.ones(2, 2)}),
+    "a saturation target that is itself watched": lambda: _first_step(
+        watch=lambda p, m: (p.watch_latent("z"), p.watch_saturation("s", target="z"))),
+    "latent labels that are themselves watched": lambda: _first_step(
+        watch=lambda p, m: (p.watch_saturation("s"), p.watch_latent("z", labels="s"))),
     "a task name that is not a loss": lambda: _first_step(probe_kwargs={"task": "main"}),
     "every=0": lambda: _constructor(every=0),
     "an unknown role": lambda: _constructor(roles={"cont": "contrastiv"}),

@@ -374,19 +374,27 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         }
         if active["condition"]:
             what = f"{g(active['active_end'])} of {g(d)} units active (posterior collapse under " \
-                f"{', '.join(repr(n) for n in kl_losses)})"
+                f"{', '.join(repr(n) for n in active['kl_losses'])})"
+            key = f"active units {g(active['active_end'])} of {g(d)}"
+            plot = {"quantity": "active_units", "names": [z], "threshold": active["active_limit"],
+                    "ratio_to": None}
         elif point["condition"]:
-            what = f"its spread shrank to {pct(point['variance_end'] / point['variance_peak'])} " \
-                f"of its peak and its normalised std to {g(point['normalized_std_end'])} " \
-                f"(healthy {g(point['healthy_normalized_std'])}): all inputs map to one point"
+            spread = point["variance_end"] / point["variance_peak"]
+            what = f"its spread shrank to {pct(spread)} of its peak and its normalised std to " \
+                f"{g(point['normalized_std_end'])} (healthy " \
+                f"{g(point['healthy_normalized_std'])}): all inputs map to one point"
+            key = f"spread x{g(spread)} of peak"
+            plot = {"quantity": "normalized_std", "names": [z],
+                    "threshold": point["std_limit"] / math.sqrt(d), "ratio_to": None}
         else:
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
+            key = f"rank {g(end)} of {g(d)}"
+            plot = {"quantity": "rankme_centred", "names": [z], "threshold": rank_limit,
+                    "ratio_to": None}
         out.append(_finding(
             "representation-collapse", severity, f"latent '{z}' collapsed: {what}", z,
-            f"rank {g(end)} of {g(d)}", evidence, trailing_range(steps, held),
-            plot={"quantity": "rankme_centred", "names": [z], "threshold": rank_limit,
-                  "ratio_to": None},
+            key, evidence, trailing_range(steps, held), plot=plot,
             remedy=_collapse_remedy(role, active["condition"])))
     return out
 
@@ -410,7 +418,7 @@ def _collapse_to_a_point(run: Run, z: str, d: float, steps: np.ndarray,
     held = (np.interp(steps, std_s[0], scaled) <= std_limit) & \
         (np.interp(steps, var_s[0], var_s[1]) <= var_limit)
     return {"condition": bool(s_end <= std_limit and v_end <= var_limit), "held": held,
-            "std_scaled_peak": s_peak, "std_scaled_end": s_end,
+            "std_limit": std_limit, "std_scaled_peak": s_peak, "std_scaled_end": s_end,
             "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
             "variance_peak": v_peak, "variance_end": v_end,
             "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s)}
