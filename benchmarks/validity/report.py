@@ -126,25 +126,32 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "",
         "## Families",
         "",
-        "| family | source | variant | healthy | truth (by construction) | expected alarms |",
-        "|---|---|---|---|---|---|",
+        "Each family's file (`benchmarks/validity/<file>.py`) states the published setup, what",
+        "was scaled down for a CPU, and why each variant is healthy or broken.",
+        "",
+        "| family | file | source |",
+        "|---|---|---|",
     ]
+    out += [f"| {fam.name} | `{fam.train.__module__.rsplit('.', 1)[-1]}.py` | {fam.source} |"
+            for fam in families.values()]
+    out += ["", "| family | variant | healthy | truth (by construction) | expected alarms |",
+            "|---|---|---|---|---|"]
     for fam in families.values():
         for v in fam.variants:
             expected = ", ".join(f"`{e.id}` [{e.subject}]" for e in v.expected) or "none"
-            out.append(f"| {fam.name} | {fam.source} | {v.name} | {'yes' if v.healthy else 'no'} | "
-                       f"{v.truth} | {expected} |")
+            out.append(f"| {fam.name} | {v.name} | {'yes' if v.healthy else 'no'} | {v.truth} | {expected} |")
+    cpu = sum(r.cpu_seconds for r in records)
     out += ["", "## Runs at the default thresholds", "",
             "What each run really did (measured without gradprobe) and what gradprobe raised:",
             "`hit`, `FALSE ALARM`, `allowed` (true but incidental), `MISSED`; info findings are",
-            "not listed.", "",
-            "| run | split | outcome | alarms |", "|---|---|---|---|"]
+            f"not listed. Training took {cpu / 60:.1f} CPU-minutes in all (one thread per run).", "",
+            "| run | split | CPU s | outcome | alarms |", "|---|---|---|---|---|"]
     for r in records:
         fam = families[r.family]
         outcome = ", ".join(f"{k} {_value(v)}" for k, v in r.outcome.items())
         marks = [line for line in finding_lines(r, fam) if not line.startswith("info")]
         alarms = "<br>".join(" ".join(m.split()) for m in marks) or "none"
-        out.append(f"| {r.label} | {r.split} | {outcome} | {alarms} |")
+        out.append(f"| {r.label} | {r.split} | {r.cpu_seconds:.0f} | {outcome} | {alarms} |")
     for split in ("held-out", "calibration"):
         out += ["", f"## Precision and recall, {split} half, default thresholds", "",
                 "| finding id | TP | FP | FN | precision | recall |", "|---|---|---|---|---|---|"]
@@ -157,15 +164,15 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
     out += [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.detail} |" for c in checks]
     if key_results is not None:
         out += ["", "## Calibration", "", *CALIBRATION_TEXT, "",
-                "| key | default | chosen | calibration errors at default | fewest errors | "
-                "values with fewest errors (grid) | rules reading it |",
+                "| key | default | chosen | calibration errors at the default | at the chosen value | "
+                "fewest-error range around the chosen value | rules reading it |",
                 "|---|---|---|---|---|---|---|"]
         for k in key_results:
             if not k.constrained:
                 continue
             rng = f"{_value(k.best_range[0])} to {_value(k.best_range[1])}" if k.best_range else "-"
-            out.append(f"| `{k.key}` | {_value(k.start)} | {_value(k.chosen)} | {k.errors_at_start} | "
-                       f"{k.errors_best} | {rng} | {', '.join(k.rules)} |")
+            out.append(f"| `{k.key}` | {_value(k.default)} | {_value(k.chosen)} | {k.errors_default} | "
+                       f"{k.errors_chosen} | {rng} | {', '.join(k.rules)} |")
         unconstrained = [k.key for k in key_results if not k.constrained]
         out += ["", "Not constrained by the corpus (no calibration run changes with them on the grid): "
                 + ", ".join(f"`{k}`" for k in unconstrained) + "."]
@@ -179,10 +186,13 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
 
 CALIBRATION_TEXT = [
     "Thresholds are chosen on the calibration half only (benchmarks/validity/calibrate.py):",
-    "for each numeric key in turn, candidate values v x sqrt(2)^k (k = -6..6) are scored by",
+    "for each numeric key in turn, candidate values default x sqrt(2)^k (k = -6..6) are scored by",
     "false alarms plus misses on the calibration runs, re-running only the rules that read",
     "the key. A default with the fewest errors stays; otherwise the key moves to the",
     "geometric middle of the widest run of grid values with the fewest errors (the largest",
-    "margin to a failing value). Two passes over all keys. Keys whose calibration errors do",
-    "not change on the grid are left out of the table below.",
+    "margin to a failing value), and only when that run spans two grid values or more.",
+    "Rule-specific keys go first, the persistence keys every rule reads last; passes repeat",
+    "until one moves nothing, and that pass is what the table shows (each key scored with",
+    "every other key at its chosen value). Keys whose calibration errors do not change on the",
+    "grid are left out of the table.",
 ]

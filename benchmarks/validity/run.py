@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in key_results:
             if k.constrained:
                 rng = f"{k.best_range[0]:.3g}..{k.best_range[1]:.3g}" if k.best_range else "-"
-                moved = "MOVED" if k.chosen != k.start else "kept "
-                print(f"   {moved} {k.key:30s} {k.start:<10.4g} -> {k.chosen:<10.4g} errors "
-                      f"{k.errors_at_start} -> {k.errors_best}; fewest-error range {rng}")
+                moved = "MOVED" if k.chosen != k.default else "kept "
+                print(f"   {moved} {k.key:30s} {k.default:<10.4g} -> {k.chosen:<10.4g} errors "
+                      f"{k.errors_default} -> {k.errors_chosen}; fewest-error range {rng}")
         after = [dataclasses.replace(r) for r in records]
         found = runs.diagnose(chosen)
         for a, r in zip(after, records):
