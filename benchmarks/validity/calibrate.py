@@ -68,7 +68,7 @@ class KeyResult:
 GLOBAL_KEYS = ("min_points", "min_share", "window_share", "smooth_points", "memorised_fraction")
 
 
-def _numeric_keys() -> list[str]:
+def numeric_keys() -> list[str]:
     keys = [f.name for f in fields(Thresholds) if f.metadata.get("kind") in ("float", "int")]
     return [k for k in keys if k not in GLOBAL_KEYS] + [k for k in keys if k in GLOBAL_KEYS]
 
@@ -149,7 +149,7 @@ class Calibrator:
         default = start or Thresholds()
         th = default
         cache = self._diagnose(th)
-        keys = [k for k in _numeric_keys() if k in self.rules_reading]
+        keys = [k for k in numeric_keys() if k in self.rules_reading]
         for _ in range(max_passes):
             moved = False
             for key in keys:

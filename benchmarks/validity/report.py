@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .calibrate import KeyResult
+from .calibrate import KeyResult, numeric_keys
 from .harness import ALARM_SEVERITIES, Family, RunRecord, Score, judge, score, subject_units
 
 PRECISION_MIN, RECALL_MIN = 0.95, 0.9
@@ -173,9 +173,15 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
             rng = f"{_value(k.best_range[0])} to {_value(k.best_range[1])}" if k.best_range else "-"
             out.append(f"| `{k.key}` | {_value(k.default)} | {_value(k.chosen)} | {k.errors_default} | "
                        f"{k.errors_chosen} | {rng} | {', '.join(k.rules)} |")
-        unconstrained = [k.key for k in key_results if not k.constrained]
-        out += ["", "Not constrained by the corpus (no calibration run changes with them on the grid): "
-                + ", ".join(f"`{k}`" for k in unconstrained) + "."]
+        out += ["", "Read by a rule on the calibration runs, but no run's judgement changes anywhere on",
+                "the grid (the corpus bounds them only by the range tried):", "",
+                "| key | default | no change from | to |", "|---|---|---|---|"]
+        out += [f"| `{k.key}` | {_value(k.default)} | {_value(k.best_range[0])} | {_value(k.best_range[1])} |"
+                for k in key_results if not k.constrained]
+        read = {k.key for k in key_results}
+        unread = [k for k in numeric_keys() if k not in read]
+        out += ["", "Read by no rule on any calibration run (the corpus does not exercise them): "
+                + (", ".join(f"`{k}`" for k in unread) or "none") + "."]
         if after is not None:
             out += ["", "Held-out half with the chosen values:", "",
                     "| finding id | TP | FP | FN | precision | recall |", "|---|---|---|---|---|---|"]
@@ -187,12 +193,12 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
 CALIBRATION_TEXT = [
     "Thresholds are chosen on the calibration half only (benchmarks/validity/calibrate.py):",
     "for each numeric key in turn, candidate values default x sqrt(2)^k (k = -6..6) are scored by",
-    "false alarms plus misses on the calibration runs, re-running only the rules that read",
-    "the key. A default with the fewest errors stays; otherwise the key moves to the",
+    "false alarms plus misses on the calibration runs, re-running the rules from the first",
+    "that reads the key (later rules read earlier findings). A default with the fewest errors stays; otherwise the key moves to the",
     "geometric middle of the widest run of grid values with the fewest errors (the largest",
     "margin to a failing value), and only when that run spans two grid values or more.",
     "Rule-specific keys go first, the persistence keys every rule reads last; passes repeat",
-    "until one moves nothing, and that pass is what the table shows (each key scored with",
-    "every other key at its chosen value). Keys whose calibration errors do not change on the",
-    "grid are left out of the table.",
+    "until one moves nothing; a last scan is what the tables show (each key scored with",
+    "every other key at its chosen value). The first table holds the keys the calibration",
+    "errors depend on, the second those they do not depend on anywhere on the grid.",
 ]
