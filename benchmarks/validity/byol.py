@@ -14,8 +14,8 @@ Here: the digits backbone (``common.DigitEncoder``), projector and predictor wit
 256 and output 64, SGD with momentum 0.9 at the paper's base lr 0.2 and weight decay 1.5e-6
 (LARS is not in PyTorch), decay 0.99, batch 256, 500 steps, ``common.augment`` views.
 The probe: ``Probe(model, log=...)`` on the online network, the l2-normalised projector output
-watched (docs/probe.md: watch what a cosine loss compares), the two view orders passed as
-two losses.
+watched (docs/probe.md: watch what a cosine loss compares), the symmetrised loss passed as
+one loss.
 
 Variants (truth by construction):
 - ``predictor``: healthy (the published method).
@@ -86,8 +86,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
                 t1, t2 = target(v1), target(v2)
             (p1, z1), (p2, _) = online(v1), online(v2)
             probe.observe(z=F.normalize(z1, dim=1))  # what the cosine loss compares
-            losses = {"view1": byol_loss(p1, t2), "view2": byol_loss(p2, t1)}
-            probe.backward(losses)
+            probe.backward({"byol": byol_loss(p1, t2) + byol_loss(p2, t1)})
             opt.step()
             opt.zero_grad()
             with torch.no_grad():  # exponential moving average of the online weights
