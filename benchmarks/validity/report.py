@@ -4,12 +4,15 @@ docs/validity.md page."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 from .calibrate import KeyResult, numeric_keys
 from .harness import ALARM_SEVERITIES, Family, RunRecord, Score, judge, score, subject_units
 
 PRECISION_MIN, RECALL_MIN = 0.95, 0.9
+BASELINE = Path(__file__).with_name("baseline.md")  # the corpus's first measurement, kept
+LIMITS = Path(__file__).with_name("limits.md")  # what the corpus's design cannot show
 
 
 def _num(x: float) -> str:
@@ -96,7 +99,7 @@ def acceptance(records: list[RunRecord], families: dict[str, Family], split: str
 # ------------------------------------------------------------------------ docs/validity.md
 
 def markdown(records: list[RunRecord], families: dict[str, Family], key_results: list[KeyResult] | None,
-             after: list[RunRecord] | None, elapsed: float, command: str, workers: int) -> str:
+             after: list[RunRecord] | None, training: dict, command: str) -> str:
     out = [
         "# Validity: does gradprobe find what is there, and only that?",
         "",
@@ -109,8 +112,10 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "(`Probe(model, log=...)`, shared set and cadence at their defaults), diagnoses it at the",
         "documented default thresholds, and counts hits, misses and false alarms.",
         "",
-        f"This page was written by `{command}` ({workers} worker processes, "
-        f"{elapsed / 60:.1f} min in all).",
+        f"This page was written by `{command}`. Training the {len(records)} runs took "
+        f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
+        f"({sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes, one thread per run, on "
+        "a 2-core machine shared with other jobs).",
         "",
         "## How the numbers are counted",
         "",
@@ -187,6 +192,7 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
                     "| finding id | TP | FP | FN | precision | recall |", "|---|---|---|---|---|---|"]
             rows = score_rows(scores(after, families, "held-out"))
             out += [f"| `{fid}` | {tp} | {fp} | {fn} | {p} | {rc} |" for fid, tp, fp, fn, p, rc in rows]
+    out += ["", LIMITS.read_text().rstrip(), "", BASELINE.read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
