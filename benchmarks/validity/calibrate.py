@@ -2,8 +2,8 @@
 
 Procedure (one coordinate at a time, in the order ``Thresholds`` declares its keys):
 
-1. For a numeric threshold, a grid of candidate values: the current value times
-   sqrt(2)^k for k = -6..6 (values a ``Thresholds`` refuses, such as a share above 1, are
+1. For a numeric threshold, a grid of candidate values: its default times sqrt(2)^k for
+   k = -6..6, and its current value (values a ``Thresholds`` refuses, such as a share above 1, are
    skipped; integer keys 1..8).
 2. Each candidate is scored on the calibration runs only: the number of false alarms plus
    misses (harness.judge) with that one value changed. Which rules read which key is
@@ -12,9 +12,13 @@ Procedure (one coordinate at a time, in the order ``Thresholds`` declares its ke
 3. If the current value already has the fewest errors, it stays (the corpus confirms its
    published or derived source). Otherwise the new value is the geometric midpoint of the
    widest run of consecutive grid values with the fewest errors: the point farthest from
-   the nearest failing value (margin-maximising).
-4. Two passes over all keys (a change can move another key's best range); the result is
-   reported with, for every key, its range of fewest errors on the grid.
+   the nearest failing value (margin-maximising); a run of a single grid value (no margin)
+   moves nothing. A key already moved is re-centred in its run when other keys' moves have
+   shifted it.
+4. Rule-specific keys first, then the keys every rule reads (persistence and phase); passes
+   repeat until one moves nothing (at most three). A last scan is the report: for every key,
+   the errors at its default and at the chosen value (every other key as chosen) and the run
+   of fewest-error grid values around the chosen value.
 
 The held-out half is never read here.
 """
@@ -47,27 +51,39 @@ class _Recording:
 
 @dataclass
 class KeyResult:
+    """One key as the last pass (which moved nothing) scored it, every other key as chosen."""
+
     key: str
-    start: float
+    default: float
     chosen: float
-    errors_at_start: int
-    errors_best: int
-    best_range: tuple[float, float] | None  # grid values with the fewest errors (widest run)
-    constrained: bool  # whether the calibration runs' errors depend on this key at all
+    errors_default: int  # calibration errors with this key at its default
+    errors_chosen: int
+    best_range: tuple[float, float] | None  # the run of fewest-error grid values at the chosen value
+    constrained: bool  # whether the calibration errors depend on this key on the grid
     rules: tuple[str, ...]
 
 
-def _numeric_keys() -> list[str]:
-    return [f.name for f in fields(Thresholds) if f.metadata.get("kind") in ("float", "int")]
+# Keys every rule reads (persistence and phase): tried last, so that a rule-specific key is
+# moved before a change that would shift every rule at once.
+GLOBAL_KEYS = ("min_points", "min_share", "window_share", "smooth_points", "memorised_fraction")
+
+
+def numeric_keys() -> list[str]:
+    keys = [f.name for f in fields(Thresholds) if f.metadata.get("kind") in ("float", "int")]
+    return [k for k in keys if k not in GLOBAL_KEYS] + [k for k in keys if k in GLOBAL_KEYS]
 
 
 def grid(key: str, value: float) -> list[float]:
-    """Candidate values; those a Thresholds refuses (a share above 1) are skipped later."""
+    """Candidate values. A share or a fraction stays within [0, 1]; values a Thresholds
+    refuses are skipped by the caller."""
     if key in ("min_points", "smooth_points"):
         return list(INT_GRID)
     if value == 0:
         return [0.0] + [s * 10.0 ** e for e in range(-3, 1) for s in (-1, 1)]
-    return sorted({value * math.sqrt(2) ** k for k in range(-GRID_STEPS, GRID_STEPS + 1)})
+    values = {value * math.sqrt(2) ** k for k in range(-GRID_STEPS, GRID_STEPS + 1)}
+    if key.endswith(("_fraction", "_share")):
+        values = {v for v in values if v <= 1.0} | {1.0}
+    return sorted(values)
 
 
 def _call(rule, run, th, earlier):
@@ -116,42 +132,77 @@ class Calibrator:
             total += len(j.false_alarms) + len(j.misses)
         return total
 
-    def calibrate(self, start: Thresholds | None = None, passes: int = 2) -> tuple[Thresholds, list[KeyResult]]:
-        th = start or Thresholds()
+    def _scan(self, key: str, th: Thresholds, default: Thresholds, cache: dict) -> dict[float, int]:
+        """Calibration errors for each candidate value of ``key``, every other key as in ``th``."""
+        first = self.order.index(min(self.rules_reading[key], key=self.order.index))
+        scored = {}
+        for value in sorted(set(grid(key, getattr(default, key))) | {getattr(th, key)}):
+            try:
+                trial = th.replace(**{key: value})
+            except ValueError:
+                continue
+            scored[value] = self.errors(self._diagnose(trial, cache, first))
+        return scored
+
+    def calibrate(self, start: Thresholds | None = None, max_passes: int = 3
+                  ) -> tuple[Thresholds, list[KeyResult]]:
+        default = start or Thresholds()
+        th = default
         cache = self._diagnose(th)
-        results: dict[str, KeyResult] = {}
-        for _ in range(passes):
-            for key in _numeric_keys():
-                rules = sorted(self.rules_reading.get(key, ()), key=self.order.index)
-                if not rules:
-                    continue
-                first = self.order.index(rules[0])
-                current = getattr(th, key)
-                base_errors = self.errors(cache)
-                scored = []
-                for value in grid(key, current):
-                    try:
-                        trial = th.replace(**{key: value})
-                    except ValueError:
-                        continue
-                    scored.append((value, self.errors(self._diagnose(trial, cache, first))))
-                best = min(e for _, e in scored)
-                run = _widest_run([v for v, _ in scored], [e == best for _, e in scored])
-                if base_errors > best and run is not None:
-                    lo, hi = run
-                    chosen = math.sqrt(lo * hi) if lo > 0 and hi > 0 else (lo + hi) / 2
-                    if key in ("min_points", "smooth_points"):
-                        chosen = int(round(chosen))
+        keys = [k for k in numeric_keys() if k in self.rules_reading]
+        for _ in range(max_passes):
+            moved = False
+            for key in keys:
+                current, base = getattr(th, key), getattr(default, key)
+                scored = self._scan(key, th, default, cache)
+                values = sorted(scored)
+                best = min(scored.values())
+                ok = [scored[v] == best for v in values]
+                # A default with the fewest errors stays; otherwise the key goes to the middle
+                # of the widest fewest-error run (a moved key is re-centred in its own run, which
+                # other keys' moves may have shifted), only when that run spans two grid values.
+                target = _widest_run(values, ok) if scored[current] > best else \
+                    (_run_at(values, ok, current) if current != base else None)
+                chosen = _middle(key, target) if target and target[0] != target[1] else current
+                if not math.isclose(chosen, current, rel_tol=0.05):
                     th = th.replace(**{key: chosen})
+                    first = self.order.index(min(self.rules_reading[key], key=self.order.index))
                     cache = self._diagnose(th, cache, first)
-                previous = results.get(key)
-                results[key] = KeyResult(
-                    key=key, start=previous.start if previous else current, chosen=getattr(th, key),
-                    errors_at_start=previous.errors_at_start if previous else base_errors,
-                    errors_best=min(best, previous.errors_best) if previous else best,
-                    best_range=run, constrained=len({e for _, e in scored}) > 1 or
-                    bool(previous and previous.constrained), rules=tuple(rules))
-        return th, list(results.values())
+                    moved = True
+            if not moved:
+                break
+        results = []
+        for key in keys:  # the report: each key scored with every other key as chosen
+            scored = self._scan(key, th, default, cache)
+            values = sorted(scored)
+            best = min(scored.values())
+            ok = [scored[v] == best for v in values]
+            current = getattr(th, key)
+            results.append(KeyResult(
+                key=key, default=getattr(default, key), chosen=current,
+                errors_default=scored[getattr(default, key)], errors_chosen=scored[current],
+                best_range=_run_at(values, ok, current), constrained=len(set(scored.values())) > 1,
+                rules=tuple(sorted(self.rules_reading[key], key=self.order.index))))
+        return th, results
+
+
+def _middle(key: str, run: tuple[float, float]) -> float:
+    lo, hi = run
+    middle = math.sqrt(lo * hi) if lo > 0 and hi > 0 else (lo + hi) / 2
+    return int(round(middle)) if key in ("min_points", "smooth_points") else middle
+
+
+def _run_at(values: list[float], ok: list[bool], value: float) -> tuple[float, float] | None:
+    """The run of consecutive fewest-error values that holds ``value`` (None if it is not one)."""
+    i = values.index(value)
+    if not ok[i]:
+        return None
+    lo = hi = i
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    while hi < len(values) - 1 and ok[hi + 1]:
+        hi += 1
+    return values[lo], values[hi]
 
 
 def _widest_run(values: list[float], ok: list[bool]) -> tuple[float, float] | None:

@@ -67,4 +67,5 @@ FAMILY = Family(
                 must_not=("gradient-swamping", "weak-contrastive-signal", "static-loss-weights")),
     ),
     seeds=(0, 1),
+    quick=(("failing", 1),),
 )

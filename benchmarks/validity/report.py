@@ -4,12 +4,15 @@ docs/validity.md page."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
-from .calibrate import KeyResult
+from .calibrate import KeyResult, numeric_keys
 from .harness import ALARM_SEVERITIES, Family, RunRecord, Score, judge, score, subject_units
 
 PRECISION_MIN, RECALL_MIN = 0.95, 0.9
+BASELINE = Path(__file__).with_name("baseline.md")  # the corpus's first measurement, kept
+LIMITS = Path(__file__).with_name("limits.md")  # what the corpus's design cannot show
 
 
 def _num(x: float) -> str:
@@ -96,7 +99,7 @@ def acceptance(records: list[RunRecord], families: dict[str, Family], split: str
 # ------------------------------------------------------------------------ docs/validity.md
 
 def markdown(records: list[RunRecord], families: dict[str, Family], key_results: list[KeyResult] | None,
-             after: list[RunRecord] | None, elapsed: float, command: str, workers: int) -> str:
+             after: list[RunRecord] | None, training: dict, command: str) -> str:
     out = [
         "# Validity: does gradprobe find what is there, and only that?",
         "",
@@ -109,8 +112,10 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "(`Probe(model, log=...)`, shared set and cadence at their defaults), diagnoses it at the",
         "documented default thresholds, and counts hits, misses and false alarms.",
         "",
-        f"This page was written by `{command}` ({workers} worker processes, "
-        f"{elapsed / 60:.1f} min in all).",
+        f"This page was written by `{command}`. Training the {len(records)} runs took "
+        f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
+        f"({sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes, one thread per run, on "
+        "a 2-core machine shared with other jobs).",
         "",
         "## How the numbers are counted",
         "",
@@ -126,25 +131,32 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "",
         "## Families",
         "",
-        "| family | source | variant | healthy | truth (by construction) | expected alarms |",
-        "|---|---|---|---|---|---|",
+        "Each family's file (`benchmarks/validity/<file>.py`) states the published setup, what",
+        "was scaled down for a CPU, and why each variant is healthy or broken.",
+        "",
+        "| family | file | source |",
+        "|---|---|---|",
     ]
+    out += [f"| {fam.name} | `{fam.train.__module__.rsplit('.', 1)[-1]}.py` | {fam.source} |"
+            for fam in families.values()]
+    out += ["", "| family | variant | healthy | truth (by construction) | expected alarms |",
+            "|---|---|---|---|---|"]
     for fam in families.values():
         for v in fam.variants:
             expected = ", ".join(f"`{e.id}` [{e.subject}]" for e in v.expected) or "none"
-            out.append(f"| {fam.name} | {fam.source} | {v.name} | {'yes' if v.healthy else 'no'} | "
-                       f"{v.truth} | {expected} |")
+            out.append(f"| {fam.name} | {v.name} | {'yes' if v.healthy else 'no'} | {v.truth} | {expected} |")
+    cpu = sum(r.cpu_seconds for r in records)
     out += ["", "## Runs at the default thresholds", "",
             "What each run really did (measured without gradprobe) and what gradprobe raised:",
             "`hit`, `FALSE ALARM`, `allowed` (true but incidental), `MISSED`; info findings are",
-            "not listed.", "",
-            "| run | split | outcome | alarms |", "|---|---|---|---|"]
+            f"not listed. Training took {cpu / 60:.1f} CPU-minutes in all (one thread per run).", "",
+            "| run | split | CPU s | outcome | alarms |", "|---|---|---|---|---|"]
     for r in records:
         fam = families[r.family]
         outcome = ", ".join(f"{k} {_value(v)}" for k, v in r.outcome.items())
         marks = [line for line in finding_lines(r, fam) if not line.startswith("info")]
         alarms = "<br>".join(" ".join(m.split()) for m in marks) or "none"
-        out.append(f"| {r.label} | {r.split} | {outcome} | {alarms} |")
+        out.append(f"| {r.label} | {r.split} | {r.cpu_seconds:.0f} | {outcome} | {alarms} |")
     for split in ("held-out", "calibration"):
         out += ["", f"## Precision and recall, {split} half, default thresholds", "",
                 "| finding id | TP | FP | FN | precision | recall |", "|---|---|---|---|---|---|"]
@@ -157,32 +169,42 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
     out += [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.detail} |" for c in checks]
     if key_results is not None:
         out += ["", "## Calibration", "", *CALIBRATION_TEXT, "",
-                "| key | default | chosen | calibration errors at default | fewest errors | "
-                "values with fewest errors (grid) | rules reading it |",
+                "| key | default | chosen | calibration errors at the default | at the chosen value | "
+                "fewest-error range around the chosen value | rules reading it |",
                 "|---|---|---|---|---|---|---|"]
         for k in key_results:
             if not k.constrained:
                 continue
             rng = f"{_value(k.best_range[0])} to {_value(k.best_range[1])}" if k.best_range else "-"
-            out.append(f"| `{k.key}` | {_value(k.start)} | {_value(k.chosen)} | {k.errors_at_start} | "
-                       f"{k.errors_best} | {rng} | {', '.join(k.rules)} |")
-        unconstrained = [k.key for k in key_results if not k.constrained]
-        out += ["", "Not constrained by the corpus (no calibration run changes with them on the grid): "
-                + ", ".join(f"`{k}`" for k in unconstrained) + "."]
+            out.append(f"| `{k.key}` | {_value(k.default)} | {_value(k.chosen)} | {k.errors_default} | "
+                       f"{k.errors_chosen} | {rng} | {', '.join(k.rules)} |")
+        out += ["", "Read by a rule on the calibration runs, but no run's judgement changes anywhere on",
+                "the grid (the corpus bounds them only by the range tried):", "",
+                "| key | default | no change from | to |", "|---|---|---|---|"]
+        out += [f"| `{k.key}` | {_value(k.default)} | {_value(k.best_range[0])} | {_value(k.best_range[1])} |"
+                for k in key_results if not k.constrained]
+        read = {k.key for k in key_results}
+        unread = [k for k in numeric_keys() if k not in read]
+        out += ["", "Read by no rule on any calibration run (the corpus does not exercise them): "
+                + (", ".join(f"`{k}`" for k in unread) or "none") + "."]
         if after is not None:
             out += ["", "Held-out half with the chosen values:", "",
                     "| finding id | TP | FP | FN | precision | recall |", "|---|---|---|---|---|---|"]
             rows = score_rows(scores(after, families, "held-out"))
             out += [f"| `{fid}` | {tp} | {fp} | {fn} | {p} | {rc} |" for fid, tp, fp, fn, p, rc in rows]
+    out += ["", LIMITS.read_text().rstrip(), "", BASELINE.read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
 CALIBRATION_TEXT = [
     "Thresholds are chosen on the calibration half only (benchmarks/validity/calibrate.py):",
-    "for each numeric key in turn, candidate values v x sqrt(2)^k (k = -6..6) are scored by",
-    "false alarms plus misses on the calibration runs, re-running only the rules that read",
-    "the key. A default with the fewest errors stays; otherwise the key moves to the",
+    "for each numeric key in turn, candidate values default x sqrt(2)^k (k = -6..6) are scored by",
+    "false alarms plus misses on the calibration runs, re-running the rules from the first",
+    "that reads the key (later rules read earlier findings). A default with the fewest errors stays; otherwise the key moves to the",
     "geometric middle of the widest run of grid values with the fewest errors (the largest",
-    "margin to a failing value). Two passes over all keys. Keys whose calibration errors do",
-    "not change on the grid are left out of the table below.",
+    "margin to a failing value), and only when that run spans two grid values or more.",
+    "Rule-specific keys go first, the persistence keys every rule reads last; passes repeat",
+    "until one moves nothing; a last scan is what the tables show (each key scored with",
+    "every other key at its chosen value). The first table holds the keys the calibration",
+    "errors depend on, the second those they do not depend on anywhere on the grid.",
 ]

@@ -50,8 +50,10 @@ def jobs_for(families: dict[str, tuple[str, Family]], quick: bool) -> list[tuple
     return jobs
 
 
-def collect(jobs, out_dir: Path, workers: int, reuse: bool) -> list[RunRecord]:
-    """Train the jobs (or, with reuse, read back a previous run's files and outcomes)."""
+def collect(jobs, out_dir: Path, workers: int, reuse: bool) -> tuple[list[RunRecord], dict]:
+    """Train the jobs (or, with reuse, read back a previous run's files and outcomes); also
+    how the training went (wall time, workers)."""
+    timing_file = out_dir / "training.json"
     if reuse:
         records = []
         for _, family, variant, seed in jobs:
@@ -59,12 +61,15 @@ def collect(jobs, out_dir: Path, workers: int, reuse: bool) -> list[RunRecord]:
             meta = json.loads(path.with_suffix(".json").read_text())
             records.append(RunRecord(family.name, variant, seed, path, meta["outcome"], meta["seconds"],
                                      meta["cpu_seconds"]))
-        return records
+        return records, json.loads(timing_file.read_text())
+    started = time.perf_counter()
     records = train_runs(jobs, out_dir, workers)
     for r in records:
         r.path.with_suffix(".json").write_text(json.dumps({"outcome": r.outcome, "seconds": r.seconds,
                                                              "cpu_seconds": r.cpu_seconds}))
-    return records
+    timing = {"wall_seconds": time.perf_counter() - started, "workers": workers}
+    timing_file.write_text(json.dumps(timing))
+    return records, timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = jobs_for(families, args.quick)
     print(f"validity corpus: {len(jobs)} runs of {len(families)} families, {args.workers} workers",
           flush=True)
-    records = collect(jobs, args.out, args.workers, args.reuse)
+    records, training = collect(jobs, args.out, args.workers, args.reuse)
     runs = Runs(records)
     runs.attach()
 
@@ -112,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in key_results:
             if k.constrained:
                 rng = f"{k.best_range[0]:.3g}..{k.best_range[1]:.3g}" if k.best_range else "-"
-                moved = "MOVED" if k.chosen != k.start else "kept "
-                print(f"   {moved} {k.key:30s} {k.start:<10.4g} -> {k.chosen:<10.4g} errors "
-                      f"{k.errors_at_start} -> {k.errors_best}; fewest-error range {rng}")
+                moved = "MOVED" if k.chosen != k.default else "kept "
+                print(f"   {moved} {k.key:30s} {k.default:<10.4g} -> {k.chosen:<10.4g} errors "
+                      f"{k.errors_default} -> {k.errors_chosen}; fewest-error range {rng}")
         after = [dataclasses.replace(r) for r in records]
         found = runs.diagnose(chosen)
         for a, r in zip(after, records):
@@ -126,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     doc = args.doc if args.doc is not None else (None if args.quick else ROOT / "docs" / "validity.md")
     if doc is not None:
-        command = "python benchmarks/validity/run.py" + (" --quick" if args.quick else "")
-        doc.write_text(markdown(records, by_name, key_results, after, elapsed, command, args.workers))
+        command = "python benchmarks/validity/run.py" + (" --quick" if args.quick else "") + \
+            (" --reuse" if args.reuse else "")
+        doc.write_text(markdown(records, by_name, key_results, after, training, command))
         print(f"\nwrote {doc}")
     print(f"done in {elapsed / 60:.1f} min")
     return 0 if all(c.passed for c in checks) else 1

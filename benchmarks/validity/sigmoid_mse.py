@@ -13,8 +13,8 @@ Here: 64-30-10 on scikit-learn's digits in [0, 1], the output layer initialised 
 (std 5, so most outputs start saturated, half of them on the wrong side), 2,000 steps (15
 epochs). Losses: ``cost`` (quadratic or cross-entropy) and ``l2`` (lambda = 5, n = the
 training set size), passed to the probe as two losses; the output layer's logits are
-observed by a saturation watch ``output``, as docs/probe.md tells users of functional
-``torch.sigmoid``.
+observed by a saturation watch ``output`` with the one-hot targets, as docs/probe.md tells
+users of functional ``torch.sigmoid``.
 
 Variants (truth by construction):
 - ``cross-entropy``: healthy although saturated at first: the error signal a - y pulls wrong
@@ -70,13 +70,13 @@ def train(variant: str, seed: int, log: Path) -> dict:
     quadratic = variant != "cross-entropy"
     opt = torch.optim.SGD(model.parameters(), lr=3.0 if quadratic else 0.5)
     probe = gradprobe.Probe(model, log=log)
-    probe.watch_saturation("output")
+    probe.watch_saturation("output", target="onehot")
     l2_scale = LAMBDA / (2 * len(x_tr))
     with probe:
         for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
             target = F.one_hot(y_tr[idx], 10).float()
             logits = model(x_tr[idx])
-            probe.observe(output=logits)
+            probe.observe(output=logits, onehot=target)
             # network2.py's costs: summed over outputs, averaged over the mini-batch
             cost = 0.5 * (torch.sigmoid(logits) - target).pow(2).sum(1).mean() if quadratic else \
                 F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1).mean()

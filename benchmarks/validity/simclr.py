@@ -9,9 +9,10 @@ lr 3e-4, weight decay 1e-4, batch 256 (sthalles' defaults).
 
 Here: the digits backbone (``common.DigitEncoder``), head fc 128-128-ReLU-fc 64, the same
 loss, temperature and optimiser, batch 128 (about one class's worth of training digits),
-500 steps. NT-Xent's anchors from the first and second view are passed to the probe as two
-losses (their mean is the published loss); the contrastive watch sees the same embeddings,
-with the digit classes as groups (``observe(groups=labels)``).
+500 steps. The loss is passed to the probe as it is (``info_nce``); the contrastive watch
+sees the same embeddings,
+with the digit classes as groups (``observe(groups=labels)``); the l2-normalised embedding
+the loss compares is watched as a latent.
 
 Variants (truth by construction):
 - ``shuffled``: healthy. Batches drawn uniformly: ~90% of in-batch negatives belong to
@@ -53,16 +54,15 @@ class SimCLR(nn.Module):
         return self.head(self.encoder(x))
 
 
-def nt_xent_halves(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NT-Xent split by the anchors' view: the mean loss of the first view's anchors and of
-    the second's (the published loss is their average)."""
+def info_nce(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """NT-Xent over the 2N views: each view's positive is its other view, the other 2N - 2
+    views are its negatives."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     sim = z @ z.T / TEMPERATURE
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
     positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
-    per_anchor = F.cross_entropy(sim, positive, reduction="none")
-    return per_anchor[:n].mean(), per_anchor[n:].mean()
+    return F.cross_entropy(sim, positive)
 
 
 def one_class_batches(labels: torch.Tensor, batch: int, gen: torch.Generator):
@@ -83,16 +83,15 @@ def train(variant: str, seed: int, log: Path) -> dict:
     sampler = batches(len(x_tr), BATCH, gen) if variant == "shuffled" else \
         one_class_batches(y_tr, BATCH, gen)
     probe = gradprobe.Probe(model, log=log)
-    probe.watch_latent("z", model.head)
+    probe.watch_latent("z")
     probe.watch_contrastive("cont", temperature=TEMPERATURE)
     same_class = []
     with probe:
         for _, idx in zip(range(STEPS), sampler):
             labels = y_tr[idx]
             z1, z2 = model(augment(x_tr[idx], gen)), model(augment(x_tr[idx], gen))
-            probe.observe(cont=(z1, z2), groups=labels)
-            first, second = nt_xent_halves(z1, z2)
-            probe.backward({"view1": first, "view2": second}, weights={"view1": 0.5, "view2": 0.5})
+            probe.observe(cont=(z1, z2), groups=labels, z=F.normalize(z1, dim=1))
+            probe.backward({"info_nce": info_nce(z1, z2)})
             opt.step()
             opt.zero_grad()
             same = (labels[:, None] == labels[None, :]).float()

@@ -12,9 +12,9 @@ output 0, accuracy 0.1%).
 Here: a two-layer MLP backbone on the 8x8 digits (width 128), the same projector (dim 64)
 and predictor (bottleneck 16 = dim/4, the published ratio), the same loss and optimiser,
 batch 256, 500 steps, views from ``common.augment``. The probe is attached as the docs
-tell a user: ``Probe(model, log=...)``, the projector output watched as a latent, and the
-loss's two symmetric terms passed to ``probe.backward`` as two losses with weight 1/2 each
-(a single loss leaves the default probe nothing shared to compare, and it disables itself).
+tell a user: ``Probe(model, log=...)``, the one loss passed to ``probe.backward``, and the
+l2-normalised projector output watched as a latent (docs/probe.md: watch what a cosine loss
+compares).
 
 Variants (truth by construction):
 - ``stop-grad``: healthy (the published method).
@@ -73,19 +73,18 @@ def train(variant: str, seed: int, log: Path) -> dict:
                           lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
     stop_grad = variant == "stop-grad"
     probe = gradprobe.Probe(model, log=log)
-    probe.watch_latent("z", model.projector)
+    probe.watch_latent("z")
     with probe:
         for step, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
             for group in opt.param_groups:  # cosine decay of the encoder's lr
                 group["lr"] = BASE_LR if group["fix_lr"] else \
                     BASE_LR * 0.5 * (1 + math.cos(math.pi * step / STEPS))
             p1, p2, z1, z2 = model(augment(x_tr[idx], gen), augment(x_tr[idx], gen))
+            probe.observe(z=F.normalize(z1, dim=1))  # what the cosine loss compares
             if stop_grad:
                 z1, z2 = z1.detach(), z2.detach()
-            # The symmetrised loss D(p1, z2)/2 + D(p2, z1)/2, its two terms as two losses.
-            losses = {"p1_z2": -F.cosine_similarity(p1, z2).mean(),
-                      "p2_z1": -F.cosine_similarity(p2, z1).mean()}
-            probe.backward(losses, weights={"p1_z2": 0.5, "p2_z1": 0.5})
+            loss = -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
+            probe.backward({"simsiam": loss})
             opt.step()
             opt.zero_grad()
     return representation_truth(model.encoder, model.projector)

@@ -6,8 +6,10 @@ KLD = -1/2 sum(1 + logvar - mu^2 - exp(logvar)); Adam lr 1e-3, batch 128.
 
 Here: the same network on the 64 pixels of scikit-learn's digits (grey levels in [0, 1],
 as MNIST's), batch 128, 1,000 steps. To be probed, the decoder returns its logits beside
-the sigmoid, as docs/probe.md asks of a functional ``torch.sigmoid``; the losses keep the
-example's names ``bce`` and ``kld``; the posterior mean (fc21's output) is watched.
+the sigmoid, and they are observed with their targets (the input pixels), as docs/probe.md
+asks of a functional ``torch.sigmoid`` (``watch_saturation("recon", target="x")``); the
+losses keep the example's names ``bce`` and ``kld``; the posterior mean (fc21's output) is
+watched.
 
 Variants (truth by construction):
 - ``beta-1``: healthy (the published ELBO). Most latent dimensions stay active.
@@ -78,12 +80,12 @@ def train(variant: str, seed: int, log: Path) -> dict:
     beta = 50.0 if variant == "beta-50" else 1.0
     probe = gradprobe.Probe(model, log=log)
     probe.watch_latent("mu", model.fc21)
-    probe.watch_saturation("recon")
+    probe.watch_saturation("recon", target="x")
     with probe:
         for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
             x = x_tr[idx]
             recon, logits, mu, logvar = model(x)
-            probe.observe(recon=logits)
+            probe.observe(recon=logits, x=x)
             losses = {"bce": F.binary_cross_entropy(recon, x, reduction="sum"),
                       "kld": -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())}
             probe.backward(losses, weights={"kld": beta})

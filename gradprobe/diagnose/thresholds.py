@@ -73,9 +73,9 @@ class Thresholds:
     # -- representation-collapse -------------------------------------------------------------
     collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std, total variance) at "
                                              "most this fraction of its own peak")
-    collapse_rank_fraction: float = _f(0.25, "... and end rank at most this fraction of the "
+    collapse_rank_fraction: float = _f(0.15, "... and end rank at most this fraction of the "
                                              "isotropic (healthy) rank")
-    collapse_std_fraction: float = _f(0.3, "... or end normalised std * sqrt(d) at most this "
+    collapse_std_fraction: float = _f(0.65, "... or end normalised std * sqrt(d) at most this "
                                             "(healthy ~1)")
     collapse_error_rank: float = _f(1.5, "end effective rank at most this: severity error")
     collapse_class_fraction: float = _f(0.5, "with class labels: ... and end rank at most this "

@@ -1,0 +1,56 @@
+"""The validation corpus's quick subset (benchmarks/validity, docs/validity.md): real training
+runs of public training loops, probed at the defaults, judged against what each variant is
+by construction, with the truth also checked by numbers gradprobe never computed."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.validity.harness import Runs, default_workers
+from benchmarks.validity.report import acceptance
+from benchmarks.validity.run import collect, jobs_for, load_families
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    families = load_families()
+    jobs = jobs_for(families, quick=True)
+    records, _ = collect(jobs, tmp_path_factory.mktemp("validity"), default_workers(), reuse=False)
+    runs = Runs(records)
+    runs.attach()
+    runs.close()
+    return {name: fam for name, (_, fam) in families.items()}, records
+
+
+def test_quick_subset_is_held_out_and_covers_every_family(quick):
+    families, records = quick
+    assert {r.family for r in records} == set(families)
+    assert all(r.split == "held-out" for r in records)
+    assert any(families[r.family].variant(r.variant).healthy for r in records)
+    assert any(families[r.family].variant(r.variant).expected for r in records)
+
+
+def test_broken_variants_are_broken_by_independent_measurement(quick):
+    """The declared truth holds on numbers computed without gradprobe."""
+    _, records = quick
+    out = {(r.family, r.variant): r.outcome for r in records}
+    assert out[("mtl", "right-weight-1e-3")]["acc_right"] < out[("mtl", "healthy")]["acc_right"] - 0.2
+    assert out[("simsiam", "no-stop-grad")]["z_std"] < 0.3 < out[("simsiam", "stop-grad")]["z_std"]
+    assert out[("simclr", "one-class-batches")]["same_class_negatives"] == 1.0
+    assert out[("simclr", "shuffled")]["same_class_negatives"] < 0.2
+    assert out[("vae", "beta-50")]["active_units"] <= 2 < out[("vae", "beta-1")]["active_units"]
+    assert out[("vae", "logits-x30")]["saturated_wrong"] < 0.01
+    assert out[("pinn-poisson", "equal-weights")]["rel_l2_error"] > \
+        3 * out[("pinn-poisson", "annealing")]["rel_l2_error"]
+    assert out[("sigmoid-mse", "quadratic")]["saturated_wrong"] > \
+        10 * max(out[("sigmoid-mse", "cross-entropy")]["saturated_wrong"], 1e-4)
+    assert out[("dann", "alpha-zero")]["acc_target"] < out[("dann", "healthy")]["acc_target"]
+
+
+def test_held_out_acceptance(quick):
+    """Precision >= 0.95 and recall >= 0.9 per exercised finding id, no warning or error on a
+    healthy run, every expected (id, subject) on a broken one."""
+    families, records = quick
+    failed = [f"{c.name}: {c.detail}" for c in acceptance(records, families) if not c.passed]
+    assert not failed, "\n".join(failed)
+
