@@ -22,6 +22,7 @@ import torch
 from gradprobe import __version__, metrics
 from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunFileError, RunWriter
 
+from .cadence import describe as describe_cadence, is_probe_step
 from .distributed import rank_group_for
 from .graph import has_user_hooks, infer_shared, reachable_leaves
 from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
@@ -112,7 +113,10 @@ class Probe:
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
         probe step as the nearest layer that two or more losses reach (``shared="all"``:
         every parameter two or more losses reach).
-    every: probe cadence in steps (step 0 is a probe step).
+    every: a fixed probe cadence in steps (step 0 is a probe step). ``None`` (the default):
+        dense at the start, then thinning out: every step before step 4, every 2nd from 4,
+        every 4th from 16, ... every 64th from step 4,096 on (a 300-step run gets 49 probe
+        steps, a 100,000-step run 1,689); docs/probe.md has the schedule.
     log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``).
     task: the primary loss (default: the first key of the first ``backward`` call).
@@ -133,7 +137,7 @@ class Probe:
     parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
     """
 
-    def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int = 50,
+    def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int | None = None,
                  log: str | Path | None = None, task: str | None = None,
                  roles: Mapping[str, str] | None = None, name: str | None = None,
                  expect_groups_per_batch: int | None = None, max_rows: int = 1024,
@@ -150,9 +154,10 @@ class Probe:
         for sink in sinks:
             if not callable(getattr(sink, "write_step", None)):
                 raise ProbeUsageError(f"sink {sink!r} has no write_step(step, scalars) method")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps), "
-                                  f"got {every!r}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps) or "
+                                  f"None (the default schedule), got {every!r}")
         for loss_name, role in (roles or {}).items():
             if role not in ROLES:
                 raise ProbeUsageError(f"unknown role {role!r} for loss {loss_name!r}; "
@@ -255,7 +260,7 @@ class Probe:
     @property
     def is_probe_step(self) -> bool:
         """Whether the current step (the next ``backward``) records."""
-        return self.enabled and self.step % self.every == 0
+        return self.enabled and is_probe_step(self.step, self.every)
 
     def _capture_output(self, name: str) -> Callable:
         def hook(module, inputs, output):
@@ -831,6 +836,7 @@ class Probe:
             "roles": self.roles,
             "roles_guessed": self._roles_guessed,
             "every": self.every,
+            "cadence": describe_cadence(self.every),
             "shared_parameters": [self._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
                                   for p in self._shared],
             "shared_numel": int(sum(p.numel() for p in self._shared)),

@@ -1254,7 +1254,8 @@ def _verdict_pages(ctx: _Context, pages_of: dict[int, str]) -> list[Figure]:
     flow.text("The run", size=11, weight="bold", gap=0.26)
     rows = [
         ("steps", f"{_fmt_int(lo)} to {_fmt_int(hi)}" if lo is not None else "nothing recorded"),
-        ("probe cadence", (f"every {every} step{'s' if every != 1 else ''}" if every else "—") +
+        ("probe cadence", (meta.get("cadence") or
+                           (f"every {every} step{'s' if every != 1 else ''}" if every else "—")) +
          f", {n_probe:,} probe step{'s' if n_probe != 1 else ''} recorded"),
         ("task loss", str(run.task or "—")),
     ]
