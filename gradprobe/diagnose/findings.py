@@ -25,6 +25,7 @@ FINDING_IDS: tuple[str, ...] = (
     "overfitting",
     "inert-loss",
     "non-finite",
+    "probe-incomplete",
 )
 
 SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
@@ -146,6 +147,11 @@ WHY: dict[str, str] = {
     "non-finite": (
         "A NaN or Inf in a loss, gradient or latent poisons every later update; the record's "
         "failure analysis presupposes finite training."),
+    "probe-incomplete": (
+        "The findings are only as complete as the record: a probe that disabled itself "
+        "records nothing after that step, a dropped watch nothing of its quantity, and a run "
+        "without a probe step nothing at all, so the absence of other findings says nothing "
+        "about that part of the run."),
 }
 
 # The record's next steps (record point 24), naming the gradprobe piece that implements each.
@@ -210,4 +216,9 @@ REMEDY: dict[str, str] = {
         "the learning rate or clip gradients; a saturating sigmoid or an unnormalised loss is a "
         "common source (gradprobe.remedies.LearnableTemperature, "
         "gradprobe.remedies.correlation_loss)."),
+    "probe-incomplete": (
+        "Fix what the message names and record again: a module that returns a tuple, dict or "
+        "dataclass needs watch_latent(name, module, select=...); a run without probe steps "
+        "needs probe.backward (or before_backward/after_backward) called in the loop, and the "
+        "log= path analysed must be the one written; docs/errors.md lists every message."),
 }

@@ -16,6 +16,7 @@ from ._series import (align, finite, g, get, held_range, median, nanmax, pct, pe
                       rolling_median, start_end, task_learning, task_name, thin, trailing_range,
                       window_size)
 from .findings import REMEDY, WHY, Finding
+from .recording import probe_incomplete
 from .thresholds import Thresholds
 
 Rule = Callable[[Run, Thresholds], list[Finding]]
@@ -948,4 +949,5 @@ RULES: dict[str, Rule] = {
     "overfitting": overfitting,
     "inert-loss": inert_loss,
     "non-finite": non_finite,
+    "probe-incomplete": probe_incomplete,
 }

@@ -1409,12 +1409,28 @@ def _build(run: Run, findings: Iterable[Any], title: str | None) -> list[tuple[s
     return number_pages(text + plots, run.name)
 
 
+def _drawable_markers(fig: Figure) -> None:
+    """Markers spaced along a line in display space (a float ``markevery``) need a point the
+    axes can draw: matplotlib fails on a line with none (empty, all NaN or Inf, or all zero on
+    a log axis), so such a line gets plain markers (it draws nothing either way)."""
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if not isinstance(line.get_markevery(), float):
+                continue
+            with np.errstate(all="ignore"):
+                points = line.get_transform().transform(line.get_xydata())
+            if not np.isfinite(points).all(axis=1).any():
+                line.set_markevery(None)
+
+
 def number_pages(pages: list[tuple[str, Figure]], footer: str) -> list[tuple[str, Figure]]:
-    """Name the pages (a key's second page gets ``-2``...) and write each one's footer."""
+    """Name the pages (a key's second page gets ``-2``...), write each one's footer and make
+    every line's markers drawable."""
     named: list[tuple[str, Figure]] = []
     seen: dict[str, int] = {}
     total = len(pages)
     for number, (key, fig) in enumerate(pages, 1):
+        _drawable_markers(fig)
         seen[key] = seen.get(key, 0) + 1
         name = key if seen[key] == 1 else f"{key}-{seen[key]}"
         fig.text(0.5, 0.018, f"{_clip(footer, 40)} · gradprobe {__version__} · page {number} "
