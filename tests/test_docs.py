@@ -17,15 +17,21 @@ from gradprobe.probe.cadence import is_probe_step
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_example_runs_and_records(tmp_path):
-    out = tmp_path / "quickstart.gprobe"
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out",
-                             str(out), "--steps", "60"], capture_output=True, text=True,
+def run_example(name: str, out: Path, steps: int) -> str:
+    """``python examples/<name>.py --out OUT --steps STEPS`` as a user runs it; its output."""
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--out",
+                             str(out), "--steps", str(steps)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_quickstart_example_runs_and_records(tmp_path):
+    out = tmp_path / "quickstart.gprobe"
+    stdout = run_example("quickstart", out, 60)
     run = gradprobe.load_run(out)
     assert run.probe_steps().tolist() == list(range(0, 60, 10))
-    assert f"recorded 6 probe steps of {run.losses}" in result.stdout
+    assert f"recorded 6 probe steps of {run.losses}" in stdout
     assert run.meta["shared_parameters"][0].startswith("backbone.")
 
 
@@ -48,13 +54,9 @@ def example(name: str):
 
 
 def test_pcgrad_example_runs_and_the_probe_leaves_its_surgery_unchanged(tmp_path):
-    out = tmp_path / "pcgrad.gprobe"
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "pcgrad.py"), "--out",
-                             str(out), "--steps", "30"], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    stdout = run_example("pcgrad", tmp_path / "pcgrad.gprobe", 30)
     scheduled = [s for s in range(30) if is_probe_step(s, None)]
-    assert f"recorded {len(scheduled)} probe steps of ['left', 'right']" in result.stdout
+    assert f"recorded {len(scheduled)} probe steps of ['left', 'right']" in stdout
     pcgrad = example("pcgrad")
     probed = pcgrad.train(30, str(tmp_path / "again.gprobe"))
     plain = pcgrad.train(30, None)
