@@ -462,7 +462,7 @@ class Probe:
                 continue
             if note is not None and ("picked", name) not in self._warned:
                 self._warned.add(("picked", name))
-                warnings.warn(f"gradprobe: {note}", GradprobeWarning, stacklevel=5)
+                warnings.warn(f"gradprobe: {note}", GradprobeWarning, stacklevel=4)
 
     def _drop_watch(self, watch: Any, exc: BaseException) -> None:
         """Disable one watch that cannot record: one warning, one ``watch_disabled`` event;
