@@ -1,7 +1,7 @@
 """The ``gradprobe`` command: a thin layer over the Python API.
 
 Exit codes: 0 analysed; 1 a finding at or above ``--fail-on``; 2 bad input (one line, no
-traceback).
+traceback); 3 an unexpected internal error (one line, no traceback: a bug to report).
 """
 
 from __future__ import annotations
@@ -23,6 +23,32 @@ class BadInput(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"gradprobe: error: {self.format_message()}", err=True)
+
+
+class InternalError(click.ClickException):
+    """An error gradprobe did not expect: one line, exit code 3 (never 1, which means a
+    finding reached ``--fail-on``)."""
+
+    exit_code = 3
+
+    def show(self, file=None) -> None:
+        click.echo(f"gradprobe: internal error: {self.format_message()} (please report it, "
+                   "with the command that gave it)", err=True)
+
+
+class _Commands(click.Group):
+    """The command group: any exception that is not click's own ends as one line and code 3."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit,
+                click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise InternalError(f"{type(exc).__name__}: {detail}" if detail
+                                else type(exc).__name__) from None
 
 
 def _load(path: str):
@@ -79,7 +105,7 @@ def _diagnose_with_progress(run, thresholds):
         return diagnose(run, thresholds, progress=progress)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradprobe")
 def main() -> None:
     """gradprobe: why did my multi-loss model not train the way it was designed?
@@ -110,7 +136,7 @@ def analyze(path: str, pdf: str | None, json_out: str | None, fail_on: str | Non
     PATH is a run file written by a Probe (.gprobe) or a checkpoint holding
     probe.state_dict() (loaded with torch.load(weights_only=True): a checkpoint that needs
     pickle code to load is refused). Prints a ranked summary; exit code 0 when analysed,
-    1 when a finding reaches --fail-on, 2 on bad input.
+    1 when a finding reaches --fail-on, 2 on bad input, 3 on an unexpected internal error.
     """
     thresholds = _thresholds(config)
     run = _load(path)

@@ -8,6 +8,7 @@ counterpart differs only in that mechanism. Results are cached per process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -647,3 +648,50 @@ def left_right(weight_left: float, steps: int = 80, seed: int = 0) -> Run:
         opt.step()
         opt.zero_grad()
     return _finish(probe, f"left_right_weight={weight_left}")
+
+
+# ---------------------------------------------------------------------- probe-incomplete
+
+@dataclasses.dataclass
+class Encoded:
+    """A structured module output, as many libraries return (Hugging Face's ModelOutput...)."""
+
+    z: torch.Tensor
+    logits: torch.Tensor
+
+
+class StructuredEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.cls = nn.Linear(16, 3)
+
+    def forward(self, x):
+        z = self.body(x)
+        return Encoded(z=z, logits=self.cls(z))
+
+
+@_cached
+def structured_watch(select: str | None, steps: int = 40, seed: int = 0) -> Run:
+    """A classifier and a regression head on an encoder that returns a dataclass, its latent
+    watched from the encoder's output: ``select=None`` cannot read it (the watch is dropped),
+    ``select="z"`` picks the latent."""
+    gen = _setup(seed)
+    x = torch.randn(256, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    encoder, head = StructuredEncoder(), nn.Linear(16, 1)
+    model = nn.ModuleList([encoder, head])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    probe = Probe(model, shared=encoder.body, every=2)
+    probe.watch_latent("z", encoder, select=select)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped watch's warning
+        for step in range(steps):
+            idx = torch.randint(0, 256, (32,), generator=gen)
+            out = encoder(x[idx])
+            losses = {"task": F.cross_entropy(out.logits, y[idx]),
+                      "reg": F.mse_loss(head(out.z).squeeze(1), x[idx, 2])}
+            probe.backward(losses)
+            opt.step()
+            opt.zero_grad()
+    return _finish(probe, f"structured_watch_{select}")

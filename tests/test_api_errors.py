@@ -32,14 +32,14 @@ def _first_step(probe_kwargs=None, watch=None, observe=None, edit_losses=None, w
     """Run one training step; return ('raises', message) or ('warns', message)."""
     model, x, y, g = _setup()
     probe = gradprobe.Probe(model, every=1, **(probe_kwargs or {}))
-    losses, _ = four_losses(model, x, y, g)
-    if edit_losses:
-        losses = edit_losses(losses)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if watch:
+            if watch:  # before the forward pass, so that watched modules' hooks run
                 watch(probe, model)
+            losses, _ = four_losses(model, x, y, g)
+            if edit_losses:
+                losses = edit_losses(losses)
             if observe:
                 probe.observe(**observe)
             probe.backward(losses, weights=weights)
@@ -70,6 +70,16 @@ CASES = {
         watch=lambda p, m: p.watch_latent("z"), observe={"z": torch.randn(0, 8)}),
     "an integer latent": lambda: _first_step(
         watch=lambda p, m: p.watch_latent("z"), observe={"z": torch.ones(16, 8, dtype=torch.long)}),
+    "a module that returns a tuple": lambda: _first_step(
+        watch=lambda p, m: p.watch_latent("z", m)),
+    "a latent that is a dict": lambda: _first_step(
+        watch=lambda p, m: p.watch_latent("z"), observe={"z": {"rep": torch.randn(16, 8)}}),
+    "a latent that is None": lambda: _first_step(
+        watch=lambda p, m: p.watch_latent("z"), observe={"z": None}),
+    "a select that picks nothing": lambda: _first_step(
+        watch=lambda p, m: p.watch_latent("z", m, select=5)),
+    "a select that is not an index, key or function": lambda: _first_step(
+        watch=lambda p, m: p.watch_latent("z", m, select=1.5)),
     "a loss of shape [B]": lambda: _first_step(
         edit_losses=lambda L: {**L, "task": torch.ones(16, requires_grad=True)}),
     "an integer loss": lambda: _first_step(

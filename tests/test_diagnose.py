@@ -67,6 +67,8 @@ PAIRS = [
     ("overfitting", lambda: runs.memorise_noisy(16), lambda: runs.memorise_noisy(1024)),
     ("inert-loss", lambda: runs.wiring("detached"), lambda: runs.wiring("healthy")),
     ("non-finite", lambda: runs.wiring("nan"), lambda: runs.wiring("healthy")),
+    ("probe-incomplete", lambda: runs.structured_watch(None),
+     lambda: runs.structured_watch("z")),
 ]
 
 

@@ -7,7 +7,6 @@ import errno
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -248,7 +247,6 @@ def test_failure_at_close_warns_once_and_the_run_stays_readable(tmp_path):
 
 
 def test_file_that_becomes_read_only_mid_run_warns_once(tmp_path):
-    calls = {"n": 0}
 
     def read_only_later(writer):
         real = writer.write_step

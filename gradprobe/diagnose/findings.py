@@ -25,6 +25,7 @@ FINDING_IDS: tuple[str, ...] = (
     "overfitting",
     "inert-loss",
     "non-finite",
+    "probe-incomplete",
 )
 
 SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
@@ -155,6 +156,11 @@ WHY: dict[str, str] = {
     "non-finite": (
         "A NaN or Inf in a loss, gradient or latent poisons every later update; nothing "
         "recorded after it describes a working model."),
+    "probe-incomplete": (
+        "The findings are only as complete as the record: a probe that disabled itself "
+        "records nothing after that step, a dropped watch nothing of its quantity, and a run "
+        "without a probe step nothing at all, so the absence of other findings says nothing "
+        "about that part of the run."),
 }
 
 # What to do about each id, naming the gradprobe piece that implements a fix where there is one.
@@ -225,4 +231,9 @@ REMEDY: dict[str, str] = {
         "epsilon, lower the learning rate or clip gradients; a saturating sigmoid or an "
         "unnormalised loss is a common source (gradprobe.remedies.LearnableTemperature, "
         "gradprobe.remedies.correlation_loss)."),
+    "probe-incomplete": (
+        "Fix what the message names and record again: a module that returns a tuple, dict or "
+        "dataclass needs watch_latent(name, module, select=...); a run without probe steps "
+        "needs probe.backward (or before_backward/after_backward) called in the loop, and the "
+        "log= path analysed must be the one written; docs/errors.md lists every message."),
 }

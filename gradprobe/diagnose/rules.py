@@ -18,6 +18,7 @@ from ._series import (align, finite, g, get, held_range, median, nanmax, pct, pe
                       rolling_median, start_end, task_learning, task_name, thin, trailing_range,
                       window_size)
 from .findings import REMEDY, WHY, Finding
+from .recording import probe_incomplete
 from .thresholds import Thresholds
 
 Earlier = Sequence[Finding]  # the findings of the rules before this one, in RULES order
@@ -1142,4 +1143,5 @@ RULES: dict[str, Rule] = {
     "overfitting": overfitting,
     "inert-loss": inert_loss,
     "non-finite": non_finite,
+    "probe-incomplete": probe_incomplete,
 }

@@ -22,6 +22,7 @@ import torch
 from gradprobe import __version__, metrics
 from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunFileError, RunWriter
 
+from .cadence import describe as describe_cadence, is_probe_step
 from .distributed import rank_group_for
 from .graph import has_user_hooks, infer_shared, reachable_leaves
 from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
@@ -113,7 +114,10 @@ class Probe:
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
         probe step as the layer nearest the losses that every path of every loss's gradient
         crosses (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
-    every: probe cadence in steps (step 0 is a probe step).
+    every: a fixed probe cadence in steps (step 0 is a probe step). ``None`` (the default):
+        dense at the start, then thinning out: every step before step 4, every 2nd from 4,
+        every 4th from 16, ... every 64th from step 4,096 on (a 300-step run gets 49 probe
+        steps, a 100,000-step run 1,689); docs/probe.md has the schedule.
     log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``).
     task: the primary loss (default: the first key of the first ``backward`` call).
@@ -134,7 +138,7 @@ class Probe:
     parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
     """
 
-    def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int = 50,
+    def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int | None = None,
                  log: str | Path | None = None, task: str | None = None,
                  roles: Mapping[str, str] | None = None, name: str | None = None,
                  expect_groups_per_batch: int | None = None, max_rows: int = 1024,
@@ -151,9 +155,10 @@ class Probe:
         for sink in sinks:
             if not callable(getattr(sink, "write_step", None)):
                 raise ProbeUsageError(f"sink {sink!r} has no write_step(step, scalars) method")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps), "
-                                  f"got {every!r}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps) or "
+                                  f"None (the default schedule), got {every!r}")
         for loss_name, role in (roles or {}).items():
             if role not in ROLES:
                 raise ProbeUsageError(f"unknown role {role!r} for loss {loss_name!r}; "
@@ -188,7 +193,8 @@ class Probe:
         self._captured: dict[str, Any] = {}
         self._jacobian_buffer: torch.Tensor | None = None
         self._losses: list[str] | None = None
-        self._warned: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
+        self._roles_guessed: list[str] = []
         self._resumed = False
         self._meta_written = False
         self.backward_path = "separate"
@@ -207,17 +213,26 @@ class Probe:
             raise ProbeUsageError(f"the name {name!r} is already watched (names must be unique)")
 
     def watch_latent(self, name: str, module: torch.nn.Module | None = None, *,
-                     labels: str | None = None, every: int | None = None) -> None:
+                     labels: str | None = None,
+                     select: int | str | Callable[[Any], torch.Tensor] | None = None,
+                     every: int | None = None) -> None:
         """Record a latent ([batch, dim]): from ``module``'s forward output, or ``observe(name=...)``.
 
         ``labels``: the name of an observed tensor holding the class label of each row (e.g.
         ``labels="y"`` with ``observe(y=...)``, or ``labels="groups"``). The number of
         classes it shows tells the diagnosis that a supervised latent whose rank settles
         near classes - 1 has the geometry of neural collapse, not a collapse.
+
+        ``select`` picks the latent from a module that returns more than a tensor: an index
+        (``select=0`` for ``(rep, mask)``), a key (``select="z"`` for a dict, or an attribute
+        of a dataclass or named tuple) or a function of the output (``select=lambda out:
+        out.hidden[-1]``). Without it, a tuple or list whose first element is a tensor gives
+        that first element (one warning says so). A latent that cannot be read is dropped
+        alone, with one warning and a ``watch_disabled`` event; the rest goes on recording.
         """
         self._check_new_name(name)
         self._check_observed_name(f"latent {name!r}: labels", labels, name)
-        watch = LatentWatch(name, module, labels, every)
+        watch = LatentWatch(name, module, labels, every, select)
         if module is not None:
             watch.handle = module.register_forward_hook(self._capture_output(name))
         self._latents[name] = watch
@@ -287,7 +302,7 @@ class Probe:
     @property
     def is_probe_step(self) -> bool:
         """Whether the current step (the next ``backward``) records."""
-        return self.enabled and self.step % self.every == 0
+        return self.enabled and is_probe_step(self.step, self.every)
 
     def _capture_output(self, name: str) -> Callable:
         def hook(module, inputs, output):
@@ -408,6 +423,7 @@ class Probe:
         gradients = None
         if probing and self._failure is None:
             try:
+                self._pick_latents()
                 gradients = self._per_loss_gradients(losses, weights, scaler, assemble)
             except Exception as exc:  # the observer must not harm the observed
                 self._fail(exc)
@@ -461,6 +477,48 @@ class Probe:
                 self.roles[loss_name] = "task" if loss_name == self.task else guess_role(loss_name)
                 guessed.append(loss_name)
         self._roles_guessed = guessed
+
+    def _pick_latents(self) -> None:
+        """Each latent watch's tensor from what its hook or ``observe`` captured; a watch that
+        cannot read it is dropped here, before any gradient is taken."""
+        for name, watch in self._latents.items():
+            if name not in self._captured:
+                continue
+            if watch.disabled is not None:
+                del self._captured[name]
+                continue
+            try:
+                self._captured[name], note = watch.pick(self._captured[name])
+            except Exception as exc:  # a select function of the user's may raise anything
+                del self._captured[name]
+                self._drop_watch(watch, exc)
+                continue
+            if note is not None and ("picked", name) not in self._warned:
+                self._warned.add(("picked", name))
+                warnings.warn(f"gradprobe: {note}", GradprobeWarning, stacklevel=4)
+
+    def _drop_watch(self, watch: Any, exc: BaseException) -> None:
+        """Disable one watch that cannot record: one warning, one ``watch_disabled`` event;
+        the losses' statistics and every other watch go on.
+
+        Under DDP the failure disables the probe instead (on every rank, at the next vote):
+        every rank must take the same per-loss gradients and gather the same tensors, and a
+        watch dropped on one rank only would break those collectives.
+        """
+        if self._ranks is not None:
+            raise exc
+        if watch.disabled is not None:
+            return
+        reason = str(exc) if isinstance(exc, ProbeUsageError) else \
+            f"{type(exc).__name__}: {exc}".splitlines()[0]
+        watch.disabled = reason
+        if watch.handle is not None:
+            watch.handle.remove()
+            watch.handle = None
+        warnings.warn(f"gradprobe: step {self.step}: watch {watch.name!r} disabled ({reason}); "
+                      "the losses and the other watches go on recording", GradprobeWarning,
+                      stacklevel=5)
+        self._writer.add_event(self.step, "watch_disabled", watch.name, reason)
 
     def _resolve_shared(self, shared: Any) -> list[torch.Tensor] | None:
         if shared is None or shared == "all":
@@ -792,8 +850,20 @@ class Probe:
         except Exception as exc:
             self._fail(exc)
 
-    def _due(self, watch_every: int | None, step: int) -> bool:
-        return watch_every is None or step % watch_every == 0
+    @staticmethod
+    def _due(watch: Any, step: int) -> bool:
+        return watch.disabled is None and (watch.every is None or step % watch.every == 0)
+
+    def _watch_record(self, step: int, watch: Any, *args: Any) -> Any:
+        """``watch.record(*args)``, or None: NaN/Inf in what it reads is a ``non_finite`` event,
+        and any other failure drops this watch alone."""
+        try:
+            return watch.record(*args)
+        except NonFinite as exc:
+            self._event(step, "non_finite", watch.name, f"{exc} holds NaN or Inf")
+        except Exception as exc:
+            self._drop_watch(watch, exc)
+        return None
 
     def _record_watches(self, step: int, scalars: dict, arrays: dict, captured: dict,
                         local_groups: torch.Tensor | None) -> None:
@@ -806,36 +876,34 @@ class Probe:
             groups = groups.cpu()
         latents = {}
         for name, watch in self._latents.items():
-            if name in captured and self._due(watch.every, step):
-                try:
-                    labels = captured.get(watch.labels) if watch.labels else None
-                    got_scalars, got_arrays = watch.record(captured[name], self.max_rows, labels)
-                except NonFinite as exc:
-                    self._event(step, "non_finite", name, f"{exc} holds NaN or Inf")
-                    continue
-                scalars.update(got_scalars)
-                arrays.update(got_arrays)
-                latents[name] = captured[name]
+            if name in captured and self._due(watch, step):
+                labels = captured.get(watch.labels) if watch.labels else None
+                got = self._watch_record(step, watch, captured[name], self.max_rows, labels)
+                if got is not None:
+                    scalars.update(got[0])
+                    arrays.update(got[1])
+                    latents[name] = captured[name]
         ordered = list(latents)
         for i, a in enumerate(ordered):
             for b in ordered[i + 1:]:
                 scalars.update(latent_pair(a, latents[a], b, latents[b], self.max_rows))
         for name, watch in self._prototypes.items():
-            if self._due(watch.every, step):
-                feature = captured.get(watch.latent) if watch.latent else None
-                scalars.update(watch.record(step, feature, groups, self.max_rows))
+            if self._due(watch, step):
+                source = self._latents.get(watch.latent)
+                feature = captured.get(watch.latent) \
+                    if watch.latent and (source is None or source.disabled is None) else None
+                got = self._watch_record(step, watch, step, feature, groups, self.max_rows)
+                scalars.update(got or {})
         for name, watch in self._saturations.items():
-            if name in captured and self._due(watch.every, step):
-                try:
-                    got_scalars, got_arrays = watch.record(captured[name], captured)
-                except NonFinite as exc:
-                    self._event(step, "non_finite", name, f"{exc} holds NaN or Inf")
-                    continue
-                scalars.update(got_scalars)
-                arrays.update(got_arrays)
+            if name in captured and self._due(watch, step):
+                got = self._watch_record(step, watch, captured[name], captured)
+                if got is not None:
+                    scalars.update(got[0])
+                    arrays.update(got[1])
         for name, watch in self._contrastive.items():
-            if name in captured and self._due(watch.every, step):
-                scalars.update(watch.record(captured[name], local_groups, self.max_rows))
+            if name in captured and self._due(watch, step):
+                scalars.update(self._watch_record(step, watch, captured[name], local_groups,
+                                                  self.max_rows) or {})
 
     def _event(self, step: int, kind: str, name: str, message: str,
                also: Iterable[str] = (), warn: bool = True) -> None:
@@ -851,10 +919,13 @@ class Probe:
             self._warned.update(fresh)
             warnings.warn(f"gradprobe: step {step}: {message}", GradprobeWarning, stacklevel=4)
 
-    def _write(self, step: int, scalars: dict, arrays: dict) -> None:
+    def _write_meta(self) -> None:
         if not self._meta_written:
             self._writer.set_meta(**self._meta())
             self._meta_written = True
+
+    def _write(self, step: int, scalars: dict, arrays: dict) -> None:
+        self._write_meta()
         self._writer.write_step(step, scalars, arrays)
         self._to_sinks(step, scalars)
 
@@ -875,14 +946,15 @@ class Probe:
             "gradprobe_version": __version__,
             "torch_version": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "losses": self._losses,
+            "losses": self._losses or [],
             "task": self.task,
             "roles": self.roles,
             "roles_guessed": self._roles_guessed,
             "every": self.every,
+            "cadence": describe_cadence(self.every),
             "shared_parameters": [self._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
-                                  for p in self._shared],
-            "shared_numel": int(sum(p.numel() for p in self._shared)),
+                                  for p in self._shared or []],
+            "shared_numel": int(sum(p.numel() for p in self._shared or [])),
             "backward_path": self.backward_path,
             "latents": sorted(self._latents),
             "prototypes": {n: w.latent for n, w in self._prototypes.items()},
@@ -916,6 +988,9 @@ class Probe:
         if not self._writes:
             return
         try:
+            # The metadata too, so that a run disabled before its first record still names
+            # its losses and watches.
+            self._write_meta()
             self._writer.add_event(self.step, "probe_disabled", "probe", message)
             self._writer.flush()
         except Exception:  # the run file itself may be what failed

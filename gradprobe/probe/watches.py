@@ -7,6 +7,8 @@ numbers come from :mod:`gradprobe.metrics`; a watch only decides what to feed th
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -38,17 +40,100 @@ def as_matrix(name: str, tensor: torch.Tensor, max_rows: int) -> torch.Tensor:
     return z.reshape(z.shape[0], -1)
 
 
-class LatentWatch:
-    """A named latent: captured from a module's forward output, or passed to ``observe``;
-    optionally with the class labels of its rows (the name of an observed tensor)."""
+class Watch:
+    """What every watch has: the user's name, its own cadence (``None``: every probe step),
+    its forward hook (if any) and, once it cannot record, the reason it was disabled."""
 
-    def __init__(self, name: str, module: torch.nn.Module | None, labels: str | None,
-                 every: int | None):
+    def __init__(self, name: str, every: int | None):
         self.name = name
-        self.module = module
-        self.labels = labels
         self.every = every
         self.handle = None
+        self.disabled: str | None = None
+
+
+def describe_value(value: Any) -> str:
+    """What a module returned, in a few words (for messages)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        items = ", ".join(f"tensor {list(v.shape)}" if isinstance(v, torch.Tensor)
+                          else type(v).__name__ for v in value[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return f"a {type(value).__name__} of {len(value)} ({items}{more})"
+    if isinstance(value, Mapping):
+        kind = "dict" if type(value) is dict else f"mapping ({type(value).__name__})"
+        return f"a {kind} with keys {list(value)[:6]}"
+    if dataclasses.is_dataclass(value):
+        return f"a dataclass ({type(value).__name__}) with fields " \
+               f"{[f.name for f in dataclasses.fields(value)][:6]}"
+    return "None" if value is None else f"an object of type {type(value).__name__}"
+
+
+def check_select(name: str, select: Any) -> None:
+    if select is None or callable(select) or isinstance(select, str) or \
+            (isinstance(select, int) and not isinstance(select, bool)):
+        return
+    raise ProbeUsageError(f"latent {name!r}: select must be an index, a key or a function of the "
+                          f"module's output, got {type(select).__name__} {select!r}")
+
+
+def _select_label(select: Any) -> str:
+    return repr(select) if isinstance(select, (int, str)) else \
+        getattr(select, "__name__", type(select).__name__)
+
+
+class LatentWatch(Watch):
+    """A named latent: captured from a module's forward output, or passed to ``observe``;
+    optionally with the class labels of its rows (the name of an observed tensor).
+
+    ``select`` picks the latent from a structured output: an index (tuples, lists), a key
+    (dicts; attributes of dataclasses and named tuples) or a function of the output. Without
+    it a tensor is used as it is, and a tuple or list whose first element is a tensor gives
+    that first element (with one warning saying so, since a module may put its latent
+    elsewhere).
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module | None, labels: str | None,
+                 every: int | None, select: Any = None):
+        check_select(name, select)
+        super().__init__(name, every)
+        self.module = module
+        self.labels = labels
+        self.select = select
+
+    def pick(self, value: Any) -> tuple[torch.Tensor, str | None]:
+        """The tensor to record from ``value``, and a note when the first element was taken
+        by convention."""
+        if self.select is None:
+            if isinstance(value, torch.Tensor):
+                return value, None
+            if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+                return value[0], (f"latent {self.name!r} is {describe_value(value)}; recording "
+                                  "its first element (pass select=0 to confirm, or select= to "
+                                  "pick another)")
+            if value is None:
+                raise ProbeUsageError(f"latent {self.name!r} is None: watch the module that "
+                                      f"outputs the latent, or pass it as observe({self.name}=...)")
+            raise ProbeUsageError(
+                f"latent {self.name!r} is {describe_value(value)}, not a tensor; pass "
+                f"watch_latent({self.name!r}, module, select=...) with an index, a key or a "
+                "function that returns the latent tensor")
+        label = _select_label(self.select)
+        try:
+            if callable(self.select):
+                picked = self.select(value)
+            elif isinstance(self.select, str) and not isinstance(value, Mapping):
+                picked = getattr(value, self.select)
+            else:
+                picked = value[self.select]
+        except Exception as exc:
+            raise ProbeUsageError(f"latent {self.name!r}: select={label} cannot pick from "
+                                  f"{describe_value(value)}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(picked, torch.Tensor):
+            raise ProbeUsageError(f"latent {self.name!r}: select={label} picked "
+                                  f"{describe_value(picked)} from {describe_value(value)}, "
+                                  "not a tensor")
+        return picked, None
 
     def record(self, z: torch.Tensor, max_rows: int,
                labels: torch.Tensor | None = None) -> tuple[Scalars, Arrays]:
@@ -100,14 +185,13 @@ def latent_pair(a: str, za: torch.Tensor, b: str, zb: torch.Tensor, max_rows: in
     }
 
 
-class PrototypeWatch:
+class PrototypeWatch(Watch):
     """A set of prototypes (rows indexed by group id): drift, staleness, spread, usage, lag."""
 
     def __init__(self, name: str, source: Any, latent: str | None, every: int | None):
-        self.name = name
+        super().__init__(name, every)
         self.source = source
         self.latent = latent
-        self.every = every
         self.previous: torch.Tensor | None = None
         self.last_moved: torch.Tensor | None = None  # probe step at which each row last moved
         self.group_means: dict[int, torch.Tensor] = {}
@@ -187,21 +271,19 @@ def resolve_scalar(value: Any) -> float | None:
     return float(value)
 
 
-class SaturationWatch:
+class SaturationWatch(Watch):
     """Pre-sigmoid values: share in the flat region, mean sigmoid', a fixed-bin histogram;
     with a target, the share saturated on the wrong side of it."""
 
     def __init__(self, name: str, module: torch.nn.Module | None,
                  temperature: float | Callable[[], Any] | None, threshold: float,
                  terms: tuple[str, str] | None, target: str | None, every: int | None):
-        self.name = name
+        super().__init__(name, every)
         self.module = module
         self.temperature = temperature
         self.threshold = threshold
         self.terms = terms
         self.target = target
-        self.every = every
-        self.handle = None
 
     def observed_names(self) -> tuple[str, ...]:
         """Names besides its own that this watch reads from ``observe``."""
@@ -241,7 +323,7 @@ class SaturationWatch:
         return scalars, arrays
 
 
-class ContrastiveWatch:
+class ContrastiveWatch(Watch):
     """An InfoNCE batch: how much signal the negatives it actually uses carry.
 
     ``observe(name=...)`` accepts:
@@ -263,9 +345,8 @@ class ContrastiveWatch:
     KEYS = ("anchors", "positives", "negatives", "negative_groups", "mask_same_group")
 
     def __init__(self, name: str, temperature: float, every: int | None):
-        self.name = name
+        super().__init__(name, every)
         self.temperature = temperature
-        self.every = every
 
     def _unpack(self, value: Any) -> dict[str, Any]:
         if isinstance(value, dict):

@@ -70,6 +70,7 @@ _TABLES = _expected_columns()
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "run_name": (str, type(None)), "task": (str, type(None)), "losses": (list,),
     "roles": (dict,), "roles_guessed": (list,), "every": (int, type(None)),
+    "cadence": (str, type(None)),
     "shared_parameters": (list,), "shared_numel": (int, type(None)),
     "gradprobe_version": (str, type(None)), "latents": (list,), "prototypes": (dict,),
     "saturations": (list,), "contrastive": (list,), "max_rows": (int, type(None)),
@@ -397,6 +398,7 @@ class Run:
             "roles": self.roles,
             "roles_guessed": self.meta.get("roles_guessed", []),
             "every": self.every,
+            "cadence": self.meta.get("cadence"),
             "shared_parameters": self.meta.get("shared_parameters", []),
             "shared_numel": self.meta.get("shared_numel"),
             "probe_steps": int(len(steps)),

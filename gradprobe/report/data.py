@@ -17,6 +17,20 @@ from gradprobe.record import Run
 # buckets, so spikes survive and a 1,000,000-step run draws as fast as a short one.
 MAX_POINTS = 4000
 
+# Magnitudes an axis can draw: beyond LARGEST matplotlib's limits and ticks overflow float64,
+# below SMALLEST (subnormal numbers) a constant series has no representable margin.
+LARGEST, SMALLEST = 1e300, 1e-300
+
+
+def drawable(values: np.ndarray) -> np.ndarray:
+    """``values`` as the report draws them: magnitudes above 1e300 become +-Inf (left out of
+    the plot, like NaN) and non-zero magnitudes below 1e-300 become 0."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(values)
+        return np.where(magnitude > LARGEST, np.sign(values) * np.inf,
+                        np.where(magnitude < SMALLEST, 0.0, values))
+
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """Min/max per bucket: the extremes of each of ``max_points // 2`` equal buckets, in step order.
@@ -76,9 +90,11 @@ class RunData:
         return list(self._names.get(quantity, ()))
 
     def series(self, quantity: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The recorded series, its values :func:`drawable`."""
         key = (quantity, name)
         if key not in self._series:
-            self._series[key] = self.run.series(quantity, name)
+            steps, values = self.run.series(quantity, name)
+            self._series[key] = steps, drawable(values)
         return self._series[key]
 
     def plotted(self, quantity: str, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -137,9 +153,11 @@ class RunData:
         return self.run.array_names(quantity)
 
     def arrays(self, quantity: str, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The recorded arrays, their values :func:`drawable`."""
         key = (quantity, name)
         if key not in self._arrays:
-            self._arrays[key] = self.run.arrays(quantity, name)
+            steps, arrays = self.run.arrays(quantity, name)
+            self._arrays[key] = steps, [drawable(a) for a in arrays]
         return self._arrays[key]
 
     def snapshots(self, quantity: str, name: str) -> list[tuple[str, int, np.ndarray]]:

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from typing import Any, Callable, Iterable
 
 import matplotlib as mpl
 import numpy as np
 import seaborn as sns
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.textpath import TextToPath
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from gradprobe import __version__
@@ -551,7 +554,8 @@ def _heatmaps(ctx: _Context, fig: Figure, cell, snaps) -> None:
     annot = n <= 8
     fmt = ".2f" if n <= 5 else ".1f"
     size = 7 if n <= 5 else (6 if n <= 6 else 5)
-    labels = [l if len(l) <= 10 else f"{l[:4]}…{l[-5:]}" for l in losses]
+    # tick labels are formatted when drawn, after _finish_page: plain from the start
+    labels = [_plain(l if len(l) <= 10 else f"{l[:4]}…{l[-5:]}") for l in losses]
     heat_axes = []
     for k, (label, step, mat) in enumerate(snaps):
         ax = fig.add_subplot(sub[0, k])
@@ -1239,7 +1243,8 @@ def _verdict_pages(ctx: _Context, pages_of: dict[int, str]) -> list[Figure]:
     flow.text("The run", size=11, weight="bold", gap=0.26)
     rows = [
         ("steps", f"{_fmt_int(lo)} to {_fmt_int(hi)}" if lo is not None else "nothing recorded"),
-        ("probe cadence", (f"every {every} step{'s' if every != 1 else ''}" if every else "—") +
+        ("probe cadence", (meta.get("cadence") or
+                           (f"every {every} step{'s' if every != 1 else ''}" if every else "—")) +
          f", {n_probe:,} probe step{'s' if n_probe != 1 else ''} recorded"),
         ("task loss", str(run.task or "—")),
     ]
@@ -1401,8 +1406,69 @@ def _build(run: Run, findings: Iterable[Any], title: str | None) -> list[tuple[s
     return number_pages(text + plots, run.name)
 
 
+def _plain(text: str) -> str:
+    """``text`` drawn as it is: a ``$`` escaped, so that matplotlib never parses a user's name
+    (a loss called ``L$_{rec}$``) as mathtext, which fails on what is not valid TeX."""
+    return re.sub(r"(?<!\\)\$", r"\\$", text)
+
+
+# Axis limits matplotlib's tick code can work with: beyond them it overflows float64 (the
+# span of [-1.7e308, 1.7e308] is inf; log ticks a stride beyond 1e-302 underflow to 0).
+# Values past them lie outside the drawn range.
+AXIS_LIMIT, LOG_AXIS_LIMIT = 1e300, 1e150
+
+
+def _finite_span(lo: float, hi: float, log: bool) -> tuple[float, float] | None:
+    """Limits within what matplotlib's tick code can work with; None when they already are."""
+    low, high = (1 / LOG_AXIS_LIMIT, LOG_AXIS_LIMIT) if log else (-AXIS_LIMIT, AXIS_LIMIT)
+    if low <= lo and hi <= high:
+        return None
+    lo, hi = min(max(lo, low), high), max(min(hi, high), low)
+    if lo < hi:
+        return lo, hi
+    return (high / 10, high) if lo >= high else (low, low * 10 if log else low / 10)
+
+
+def _texts(artist: Any) -> Iterable[Text]:
+    """The texts placed on a page, down to axis labels (an axis' tick labels are made when it
+    is drawn, from its formatter: asking for them would make every tick now)."""
+    for child in artist.get_children():
+        if isinstance(child, Axis):
+            yield child.label
+        elif isinstance(child, Text):
+            yield child
+        else:
+            yield from _texts(child)
+
+
+def _finish_page(fig: Figure) -> None:
+    """What every page needs to draw whatever the run holds: its texts plain (the report's own
+    texts hold no ``$``; names do), axis limits whose span is a finite number, and markers a
+    line can draw (markers spaced along a line in display space, a float ``markevery``, fail
+    in matplotlib on a line with no drawable point: empty, all NaN or Inf, or all zero on a
+    log axis; such a line draws nothing either way)."""
+    for ax in fig.axes:
+        for axis, get, set_ in ((ax.xaxis, ax.get_xlim, ax.set_xlim),
+                                (ax.yaxis, ax.get_ylim, ax.set_ylim)):
+            limits = _finite_span(*get(), axis.get_scale() == "log")
+            if limits is not None:
+                set_(*limits)
+    for text in _texts(fig):
+        if "$" in text.get_text():
+            text.set_text(_plain(text.get_text()))
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if not isinstance(line.get_markevery(), float):
+                continue
+            with np.errstate(all="ignore"):
+                points = line.get_transform().transform(line.get_xydata())
+            if not np.isfinite(points).all(axis=1).any():
+                line.set_markevery(None)
+
+
 def number_pages(pages: list[tuple[str, Figure]], footer: str) -> list[tuple[str, Figure]]:
-    """Name the pages (a key's second page gets ``-2``...) and write each one's footer."""
+    """Name the pages (a key's second page gets ``-2``...), write each one's footer and
+    finish it for drawing (:func:`_finish_page`)."""
     named: list[tuple[str, Figure]] = []
     seen: dict[str, int] = {}
     total = len(pages)
@@ -1411,6 +1477,7 @@ def number_pages(pages: list[tuple[str, Figure]], footer: str) -> list[tuple[str
         name = key if seen[key] == 1 else f"{key}-{seen[key]}"
         fig.text(0.5, 0.018, f"{_clip(footer, 40)} · gradprobe {__version__} · page {number} "
                  f"of {total}", fontsize=7, ha="center", color="#888888")
+        _finish_page(fig)
         named.append((name, fig))
     return named
 

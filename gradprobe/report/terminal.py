@@ -15,8 +15,11 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
     """One header line for the run, then one line per finding (severity, id, title, key number)."""
     steps = run_summary.get("last_step")
     losses = ", ".join(run_summary.get("losses", [])) or "none"
+    every = run_summary.get("every")
+    cadence = f"every {every}" if every else \
+        "default cadence" if run_summary.get("cadence") else "cadence not recorded"
     lines = [f"run {run_summary['name']}: {run_summary['probe_steps']} probe steps "
-             f"(every {run_summary.get('every')}, last step {steps}); losses: {losses}"]
+             f"({cadence}, last step {steps}); losses: {losses}"]
     if not findings:
         lines.append("no failure modes found")
         return lines
