@@ -181,11 +181,12 @@ def test_an_only_watch_that_cannot_be_read_is_dropped_and_reported(unwatched, tm
 
 
 def test_a_probe_that_disabled_itself_is_an_error_finding(tmp_path):
-    """Two heads on two separate trunks: no parameter is shared, so the probe cannot work."""
+    """Two heads on two separate trunks, probed over every parameter two or more losses reach
+    (``shared="all"``): there is none, so the probe cannot work."""
     torch.manual_seed(0)
     model = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
     log = tmp_path / "separate.gprobe"
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, log=log, shared="all")
     with pytest.warns(GradprobeWarning, match="disabled itself at step 0"):
         for _ in range(5):
             x = torch.randn(8, 4)
@@ -193,8 +194,9 @@ def test_a_probe_that_disabled_itself_is_an_error_finding(tmp_path):
     probe.close()
     code, out, _ = analyze(log, "--json", "-")
     assert code == 0
-    title = ("the probe disabled itself at step 0: ProbeUsageError: no parameter receives "
-             "gradient from two or more losses: there is nothing shared to probe (pass shared=...)")
+    title = ("the probe disabled itself at step 0: ProbeUsageError: no parameter of the model "
+             "receives gradient from two or more losses: there is nothing shared to probe "
+             "(pass shared=...)")
     assert title in out
     document = json.loads(out[out.index("{"):])
     assert document["run"]["losses"] == ["a", "b"]  # the metadata is written with the failure

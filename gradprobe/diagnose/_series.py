@@ -92,12 +92,33 @@ def align(*series: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[np.n
     return common, out
 
 
-def persistent(held: np.ndarray, judged: np.ndarray, th: Thresholds) -> bool:
-    """Held on at least ``min_points`` and at least ``min_share`` of the judged steps."""
-    n_judged = int(judged.sum())
-    n_held = int((held & judged).sum())
-    return n_judged >= th.min_points and n_held >= th.min_points and \
-        n_held / n_judged >= th.min_share
+def step_spans(steps: np.ndarray) -> np.ndarray:
+    """The training steps each probe step stands for: up to the next probe step (the last one
+    as many as the one before it). Weighting by them makes a share of probe steps a share of
+    training under any cadence: the default one is dense at the start, where most losses have
+    not settled, and a plain count would let those first steps outvote the rest of the run."""
+    s = np.asarray(steps, dtype=np.float64)
+    if len(s) < 2:
+        return np.ones(len(s))
+    spans = np.diff(s)
+    return np.append(spans, spans[-1])
+
+
+def held_share(steps: np.ndarray, held: np.ndarray, judged: np.ndarray | None = None) -> float:
+    """The share of the judged training steps (all, by default) on which ``held`` holds."""
+    judged = np.ones(len(held), dtype=bool) if judged is None else judged
+    spans = step_spans(steps)
+    total = float(spans[judged].sum())
+    return float(spans[held & judged].sum()) / total if total > 0 else math.nan
+
+
+def persistent(steps: np.ndarray, held: np.ndarray, judged: np.ndarray | None,
+               th: Thresholds) -> bool:
+    """Held on at least ``min_points`` probe steps and at least ``min_share`` of the judged
+    training steps (:func:`held_share`); ``judged=None``: every step is judged."""
+    judged = np.ones(len(held), dtype=bool) if judged is None else judged
+    return int(judged.sum()) >= th.min_points and int((held & judged).sum()) >= th.min_points \
+        and held_share(steps, held, judged) >= th.min_share
 
 
 def held_range(steps: np.ndarray, held: np.ndarray) -> tuple[int, int] | None:

@@ -14,9 +14,9 @@ import numpy as np
 
 from gradprobe.record import Run
 
-from ._series import (align, finite, g, get, held_range, median, nanmax, pct, persistent, roles,
-                      rolling_median, start_end, task_learning, task_name, thin, trailing_range,
-                      window_size)
+from ._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
+                      persistent, roles, rolling_median, start_end, task_learning, task_name,
+                      thin, trailing_range, window_size)
 from .findings import REMEDY, WHY, Finding
 from .recording import probe_incomplete
 from .thresholds import Thresholds
@@ -123,12 +123,12 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         judged = learning & to_learn & weight_on & np.isfinite(ratio) & (largest > 0) & \
             np.isfinite(raw_k) & (raw_k > 0) & (dominant_idx != k)
         held = judged & (ratio < th.swamping_ratio)
-        if not persistent(held, judged, th):
+        if not persistent(steps, held, judged, th):
             continue
         med = median(ratio[judged])
         dom = Counter(dominant_idx[held].tolist()).most_common(1)[0][0]
         dominant = names[dom]
-        share = float(held.sum() / judged.sum())
+        share = held_share(steps, held, judged)
         severity = "error" if med < th.swamping_error_ratio else "warning"
         first, last = held_range(steps, held)
         evidence = {
@@ -239,14 +239,14 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         c = cos[judged]
         med = median(c)
         negative = (c < 0)
-        share = float(negative.mean())
+        share = held_share(steps[judged], negative)
         if not (med <= th.conflict_median_cosine and share >= th.conflict_share):
             continue
         mag = get(run, "magnitude_similarity", pair)
         tragic_share = None
         if mag is not None:
             m = np.interp(steps[judged], mag[0], mag[1])
-            tragic_share = float(np.mean(c <= -m))
+            tragic_share = held_share(steps[judged], c <= -m)
         tragic = tragic_share is not None and tragic_share >= th.conflict_tragic_share
         harm = _conflict_harm(run, th, (a, b), steps[judged], role)
         severity = ("error" if tragic else "warning") if harm["suffering"] else "info"
@@ -493,14 +493,14 @@ def weak_contrastive_signal(run: Run, th: Thresholds, earlier: Earlier) -> list[
             s, v = share
             held = v >= th.contrastive_same_group_share
             evidence["median_same_group_share"] = median(v)
-            if persistent(held, np.ones(len(v), dtype=bool), th):
+            if persistent(s, held, None, th):
                 reasons.append(f"{pct(median(v))} of its negatives come from the anchor's own "
                                "group")
                 steps_range = held_range(s, held)
         elif gpb is not None and len(gpb[0]) >= th.min_points:
             s, v = gpb
             held = v <= 1
-            if persistent(held, np.ones(len(v), dtype=bool), th):
+            if persistent(s, held, None, th):
                 single = True
                 reasons.append("every batch holds a single group, so all negatives share the "
                                "anchor's group")
@@ -539,13 +539,13 @@ def weak_contrastive_signal(run: Run, th: Thresholds, earlier: Earlier) -> list[
     # No contrastive watch: judge the contrastive losses by the batch composition alone.
     s, v = gpb
     held = v <= 1
-    if not persistent(held, np.ones(len(v), dtype=bool), th):
+    if not persistent(s, held, None, th):
         return out
     for name, role in roles(run).items():
         if role != "contrastive":
             continue
         evidence = {"loss": name, "median_groups_per_batch": median(v),
-                    "single_group_share": float(held.mean()), "groups_per_batch": thin(s, v),
+                    "single_group_share": held_share(s, held), "groups_per_batch": thin(s, v),
                     "single_group_batches": True}
         out.append(_finding(
             "weak-contrastive-signal", "warning",
@@ -577,9 +577,9 @@ def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]
             judged = np.ones(len(steps), dtype=bool)
             sv = None
         held = still & judged
-        if not persistent(held, judged, th):
+        if not persistent(steps, held, judged, th):
             continue
-        share = float(held.sum() / judged.sum())
+        share = held_share(steps, held, judged)
         never = bool(held[judged].all())
         since = get(run, "prototype_steps_since_moved", p)
         lag = finite(get(run, "prototype_lag", p))
@@ -796,17 +796,17 @@ def latent_dependence(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             evidence.update(median_max_abs_correlation=median(rv),
                             median_null=median(nv), median_excess=median(excess),
                             max_abs_correlation=thin(*corr))
-        if not persistent(held, np.ones(len(steps), dtype=bool), th):
+        if not persistent(steps, held, None, th):
             continue
         a, _, b = pair.partition("|")
-        evidence["held_share"] = float(held.mean())
+        evidence["held_share"] = held_share(steps, held)
         severity = "warning" if decoupling else "info"
         cka_txt = f"CKA {g(evidence['median_cka'])}" if "median_cka" in evidence else \
             f"max |corr| {g(evidence['median_max_abs_correlation'])}"
         out.append(_finding(
             "latent-dependence", severity,
-            f"'{a}' and '{b}' stay dependent: {cka_txt} (median) on {pct(float(held.mean()))} "
-            "of probe steps", pair, cka_txt, evidence, held_range(steps, held),
+            f"'{a}' and '{b}' stay dependent: {cka_txt} (median) over "
+            f"{pct(evidence['held_share'])} of the run", pair, cka_txt, evidence, held_range(steps, held),
             plot={"quantity": "cka" if cka is not None else "max_abs_correlation",
                   "names": [pair], "threshold": th.dependence_cka if cka is not None else None,
                   "ratio_to": None}))
@@ -825,7 +825,7 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         held = v >= th.saturation_fraction
         med = median(v)
         evidence: dict = {"watch": s, "median_saturated_fraction": med,
-                          "held_share": float(held.mean()),
+                          "held_share": held_share(steps, held),
                           "thresholds": {"fraction": th.saturation_fraction,
                                          "wrong_fraction": th.saturation_wrong_fraction,
                                          "error_fraction": th.saturation_error_fraction,
@@ -874,7 +874,7 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                 f"{pct(w_end)} of its inputs at the end ({pct(med)} saturated in all)"
                 + causes, s, f"wrong and saturated {pct(w_end)}", evidence,
                 trailing_range(w_steps, wrong_held), plot=plot))
-        elif persistent(held, np.ones(len(v), dtype=bool), th):
+        elif persistent(steps, held, None, th):
             verdict = "towards its targets (harmless: their gradient has nothing left to do)" \
                 if wrong is not None else \
                 "(harm not judged: pass target= to watch_saturation to tell a saturation " \
@@ -956,10 +956,10 @@ def batch_composition_mismatch(run: Run, th: Thresholds, earlier: Earlier) -> li
     expect = int(expect)
     steps, v = gpb
     held = ((v <= 1) != (expect <= 1)) | (v > expect)
-    if not persistent(held, np.ones(len(v), dtype=bool), th):
+    if not persistent(steps, held, None, th):
         return []
     med = median(v)
-    share = float(held.mean())
+    share = held_share(steps, held)
     if expect <= 1:
         title = f"batches were declared single-group but mix {g(med)} groups (median): the " \
                 "sampler did not take effect"
