@@ -35,18 +35,21 @@ def test_generator_shape_and_splits(small):
     assert set(d.heldout.cell.tolist()) == set(d.heldout_cells)
     assert not set(d.train_cells) & set(d.heldout_cells)
     assert {int(d.lineage[c]) for c in d.heldout_cells} == {0, 1}  # one held-out line per lineage
-    # cell lines change which motifs matter, not just an offset: weight profiles differ by lineage
-    lin = [d.weights[d.lineage == g].mean(0) for g in (0, 1)]
-    assert np.abs(lin[0] - lin[1]).max() > 1.0
+    # the cell line scales the sequence effect (an interaction, not an offset): open epithelial
+    # chromatin reads the motifs at several times the gain of closed fibroblast chromatin
+    assert d.gain[d.lineage == 0].min() > 5 * d.gain[d.lineage == 1].max()
+    assert np.allclose(d.weights, d.gain[:, None] * d.motif_weights[None, :])
+    assert d.train.x.shape[2] == d.meta["insert_len"] + d.meta["tag_len"]
 
 
 def test_bayes_accuracy_matches_direct_computation(small):
     d = small
     for split in (d.train, d.val, d.heldout):
-        seqs = split.x.argmax(1).numpy()
+        seqs = split.x.argmax(1).numpy()[:, :d.meta["insert_len"]]  # the insert decides the outcome
         motifs = scan_motifs(seqs, d.motif_seqs).astype(float)
         assert np.array_equal(motifs, split.motifs.numpy())
-        logit = (motifs * d.weights[split.cell.numpy()]).sum(1) + d.bias[split.cell.numpy()]
+        c = split.cell.numpy()  # the documented formula, from the line's gain and baseline
+        logit = d.gain[c] * ((motifs - d.meta["plant_p"]) @ d.motif_weights) + d.baseline[c]
         p = 1 / (1 + np.exp(-logit))
         assert np.allclose(p, split.prob.numpy(), atol=1e-6)
         direct = float(np.maximum(p, 1 - p).mean())
@@ -84,7 +87,7 @@ def test_model_forward_shapes(small):
         out = m(small.train.x[:5], small.train.context[:5])
         assert out.z_I.shape == (5, 16) and out.z_E.shape == (5, 16)
         assert out.u.shape == out.r.shape == out.energy.shape == out.logits.shape == (5,)
-        assert m.prototypes.shape == (small.n_cells, 16)
+        assert m.prototypes.shape == (len(small.train_cells), 16)  # one per training line
         assert m.f_I(small.train.x[:5]).shape == (5, 16)  # the watched module returns the latent
     failing = build_model(small, "failing")
     assert failing.temperature is None and failing.lam is None and float(failing.T) == 1.0
@@ -162,7 +165,7 @@ def test_cell_lines_have_their_own_base_composition():
     flat = make_data(seed=0, n_train_per_cell=10, n_val_per_cell=10, n_heldout_per_cell=10,
                      composition_concentration=None)
     assert np.allclose(flat.meta["composition"], 0.25)
-    assert len(make_data(seed=0).train) == 8 * 128  # small per-line training sets (default)
+    assert len(make_data(seed=0).train) == 8 * 192  # small per-line training sets (default)
 
 
 def test_same_group_partner_is_another_sample_of_the_line():
@@ -175,3 +178,52 @@ def test_same_group_partner_is_another_sample_of_the_line():
     others = [i for i in range(7) if i != 5]
     assert all(int(partner[i]) != i for i in others)
     assert sorted(partner[groups == 3].tolist()) == [0, 1, 2, 6]  # a permutation within the group
+
+
+def test_mixed_batches_hold_every_line_in_equal_shares(small):
+    sampler = CellBatchSampler(small.train.cell, 64, seed=0, mixed=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 300 // 8  # the smallest line runs out after 37 batches of 8
+    seen = np.concatenate(batches)
+    assert len(set(seen.tolist())) == len(seen)
+    for b in batches:
+        counts = np.bincount(small.train.cell[torch.from_numpy(b)].numpy(), minlength=small.n_cells)
+        assert sorted(set(counts[small.train_cells].tolist())) == [8] and counts.sum() == 64
+
+
+def test_barcode_shortcut_predicts_the_label_in_training_lines_only():
+    from scipy.stats import fisher_exact
+
+    d = make_data(seed=1, n_train_per_cell=400, n_val_per_cell=10, n_heldout_per_cell=2000)
+    p1, p0 = d.shortcut
+    insert = d.meta["insert_len"]
+    for split, biased in ((d.train, True), (d.heldout, False)):
+        seqs = split.x.argmax(1).numpy()
+        cells, y, tagged = split.cell.numpy(), split.y.numpy(), split.tagged.numpy()
+        # the tag region is the sample's own line's barcode exactly when it is tagged
+        carries = (seqs[:, insert:] == d.barcodes[cells]).all(1)
+        assert np.array_equal(carries, tagged)
+        rate1, rate0 = tagged[y == 1].mean(), tagged[y == 0].mean()
+        table = [[int(tagged[y == 1].sum()), int((~tagged[y == 1]).sum())],
+                 [int(tagged[y == 0].sum()), int((~tagged[y == 0]).sum())]]
+        p_value = fisher_exact(table)[1]
+        if biased:  # P(barcode | y) as documented, within 4 binomial standard errors
+            for rate, q, n in ((rate1, p1, (y == 1).sum()), (rate0, p0, (y == 0).sum())):
+                assert abs(rate - q) < 4 * np.sqrt(q * (1 - q) / n)
+            assert p_value < 1e-100
+        else:  # held-out lines: the barcode says nothing about y
+            assert abs(rate1 - rate0) < 0.06 and p_value > 1e-3
+            assert abs(tagged.mean() - (p1 + p0) / 2) < 0.03
+    none = make_data(seed=1, n_train_per_cell=20, n_val_per_cell=10, n_heldout_per_cell=10, shortcut=None)
+    assert not none.train.tagged.any() and not none.heldout.tagged.any()
+
+
+def test_barcodes_touch_only_the_tag_region():
+    d = make_data(seed=0, n_train_per_cell=50, n_val_per_cell=10, n_heldout_per_cell=50)
+    assert len({tuple(b) for b in d.barcodes.tolist()}) == d.n_cells  # one barcode per line
+    plain = make_data(seed=0, n_train_per_cell=50, n_val_per_cell=10, n_heldout_per_cell=50, shortcut=None)
+    insert = d.meta["insert_len"]
+    for name in ("train", "heldout"):  # same biology, same draws: only the tags differ
+        a, b = getattr(d, name), getattr(plain, name)
+        assert torch.equal(a.x[:, :, :insert], b.x[:, :, :insert]) and torch.equal(a.y, b.y)
+        assert not torch.equal(a.x, b.x)

@@ -1,16 +1,16 @@
 """The record-22 demo end to end: the failing model shows the record's failure, the fixed one
-clears the findings its remedies address (seeded, shortened; ~1 min on 2 CPU cores)."""
+clears the findings its remedies address and generalises to held-out cell lines (seeded, the
+demo's length; ~1.5 min on 2 idle CPU cores)."""
 
 import pytest
 
 from gradprobe import load_run
-from gradprobe.demo import train
+from gradprobe.demo import DEFAULT_STEPS, train
 from gradprobe.diagnose import diagnose
 
-# The shortest length at which the failing run has memorised its training set (task loss in
-# the last 20% of probe steps <= 10% of its start), so constraint-neglect can show; the
-# default demo length is DEFAULT_STEPS (1000).
-STEPS = 800
+# The demo's length: the failing run memorises its training set (task loss in the last 20% of
+# probe steps <= 10% of its start, so constraint-neglect can show) only near its end.
+STEPS = DEFAULT_STEPS
 
 # Finding ids each remedy of the fixed variant addresses (record point 24 -> docs/demo.md).
 CLEARED_BY_FIX = {
@@ -18,6 +18,7 @@ CLEARED_BY_FIX = {
     "static-loss-weights",      # GradNormBalancer + curriculum
     "weak-contrastive-signal",  # MemoryBank of cross-cell-line negatives (same-line masked)
     "orthogonality-vanishing",  # correlation_loss
+    "constraint-neglect",       # all of them: the task no longer memorises, the constraints hold
 }
 
 
@@ -73,3 +74,13 @@ def test_both_variants_report_accuracy(runs):
     for variant in ("failing", "fixed"):
         r = runs[variant][0]
         assert 0.5 < r["heldout_accuracy"] <= r["bayes_accuracy"] + 0.05
+
+
+def test_fix_generalises_to_held_out_cell_lines(runs):
+    failing, fixed = runs["failing"][0], runs["fixed"][0]
+    # seed 0 (docs/demo.md: +0.075 here, +0.07 +- 0.01 over seeds); 2000 held-out samples,
+    # binomial s.e. of the difference ~0.014
+    assert fixed["heldout_accuracy"] >= failing["heldout_accuracy"] + 0.04
+    # the failing model learnt the barcode shortcut: better on the training lines' validation
+    # samples than on their held-out counterparts by more than the fixed model
+    assert failing["val_accuracy"] - failing["heldout_accuracy"] > fixed["val_accuracy"] - fixed["heldout_accuracy"]

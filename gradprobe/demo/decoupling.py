@@ -23,8 +23,14 @@
 ``disable`` (names in :data:`REMEDIES`):
 
 - ``balance``: :class:`~gradprobe.remedies.GradNormBalancer` sets the auxiliary weights so that
-  each weighted gradient norm on the encoders is ``BALANCE_TARGET`` of the task's
-  (measured with ``torch.autograd.grad`` every ``balance_every`` steps);
+  each weighted gradient norm on the encoders is ``BALANCE_TARGETS`` of the task's (half for
+  the geometric constraints, level for the adversary; measured with ``torch.autograd.grad``
+  every ``balance_every`` steps);
+- ``mixed``: the sampler gives every batch all training lines in equal shares (record-22
+  insight 2, "mixed batches"); the probe is told so (``expect_groups_per_batch``). In-batch
+  negatives then come from other lines, and the adversary and the decorrelation see several
+  lines at once: with one line per batch the adversary's head only chases that batch's line
+  and the correlation of z_I with z_E has no cross-line variation to remove;
 - ``memory``: a :class:`~gradprobe.remedies.MemoryBank` of the last ``MEMORY_SIZE`` positive
   *contexts* (with their cell lines) supplies cross-cell-line negatives, re-encoded by the
   current ``f_E`` every step (detached), and same-cell-line negatives are masked out; the
@@ -42,10 +48,13 @@
   losses ramp in linearly over ``CURRICULUM_RAMP`` of the steps.
 
 Nothing here is tuned to make a finding appear: hyper-parameters are ordinary defaults for a
-small model, and both variants share data, architecture, optimiser and sampler. The data
-(:func:`~gradprobe.demo.data.make_data`) has 128 training sequences per cell line, which the
-model can memorise as the record's did, and cell-line-specific base composition, which gives
-the domain adversary something to remove. docs/demo.md reports what the runs show.
+small model, and both variants share data, architecture and optimiser. The data
+(:func:`~gradprobe.demo.data.make_data`) has 192 training sequences per cell line, which the
+failing model memorises, a cell-line-specific barcode shortcut that predicts the label in the
+training lines only (what the adversary exists to remove from z_I), and a sequence x cell-line
+interaction (chromatin gain) that only the interaction energy can express. Prototypes, the
+adversary and the probe's groups index the training lines 0..L-1. docs/demo.md reports what
+the runs show.
 """
 
 from __future__ import annotations
@@ -68,16 +77,18 @@ from .data import DecouplingData, Split, make_data
 __all__ = ["CellBatchSampler", "DecouplingModel", "ModelOutput", "GradReverse", "REMEDIES", "FAILING_WEIGHTS",
            "DEFAULT_STEPS", "ROLES", "train", "evaluate", "compute_losses", "build_model"]
 
-REMEDIES = ("balance", "memory", "corr", "interaction", "temperature", "l1", "curriculum")
+REMEDIES = ("balance", "mixed", "memory", "corr", "interaction", "temperature", "l1", "curriculum")
 FAILING_WEIGHTS = {"cont": 0.05, "proto": 0.1, "orth": 0.01, "adv": 0.01}
 ROLES = {"cont": "contrastive", "proto": "prototype", "orth": "orthogonality", "adv": "adversarial"}
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 1200
 BATCH_SIZE = 64
 LR = 3e-3
 TAU = 0.1               # InfoNCE temperature
 AUG_NOISE = 0.3         # context noise of the second InfoNCE view
 PROTO_MOMENTUM = 0.9
-BALANCE_TARGET = 0.5    # weighted aux gradient norm as a fraction of the task's
+# weighted aux gradient norm as a fraction of the task's: the geometric constraints at half,
+# the adversary level with the task (it alone keeps cell-line identity out of z_I)
+BALANCE_TARGETS = {"cont": 0.5, "proto": 0.5, "orth": 0.5, "adv": 1.0}
 L1_WEIGHT = 1e-3
 MEMORY_SIZE = 1024
 CURRICULUM_START = 0.2  # fractions of the run
@@ -89,28 +100,42 @@ CURRICULUM_RAMP = 0.2
 
 
 class CellBatchSampler:
-    """Yields index batches that each contain a single cell line (record-22's sampler).
+    """Yields index batches of a single cell line each (record-22's sampler) or, with ``mixed``,
+    of every cell line in equal shares (record-22 insight 2: cross-cell-line batches).
 
-    One pass (``iter``) shuffles each cell line's indices, cuts them into batches of
-    ``batch_size`` (the last, shorter batch of a line is dropped if ``drop_last``) and
-    shuffles the order of the batches. Re-iterating gives a new epoch with new shuffles.
+    Single-line: one pass (``iter``) shuffles each cell line's indices, cuts them into batches
+    of ``batch_size`` (the last, shorter batch of a line is dropped if ``drop_last``) and
+    shuffles the order of the batches. Mixed: each batch takes the next ``batch_size // L``
+    shuffled indices of each of the ``L`` lines, until the smallest line runs out. Re-iterating
+    gives a new epoch with new shuffles.
     """
 
     def __init__(self, cells: torch.Tensor | np.ndarray, batch_size: int, seed: int = 0,
-                 drop_last: bool = True) -> None:
+                 drop_last: bool = True, mixed: bool = False) -> None:
         self.cells = np.asarray(cells)
         self.batch_size = int(batch_size)
         self.drop_last = drop_last
+        self.mixed = mixed
         self.rng = np.random.default_rng(seed)
         self.by_cell = {int(c): np.nonzero(self.cells == c)[0] for c in np.unique(self.cells)}
+        self.per_line = self.batch_size // len(self.by_cell)
+        if mixed and self.per_line < 1:
+            raise ValueError("a mixed batch needs at least one sample of every cell line")
 
     def __len__(self) -> int:
+        if self.mixed:
+            return min(len(idx) for idx in self.by_cell.values()) // self.per_line
         n = 0
         for idx in self.by_cell.values():
             n += len(idx) // self.batch_size if self.drop_last else math.ceil(len(idx) / self.batch_size)
         return n
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self.mixed:
+            shuffled = [self.rng.permutation(idx) for idx in self.by_cell.values()]
+            for b in range(len(self)):
+                yield np.concatenate([idx[b * self.per_line:(b + 1) * self.per_line] for idx in shuffled])
+            return
         batches = []
         for idx in self.by_cell.values():
             idx = self.rng.permutation(idx)
@@ -185,19 +210,19 @@ class ModelOutput:
 class DecouplingModel(nn.Module):
     """The dual-stream energy model. ``interaction``/``learn_temperature`` switch the remedies."""
 
-    def __init__(self, context_dim: int, n_cells: int, n_train_cells: int, d_I: int = 16, d_E: int = 16,
+    def __init__(self, context_dim: int, n_lines: int, d_I: int = 16, d_E: int = 16,
                  interaction: bool = False, learn_temperature: bool = False) -> None:
         super().__init__()
         self.f_I = IntrinsicEncoder(d_I)
         self.f_E = EnvironmentEncoder(context_dim, d_E)
         self.head_U = nn.Linear(d_I, 1)
         self.head_R = nn.Linear(d_E, 1)
-        self.adv_head = nn.Linear(d_I, n_train_cells)
+        self.adv_head = nn.Linear(d_I, n_lines)
         self.interaction = interaction
         self.lam = nn.Parameter(torch.zeros(())) if interaction else None
         self.temperature = LearnableTemperature(1.0) if learn_temperature else None
-        self.register_buffer("prototypes", torch.zeros(n_cells, d_E))
-        self.register_buffer("proto_seen", torch.zeros(n_cells, dtype=torch.bool))
+        self.register_buffer("prototypes", torch.zeros(n_lines, d_E))
+        self.register_buffer("proto_seen", torch.zeros(n_lines, dtype=torch.bool))
 
     @property
     def T(self) -> torch.Tensor:
@@ -217,10 +242,10 @@ class DecouplingModel(nn.Module):
         return ModelOutput(z_I, z_E, u, r, energy, logits)
 
     @torch.no_grad()
-    def update_prototypes(self, z_E: torch.Tensor, cells: torch.Tensor, momentum: float = PROTO_MOMENTUM) -> None:
-        """p_c <- mu p_c + (1 - mu) mean(z_E of c) for every cell line in the batch (first sight: the mean)."""
-        for c in torch.unique(cells).tolist():
-            mean = z_E[cells == c].mean(0)
+    def update_prototypes(self, z_E: torch.Tensor, lines: torch.Tensor, momentum: float = PROTO_MOMENTUM) -> None:
+        """p_c <- mu p_c + (1 - mu) mean(z_E of c) for every training line c in the batch (first sight: the mean)."""
+        for c in torch.unique(lines).tolist():
+            mean = z_E[lines == c].mean(0)
             if bool(self.proto_seen[c]):
                 self.prototypes[c].mul_(momentum).add_((1 - momentum) * mean)
             else:
@@ -230,7 +255,7 @@ class DecouplingModel(nn.Module):
 
 def build_model(data: DecouplingData, variant: str, disable: frozenset[str] = frozenset()) -> DecouplingModel:
     fixed = variant == "fixed"
-    return DecouplingModel(data.context_dim, data.n_cells, len(data.train_cells),
+    return DecouplingModel(data.context_dim, len(data.train_cells),
                            interaction=fixed and "interaction" not in disable,
                            learn_temperature=fixed and "temperature" not in disable)
 
@@ -251,12 +276,12 @@ def same_group_partner(groups: torch.Tensor, gen: torch.Generator) -> torch.Tens
     return partner
 
 
-def compute_losses(model: DecouplingModel, out: ModelOutput, batch: dict, cell_index: torch.Tensor,
+def compute_losses(model: DecouplingModel, out: ModelOutput, batch: dict,
                    fixed_on: set[str], memory: Optional[MemoryBank], aug_gen: torch.Generator
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The per-loss 0-dim tensors, the positives (second InfoNCE view), their contexts (for the
     memory bank) and the memory negatives used (``None`` without a memory)."""
-    partner = same_group_partner(batch["cell"], aug_gen)
+    partner = same_group_partner(batch["line"], aug_gen)
     ctx = batch["context"][partner]
     pos_ctx = ctx + AUG_NOISE * torch.randn(ctx.shape, generator=aug_gen)
     positives = model.f_E(pos_ctx)
@@ -266,11 +291,11 @@ def compute_losses(model: DecouplingModel, out: ModelOutput, batch: dict, cell_i
         if memory is not None and len(memory) > 0:
             with torch.no_grad():  # past contexts, encoded by the current f_E: never stale
                 negatives = F.normalize(model.f_E(memory.features), dim=1)
-        losses["cont"] = info_nce(out.z_E, positives, TAU, memory=negatives, groups=batch["cell"],
+        losses["cont"] = info_nce(out.z_E, positives, TAU, memory=negatives, groups=batch["line"],
                                   memory_groups=memory.groups if negatives is not None else None)
     else:
         losses["cont"] = info_nce(out.z_E, positives, TAU)
-    protos = model.prototypes[batch["cell"]]
+    protos = model.prototypes[batch["line"]]
     losses["proto"] = (out.z_E - protos).pow(2).sum(1).mean()
     if "corr" in fixed_on:
         losses["orth"] = correlation_loss(out.z_I, out.z_E)
@@ -278,7 +303,7 @@ def compute_losses(model: DecouplingModel, out: ModelOutput, batch: dict, cell_i
         b = out.z_I.shape[0]
         losses["orth"] = (out.z_I.t() @ out.z_E / b).pow(2).sum()
     adv_logits = model.adv_head(GradReverse.apply(out.z_I, 1.0))
-    losses["adv"] = F.cross_entropy(adv_logits, cell_index[batch["cell"]])
+    losses["adv"] = F.cross_entropy(adv_logits, batch["line"])
     if "l1" in fixed_on:
         losses["l1"] = l1_penalty(out.z_I, out.z_E)
     return losses, positives, pos_ctx, negatives
@@ -303,7 +328,7 @@ def evaluate(model: DecouplingModel, split: Split, batch_size: int = 2048) -> di
 # probe wiring (optional until gradprobe.Probe exists)
 
 
-def _make_probe(model, variant, out_dir: Path, probe_every: int, fixed_on: set[str]):
+def _make_probe(model, variant, out_dir: Path, probe_every: int, fixed_on: set[str], n_lines: int):
     try:
         from .. import Probe  # type: ignore[attr-defined]
     except ImportError:
@@ -314,11 +339,12 @@ def _make_probe(model, variant, out_dir: Path, probe_every: int, fixed_on: set[s
     if "l1" in fixed_on:
         roles["l1"] = "regularization"
     probe = Probe(model, shared=model.shared_parameters(), every=probe_every, log=str(out_dir / f"{variant}.gprobe"),
-                  task="task", roles=roles, expect_groups_per_batch=1, overwrite=True)
+                  task="task", roles=roles, overwrite=True,
+                  expect_groups_per_batch=n_lines if "mixed" in fixed_on else 1)
     probe.watch_latent("z_I", model.f_I)
     probe.watch_latent("z_E")
-    probe.watch_prototypes("cell", lambda: model.prototypes, latent="z_E")
-    probe.watch_saturation("energy", temperature=lambda: float(model.T.detach()), terms=("U_I", "R_E"))
+    probe.watch_prototypes("line", lambda: model.prototypes, latent="z_E")
+    probe.watch_saturation("energy", temperature=lambda: float(model.T.detach()), terms=("U_I", "R_E"), target="y")
     probe.watch_contrastive("cont", temperature=TAU)
     return probe
 
@@ -370,12 +396,13 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     cell_index = torch.full((data.n_cells,), -1, dtype=torch.long)
     cell_index[data.train_cells] = torch.arange(len(data.train_cells))
-    sampler = CellBatchSampler(data.train.cell, BATCH_SIZE, seed=seed)
+    train_line = cell_index[data.train.cell]  # training-line index 0..L-1: prototypes, adversary, groups
+    sampler = CellBatchSampler(data.train.cell, BATCH_SIZE, seed=seed, mixed="mixed" in fixed_on)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     memory = MemoryBank(MEMORY_SIZE, data.context_dim, normalize=False) if "memory" in fixed_on else None
-    balancer = GradNormBalancer(task="task", targets=BALANCE_TARGET, ema=0.8, min_w=1e-3, max_w=1e3,
+    balancer = GradNormBalancer(task="task", targets=BALANCE_TARGETS, ema=0.8, min_w=1e-3, max_w=1e3,
                                 init=dict(FAILING_WEIGHTS)) if "balance" in fixed_on else None
-    probe = _make_probe(model, variant, out_dir, probe_every, fixed_on) if use_probe else None
+    probe = _make_probe(model, variant, out_dir, probe_every, fixed_on, len(data.train_cells)) if use_probe else None
     shared = model.shared_parameters()
 
     history: list[dict] = []
@@ -387,10 +414,10 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
             if step >= steps:
                 break
             idx_t = torch.from_numpy(idx)
-            batch = {"x": data.train.x[idx_t], "y": data.train.y[idx_t], "cell": data.train.cell[idx_t],
+            batch = {"x": data.train.x[idx_t], "y": data.train.y[idx_t], "line": train_line[idx_t],
                      "context": data.train.context[idx_t]}
             out = model(batch["x"], batch["context"])
-            losses, positives, pos_ctx, negatives = compute_losses(model, out, batch, cell_index, fixed_on,
+            losses, positives, pos_ctx, negatives = compute_losses(model, out, batch, fixed_on,
                                                                    memory, aug_gen)
 
             report_step = step % val_every == 0 or step == steps - 1
@@ -413,7 +440,7 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
                             "mask_same_group": True}
                 else:
                     cont = (out.z_E, positives)
-                probe.observe(z_E=out.z_E, energy=out.logits, U_I=out.u, R_E=out.r, groups=batch["cell"],
+                probe.observe(z_E=out.z_E, energy=out.logits, U_I=out.u, R_E=out.r, groups=batch["line"], y=batch["y"],
                               cont=cont)
                 total = probe.backward(losses, weights=weights)
             else:
@@ -422,9 +449,9 @@ def _train(variant, steps, seed, out_dir, probe_every, progress, disable, val_ev
                 total = total.detach()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            model.update_prototypes(out.z_E.detach(), batch["cell"])
+            model.update_prototypes(out.z_E.detach(), batch["line"])
             if memory is not None:
-                memory.push(pos_ctx, batch["cell"])
+                memory.push(pos_ctx, batch["line"])
             last_losses = {k: float(v.detach()) for k, v in losses.items()}
 
             if report_step:
