@@ -15,7 +15,7 @@ import pytest
 
 import runs
 from gradprobe.diagnose import (FINDING_IDS, SEVERITY_ORDER, ConfigError, DiagnoseWarning,
-                                Finding, Thresholds, diagnose, load_thresholds)
+                                Finding, PlotHint, Thresholds, diagnose, load_thresholds)
 from gradprobe.diagnose.rules import RULES
 from gradprobe.record import RunWriter, load_run
 
@@ -109,8 +109,8 @@ def test_swamping_evidence_matches_the_series():
     assert f.evidence["median_ratio"] == pytest.approx(float(np.median(ratio)), rel=1e-9)
     assert f.evidence["median_ratio"] < 0.01  # the 100x scale gap
     assert f.steps == (int(s_small[0]), int(s_small[-1]))
-    assert f.plot == {"quantity": "weighted_grad_norm", "names": ["small", "big"],
-                      "threshold": 0.1, "ratio_to": "big"}
+    assert f.plot == PlotHint("weighted_grad_norm", names=("small", "big"), threshold=0.1,
+                              ratio_to="big")
 
 
 def test_constraint_neglect_evidence():
