@@ -16,7 +16,7 @@ from .._series import (finite, g, get, held_range, median, nanmax, pct, persiste
                        start_end, thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
-from .common import Earlier, make_finding, groups_per_batch_series
+from .common import Earlier, groups_per_batch_series, make_finding
 
 
 def weak_contrastive_signal(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:

@@ -16,7 +16,7 @@ from .._series import (align, finite, g, get, held_range, median, nanmax, pct, p
                        rolling_median, start_end, task_learning, thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
-from .common import Earlier, make_finding, loss_start, satisfied_constraints
+from .common import Earlier, loss_start, make_finding, satisfied_constraints
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:

@@ -16,7 +16,7 @@ from .._series import (align, finite, g, get, held_range, median, nanmax, pct, p
                        rolling_median, start_end, thin, trailing_range, window_size)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
-from .common import Earlier, make_finding, groups_per_batch_series
+from .common import Earlier, groups_per_batch_series, make_finding
 
 
 def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
