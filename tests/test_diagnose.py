@@ -4,6 +4,7 @@ series; thresholds load from Python and TOML."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,7 @@ import pytest
 
 import runs
 from gradprobe.diagnose import (FINDING_IDS, SEVERITY_ORDER, ConfigError, DiagnoseWarning,
-                                Finding, Thresholds, diagnose, load_thresholds)
+                                Finding, PlotHint, Thresholds, diagnose, load_thresholds)
 from gradprobe.diagnose.rules import RULES
 from gradprobe.record import RunWriter, load_run
 
@@ -109,8 +110,8 @@ def test_swamping_evidence_matches_the_series():
     assert f.evidence["median_ratio"] == pytest.approx(float(np.median(ratio)), rel=1e-9)
     assert f.evidence["median_ratio"] < 0.01  # the 100x scale gap
     assert f.steps == (int(s_small[0]), int(s_small[-1]))
-    assert f.plot == {"quantity": "weighted_grad_norm", "names": ["small", "big"],
-                      "threshold": 0.1, "ratio_to": "big"}
+    assert f.plot == PlotHint("weighted_grad_norm", names=("small", "big"), threshold=0.1,
+                              ratio_to="big")
 
 
 def test_constraint_neglect_evidence():
@@ -430,3 +431,36 @@ def test_weak_contrastive_signal_from_the_loss_at_chance_alone(tmp_path):
     assert found[0].evidence["loss_ratio_end"] == pytest.approx(0.97)
     rows = [(s, {**r, ("contrastive_gap", "cont"): 0.5}) for s, r in rows]  # positives win
     assert "weak-contrastive-signal" not in _ids(_synthetic(tmp_path, rows))
+
+
+def test_a_fixed_weight_is_one_definition_for_every_stage():
+    """``is_fixed_weight``: range (max - min) at most ``tolerance`` times the largest |w|."""
+    from gradprobe.diagnose import FIXED_WEIGHT_TOLERANCE, is_fixed_weight
+    assert FIXED_WEIGHT_TOLERANCE == Thresholds().static_weight_tolerance == 1e-9
+    assert is_fixed_weight(np.full(50, 0.05))
+    assert is_fixed_weight(np.array([2.0, 2.0 + 1e-10, np.nan, 2.0]))  # rounding, NaN ignored
+    assert not is_fixed_weight(np.array([2.0, 2.0 + 1e-6]))
+    assert is_fixed_weight(np.array([2.0, 2.0 + 1e-6]), tolerance=1e-6)
+    assert is_fixed_weight(np.zeros(5))  # fixed at 0 (static-loss-weights skips a weight of 0)
+    assert not is_fixed_weight(np.array([np.nan, np.inf]))
+    assert not is_fixed_weight(np.linspace(0.0, 1.0, 10))  # a ramp
+    # the report's former test (every value within rtol 1e-9 of the first), away from the edge
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        spread = rng.choice([0.0, 1e-12, 1e-6, 1e-3]) * rng.uniform(0.5, 1.0, 20)
+        w = rng.uniform(-3, 3) * (1 + spread)
+        assert is_fixed_weight(w) == np.allclose(w, w[0], rtol=1e-9, atol=0)
+
+
+def test_the_plot_hint_is_typed_and_left_out_of_the_json():
+    from gradprobe.diagnose import SEVERITIES
+    hint = {"quantity": "grad_cosine", "names": ["a|b"], "threshold": 0, "ratio_to": None}
+    f = Finding(id="gradient-conflict", severity="info", title="t", subject="a|b",
+                key_number="cos -0.5", evidence={}, why="w", remedy="r", steps=(0, 5), plot=hint)
+    assert f.plot == PlotHint("grad_cosine", names=("a|b",), threshold=0.0)
+    assert f.plot.to_dict() == {**hint, "threshold": 0.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.plot.threshold = 1.0
+    assert "plot" not in f.to_dict() and json.loads(json.dumps(f.to_dict()))["steps"] == [0, 5]
+    assert list(SEVERITY_ORDER) == list(SEVERITIES) == ["error", "warning", "info"]
+    assert sorted(SEVERITY_ORDER.values()) == [0, 1, 2]

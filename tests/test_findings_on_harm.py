@@ -165,6 +165,6 @@ def test_simsiam_collapse_points_to_the_stop_gradient_not_to_negatives():
 
 
 def test_a_contrastive_collapse_points_to_negatives():
-    from gradprobe.diagnose.rules import _collapse_remedy
+    from gradprobe.diagnose.rules.representations import _collapse_remedy
     remedy = _collapse_remedy({"task": "task", "cont": "contrastive"}, posterior=False)
     assert "negatives" in remedy and "stop-gradient" not in remedy

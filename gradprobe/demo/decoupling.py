@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..probe import Probe
 from ..remedies import (GradNormBalancer, LearnableTemperature, MemoryBank, correlation_loss, grad_norms,
                         info_nce, interaction_energy, l1_penalty, linear_ramp)
 from .data import DecouplingData, Split, make_data
@@ -261,7 +262,7 @@ def build_model(data: DecouplingData, variant: str, disable: frozenset[str] = fr
 
 
 # --------------------------------------------------------------------------------------------
-# losses and evaluation
+# losses, evaluation and the probe's watches
 
 
 def same_group_partner(groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -324,15 +325,7 @@ def evaluate(model: DecouplingModel, split: Split, batch_size: int = 2048) -> di
     return {"loss": loss / len(split), "accuracy": correct / len(split)}
 
 
-# --------------------------------------------------------------------------------------------
-# probe wiring (optional until gradprobe.Probe exists)
-
-
 def _make_probe(model, variant, out_dir: Path, probe_every: int, fixed_on: set[str], n_lines: int):
-    try:
-        from .. import Probe  # type: ignore[attr-defined]
-    except ImportError:
-        return None
     roles = dict(ROLES)
     if "corr" in fixed_on:
         roles["orth"] = "decorrelation"

@@ -1,24 +1,33 @@
-"""Stage 4: turn a recorded run into findings (the failure analysis of record-22, automated).
+"""Stage 3: turn a recorded run into findings (the failure analysis of record-22, automated).
 
 ``diagnose(run)`` runs one small rule per finding id (:data:`RULES`, in order; each rule
 also receives the findings of the rules before it) and returns the findings sorted by
 severity then id. Thresholds: :class:`Thresholds` (Python) or
 :func:`load_thresholds` (TOML); docs/findings.md documents every rule and number.
+
+The module itself is callable: ``gradprobe.diagnose(run)`` is ``gradprobe.diagnose.diagnose(run)``,
+so the top-level API reads ``from gradprobe import diagnose`` while
+``from gradprobe.diagnose import Thresholds`` (and ``import gradprobe.diagnose as dx``) keep
+naming this package.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 import warnings
 from typing import Callable
 
 from gradprobe.record import Run
 
-from .findings import FINDING_IDS, REMEDY, SEVERITY_ORDER, WHY, Finding
+from ._series import is_fixed_weight
+from .findings import FINDING_IDS, REMEDY, SEVERITIES, SEVERITY_ORDER, WHY, Finding, PlotHint
 from .rules import RULES
-from .thresholds import ConfigError, Thresholds, load_thresholds
+from .thresholds import FIXED_WEIGHT_TOLERANCE, ConfigError, Thresholds, load_thresholds
 
-__all__ = ["ConfigError", "DiagnoseWarning", "FINDING_IDS", "Finding", "RULES", "SEVERITY_ORDER",
-           "Thresholds", "diagnose", "load_thresholds"]
+__all__ = ["ConfigError", "DiagnoseWarning", "FINDING_IDS", "FIXED_WEIGHT_TOLERANCE", "Finding",
+           "PlotHint", "REMEDY", "RULES", "SEVERITIES", "SEVERITY_ORDER", "Thresholds", "WHY",
+           "diagnose", "is_fixed_weight", "load_thresholds"]
 
 
 class DiagnoseWarning(UserWarning):
@@ -49,3 +58,12 @@ def diagnose(run: Run, thresholds: Thresholds | None = None,
                           DiagnoseWarning, stacklevel=2)
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.id, f.subject))
     return findings
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as :func:`diagnose` (see the module docstring for why)."""
+
+    __call__ = staticmethod(diagnose)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -8,8 +8,9 @@ import warnings
 import numpy as np
 
 from gradprobe.record import Run
+from gradprobe.record.quantities import LOSS
 
-from .thresholds import Thresholds
+from .thresholds import FIXED_WEIGHT_TOLERANCE, Thresholds
 
 MAX_EVIDENCE_POINTS = 60
 
@@ -32,6 +33,17 @@ def finite(series: tuple[np.ndarray, np.ndarray] | None):
     if not keep.any():
         return None
     return steps[keep], values[keep]
+
+
+def is_fixed_weight(values: np.ndarray, tolerance: float = FIXED_WEIGHT_TOLERANCE) -> bool:
+    """Whether a recorded loss weight stayed fixed: its range (max - min) is at most
+    ``tolerance`` times its largest absolute value (non-finite values ignored; a weight of 0
+    throughout is fixed too). False when no finite value was recorded."""
+    w = np.asarray(values, dtype=np.float64)
+    w = w[np.isfinite(w)]
+    if not len(w):
+        return False
+    return float(np.ptp(w)) <= tolerance * float(np.abs(w).max())
 
 
 def median(values: np.ndarray) -> float:
@@ -179,7 +191,7 @@ def task_name(run: Run) -> str | None:
 def task_learning(run: Run, steps: np.ndarray, th: Thresholds) -> np.ndarray:
     """Per step: is the task still learning (smoothed loss above memorised_fraction of start)?"""
     task = task_name(run)
-    series = finite(get(run, "loss", task)) if task else None
+    series = finite(get(run, LOSS, task)) if task else None
     if series is None or len(series[0]) < th.min_points:
         return np.ones(len(steps), dtype=bool)
     s, v = series

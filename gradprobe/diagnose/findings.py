@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -28,8 +28,9 @@ FINDING_IDS: tuple[str, ...] = (
     "probe-incomplete",
 )
 
+# Most severe first: the order findings are sorted in and ``--fail-on`` compares by.
 SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
-SEVERITY_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
+SEVERITY_ORDER: dict[str, int] = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
 def json_clean(value: Any) -> Any:
@@ -52,6 +53,33 @@ def json_clean(value: Any) -> Any:
     return str(value)
 
 
+@dataclass(frozen=True)
+class PlotHint:
+    """How a report marks a finding: the recorded ``quantity`` (a name from
+    :data:`gradprobe.record.QUANTITIES`) of the series ``names`` to draw, a ``threshold`` line
+    on its axis, and ``ratio_to``: a name the series are drawn relative to (each divided by
+    it), when the finding is about a ratio."""
+
+    quantity: str
+    names: tuple[str, ...] = ()
+    threshold: float | None = None
+    ratio_to: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+        if self.threshold is not None:
+            object.__setattr__(self, "threshold", float(self.threshold))
+
+    @classmethod
+    def from_mapping(cls, hint: Mapping[str, Any]) -> "PlotHint":
+        return cls(quantity=hint["quantity"], names=tuple(hint.get("names") or ()),
+                   threshold=hint.get("threshold"), ratio_to=hint.get("ratio_to"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantity": self.quantity, "names": list(self.names),
+                "threshold": self.threshold, "ratio_to": self.ratio_to}
+
+
 @dataclass
 class Finding:
     """One failure mode seen in a run, with the numbers that show it and what to do."""
@@ -65,7 +93,7 @@ class Finding:
     why: str
     remedy: str
     steps: tuple[int, int] | None = None
-    plot: dict | None = field(default=None)
+    plot: PlotHint | None = None  # a mapping with PlotHint's keys is converted
 
     def __post_init__(self) -> None:
         if self.id not in FINDING_IDS:
@@ -75,6 +103,8 @@ class Finding:
         self.evidence = json_clean(self.evidence)
         if self.steps is not None:
             self.steps = (int(self.steps[0]), int(self.steps[1]))
+        if isinstance(self.plot, Mapping):
+            self.plot = PlotHint.from_mapping(self.plot)
 
     def to_dict(self) -> dict:
         return {

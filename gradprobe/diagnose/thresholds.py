@@ -13,8 +13,10 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
-         "reconstruction", "regularization", "kl", "other")
+from gradprobe.record import ROLES
+
+# A loss weight is fixed when its range (max - min) is at most this share of its largest |value|.
+FIXED_WEIGHT_TOLERANCE = 1e-9
 
 
 class ConfigError(ValueError):
@@ -117,7 +119,7 @@ class Thresholds:
                                                "harmful: error")
     saturation_energy_ratio: float = _f(10.0, "energy-term scale ratio at least this is reported")
     # -- static-loss-weights -----------------------------------------------------------------
-    static_weight_tolerance: float = _f(1e-9, "relative range (max-min)/max |w| at most this: "
+    static_weight_tolerance: float = _f(FIXED_WEIGHT_TOLERANCE, "relative range (max-min)/max |w| at most this: "
                                                "constant")
     # -- overfitting -------------------------------------------------------------------------
     overfit_val_rise: float = _f(0.1, "validation end / its minimum - 1 at least this")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gradprobe import __version__, metrics
-from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, RunFileError, RunWriter
+from gradprobe.record import ROLES, STATE_FORMAT, SCHEMA_VERSION, RunFileError, RunWriter
 
 from .cadence import describe as describe_cadence, is_probe_step
 from .distributed import rank_group_for
@@ -28,8 +28,6 @@ from .graph import has_user_hooks, infer_shared, reachable_leaves
 from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
                       ProbeUsageError, SaturationWatch, as_matrix, batch_scalars, latent_pair)
 
-ROLES = ("task", "contrastive", "prototype", "orthogonality", "decorrelation", "adversarial",
-         "reconstruction", "regularization", "kl", "other")
 
 # Substrings of common loss names, checked in this order, for roles the user did not give.
 _ROLE_HINTS = (
@@ -251,7 +249,7 @@ class Probe:
         self._prototypes[name] = PrototypeWatch(name, source, latent, every)
 
     def watch_saturation(self, name: str, module: torch.nn.Module | None = None, *,
-                         temperature: Any = None, threshold: float = 4.6,
+                         temperature: Any = None, threshold: float = metrics.SATURATION_THRESHOLD,
                          terms: tuple[str, str] | None = None, target: str | None = None,
                          every: int | None = None) -> None:
         """Record the inputs of a sigmoid (its logits).

@@ -1,7 +1,12 @@
-"""Stage 2: the crash-safe run file, written during training and read back for diagnosis."""
+"""Stage 2: the crash-safe run file, written during training and read back for diagnosis, and
+the names of what it holds (:mod:`gradprobe.record.quantities`: every recorded quantity, the
+loss roles)."""
 
+from . import quantities
+from .quantities import QUANTITIES, ROLES, Quantity, pair_name, pair_parts
 from .run import STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_state
 from .store import SCHEMA_VERSION, BackgroundRunWriter, RunFileError, RunWriter
 
-__all__ = ["BackgroundRunWriter", "Run", "RunFileError", "RunWriter", "SCHEMA_VERSION",
-           "STATE_FORMAT", "find_state", "load_checkpoint", "load_run", "run_from_state"]
+__all__ = ["BackgroundRunWriter", "QUANTITIES", "Quantity", "ROLES", "Run", "RunFileError",
+           "RunWriter", "SCHEMA_VERSION", "STATE_FORMAT", "find_state", "load_checkpoint",
+           "load_run", "pair_name", "pair_parts", "quantities", "run_from_state"]

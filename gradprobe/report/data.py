@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gradprobe.diagnose import PlotHint
 from gradprobe.record import Run
 
 # A plotted line keeps at most this many points: min and max of each of MAX_POINTS / 2
@@ -181,7 +182,9 @@ def moment_indices(steps: np.ndarray) -> list[tuple[str, int]]:
 
 
 def finding_value(finding: Any, field: str, default: Any = None) -> Any:
-    """A field of a Finding (the dataclass, or a plain dict with the same keys)."""
+    """A field of a Finding (the dataclass, or a plain dict with the same keys); the typed
+    plot hint is read in its dict form, as the pages read it."""
     if isinstance(finding, dict):
         return finding.get(field, default)
-    return getattr(finding, field, default)
+    value = getattr(finding, field, default)
+    return value.to_dict() if isinstance(value, PlotHint) else value

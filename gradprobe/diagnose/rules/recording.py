@@ -8,24 +8,22 @@ never reads as "no failure modes found".
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from gradprobe.record import Run
 
-from .findings import REMEDY, WHY, Finding
-from .thresholds import Thresholds
+from ..findings import Finding
+from ..thresholds import Thresholds
+from .common import Earlier, make_finding
 
 ID = "probe-incomplete"
 
 
 def _finding(title: str, subject: str, key_number: str, evidence: dict,
              step: int | None) -> Finding:
-    return Finding(id=ID, severity="error", title=title, subject=subject, key_number=key_number,
-                   evidence=evidence, why=WHY[ID], remedy=REMEDY[ID],
-                   steps=None if step is None else (step, step))
+    return make_finding(ID, "error", title, subject, key_number, evidence,
+                        None if step is None else (step, step))
 
 
-def probe_incomplete(run: Run, th: Thresholds, earlier: Sequence[Finding]) -> list[Finding]:
+def probe_incomplete(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     steps = run.probe_steps()
     recorded = {"probe_steps": int(len(steps)),
                 "last_probe_step": int(steps[-1]) if len(steps) else None}

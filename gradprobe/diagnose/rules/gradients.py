@@ -1,0 +1,246 @@
+"""Rules on the per-loss gradients at the shared parameters: ``gradient-swamping``,
+``gradient-conflict`` and ``inert-loss``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from gradprobe.record import Run, pair_parts
+from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_NORM, LOSS,
+                                         MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
+
+from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
+                       persistent, roles, rolling_median, start_end, task_learning, thin)
+from ..findings import Finding, PlotHint
+from ..thresholds import Thresholds
+from .common import Earlier, loss_start, make_finding, satisfied_constraints
+
+
+def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    names = [n for n in run.losses if run.has(WEIGHTED_GRAD_NORM, n)]
+    if len(names) < 2:
+        return []
+    steps, wn = align(*[get(run, WEIGHTED_GRAD_NORM, n) for n in names])
+    if len(steps) < th.min_points:
+        return []
+    W = np.vstack(wn)  # K x T
+    _, raw = align(*[get(run, GRAD_NORM, n) for n in names]) if all(
+        run.has(GRAD_NORM, n) for n in names) else (None, [W[k] for k in range(len(names))])
+    role = roles(run)
+    # A regulariser's pull (weight decay) is not a loss competing for the shared layers: the
+    # swamping ratio is taken against the largest of the others.
+    competing = np.array([role[n] not in th.exempt_roles for n in names])[:, None]
+    candidates = np.where(np.isfinite(W) & competing, W, -np.inf)
+    with np.errstate(invalid="ignore"):
+        largest = np.max(candidates, axis=0)
+        dominant_idx = np.argmax(candidates, axis=0)
+    learning = task_learning(run, steps, th)
+    satisfied = satisfied_constraints(run, th)
+    out = []
+    for k, name in enumerate(names):
+        if role[name] in th.exempt_roles or name in satisfied:
+            continue
+        raw_k = np.asarray(raw[k])
+        if not np.any(np.isfinite(raw_k) & (raw_k > 0)):
+            continue  # no gradient at all on the shared parameters: that is inert-loss
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = W[k] / largest
+        # Something left to learn: the loss is above learned_fraction of its start.
+        to_learn = np.ones(len(steps), dtype=bool)
+        start = loss_start(run, name, th)
+        loss_series = get(run, LOSS, name)
+        if start > 0 and loss_series is not None:
+            ls, lv = loss_series
+            smooth = rolling_median(lv, th.smooth_points)
+            at = np.interp(steps, ls, np.where(np.isfinite(smooth), smooth, np.inf))
+            to_learn = at > th.learned_fraction * start
+        weight_on = np.ones(len(steps), dtype=bool)
+        if run.has(WEIGHT, name):
+            ws, wv = get(run, WEIGHT, name)
+            weight_on = np.interp(steps, ws, np.abs(wv)) > 0  # a weight of 0: switched off
+        judged = learning & to_learn & weight_on & np.isfinite(ratio) & (largest > 0) & \
+            np.isfinite(raw_k) & (raw_k > 0) & (dominant_idx != k)
+        held = judged & (ratio < th.swamping_ratio)
+        if not persistent(steps, held, judged, th):
+            continue
+        med = median(ratio[judged])
+        dom = Counter(dominant_idx[held].tolist()).most_common(1)[0][0]
+        dominant = names[dom]
+        share = held_share(steps, held, judged)
+        severity = "error" if med < th.swamping_error_ratio else "warning"
+        first, last = held_range(steps, held)
+        evidence = {
+            "loss": name, "dominant": dominant, "median_ratio": med,
+            "threshold": th.swamping_ratio, "held_share": share,
+            "held_steps": int(held.sum()), "judged_steps": int(judged.sum()),
+            "first_step": first, "last_step": last,
+            "median_weighted_grad_norm": median(W[k][judged]),
+            "median_dominant_weighted_grad_norm": median(W[dom][judged]),
+            "median_weight": median(get(run, WEIGHT, name)[1]) if run.has(WEIGHT, name)
+            else None,
+            "task_memorised_at": int(steps[~learning][0]) if (~learning).any() else None,
+            "ratio": thin(steps[judged], ratio[judged]),
+        }
+        out.append(make_finding(
+            "gradient-swamping", severity,
+            f"'{name}' is swamped: its weighted gradient is {pct(med)} of '{dominant}''s",
+            name, f"ratio {g(med)} (median)", evidence, (first, last),
+            plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
+                          ratio_to=dominant)))
+    return out
+
+
+def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    role = roles(run)
+    for pair in run.names(GRAD_COSINE):
+        series = finite(get(run, GRAD_COSINE, pair))
+        if series is None or len(series[0]) < th.min_points:
+            continue
+        steps, cos = series
+        a, b = pair_parts(pair)
+        if role.get(a) in th.exempt_roles or role.get(b) in th.exempt_roles:
+            continue  # a regulariser opposes the task by design (weight decay pulls to 0)
+        # Judged: while the task still learns (at convergence two losses balance, cos -> -1
+        # by necessity), where both losses have a gradient and a non-zero weight, and where
+        # neither weighted gradient is swamped by the other (a negligible gradient cannot
+        # conflict in effect; that case is gradient-swamping).
+        judged = task_learning(run, steps, th)
+        wn = []
+        for name in (a, b):
+            for q in (GRAD_NORM, WEIGHT):
+                s = get(run, q, name)
+                if s is not None:
+                    judged &= np.interp(steps, s[0], np.nan_to_num(np.abs(s[1]))) > 0
+            s = get(run, WEIGHTED_GRAD_NORM, name)
+            if s is not None:
+                wn.append(np.interp(steps, s[0], np.nan_to_num(s[1])))
+        if len(wn) == 2:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                balance = np.minimum(wn[0], wn[1]) / np.maximum(wn[0], wn[1])
+            judged &= np.nan_to_num(balance) >= th.swamping_ratio
+        if judged.sum() < th.min_points:
+            continue
+        c = cos[judged]
+        med = median(c)
+        negative = (c < 0)
+        share = held_share(steps[judged], negative)
+        if not (med <= th.conflict_median_cosine and share >= th.conflict_share):
+            continue
+        mag = get(run, MAGNITUDE_SIMILARITY, pair)
+        tragic_share = None
+        if mag is not None:
+            m = np.interp(steps[judged], mag[0], mag[1])
+            tragic_share = held_share(steps[judged], c <= -m)
+        tragic = tragic_share is not None and tragic_share >= th.conflict_tragic_share
+        harm = _conflict_harm(run, th, (a, b), steps[judged], role)
+        severity = ("error" if tragic else "warning") if harm["suffering"] else "info"
+        held = np.zeros(len(steps), dtype=bool)
+        held[np.flatnonzero(judged)[negative]] = True
+        evidence = {
+            "pair": pair, "median_cosine": med, "negative_share": share,
+            "tragic_share": tragic_share, "judged_steps": int(judged.sum()), **harm,
+            "thresholds": {"median_cosine": th.conflict_median_cosine,
+                           "share": th.conflict_share, "tragic_share": th.conflict_tragic_share,
+                           "stall_fraction": th.conflict_stall_fraction,
+                           "cancel_ratio": th.conflict_cancel_ratio},
+            "cosine": thin(steps[judged], c),
+        }
+        what = f"'{a}' and '{b}' pull against each other: gradient cosine < 0 over " \
+            f"{pct(share)} of the run"
+        if harm["stalled"]:
+            what += f"; {' and '.join(repr(n) for n in harm['stalled'])} stalled while the " \
+                "other fell"
+        if harm["cancelled"]:
+            what += f"; the weighted gradients cancel (combined norm {pct(harm['cancel_ratio'])}" \
+                " of their sum)"
+        if not harm["suffering"]:
+            what += ", but neither loss is held back by it"
+        elif tragic:
+            what += " (tragic: cos <= -magnitude similarity)"
+        out.append(make_finding(
+            "gradient-conflict", severity, what, pair, f"cos {g(med)} (median)", evidence,
+            held_range(steps, held),
+            plot=PlotHint(GRAD_COSINE, names=[pair], threshold=0.0)))
+    return out
+
+
+def _loss_ratio(run: Run, name: str, lo: int, hi: int, th: Thresholds) -> float:
+    """A loss's end / start (medians of its windows) between steps ``lo`` and ``hi``."""
+    series = finite(get(run, LOSS, name))
+    if series is None:
+        return math.nan
+    keep = (series[0] >= lo) & (series[0] <= hi)
+    if keep.sum() < 2 * th.min_points:
+        return math.nan
+    ends = start_end(series[0][keep], series[1][keep], th)
+    return ends["end"] / ends["start"] if ends["start"] > 0 else math.nan
+
+
+def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
+                   role: dict[str, str]) -> dict:
+    """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
+    the weighted gradients of all losses cancel on the shared parameters."""
+    lo, hi = int(judged[0]), int(judged[-1])
+    ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
+    stalled = []
+    for name, other in (pair, pair[::-1]):
+        # An adversary that does not fall is doing its job (the features defeat it).
+        if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
+                ratios[other] < th.conflict_stall_fraction:
+            stalled.append(name)
+    cancel = math.nan
+    parts = [get(run, WEIGHTED_GRAD_NORM, n) for n in run.losses]
+    combined = get(run, COMBINED_GRAD_NORM, SHARED)
+    if combined is not None and all(p is not None for p in parts):
+        steps, (total, *norms) = align(combined, *parts)
+        at = np.isin(steps, judged)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cancel = median((total / np.sum(norms, axis=0))[at])
+    cancelled = bool(cancel <= th.conflict_cancel_ratio)
+    return {"loss_ratios": ratios, "stalled": stalled, "cancel_ratio": cancel,
+            "cancelled": cancelled, "suffering": list(pair) if cancelled else stalled}
+
+
+def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    role = roles(run)
+    # A regulariser may touch only its own parameters (an L2 penalty on one head) by design;
+    # that it misses the shared ones is no wiring fault. A fully inert one still is.
+    local_by_design = {n for n in run.losses if role[n] in th.exempt_roles}
+    out, seen = [], set()
+    for kind, severity in (("inert_loss", "error"), ("no_shared_path", "warning")):
+        by_name: dict[str, list[dict]] = {}
+        for e in run.events(kind):
+            by_name.setdefault(e["name"], []).append(e)
+        for name, events in by_name.items():
+            if name in seen or (kind == "no_shared_path" and name in local_by_design):
+                continue
+            seen.add(name)
+            grad = finite(get(run, GRAD_NORM, name))
+            evidence = {"loss": name, "event": kind, "events": len(events),
+                        "first_step": int(events[0]["step"]), "last_step": int(events[-1]["step"]),
+                        "message": events[0]["message"],
+                        "max_grad_norm": nanmax(grad[1]) if grad is not None else None}
+            out.append(make_finding(
+                "inert-loss", severity, " ".join(str(events[0]["message"]).split()), name,
+                f"{len(events)} probe steps", evidence,
+                (int(events[0]["step"]), int(events[-1]["step"])),
+                plot=PlotHint(GRAD_NORM, names=[name])))
+    for name in run.losses:
+        if name in seen or name in local_by_design:
+            continue
+        grad = finite(get(run, GRAD_NORM, name))
+        if grad is None or len(grad[0]) < th.min_points:
+            continue
+        if float(np.abs(grad[1]).max()) == 0.0:
+            evidence = {"loss": name, "event": None, "probe_steps": int(len(grad[0])),
+                        "max_grad_norm": 0.0}
+            out.append(make_finding(
+                "inert-loss", "warning",
+                f"loss '{name}' has a zero gradient on the shared parameters at every probe step",
+                name, "grad norm 0", evidence, (int(grad[0][0]), int(grad[0][-1])),
+                plot=PlotHint(GRAD_NORM, names=[name])))
+    return out

@@ -1,0 +1,208 @@
+"""Rules on the loss curves and weights: ``constraint-neglect``, ``static-loss-weights``
+(which reads the earlier swamping and conflict findings), ``overfitting`` and ``non-finite``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradprobe.record import Run, pair_parts
+from gradprobe.record.quantities import GRAD_NORM, LOGGED, LOSS, WEIGHT, WEIGHTED_GRAD_NORM
+
+from .._series import (finite, g, get, is_fixed_weight, median, pct, roles, rolling_median,
+                       start_end, task_name, thin, window_size)
+from ..findings import Finding, PlotHint
+from ..thresholds import Thresholds
+from .common import Earlier, make_finding, satisfied_constraints
+
+
+def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    task = task_name(run)
+    task_series = finite(get(run, LOSS, task)) if task else None
+    if task_series is None or len(task_series[0]) < 2 * th.min_points:
+        return []
+    t = start_end(*task_series, th)
+    if not t["start"] > 0 or not t["end"] / t["start"] <= th.neglect_task_fraction:
+        return []
+    ts, tv = task_series
+    smooth = rolling_median(tv, th.smooth_points)
+    low = np.flatnonzero(smooth <= th.neglect_task_fraction * t["start"])
+    near_zero_from = int(ts[low[0]]) if len(low) else t["end_steps"][0]
+    out = []
+    satisfied = satisfied_constraints(run, th)
+    for name, role in roles(run).items():
+        if name == task or role not in th.constraint_roles or name in satisfied:
+            continue
+        series = finite(get(run, LOSS, name))
+        if series is None or len(series[0]) < 2 * th.min_points:
+            continue
+        c = start_end(*series, th)
+        if not c["start"] > 0:
+            continue  # a relative judgement needs a positive start
+        ratio = c["end"] / c["start"]
+        if not ratio >= th.neglect_constraint_fraction:
+            continue
+        rose = ratio > 1.0
+        evidence = {
+            "task": task, "constraint": name, "role": role,
+            "task_start": t["start"], "task_end": t["end"], "task_ratio": t["end"] / t["start"],
+            "constraint_start": c["start"], "constraint_end": c["end"],
+            "constraint_ratio": ratio,
+            "start_steps": c["start_steps"], "end_steps": c["end_steps"],
+            "task_near_zero_from": near_zero_from,
+            "thresholds": {"task": th.neglect_task_fraction,
+                           "constraint": th.neglect_constraint_fraction},
+            "task_loss": thin(ts, tv), "constraint_loss": thin(*series),
+        }
+        verb = "rose" if rose else "stayed high"
+        out.append(make_finding(
+            "constraint-neglect", "error" if rose else "warning",
+            f"'{task}' fell to {pct(t['end'] / t['start'])} of its start while '{name}' {verb} "
+            f"({pct(ratio)} of its start)",
+            name, f"task x{g(t['end'] / t['start'])}, {name} x{g(ratio)}", evidence,
+            (near_zero_from, int(series[0][-1])),
+            plot=PlotHint(LOSS, names=[task, name])))
+    return out
+
+
+def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    """Fixed weights of the losses that the earlier swamping and harmful-conflict findings
+    show suffering (read from ``earlier``, not judged again)."""
+    constant: dict[str, float] = {}
+    for name in run.losses:
+        series = finite(get(run, WEIGHT, name))
+        if series is None or len(series[0]) < th.min_points:
+            continue
+        w = series[1]
+        if w[0] != 0 and is_fixed_weight(w, th.static_weight_tolerance):  # 0: switched off
+            constant[name] = float(w[0])
+    related, reasons = [], []
+    for f in earlier:
+        if f.id == "gradient-swamping":
+            suffering = [f.subject]
+            dominant = f.evidence.get("dominant")
+            against = f"swamped by '{dominant}'" + (
+                f" (weight {g(constant[dominant])})" if dominant in constant else "")
+        elif f.id == "gradient-conflict" and f.severity != "info":
+            suffering = list(f.evidence.get("suffering") or [])
+            against = "held back by its conflict with " + " and ".join(
+                f"'{n}'" for n in pair_parts(f.subject) if n not in suffering) \
+                if len(suffering) == 1 else "cancelled by their conflict"
+        else:
+            continue
+        hit = [n for n in suffering if n in constant]
+        if hit:
+            related.append({"id": f.id, "subject": f.subject, "static": hit,
+                            "steps": list(f.steps) if f.steps else None})
+            reasons.append(f"{' and '.join(repr(n) for n in hit)} "
+                           f"{'is' if len(hit) == 1 else 'are'} {against}")
+    if not related:
+        return []
+    names = sorted({n for r in related for n in r["static"]})
+    steps = run.probe_steps()
+    evidence = {"weights": {n: constant[n] for n in names},
+                "other_constant_weights": {n: w for n, w in constant.items() if n not in names},
+                "related_findings": related, "tolerance": th.static_weight_tolerance}
+    ws = ", ".join(f"{n}={g(constant[n])}" for n in names)
+    return [make_finding(
+        "static-loss-weights", "warning",
+        f"weight{'s' if len(names) > 1 else ''} {ws} fixed for the whole run while "
+        + "; ".join(dict.fromkeys(reasons)),
+        ",".join(names), ws, evidence,
+        (int(steps[0]), int(steps[-1])) if len(steps) else None,
+        plot=PlotHint(WEIGHT, names=names))]
+
+
+# ------------------------------------------------------------------------------ overfitting
+
+# Logged validation series where higher is better: not losses, so a rise is not overfitting.
+_SCORE_WORDS = ("acc", "auc", "f1", "precision", "recall", "score", "iou", "map")
+
+
+def overfitting(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    task = task_name(run)
+    for val in run.names(LOGGED):
+        lowered = val.lower()
+        if not lowered.startswith("val") or any(word in lowered for word in _SCORE_WORDS):
+            continue
+        series = finite(get(run, LOGGED, val))
+        if series is None or len(series[0]) < 2 * th.min_points:
+            continue
+        vs, vv = series
+        smooth = rolling_median(vv, th.smooth_points)
+        i_min = int(np.nanargmin(smooth))
+        v_min = float(smooth[i_min])
+        if not v_min > 0 or len(vv) - 1 - i_min < th.min_points:
+            continue
+        v_end = median(vv[-window_size(len(vv), th):])
+        rise = v_end / v_min - 1.0
+        if not rise >= th.overfit_val_rise:
+            continue
+        stem = val[3:].lstrip("_-.:/ ")
+        train_name = stem if stem in run.losses else task
+        train = finite(get(run, LOSS, train_name)) if train_name else None
+        if train is None or len(train[0]) < 2 * th.min_points:
+            continue
+        ts, tv = train
+        t_smooth = rolling_median(tv, th.smooth_points)
+        t_at_min = float(np.interp(vs[i_min], ts, t_smooth))
+        t_end = start_end(ts, tv, th)["end"]
+        if not (t_at_min > 0 and t_end <= (1.0 - th.overfit_train_drop) * t_at_min):
+            continue
+        severity = "error" if rise >= th.overfit_error_rise else "warning"
+        evidence = {"validation": val, "training": train_name, "val_min": v_min,
+                    "val_min_step": int(vs[i_min]), "val_end": v_end, "val_rise": rise,
+                    "train_at_val_min": t_at_min, "train_end": t_end,
+                    "train_drop": 1.0 - t_end / t_at_min,
+                    "thresholds": {"val_rise": th.overfit_val_rise,
+                                   "train_drop": th.overfit_train_drop},
+                    "val_curve": thin(vs, vv), "train_curve": thin(ts, tv)}
+        out.append(make_finding(
+            "overfitting", severity,
+            f"'{val}' rose {pct(rise)} above its minimum (step {int(vs[i_min])}) while "
+            f"'{train_name}' kept falling ({pct(1.0 - t_end / t_at_min)} lower)",
+            val, f"val +{pct(rise)}", evidence, (int(vs[i_min]), int(vs[-1])),
+            plot=PlotHint(LOGGED, names=[val], threshold=v_min)))
+    return out
+
+
+def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    found: dict[str, dict] = {}
+    for e in run.events("non_finite"):
+        entry = found.setdefault(e["name"], {"first_step": int(e["step"]), "count": 0,
+                                             "message": e["message"], "source": "event"})
+        entry["count"] += 1
+        entry["last_step"] = int(e["step"])
+    for q in (LOSS, GRAD_NORM, WEIGHTED_GRAD_NORM):
+        for name in run.names(q):
+            s, v = run.series(q, name)
+            bad = ~np.isfinite(v)
+            if not bad.any():
+                continue
+            key = name if q == "loss" else "gradient"
+            entry = found.get(key)
+            first = int(s[bad][0])
+            if entry is None:
+                found[key] = {"first_step": first, "count": int(bad.sum()),
+                              "last_step": int(s[bad][-1]),
+                              "message": f"{q} of {name!r} is {v[bad][0]}", "source": q}
+            else:
+                entry["first_step"] = min(entry["first_step"], first)
+    disabled = run.events("probe_disabled")
+    out = []
+    for name, entry in found.items():
+        evidence = {"name": name, **entry}
+        if disabled:
+            evidence["probe_disabled_at"] = int(disabled[0]["step"])
+            evidence["probe_disabled_message"] = disabled[0]["message"]
+        kind = "loss" if name in run.losses else ("gradient" if name == "gradient" else "watch")
+        subject = f"loss '{name}'" if kind == "loss" else \
+            ("a per-loss gradient" if kind == "gradient" else f"'{name}'")
+        out.append(make_finding(
+            "non-finite", "error",
+            f"{subject} became NaN/Inf at step {entry['first_step']}", name,
+            f"first at step {entry['first_step']}", evidence,
+            (entry["first_step"], entry.get("last_step", entry["first_step"])),
+            plot=PlotHint(LOSS, names=[name]) if kind == "loss" else
+            PlotHint(GRAD_NORM, names=run.losses)))
+    return out

@@ -1,0 +1,133 @@
+"""Rules on watched prototype matrices: ``prototype-stale`` and ``prototype-collapse``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradprobe.record import Run
+from gradprobe.record.quantities import (LATENT_NORM, PROTOTYPE_DRIFT, PROTOTYPE_LAG,
+                                         PROTOTYPE_MEAN_DISTANCE, PROTOTYPE_MIN_DISTANCE,
+                                         PROTOTYPE_RANK, PROTOTYPE_STEPS_SINCE_MOVED,
+                                         PROTOTYPE_TARGET_SHIFT, PROTOTYPE_USAGE)
+
+from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
+                       persistent, rolling_median, start_end, thin, trailing_range, window_size)
+from ..findings import Finding, PlotHint
+from ..thresholds import Thresholds
+from .common import Earlier, groups_per_batch_series, make_finding
+
+
+def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    for p in run.names(PROTOTYPE_DRIFT):
+        drift = finite(get(run, PROTOTYPE_DRIFT, p))
+        if drift is None or len(drift[0]) < th.min_points:
+            continue
+        steps, d = drift
+        still = d <= th.stale_drift
+        shift = finite(get(run, PROTOTYPE_TARGET_SHIFT, p))
+        if shift is not None:
+            common, (dv, sv) = align((steps, d), shift)
+            steps, d = common, dv
+            still = dv <= th.stale_drift
+            judged = sv > th.stale_min_target_shift
+        else:
+            judged = np.ones(len(steps), dtype=bool)
+            sv = None
+        held = still & judged
+        if not persistent(steps, held, judged, th):
+            continue
+        share = held_share(steps, held, judged)
+        never = bool(held[judged].all())
+        since = get(run, PROTOTYPE_STEPS_SINCE_MOVED, p)
+        lag = finite(get(run, PROTOTYPE_LAG, p))
+        evidence = {
+            "prototypes": p, "still_share": share, "judged_steps": int(judged.sum()),
+            "never_moved": never, "median_drift": median(d[judged]),
+            "median_target_shift": median(sv[judged]) if sv is not None else None,
+            "latent_watched": sv is not None,
+            "max_steps_since_moved": nanmax(since[1]) if since is not None else None,
+            "lag_start": start_end(*lag, th)["start"] if lag is not None else None,
+            "lag_end": start_end(*lag, th)["end"] if lag is not None else None,
+            "thresholds": {"drift": th.stale_drift, "target_shift": th.stale_min_target_shift},
+            "drift": thin(steps, d),
+        }
+        if sv is not None:
+            evidence["target_shift"] = thin(steps, sv)
+        moved = "the latent they summarise moved" if sv is not None else \
+            "(their latent is not watched)"
+        what = "never moved" if never else f"did not move over {pct(share)} of the run"
+        out.append(make_finding(
+            "prototype-stale", "error" if never else "warning",
+            f"prototypes '{p}' {what} while {moved}" if sv is not None else
+            f"prototypes '{p}' {what} {moved}",
+            p, f"still {pct(share)} of steps", evidence, held_range(steps, held),
+            plot=PlotHint(PROTOTYPE_DRIFT, names=[p], threshold=th.stale_drift)))
+    return out
+
+
+def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    latents = run.meta.get("prototypes") or {}
+    gpb = groups_per_batch_series(run)
+    for p in run.names(PROTOTYPE_MEAN_DISTANCE):
+        mean_d = finite(get(run, PROTOTYPE_MEAN_DISTANCE, p))
+        if mean_d is None or len(mean_d[0]) < 2 * th.min_points:
+            continue
+        steps, md = mean_d
+        scale_note = "absolute"
+        latent = latents.get(p)
+        norm = get(run, LATENT_NORM, latent) if latent else None
+        if norm is not None:
+            scale = np.interp(steps, norm[0], norm[1])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                md = np.where(scale > 0, md / scale, np.nan)
+            scale_note = f"relative to the norm of '{latent}'"
+        k = window_size(len(steps), th)
+        peak = nanmax(rolling_median(md, th.smooth_points))
+        end = median(md[-k:])
+        reasons, severity = [], "warning"
+        evidence: dict = {"prototypes": p, "distance_scale": scale_note,
+                          "mean_distance_peak": peak, "mean_distance_end": end,
+                          "end_steps": [int(steps[-k]), int(steps[-1])],
+                          "thresholds": {"collapse_fraction": th.proto_collapse_fraction,
+                                         "merge_fraction": th.proto_merge_fraction,
+                                         "usage": th.proto_usage}}
+        held = np.zeros(len(steps), dtype=bool)
+        if peak > 0 and end <= th.proto_collapse_fraction * peak:
+            reasons.append(f"their mean distance fell to {pct(end / peak)} of its peak")
+            severity = "error"
+            held |= md <= th.proto_collapse_fraction * peak
+        min_d = finite(get(run, PROTOTYPE_MIN_DISTANCE, p))
+        if min_d is not None:
+            _, (mn, mean_raw) = align(min_d, get(run, PROTOTYPE_MEAN_DISTANCE, p))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(mean_raw > 0, mn / mean_raw, np.nan)
+            rel_end = median(rel[-window_size(len(rel), th):])
+            evidence["min_over_mean_distance_end"] = rel_end
+            if rel_end <= th.proto_merge_fraction:
+                reasons.append(f"two of them merged (closest pair at {pct(rel_end)} of the mean "
+                               "distance)")
+                held |= np.interp(steps, min_d[0], rel) <= th.proto_merge_fraction
+        usage = finite(get(run, PROTOTYPE_USAGE, p))
+        mixed = gpb is not None and median(gpb[1]) >= 2
+        if usage is not None and mixed and len(usage[0]) >= th.min_points:
+            u_end = start_end(*usage, th)["end"]
+            evidence["usage_end"] = u_end
+            if u_end <= th.proto_usage:
+                reasons.append(f"usage entropy is {g(u_end)} on mixed batches")
+                held |= np.interp(steps, usage[0], usage[1]) <= th.proto_usage
+        rank = finite(get(run, PROTOTYPE_RANK, p))
+        if rank is not None:
+            evidence["rank_end"] = start_end(*rank, th)["end"]
+        if not reasons:
+            continue
+        evidence["mean_distance"] = thin(steps, md)
+        out.append(make_finding(
+            "prototype-collapse", severity, f"prototypes '{p}' collapse: " + "; ".join(reasons),
+            p, f"mean distance x{g(end / peak if peak > 0 else math.nan)} of peak", evidence,
+            trailing_range(steps, held),
+            plot=PlotHint(PROTOTYPE_MEAN_DISTANCE, names=[p])))
+    return out

@@ -1,0 +1,302 @@
+"""Rules on watched latents: ``representation-collapse``, ``orthogonality-vanishing`` and
+``latent-dependence``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradprobe.record import Run, pair_name, pair_parts
+from gradprobe.record.quantities import (ACTIVE_UNITS, CKA, EFFECTIVE_RANK_ISOTROPIC, GRAD_NORM,
+                                         LATENT_CLASSES, LATENT_DIM, LATENT_GRAD_NORM, LATENT_NORM,
+                                         LOSS, MAX_ABS_CORRELATION, MAX_ABS_CORRELATION_NULL,
+                                         NORMALIZED_STD, RANKME_CENTRED, TOTAL_VARIANCE)
+
+from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
+                       persistent, roles, rolling_median, start_end, thin, trailing_range,
+                       window_size)
+from ..findings import Finding, PlotHint
+from ..thresholds import Thresholds
+from .common import Earlier, make_finding, series_end
+
+
+def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    role = roles(run)
+    kl_losses = [n for n, r in role.items() if r == "kl"]
+    for z in run.names(RANKME_CENTRED):
+        rank = finite(get(run, RANKME_CENTRED, z))
+        if rank is None or len(rank[0]) < 2 * th.min_points:
+            continue
+        steps, r = rank
+        k = window_size(len(r), th)
+        peak = nanmax(rolling_median(r, th.smooth_points))
+        end = median(r[-k:])
+        # Centring moves the isotropic sample's RankMe by O(1/n): the recorded one serves.
+        iso_s = get(run, EFFECTIVE_RANK_ISOTROPIC, z)
+        iso = median(iso_s[1]) if iso_s is not None else math.nan
+        d = median(get(run, LATENT_DIM, z)[1]) if run.has(LATENT_DIM, z) else math.nan
+        # Centred measures only: a common offset that grows (a drifting mean) is no collapse.
+        rank_limit = th.collapse_peak_fraction * peak
+        if math.isfinite(iso):
+            rank_limit = min(rank_limit, th.collapse_rank_fraction * iso)
+        classes = nanmax(get(run, LATENT_CLASSES, z)[1]) if run.has(LATENT_CLASSES, z) \
+            else math.nan
+        if classes >= 2:
+            # Neural collapse (Papyan et al. 2020): a supervised latent's class means span
+            # classes - 1 directions; a rank settling there is the geometry training aims at.
+            rank_limit = min(rank_limit, th.collapse_class_fraction * (classes - 1))
+        held = r <= rank_limit
+        rank_cond = end <= rank_limit
+        point = _collapse_to_a_point(run, z, d, steps, th)
+        active = _inactive_units(run, z, d, kl_losses, steps, th)
+        if point["held"] is not None:
+            held = held | point["held"] if rank_cond else point["held"]
+        if active["held"] is not None:
+            held = held | active["held"] if rank_cond or point["condition"] else active["held"]
+        if not (rank_cond or point["condition"] or active["condition"]):
+            continue
+        severity = "error" if end <= th.collapse_error_rank or point["condition"] or \
+            active.get("active_end") == 0 else "warning"
+        evidence = {
+            "latent": z, "dim": d, "rank_peak": peak, "rank_end": end,
+            "rank_isotropic": iso, "classes": classes if classes >= 2 else None,
+            "rank_limit": rank_limit, "rank_condition": bool(rank_cond),
+            "point_condition": point["condition"], "active_units_condition": active["condition"],
+            "end_steps": [int(steps[-k]), int(steps[-1])],
+            "thresholds": {"peak_fraction": th.collapse_peak_fraction,
+                           "rank_fraction": th.collapse_rank_fraction,
+                           "class_fraction": th.collapse_class_fraction,
+                           "std_fraction": th.collapse_std_fraction,
+                           "active_fraction": th.collapse_active_fraction},
+            "rankme_centred": thin(steps, r),
+            **{key: v for key, v in {**point, **active}.items()
+               if key not in ("held", "condition")},
+        }
+        if active["condition"]:
+            what = f"{g(active['active_end'])} of {g(d)} units active (posterior collapse under " \
+                f"{', '.join(repr(n) for n in active['kl_losses'])})"
+            key = f"active units {g(active['active_end'])} of {g(d)}"
+            plot = PlotHint(ACTIVE_UNITS, names=[z], threshold=active["active_limit"])
+        elif point["condition"]:
+            spread = point["variance_end"] / point["variance_peak"]
+            what = f"its spread shrank to {pct(spread)} of its peak and its normalised std to " \
+                f"{g(point['normalized_std_end'])} (healthy " \
+                f"{g(point['healthy_normalized_std'])}): all inputs map to one point"
+            key = f"spread x{g(spread)} of peak"
+            plot = PlotHint(NORMALIZED_STD, names=[z], threshold=point["std_limit"] / math.sqrt(d))
+        else:
+            what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
+                f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
+            key = f"rank {g(end)} of {g(d)}"
+            plot = PlotHint(RANKME_CENTRED, names=[z], threshold=rank_limit)
+        out.append(make_finding(
+            "representation-collapse", severity, f"latent '{z}' collapsed: {what}", z,
+            key, evidence, trailing_range(steps, held), plot=plot,
+            remedy=_collapse_remedy(role, active["condition"])))
+    return out
+
+
+def _collapse_to_a_point(run: Run, z: str, d: float, steps: np.ndarray,
+                         th: Thresholds) -> dict:
+    """Every input mapped to (nearly) one vector: the rows' directions concentrate (SimSiam's
+    normalised std falls) and their spread itself shrinks. A mean that drifts away from a
+    spread that stays lowers the normalised std too; it keeps its total variance."""
+    std_s = finite(get(run, NORMALIZED_STD, z))
+    var_s = finite(get(run, TOTAL_VARIANCE, z))
+    if std_s is None or var_s is None or not (math.isfinite(d) and d > 0) or \
+            len(var_s[0]) < th.min_points:
+        return {"condition": False, "held": None}
+    scaled = std_s[1] * math.sqrt(d)
+    s_peak = nanmax(rolling_median(scaled, th.smooth_points))
+    v_peak = nanmax(rolling_median(var_s[1], th.smooth_points))
+    std_limit = min(th.collapse_peak_fraction * s_peak, th.collapse_std_fraction)
+    var_limit = th.collapse_peak_fraction * v_peak
+    s_end, v_end = series_end((std_s[0], scaled), th), series_end(var_s, th)
+    held = (np.interp(steps, std_s[0], scaled) <= std_limit) & \
+        (np.interp(steps, var_s[0], var_s[1]) <= var_limit)
+    return {"condition": bool(s_end <= std_limit and v_end <= var_limit), "held": held,
+            "std_limit": std_limit, "std_scaled_peak": s_peak, "std_scaled_end": s_end,
+            "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
+            "variance_peak": v_peak, "variance_end": v_end,
+            "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s)}
+
+
+def _inactive_units(run: Run, z: str, d: float, kl_losses: list[str], steps: np.ndarray,
+                    th: Thresholds) -> dict:
+    """Posterior collapse: with a KL term to a unit prior, (almost) no unit of the latent
+    varies with the input any more (active units, Burda et al. 2016)."""
+    units = finite(get(run, ACTIVE_UNITS, z))
+    if not kl_losses or units is None or not (math.isfinite(d) and d > 0) or \
+            len(units[0]) < th.min_points:
+        return {"condition": False, "held": None}
+    reached = [n for n in kl_losses
+               if not run.has(LATENT_GRAD_NORM, pair_name(z, n))
+               or nanmax(run.series(LATENT_GRAD_NORM, pair_name(z, n))[1]) > 0]
+    if not reached:
+        return {"condition": False, "held": None}  # the KL term does not act on this latent
+    limit = th.collapse_active_fraction * d
+    a_end = series_end(units, th)
+    return {"condition": bool(a_end <= limit), "held": np.interp(steps, *units) <= limit,
+            "active_end": a_end, "active_peak": nanmax(units[1]), "active_limit": limit,
+            "kl_losses": reached, "active_units": thin(*units)}
+
+
+def _collapse_remedy(role: dict[str, str], posterior: bool) -> str:
+    """What prevents collapse depends on the losses the model has."""
+    present = set(role.values())
+    if posterior:
+        return ("Posterior collapse: the KL term pushes every unit to the prior faster than the "
+                "decoder learns to use it. Anneal the KL weight from 0 (Bowman et al. 2016), "
+                "give each unit a KL floor (free bits, Kingma et al. 2016), or weaken an "
+                "autoregressive decoder that can ignore the latent.")
+    parts = []
+    if "contrastive" in present:
+        parts.append("give the contrastive loss informative negatives (other groups, a larger "
+                     "batch or a memory bank: gradprobe.remedies.info_nce with "
+                     "gradprobe.remedies.MemoryBank)")
+    if "prototype" in present:
+        parts.append("lower the weight of the prototype pull, which contracts every feature "
+                     "towards a few points")
+    if not parts:
+        parts.append("without negatives (SimSiam, BYOL, any loss that only pulls two views "
+                     "together) nothing in the loss prevents a constant output: check the "
+                     "stop-gradient on the target branch and the predictor head (SimSiam, "
+                     "Chen & He 2021; BYOL's momentum target, Grill et al. 2020), or add a "
+                     "variance and covariance term (VICReg, Bardes et al. 2022)")
+    parts.append("balance the losses so that no contracting loss dominates "
+                 "(gradprobe.remedies.GradNormBalancer)")
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
+def _orthogonality_losses(run: Run) -> list[str]:
+    return [n for n, r in roles(run).items() if r == "orthogonality"]
+
+
+def orthogonality_vanishing(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    orth = _orthogonality_losses(run)
+    orth_grads = {}
+    for name in orth:
+        s = finite(get(run, GRAD_NORM, name))
+        if s is not None and len(s[0]) >= th.min_points:
+            peak = nanmax(rolling_median(s[1], th.smooth_points))
+            orth_grads[name] = {"peak": peak, "end": start_end(*s, th)["end"]}
+    for z in run.names(LATENT_NORM):
+        series = finite(get(run, LATENT_NORM, z))
+        if series is None or len(series[0]) < 2 * th.min_points:
+            continue
+        steps, v = series
+        peak = nanmax(rolling_median(v, th.smooth_points))
+        end = start_end(steps, v, th)["end"]
+        if not (peak > 0 and end <= th.vanishing_norm_fraction * peak):
+            continue
+        lost = {n: s for n, s in orth_grads.items()
+                if s["peak"] > 0 and s["end"] <= th.vanishing_norm_fraction * s["peak"]}
+        severity = "error" if lost else ("warning" if orth else "info")
+        held = v <= th.vanishing_norm_fraction * peak
+        evidence = {"latent": z, "norm_peak": peak, "norm_end": end, "ratio": end / peak,
+                    "threshold": th.vanishing_norm_fraction, "orthogonality_losses": orth,
+                    "orthogonality_grad_norms": orth_grads,
+                    "orthogonality_gradient_lost": sorted(lost),
+                    "latent_norm": thin(steps, v)}
+        tail = f"; '{sorted(lost)[0]}' lost its gradient" if lost else ""
+        out.append(make_finding(
+            "orthogonality-vanishing", severity,
+            f"latent '{z}' shrinks towards 0: its norm fell to {pct(end / peak)} of its "
+            f"peak{tail}", z, f"norm x{g(end / peak)} of peak", evidence,
+            trailing_range(steps, held),
+            plot=PlotHint(LATENT_NORM, names=[z], threshold=th.vanishing_norm_fraction * peak)))
+    out.extend(_unnormalised_orthogonality(run, th, orth))
+    return out
+
+
+def _unnormalised_orthogonality(run: Run, th: Thresholds, orth: list[str]) -> list[Finding]:
+    """An orthogonality loss whose value tracks |z_a|^2 |z_b|^2: it measures scale, not angle."""
+    out = []
+    pairs = [p for p in run.names(CKA)] or []
+    latents = run.names(LATENT_NORM)
+    if not pairs and len(latents) >= 2:
+        pairs = [pair_name(latents[0], latents[1])]
+    for name in orth:
+        loss = finite(get(run, LOSS, name))
+        if loss is None:
+            continue
+        for pair in pairs:
+            a, b = pair_parts(pair)
+            na, nb = get(run, LATENT_NORM, a), get(run, LATENT_NORM, b)
+            if na is None or nb is None:
+                continue
+            steps, (lv, av, bv) = align(loss, na, nb)
+            keep = (lv > 0) & (av > 0) & (bv > 0) & np.isfinite(av) & np.isfinite(bv)
+            if keep.sum() < 2 * th.min_points:
+                continue
+            scale = (av * bv) ** 2
+            spread = float(scale[keep].max() / scale[keep].min())
+            if spread < th.unnormalised_norm_range:
+                continue
+            corr = float(np.corrcoef(np.log(lv[keep]), np.log(scale[keep]))[0, 1])
+            if not corr >= th.unnormalised_correlation:
+                continue
+            evidence = {"loss": name, "latents": [a, b], "log_correlation": corr,
+                        "norm_product_range": spread,
+                        "thresholds": {"correlation": th.unnormalised_correlation,
+                                       "range": th.unnormalised_norm_range},
+                        "loss_values": thin(steps[keep], lv[keep])}
+            out.append(make_finding(
+                "orthogonality-vanishing", "warning",
+                f"orthogonality loss '{name}' is not normalised: it follows |{a}|^2 |{b}|^2 "
+                f"(log correlation {g(corr)}) over a {g(spread)}x range",
+                name, f"log corr {g(corr, 2)}", evidence,
+                (int(steps[keep][0]), int(steps[keep][-1])),
+                plot=PlotHint(LOSS, names=[name])))
+            break
+    return out
+
+
+def latent_dependence(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    out = []
+    decoupling = [n for n, r in roles(run).items()
+                  if r in ("orthogonality", "decorrelation", "adversarial")]
+    for pair in sorted(set(run.names(CKA)) | set(run.names(MAX_ABS_CORRELATION))):
+        cka = finite(get(run, CKA, pair))
+        corr = finite(get(run, MAX_ABS_CORRELATION, pair))
+        null = get(run, MAX_ABS_CORRELATION_NULL, pair)
+        base = cka or corr
+        if base is None or len(base[0]) < th.min_points:
+            continue
+        steps = base[0]
+        held = np.zeros(len(steps), dtype=bool)
+        evidence: dict = {"pair": pair, "decoupling_losses": decoupling,
+                          "thresholds": {"cka": th.dependence_cka,
+                                         "corr_excess": th.dependence_corr_excess}}
+        if cka is not None:
+            cv = np.interp(steps, cka[0], cka[1])
+            held |= cv >= th.dependence_cka
+            evidence.update(median_cka=median(cka[1]), cka_end=start_end(*cka, th)["end"],
+                            cka=thin(*cka))
+        if corr is not None and null is not None:
+            _, (rv, nv) = align(corr, null)
+            excess = rv - nv
+            held |= np.interp(steps, corr[0][np.isin(corr[0], null[0])], excess) >= \
+                th.dependence_corr_excess
+            evidence.update(median_max_abs_correlation=median(rv),
+                            median_null=median(nv), median_excess=median(excess),
+                            max_abs_correlation=thin(*corr))
+        if not persistent(steps, held, None, th):
+            continue
+        a, b = pair_parts(pair)
+        evidence["held_share"] = held_share(steps, held)
+        severity = "warning" if decoupling else "info"
+        cka_txt = f"CKA {g(evidence['median_cka'])}" if "median_cka" in evidence else \
+            f"max |corr| {g(evidence['median_max_abs_correlation'])}"
+        out.append(make_finding(
+            "latent-dependence", severity,
+            f"'{a}' and '{b}' stay dependent: {cka_txt} (median) over "
+            f"{pct(evidence['held_share'])} of the run", pair, cka_txt, evidence,
+            held_range(steps, held),
+            plot=PlotHint(CKA, names=[pair], threshold=th.dependence_cka) if cka is not None
+            else PlotHint(MAX_ABS_CORRELATION, names=[pair])))
+    return out
