@@ -1,7 +1,7 @@
 """The report stage: views of the findings (terminal summary, JSON, PDF failure report,
 comparison of runs). It imports matplotlib and seaborn; nothing on the training path imports it.
 
-Layout: :mod:`.text`, :mod:`.axes`, :mod:`.frames` and :mod:`.ranking` are the toolkit both
+Layout: :mod:`.text`, :mod:`.axes`, :mod:`.frames` and :mod:`.diagnosis` are the toolkit both
 PDF documents draw with; :mod:`.pages` holds one module per page family; :mod:`.plots` and
 :mod:`.compare` assemble the failure report and the comparison, :mod:`.pdf` writes them.
 """

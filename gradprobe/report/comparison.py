@@ -10,7 +10,7 @@ from gradprobe.diagnose import FINDING_IDS
 from gradprobe.record import Run
 
 from .data import RunData, finding_value
-from .ranking import severity_rank, sorted_findings, worst_severity
+from .diagnosis import severity_rank, sorted_findings, worst_severity
 from .style import run_style
 
 COMPARE_TITLES = {

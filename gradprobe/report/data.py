@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe.diagnose import Thresholds
 from gradprobe.record import Run
 
 # A plotted line keeps at most this many points: min and max of each of MAX_POINTS / 2
@@ -186,7 +185,3 @@ def finding_value(finding: Any, field: str, default: Any = None) -> Any:
     if isinstance(finding, dict):
         return finding.get(field, default)
     return getattr(finding, field, default)
-
-
-# The diagnosis' default thresholds: a level drawn where no finding gives one is the rule's.
-DEFAULT_THRESHOLDS = Thresholds()

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .ranking import severity_counts, worst_severity
+from .diagnosis import severity_counts, worst_severity
 
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 

@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 
 from ..axes import dashed_level, has_positive, plot_series
 from ..context import PAGE_TITLES, ReportContext
-from ..data import DEFAULT_THRESHOLDS, decimate, finding_value, moment_indices
+from ..data import decimate, finding_value, moment_indices
+from ..diagnosis import DEFAULT_THRESHOLDS
 from ..style import REFERENCE_COLOUR
 from ..text import clip, plain, step_label
 

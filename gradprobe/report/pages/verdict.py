@@ -11,9 +11,9 @@ from gradprobe import __version__
 from gradprobe.diagnose.findings import is_fixed_weight
 
 from ..context import PAGE_TITLES, ReportContext
-from ..data import DEFAULT_THRESHOLDS, finding_value
+from ..data import finding_value
 from ..frames import TextFlow
-from ..ranking import severity_counts
+from ..diagnosis import DEFAULT_THRESHOLDS, severity_counts
 from ..style import PAGE_SIZE, SEVERITY_COLOURS
 from ..text import count_label, width_pt, wrap
 

@@ -1,14 +1,19 @@
-"""How every view orders, picks and counts findings: the diagnosis' severity order, one count
-sentence ("1 error, 2 warnings, 1 note") for the terminal, the PDF report and the comparison."""
+"""What the report takes from the diagnosis: its severity order, by which every view orders,
+picks and counts findings (one count sentence, "1 error, 2 warnings, 1 note", for the terminal,
+the PDF report and the comparison), and its default thresholds."""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any, Iterable
 
-from gradprobe.diagnose import SEVERITY_ORDER
+from gradprobe.diagnose import SEVERITY_ORDER, Thresholds
 
 from .data import finding_value
+
+# A level drawn where no finding gives one (the swamping ratio, the saturated share) and the
+# verdict's "fixed" weight use the diagnosis' defaults.
+DEFAULT_THRESHOLDS = Thresholds()
 
 
 def severity_rank(severity: Any) -> int:
