@@ -16,8 +16,8 @@ from gradprobe.record import Run
 
 from .axes import DASHED, dashed_level, headroom, step_axis
 from .data import RunData, finding_value
-from .frames import Frame
 from .diagnosis import sorted_findings, unique
+from .frames import Frame
 from .style import REFERENCE_COLOUR, SEVERITY_COLOURS, Palette
 from .text import step_label
 

@@ -13,8 +13,8 @@ from matplotlib.ticker import MaxNLocator
 from ..axes import all_positive, dashed_level, has_positive, headroom, plot_series, step_axis
 from ..comparison import COMPARE_TITLES, Comparison, ordered_union
 from ..data import decimate, finding_value
-from ..frames import Frame
 from ..diagnosis import DEFAULT_THRESHOLDS, severity_rank, unique, worst_severity
+from ..frames import Frame
 from ..style import PAGE_SIZE, REFERENCE_COLOUR, SEVERITY_COLOURS
 from ..text import fit, width_pt
 

@@ -12,8 +12,8 @@ from gradprobe import __version__
 
 from ..comparison import COMPARE_TITLES, Comparison, ordered_union
 from ..data import finding_value
-from ..frames import TextFlow
 from ..diagnosis import severity_counts, worst_severity
+from ..frames import TextFlow
 from ..style import SEVERITY_COLOURS
 from ..text import fit, wrap
 

@@ -12,8 +12,8 @@ from gradprobe.diagnose.findings import is_fixed_weight
 
 from ..context import PAGE_TITLES, ReportContext
 from ..data import finding_value
-from ..frames import TextFlow
 from ..diagnosis import DEFAULT_THRESHOLDS, severity_counts
+from ..frames import TextFlow
 from ..style import PAGE_SIZE, SEVERITY_COLOURS
 from ..text import count_label, width_pt, wrap
 
