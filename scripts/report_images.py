@@ -4,7 +4,7 @@
 
 Trains ``gradprobe.demo.train("failing")`` (the record-22 reproduction) unless ``--run`` names
 an existing run file, diagnoses it with ``gradprobe.diagnose.diagnose`` and saves each page of
-``gradprobe.report.plots.report_figures`` (the same figures the PDF holds) as a PNG.
+``gradprobe.report.report_figures`` (the same figures the PDF holds) as a PNG.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from gradprobe import load_run
-from gradprobe.report.plots import report_figures, save_figure
+from gradprobe.report import report_figures, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from gradprobe import __version__
 from gradprobe.record import Run
 
-from .plots import _build, report_figures
+from .plots import report_figures, report_pages
 from .style import report_style
 
 __all__ = ["write_pdf", "write_pages", "report_figures"]
@@ -32,7 +32,7 @@ def write_pdf(run: Run, findings: Iterable[Any], path: str | os.PathLike, *,
     no findings the verdict page says plainly that no failure modes were found.
     """
     doc_title = title or f"gradprobe report: {run.name}"
-    return write_pages(lambda: _build(run, findings, title), path, title=doc_title,
+    return write_pages(lambda: report_pages(run, findings, title), path, title=doc_title,
                        subject=run.name)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from gradprobe.diagnose import SEVERITY_ORDER
+from .diagnosis import severity_counts, worst_severity
 
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
@@ -29,8 +29,7 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
         if color:
             severity = click.style(severity, fg=SEVERITY_STYLE.get(finding.severity), bold=True)
         lines.append(f"  {severity} {finding.id:<{width}}  {finding.title}  [{finding.key_number}]")
-    counts = {s: sum(f.severity == s for f in findings) for s in SEVERITY_STYLE}
-    lines.append(", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n))
+    lines.append(severity_counts(findings, info="info"))
     return lines
 
 
@@ -43,9 +42,8 @@ def comparison_lines(labels: list[str], findings_per_run: list[list]) -> list[st
     for finding_id in ids:
         cells = []
         for findings, c in zip(findings_per_run, cols):
-            severities = [f.severity for f in findings if f.id == finding_id]
-            worst = min(severities, key=SEVERITY_ORDER.__getitem__) if severities else "-"
-            cells.append(f"{worst:<{c}}")
+            worst = worst_severity([f for f in findings if f.id == finding_id])
+            cells.append(f"{worst or '-':<{c}}")
         lines.append("  ".join([f"{finding_id:<{width}}"] + cells))
     if not ids:
         lines.append("no failure modes found in any run")

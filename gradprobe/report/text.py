@@ -1,0 +1,90 @@
+"""Text as the report draws it: measured in the report's font, fitted to a width with an
+ellipsis, wrapped by measured width, and steps and counts written short."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import matplotlib as mpl
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
+
+_TEXT_TO_PATH = TextToPath()
+
+# The renderers round text widths a little differently: measured widths keep this slack.
+_WIDTH_SLACK = 1.03
+
+
+def step_label(x: float, _pos: Any = None) -> str:
+    """A step written short: ``950``, ``12k``, ``1.5M`` (also a matplotlib tick formatter)."""
+    x = float(x)
+    if abs(x) >= 1_000_000:
+        return f"{x / 1_000_000:g}M"
+    if abs(x) >= 10_000:
+        return f"{x / 1000:g}k"
+    return f"{x:g}"
+
+
+def count_label(value: Any) -> str:
+    """An integer with thousands separators, or a dash when there is none."""
+    return "—" if value is None else f"{int(value):,}"
+
+
+def clip(text: Any, chars: int) -> str:
+    """``text`` on one line of at most ``chars`` characters, cut with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= chars else text[: max(chars - 1, 1)].rstrip() + "…"
+
+
+def plain(text: str) -> str:
+    """``text`` drawn as it is: a ``$`` escaped, so that matplotlib never parses a user's name
+    (a loss called ``L$_{rec}$``) as mathtext, which fails on what is not valid TeX."""
+    return re.sub(r"(?<!\\)\$", r"\\$", text)
+
+
+@functools.lru_cache(maxsize=20000)
+def width_pt(text: str, size: float, weight: str = "normal", family: str | None = None) -> float:
+    """Width of ``text`` in points, as the report's font draws it."""
+    fp = FontProperties(size=size, weight=weight, family=family or mpl.rcParams["font.family"])
+    return _TEXT_TO_PATH.get_text_width_height_descent(text, fp, ismath=False)[0]
+
+
+def fit(text: Any, width_in: float, size: float, weight: str = "normal",
+        family: str | None = None) -> str:
+    """``text`` on one line of at most ``width_in`` inches, cut with an ellipsis if needed."""
+    text = " ".join(str(text).split())
+    limit = width_in * 72 / _WIDTH_SLACK
+    if width_pt(text, size, weight, family) <= limit:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if width_pt(text[:mid].rstrip() + "…", size, weight, family) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "…"
+
+
+def wrap(text: Any, width_in: float, size: float, weight: str = "normal",
+         family: str | None = None) -> list[str]:
+    """Greedy word wrap by measured width (a word longer than a line is cut)."""
+    limit = width_in * 72 / _WIDTH_SLACK
+    space = width_pt("a a", size, weight, family) - 2 * width_pt("a", size, weight, family)
+    lines: list[str] = []
+    line, used = "", 0.0
+    for word in str(text).split():
+        w = width_pt(word, size, weight, family)
+        if line and used + space + w > limit:
+            lines.append(line)
+            line, used = "", 0.0
+        if not line and w > limit:
+            word = fit(word, width_in, size, weight, family)
+            w = limit
+        line = f"{line} {word}" if line else word
+        used = used + space + w if used else w
+    if line:
+        lines.append(line)
+    return lines or [""]
