@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gradprobe.diagnose import Finding, Thresholds
-from gradprobe.diagnose.findings import is_fixed_weight
+from gradprobe.diagnose import is_fixed_weight
 from gradprobe.record import RunWriter, load_run
 
 REPORT = Path(__file__).resolve().parents[1] / "gradprobe" / "report"

@@ -33,18 +33,6 @@ SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
 SEVERITY_ORDER: dict[str, int] = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
-def is_fixed_weight(values: Any, tolerance: float) -> bool:
-    """Whether a loss weight's recorded values are one fixed weight: their range is at most
-    ``tolerance`` times their largest magnitude, ``max w - min w <= tolerance * max |w|``
-    (the static-loss-weights rule's definition; non-finite values are ignored, and with no
-    finite value there is no fixed weight)."""
-    w = np.asarray(values, dtype=np.float64)
-    w = w[np.isfinite(w)]
-    if not len(w):
-        return False
-    return float(np.ptp(w)) <= tolerance * max(float(np.abs(w).max()), 1e-300)
-
-
 def json_clean(value: Any) -> Any:
     """Evidence as plain JSON: numpy scalars/arrays to Python, NaN/Inf to None, tuples to lists."""
     if isinstance(value, dict):

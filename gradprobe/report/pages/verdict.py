@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from gradprobe import __version__
-from gradprobe.diagnose.findings import is_fixed_weight
+from gradprobe.diagnose import is_fixed_weight
 
 from ..context import PAGE_TITLES, ReportContext
 from ..data import finding_value
