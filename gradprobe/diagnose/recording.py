@@ -8,6 +8,8 @@ never reads as "no failure modes found".
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from gradprobe.record import Run
 
 from .findings import REMEDY, WHY, Finding
@@ -23,7 +25,7 @@ def _finding(title: str, subject: str, key_number: str, evidence: dict,
                    steps=None if step is None else (step, step))
 
 
-def probe_incomplete(run: Run, th: Thresholds) -> list[Finding]:
+def probe_incomplete(run: Run, th: Thresholds, earlier: Sequence[Finding] = ()) -> list[Finding]:
     steps = run.probe_steps()
     recorded = {"probe_steps": int(len(steps)),
                 "last_probe_step": int(steps[-1]) if len(steps) else None}
