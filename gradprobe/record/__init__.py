@@ -1,7 +1,10 @@
 """Stage 2: the crash-safe run file, written during training and read back for diagnosis."""
 
-from .run import STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_state
+from .follow import CLOSED, GONE, WRITING, change_mark, writer_state
+from .run import (STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_bytes,
+                  run_from_state)
 from .store import SCHEMA_VERSION, BackgroundRunWriter, RunFileError, RunWriter
 
-__all__ = ["BackgroundRunWriter", "Run", "RunFileError", "RunWriter", "SCHEMA_VERSION",
-           "STATE_FORMAT", "find_state", "load_checkpoint", "load_run", "run_from_state"]
+__all__ = ["BackgroundRunWriter", "CLOSED", "GONE", "Run", "RunFileError", "RunWriter",
+           "SCHEMA_VERSION", "STATE_FORMAT", "WRITING", "change_mark", "find_state",
+           "load_checkpoint", "load_run", "run_from_bytes", "run_from_state", "writer_state"]
