@@ -16,6 +16,9 @@ Configurations, interleaved round by round (this machine is noisy), medians over
   exact per-loss Gram matrix of the whole trunk from its layers' inputs and per-loss output
   gradients (``gradprobe.probe.layer_gram.LayerGram``), then the ordinary backward.
 
+After the timings: what one ``probe.findings()`` call costs on the run the every-step
+configuration recorded, amortised over 500 plain steps (``Probe(findings_every=500)``).
+
 Beside the ratios it prints what one step dispatches, counted with ``gradprobe.opcount``
 (a ``TorchDispatchMode``, untimed): aten ops and host synchronisations (``.item()``-like
 scalar reads, copies to the host, ops whose CUDA kernels wait for the device) of a probe step
@@ -164,6 +167,7 @@ class Trainer:
 
 
 LAYER_GRAM = "trunk Gram from layer inputs + backward"
+FINDINGS_EVERY = 500  # Probe(findings_every=...)'s default
 MODES = ["plain", "probe defaults", "probe every step", "probe every step, whole trunk", "naive",
          "forward + K backwards", LAYER_GRAM]
 
@@ -182,7 +186,8 @@ def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False)
     print(f"\n{label}")
     print_counts(trainers)
     if not counts_only:
-        print_times(trainers, rounds, block, synchronised(batch[0].device))
+        plain = print_times(trainers, rounds, block, synchronised(batch[0].device))
+        print_findings_cost(trainers["probe every step"], plain)
     for trainer in trainers.values():
         if trainer.probe is not None:
             trainer.probe.close()
@@ -237,6 +242,22 @@ def print_times(trainers, rounds, block, synchronize):
         share = sum(is_probe_step(s, None) for s in range(steps)) / steps
         print(f"  a {steps:,}-step run at the defaults: {100 * share:.1f}% probe steps, "
               f"about {100 * share * per_probe_step:+.1f}% over plain")
+    return base
+
+
+def print_findings_cost(trainer, plain_seconds, calls=5, every=FINDINGS_EVERY):
+    """``probe.findings()`` on the run the every-step trainer has recorded (each call after a
+    new probe step, so each one diagnoses), amortised over ``every`` plain training steps."""
+    times = []
+    for _ in range(calls):
+        trainer.step()
+        start = time.perf_counter()
+        trainer.probe.findings()
+        times.append(time.perf_counter() - start)
+    cost = statistics.median(times)
+    print(f"probe.findings() on a run of {trainer.probe.step} probe steps: {cost * 1e3:.1f} ms "
+          f"(median of {calls}); called every {every} steps: "
+          f"{100 * cost / (every * plain_seconds):+.2f}% over plain (target <= 3%)")
 
 
 SHAPES = {

@@ -168,16 +168,15 @@ class _View:
         if not reading.findings and not self.cleared:
             return Text("findings: no failure mode found so far", style="green")
         table = Table(title="findings", title_justify="left", box=None)
-        for column in ("severity", "finding", "seen at step", "held", ""):
-            table.add_column(column)
+        for column in ("severity", "finding", "seen at step", "held", "key number", ""):
+            table.add_column(column, no_wrap=column != "")
         for f in reading.findings:
             seen = self.appeared.get((f.id, f.subject))
             held = "-" if f.steps is None else f"{f.steps[0]}-{f.steps[1]}"
             table.add_row(Text(f.severity, style=f"bold {SEVERITY_STYLE[f.severity]}"), f.id,
-                          "-" if seen is None else str(seen), held,
-                          f"{f.title}  [{f.key_number}]")
+                          "-" if seen is None else str(seen), held, f.key_number, f.title)
         for (finding_id, subject), (_, step) in self.cleared.items():
-            table.add_row(Text("cleared", style="green"), finding_id, "", "",
+            table.add_row(Text("cleared", style="green"), finding_id, "", "", "",
                           f"{subject}: cleared at step {step}", style="dim")
         return table
 
