@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -122,6 +123,24 @@ def test_watch_shows_swamping_appear_while_another_process_trains(tmp_path):
     assert re.search(r"error\s+gradient-swamping\s+'b' is swamped", text)
     assert code == 1, text[-2000:]
     assert not (tmp_path / "live.gprobe.lock").exists()
+
+
+def test_watch_ends_on_ctrl_c_with_the_summary_and_analyzes_exit_code(tmp_path):
+    run_file = tmp_path / "open.gprobe"
+    writer = RunWriter(run_file)  # a run whose writer is alive and keeps it open
+    writer.set_meta(losses=["a"], run_name="open")
+    writer.write_step(0, {("loss", "a"): 1.0})
+    terminal = Terminal(str(run_file), "--every", "0.2")
+    try:
+        assert terminal.read_until(r"training\s+step 0\s+probe steps 1", 120), terminal.text
+        terminal.process.send_signal(signal.SIGINT)
+        code = terminal.finish()
+    finally:
+        terminal.process.kill()
+        writer.close()
+    assert code == 0, terminal.text[-2000:]
+    assert "interrupted  step 0" in terminal.text
+    assert "run open: 1 probe steps (cadence not recorded, last step 0); losses: a" in terminal.text
 
 
 def cli(*args: str):
