@@ -202,7 +202,7 @@ def _follow(path: Path, every: float, timeout: float, thresholds: Thresholds | N
     """The watch loop: the last reading, and how the run ended (see the module docstring)."""
     reading: Reading | None = None
     mark: tuple | None = None
-    state, failures = WRITING, 0
+    state, failures, pause = WRITING, 0, every
     try:
         _wait_for(path, timeout, every, live, view)
         while True:
@@ -212,6 +212,7 @@ def _follow(path: Path, every: float, timeout: float, thresholds: Thresholds | N
             now = change_mark(path)
             if reading is None or now is None or now != mark:
                 first_step_seen = now is None or now[0] is not None
+                started = time.monotonic()
                 try:
                     reading = read_run(path, thresholds,
                                        diagnosed=first_step_seen or state != WRITING)
@@ -225,13 +226,16 @@ def _follow(path: Path, every: float, timeout: float, thresholds: Thresholds | N
                     continue
                 failures, mark = 0, now
                 view.update(reading)
+                # On a run so long that a reading takes longer than `every`, wait as long
+                # as it took: the watcher never takes more than about half a core.
+                pause = max(every, time.monotonic() - started)
             if now is None:  # a checkpoint, not a run file being written: nothing follows
                 state = CLOSED
             if state != WRITING:
                 break
             live.update(view.render(reading, "training", findings_pending=not first_step_seen),
                         refresh=True)
-            time.sleep(every)
+            time.sleep(pause)
     except KeyboardInterrupt:
         state = "interrupted"
     if reading is not None:
