@@ -26,7 +26,7 @@ and of a non-probe step, and where the probe step's synchronisations are asked f
 run the copies to the host are counted where the same code would make them on a GPU.
 
 Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50] [--device cuda]
-       [--shapes issue] [--counts-only]
+       [--shapes issue] [--counts-only | --no-counts]
 ``--shapes issue``: the larger models of issue 13 (conv trunk batch 512, length 200, width 128;
 MLP 1024-4096x3, batch 1024), the default with ``--device cuda``.
 """
@@ -178,13 +178,14 @@ def synchronised(device: torch.device):
     return lambda: None
 
 
-def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False):
+def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False, counts=True):
     trainers = {mode: Trainer(make_model, batch, mode, log_dir / label) for mode in MODES}
     for trainer in trainers.values():  # warm-up: caches, allocator, first probe step
         for _ in range(3):
             trainer.step()
     print(f"\n{label}")
-    print_counts(trainers)
+    if counts:
+        print_counts(trainers)
     if not counts_only:
         plain = print_times(trainers, rounds, block, synchronised(batch[0].device))
         print_findings_cost(trainers["probe every step"], plain)
@@ -293,6 +294,8 @@ def main():
                         help="model and batch sizes (default: small on cpu, issue on cuda)")
     parser.add_argument("--counts-only", action="store_true",
                         help="print the op and sync counts, skip the timing")
+    parser.add_argument("--no-counts", action="store_true",
+                        help="skip the op and sync counts, time only")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("issue" if device.type == "cuda" else "small")
@@ -304,7 +307,7 @@ def main():
         for label, make_model, batch in batches(shapes, device):
             (Path(tmp) / label).mkdir()
             measure(label, make_model, batch, args.rounds, args.block, Path(tmp),
-                    args.counts_only)
+                    args.counts_only, not args.no_counts)
 
 
 if __name__ == "__main__":
