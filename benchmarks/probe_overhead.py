@@ -16,6 +16,9 @@ Configurations, interleaved round by round (this machine is noisy), medians over
   exact per-loss Gram matrix of the whole trunk from its layers' inputs and per-loss output
   gradients (``gradprobe.probe.layer_gram.LayerGram``), then the ordinary backward.
 
+After the timings: what one ``probe.findings()`` call costs on the run the every-step
+configuration recorded, amortised over 500 plain steps (``Probe(findings_every=500)``).
+
 Beside the ratios it prints what one step dispatches, counted with ``gradprobe.opcount``
 (a ``TorchDispatchMode``, untimed): aten ops and host synchronisations (``.item()``-like
 scalar reads, copies to the host, ops whose CUDA kernels wait for the device) of a probe step
@@ -23,7 +26,7 @@ and of a non-probe step, and where the probe step's synchronisations are asked f
 run the copies to the host are counted where the same code would make them on a GPU.
 
 Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50] [--device cuda]
-       [--shapes issue] [--counts-only]
+       [--shapes issue] [--counts-only | --no-counts]
 ``--shapes issue``: the larger models of issue 13 (conv trunk batch 512, length 200, width 128;
 MLP 1024-4096x3, batch 1024), the default with ``--device cuda``.
 """
@@ -164,6 +167,7 @@ class Trainer:
 
 
 LAYER_GRAM = "trunk Gram from layer inputs + backward"
+FINDINGS_EVERY = 500  # Probe(findings_every=...)'s default
 MODES = ["plain", "probe defaults", "probe every step", "probe every step, whole trunk", "naive",
          "forward + K backwards", LAYER_GRAM]
 
@@ -174,15 +178,17 @@ def synchronised(device: torch.device):
     return lambda: None
 
 
-def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False):
+def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False, counts=True):
     trainers = {mode: Trainer(make_model, batch, mode, log_dir / label) for mode in MODES}
     for trainer in trainers.values():  # warm-up: caches, allocator, first probe step
         for _ in range(3):
             trainer.step()
     print(f"\n{label}")
-    print_counts(trainers)
+    if counts:
+        print_counts(trainers)
     if not counts_only:
-        print_times(trainers, rounds, block, synchronised(batch[0].device))
+        plain = print_times(trainers, rounds, block, synchronised(batch[0].device))
+        print_findings_cost(trainers["probe every step"], plain)
     for trainer in trainers.values():
         if trainer.probe is not None:
             trainer.probe.close()
@@ -237,6 +243,22 @@ def print_times(trainers, rounds, block, synchronize):
         share = sum(is_probe_step(s, None) for s in range(steps)) / steps
         print(f"  a {steps:,}-step run at the defaults: {100 * share:.1f}% probe steps, "
               f"about {100 * share * per_probe_step:+.1f}% over plain")
+    return base
+
+
+def print_findings_cost(trainer, plain_seconds, calls=5, every=FINDINGS_EVERY):
+    """``probe.findings()`` on the run the every-step trainer has recorded (each call after a
+    new probe step, so each one diagnoses), amortised over ``every`` plain training steps."""
+    times = []
+    for _ in range(calls):
+        trainer.step()
+        start = time.perf_counter()
+        trainer.probe.findings()
+        times.append(time.perf_counter() - start)
+    cost = statistics.median(times)
+    print(f"probe.findings() on a run of {trainer.probe.step} probe steps: {cost * 1e3:.1f} ms "
+          f"(median of {calls}); called every {every} steps: "
+          f"{100 * cost / (every * plain_seconds):+.2f}% over plain (target <= 3%)")
 
 
 SHAPES = {
@@ -272,6 +294,8 @@ def main():
                         help="model and batch sizes (default: small on cpu, issue on cuda)")
     parser.add_argument("--counts-only", action="store_true",
                         help="print the op and sync counts, skip the timing")
+    parser.add_argument("--no-counts", action="store_true",
+                        help="skip the op and sync counts, time only")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("issue" if device.type == "cuda" else "small")
@@ -283,7 +307,7 @@ def main():
         for label, make_model, batch in batches(shapes, device):
             (Path(tmp) / label).mkdir()
             measure(label, make_model, batch, args.rounds, args.block, Path(tmp),
-                    args.counts_only)
+                    args.counts_only, not args.no_counts)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def main() -> None:
       gradprobe analyze runs/exp1.gprobe              findings in the terminal
       gradprobe analyze run.ckpt -o report.pdf        ... and a PDF failure report
       gradprobe analyze run.ckpt --json - --fail-on error   gate a pipeline on findings
+      gradprobe watch runs/exp1.gprobe                 the findings while the run trains
       gradprobe demo                                   the record-22 failure and its fix
     """
 
@@ -145,7 +146,6 @@ def analyze(path: str, pdf: str | None, json_out: str | None, fail_on: str | Non
 
 
 def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str | None) -> None:
-    from gradprobe.diagnose import SEVERITY_ORDER
     from gradprobe.report import findings_json, summary_lines
 
     findings = _diagnose_with_progress(run, thresholds)
@@ -166,9 +166,59 @@ def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str
 
         written = write_pdf(run, findings, pdf)
         echo(f"report written to {written}")
+    _exit_on(findings, fail_on)
+
+
+def _exit_on(findings: list, fail_on: str | None) -> None:
+    """Exit code 1 when a finding reaches ``--fail-on``."""
+    from gradprobe.diagnose import SEVERITY_ORDER
+
     if fail_on is not None and any(SEVERITY_ORDER[f.severity] <= SEVERITY_ORDER[fail_on]
                                    for f in findings):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--every", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between looks at the run file.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="Seconds to wait for the run file to appear.")
+@click.option("--fail-on", type=click.Choice(["warning", "error"]), default=None,
+              help="Exit with code 1 when a finding of this severity or worse is present at the end.")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=str),
+              help="TOML file overriding diagnosis thresholds (see docs/findings.md).")
+def watch(path: str, every: float, timeout: float, fail_on: str | None,
+          config: str | None) -> None:
+    """Follow a run while it trains: progress, key numbers, findings as they appear.
+
+    PATH is the run file (.gprobe) a Probe is writing (or will write: watch waits up to
+    --timeout seconds for it). The view refreshes in place; when the run is closed, its
+    writer is gone (a stale lock: the training process died), or on Ctrl-C, watch prints the
+    final summary as analyze does. Exit codes as analyze: 0, 1 (--fail-on), 2 bad input,
+    3 internal error. docs/live.md.
+    """
+    from gradprobe.record import RunFileError
+    from gradprobe.report.live import watch as follow
+
+    thresholds = _thresholds(config)
+    try:
+        result = follow(path, every=every, timeout=timeout, thresholds=thresholds)
+    except RunFileError as exc:
+        raise BadInput(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("gradprobe: interrupted before the run file appeared", err=True)
+        sys.exit(130)
+    reading = result.reading
+    if result.ending == "gone":
+        click.echo(f"the writer of {path} is gone without closing the run (stale lock "
+                   f"{path}.lock: the training process was killed or crashed); these are the "
+                   "findings of the steps it committed")
+    from gradprobe.report import summary_lines
+
+    for line in summary_lines(reading.summary, reading.findings, color=sys.stdout.isatty()):
+        click.echo(line)
+    _exit_on(reading.findings, fail_on)
 
 
 @main.command()

@@ -1,5 +1,5 @@
 """Optional integrations, each tested where its package is installed (gradprobe[lightning],
-gradprobe[tensorboard]); without them these tests are skipped."""
+gradprobe[tensorboard], gradprobe[wandb]); without them these tests are skipped."""
 
 from __future__ import annotations
 
@@ -133,3 +133,86 @@ def test_lightning_callback_records_a_readable_run_and_leaves_training_unchanged
         np.testing.assert_allclose(run.series(quantity, name)[1], loop.series(quantity, name)[1],
                                    rtol=1e-5)
     assert "training_step" not in vars(probed)  # the wrapper is gone after fit
+
+
+def _wandb_records(run_dir):
+    """The records of an offline W&B run, read back from its ``run-*.wandb`` file: W&B's
+    LevelDB-style log (a 7-byte file header, then 32 KiB blocks of chunks, each with a 7-byte
+    header: checksum, length, type 1 full / 2 first / 3 middle / 4 last) of protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pieces, pos, block = [], [], 7, 32768
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pieces.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(pieces))
+            records.append(record)
+            pieces = []
+    return records
+
+
+def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    import json
+    import time
+
+    import live_run
+    from gradprobe.integrations.wandb import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wb = wandb.init(project="gradprobe-test", dir=tmp_path)
+    sink = WandbSink(wb)
+    live_run.train(400, make_probe=lambda m: live_run.attach(
+        m, log=tmp_path / "r.gprobe", sinks=[sink], findings_every=25))
+    wb.finish()
+
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    # W&B's service process writes the file; finish() can return before its last rows are
+    # there (seen about one run in three): read until the last probe step's row is.
+    deadline = time.monotonic() + 60
+    while True:
+        records = _wandb_records(run_dir)
+        history = {}  # key -> {gradprobe/step: value}
+        for record in records:
+            if record.WhichOneof("record_type") == "history":
+                row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                       for item in record.history.item}
+                for key, value in row.items():
+                    if key.startswith("gradprobe/") and key != "gradprobe/step":
+                        history.setdefault(key, {})[row["gradprobe/step"]] = value
+        if 398 in history.get("gradprobe/loss/a", {}) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    compared = 0
+    for quantity in run.quantities():
+        for name in run.names(quantity):
+            steps, values = run.series(quantity, name)
+            logged = history.pop(WandbSink.key("gradprobe", quantity, name))
+            assert list(logged) == steps.tolist()
+            np.testing.assert_allclose(list(logged.values()), values, rtol=1e-12)
+            compared += 1
+    assert compared >= 10 and not history
+    # The finding: one alert, and the summary's list, from the step it first appeared at.
+    alerts = [r.alert for r in records if r.WhichOneof("record_type") == "alert"]
+    assert [(a.title, a.level) for a in alerts] == [("gradprobe: gradient-swamping (b)", "ERROR")]
+    assert "'b' is swamped" in alerts[0].text and "GradNormBalancer" in alerts[0].text
+    summary = [json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for u in r.summary.update if u.key == "gradprobe/findings"]
+    (entry,) = summary[-1]
+    assert (entry["id"], entry["subject"], entry["severity"]) == ("gradient-swamping", "b", "error")
+    assert live_run.ONSET < entry["step"] < 400 and entry["step"] % 25 == 0

@@ -1,3 +1,3 @@
-"""Optional bridges to tools people already run: Lightning (``gradprobe[lightning]``) and
-TensorBoard (``gradprobe[tensorboard]``). Each submodule imports its framework on import, so
-the base package never needs them."""
+"""Optional bridges to tools people already run: Lightning (``gradprobe[lightning]``),
+TensorBoard (``gradprobe[tensorboard]``) and Weights & Biases (``gradprobe[wandb]``). Each
+submodule imports its framework on import, so the base package never needs them."""

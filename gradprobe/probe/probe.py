@@ -25,6 +25,7 @@ from gradprobe.record import ROLES, STATE_FORMAT, SCHEMA_VERSION, RunFileError, 
 from .cadence import describe as describe_cadence, is_probe_step
 from .distributed import rank_group_for
 from .graph import has_user_hooks, infer_shared, reachable_leaves
+from .live import LiveFindings
 from .watches import (ContrastiveWatch, LatentWatch, NonFinite, PrototypeWatch,
                       ProbeUsageError, SaturationWatch, as_matrix, batch_scalars, latent_pair)
 
@@ -129,7 +130,16 @@ class Probe:
     overwrite: replace an existing run file instead of refusing it.
     sinks: objects with ``write_step(step, scalars)`` (``scalars``: ``{(quantity, name):
         value}``) that also receive every recorded step, e.g.
-        :class:`gradprobe.integrations.tensorboard.TensorBoardSink`.
+        :class:`gradprobe.integrations.tensorboard.TensorBoardSink`. A sink that also has
+        ``write_finding(step, finding)`` receives each finding as ``on_finding`` does, e.g.
+        :class:`gradprobe.integrations.wandb.WandbSink`.
+    on_finding: ``callback(finding)``, called once when a finding first appears at warning or
+        error while the run trains (a :class:`gradprobe.diagnose.Finding`); see
+        :meth:`findings` and docs/live.md. Never called from inside a backward; an exception
+        it raises is reported once and training goes on.
+    findings_every: with ``on_finding`` or a finding sink, the run recorded so far is
+        diagnosed at the start of ``backward`` on every step that is a multiple of this (when
+        something new was committed since).
 
     With a ``DistributedDataParallel`` model the statistics describe the global (all-reduced)
     gradients and the global batch, only rank 0 writes ``log`` (and feeds the sinks), and
@@ -140,7 +150,8 @@ class Probe:
                  log: str | Path | None = None, task: str | None = None,
                  roles: Mapping[str, str] | None = None, name: str | None = None,
                  expect_groups_per_batch: int | None = None, max_rows: int = 1024,
-                 assemble: bool = False, overwrite: bool = False, sinks: Iterable[Any] = ()):
+                 assemble: bool = False, overwrite: bool = False, sinks: Iterable[Any] = (),
+                 on_finding: Callable[[Any], Any] | None = None, findings_every: int = 500):
         if not isinstance(model, torch.nn.Module):
             raise ProbeUsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if is_compiled(model):
@@ -157,6 +168,13 @@ class Probe:
                                   or every < 1):
             raise ProbeUsageError(f"every must be a positive integer (probe cadence in steps) or "
                                   f"None (the default schedule), got {every!r}")
+        if on_finding is not None and not callable(on_finding):
+            raise ProbeUsageError(f"on_finding must be a callable taking a finding, got "
+                                  f"{type(on_finding).__name__}")
+        if isinstance(findings_every, bool) or not isinstance(findings_every, int) \
+                or findings_every < 1:
+            raise ProbeUsageError(f"findings_every must be a positive integer (steps), got "
+                                  f"{findings_every!r}")
         for loss_name, role in (roles or {}).items():
             if role not in ROLES:
                 raise ProbeUsageError(f"unknown role {role!r} for loss {loss_name!r}; "
@@ -200,6 +218,7 @@ class Probe:
             # Ranks other than 0 record nothing: no file, no lock, never a wait on I/O.
             log = None
         self._writer = RunWriter(log, overwrite=overwrite)
+        self._live = LiveFindings(on_finding, findings_every, GradprobeWarning)
         self._existing_steps = self._writer.last_step() is not None
 
     # -- what to watch ---------------------------------------------------------------------
@@ -404,6 +423,8 @@ class Probe:
         :meth:`backward`. Returns the step; backpropagate ``step.total`` (scaled, with a
         scaler), then call :meth:`after_backward` with it.
         """
+        if self._writes:  # a safe point: between optimiser steps, outside any backward
+            self._live.at_safe_point(self.step, self._writer, self._sinks)
         weights = dict(weights or {})
         # The full check runs when anything differs from the last step that passed it.
         if (self._losses is None or list(losses) != self._losses
@@ -433,6 +454,23 @@ class Probe:
             self._finish(pending)
         self._captured.clear()
         self.step += 1
+
+    def findings(self, thresholds: Any = None) -> list:
+        """The findings of the run recorded so far (``gradprobe analyze`` on the run file now).
+
+        Reads what the run file holds, as another reader would (nothing is flushed, nothing
+        waits for the device); diagnoses again only when something new was committed since the
+        last call, else returns the same findings. ``thresholds``: a
+        :class:`gradprobe.diagnose.Thresholds`. Under DDP, ranks other than 0 record nothing
+        and get ``[]``. A run kept in memory (``log=None``) is copied for each call.
+
+        The probe stage imports ``gradprobe.diagnose`` (a later stage) here, inside the call:
+        the one documented exception to the one-way stage rule (gradprobe/probe/live.py).
+        docs/live.md has what a call costs.
+        """
+        if not self._writes:
+            return []
+        return self._live.findings(self._writer, thresholds)
 
     def log(self, **scalars: Any) -> None:
         """Record extra scalars (learning rate, validation losses...) at the current step.

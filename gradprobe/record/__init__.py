@@ -3,10 +3,13 @@ the names of what it holds (:mod:`gradprobe.record.quantities`: every recorded q
 loss roles)."""
 
 from . import quantities
+from .follow import CLOSED, GONE, WRITING, change_mark, writer_state
 from .quantities import QUANTITIES, ROLES, Quantity, pair_name, pair_parts
-from .run import STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_state
+from .run import (STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_bytes,
+                  run_from_state)
 from .store import SCHEMA_VERSION, BackgroundRunWriter, RunFileError, RunWriter
 
-__all__ = ["BackgroundRunWriter", "QUANTITIES", "Quantity", "ROLES", "Run", "RunFileError",
-           "RunWriter", "SCHEMA_VERSION", "STATE_FORMAT", "find_state", "load_checkpoint",
-           "load_run", "pair_name", "pair_parts", "quantities", "run_from_state"]
+__all__ = ["BackgroundRunWriter", "CLOSED", "GONE", "QUANTITIES", "Quantity", "ROLES", "Run",
+           "RunFileError", "RunWriter", "SCHEMA_VERSION", "STATE_FORMAT", "WRITING",
+           "change_mark", "find_state", "load_checkpoint", "load_run", "pair_name", "pair_parts",
+           "quantities", "run_from_bytes", "run_from_state", "writer_state"]

@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .follow import lock_file
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "gradprobe.run"
 
@@ -200,7 +202,7 @@ class RunWriter:
     @property
     def _lock_path(self) -> Path:
         assert self.path is not None
-        return self.path.with_name(self.path.name + ".lock")
+        return lock_file(self.path)
 
     def _acquire_lock(self) -> None:
         import fcntl

@@ -1,0 +1,66 @@
+"""Forward every recorded probe step, and each finding as it appears, to a Weights & Biases run.
+
+    import wandb
+    from gradprobe.integrations.wandb import WandbSink
+    run = wandb.init(project="exp1")
+    probe = gradprobe.Probe(model, log="run.gprobe", sinks=[WandbSink(run)])
+
+Scalars: each ``(quantity, name)`` is logged as ``gradprobe/<quantity>/<name>`` (pair names keep
+their ``a|b`` form, as in TensorBoard) with the probe step as ``gradprobe/step``, the x axis of
+every ``gradprobe/*`` metric (``define_metric``). The sink never passes ``step=`` to
+``run.log``, so it cannot collide with the steps of your own logging (W&B drops a row logged
+at a step lower than its last); each probe step is one row of the run's history.
+
+Findings: the probe diagnoses the run while it trains (``Probe(findings_every=...)``,
+docs/live.md) and hands each finding at warning or error to the sink once, when it first
+appears: a W&B alert (title ``gradprobe: <id> (<subject>)``, level WARN or ERROR, the finding
+and its remedy as text) and an entry in the run summary's ``gradprobe/findings`` list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import wandb
+except ImportError as exc:
+    raise ImportError("gradprobe.integrations.wandb needs Weights & Biases: "
+                      "pip install 'gradprobe[wandb]'") from exc
+
+
+class WandbSink:
+    """A probe sink logging scalars and findings to a W&B run (default: the active run)."""
+
+    def __init__(self, run: Any = None, prefix: str = "gradprobe", alerts: bool = True):
+        run = run if run is not None else wandb.run
+        if run is None or not callable(getattr(run, "log", None)):
+            raise TypeError("WandbSink needs a W&B run: call wandb.init() first, or pass the "
+                            f"run (got {type(run).__name__})")
+        self.run = run
+        self.prefix = prefix
+        self.alerts = alerts
+        self.step_key = f"{prefix}/step"
+        self._findings: list[dict] = []
+        run.define_metric(f"{prefix}/*", step_metric=self.step_key)
+
+    @staticmethod
+    def key(prefix: str, quantity: str, name: str) -> str:
+        return f"{prefix}/{quantity}/{name}"
+
+    def write_step(self, step: int, scalars: dict[tuple[str, str], float]) -> None:
+        row: dict[str, float] = {self.key(self.prefix, q, n): v for (q, n), v in scalars.items()}
+        row[self.step_key] = step
+        self.run.log(row)
+
+    def write_finding(self, step: int, finding: Any) -> None:
+        """A finding that first appeared at ``step`` (a :class:`gradprobe.diagnose.Finding`)."""
+        self._findings.append({"step": step, "id": finding.id, "severity": finding.severity,
+                               "subject": finding.subject, "title": finding.title,
+                               "key_number": finding.key_number})
+        self.run.summary[f"{self.prefix}/findings"] = list(self._findings)
+        if self.alerts:
+            level = wandb.AlertLevel.ERROR if finding.severity == "error" else wandb.AlertLevel.WARN
+            self.run.alert(title=f"gradprobe: {finding.id} ({finding.subject})",
+                           text=f"step {step}: {finding.title} [{finding.key_number}]. "
+                                f"What to do: {finding.remedy}",
+                           level=level)
