@@ -140,14 +140,15 @@ def test_a_watch_that_raises_is_dropped_alone_and_training_finishes(tmp_path):
 def test_unwritable_run_file_warns_once_and_keeps_what_was_written(tmp_path):
     def factory(m):
         probe = attach(m, shared=m.trunk, every=1, log=tmp_path / "r.gprobe")
-        real_write = probe._writer.write_step
+        # The run file's own writer, which the probe's background writer drives.
+        real_write = probe._writer._writer.write_step
 
         def failing_write(step, *args, **kwargs):
             if step >= 5:
                 raise OSError(28, "No space left on device")
             return real_write(step, *args, **kwargs)
 
-        probe._writer.write_step = failing_write
+        probe._writer._writer.write_step = failing_write
         return probe
 
     with warnings.catch_warnings(record=True) as caught:
