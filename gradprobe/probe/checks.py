@@ -152,3 +152,33 @@ def check_losses(losses: Any, weights: Mapping[str, Any], known: list[str] | Non
                                   f"got {type(w).__name__} {w!r}")
     if task is not None and task not in losses:
         raise ProbeUsageError(f"task loss {task!r} is not among the losses {names}")
+
+
+def complete_roles(roles: dict[str, str], names: list[str], task: str) -> list[str]:
+    """Fill in the roles the user did not give (the task loss's is "task"); returns the loss
+    names whose roles were guessed."""
+    guessed = []
+    for loss_name in names:
+        if loss_name not in roles:
+            roles[loss_name] = "task" if loss_name == task else guess_role(loss_name)
+            guessed.append(loss_name)
+    return guessed
+
+
+def weight(w: Any) -> float | torch.Tensor:
+    """A loss weight in the one form the probe keeps: a float, or the user's one-value tensor."""
+    return w.reshape(()) if isinstance(w, torch.Tensor) else float(w)
+
+
+def logged_values(scalars: Mapping[str, Any]) -> dict[tuple[str, str], float]:
+    """``log(**scalars)``'s numbers keyed as the run file keeps them (a tensor is read here,
+    when the user logs it)."""
+    values = {}
+    for key, value in scalars.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.numel() != 1:
+                raise ProbeUsageError(f"log({key}=...) needs a number, got shape "
+                                      f"{list(value.shape)}")
+        values[("logged", key)] = float(value)
+    return values

@@ -10,10 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .graph import has_user_hooks, reachable_leaves
-
-Weight = "float | torch.Tensor"
-
+from .graph import has_user_hooks, infer_shared, reachable_leaves
+from .recording import StepNumbers
+from .watches import ProbeUsageError
 
 @dataclass
 class PerLossGradients:
@@ -152,3 +151,52 @@ def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torc
     if gradients.scale is not None:
         norms = norms / gradients.scale
     return norms.view(latents, len(gradients.grads))
+
+
+def shared_set(losses: Sequence[torch.Tensor], names: Mapping[int, str], roles: Sequence[str],
+               task: int, whole: bool) -> list[torch.Tensor]:
+    """The shared parameters inferred from the losses' graphs (docs/probe.md): the nearest
+    layer every path of every loss crosses, or (``whole``) every parameter two or more losses
+    reach; regularisers do not count."""
+    regularisers = [k for k, role in enumerate(roles) if role == "regularization"]
+    shared = infer_shared(list(losses), names, task=task, exempt=regularisers, whole=whole)
+    if not shared:
+        raise ProbeUsageError("no parameter of the model receives gradient from "
+                              + ("two or more losses" if whole else "the losses")
+                              + ": there is nothing shared to probe (pass shared=...)")
+    return shared
+
+
+def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> list[tuple]:
+    """``(kind, loss name, message)`` for each loss the graph walk found inert (no gradient path
+    to any parameter) or off the shared set (``no_shared_path``)."""
+    leaves = gradients.per_loss_leaves
+    task_reach = set(leaves[names.index(task)])
+    events = []
+    for loss_name, reach in zip(names, leaves):
+        if not reach:
+            events.append(("inert_loss", loss_name,
+                           f"loss {loss_name!r} has no gradient path to any parameter "
+                           "(computed from detached tensors?): it trains nothing"))
+        elif not (set(reach) & gradients.shared_ids):
+            if loss_name != task and not (set(reach) & task_reach):
+                message = (f"loss {loss_name!r} shares no parameter with the task loss "
+                           f"{task!r} (computed from detached features?): it reaches none of "
+                           "the shared parameters")
+            else:
+                message = f"loss {loss_name!r} reaches none of the shared parameters"
+            events.append(("no_shared_path", loss_name, message))
+    return events
+
+
+def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
+                 shared: list[torch.Tensor], jacobian: JacobianBuffer,
+                 observed: dict[str, Any]) -> StepNumbers:
+    """This process's numbers of a probe step, on the device (nothing read on the host)."""
+    device = shared[0].device
+    loss_values = torch.stack([loss.detach() for loss in losses]).to(device, torch.float64)
+    groups = observed.get("groups")
+    if groups is not None:
+        observed["groups"] = torch.as_tensor(groups).detach().reshape(-1)
+    return StepNumbers(loss_values, jacobian.fill(gradients, shared),
+                       latent_grad_norms(gradients, device), observed, observed.get("groups"))

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import functools
 import threading
-import warnings
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from gradprobe import metrics
+from gradprobe import __version__, metrics
+from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, BackgroundRunWriter, RunFileError
 
+from .cadence import describe as describe_cadence
+from .notices import warn_user
 from .transfer import Transfer
 from .watches import NonFinite, ProbeUsageError, as_matrix, batch_scalars, latent_pair
 
@@ -59,18 +62,11 @@ class StepPlan:
     batch: str | None = None  # the key of the group ids batch composition describes
 
 
-@dataclass
-class Watches:
-    """The probe's watches by the user's names (the probe's own dicts, shared)."""
-
-    latents: dict
-    prototypes: dict
-    saturations: dict
-    contrastive: dict
-
-
 class StepRecorder:
     """Hands probe steps to the writer and makes their numbers there (see the module docstring).
+
+    ``watches``: the probe's :class:`~.watchset.WatchSet` (its ``latents``, ``prototypes``,
+    ``saturations`` and ``contrastive`` by name).
 
     ``notify``: takes a zero-argument function to run on the training thread; ``warn(step,
     kind, names, message, warn)``: warns (once per kind and name) about a recorded event;
@@ -79,7 +75,7 @@ class StepRecorder:
     removed, one warning), on the training thread.
     """
 
-    def __init__(self, writer: Any, watches: Watches, sinks: list, max_rows: int,
+    def __init__(self, writer: Any, watches: Any, sinks: list, max_rows: int,
                  notify: Callable[[Callable[[], None]], None],
                  warn: Callable[[int, str, list[str], str, bool], None],
                  drop: Callable[[Any, BaseException], None],
@@ -193,7 +189,7 @@ class StepRecorder:
                     self.sinks.remove(sink)
                     message = (f"gradprobe: sink {type(sink).__name__} failed at step {step} "
                                f"({type(exc).__name__}: {exc}); it receives nothing more")
-                    self._notify(functools.partial(_warn_plainly, message))
+                    self._notify(functools.partial(warn_user, message))
 
     def _event(self, events: list[Event], step: int, kind: str, names: list[str],
                message: str, warn: bool = True) -> None:
@@ -301,6 +297,96 @@ def failure_reason(exc: BaseException) -> str:
         f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _warn_plainly(message: str) -> None:
-    from .probe import GradprobeWarning  # the probe imports this module
-    warnings.warn(message, GradprobeWarning, stacklevel=5)
+def skipped_step(transfer: Transfer, scale_now: float) -> str | None:
+    """Why a GradScaler skipped the optimizer step of a probe step with finite scaled gradients
+    (its scale fell since), or None. A step whose scaled gradients overflowed is recorded as
+    skipped when it is made."""
+    values = transfer.values()
+    if not bool(torch.isfinite(values["gram"]).all()):
+        return None
+    scale = float(values["grad_scale"])
+    if scale_now >= scale:
+        return None
+    return (f"GradScaler skipped the optimizer step (inf/NaN in the scaled gradients); its "
+            f"scale fell from {scale:g} to {scale_now:g}")
+
+
+def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any]:
+    """The run file's metadata: what the probe records and how (its losses, roles, cadence,
+    shared set, watches)."""
+    shared = probe._shared or []
+    return {
+        "run_name": probe.run_name,
+        "gradprobe_version": __version__,
+        "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "losses": probe._losses or [],
+        "task": probe.task,
+        "roles": probe.roles,
+        "roles_guessed": probe._roles_guessed,
+        "every": probe.every,
+        "cadence": describe_cadence(probe.every),
+        "shared_parameters": [probe._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
+                              for p in shared],
+        "shared_numel": int(sum(p.numel() for p in shared)),
+        "backward_path": probe.backward_path,
+        "latents": sorted(watches.latents),
+        "prototypes": {n: w.latent for n, w in watches.prototypes.items()},
+        "saturations": sorted(watches.saturations),
+        "contrastive": sorted(watches.contrastive),
+        "expect_groups_per_batch": probe.expect_groups_per_batch,
+        "max_rows": probe.max_rows,
+        "world_size": 1 if ranks is None else ranks.world,
+        # Under DDP: statistics of the all-reduced (mean) gradients and the gathered batch.
+        "gradient_statistics": "global",
+        "grad_scaler": scaler is not None and bool(scaler.is_enabled()),
+    }
+
+
+def grad_norms(losses: list[str], transfer: Transfer) -> dict[str, float]:
+    """``{loss name: |g_k|}`` of a recorded probe step, from its Gram matrix's diagonal."""
+    norms = transfer.values()["gram"].diagonal().clamp_min(0.0).sqrt().tolist()
+    return dict(zip(losses, norms))
+
+
+def probe_state(writer: Any, step: int, every: int | None,
+                prototypes: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`Probe.state_dict` returns: the recorded run itself, as plain data."""
+    try:
+        data = writer.to_bytes()
+    except RunFileError as exc:
+        # A broken run file must not break the user's checkpoint save.
+        warn_user(f"gradprobe: the recorded run could not be read for the checkpoint "
+                  f"({exc}); the run file on disk keeps what was written")
+        data = b""
+    return {
+        "format": STATE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "gradprobe_version": __version__,
+        "step": step,
+        "every": every,
+        "log": str(writer.path) if writer.path else "",
+        "database": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        "prototypes": prototypes,
+    }
+
+
+def check_state(state: Mapping[str, Any]) -> int:
+    """The step a probe state resumes at; ``ProbeUsageError`` for what is not one."""
+    if state.get("format") != STATE_FORMAT:
+        raise ProbeUsageError("not a gradprobe probe state (no format marker)")
+    if int(state.get("schema_version", -1)) != SCHEMA_VERSION:
+        raise ProbeUsageError(f"probe state has schema version {state.get('schema_version')}, "
+                              f"this gradprobe reads {SCHEMA_VERSION}")
+    return int(state["step"])
+
+
+def resumed_writer(writer: Any, state: Mapping[str, Any]) -> Any:
+    """The writer to go on with: ``writer`` where its run file holds steps already, else a new
+    one over the copy of the run that ``state`` carries (a new or missing run file)."""
+    if writer.last_step() is not None:
+        return writer
+    path = writer.path
+    writer.close()
+    return BackgroundRunWriter(path, initial_bytes=state["database"].numpy().tobytes(),
+                               overwrite=True)
