@@ -194,9 +194,12 @@ def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
                  observed: dict[str, Any]) -> StepNumbers:
     """This process's numbers of a probe step, on the device (nothing read on the host)."""
     device = shared[0].device
-    loss_values = torch.stack([loss.detach() for loss in losses]).to(device, torch.float64)
+    with torch.no_grad():
+        loss_values = torch.stack(list(losses)).to(device, torch.float64)
     groups = observed.get("groups")
     if groups is not None:
-        observed["groups"] = torch.as_tensor(groups).detach().reshape(-1)
+        groups = torch.as_tensor(groups)
+        groups = groups.detach() if groups.requires_grad else groups
+        observed["groups"] = groups if groups.ndim == 1 else groups.reshape(-1)
     return StepNumbers(loss_values, jacobian.fill(gradients, shared),
                        latent_grad_norms(gradients, device), observed, observed.get("groups"))

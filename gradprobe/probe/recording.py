@@ -117,7 +117,8 @@ class StepRecorder:
         if local is not None and local.numel():
             plan.batch = "groups" if local is groups else "local_groups"
             pieces.setdefault(plan.batch, local)
-        self._prepare_watches(plan, pieces, facts, observed, local, due)
+        with torch.no_grad():
+            self._prepare_watches(plan, pieces, facts, observed, local, due)
         transfer = Transfer(pieces, facts)
         self.writer.submit(step, functools.partial(self._make, plan, transfer))
         return transfer

@@ -29,7 +29,8 @@ class Transfer:
             by_device.setdefault(tensor.device, []).append(key)
         self._parts: list[tuple[list[str], torch.Tensor, object]] = []
         for device, keys in by_device.items():
-            flat = torch.cat([pieces[k].detach().reshape(-1).to(torch.float64) for k in keys])
+            with torch.no_grad():  # what is recorded needs no graph (and no detach op each)
+                flat = torch.cat([_flat(pieces[k]).to(torch.float64) for k in keys])
             event = None
             if device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
@@ -59,6 +60,10 @@ class Transfer:
                 self._values = values
                 self._parts = [(keys, host, None) for keys, host, _ in self._parts]
             return self._values
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.ndim == 1 else t.reshape(-1)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -36,8 +36,11 @@ def as_matrix(name: str, tensor: torch.Tensor, max_rows: int) -> torch.Tensor:
     if not (tensor.is_floating_point()):
         raise ProbeUsageError(f"latent {name!r} has integer dtype {tensor.dtype}; "
                               "expected floating-point features")
-    z = tensor.detach()[:max_rows]
-    return z.reshape(z.shape[0], -1)
+    # Under no_grad (the probe's hand-over) a slice carries no graph: no detach op needed.
+    z = tensor.detach() if tensor.requires_grad and torch.is_grad_enabled() else tensor
+    if z.shape[0] > max_rows:
+        z = z[:max_rows]
+    return z if z.ndim == 2 else z.reshape(z.shape[0], -1)
 
 
 class Watch:
