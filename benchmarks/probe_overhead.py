@@ -23,7 +23,7 @@ and of a non-probe step, and where the probe step's synchronisations are asked f
 run the copies to the host are counted where the same code would make them on a GPU.
 
 Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50] [--device cuda]
-       [--shapes issue] [--counts-only]
+       [--shapes issue] [--counts-only] [--model conv|mlp]
 ``--shapes issue``: the larger models of issue 13 (conv trunk batch 512, length 200, width 128;
 MLP 1024-4096x3, batch 1024), the default with ``--device cuda``.
 """
@@ -272,6 +272,8 @@ def main():
                         help="model and batch sizes (default: small on cpu, issue on cuda)")
     parser.add_argument("--counts-only", action="store_true",
                         help="print the op and sync counts, skip the timing")
+    parser.add_argument("--model", choices=("both", "conv", "mlp"), default="both",
+                        help="which of the two models to run (default: both)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("issue" if device.type == "cuda" else "small")
@@ -281,6 +283,8 @@ def main():
     print(f"torch {torch.__version__}, {where}, shapes {shapes!r}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, make_model, batch in batches(shapes, device):
+            if args.model != "both" and not label.lower().startswith(args.model):
+                continue
             (Path(tmp) / label).mkdir()
             measure(label, make_model, batch, args.rounds, args.block, Path(tmp),
                     args.counts_only)
