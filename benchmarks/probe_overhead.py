@@ -26,7 +26,7 @@ and of a non-probe step, and where the probe step's synchronisations are asked f
 run the copies to the host are counted where the same code would make them on a GPU.
 
 Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50] [--device cuda]
-       [--shapes issue] [--counts-only | --no-counts]
+       [--shapes issue] [--counts-only | --no-counts] [--model conv|mlp] [--clock process]
 ``--shapes issue``: the larger models of issue 13 (conv trunk batch 512, length 200, width 128;
 MLP 1024-4096x3, batch 1024), the default with ``--device cuda``.
 """
@@ -178,7 +178,8 @@ def synchronised(device: torch.device):
     return lambda: None
 
 
-def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False, counts=True):
+def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False, counts=True,
+            clock="wall"):
     trainers = {mode: Trainer(make_model, batch, mode, log_dir / label) for mode in MODES}
     for trainer in trainers.values():  # warm-up: caches, allocator, first probe step
         for _ in range(3):
@@ -187,7 +188,7 @@ def measure(label, make_model, batch, rounds, block, log_dir, counts_only=False,
     if counts:
         print_counts(trainers)
     if not counts_only:
-        plain = print_times(trainers, rounds, block, synchronised(batch[0].device))
+        plain = print_times(trainers, rounds, block, synchronised(batch[0].device), clock)
         print_findings_cost(trainers["probe every step"], plain)
     for trainer in trainers.values():
         if trainer.probe is not None:
@@ -215,19 +216,34 @@ def print_counts(trainers):
         print(f"sync sites of a whole-trunk probe step (most frequent first): {top}")
 
 
-def print_times(trainers, rounds, block, synchronize):
+CLOCKS = {
+    # Wall time: what training waits for.
+    "wall": time.perf_counter,
+    # CPU time of every thread of the process (the training thread, torch's intra-op threads
+    # and the run file's writer thread): the probe's whole cost on a CPU, whatever the load of
+    # other processes on the machine.
+    "process": time.process_time,
+}
+
+
+def print_times(trainers, rounds, block, synchronize, clock="wall"):
+    now = CLOCKS[clock]
     times = {mode: [] for mode in MODES}
     for _ in range(rounds):
         for mode, trainer in trainers.items():
             synchronize()
-            start = time.perf_counter()
+            start = now()
             for _ in range(block):
                 trainer.step()
+            if trainer.probe is not None:
+                # The block's steps written: the writer thread's work is counted in the
+                # block that handed it over, not in the next configuration's.
+                trainer.probe._writer.flush()
             synchronize()
-            times[mode].append((time.perf_counter() - start) / block)
+            times[mode].append((now() - start) / block)
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     base = medians["plain"]
-    print(f"median ms/step over {rounds} interleaved rounds of {block} steps")
+    print(f"median {clock} ms/step over {rounds} interleaved rounds of {block} steps")
     print(f"{'configuration':40s} {'ms/step':>9s} {'x plain':>8s}")
     for mode in MODES:
         print(f"{mode:40s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
@@ -296,6 +312,10 @@ def main():
                         help="print the op and sync counts, skip the timing")
     parser.add_argument("--no-counts", action="store_true",
                         help="skip the op and sync counts, time only")
+    parser.add_argument("--model", choices=("both", "conv", "mlp"), default="both",
+                        help="which of the two models to run (default: both)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or the CPU time of the whole process (every thread)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("issue" if device.type == "cuda" else "small")
@@ -305,9 +325,11 @@ def main():
     print(f"torch {torch.__version__}, {where}, shapes {shapes!r}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, make_model, batch in batches(shapes, device):
+            if args.model != "both" and not label.lower().startswith(args.model):
+                continue
             (Path(tmp) / label).mkdir()
             measure(label, make_model, batch, args.rounds, args.block, Path(tmp),
-                    args.counts_only, not args.no_counts)
+                    args.counts_only, not args.no_counts, args.clock)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ unwritable, a second writer, a reader polling while training writes."""
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import random
 import signal
@@ -49,8 +50,8 @@ def forking_server(setup: str, child: str) -> str:
             textwrap.indent(textwrap.dedent(child), " " * 4))
 
 
-# Each trainer writes its step numbers to <run>.steps once probe.backward has returned, i.e.
-# once the step is committed.
+# Each trainer appends "handed committed" to <run>.steps once probe.backward has returned: the
+# step just handed to the run file's writer thread, and the last step that thread committed.
 ZYGOTE = forking_server("""
     import os, sys
     import torch, gradprobe
@@ -72,17 +73,25 @@ ZYGOTE = forking_server("""
         losses = {f"l{k}": heads[k](z).pow(2).mean() for k in range(3)}
         probe.observe(z=z)
         probe.backward(losses)
-        os.write(out, f"{step}\\n".encode())
+        committed = probe._writer.committed_step
+        os.write(out, f"{step} {-1 if committed is None else committed}\\n".encode())
         opt.step(); opt.zero_grad()
         step += 1
 """)
 
 
-def _steps_written(path: Path) -> list[int]:
+# Steps the probe's writer holds before handing over waits (BackgroundRunWriter's default).
+MAX_PENDING = inspect.signature(BackgroundRunWriter).parameters["max_pending"].default
+
+
+def _steps_written(path: Path) -> list[tuple[int, int]]:
+    """(handed over, committed) per line the trainer wrote; a line cut by the kill is left out."""
     try:
-        return [int(s) for s in path.read_text().split()]
+        text = path.read_text()
     except FileNotFoundError:
         return []
+    return [(int(a), int(b)) for a, b in
+            (line.split() for line in text.splitlines(keepends=True) if line.endswith("\n"))]
 
 
 def train_then_kill(zygote: subprocess.Popen, log: Path, pause: float) -> None:
@@ -113,21 +122,26 @@ def test_sigkill_at_random_moments_keeps_every_committed_step(tmp_path):
             log = tmp_path / f"kill{i}.gprobe"
             train_then_kill(zygote, log, rng.uniform(0.05, 1.5))
             printed = _steps_written(Path(str(log) + ".steps"))
+            handed = max(h for h, _ in printed)
+            committed = max(c for _, c in printed)
             with load_run(log) as run:
                 steps = run.probe_steps().tolist()
                 assert steps == list(range(len(steps))), "steps are not contiguous"
-                assert set(printed) <= set(steps), "a step reported committed is missing"
-                assert len(steps) - len(printed) <= 1  # at most the step being reported
+                assert committed < len(steps), "a step reported committed is missing"
+                # Lost: at most the steps waiting in the writer's queue and the one being
+                # written (plus the one handed over but not yet reported).
+                assert handed + 1 - len(steps) <= MAX_PENDING + 1
+                assert len(steps) <= handed + 2  # nothing that was never handed over
                 for quantity in run.quantities():
                     for name in run.names(quantity):
                         assert run.series(quantity, name)[0].tolist() == steps
                 assert run._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            results.append((len(printed), len(steps)))
+            results.append((committed + 1, len(steps), handed + 1))
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=30)
-    assert len(results) == kills and all(n > 0 for n, _ in results)
-    print(f"\n{kills} kills; steps printed / in the file: {results}")
+    assert len(results) == kills and all(handed > 0 for *_, handed in results)
+    print(f"\n{kills} kills; steps reported committed / in the file / handed over: {results}")
 
 
 # -- a writer that fails ---------------------------------------------------------------------
@@ -175,7 +189,7 @@ def _train_with(tmp_path, break_writer, steps=10, log_lr=False):
 
     def factory(model):
         probe = _attach(model, log)
-        break_writer(probe._writer)
+        break_writer(probe._writer._writer)  # the run file's writer, behind the writer thread
         return probe
 
     with warnings.catch_warnings(record=True) as caught:

@@ -162,15 +162,17 @@ def test_contrastive_watch_rejects_bad_forms():
     w = ContrastiveWatch("cont", 0.1, None)
     z = torch.randn(4, 3)
     with pytest.raises(ProbeUsageError, match="needs"):
-        w.record((z,), None, 64)
+        w.prepare((z,), None, 64)
     with pytest.raises(ProbeUsageError, match="keys"):
-        w.record({"anchors": z}, None, 64)
+        w.prepare({"anchors": z}, None, 64)
     with pytest.raises(ProbeUsageError, match="negatives must be"):
-        w.record((z, z, torch.randn(5, 2)), None, 64)
+        w.prepare((z, z, torch.randn(5, 2)), None, 64)
     with pytest.raises(ProbeUsageError, match="negative_groups"):
-        w.record((z, z, torch.randn(5, 3), torch.zeros(4)), None, 64)
+        w.prepare((z, z, torch.randn(5, 3), torch.zeros(4)), None, 64)
     with pytest.raises(ProbeUsageError, match="mask_same_group"):
-        w.record({"anchors": z, "positives": z, "mask_same_group": True}, None, 64)
-    # masked away entirely (empty memory, one group): nothing to measure, no error
-    assert w.record({"anchors": z, "positives": z, "mask_same_group": True},
-                    torch.zeros(4, dtype=torch.long), 64) == {}
+        w.prepare({"anchors": z, "positives": z, "mask_same_group": True}, None, 64)
+    # masked away entirely (empty memory, one group): nothing to measure, no error (the shapes
+    # are checked on the training thread, the metric runs on the host copy)
+    pieces, facts = w.prepare({"anchors": z, "positives": z, "mask_same_group": True},
+                              torch.zeros(4, dtype=torch.long), 64)
+    assert w.record({**pieces, **facts}) == {}

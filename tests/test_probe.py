@@ -41,6 +41,9 @@ def test_gram_and_norms_match_independent_autograd(tmp_path):
     expected_gram = (J @ J.T).numpy()
     probe.observe(z_E=z_E)
     probe.backward(losses, weights=WEIGHTS)
+    # Read lazily from the step's copy to the host (demo balancer, gradprobe.remedies).
+    norms = {name: float(torch.linalg.vector_norm(row)) for name, row in zip(losses, J)}
+    assert probe.last_grad_norms == pytest.approx(norms, rel=1e-5)
     probe.close()
 
     run = gradprobe.load_run(tmp_path / "r.gprobe")
@@ -72,6 +75,35 @@ def test_gram_and_norms_match_independent_autograd(tmp_path):
                                    atol=1e-12)
     assert run.meta["shared_parameters"] == [n for n, _ in model.named_parameters()
                                              if n.startswith("trunk.")]
+
+
+def test_a_probe_step_reads_nothing_on_the_host_and_what_the_writer_finds_is_warned(tmp_path):
+    from gradprobe.opcount import count_ops
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    probe = attach(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    probe.watch_prototypes("cell", torch.randn(4, 8), latent="z_E")
+    for step in range(3):
+        losses, (_, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
+        probe.observe(z_E=z_E * float("nan") if step == 2 else z_E, groups=g[:16])
+        with count_ops(cpu_as_device=True) as counts:
+            probe.backward(losses, weights=WEIGHTS)
+        # Every sync of the step is the model's own (F.one_hot); none is the probe's.
+        assert [site for site in counts.sync_sites if "gradprobe" in site] == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe.close()  # the writer thread found the NaN latent; its warning comes by here
+    messages = [str(w.message) for w in caught]
+    assert any("latent 'z_E' holds NaN or Inf" in m for m in messages), messages
+    # The prototypes' usage cannot be measured from NaN rows: that watch alone is dropped.
+    assert any("watch 'cell' disabled (ValueError: e contains NaN/Inf" in m for m in messages)
+    run = gradprobe.load_run(tmp_path / "r.gprobe")
+    assert [(e["step"], e["name"]) for e in run.events("non_finite")] == [(2, "z_E")]
+    assert [(e["step"], e["name"]) for e in run.events("watch_disabled")] == [(2, "cell")]
+    assert run.series("effective_rank", "z_E")[0].tolist() == [0, 1]
+    assert run.series("prototype_usage", "cell")[0].tolist() == [0, 1]
+    assert run.probe_steps().tolist() == [0, 1, 2]
 
 
 def _params(model):
@@ -140,14 +172,15 @@ def test_a_watch_that_raises_is_dropped_alone_and_training_finishes(tmp_path):
 def test_unwritable_run_file_warns_once_and_keeps_what_was_written(tmp_path):
     def factory(m):
         probe = attach(m, shared=m.trunk, every=1, log=tmp_path / "r.gprobe")
-        real_write = probe._writer.write_step
+        # The run file's own writer, which the probe's background writer drives.
+        real_write = probe._writer._writer.write_step
 
         def failing_write(step, *args, **kwargs):
             if step >= 5:
                 raise OSError(28, "No space left on device")
             return real_write(step, *args, **kwargs)
 
-        probe._writer.write_step = failing_write
+        probe._writer._writer.write_step = failing_write
         return probe
 
     with warnings.catch_warnings(record=True) as caught:

@@ -93,6 +93,13 @@ def _spectrum(squared: Tensor, k: int) -> Tensor:
                        torch.zeros_like(s))
 
 
+def _total_variance(centred_gram: Tensor, n: int) -> Tensor:
+    """The sum of the columns' unbiased variances: tr(Xc^T Xc) / (n - 1), 0 for one row."""
+    if n < 2:
+        return centred_gram.new_zeros(())
+    return torch.diagonal(centred_gram, dim1=-2, dim2=-1).sum(dim=-1) / (n - 1)
+
+
 ACTIVE_UNIT_VARIANCE = 0.01  # Burda et al. (2016)
 
 
@@ -483,6 +490,7 @@ def latent_summary(z: Tensor) -> dict[str, Tensor]:
       where it is False;
     * ``participation_ratio``, ``normalized_std``, ``latent_norm``: as the functions of the
       same names (participation ratio from the centred Gram: tr G^2 and ||G||_F^2);
+    * ``total_variance``: as :func:`total_variance` (the trace of the centred Gram over n - 1);
     * ``active_units``: the number of columns whose unbiased variance over the rows exceeds
       0.01 (Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016: a
       VAE's latent unit u is active if Cov_x(E_q[u | x]) > 10^-2; pass the posterior means).
@@ -498,6 +506,7 @@ def latent_summary(z: Tensor) -> dict[str, Tensor]:
         "participation_ratio": _participation_ratio(grams[1]),
         "normalized_std": _normalized_std(x),
         "latent_norm": _latent_norm(x),
+        "total_variance": _total_variance(grams[1], x.shape[0]),
         "active_units": _active_units(x),
     }
 
@@ -509,6 +518,8 @@ def latent_spectrum(grams: Tensor, k: int = 32) -> dict[str, Tensor]:
 
     * ``effective_rank`` (RankMe of the uncentred Gram's eigenvalues, :func:`effective_rank`),
     * ``effective_rank_centred`` (:func:`effective_rank_centred`),
+    * ``rankme_centred`` (RankMe of the centred Gram's eigenvalues, :func:`effective_rank` with
+      ``centred=True``),
     * ``singular_spectrum`` (float64 [k], :func:`singular_spectrum` with ``centred=False``).
 
     Tensors on the device of ``grams``; NaN when the Gram matrices are not finite. Meant to
@@ -522,6 +533,7 @@ def latent_spectrum(grams: Tensor, k: int = 32) -> dict[str, Tensor]:
     return {
         "effective_rank": torch.where(finite, _rankme(ev[0]), nan),
         "effective_rank_centred": torch.where(finite, entropy_rank_of(ev[1]), nan),
+        "rankme_centred": torch.where(finite, _rankme(ev[1]), nan),
         "singular_spectrum": torch.where(finite, _spectrum(ev[0], k), nan),
     }
 

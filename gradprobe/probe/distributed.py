@@ -16,10 +16,13 @@ in a collective the others no longer enter.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .recording import StepNumbers
+from .watches import ProbeUsageError, as_matrix
 
 
 class RankGroup:
@@ -67,3 +70,44 @@ def rank_group_for(model: torch.nn.Module) -> RankGroup | None:
     if dist.get_backend(model.process_group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return RankGroup(model.process_group, device)
+
+
+def rows_of(tensor: Any) -> int:
+    """The rows a watched tensor holds on this rank (0 where there is none)."""
+    return tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.ndim else 0
+
+
+def rows_matrix(name: str, tensor: torch.Tensor, is_latent: bool,
+                max_rows: int) -> torch.Tensor:
+    """A watched tensor as [rows, features], single or double precision, for the gather."""
+    if is_latent:
+        matrix = as_matrix(name, tensor, max_rows)
+    else:
+        if tensor.ndim == 0 or tensor.is_complex():
+            raise ProbeUsageError(f"{name!r} must be a real tensor with a batch dimension, "
+                                  f"got {tensor.dtype} of shape {list(tensor.shape)}")
+        matrix = tensor.detach().reshape(tensor.shape[0], -1)
+    # Integer labels and targets travel as float64, exact for any class id below 2^53.
+    return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.double()
+
+
+def globalize(ranks: RankGroup, numbers: StepNumbers, names: list[str], rows: list[int],
+              max_rows: int) -> StepNumbers:
+    """The ranks' numbers combined into those of the global batch (see the module docstring)."""
+    k, p = numbers.jacobian.shape
+    flat = torch.cat([numbers.loss_values, numbers.jacobian.reshape(-1),
+                      numbers.latent_grad_norms.square().reshape(-1)])
+    mean = ranks.mean(flat).to(numbers.jacobian.device)
+    observed = dict(numbers.observed)
+    per_rank = max(1, max_rows // ranks.world)
+    for name, fewest in zip(names, rows):
+        if fewest == 0:  # missing on some rank: nothing comparable to gather
+            observed.pop(name, None)
+        else:
+            observed[name] = ranks.gather_rows(observed[name], min(fewest, per_rank))
+    # The global loss is the mean of the ranks' losses, so d(global)/d(latent rows of rank r)
+    # is the rank's own latent gradient divided by the world size: squared norms add up
+    # divided by world^2, i.e. their mean divided by world.
+    squared = mean[k + k * p:].reshape(numbers.latent_grad_norms.shape) / ranks.world
+    return StepNumbers(mean[:k], mean[k:k + k * p].reshape(k, p), squared.sqrt(),
+                       observed, numbers.local_groups)

@@ -36,8 +36,11 @@ def as_matrix(name: str, tensor: torch.Tensor, max_rows: int) -> torch.Tensor:
     if not (tensor.is_floating_point()):
         raise ProbeUsageError(f"latent {name!r} has integer dtype {tensor.dtype}; "
                               "expected floating-point features")
-    z = tensor.detach()[:max_rows]
-    return z.reshape(z.shape[0], -1)
+    # Under no_grad (the probe's hand-over) a slice carries no graph: no detach op needed.
+    z = tensor.detach() if tensor.requires_grad and torch.is_grad_enabled() else tensor
+    if z.shape[0] > max_rows:
+        z = z[:max_rows]
+    return z if z.ndim == 2 else z.reshape(z.shape[0], -1)
 
 
 class Watch:
@@ -135,53 +138,64 @@ class LatentWatch(Watch):
                                   "not a tensor")
         return picked, None
 
-    def record(self, z: torch.Tensor, max_rows: int,
-               labels: torch.Tensor | None = None) -> tuple[Scalars, Arrays]:
+    def prepare(self, z: torch.Tensor, max_rows: int,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """On the training thread: the pieces to copy to the host (shapes checked only)."""
         z = as_matrix(self.name, z, max_rows)
-        if not torch.isfinite(z).all():
-            raise NonFinite(f"latent {self.name!r}")
-        n, d = z.shape
-        key = self.name
-        scalars = {
-            ("effective_rank", key): metrics.effective_rank(z),
-            ("effective_rank_isotropic", key): metrics.isotropic_effective_rank(n, d),
-            ("effective_rank_centred", key): metrics.effective_rank_centred(z),
-            ("rankme_centred", key): metrics.effective_rank(z, centred=True),
-            ("participation_ratio", key): metrics.participation_ratio(z),
-            ("normalized_std", key): metrics.normalized_std(z),
-            ("total_variance", key): metrics.total_variance(z),
-            ("active_units", key): metrics.active_units(z),
-            ("latent_norm", key): metrics.latent_norm(z),
-            ("latent_dim", key): float(d),
-            ("latent_rows", key): float(n),
-        }
+        pieces = {f"latent:{self.name}": z}
         if labels is not None:
             labels = torch.as_tensor(labels).detach().reshape(-1)
-            if labels.shape[0] < n:
+            if labels.shape[0] < z.shape[0]:
                 raise ProbeUsageError(f"latent {self.name!r}: {labels.shape[0]} labels "
-                                      f"({self.labels!r}) for {n} rows")
-            scalars[("latent_classes", key)] = float(torch.unique(labels[:n]).numel())
+                                      f"({self.labels!r}) for {z.shape[0]} rows")
+            pieces[f"labels:{self.name}"] = labels[:z.shape[0]]
+        return pieces
+
+    def record(self, values: Mapping[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
+        """On the host: the latent's metrics, one eigen-decomposition for every spectral one."""
+        z = values[f"latent:{self.name}"]
+        n, d = z.shape
+        k = min(32, d)
+        stats = metrics.latent_statistics(z, k=k)
+        if not bool(stats["finite"]):
+            raise NonFinite(f"latent {self.name!r}")
+        key = self.name
+        scalars = {(quantity, key): float(stats[quantity]) for quantity in LATENT_QUANTITIES}
+        scalars.update({
+            ("effective_rank_isotropic", key): metrics.isotropic_effective_rank(n, d),
+            ("latent_dim", key): float(d),
+            ("latent_rows", key): float(n),
+        })
+        labels = values.get(f"labels:{self.name}")
+        if labels is not None:
+            scalars[("latent_classes", key)] = float(torch.unique(labels).numel())
         arrays = {("singular_spectrum", key):
-                  metrics.singular_spectrum(z, k=min(32, d)).cpu().numpy().astype(np.float32)}
+                  stats["singular_spectrum"].numpy().astype(np.float32)}
         return scalars, arrays
+
+
+# What a latent records from metrics.latent_statistics, by the same names.
+LATENT_QUANTITIES = ("effective_rank", "effective_rank_centred", "rankme_centred",
+                     "participation_ratio", "normalized_std", "total_variance", "active_units",
+                     "latent_norm")
 
 
 class NonFinite(Exception):
     """A watched value holds NaN or Inf: recorded as an event, not as a number."""
 
 
-def latent_pair(a: str, za: torch.Tensor, b: str, zb: torch.Tensor, max_rows: int) -> Scalars:
-    """Dependence between two latents of the same batch (the record's Corr(z_I, z_E))."""
-    za, zb = as_matrix(a, za, max_rows), as_matrix(b, zb, max_rows)
+def latent_pair(a: str, za: torch.Tensor, b: str, zb: torch.Tensor) -> Scalars:
+    """On the host: the dependence between two latents of the same batch (the record's
+    Corr(z_I, z_E)), from their recorded rows."""
     if za.shape[0] != zb.shape[0] or za.shape[0] < 4:
         return {}
     key = f"{a}|{b}"
-    n = za.shape[0]
+    pair = metrics.latent_pair_summary(za, zb)
     return {
-        ("cka", key): metrics.linear_cka(za, zb, debiased=True),
-        ("max_abs_correlation", key): metrics.max_abs_correlation(za, zb),
+        ("cka", key): float(pair["cka"]),
+        ("max_abs_correlation", key): float(pair["max_abs_correlation"]),
         ("max_abs_correlation_null", key):
-            metrics.max_abs_correlation_null(n, za.shape[1], zb.shape[1]),
+            metrics.max_abs_correlation_null(za.shape[0], za.shape[1], zb.shape[1]),
     }
 
 
@@ -196,17 +210,21 @@ class PrototypeWatch(Watch):
         self.last_moved: torch.Tensor | None = None  # probe step at which each row last moved
         self.group_means: dict[int, torch.Tensor] = {}
 
-    def current(self) -> torch.Tensor:
+    def prepare(self) -> dict[str, torch.Tensor]:
+        """On the training thread: the table as it is now (copied with the step's transfer)."""
         value = self.source() if callable(self.source) else self.source
         if not isinstance(value, torch.Tensor) or value.ndim != 2:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ProbeUsageError(f"prototypes {self.name!r} must be a [num_prototypes, dim] "
                                   f"tensor, got {shape}")
-        return value.detach().to("cpu", torch.float64).clone()
+        return {f"prototypes:{self.name}": value.detach()}
 
-    def record(self, step: int, latent: torch.Tensor | None, groups: torch.Tensor | None,
-               max_rows: int) -> Scalars:
-        now = self.current()
+    def record(self, step: int, values: Mapping[str, torch.Tensor]) -> Scalars:
+        """On the host (the table's history lives there): ``values`` holds the table, the
+        rows of its latent (when recorded) and the batch's ``groups`` (when observed)."""
+        now = values[f"prototypes:{self.name}"]
+        latent = values.get(f"latent:{self.latent}") if self.latent else None
+        groups = values.get("groups")
         key = self.name
         scalars: Scalars = {}
         spread = metrics.prototype_spread(now)
@@ -223,7 +241,7 @@ class PrototypeWatch(Watch):
             scalars[("prototype_steps_since_moved", key)] = float((step - self.last_moved).max())
         self.previous = now
         if latent is not None:
-            e = as_matrix(self.latent, latent, max_rows).to("cpu", torch.float64)
+            e = latent
             if e.shape[1] == now.shape[1]:
                 scalars[("prototype_usage", key)] = metrics.prototype_usage(e, now)
                 if groups is not None and len(groups) == e.shape[0]:
@@ -259,7 +277,8 @@ class PrototypeWatch(Watch):
             self.last_moved = state["last_moved"].clone()
 
 
-def resolve_scalar(value: Any) -> float | None:
+def resolve_scalar(value: Any) -> float | torch.Tensor | None:
+    """A temperature: a number, a one-value tensor (detached, not read) or a callable of one."""
     if value is None:
         return None
     if callable(value):
@@ -267,7 +286,7 @@ def resolve_scalar(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ProbeUsageError(f"temperature must be a number, got shape {list(value.shape)}")
-        return float(value.detach())
+        return value.detach()
     return float(value)
 
 
@@ -289,18 +308,11 @@ class SaturationWatch(Watch):
         """Names besides its own that this watch reads from ``observe``."""
         return (*(self.terms or ()), *((self.target,) if self.target else ()))
 
-    def record(self, x: torch.Tensor, observed: dict[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
+    def prepare(self, x: torch.Tensor, observed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """On the training thread: the pieces to copy to the host (shapes checked only)."""
         if not isinstance(x, torch.Tensor) or x.numel() == 0:
             raise ProbeUsageError(f"saturation watch {self.name!r} needs a non-empty tensor")
-        x = x.detach().reshape(-1).to(torch.float64)
-        if not torch.isfinite(x).all():
-            raise NonFinite(f"sigmoid input {self.name!r}")
-        key = self.name
-        scalars = {
-            ("saturated_fraction", key): metrics.saturated_fraction(x, threshold=self.threshold),
-            ("mean_sigmoid_grad", key): metrics.mean_sigmoid_grad(x),
-            ("saturation_threshold", key): float(self.threshold),
-        }
+        pieces = {f"saturation:{self.name}": x.detach().reshape(-1)}
         target = observed.get(self.target) if self.target else None
         if target is not None:
             if not isinstance(target, torch.Tensor) or target.numel() != x.numel():
@@ -308,18 +320,42 @@ class SaturationWatch(Watch):
                     type(target).__name__
                 raise ProbeUsageError(f"saturation watch {self.name!r}: target {self.target!r} "
                                       f"needs one value per sigmoid input ({x.numel()}), got {got}")
-            scalars[("saturated_wrong_fraction", key)] = metrics.saturated_wrong_fraction(
-                x, target.detach().reshape(-1), threshold=self.threshold)
+            pieces[f"target:{self.name}"] = target.detach().reshape(-1)
         temperature = resolve_scalar(self.temperature)
         if temperature is not None:
-            scalars[("temperature", key)] = temperature
+            pieces[f"temperature:{self.name}"] = torch.as_tensor(temperature).reshape(())
         if self.terms is not None:
             u, r = (observed.get(t) for t in self.terms)
-            if u is not None and r is not None:
-                scalars[("energy_scale_ratio", key)] = metrics.energy_scale_ratio(
-                    u.detach().reshape(-1), r.detach().reshape(-1))
-        arrays = {("saturation_histogram", key):
-                  metrics.saturation_histogram(x).cpu().numpy().astype(np.float64)}
+            if isinstance(u, torch.Tensor) and isinstance(r, torch.Tensor):
+                pieces[f"term:{self.name}:u"] = u.detach().reshape(-1)
+                pieces[f"term:{self.name}:r"] = r.detach().reshape(-1)
+        return pieces
+
+    def record(self, values: Mapping[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
+        """On the host, from the pieces of :meth:`prepare`."""
+        x = values[f"saturation:{self.name}"]
+        if not bool(torch.isfinite(x).all()):
+            raise NonFinite(f"sigmoid input {self.name!r}")
+        key = self.name
+        terms = None
+        if f"term:{key}:u" in values:
+            terms = (values[f"term:{key}:u"], values[f"term:{key}:r"])
+        summary = metrics.saturation_summary(x, threshold=self.threshold, terms=terms)
+        scalars = {
+            ("saturated_fraction", key): float(summary["saturated_fraction"]),
+            ("mean_sigmoid_grad", key): float(summary["mean_sigmoid_grad"]),
+            ("saturation_threshold", key): float(self.threshold),
+        }
+        target = values.get(f"target:{key}")
+        if target is not None:
+            scalars[("saturated_wrong_fraction", key)] = metrics.saturated_wrong_fraction(
+                x, target, threshold=self.threshold)
+        temperature = values.get(f"temperature:{key}")
+        if temperature is not None:
+            scalars[("temperature", key)] = float(temperature)
+        if terms is not None:
+            scalars[("energy_scale_ratio", key)] = float(summary["energy_scale_ratio"])
+        arrays = {("saturation_histogram", key): summary["histogram"].numpy().astype(np.float64)}
         return scalars, arrays
 
 
@@ -361,10 +397,15 @@ class ContrastiveWatch(Watch):
         raise ProbeUsageError(f"observe({self.name}=...) needs (anchors, positives), (anchors, "
                               "positives, negatives[, negative_groups]) or a dict with those keys")
 
-    def record(self, pair: Any, groups: torch.Tensor | None, max_rows: int) -> Scalars:
+    def prepare(self, pair: Any, groups: torch.Tensor | None,
+                max_rows: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """On the training thread: the pieces to copy to the host and the facts beside them
+        (shapes checked only)."""
         spec = self._unpack(pair)
         anchors = as_matrix(self.name, spec["anchors"], max_rows)
         positives = as_matrix(self.name, spec["positives"], max_rows)
+        key = f"contrastive:{self.name}"
+        pieces = {f"{key}:anchors": anchors, f"{key}:positives": positives}
         negatives = spec.get("negatives")
         if negatives is not None:
             if not isinstance(negatives, torch.Tensor) or negatives.ndim != 2 or \
@@ -373,31 +414,40 @@ class ContrastiveWatch(Watch):
                     type(negatives).__name__
                 raise ProbeUsageError(f"contrastive {self.name!r}: negatives must be [m, "
                                       f"{anchors.shape[1]}], got {shape}")
-            negatives = negatives.detach().to(anchors.device)
             if negatives.shape[0] == 0:
                 negatives = None
         neg_groups = spec.get("negative_groups") if negatives is not None else None
+        if negatives is not None:
+            pieces[f"{key}:negatives"] = negatives.detach()
         if neg_groups is not None:
-            neg_groups = torch.as_tensor(neg_groups).detach().reshape(-1).cpu()
+            neg_groups = torch.as_tensor(neg_groups).detach().reshape(-1)
             if neg_groups.shape[0] != negatives.shape[0]:
                 raise ProbeUsageError(f"contrastive {self.name!r}: {neg_groups.shape[0]} "
                                       f"negative_groups for {negatives.shape[0]} negatives")
+            pieces[f"{key}:negative_groups"] = neg_groups
         mask = bool(spec.get("mask_same_group", False))
         extra = 0 if negatives is None else negatives.shape[0]
         if anchors.shape != positives.shape or (anchors.shape[0] < 2 and extra == 0):
             raise ProbeUsageError(f"contrastive pair {self.name!r}: anchors {list(anchors.shape)}"
                                   f" and positives {list(positives.shape)} must match, n >= 2")
-        if groups is not None and len(groups) >= anchors.shape[0]:
-            groups = groups[: anchors.shape[0]]
-        else:
-            groups = None
-        if mask and (groups is None or (negatives is not None and neg_groups is None)):
+        has_groups = groups is not None and len(groups) >= anchors.shape[0]
+        if has_groups:
+            pieces[f"{key}:groups"] = torch.as_tensor(groups).reshape(-1)[: anchors.shape[0]]
+        if mask and (not has_groups or (negatives is not None and neg_groups is None)):
             raise ProbeUsageError(f"contrastive {self.name!r}: mask_same_group needs "
                                   "observe(groups=...) and negative_groups for the negatives")
+        return pieces, {f"{key}:mask": mask}
+
+    def record(self, values: Mapping[str, Any]) -> Scalars:
+        """On the host, from the pieces and facts of :meth:`prepare`."""
+        key = f"contrastive:{self.name}"
+        mask = values[f"{key}:mask"]
         try:
-            signal = metrics.contrastive_signal(anchors, positives, temperature=self.temperature,
-                                                groups=groups, negatives=negatives,
-                                                negative_groups=neg_groups, mask_same_group=mask)
+            signal = metrics.contrastive_signal(
+                values[f"{key}:anchors"], values[f"{key}:positives"],
+                temperature=self.temperature, groups=values.get(f"{key}:groups"),
+                negatives=values.get(f"{key}:negatives"),
+                negative_groups=values.get(f"{key}:negative_groups"), mask_same_group=mask)
         except ValueError as exc:
             if mask and "no anchor has a negative" in str(exc):
                 return {}  # e.g. an empty memory and single-group batches: nothing to measure yet
@@ -416,10 +466,11 @@ class ContrastiveWatch(Watch):
 
 
 def batch_scalars(groups: torch.Tensor) -> Scalars:
-    diversity = metrics.group_diversity(groups)
+    """On the host: the composition of a batch from its group ids."""
+    diversity = metrics.batch_summary(groups.to(torch.int64))
     return {
         ("groups_per_batch", "batch"): float(diversity["distinct"]),
-        ("group_entropy", "batch"): diversity["entropy"],
-        ("same_group_pair_share", "batch"): diversity["same_group_pair_share"],
-        ("batch_size", "batch"): float(len(groups)),
+        ("group_entropy", "batch"): float(diversity["entropy"]),
+        ("same_group_pair_share", "batch"): float(diversity["same_group_pair_share"]),
+        ("batch_size", "batch"): float(diversity["batch_size"]),
     }

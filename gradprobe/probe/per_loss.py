@@ -1,0 +1,205 @@
+"""Per-loss gradients of a probe step: one ``torch.autograd.grad`` per loss, and what the probe
+makes of them on the device (the Gram matrix of the Jacobian rows, the latents' gradient norms,
+``.grad`` assembled from them), with no value read on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .graph import has_user_hooks, infer_shared, reachable_leaves
+from .recording import StepNumbers
+from .watches import ProbeUsageError
+
+@dataclass
+class PerLossGradients:
+    """The per-loss gradients of one probe step: rows of the Jacobian J, split by input kind."""
+
+    path: str  # "assembled" (.grad filled from these) or "separate" (the ordinary backward)
+    weights: list  # one per loss, as backward() resolved them: a float or a detached tensor
+    inputs: list[torch.Tensor]  # shared parameters, then other leaves, then latents
+    grads: list[tuple[torch.Tensor | None, ...]]  # one tuple per loss, aligned with inputs
+    n_shared: int
+    n_others: int
+    latent_names: list[str]
+    per_loss_leaves: list[dict]
+    shared_ids: set[int]
+    scale: torch.Tensor | None  # the GradScaler's scale the gradients carry (None without one)
+
+
+def choose_path(model: torch.nn.Module, per_loss_leaves: list[dict], weights: Sequence[Any],
+                assemble: bool) -> str:
+    """'assembled' fills .grad from the per-loss gradients; 'separate' runs the ordinary backward.
+
+    'separate' is the default: the parameter updates are then bit-identical to training
+    without the probe. ``assemble=True`` saves that backward (worth it when the shared set
+    reaches deep into the model, where each per-loss pass costs a full backward) and gives the
+    same ``.grad`` up to float32 rounding; it is used only when the ordinary backward has no
+    side effects of its own: no DDP reducer, no hooks on the leaves, no loss weight that itself
+    needs a gradient.
+    """
+    if not assemble or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "separate"
+    if any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights):
+        return "separate"
+    if any(has_user_hooks(t) for leaves in per_loss_leaves for t, _ in leaves.values()):
+        return "separate"
+    return "assembled"
+
+
+def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
+                       weights: Sequence[Any], shared: list[torch.Tensor],
+                       latents: Mapping[str, torch.Tensor], scaler: Any,
+                       assemble: bool) -> PerLossGradients:
+    """One ``torch.autograd.grad`` per loss, over the shared parameters and watched latents
+    (and, on the assembled path, every other leaf, so that ``.grad`` can be filled exactly)."""
+    per_loss_leaves = [reachable_leaves(loss) for loss in losses]
+    path = choose_path(model, per_loss_leaves, weights, assemble)
+    shared_ids = {id(p) for p in shared}
+    others: dict[int, torch.Tensor] = {}
+    if path == "assembled":
+        for leaves in per_loss_leaves:
+            others.update((k, t) for k, (t, _) in leaves.items() if k not in shared_ids)
+    inputs = list(shared) + list(others.values()) + list(latents.values())
+    # With a GradScaler the per-loss gradients are taken of the scaled losses, as the ordinary
+    # backward is (small half-precision gradients would underflow otherwise); the recorded
+    # statistics divide the scale out again. The scale stays a tensor on the device: reading
+    # it (scaler.get_scale()) would wait for the device.
+    scale = None
+    if scaler is not None and scaler.is_enabled():
+        scale = scaler.scale(torch.ones((), device=losses[0].device))
+    grads = []
+    for loss in losses:
+        if not loss.requires_grad:
+            grads.append((None,) * len(inputs))
+            continue
+        # The graph is kept so that a failure anywhere in the probe step can still fall back
+        # to the ordinary backward; it is freed when the loop drops its losses.
+        grads.append(torch.autograd.grad(loss if scale is None else loss * scale, inputs,
+                                         retain_graph=True, allow_unused=True))
+    return PerLossGradients(path, list(weights), inputs, grads, len(shared), len(others),
+                            list(latents), per_loss_leaves, shared_ids, scale)
+
+
+def assemble(gradients: PerLossGradients) -> None:
+    """``.grad += sum_k w_k g_k``: what the ordinary backward of the weighted sum gives."""
+    n_params = gradients.n_shared + gradients.n_others
+    for j, param in enumerate(gradients.inputs[:n_params]):
+        combined = None
+        for weight, per_loss in zip(gradients.weights, gradients.grads):
+            g = per_loss[j]
+            if g is None:
+                continue
+            term = g if isinstance(weight, float) and weight == 1.0 else g * weight
+            combined = term if combined is None else combined + term
+        if combined is not None:
+            param.grad = combined if param.grad is None else param.grad + combined
+
+
+class JacobianBuffer:
+    """The float64 Jacobian rows on the shared set, filled by one ``cat`` per probe step.
+
+    The buffer is the biggest thing a probe step allocates (K x P float64) and is kept between
+    probe steps: a fresh one costs a page fault per 4 KiB (14 ms for 4 losses x 2.6M
+    parameters).
+    """
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+
+    def fill(self, gradients: PerLossGradients, shared: list[torch.Tensor]) -> torch.Tensor:
+        """J [K, P] float64, unscaled: row k is loss k's gradient on the shared parameters
+        (zeros where it does not reach one)."""
+        n_shared = gradients.n_shared
+        device = shared[0].device
+        rows = len(gradients.grads)
+        size = sum(p.numel() for p in shared)
+        buffer = self._buffer
+        if buffer is None or buffer.numel() != rows * size or buffer.device != device:
+            buffer = self._buffer = torch.empty(rows * size, dtype=torch.float64, device=device)
+        # One cat over every (loss, parameter) gradient, cast to float64 as it is written.
+        pieces = [g.reshape(-1) if g is not None else p.new_zeros(p.numel())
+                  for per_loss in gradients.grads
+                  for g, p in zip(per_loss[:n_shared], shared)]
+        torch.cat(pieces, out=buffer)
+        jacobian = buffer.view(rows, size)
+        if gradients.scale is not None:
+            jacobian = jacobian / gradients.scale
+        return jacobian
+
+
+def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torch.Tensor:
+    """[L, K] float64: the norm of dL_k / d latent_i (0 where loss k does not reach it)."""
+    n_params = gradients.n_shared + gradients.n_others
+    latents = len(gradients.latent_names)
+    if not latents:
+        return torch.zeros(0, len(gradients.grads), dtype=torch.float64, device=device)
+    zero = None
+    flat = []
+    for i in range(latents):
+        for per_loss in gradients.grads:
+            g = per_loss[n_params + i]
+            if g is None:
+                if zero is None:
+                    zero = torch.zeros(1, device=device)
+                g = zero
+            flat.append(g)
+    norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float64))
+    if gradients.scale is not None:
+        norms = norms / gradients.scale
+    return norms.view(latents, len(gradients.grads))
+
+
+def shared_set(losses: Sequence[torch.Tensor], names: Mapping[int, str], roles: Sequence[str],
+               task: int, whole: bool) -> list[torch.Tensor]:
+    """The shared parameters inferred from the losses' graphs (docs/probe.md): the nearest
+    layer every path of every loss crosses, or (``whole``) every parameter two or more losses
+    reach; regularisers do not count."""
+    regularisers = [k for k, role in enumerate(roles) if role == "regularization"]
+    shared = infer_shared(list(losses), names, task=task, exempt=regularisers, whole=whole)
+    if not shared:
+        raise ProbeUsageError("no parameter of the model receives gradient from "
+                              + ("two or more losses" if whole else "the losses")
+                              + ": there is nothing shared to probe (pass shared=...)")
+    return shared
+
+
+def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> list[tuple]:
+    """``(kind, loss name, message)`` for each loss the graph walk found inert (no gradient path
+    to any parameter) or off the shared set (``no_shared_path``)."""
+    leaves = gradients.per_loss_leaves
+    task_reach = set(leaves[names.index(task)])
+    events = []
+    for loss_name, reach in zip(names, leaves):
+        if not reach:
+            events.append(("inert_loss", loss_name,
+                           f"loss {loss_name!r} has no gradient path to any parameter "
+                           "(computed from detached tensors?): it trains nothing"))
+        elif not (set(reach) & gradients.shared_ids):
+            if loss_name != task and not (set(reach) & task_reach):
+                message = (f"loss {loss_name!r} shares no parameter with the task loss "
+                           f"{task!r} (computed from detached features?): it reaches none of "
+                           "the shared parameters")
+            else:
+                message = f"loss {loss_name!r} reaches none of the shared parameters"
+            events.append(("no_shared_path", loss_name, message))
+    return events
+
+
+def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
+                 shared: list[torch.Tensor], jacobian: JacobianBuffer,
+                 observed: dict[str, Any]) -> StepNumbers:
+    """This process's numbers of a probe step, on the device (nothing read on the host)."""
+    device = shared[0].device
+    with torch.no_grad():
+        loss_values = torch.stack(list(losses)).to(device, torch.float64)
+    groups = observed.get("groups")
+    if groups is not None:
+        groups = torch.as_tensor(groups)
+        groups = groups.detach() if groups.requires_grad else groups
+        observed["groups"] = groups if groups.ndim == 1 else groups.reshape(-1)
+    return StepNumbers(loss_values, jacobian.fill(gradients, shared),
+                       latent_grad_norms(gradients, device), observed, observed.get("groups"))
