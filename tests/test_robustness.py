@@ -22,6 +22,7 @@ from gradprobe import GradprobeWarning
 from gradprobe.cli import main
 from gradprobe.probe.cadence import is_probe_step
 from gradprobe.record import RunWriter, run_from_state
+from runs import ScaledReverse
 
 
 class MultiLeNetR(nn.Module):
@@ -221,17 +222,6 @@ def test_a_run_without_a_probe_step_is_an_error_finding(tmp_path):
     assert analyze(log, "--fail-on", "error")[0] == 1
 
 
-class GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, coefficient):
-        ctx.coefficient = coefficient
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.coefficient * grad, None
-
-
 def test_a_dann_run_whose_adversary_is_still_warming_up_gets_its_pdf(tmp_path):
     """DANN (Ganin et al. 2016) with the reversal coefficient held at 0 for a warm-up longer
     than the run: the domain loss's gradient on the features is exactly 0 at every probe
@@ -251,7 +241,7 @@ def test_a_dann_run_whose_adversary_is_still_warming_up_gets_its_pdf(tmp_path):
             labels = (source[:, 0] > 0).long()
             h_source, h_target = features(source), features(target)
             coefficient = 0.0 if step < warm_up else 1.0
-            reversed_h = GradientReversal.apply(torch.cat([h_source, h_target]), coefficient)
+            reversed_h = ScaledReverse.apply(torch.cat([h_source, h_target]), coefficient)
             domains = torch.cat([torch.zeros(16), torch.ones(16)]).long()
             probe.backward({"task": F.cross_entropy(label_head(h_source), labels),
                             "domain": F.cross_entropy(domain_head(reversed_h), domains)})

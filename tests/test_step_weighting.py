@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradprobe
-from gradprobe.diagnose._series import held_share
+from gradprobe.diagnose import Thresholds
+from gradprobe.diagnose._series import held_share, start_end
 from gradprobe.probe.cadence import is_probe_step
 
 
@@ -20,6 +21,21 @@ def test_held_share_weights_each_probe_step_by_the_steps_it_stands_for():
     assert held_share(steps, held) == 4 / 24
     judged = np.array([True, True, False, False, True, True, True, True])
     assert held_share(steps, held, judged) == 2 / 22
+
+
+def test_start_and_end_windows_are_shares_of_the_training_steps():
+    """Under the default cadence the first fifth of a 385-step run holds 24 probe steps and
+    the last fifth 5: each window's median is of the values recorded in its fifth."""
+    steps = np.array([s for s in range(385) if is_probe_step(s, None)])
+    values = np.sqrt(steps.astype(float))
+    ends = start_end(steps, values, Thresholds())
+    span = steps[-1] - steps[0]
+    assert ends["start"] == np.median(values[steps <= 0.2 * span])
+    assert ends["end"] == np.median(values[steps >= steps[-1] - 0.2 * span])
+    assert ends["start_steps"] == [0, int(steps[steps <= 0.2 * span][-1])]
+    # At least min_points probe steps even where the share holds fewer.
+    few = start_end(steps, values, Thresholds(window_share=0.001, min_points=3))
+    assert few["start"] == np.median(values[:3]) and few["end"] == np.median(values[-3:])
 
 
 def _delayed_auxiliary(tmp_path, switched_on: bool, steps: int = 400) -> list[str]:

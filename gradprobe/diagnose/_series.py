@@ -78,15 +78,29 @@ def window_size(n: int, th: Thresholds) -> int:
     return min(n, max(th.min_points, int(math.ceil(th.window_share * n))))
 
 
+def window_counts(steps: np.ndarray, th: Thresholds) -> tuple[int, int]:
+    """How many of the first and of the last probe steps make a series' start and end windows:
+    those within ``window_share`` of the training steps the series spans, and at least
+    ``min_points``. Windows in training steps, not in probe steps, so that under the default
+    cadence (dense at the start) the start window is not just the first few steps."""
+    s = np.asarray(steps, dtype=np.float64)
+    least = min(len(s), th.min_points)
+    if not len(s):
+        return 0, 0
+    reach = th.window_share * (s[-1] - s[0])
+    return max(least, int((s <= s[0] + reach).sum())), max(least, int((s >= s[-1] - reach).sum()))
+
+
 def start_end(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> dict:
-    """Medians of the first and last windows (finite values only), with their step ranges."""
+    """Medians of the start and end windows (:func:`window_counts`; finite values only), with
+    their step ranges."""
     keep = np.isfinite(values)
     steps, values = steps[keep], values[keep]
-    k = window_size(len(values), th)
+    first, last = window_counts(steps, th)
     return {
-        "start": median(values[:k]), "end": median(values[-k:]),
-        "start_steps": [int(steps[0]), int(steps[k - 1])],
-        "end_steps": [int(steps[-k]), int(steps[-1])],
+        "start": median(values[:first]), "end": median(values[-last:]),
+        "start_steps": [int(steps[0]), int(steps[first - 1])],
+        "end_steps": [int(steps[-last]), int(steps[-1])],
         "points": int(len(values)),
     }
 

@@ -41,9 +41,10 @@ class Thresholds:
 
     # -- persistence and phase (all rules) -------------------------------------------------
     min_points: int = _i(3, "fewest probe steps a condition must hold on (and fewest to judge)")
-    min_share: float = _f(0.5, "share of the judged probe steps a persistent condition must hold on")
-    window_share: float = _f(0.2, "start/end windows: this share of the probe steps "
-                                   "(at least min_points)")
+    min_share: float = _f(0.5, "share of the judged training steps a persistent condition must "
+                               "hold on")
+    window_share: float = _f(0.2, "start/end windows: this share of the training steps "
+                                   "(at least min_points probe steps)")
     smooth_points: int = _i(3, "rolling-median width used for peaks and phase detection")
     memorised_fraction: float = _f(0.05, "the task has memorised its data once its smoothed loss "
                                           "is below this fraction of its start")

@@ -30,6 +30,18 @@ class PerLossGradients:
     scale: torch.Tensor | None  # the GradScaler's scale the gradients carry (None without one)
 
 
+@dataclass
+class ProbeStep:
+    """A step between :meth:`Probe.before_backward` and :meth:`Probe.after_backward`."""
+
+    step: int
+    probing: bool
+    losses: Mapping[str, torch.Tensor]
+    total: torch.Tensor
+    gradients: PerLossGradients | None
+    scaler: Any
+
+
 def choose_path(model: torch.nn.Module, per_loss_leaves: list[dict], weights: Sequence[Any],
                 assemble: bool) -> str:
     """'assembled' fills .grad from the per-loss gradients; 'separate' runs the ordinary backward.

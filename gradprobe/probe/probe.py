@@ -12,7 +12,6 @@ distributed case (distributed.py) and the watches (watches.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,7 +26,7 @@ from .checks import ROLES, guess_role
 from .distributed import globalize, rank_group_for, rows_matrix, rows_of
 from .live import LiveFindings
 from .notices import GradprobeWarning, Notices, warn_user
-from .per_loss import (JacobianBuffer, PerLossGradients, assemble, graph_events,
+from .per_loss import (JacobianBuffer, PerLossGradients, ProbeStep, assemble, graph_events,
                        per_loss_gradients, shared_set, step_numbers)
 from .recording import (StepNumbers, StepRecorder, check_state, failure_reason, grad_norms,
                         probe_state, resumed_writer, run_meta, skipped_step)
@@ -36,18 +35,6 @@ from .watches import ProbeUsageError
 from .watchset import WatchSet
 
 __all__ = ["Probe", "ProbeStep", "GradprobeWarning", "ROLES", "guess_role"]
-
-
-@dataclass
-class ProbeStep:
-    """A step between :meth:`Probe.before_backward` and :meth:`Probe.after_backward`."""
-
-    step: int
-    probing: bool
-    losses: Mapping[str, torch.Tensor]
-    total: torch.Tensor
-    gradients: PerLossGradients | None
-    scaler: Any
 
 
 class Probe:
@@ -76,17 +63,12 @@ class Probe:
     overwrite: replace an existing run file instead of refusing it.
     sinks: objects with ``write_step(step, scalars)`` (``scalars``: ``{(quantity, name):
         value}``) that also receive every recorded step, e.g.
-        :class:`gradprobe.integrations.tensorboard.TensorBoardSink`. They are called on the
-        run file's writer thread, in step order. A sink that also has
-        ``write_finding(step, finding)`` receives each finding as ``on_finding`` does, e.g.
-        :class:`gradprobe.integrations.wandb.WandbSink`.
+        :class:`gradprobe.integrations.tensorboard.TensorBoardSink`, called on the run file's
+        writer thread in step order; one with ``write_finding(step, finding)`` also gets the
+        findings as ``on_finding`` does (:class:`gradprobe.integrations.wandb.WandbSink`).
     on_finding: ``callback(finding)``, called once when a finding first appears at warning or
-        error while the run trains (a :class:`gradprobe.diagnose.Finding`); see
-        :meth:`findings` and docs/live.md. Never called from inside a backward; an exception
-        it raises is reported once and training goes on.
-    findings_every: with ``on_finding`` or a finding sink, the run recorded so far is
-        diagnosed at the start of ``backward`` on every step that is a multiple of this (when
-        something new was committed since).
+        error, at the start of a ``backward`` whose step is a multiple of ``findings_every``
+        (never inside one; an exception it raises is reported once). docs/live.md.
 
     With a ``DistributedDataParallel`` model the statistics describe the global (all-reduced)
     gradients and the global batch, only rank 0 writes ``log`` (and feeds the sinks), and
@@ -143,7 +125,7 @@ class Probe:
         self._notices = Notices(self._writer if self._writes else None)
         self._recorder = StepRecorder(self._writer, self._watches, self._sinks, self.max_rows,
                                       self._notices.later, self._notices.warn_once,
-                                      self._drop_watch, self._release_watch)
+                                      self._drop_watch, self._watches.release)
         self._live = LiveFindings(on_finding, findings_every, GradprobeWarning)
         self._existing_steps = self._writer.last_step() is not None
 
@@ -288,27 +270,18 @@ class Probe:
         self.step += 1
 
     def findings(self, thresholds: Any = None) -> list:
-        """The findings of the run recorded so far (``gradprobe analyze`` on the run file now).
-
-        Reads what the run file holds, as another reader would (nothing is flushed, nothing
-        waits for the device); diagnoses again only when something new was committed since the
-        last call, else returns the same findings. ``thresholds``: a
-        :class:`gradprobe.diagnose.Thresholds`. Under DDP, ranks other than 0 record nothing
-        and get ``[]``. A run kept in memory (``log=None``) is copied for each call.
-
-        The probe stage imports ``gradprobe.diagnose`` (a later stage) here, inside the call:
-        the one documented exception to the one-way stage rule (gradprobe/probe/live.py).
-        docs/live.md has what a call costs.
-        """
+        """The findings of the run recorded so far (``gradprobe analyze`` on the run file now):
+        read as another reader would (nothing flushed, no wait for the device), diagnosed again
+        only when something new was committed. ``[]`` on DDP ranks other than 0. It imports the
+        later diagnose stage inside the call, the documented exception (probe/live.py,
+        docs/architecture.md); docs/live.md has what a call costs."""
         if not self._writes:
             return []
         return self._live.findings(self._writer, thresholds)
 
     def log(self, **scalars: Any) -> None:
-        """Record extra scalars (learning rate, validation losses...) at the current step.
-
-        Under DDP only rank 0 records them (other ranks ignore the call).
-        """
+        """Record extra scalars (learning rate, validation losses...) at the current step
+        (under DDP on rank 0 only; other ranks ignore the call)."""
         if not self.enabled or not self._writes:
             return
         try:
@@ -348,13 +321,7 @@ class Probe:
             return
         watch.disabled = failure_reason(exc)
         self._writer.add_event(self.step, "watch_disabled", watch.name, watch.disabled)
-        self._release_watch(watch, self.step)
-
-    def _release_watch(self, watch: Any, step: int) -> None:
-        """The rest of disabling a watch: its hook removed, one warning."""
-        self._watches.unhook(watch)
-        warn_user(f"gradprobe: step {step}: watch {watch.name!r} disabled ({watch.disabled}); "
-                  "the losses and the other watches go on recording")
+        self._watches.release(watch, self.step)
 
     def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
                             scaler: Any, assemble: bool) -> PerLossGradients:

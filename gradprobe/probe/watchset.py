@@ -11,6 +11,7 @@ import torch
 
 from . import checks
 from .checks import RESERVED_OBSERVE
+from .notices import warn_user
 from .watches import (ContrastiveWatch, LatentWatch, PrototypeWatch, ProbeUsageError,
                       SaturationWatch)
 
@@ -144,6 +145,12 @@ class WatchSet:
         if watch.handle is not None:
             watch.handle.remove()
             watch.handle = None
+
+    def release(self, watch: Any, step: int) -> None:
+        """The rest of disabling a watch: its hook removed, one warning."""
+        self.unhook(watch)
+        warn_user(f"gradprobe: step {step}: watch {watch.name!r} disabled ({watch.disabled}); "
+                  "the losses and the other watches go on recording")
 
     def remove_hooks(self) -> None:
         for watch in list(self.latents.values()) + list(self.saturations.values()):
