@@ -7,7 +7,9 @@ from .follow import CLOSED, GONE, WRITING, change_mark, writer_state
 from .quantities import QUANTITIES, ROLES, Quantity, pair_name, pair_parts
 from .run import (STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_bytes,
                   run_from_state)
-from .store import SCHEMA_VERSION, BackgroundRunWriter, RunFileError, RunWriter
+from .background import BackgroundRunWriter
+from .schema import SCHEMA_VERSION, RunFileError
+from .store import RunWriter
 
 __all__ = ["BackgroundRunWriter", "CLOSED", "GONE", "QUANTITIES", "Quantity", "ROLES", "Run",
            "RunFileError", "RunWriter", "SCHEMA_VERSION", "STATE_FORMAT", "WRITING",

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .store import _SCHEMA, FORMAT_NAME, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError, memory_database
+from .schema import FORMAT_NAME, SCHEMA_SQL, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError, memory_database
 
 STATE_FORMAT = "gradprobe.state"
 
@@ -57,7 +57,7 @@ def _database_errors(method):
 def _expected_columns() -> dict[str, list[tuple]]:
     """Each table's columns (name, type, not null, primary key, hidden) in schema version 1."""
     conn = sqlite3.connect(":memory:")
-    conn.executescript(_SCHEMA)
+    conn.executescript(SCHEMA_SQL)
     tables = {name: [tuple(row[1:]) for row in conn.execute(f"PRAGMA table_xinfo({name})")]
               for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
