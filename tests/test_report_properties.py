@@ -30,8 +30,7 @@ from matplotlib.axis import Axis
 from matplotlib.backends.backend_template import FigureCanvasTemplate, RendererTemplate
 
 from gradprobe.diagnose import DiagnoseWarning, diagnose
-from gradprobe.record import RunWriter
-from gradprobe.record.run import run_from_bytes
+from gradprobe.record import RunWriter, run_from_bytes
 from gradprobe.report import findings_json, report_figures, summary_lines, write_pdf
 from gradprobe.report.style import report_style
 

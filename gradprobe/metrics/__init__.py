@@ -12,7 +12,9 @@ a non-finite input is a ``finite`` flag there, not an exception.
 
 from .batch import batch_summary, group_diversity
 from .contrastive import contrastive_signal
+from .dependence import linear_cka, max_abs_correlation, max_abs_correlation_null
 from .gradients import gram_from_gradients, gram_statistics, gram_summary
+from .latents import latent_pair_summary, latent_spectrum, latent_statistics, latent_summary
 from .prototypes import prototype_drift, prototype_lag, prototype_spread, prototype_usage
 from .representation import (
     active_units,
@@ -22,13 +24,6 @@ from .representation import (
     isotropic_effective_rank,
     isotropic_participation_ratio,
     latent_norm,
-    latent_pair_summary,
-    latent_spectrum,
-    latent_statistics,
-    latent_summary,
-    linear_cka,
-    max_abs_correlation,
-    max_abs_correlation_null,
     normalized_std,
     participation_ratio,
     singular_spectrum,

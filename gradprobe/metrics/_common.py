@@ -215,6 +215,11 @@ def entropy_rank(values: Tensor, eps: float = RANKME_EPS) -> float:
     return float(entropy_rank_of(values, eps))
 
 
+def centre(x: Tensor) -> Tensor:
+    """``x`` minus its column means (each column centred over the rows)."""
+    return x - x.mean(dim=0, keepdim=True)
+
+
 def l2_normalize_rows(x: Tensor) -> Tensor:
     """Rows divided by their l2 norm; all-zero rows stay zero (as ``F.normalize``)."""
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)

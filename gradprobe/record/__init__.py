@@ -3,11 +3,14 @@ the names of what it holds (:mod:`gradprobe.record.quantities`: every recorded q
 loss roles)."""
 
 from . import quantities
+from .background import BackgroundRunWriter
 from .follow import CLOSED, GONE, WRITING, change_mark, writer_state
+from .load import (STATE_FORMAT, find_state, load_checkpoint, load_run, run_from_bytes,
+                   run_from_state)
 from .quantities import QUANTITIES, ROLES, Quantity, pair_name, pair_parts
-from .run import (STATE_FORMAT, Run, find_state, load_checkpoint, load_run, run_from_bytes,
-                  run_from_state)
-from .store import SCHEMA_VERSION, BackgroundRunWriter, RunFileError, RunWriter
+from .run import Run
+from .schema import SCHEMA_VERSION, RunFileError
+from .store import RunWriter
 
 __all__ = ["BackgroundRunWriter", "CLOSED", "GONE", "QUANTITIES", "Quantity", "ROLES", "Run",
            "RunFileError", "RunWriter", "SCHEMA_VERSION", "STATE_FORMAT", "WRITING",

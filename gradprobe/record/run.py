@@ -1,4 +1,5 @@
-"""Reading a recorded run back: from a run file, or from a checkpoint holding ``probe.state_dict()``."""
+"""Reading a recorded run back: the :class:`Run` over an open run-file database (opening a file
+or a checkpoint: :mod:`gradprobe.record.load`)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,18 @@ import functools
 import inspect
 import json
 import os
-import pickle
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .store import _SCHEMA, FORMAT_NAME, SCHEMA_VERSION, SQLITE_MAGIC, RunFileError, memory_database
-
-STATE_FORMAT = "gradprobe.state"
+from .scalars import CHUNK_ROWS, ScalarSeries, read_scalars
+from .schema import FORMAT_NAME, SCHEMA_SQL, SCHEMA_VERSION, RunFileError
 
 # What a damaged file can make the reading code raise, besides SQLite's own errors: a value
 # of the wrong type in a column (TypeError, ValueError), a number out of range (OverflowError).
 _DAMAGE = (sqlite3.Error, ValueError, TypeError, OverflowError, MemoryError)
-_CHUNK = 65536
 
 
 def _damage_message(source: str, exc: BaseException) -> str:
@@ -57,7 +55,7 @@ def _database_errors(method):
 def _expected_columns() -> dict[str, list[tuple]]:
     """Each table's columns (name, type, not null, primary key, hidden) in schema version 1."""
     conn = sqlite3.connect(":memory:")
-    conn.executescript(_SCHEMA)
+    conn.executescript(SCHEMA_SQL)
     tables = {name: [tuple(row[1:]) for row in conn.execute(f"PRAGMA table_xinfo({name})")]
               for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
@@ -78,55 +76,6 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-class _Scalars:
-    """Every recorded scalar, grouped by series while the rows are read, chunk by chunk (so
-    that memory holds the result, about 16 bytes a value, plus one chunk; never a sort of the
-    whole run): ``series[sid]`` = (steps, values), sorted by step, one value a step, the
-    value written last for a step kept."""
-
-    def __init__(self, known: list[int]):
-        self.known = known
-        self._pieces: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in known]
-        self.series: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def add(self, index: np.ndarray, steps: np.ndarray, values: np.ndarray) -> None:
-        """One chunk: ``index[i]`` (position in ``known``), ``steps[i]``, ``values[i]``, in
-        the order they were written."""
-        if len(self.known) <= 1 << 16:
-            index = index.astype(np.uint16)  # numpy sorts 16-bit integers by radix: O(n)
-        # Stable: within a series, values stay in the order they were written.
-        order = np.argsort(index, kind="stable")
-        counts = np.bincount(index, minlength=len(self.known))
-        bounds = np.concatenate(([0], np.cumsum(counts)))
-        steps, values = steps[order], values[order]
-        del order
-        for i in np.flatnonzero(counts).tolist():
-            start, stop = bounds[i], bounds[i + 1]
-            self._pieces[i].append((steps[start:stop].copy(), values[start:stop].copy()))
-
-    def finish(self) -> "_Scalars":
-        for i, sid in enumerate(self.known):
-            pieces, self._pieces[i] = self._pieces[i], []
-            if not pieces:
-                self.series[sid] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
-                continue
-            steps = np.concatenate([s for s, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
-            values = np.concatenate([v for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
-            del pieces
-            if len(steps) > 1:
-                if (steps[1:] < steps[:-1]).any():
-                    # Steps that go back (a resumed run, a rewritten step): sort stably, so
-                    # that the value written last still comes last.
-                    order = np.argsort(steps, kind="stable")
-                    steps, values = steps[order], values[order]
-                repeated = steps[1:] == steps[:-1]
-                if repeated.any():  # the last value written for a step wins
-                    keep = np.append(~repeated, True)
-                    steps, values = steps[keep], values[keep]
-            self.series[sid] = (steps, values)
-        return self
-
-
 class Run:
     """A recorded run. Every quantity is a series of (step, value) keyed by (quantity, name).
 
@@ -145,7 +94,7 @@ class Run:
             self._check_schema()
             self.meta = self._read_meta()
             self._series = self._read_series()
-            self._scalars: _Scalars | None = None  # every series, loaded on first use
+            self._scalars: ScalarSeries | None = None  # every series, loaded on first use
         except RunFileError:
             conn.close()
             raise
@@ -288,45 +237,9 @@ class Run:
         return steps.copy(), values.copy()
 
     @_database_errors
-    def _load_scalars(self) -> "_Scalars":
-        """Every scalar of the run, read once, in one query, a chunk of rows at a time."""
-        known = sorted(self._series.values())
-        known_ids = np.array(known, dtype=np.int64)
-        scalars = _Scalars(known)
-        # In chunks: a 1,000,000-step run never exists as a million Python tuples at once.
-        cur = self._conn.execute("SELECT step, ids, vals FROM step_scalars ORDER BY id")
-        while True:
-            rows = cur.fetchmany(_CHUNK)
-            if not rows:
-                break
-            row_steps, row_ids, row_vals = zip(*rows)
-            del rows
-            try:
-                id_bytes, value_bytes = b"".join(row_ids), b"".join(row_vals)
-            except TypeError:
-                raise RunFileError(f"{self.source}: damaged run file (step_scalars holds "
-                                   "a value that is not a blob)") from None
-            id_lengths = np.fromiter(map(len, row_ids), dtype=np.int64, count=len(row_ids))
-            value_lengths = np.fromiter(map(len, row_vals), dtype=np.int64,
-                                        count=len(row_vals))
-            del row_ids, row_vals
-            if (id_lengths % 4).any() or (value_lengths % 8).any() \
-                    or not np.array_equal(id_lengths // 4, value_lengths // 8):
-                raise RunFileError(f"{self.source}: damaged run file (step_scalars rows whose "
-                                   "ids and values differ in length)")
-            ids = np.frombuffer(id_bytes, dtype="<i4")
-            index = np.searchsorted(known_ids, ids)
-            if len(ids) and (index.max() >= len(known)
-                             or not np.array_equal(known_ids[index], ids)):
-                raise RunFileError(f"{self.source}: damaged run file (step_scalars names a "
-                                   "series missing from the series table)")
-            del ids, id_bytes
-            values = np.frombuffer(value_bytes, dtype="<f8").astype(np.float64, copy=False)
-            steps = np.repeat(np.fromiter(row_steps, dtype=np.int64, count=len(row_steps)),
-                              id_lengths // 4)
-            scalars.add(index, steps, values)
-            del index, values, value_bytes, steps
-        return scalars.finish()
+    def _load_scalars(self) -> ScalarSeries:
+        """Every scalar of the run, read once (:func:`~gradprobe.record.scalars.read_scalars`)."""
+        return read_scalars(self._conn, sorted(self._series.values()), self.source)
 
     @_database_errors
     def array_names(self, quantity: str) -> list[str]:
@@ -362,7 +275,7 @@ class Run:
         cur = self._conn.execute("SELECT step FROM steps ORDER BY step")
         parts = []
         while True:
-            rows = cur.fetchmany(_CHUNK)
+            rows = cur.fetchmany(CHUNK_ROWS)
             if not rows:
                 break
             parts.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
@@ -420,33 +333,10 @@ class Run:
         self.close()
 
 
-def _open_sqlite(path: Path) -> sqlite3.Connection:
-    # Read-only and without touching the writer's WAL: analysing a live run is safe.
-    uri = f"file:{path.resolve().as_posix()}?mode=ro"
-    try:
-        return sqlite3.connect(uri, uri=True, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise RunFileError(f"{path}: cannot open run file ({exc})") from None
-
-
-def _open_run_file(path: Path) -> Run:
-    try:
-        return _checked(Run(_open_sqlite(path), str(path)))
-    except RunFileError as exc:
-        if "unable to open" not in str(exc) and "readonly" not in str(exc):
-            raise
-    # A WAL-mode file (one whose writer was killed, or still runs) in a directory we cannot
-    # write: SQLite cannot create its -shm file. Read the main file as it is (immutable):
-    # steps still only in a -wal file are not seen.
-    uri = f"file:{path.resolve().as_posix()}?mode=ro&immutable=1"
-    try:
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise RunFileError(f"{path}: cannot open run file ({exc})") from None
-    return _checked(Run(conn, str(path)))
-
-
-def _checked(run: Run) -> Run:
+def checked_run(conn: sqlite3.Connection, source: str) -> Run:
+    """A :class:`Run` of ``conn`` whose data pages were read: a truncated or corrupt file fails
+    here, with one line, not later in the middle of a diagnosis."""
+    run = Run(conn, source)
     try:
         run.probe_steps()  # touches the data pages: a truncated file fails here, not later
         run._conn.execute("PRAGMA quick_check(1)").fetchall()  # noqa: SLF001
@@ -458,90 +348,3 @@ def _checked(run: Run) -> Run:
         raise RunFileError(_damage_message(run.source, exc)) from None
     return run
 
-
-def run_from_bytes(data: bytes, source: str) -> Run:
-    try:
-        conn = memory_database(data)
-    except (sqlite3.Error, OverflowError, MemoryError) as exc:
-        raise RunFileError(f"{source}: the checkpoint's run data is damaged ({exc})") from None
-    return _checked(Run(conn, source))
-
-
-def find_state(obj: Any) -> dict | None:
-    """The ``probe.state_dict()`` inside a loaded checkpoint: the object itself or a top-level value."""
-    if isinstance(obj, dict):
-        if obj.get("format") == STATE_FORMAT:
-            return obj
-        for value in obj.values():
-            if isinstance(value, dict) and value.get("format") == STATE_FORMAT:
-                return value
-    return None
-
-
-def load_checkpoint(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: a checkpoint is data, never code."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines()]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
-        if detail or "Weights only load failed" in str(exc):
-            raise RunFileError(
-                f"{path}: refused: the checkpoint needs pickle code to load, and gradprobe only "
-                f"loads plain data (weights_only=True){': ' + detail[:200] if detail else ''}"
-            ) from None
-        message = lines[0][:200] if lines and lines[0] else "unpickling failed"
-        raise RunFileError(f"{path}: not a readable checkpoint (corrupt or truncated: "
-                           f"{message})") from None
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
-        text = str(exc).strip()
-        message = text.splitlines()[0][:200] if text else type(exc).__name__
-        raise RunFileError(f"{path}: not a readable checkpoint (corrupt or truncated: "
-                           f"{message})") from None
-
-
-def load_run(path: str | os.PathLike) -> Run:
-    """Open a run file (``.gprobe``) or a checkpoint holding ``probe.state_dict()``.
-
-    Raises :class:`RunFileError` with one line naming the problem for a missing, empty,
-    truncated, corrupt or foreign file, a directory, or a checkpoint that needs code to load;
-    never another exception. Reading a file never runs code or SQL from it.
-    """
-    try:
-        path = Path(path)
-        if not path.exists():
-            raise RunFileError(f"{path}: no such file")
-        if path.is_dir():
-            raise RunFileError(f"{path}: is a directory, not a run file or checkpoint")
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except (OSError, ValueError, TypeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise RunFileError(f"{path}: cannot read ({reason})") from None
-    if not head:
-        raise RunFileError(f"{path}: empty file")
-    if head == SQLITE_MAGIC:
-        return _open_run_file(path)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        state = find_state(load_checkpoint(path))
-        if state is None:
-            raise RunFileError(f"{path}: a checkpoint, but it holds no probe.state_dict() "
-                               "(save it as {'gradprobe': probe.state_dict(), ...})")
-        return run_from_state(state, str(path))
-    raise RunFileError(f"{path}: not a gradprobe run file or PyTorch checkpoint")
-
-
-def run_from_state(state: dict, source: str) -> Run:
-    import torch
-
-    database = state.get("database")
-    if not isinstance(database, torch.Tensor) or database.dtype != torch.uint8 \
-            or database.layout != torch.strided:
-        raise RunFileError(f"{source}: the probe state holds no recorded data")
-    try:
-        data = database.detach().cpu().contiguous().numpy().tobytes()
-    except Exception as exc:  # noqa: BLE001 - an odd tensor from a damaged checkpoint
-        raise RunFileError(f"{source}: the probe state's run data is unreadable ({exc})") from None
-    return run_from_bytes(data, source)
