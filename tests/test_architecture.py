@@ -164,10 +164,7 @@ def test_the_layering_check_finds_a_later_stage_and_a_circle(tmp_path):
 def test_no_module_is_over_500_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
-    # Being split on its own branch (issue 15).
-    pending = {"probe/probe.py"}
-    assert {p for p in long if p not in pending} == set(), long
-    assert not any(p.startswith("diagnose/") for p in long), long
+    assert long == {}
 
 
 def test_a_training_job_does_not_import_the_plotting_libraries(tmp_path):

@@ -6,8 +6,8 @@ import torch
 
 from gradprobe.demo import CellBatchSampler, make_data, train
 from gradprobe.demo.data import scan_motifs
-from gradprobe.demo.decoupling import (FAILING_WEIGHTS, REMEDIES, GradReverse, IntrinsicEncoder, build_model,
-                                       evaluate)
+from gradprobe.demo.decoupling import (FAILING_WEIGHTS, REMEDIES, GradReverse, IntrinsicEncoder,
+                                       build_model)
 
 
 @pytest.fixture(scope="module")
