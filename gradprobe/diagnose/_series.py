@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Iterator
 
 import numpy as np
 
@@ -44,6 +45,16 @@ def is_fixed_weight(values: np.ndarray, tolerance: float = FIXED_WEIGHT_TOLERANC
     if not len(w):
         return False
     return float(np.ptp(w)) <= tolerance * float(np.abs(w).max())
+
+
+def recorded_series(run: Run, quantity: str,
+                    least: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, steps, values)`` for each name ``quantity`` was recorded under whose finite
+    values number at least ``least``: the series a rule can judge."""
+    for name in run.names(quantity):
+        series = finite(get(run, quantity, name))
+        if series is not None and len(series[0]) >= least:
+            yield name, *series
 
 
 def median(values: np.ndarray) -> float:

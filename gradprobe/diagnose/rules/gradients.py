@@ -13,7 +13,8 @@ from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_N
                                          MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
-                       persistent, roles, rolling_median, start_end, task_learning, thin)
+                       persistent, recorded_series, roles, rolling_median, start_end, task_learning,
+                       thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
@@ -96,11 +97,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
 def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     role = roles(run)
-    for pair in run.names(GRAD_COSINE):
-        series = finite(get(run, GRAD_COSINE, pair))
-        if series is None or len(series[0]) < th.min_points:
-            continue
-        steps, cos = series
+    for pair, steps, cos in recorded_series(run, GRAD_COSINE, th.min_points):
         a, b = pair_parts(pair)
         if role.get(a) in th.exempt_roles or role.get(b) in th.exempt_roles:
             continue  # a regulariser opposes the task by design (weight decay pulls to 0)

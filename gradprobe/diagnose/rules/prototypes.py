@@ -13,7 +13,8 @@ from gradprobe.record.quantities import (LATENT_NORM, PROTOTYPE_DRIFT, PROTOTYPE
                                          PROTOTYPE_TARGET_SHIFT, PROTOTYPE_USAGE)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
-                       persistent, rolling_median, start_end, thin, trailing_range, window_size)
+                       persistent, recorded_series, rolling_median, start_end, thin, trailing_range,
+                       window_size)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, groups_per_batch_series, make_finding
@@ -21,11 +22,7 @@ from .common import Earlier, groups_per_batch_series, make_finding
 
 def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
-    for p in run.names(PROTOTYPE_DRIFT):
-        drift = finite(get(run, PROTOTYPE_DRIFT, p))
-        if drift is None or len(drift[0]) < th.min_points:
-            continue
-        steps, d = drift
+    for p, steps, d in recorded_series(run, PROTOTYPE_DRIFT, th.min_points):
         still = d <= th.stale_drift
         shift = finite(get(run, PROTOTYPE_TARGET_SHIFT, p))
         if shift is not None:
@@ -72,11 +69,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
     out = []
     latents = run.meta.get("prototypes") or {}
     gpb = groups_per_batch_series(run)
-    for p in run.names(PROTOTYPE_MEAN_DISTANCE):
-        mean_d = finite(get(run, PROTOTYPE_MEAN_DISTANCE, p))
-        if mean_d is None or len(mean_d[0]) < 2 * th.min_points:
-            continue
-        steps, md = mean_d
+    for p, steps, md in recorded_series(run, PROTOTYPE_MEAN_DISTANCE, 2 * th.min_points):
         scale_note = "absolute"
         latent = latents.get(p)
         norm = get(run, LATENT_NORM, latent) if latent else None

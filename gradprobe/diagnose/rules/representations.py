@@ -14,8 +14,8 @@ from gradprobe.record.quantities import (ACTIVE_UNITS, CKA, EFFECTIVE_RANK_ISOTR
                                          NORMALIZED_STD, RANKME_CENTRED, TOTAL_VARIANCE)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
-                       persistent, roles, rolling_median, start_end, thin, trailing_range,
-                       window_size)
+                       persistent, recorded_series, roles, rolling_median, start_end, thin,
+                       trailing_range, window_size)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, make_finding, series_end
@@ -25,11 +25,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
     out = []
     role = roles(run)
     kl_losses = [n for n, r in role.items() if r == "kl"]
-    for z in run.names(RANKME_CENTRED):
-        rank = finite(get(run, RANKME_CENTRED, z))
-        if rank is None or len(rank[0]) < 2 * th.min_points:
-            continue
-        steps, r = rank
+    for z, steps, r in recorded_series(run, RANKME_CENTRED, 2 * th.min_points):
         k = window_size(len(r), th)
         peak = nanmax(rolling_median(r, th.smooth_points))
         end = median(r[-k:])
@@ -184,11 +180,7 @@ def orthogonality_vanishing(run: Run, th: Thresholds, earlier: Earlier) -> list[
         if s is not None and len(s[0]) >= th.min_points:
             peak = nanmax(rolling_median(s[1], th.smooth_points))
             orth_grads[name] = {"peak": peak, "end": start_end(*s, th)["end"]}
-    for z in run.names(LATENT_NORM):
-        series = finite(get(run, LATENT_NORM, z))
-        if series is None or len(series[0]) < 2 * th.min_points:
-            continue
-        steps, v = series
+    for z, steps, v in recorded_series(run, LATENT_NORM, 2 * th.min_points):
         peak = nanmax(rolling_median(v, th.smooth_points))
         end = start_end(steps, v, th)["end"]
         if not (peak > 0 and end <= th.vanishing_norm_fraction * peak):

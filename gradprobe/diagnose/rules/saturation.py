@@ -10,8 +10,8 @@ from gradprobe.record.quantities import (ENERGY_SCALE_RATIO, MEAN_SIGMOID_GRAD, 
                                          SATURATED_WRONG_FRACTION, SATURATION_THRESHOLD_USED,
                                          TEMPERATURE)
 
-from .._series import (finite, g, get, held_range, held_share, median, pct, persistent, thin,
-                       trailing_range)
+from .._series import (finite, g, get, held_range, held_share, median, pct, persistent,
+                       recorded_series, thin, trailing_range)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, make_finding, series_end
@@ -19,11 +19,7 @@ from .common import Earlier, make_finding, series_end
 
 def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
-    for s in run.names(SATURATED_FRACTION):
-        series = finite(get(run, SATURATED_FRACTION, s))
-        if series is None or len(series[0]) < th.min_points:
-            continue
-        steps, v = series
+    for s, steps, v in recorded_series(run, SATURATED_FRACTION, th.min_points):
         held = v >= th.saturation_fraction
         med = median(v)
         evidence: dict = {"watch": s, "median_saturated_fraction": med,
