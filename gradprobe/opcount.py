@@ -100,11 +100,15 @@ def _device_of(value) -> torch.device | None:
     return value.device if isinstance(value, torch.Tensor) else None
 
 
-class _Dispatch(TorchDispatchMode):
+class _Counting:
+    """A torch mode that adds what it sees to ``counts``."""
+
     def __init__(self, counts: OpCounts):
         super().__init__()
         self.counts = counts
 
+
+class _Dispatch(_Counting, TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         counts = self.counts
@@ -143,12 +147,8 @@ def _has_mask(indices) -> bool:
                for i in (indices if isinstance(indices, (list, tuple)) else ()))
 
 
-class _HostReads(TorchFunctionMode):
+class _HostReads(_Counting, TorchFunctionMode):
     """On a CPU run: the Python calls that read a tensor's values on the host."""
-
-    def __init__(self, counts: OpCounts):
-        super().__init__()
-        self.counts = counts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
