@@ -267,6 +267,9 @@ def test_findings_is_analyze_of_what_was_recorded_so_far(tmp_path):
 
     def check(probe, step):
         if step in (139, 399):
+            # The writer thread commits handed-over steps while training goes on: with its
+            # queue drained, the two readers below see the same committed steps.
+            probe._writer.flush()
             found = probe.findings()
             # The same as analyze on the run file as it is now, read by another reader.
             expected = diagnose(gradprobe.load_run(tmp_path / "r.gprobe"))
