@@ -21,10 +21,11 @@ the user asks the probe, at run time, for the later stage's verdict on what was 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable
 
 from gradprobe.record import change_mark, load_run, run_from_bytes
+
+from .notices import warn_user
 
 ALERT_SEVERITIES = ("error", "warning")
 
@@ -32,11 +33,9 @@ ALERT_SEVERITIES = ("error", "warning")
 class LiveFindings:
     """Diagnoses what a run writer has committed so far; calls back on new findings."""
 
-    def __init__(self, on_finding: Callable[[Any], Any] | None, every: int,
-                 warning: type[Warning]):
+    def __init__(self, on_finding: Callable[[Any], Any] | None, every: int):
         self.on_finding = on_finding
         self.every = every
-        self._warning = warning
         self._mark: tuple | None = None
         self._cached: list | None = None
         self._handed_over: set[tuple[str, str]] = set()
@@ -74,10 +73,9 @@ class LiveFindings:
             found = self.findings(writer)
         except Exception as exc:  # noqa: BLE001 - the observer must not harm the observed
             self._scheduled = False
-            warnings.warn(f"gradprobe: step {step}: diagnosing the run so far failed "
-                          f"({type(exc).__name__}: {exc}); findings are no longer checked during "
-                          "training (gradprobe analyze still reads the run file)",
-                          self._warning, stacklevel=4)
+            warn_user(f"gradprobe: step {step}: diagnosing the run so far failed "
+                      f"({type(exc).__name__}: {exc}); findings are no longer checked during "
+                      "training (gradprobe analyze still reads the run file)")
             return
         for finding in found:
             key = (finding.id, finding.subject)
@@ -106,6 +104,6 @@ class LiveFindings:
             receive(step, finding)
         except Exception as exc:  # noqa: BLE001 - a callback's error must not stop training
             self._failed_receivers.add(receiver)
-            warnings.warn(f"gradprobe: step {step}: {name} raised {type(exc).__name__}: {exc} "
-                          f"(for finding {finding.id!r}); it receives no more findings and "
-                          "training goes on", self._warning, stacklevel=5)
+            warn_user(f"gradprobe: step {step}: {name} raised {type(exc).__name__}: {exc} "
+                      f"(for finding {finding.id!r}); it receives no more findings and "
+                      "training goes on")

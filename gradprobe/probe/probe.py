@@ -126,7 +126,7 @@ class Probe:
         self._recorder = StepRecorder(self._writer, self._watches, self._sinks, self.max_rows,
                                       self._notices.later, self._notices.warn_once,
                                       self._drop_watch, self._watches.release)
-        self._live = LiveFindings(on_finding, findings_every, GradprobeWarning)
+        self._live = LiveFindings(on_finding, findings_every)
         self._existing_steps = self._writer.last_step() is not None
 
     @property
