@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradprobe import Probe
+from gradprobe.demo.decoupling import GradReverse
 from gradprobe.record import Run, run_from_state
 from gradprobe.remedies import GradNormBalancer, correlation_loss, info_nce
 
@@ -119,19 +120,6 @@ def memorising_decoupler(bad: bool, steps: int = 200, seed: int = 0) -> Run:
 
 # ---------------------------------------------------- gradient-conflict (gradient reversal)
 
-class ScaledReverse(torch.autograd.Function):
-    """Gradient reversal with a coefficient (Ganin & Lempitsky 2015)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha):
-        ctx.alpha = alpha
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.alpha * grad, None
-
-
 @_cached
 def domain_adversarial(reversal: bool, steps: int = 120, seed: int = 0) -> Run:
     """The task needs the group (y depends on it) while a domain classifier on the same
@@ -150,7 +138,7 @@ def domain_adversarial(reversal: bool, steps: int = 120, seed: int = 0) -> Run:
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         h = trunk(x[idx])
-        feats = ScaledReverse.apply(h, 1.0) if reversal else h
+        feats = GradReverse.apply(h, 1.0) if reversal else h
         losses = {"task": F.mse_loss(head(h).squeeze(1), y[idx]),
                   "adv": F.cross_entropy(disc(feats), grp[idx])}
         probe.backward(losses, weights={"adv": 1.0})
@@ -481,7 +469,7 @@ def dann(domain_input: str, steps: int = 60, seed: int = 0) -> Run:
             idx = torch.randint(0, n, (32,), generator=gen)
             fs, ft = feature(xs[idx]), feature(xt[idx])
             alpha = 2.0 / (1.0 + math.exp(-10 * step / steps)) - 1.0
-            ds, dt = ((f.detach() if detach else ScaledReverse.apply(f, alpha)) for f in (fs, ft))
+            ds, dt = ((f.detach() if detach else GradReverse.apply(f, alpha)) for f in (fs, ft))
             losses = {"label": F.cross_entropy(label_head(fs), ys[idx]),
                       "s_domain": F.cross_entropy(domain_head(ds), torch.zeros(32, dtype=torch.long)),
                       "t_domain": F.cross_entropy(domain_head(dt), torch.ones(32, dtype=torch.long))}

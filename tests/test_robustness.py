@@ -20,9 +20,9 @@ from torch import nn
 import gradprobe
 from gradprobe import GradprobeWarning
 from gradprobe.cli import main
+from gradprobe.demo.decoupling import GradReverse
 from gradprobe.probe.cadence import is_probe_step
 from gradprobe.record import RunWriter, run_from_state
-from runs import ScaledReverse
 
 
 class MultiLeNetR(nn.Module):
@@ -241,7 +241,7 @@ def test_a_dann_run_whose_adversary_is_still_warming_up_gets_its_pdf(tmp_path):
             labels = (source[:, 0] > 0).long()
             h_source, h_target = features(source), features(target)
             coefficient = 0.0 if step < warm_up else 1.0
-            reversed_h = ScaledReverse.apply(torch.cat([h_source, h_target]), coefficient)
+            reversed_h = GradReverse.apply(torch.cat([h_source, h_target]), coefficient)
             domains = torch.cat([torch.zeros(16), torch.ones(16)]).long()
             probe.backward({"task": F.cross_entropy(label_head(h_source), labels),
                             "domain": F.cross_entropy(domain_head(reversed_h), domains)})

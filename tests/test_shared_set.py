@@ -13,6 +13,7 @@ from torch import nn
 
 import gradprobe
 import runs
+from gradprobe.demo.decoupling import GradReverse
 from gradprobe.diagnose import diagnose
 from gradprobe.record import run_from_state
 
@@ -76,9 +77,9 @@ def test_dann_extractor_is_crossed_by_every_path_of_every_loss():
     def losses():
         fs, ft = feature(xs), feature(xt)
         return {"label": F.cross_entropy(label_head(fs), torch.zeros(8, dtype=torch.long)),
-                "s_domain": F.cross_entropy(domain_head(runs.ScaledReverse.apply(fs, 1.0)),
+                "s_domain": F.cross_entropy(domain_head(GradReverse.apply(fs, 1.0)),
                                             torch.zeros(8, dtype=torch.long)),
-                "t_domain": F.cross_entropy(domain_head(runs.ScaledReverse.apply(ft, 1.0)),
+                "t_domain": F.cross_entropy(domain_head(GradReverse.apply(ft, 1.0)),
                                             torch.ones(8, dtype=torch.long))}
 
     assert _reaches(losses, feature[3], feature[0].weight) == set()

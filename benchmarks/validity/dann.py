@@ -42,23 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradprobe
+from gradprobe.demo.decoupling import GradReverse
 
 from .common import batches, digits_split
 from .harness import Expect, Family, Variant
 
 STEPS, BATCH, LR = 600, 128, 1e-3
 FEATURES = 48 * 2 * 2
-
-
-class ReverseGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, alpha):
-        ctx.alpha = alpha
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.neg() * ctx.alpha, None
 
 
 class DANN(nn.Module):
@@ -78,7 +68,7 @@ class DANN(nn.Module):
 
     def forward(self, x, alpha: float, detach_domain: bool = False):
         feature = self.feature(x.view(-1, 1, 8, 8))
-        domain_in = feature.detach() if detach_domain else ReverseGrad.apply(feature, alpha)
+        domain_in = feature.detach() if detach_domain else GradReverse.apply(feature, alpha)
         return self.class_classifier(feature), self.domain_classifier(domain_in)
 
 
