@@ -112,11 +112,40 @@ def _params(model):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_probe_every_step_leaves_training_unchanged(optimizer):
+    # The separate path runs the ordinary backward of the same weighted total: the updates
+    # are those of the plain loop's sum(w * L), bit for bit.
     plain, _ = train(30, optimizer=optimizer)
     probed, probe = train(30, lambda m: attach(m, shared=m.trunk, every=1), optimizer=optimizer)
-    assert probe.enabled and probe.step == 30
+    assert probe.enabled and probe.step == 30 and probe.backward_path == "separate"
     for a, b in zip(_params(plain), _params(probed)):
-        assert torch.allclose(a, b, rtol=1e-5)
+        assert torch.equal(a, b)
+
+
+def test_a_loss_in_float64_is_probed_in_its_own_precision(tmp_path):
+    # A physics residual computed in float64 beside float32 losses: each loss's backward is
+    # seeded in its own dtype, and its recorded norm is that of an independent autograd.grad.
+    torch.manual_seed(0)
+    model = TwoLatentNet()
+    x, y, g = make_data()
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    losses, (z_I, _, _) = four_losses(model, x[:32], y[:32], g[:32])
+    losses["residual"] = (z_I.double() ** 2).mean() * 1e-3
+    weights = dict(WEIGHTS, residual=torch.tensor(0.5, dtype=torch.float64))
+    trunk = list(model.trunk.parameters())
+    expected = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, trunk, retain_graph=True)
+        expected[name] = float(torch.linalg.vector_norm(
+            torch.cat([gr.reshape(-1).double() for gr in grads])))
+    reference = [p.detach().clone() for p in model.parameters()]
+    sum(weights.get(k, 1.0) * v for k, v in losses.items()).backward(retain_graph=True)
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    probe.backward(losses, weights=weights)
+    assert probe.last_grad_norms == pytest.approx(expected, rel=1e-6)
+    for p, before, grad in zip(model.parameters(), reference, plain_grads):
+        assert torch.equal(p.detach(), before) and torch.equal(p.grad, grad)
+    probe.close()
 
 
 def test_assembled_backward_fills_grad_like_the_ordinary_backward():

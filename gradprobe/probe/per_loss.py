@@ -12,6 +12,7 @@ import torch
 
 from .graph import has_user_hooks, infer_shared, reachable_leaves
 from .recording import StepNumbers
+from .transfer import one_dim
 from .watches import ProbeUsageError
 
 @dataclass
@@ -83,6 +84,10 @@ def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
     scale = None
     if scaler is not None and scaler.is_enabled():
         scale = scaler.scale(torch.ones((), device=losses[0].device))
+    # d(s * L)/dx is the backward of L seeded with s: one seed serves every loss (with a
+    # scaler it is the scale itself), instead of a ones_like and a product per loss.
+    # (autograd casts the seed to a loss's own dtype, float64 or half, as it starts.)
+    seed = scale if scale is not None else torch.ones((), device=losses[0].device)
     grads = []
     for loss in losses:
         if not loss.requires_grad:
@@ -90,10 +95,19 @@ def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
             continue
         # The graph is kept so that a failure anywhere in the probe step can still fall back
         # to the ordinary backward; it is freed when the loop drops its losses.
-        grads.append(torch.autograd.grad(loss if scale is None else loss * scale, inputs,
-                                         retain_graph=True, allow_unused=True))
+        grads.append(torch.autograd.grad(loss, inputs, grad_outputs=seed, retain_graph=True,
+                                         allow_unused=True))
     return PerLossGradients(path, list(weights), inputs, grads, len(shared), len(others),
                             list(latents), per_loss_leaves, shared_ids, scale)
+
+
+def weighted_total(losses: Sequence[torch.Tensor], weights: Sequence[Any]) -> torch.Tensor:
+    """``sum_k w_k L_k``, as the ordinary backward sees it: a weight of 1.0 multiplies nothing
+    and the sum starts at the first term, not at 0 (the same value and gradients as Python's
+    ``sum(w * L)``, with two ops fewer on every step)."""
+    terms = [loss if isinstance(w, float) and w == 1.0 else w * loss
+             for loss, w in zip(losses, weights)]
+    return sum(terms[1:], terms[0])
 
 
 def assemble(gradients: PerLossGradients) -> None:
@@ -133,7 +147,7 @@ class JacobianBuffer:
         if buffer is None or buffer.numel() != rows * size or buffer.device != device:
             buffer = self._buffer = torch.empty(rows * size, dtype=torch.float64, device=device)
         # One cat over every (loss, parameter) gradient, cast to float64 as it is written.
-        pieces = [g.reshape(-1) if g is not None else p.new_zeros(p.numel())
+        pieces = [one_dim(g) if g is not None else p.new_zeros(p.numel())
                   for per_loss in gradients.grads
                   for g, p in zip(per_loss[:n_shared], shared)]
         torch.cat(pieces, out=buffer)
@@ -144,11 +158,12 @@ class JacobianBuffer:
 
 
 def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torch.Tensor:
-    """[L, K] float64: the norm of dL_k / d latent_i (0 where loss k does not reach it)."""
+    """[L * K] float64, latent-major: the norm of dL_k / d latent_i at ``i * K + k`` (0 where
+    loss k does not reach it). Kept flat: it travels to the host flat."""
     n_params = gradients.n_shared + gradients.n_others
     latents = len(gradients.latent_names)
     if not latents:
-        return torch.zeros(0, len(gradients.grads), dtype=torch.float64, device=device)
+        return torch.zeros(0, dtype=torch.float64, device=device)
     zero = None
     flat = []
     for i in range(latents):
@@ -162,7 +177,7 @@ def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torc
     norms = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float64))
     if gradients.scale is not None:
         norms = norms / gradients.scale
-    return norms.view(latents, len(gradients.grads))
+    return norms
 
 
 def shared_set(losses: Sequence[torch.Tensor], names: Mapping[int, str], roles: Sequence[str],

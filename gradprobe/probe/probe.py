@@ -27,7 +27,7 @@ from .distributed import globalize, rank_group_for, rows_matrix, rows_of
 from .live import LiveFindings
 from .notices import GradprobeWarning, Notices, warn_user
 from .per_loss import (JacobianBuffer, PerLossGradients, ProbeStep, assemble, graph_events,
-                       per_loss_gradients, shared_set, step_numbers)
+                       per_loss_gradients, shared_set, step_numbers, weighted_total)
 from .recording import (StepNumbers, StepRecorder, check_state, failure_reason, grad_norms,
                         probe_state, resumed_writer, run_meta, skipped_step)
 from .transfer import Transfer
@@ -246,7 +246,7 @@ class Probe:
         # The one form of the loss weights from here to the run file: one per loss in the
         # order of the loss names, 1.0 where none was given, a float or the user's tensor.
         resolved = [checks.weight(weights.get(k, 1.0)) for k in self._losses]
-        total = sum(w * losses[k] for k, w in zip(self._losses, resolved))
+        total = weighted_total([losses[k] for k in self._losses], resolved)
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             raise ProbeUsageError("no loss requires grad: every loss is computed from detached "
                                   "tensors, so nothing can be trained")

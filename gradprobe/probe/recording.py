@@ -41,7 +41,7 @@ class StepNumbers:
 
     loss_values: torch.Tensor  # [K] float64
     jacobian: torch.Tensor  # [K, P] float64: unscaled per-loss gradients on the shared set
-    latent_grad_norms: torch.Tensor  # [L, K] float64: norms of dL_k / d latent
+    latent_grad_norms: torch.Tensor  # [L * K] float64, latent-major: |dL_k / d latent_i|
     observed: dict[str, Any]  # watched tensors by name (gathered over the ranks under DDP)
     local_groups: torch.Tensor | None  # this rank's batch: what a per-rank loss sees
 
@@ -243,7 +243,8 @@ class StepRecorder:
                 scalars[("magnitude_similarity", pair)] = similarity[k][j]
         scalars[("combined_grad_norm", "shared")] = float(stats["combined_norm"])
         if plan.latent_names:
-            latent_norms = values["latent_grad_norm"].tolist()
+            latent_norms = values["latent_grad_norm"].view(len(plan.latent_names),
+                                                           len(names)).tolist()
             for i, latent_name in enumerate(plan.latent_names):
                 for k, loss_name in enumerate(names):
                     scalars[("latent_grad_norm", f"{latent_name}|{loss_name}")] = \

@@ -30,7 +30,7 @@ class Transfer:
         self._parts: list[tuple[list[str], torch.Tensor, object]] = []
         for device, keys in by_device.items():
             with torch.no_grad():  # what is recorded needs no graph (and no detach op each)
-                flat = torch.cat([_flat(pieces[k]).to(torch.float64) for k in keys])
+                flat = torch.cat([one_dim(pieces[k]).to(torch.float64) for k in keys])
             event = None
             if device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
@@ -62,7 +62,9 @@ class Transfer:
             return self._values
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def one_dim(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as one dimension; a tensor that has one already is returned as it is (``reshape``
+    would dispatch a view op for it, which a probe step pays per piece)."""
     return t if t.ndim == 1 else t.reshape(-1)
 
 
