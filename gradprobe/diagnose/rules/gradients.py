@@ -62,8 +62,10 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         if run.has(WEIGHT, name):
             ws, wv = get(run, WEIGHT, name)
             weight_on = np.interp(steps, ws, np.abs(wv)) > 0  # a weight of 0: switched off
+        # The steps this loss leads are judged too (ratio 1, not swamped): leaving them out
+        # would count a loss that leads most of the run and trails the rest as always swamped.
         judged = learning & to_learn & weight_on & np.isfinite(ratio) & (largest > 0) & \
-            np.isfinite(raw_k) & (raw_k > 0) & (dominant_idx != k)
+            np.isfinite(raw_k) & (raw_k > 0)
         held = judged & (ratio < th.swamping_ratio)
         if not persistent(steps, held, judged, th):
             continue
