@@ -48,7 +48,7 @@ def train_with_scaler(steps: int, out: str | None, seed: int = 0) -> list[torch.
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler(device)
-    probe = gradprobe.Probe(model, shared=model["encoder"], log=out, overwrite=True) \
+    probe = gradprobe.Probe(model, shared=model["encoder"], run_file=out, overwrite=True) \
         if out else None
     for step in range(steps):
         idx = torch.randint(0, len(x), (64,), device=device)
@@ -72,7 +72,7 @@ def train_with_accumulation(steps: int, out: str | None, seed: int = 0) -> list[
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     # The step counter counts micro-batches; every=MICRO_BATCHES would probe the first
     # micro-batch of each optimizer step only. Here: the default schedule.
-    probe = gradprobe.Probe(model, shared=model["encoder"], log=out, overwrite=True) \
+    probe = gradprobe.Probe(model, shared=model["encoder"], run_file=out, overwrite=True) \
         if out else None
     weights = {"recon": 0.1}
     for step in range(steps):

@@ -72,7 +72,7 @@ def train(steps: int, out: str | None, seed: int = 0) -> dict:
     if out is not None:
         # overwrite=True: a second run of the script replaces the run file instead of
         # refusing it ("already holds a recorded run").
-        probe = gradprobe.Probe(model, shared=model.trunk, log=out, overwrite=True,
+        probe = gradprobe.Probe(model, shared=model.trunk, run_file=out, overwrite=True,
                                 roles={"right": "task"})
     cosines = []
     for step in range(steps):

@@ -48,7 +48,7 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     # The probe: what the losses compete for, how often to look, where to write.
-    probe = gradprobe.Probe(model, shared=model.backbone, every=10, log=args.out, overwrite=True,
+    probe = gradprobe.Probe(model, shared=model.backbone, every=10, run_file=args.out, overwrite=True,
                             roles={"cont": "contrastive", "proto": "prototype",
                                    "orth": "orthogonality"})
     probe.watch_latent("z_I", model.f_I)          # captured from the module's output

@@ -23,7 +23,7 @@ from torch import nn
 
 import gradprobe
 
-ONSET = 150
+ONSET = 110  # the first findings check with more than half the probe steps swamped: 225
 
 
 def attach(model: nn.Module, **kwargs) -> gradprobe.Probe:
@@ -91,6 +91,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--pause", type=float, default=0.01)
     args = parser.parse_args()
-    _, _, trained = train(args.steps, make_probe=lambda m: attach(m, log=args.log, overwrite=True),
+    _, _, trained = train(args.steps, make_probe=lambda m: attach(m, run_file=args.log, overwrite=True),
                           release=args.release, pause=args.pause)
     print(f"trained {trained} steps", flush=True)

@@ -59,7 +59,7 @@ def test_grad_scaler_norms_are_unscaled_and_updates_unchanged(tmp_path):
     log = tmp_path / "amp.gprobe"
     plain, _, _ = train_with_scaler(5)
     probed, expected, _ = train_with_scaler(
-        5, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, log=log))
+        5, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, run_file=log))
     for a, b in zip(params_of(plain), params_of(probed)):
         assert torch.equal(a, b)
     run = gradprobe.load_run(log)
@@ -75,7 +75,7 @@ def test_steps_the_scaler_skips_are_recorded_as_skipped_not_non_finite(tmp_path)
     # Step 2 overflows on the shared trunk (seen in the per-loss gradients themselves); step 4
     # only on the head, outside the shared set (seen when the scaler lowers its scale).
     _, _, moved = train_with_scaler(
-        6, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, log=log),
+        6, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, run_file=log),
         spikes={2: "spike_trunk", 4: "spike_head"})
     skipped_by_scaler = [s for s, m in enumerate(moved) if not m]
     assert skipped_by_scaler == [2, 4]
@@ -109,7 +109,7 @@ def test_bfloat16_autocast_records_the_autocast_graph_and_leaves_training_unchan
         return model, expected
 
     def attach(m):
-        probe = gradprobe.Probe(m, shared=m.trunk, every=1, log=tmp_path / "bf16.gprobe")
+        probe = gradprobe.Probe(m, shared=m.trunk, every=1, run_file=tmp_path / "bf16.gprobe")
         probe.watch_latent("z_E")
         return probe
 
@@ -157,7 +157,7 @@ def test_gradient_accumulation_probes_each_micro_batch(tmp_path, assemble):
     plain, _ = train()
     # every=accumulate: the first micro-batch of each optimizer step is probed.
     probed, expected = train(lambda m: gradprobe.Probe(m, shared=m.trunk, every=accumulate,
-                                                       log=log, assemble=assemble))
+                                                       run_file=log, assemble=assemble))
     for a, b in zip(params_of(plain), params_of(probed)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
     run = gradprobe.load_run(log)

@@ -99,6 +99,7 @@ CASES = {
     "latent labels that are themselves watched": lambda: _first_step(
         watch=lambda p, m: (p.watch_saturation("s"), p.watch_latent("z", labels="s"))),
     "a task name that is not a loss": lambda: _first_step(probe_kwargs={"task": "main"}),
+    "both run_file= and log=": lambda: _constructor(run_file="a.gprobe", log="b.gprobe"),
     "every=0": lambda: _constructor(every=0),
     "an unknown role": lambda: _constructor(roles={"cont": "contrastiv"}),
     "shared that is not a module or parameters": lambda: _constructor(shared=3),
@@ -125,3 +126,15 @@ def test_bad_input_gives_the_documented_message(case):
 
 def test_every_documented_case_is_tried():
     assert set(_documented()) == set(CASES)
+
+
+def test_log_is_the_former_name_of_run_file(tmp_path):
+    model, x, y, g = _setup()
+    path = tmp_path / "old.gprobe"
+    with pytest.warns(FutureWarning, match=r"Probe\(log=\.\.\.\) is renamed Probe\(run_file"):
+        probe = gradprobe.Probe(model, every=1, log=path)
+    losses, _ = four_losses(model, x, y, g)
+    probe.backward(losses)
+    probe.close()
+    assert probe.run_name == "old"
+    assert gradprobe.load_run(path).probe_steps().tolist() == [0]

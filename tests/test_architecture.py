@@ -180,7 +180,7 @@ def test_a_training_job_does_not_import_the_plotting_libraries(tmp_path):
         trunk, a, b = nn.Linear(4, 8), nn.Linear(8, 1), nn.Linear(8, 1)
         model = nn.ModuleDict({{"trunk": trunk, "a": a, "b": b}})
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        probe = gradprobe.Probe(model, shared=trunk, every=1, log={str(tmp_path / 'r.gprobe')!r})
+        probe = gradprobe.Probe(model, shared=trunk, every=1, run_file={str(tmp_path / 'r.gprobe')!r})
         probe.watch_latent("z")
         for _ in range(4):
             x = torch.randn(16, 4)

@@ -271,7 +271,7 @@ def test_a_probed_and_analysed_run_leaves_only_its_run_file(tmp_path):
     log = tmp_path / "run.gprobe"
 
     def attach(model):
-        probe = Probe(model, shared=model.trunk, every=2, log=log)
+        probe = Probe(model, shared=model.trunk, every=2, run_file=log)
         probe.watch_latent("z_E")
         return probe
 

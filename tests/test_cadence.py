@@ -60,7 +60,7 @@ def test_a_300_step_run_at_the_defaults_records_the_schedule(tmp_path):
     heads = nn.ModuleList([nn.Linear(16, 1), nn.Linear(16, 1)])
     model = nn.ModuleDict(dict(trunk=trunk, heads=heads))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    probe = gradprobe.Probe(model, log=tmp_path / "short.gprobe")
+    probe = gradprobe.Probe(model, run_file=tmp_path / "short.gprobe")
     x = torch.randn(300, 6)
     for step in range(300):
         h = trunk(x[step:step + 1].expand(8, 6) + 0.1 * torch.randn(8, 6))

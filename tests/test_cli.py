@@ -30,7 +30,7 @@ def recorded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
 
     def factory(model):
-        probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=folder / "r.gprobe")
+        probe = gradprobe.Probe(model, shared=model.trunk, every=2, run_file=folder / "r.gprobe")
         probe.watch_latent("z_I", model.f_I)
         probe.watch_latent("z_E")
         return probe

@@ -21,7 +21,7 @@ TRAINER = textwrap.dedent("""
     model = TwoLatentNet()
     x, y, g = make_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=sys.argv[1])
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, run_file=sys.argv[1])
     probe.watch_latent("z_I", model.f_I)
     step = 0
     while True:

@@ -69,7 +69,7 @@ def run_training(model, probe, rank, *, break_at=None):
 
 
 def attach(model, log, **kwargs):
-    probe = gradprobe.Probe(model, every=1, log=log, **kwargs)
+    probe = gradprobe.Probe(model, every=1, run_file=log, **kwargs)
     inner = getattr(model, "module", model)
     probe.watch_latent("z_I", inner.f_I)
     probe.watch_latent("z_E")

@@ -63,7 +63,7 @@ ZYGOTE = forking_server("""
     heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
     model = nn.ModuleDict({"trunk": trunk, "heads": heads})
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = gradprobe.Probe(model, shared=trunk, every=1, log=arg)
+    probe = gradprobe.Probe(model, shared=trunk, every=1, run_file=arg)
     probe.watch_latent("z")
     out = os.open(arg + ".steps", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     step = 0
@@ -147,7 +147,7 @@ def test_sigkill_at_random_moments_keeps_every_committed_step(tmp_path):
 # -- a writer that fails ---------------------------------------------------------------------
 
 def _attach(model, log, **kwargs):
-    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=log, **kwargs)
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, run_file=log, **kwargs)
     probe.watch_latent("z_I", model.f_I)
     probe.watch_latent("z_E")
     return probe
@@ -283,7 +283,7 @@ def test_read_only_directory_is_one_clear_error_at_construction(tmp_path):
     ro.chmod(0o555)
     try:
         with pytest.raises(RunFileError, match="cannot write the run file .*Permission denied"):
-            gradprobe.Probe(torch.nn.Linear(2, 2), every=1, log=ro / "r.gprobe")
+            gradprobe.Probe(torch.nn.Linear(2, 2), every=1, run_file=ro / "r.gprobe")
     finally:
         ro.chmod(0o755)
 
@@ -293,7 +293,7 @@ def test_unwritable_location_is_one_clear_error_at_construction(tmp_path):
     blocker.write_text("")
     with pytest.raises(RunFileError, match="cannot write the run file .*cannot create its "
                                            "directory"):
-        gradprobe.Probe(torch.nn.Linear(2, 2), every=1, log=blocker / "sub" / "r.gprobe")
+        gradprobe.Probe(torch.nn.Linear(2, 2), every=1, run_file=blocker / "sub" / "r.gprobe")
 
 
 # -- two writers, a reader while writing -------------------------------------------------------
@@ -320,7 +320,7 @@ def test_second_writer_in_another_process_is_refused_and_cannot_delete_the_file(
             with pytest.raises(RunFileError, match="already being written by another probe"):
                 RunWriter(log, overwrite=overwrite)
         with pytest.raises(RunFileError, match="already being written by another probe"):
-            gradprobe.Probe(torch.nn.Linear(2, 2), every=1, log=log)
+            gradprobe.Probe(torch.nn.Linear(2, 2), every=1, run_file=log)
         assert load_run(log).probe_steps().tolist() == [0]
     finally:
         holder.stdin.write("\n")
@@ -336,7 +336,7 @@ def test_probe_overwrite_never_deletes_a_file_another_probe_writes(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(RunFileError, match="already being written"):
-            gradprobe.Probe(torch.nn.Linear(2, 2), every=1, log=log, overwrite=True)
+            gradprobe.Probe(torch.nn.Linear(2, 2), every=1, run_file=log, overwrite=True)
         assert log.exists() and load_run(log).probe_steps().tolist() == [0]
     finally:
         holder.stdin.write("\n")

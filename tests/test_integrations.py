@@ -24,7 +24,7 @@ def test_tensorboard_sink_holds_the_same_numbers_as_the_run_file(tmp_path):
     x, y, g = make_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = SummaryWriter(tmp_path / "tb")
-    probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=tmp_path / "r.gprobe",
+    probe = gradprobe.Probe(model, shared=model.trunk, every=2, run_file=tmp_path / "r.gprobe",
                             sinks=[TensorBoardSink(writer)])
     probe.watch_latent("z_E")
     for step in range(6):
@@ -64,7 +64,7 @@ def test_failing_sink_is_dropped_with_one_warning_and_the_run_file_goes_on(tmp_p
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
-    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe",
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, run_file=tmp_path / "r.gprobe",
                             sinks=[BrokenSink()])
     # Sinks are fed on the run file's writer thread: the warning comes by close() at the latest.
     with pytest.warns(gradprobe.GradprobeWarning, match="dashboard went away"):
@@ -106,7 +106,7 @@ def test_lightning_callback_records_a_readable_run_and_leaves_training_unchanged
         trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=16))
         return module
 
-    callback = GradProbeCallback(log=tmp_path / "pl.gprobe", weights=WEIGHTS, every=1,
+    callback = GradProbeCallback(run_file=tmp_path / "pl.gprobe", weights=WEIGHTS, every=1,
                                  configure=lambda probe, m: probe.watch_latent("z_I", m.net.f_I))
     probed = fit([callback], Module())
 
@@ -114,7 +114,7 @@ def test_lightning_callback_records_a_readable_run_and_leaves_training_unchanged
     torch.manual_seed(0)
     model = TwoLatentNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    probe = gradprobe.Probe(model, every=1, log=tmp_path / "loop.gprobe")
+    probe = gradprobe.Probe(model, every=1, run_file=tmp_path / "loop.gprobe")
     probe.watch_latent("z_I", model.f_I)
     for step in range(4):
         losses, _ = four_losses(model, x[step * 16:(step + 1) * 16], y[step * 16:(step + 1) * 16],
@@ -178,7 +178,7 @@ def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, m
     wb = wandb.init(project="gradprobe-test", dir=tmp_path)
     sink = WandbSink(wb)
     live_run.train(400, make_probe=lambda m: live_run.attach(
-        m, log=tmp_path / "r.gprobe", sinks=[sink], findings_every=25))
+        m, run_file=tmp_path / "r.gprobe", sinks=[sink], findings_every=25))
     wb.finish()
 
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))

@@ -150,7 +150,7 @@ def cli(*args: str):
 
 def test_watch_of_a_closed_run_prints_the_summary_and_exits_as_analyze(tmp_path):
     run_file = tmp_path / "done.gprobe"
-    live_run.train(300, make_probe=lambda m: live_run.attach(m, log=run_file))
+    live_run.train(300, make_probe=lambda m: live_run.attach(m, run_file=run_file))
     run = gradprobe.load_run(run_file)
     summary = summary_lines(run.summary(), diagnose(run))
     assert summary[0].startswith("run done: 150 probe steps")
@@ -220,7 +220,7 @@ def test_on_finding_fires_once_after_the_onset_with_the_finding(tmp_path):
 
     def make(model):
         nonlocal probe
-        probe = live_run.attach(model, log=tmp_path / "r.gprobe", on_finding=on_finding,
+        probe = live_run.attach(model, run_file=tmp_path / "r.gprobe", on_finding=on_finding,
                                 findings_every=25)
         return probe
 
@@ -251,7 +251,7 @@ def test_a_raising_on_finding_is_reported_once_and_training_is_unchanged(tmp_pat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         probed, probe, _ = live_run.train(400, make_probe=lambda m: live_run.attach(
-            m, log=tmp_path / "r.gprobe", on_finding=alarm, findings_every=25))
+            m, run_file=tmp_path / "r.gprobe", on_finding=alarm, findings_every=25))
     reported = [w for w in caught if "pager service unreachable" in str(w.message)]
     assert len(reported) == 1 and issubclass(reported[0].category, gradprobe.GradprobeWarning)
     assert "on_finding raised RuntimeError" in str(reported[0].message)
@@ -277,7 +277,7 @@ def test_findings_is_analyze_of_what_was_recorded_so_far(tmp_path):
             assert probe.findings() is not found  # a copy of the cached list
             seen[step] = {(f.id, f.subject) for f in found}
 
-    live_run.train(400, make_probe=lambda m: live_run.attach(m, log=tmp_path / "r.gprobe"),
+    live_run.train(400, make_probe=lambda m: live_run.attach(m, run_file=tmp_path / "r.gprobe"),
                    after_step=check)
     assert ("gradient-swamping", "b") not in seen[139]  # healthy before the onset
     assert ("gradient-swamping", "b") in seen[399]

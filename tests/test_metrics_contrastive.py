@@ -136,7 +136,7 @@ def test_contrastive_watch_forms(tmp_path, form):
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 4)
-    probe = Probe(lin, every=1, log=str(tmp_path / "run.gprobe"), task="task")
+    probe = Probe(lin, every=1, run_file=str(tmp_path / "run.gprobe"), task="task")
     probe.watch_contrastive("cont", temperature=0.1)
     mem, mem_groups = torch.randn(20, 4), torch.arange(20) % 4
     for _ in range(3):

@@ -26,7 +26,7 @@ def test_gram_and_norms_match_independent_autograd(tmp_path):
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
-    probe = attach(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    probe = attach(model, shared=model.trunk, every=1, run_file=tmp_path / "r.gprobe")
     losses, (z_I, z_E, _) = four_losses(model, x[:32], y[:32], g[:32])
     # The independent computation: one autograd.grad per loss, flattened.
     trunk = list(model.trunk.parameters())
@@ -82,7 +82,7 @@ def test_a_probe_step_reads_nothing_on_the_host_and_what_the_writer_finds_is_war
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
-    probe = attach(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    probe = attach(model, shared=model.trunk, every=1, run_file=tmp_path / "r.gprobe")
     probe.watch_prototypes("cell", torch.randn(4, 8), latent="z_E")
     for step in range(3):
         losses, (_, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
@@ -127,7 +127,7 @@ def test_a_loss_in_float64_is_probed_in_its_own_precision(tmp_path):
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
-    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, run_file=tmp_path / "r.gprobe")
     losses, (z_I, _, _) = four_losses(model, x[:32], y[:32], g[:32])
     losses["residual"] = (z_I.double() ** 2).mean() * 1e-3
     weights = dict(WEIGHTS, residual=torch.tensor(0.5, dtype=torch.float64))
@@ -175,7 +175,7 @@ def test_a_watch_that_raises_is_dropped_alone_and_training_finishes(tmp_path):
         return source
 
     def factory(m):
-        probe = attach(m, shared=m.trunk, every=1, log=tmp_path / "r.gprobe")
+        probe = attach(m, shared=m.trunk, every=1, run_file=tmp_path / "r.gprobe")
         probe.watch_prototypes("cell", flaky_prototypes(m))
         return probe
 
@@ -200,7 +200,7 @@ def test_a_watch_that_raises_is_dropped_alone_and_training_finishes(tmp_path):
 
 def test_unwritable_run_file_warns_once_and_keeps_what_was_written(tmp_path):
     def factory(m):
-        probe = attach(m, shared=m.trunk, every=1, log=tmp_path / "r.gprobe")
+        probe = attach(m, shared=m.trunk, every=1, run_file=tmp_path / "r.gprobe")
         # The run file's own writer, which the probe's background writer drives.
         real_write = probe._writer._writer.write_step
 
@@ -243,7 +243,7 @@ def test_non_finite_inert_and_unshared_losses_are_recorded(tmp_path):
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
-    probe = gradprobe.Probe(model, shared=model.trunk, every=1, log=tmp_path / "r.gprobe")
+    probe = gradprobe.Probe(model, shared=model.trunk, every=1, run_file=tmp_path / "r.gprobe")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
@@ -278,7 +278,7 @@ def test_shared_inferred_from_the_graph_is_the_nearest_shared_layer(tmp_path):
             if gr is not None:
                 reached[pname] = reached.get(pname, 0) + 1
     shared_everywhere = sorted(p for p, c in reached.items() if c >= 2)
-    probe = gradprobe.Probe(model, every=1, log=tmp_path / "a.gprobe")
+    probe = gradprobe.Probe(model, every=1, run_file=tmp_path / "a.gprobe")
     probe.backward(losses)
     probe.close()
     chosen = gradprobe.load_run(tmp_path / "a.gprobe").meta["shared_parameters"]
@@ -302,7 +302,7 @@ def test_shared_inferred_from_the_graph_is_the_nearest_shared_layer(tmp_path):
         assert any(gr is not None for gr in deepest_gradients(bypassed))
 
     losses, _ = four_losses(model, x[:16], y[:16], g[:16])
-    probe = gradprobe.Probe(model, "all", every=1, log=tmp_path / "b.gprobe")
+    probe = gradprobe.Probe(model, "all", every=1, run_file=tmp_path / "b.gprobe")
     probe.backward(losses)
     probe.close()
     assert gradprobe.load_run(tmp_path / "b.gprobe").meta["shared_parameters"] == shared_everywhere
@@ -313,7 +313,7 @@ def test_changing_weights_are_recorded_as_used(tmp_path):
     model = TwoLatentNet()
     x, y, g = make_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=tmp_path / "r.gprobe")
+    probe = gradprobe.Probe(model, shared=model.trunk, every=2, run_file=tmp_path / "r.gprobe")
     used = {}
     for step in range(6):
         losses, _ = four_losses(model, x[:16], y[:16], g[:16])
@@ -338,7 +338,7 @@ def test_changing_weights_are_recorded_as_used(tmp_path):
 
 def test_checkpoint_loads_with_weights_only_and_resumes(tmp_path):
     log = tmp_path / "r.gprobe"
-    model, probe = train(6, lambda m: attach(m, shared=m.trunk, every=2, log=log))
+    model, probe = train(6, lambda m: attach(m, shared=m.trunk, every=2, run_file=log))
     ckpt = tmp_path / "run.ckpt"
     torch.save({"model": model.state_dict(), "gradprobe": probe.state_dict()}, ckpt)
     loaded = torch.load(ckpt, weights_only=True)
@@ -349,7 +349,7 @@ def test_checkpoint_loads_with_weights_only_and_resumes(tmp_path):
                                gradprobe.load_run(log).series("grad_norm", "task")[1])
 
     # Resume into the same run file: the step counter continues.
-    resumed = attach(model, shared=model.trunk, every=2, log=log)
+    resumed = attach(model, shared=model.trunk, every=2, run_file=log)
     resumed.load_state_dict(loaded["gradprobe"])
     x, y, g = make_data()
     for _ in range(4):
@@ -361,7 +361,7 @@ def test_checkpoint_loads_with_weights_only_and_resumes(tmp_path):
 
     # The run file is gone (the checkpoint went to a colleague): it is recreated from the state.
     log.unlink()
-    again = attach(model, shared=model.trunk, every=2, log=log)
+    again = attach(model, shared=model.trunk, every=2, run_file=log)
     again.load_state_dict(loaded["gradprobe"])
     losses, (_, z_E, _) = four_losses(model, x[:16], y[:16], g[:16])
     again.observe(z_E=z_E)
@@ -372,19 +372,19 @@ def test_checkpoint_loads_with_weights_only_and_resumes(tmp_path):
 
 def test_existing_run_file_and_second_writer_are_refused(tmp_path):
     log = tmp_path / "r.gprobe"
-    train(2, lambda m: attach(m, shared=m.trunk, every=1, log=log))
+    train(2, lambda m: attach(m, shared=m.trunk, every=1, run_file=log))
     with pytest.raises(ProbeUsageError, match="already holds a recorded run"):
-        train(1, lambda m: attach(m, shared=m.trunk, every=1, log=log))
-    first = gradprobe.Probe(TwoLatentNet(), every=1, log=tmp_path / "s.gprobe")
+        train(1, lambda m: attach(m, shared=m.trunk, every=1, run_file=log))
+    first = gradprobe.Probe(TwoLatentNet(), every=1, run_file=tmp_path / "s.gprobe")
     with pytest.raises(gradprobe.RunFileError, match="already being written"):
-        gradprobe.Probe(TwoLatentNet(), every=1, log=tmp_path / "s.gprobe")
+        gradprobe.Probe(TwoLatentNet(), every=1, run_file=tmp_path / "s.gprobe")
     first.close()
-    _, probe = train(2, lambda m: attach(m, shared=m.trunk, every=1, log=log, overwrite=True))
+    _, probe = train(2, lambda m: attach(m, shared=m.trunk, every=1, run_file=log, overwrite=True))
     assert gradprobe.load_run(log).probe_steps().tolist() == [0, 1]
 
 
 def test_non_probe_steps_record_nothing_but_the_logged_scalars(tmp_path):
-    _, probe = train(10, lambda m: attach(m, shared=m.trunk, every=5, log=tmp_path / "r.gprobe"))
+    _, probe = train(10, lambda m: attach(m, shared=m.trunk, every=5, run_file=tmp_path / "r.gprobe"))
     run = gradprobe.load_run(tmp_path / "r.gprobe")
     assert run.probe_steps().tolist() == [0, 5]
     assert run.series("loss", "task")[0].tolist() == [0, 5]
@@ -394,7 +394,7 @@ def test_each_watch_keeps_its_own_cadence(tmp_path):
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
-    probe = gradprobe.Probe(model, shared=model.trunk, every=2, log=tmp_path / "r.gprobe")
+    probe = gradprobe.Probe(model, shared=model.trunk, every=2, run_file=tmp_path / "r.gprobe")
     probe.watch_latent("z_I", model.f_I, every=6)
     probe.watch_latent("z_E")                                   # the probe's own cadence
     probe.watch_saturation("logit", every=4)
@@ -418,7 +418,7 @@ def test_watch_saturation_reads_a_sigmoid_input_or_another_module_output(tmp_pat
     linear, sigmoid = torch.nn.Linear(4, 3), torch.nn.Sigmoid()
     model = torch.nn.Sequential(linear, sigmoid)
     x = 3.0 * torch.randn(64, 4)
-    probe = gradprobe.Probe(model, every=1, log=tmp_path / "r.gprobe")
+    probe = gradprobe.Probe(model, every=1, run_file=tmp_path / "r.gprobe")
     probe.watch_saturation("at_sigmoid", sigmoid, threshold=1.0)
     probe.watch_saturation("at_linear", linear, threshold=1.0, target="y")
     y = (torch.rand(64, 3) > 0.5).float()

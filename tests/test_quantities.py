@@ -29,7 +29,7 @@ def everything_run(tmp_path_factory):
     protos = torch.randn(3, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
-    probe = gradprobe.Probe(model, shared=trunk, every=1, log=path, task="task",
+    probe = gradprobe.Probe(model, shared=trunk, every=1, run_file=path, task="task",
                             roles={"cont": "contrastive", "proto": "prototype"})
     probe.watch_latent("z", labels="y")
     probe.watch_latent("p")

@@ -34,7 +34,7 @@ def run_paths(tmp_path_factory):
             path = folder / f"{name}.gprobe"
 
             def factory(model, path=path, name=name):
-                probe = Probe(model, shared=model.trunk, every=2, log=path, name=name,
+                probe = Probe(model, shared=model.trunk, every=2, run_file=path, name=name,
                               expect_groups_per_batch=1)
                 probe.watch_latent("z_E")
                 return probe

@@ -67,7 +67,7 @@ def run_path(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         def factory(model):
-            probe = Probe(model, shared=model.trunk, every=2, log=path, expect_groups_per_batch=1)
+            probe = Probe(model, shared=model.trunk, every=2, run_file=path, expect_groups_per_batch=1)
             probe.watch_latent("z_E")
             probe.watch_prototypes("proto", lambda: model.prototypes, latent="z_E")
             return probe
@@ -166,7 +166,7 @@ def test_pages_of_unrecorded_quantities_are_left_out(tmp_path):
     torch.set_num_threads(1)
     try:
         def factory(model):
-            probe = Probe(model, shared=model.trunk, every=2, log=path)
+            probe = Probe(model, shared=model.trunk, every=2, run_file=path)
             probe.watch_latent("z_E")
             return probe
         train(6, factory)

@@ -48,7 +48,7 @@ def test_training_and_diagnosing_never_import_matplotlib(tmp_path):
         trunk, head_a, head_b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
         model = torch.nn.ModuleList([trunk, head_a, head_b])
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        probe = gradprobe.Probe(model, shared=trunk, every=2, log={str(tmp_path / 'r.gprobe')!r})
+        probe = gradprobe.Probe(model, shared=trunk, every=2, run_file={str(tmp_path / 'r.gprobe')!r})
         for step in range(8):
             h = torch.relu(trunk(torch.randn(16, 4)))
             probe.backward({{"a": head_a(h).pow(2).mean(), "b": head_b(h).abs().mean()}})

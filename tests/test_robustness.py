@@ -75,7 +75,7 @@ def train_multilenet(encoder_class=MultiLeNetR, steps=12, log=None, watch=None, 
     left, right = (torch.randint(0, 10, (16 * steps,), generator=gen) for _ in range(2))
     encoder, decoders = encoder_class(), nn.ModuleList([MultiLeNetO(), MultiLeNetO()])
     opt = torch.optim.SGD([*encoder.parameters(), *decoders.parameters()], lr=0.01)
-    probe = gradprobe.Probe(nn.ModuleDict(dict(rep=encoder, heads=decoders)), log=log)
+    probe = gradprobe.Probe(nn.ModuleDict(dict(rep=encoder, heads=decoders)), run_file=log)
     if watch is not None:
         watch(probe, encoder)
     reps = []
@@ -187,7 +187,7 @@ def test_a_probe_that_disabled_itself_is_an_error_finding(tmp_path):
     torch.manual_seed(0)
     model = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
     log = tmp_path / "separate.gprobe"
-    probe = gradprobe.Probe(model, log=log, shared="all")
+    probe = gradprobe.Probe(model, run_file=log, shared="all")
     with pytest.warns(GradprobeWarning, match="disabled itself at step 0"):
         for _ in range(5):
             x = torch.randn(8, 4)
@@ -209,7 +209,7 @@ def test_a_run_without_a_probe_step_is_an_error_finding(tmp_path):
     """The loop calls loss.backward() itself and never probe.backward: nothing is recorded."""
     model = nn.Linear(4, 2)
     log = tmp_path / "empty.gprobe"
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     for _ in range(3):
         model(torch.randn(8, 4)).pow(2).mean().backward()
     probe.close()
@@ -232,7 +232,7 @@ def test_a_dann_run_whose_adversary_is_still_warming_up_gets_its_pdf(tmp_path):
     model = nn.ModuleList([features, label_head, domain_head])
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     log = tmp_path / "dann.gprobe"
-    probe = gradprobe.Probe(model, shared=features, log=log, roles={"domain": "adversarial"})
+    probe = gradprobe.Probe(model, shared=features, run_file=log, roles={"domain": "adversarial"})
     warm_up = 1000
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradprobeWarning)

@@ -53,7 +53,7 @@ def _delayed_auxiliary(tmp_path, switched_on: bool, steps: int = 400) -> list[st
     model = nn.ModuleDict(dict(trunk=trunk, task=task, aux=aux))
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     log = tmp_path / f"switched_on={switched_on}.gprobe"
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     warm_up = int(0.35 * steps)
     for step in range(steps):
         idx = torch.randint(0, 512, (64,))

@@ -63,7 +63,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model = BarlowTwins()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lam = 0.0 if variant == "lambda-0" else 0.0051
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("z", model.projector)
     with probe:
         for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):

@@ -13,7 +13,7 @@ same architecture without the moving average).
 Here: the digits backbone (``common.DigitEncoder``), projector and predictor with hidden
 256 and output 64, SGD with momentum 0.9 at the paper's base lr 0.2 and weight decay 1.5e-6
 (LARS is not in PyTorch), decay 0.99, batch 256, 500 steps, ``common.augment`` views.
-The probe: ``Probe(model, log=...)`` on the online network, the l2-normalised projector output
+The probe: ``Probe(model, run_file=...)`` on the online network, the l2-normalised projector output
 watched (docs/probe.md: watch what a cosine loss compares), the symmetrised loss passed as
 one loss.
 
@@ -77,7 +77,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     for p in target.parameters():
         p.requires_grad_(False)
     opt = torch.optim.SGD(online.parameters(), lr=0.2, momentum=0.9, weight_decay=1.5e-6)
-    probe = gradprobe.Probe(online, log=log)
+    probe = gradprobe.Probe(online, run_file=log)
     probe.watch_latent("z")
     with probe:
         for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):

@@ -94,7 +94,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     src_x, src_y, tgt_x, test_src, test_y, test_tgt = domains()
     model = DANN()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     src_batches, tgt_batches = batches(len(src_x), BATCH, gen), batches(len(tgt_x), BATCH, gen)
     with probe:
         for step in range(STEPS):

@@ -79,7 +79,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     weight_opt = torch.optim.Adam([task_weights], lr=2.5e-2)
     last_shared = model.trunk[-2].weight
     initial = None
-    probe = gradprobe.Probe(model, log=log, roles={f"task{i}": "task" for i in range(tasks)})
+    probe = gradprobe.Probe(model, run_file=log, roles={f"task{i}": "task" for i in range(tasks)})
     with probe:
         for _ in range(STEPS):
             idx = torch.randint(0, len(x), (BATCH,), generator=gen)

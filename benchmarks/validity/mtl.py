@@ -94,7 +94,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model = MultiLeNet()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     weights = {"left": 1.0, "right": 1e-3 if variant == "right-weight-1e-3" else 1.0}
-    probe = gradprobe.Probe(model, log=log, roles={"right": "task"})
+    probe = gradprobe.Probe(model, run_file=log, roles={"right": "task"})
     probe.watch_latent("features", model.trunk)
     with probe:
         for _ in range(STEPS):

@@ -92,7 +92,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9 ** (1 / 1000))
     x_bc, u_bc = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [1.0]])
     lam = 1.0
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     with probe:
         for step in range(STEPS):
             x_r = torch.rand(BATCH, 1, generator=gen)

@@ -109,7 +109,7 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "corpus (`benchmarks/validity/`) re-implements public training loops on CPU-sized data",
         "(scikit-learn's digits, synthetic problems), each with healthy and broken variants whose",
         "truth is known by construction, probes each run as docs/quickstart.md tells a user",
-        "(`Probe(model, log=...)`, shared set and cadence at their defaults), diagnoses it at the",
+        "(`Probe(model, run_file=...)`, shared set and cadence at their defaults), diagnoses it at the",
         "documented default thresholds, and counts hits, misses and false alarms.",
         "",
         f"This page was written by `{command}`. Training the {len(records)} runs took "

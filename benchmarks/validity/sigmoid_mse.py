@@ -69,7 +69,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model = Network(output_std=1 / math.sqrt(30) if variant == "quadratic-small-init" else 5.0)
     quadratic = variant != "cross-entropy"
     opt = torch.optim.SGD(model.parameters(), lr=3.0 if quadratic else 0.5)
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     probe.watch_saturation("output", target="onehot")
     l2_scale = LAMBDA / (2 * len(x_tr))
     with probe:

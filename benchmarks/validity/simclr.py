@@ -82,7 +82,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
     sampler = batches(len(x_tr), BATCH, gen) if variant == "shuffled" else \
         one_class_batches(y_tr, BATCH, gen)
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("z")
     probe.watch_contrastive("cont", temperature=TEMPERATURE)
     same_class = []

@@ -12,7 +12,7 @@ output 0, accuracy 0.1%).
 Here: a two-layer MLP backbone on the 8x8 digits (width 128), the same projector (dim 64)
 and predictor (bottleneck 16 = dim/4, the published ratio), the same loss and optimiser,
 batch 256, 500 steps, views from ``common.augment``. The probe is attached as the docs
-tell a user: ``Probe(model, log=...)``, the one loss passed to ``probe.backward``, and the
+tell a user: ``Probe(model, run_file=...)``, the one loss passed to ``probe.backward``, and the
 l2-normalised projector output watched as a latent (docs/probe.md: watch what a cosine loss
 compares).
 
@@ -72,7 +72,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
                            {"params": model.predictor.parameters(), "fix_lr": True}],
                           lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
     stop_grad = variant == "stop-grad"
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("z")
     with probe:
         for step, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):

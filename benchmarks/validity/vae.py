@@ -78,7 +78,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model = VAE(logit_scale=30.0 if variant == "logits-x30" else 1.0)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     beta = 50.0 if variant == "beta-50" else 1.0
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("mu", model.fc21)
     probe.watch_saturation("recon", target="x")
     with probe:

@@ -331,7 +331,7 @@ def _make_probe(model, variant, out_dir: Path, probe_every: int, fixed_on: set[s
         roles["orth"] = "decorrelation"
     if "l1" in fixed_on:
         roles["l1"] = "regularization"
-    probe = Probe(model, shared=model.shared_parameters(), every=probe_every, log=str(out_dir / f"{variant}.gprobe"),
+    probe = Probe(model, shared=model.shared_parameters(), every=probe_every, run_file=str(out_dir / f"{variant}.gprobe"),
                   task="task", roles=roles, overwrite=True,
                   expect_groups_per_batch=n_lines if "mixed" in fixed_on else 1)
     probe.watch_latent("z_I", model.f_I)

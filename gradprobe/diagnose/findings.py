@@ -265,5 +265,5 @@ REMEDY: dict[str, str] = {
         "Fix what the message names and record again: a module that returns a tuple, dict or "
         "dataclass needs watch_latent(name, module, select=...); a run without probe steps "
         "needs probe.backward (or before_backward/after_backward) called in the loop, and the "
-        "log= path analysed must be the one written; docs/errors.md lists every message."),
+        "run_file= path analysed must be the one written; docs/errors.md lists every message."),
 }

@@ -7,7 +7,7 @@ the losses to :meth:`Probe.before_backward` (per-loss gradients on probe steps) 
 plugin's GradScaler, if any); ``on_after_backward`` then records the step. The gradients
 Lightning steps on are exactly those without the callback (the probe's 'separate' path).
 
-    callback = GradProbeCallback(log="run.gprobe", weights={"cont": 0.05},
+    callback = GradProbeCallback(run_file="run.gprobe", weights={"cont": 0.05},
                                  configure=lambda probe, module: probe.watch_latent("z", module.enc))
     Trainer(callbacks=[callback]).fit(module)
 """
@@ -30,17 +30,17 @@ from gradprobe.probe import Probe, ProbeUsageError
 class GradProbeCallback(pl.Callback):
     """Probe a LightningModule whose ``training_step`` returns a dict of losses.
 
-    log: the run file (default: ``<trainer.log_dir or default_root_dir>/gradprobe.gprobe``).
+    run_file: the run file (default: ``<trainer.log_dir or default_root_dir>/gradprobe.gprobe``).
     weights: ``{loss name: weight}``, or a callable ``(module) -> weights`` read every step
         (loss-weight schedules).
     configure: ``(probe, module) -> None``, called once the probe exists: add watches there.
     probe_kwargs: passed to :class:`gradprobe.Probe` (``every``, ``shared``, ``roles``...).
     """
 
-    def __init__(self, log: str | Path | None = None,
+    def __init__(self, run_file: str | Path | None = None,
                  weights: Mapping[str, Any] | Callable[[Any], Mapping[str, Any]] | None = None,
                  configure: Callable[[Probe, Any], None] | None = None, **probe_kwargs: Any):
-        self.log_path = log
+        self.run_file = run_file
         self.weights = weights
         self.configure = configure
         self.probe_kwargs = probe_kwargs
@@ -52,12 +52,14 @@ class GradProbeCallback(pl.Callback):
         if not pl_module.automatic_optimization:
             raise ProbeUsageError("GradProbeCallback needs automatic optimisation; with manual "
                                   "optimisation call probe.backward(losses) in training_step")
-        log = self.log_path or Path(trainer.log_dir or trainer.default_root_dir) / "gradprobe.gprobe"
+        run_file = self.run_file
+        if run_file is None and "log" not in self.probe_kwargs:  # log=: the former name
+            run_file = Path(trainer.log_dir or trainer.default_root_dir) / "gradprobe.gprobe"
         # Under a DDP strategy the wrapped model is what averages gradients across ranks.
         wrapped = trainer.strategy.model
         model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) \
             else pl_module
-        self.probe = Probe(model, log=log, **self.probe_kwargs)
+        self.probe = Probe(model, run_file=run_file, **self.probe_kwargs)
         if self.configure is not None:
             self.configure(self.probe, pl_module)
         self._original_training_step = pl_module.training_step

@@ -2,7 +2,7 @@
 
     from torch.utils.tensorboard import SummaryWriter
     from gradprobe.integrations.tensorboard import TensorBoardSink
-    probe = gradprobe.Probe(model, log="run.gprobe", sinks=[TensorBoardSink(SummaryWriter())])
+    probe = gradprobe.Probe(model, run_file="run.gprobe", sinks=[TensorBoardSink(SummaryWriter())])
 
 Each scalar ``(quantity, name)`` becomes the tag ``gradprobe/<quantity>/<name>`` at the probe
 step (pair names keep their ``a|b`` form). The run file stays the complete record (arrays,

@@ -3,7 +3,7 @@
     import wandb
     from gradprobe.integrations.wandb import WandbSink
     run = wandb.init(project="exp1")
-    probe = gradprobe.Probe(model, log="run.gprobe", sinks=[WandbSink(run)])
+    probe = gradprobe.Probe(model, run_file="run.gprobe", sinks=[WandbSink(run)])
 
 Scalars: each ``(quantity, name)`` is logged as ``gradprobe/<quantity>/<name>`` (pair names keep
 their ``a|b`` form, as in TensorBoard) with the probe step as ``gradprobe/step``, the x axis of

@@ -13,6 +13,7 @@ import torch
 
 from gradprobe.record import ROLES
 
+from .notices import warn_user
 from .watches import ProbeUsageError
 
 # Substrings of common loss names, checked in this order, for roles the user did not give.
@@ -45,6 +46,19 @@ def is_compiled(model: torch.nn.Module) -> bool:
     inner = getattr(model, "module", model)
     return any(type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
                for m in (model, inner))
+
+
+def run_file_argument(run_file: Any, log: Any) -> Any:
+    """The run file's path: ``run_file``, or ``log``, its former name, with a FutureWarning
+    (renamed because it read like the ``log()`` method, which records scalars)."""
+    if log is None:
+        return run_file
+    if run_file is not None:
+        raise ProbeUsageError("Probe got both run_file= and log= (its former name): pass "
+                              "run_file= only")
+    warn_user("gradprobe: Probe(log=...) is renamed Probe(run_file=...); log= still works in "
+              "this version and will be removed", FutureWarning)
+    return log
 
 
 def check_construction(model: Any, every: Any, roles: Mapping[str, str] | None,

@@ -60,9 +60,10 @@ class Notices:
             self._later.popleft()()
 
 
-def warn_user(message: str) -> None:
-    """A :class:`GradprobeWarning`, attributed to the user's line that called the probe."""
-    warnings.warn(message, GradprobeWarning, stacklevel=_user_frame())
+def warn_user(message: str, category: type[Warning] = GradprobeWarning) -> None:
+    """A warning (a :class:`GradprobeWarning` unless told), attributed to the user's line that
+    called the probe."""
+    warnings.warn(message, category, stacklevel=_user_frame())
 
 
 def _user_frame() -> int:

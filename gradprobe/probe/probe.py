@@ -50,8 +50,8 @@ class Probe:
         dense at the start, then thinning out: every step before step 4, every 2nd from 4,
         every 4th from 16, ... every 64th from step 4,096 on (a 300-step run gets 49 probe
         steps, a 100,000-step run 1,689); docs/probe.md has the schedule.
-    log: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
-        (it still travels in ``state_dict()``).
+    run_file: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
+        (it still travels in ``state_dict()``). ``log=`` is its former name.
     task: the primary loss (default: the first key of the first ``backward`` call).
     roles: ``{loss name: role}`` with roles from :data:`ROLES`; omitted names are guessed
         from common names and the run file says which roles were guessed.
@@ -71,7 +71,7 @@ class Probe:
         (never inside one; an exception it raises is reported once). docs/live.md.
 
     With a ``DistributedDataParallel`` model the statistics describe the global (all-reduced)
-    gradients and the global batch, only rank 0 writes ``log`` (and feeds the sinks), and
+    gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the sinks), and
     parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
 
     A probe step reads no value on the host: it packs what it records into one copy to the
@@ -81,12 +81,13 @@ class Probe:
     """
 
     def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int | None = None,
-                 log: str | Path | None = None, task: str | None = None,
+                 run_file: str | Path | None = None, task: str | None = None,
                  roles: Mapping[str, str] | None = None, name: str | None = None,
                  expect_groups_per_batch: int | None = None, max_rows: int = 1024,
                  assemble: bool = False, overwrite: bool = False, sinks: Iterable[Any] = (),
-                 on_finding: Callable[[Any], Any] | None = None, findings_every: int = 500):
-        sinks = list(sinks)
+                 on_finding: Callable[[Any], Any] | None = None, findings_every: int = 500,
+                 log: str | Path | None = None):
+        sinks, run_file = list(sinks), checks.run_file_argument(run_file, log)
         checks.check_construction(model, every, roles, sinks, on_finding, findings_every)
         self.model = model
         self.every = every
@@ -95,7 +96,7 @@ class Probe:
         self.expect_groups_per_batch = expect_groups_per_batch
         self.max_rows = max_rows
         self.assemble = assemble
-        self.run_name = name or (Path(log).stem if log else "run")
+        self.run_name = name or (Path(run_file).stem if run_file else "run")
         self.step = 0
         self.enabled = True
         self._ranks = rank_group_for(model)
@@ -120,8 +121,8 @@ class Probe:
         self.backward_path = "separate"
         if not self._writes:
             # Ranks other than 0 record nothing: no file, no lock, never a wait on I/O.
-            log = None
-        self._writer = BackgroundRunWriter(log, overwrite=overwrite)
+            run_file = None
+        self._writer = BackgroundRunWriter(run_file, overwrite=overwrite)
         self._notices = Notices(self._writer if self._writes else None)
         self._recorder = StepRecorder(self._writer, self._watches, self._sinks, self.max_rows,
                                       self._notices.later, self._notices.warn_once,
@@ -301,7 +302,7 @@ class Probe:
             self._writer.close()
             raise ProbeUsageError(
                 f"run file {self._writer.path} already holds a recorded run; choose another "
-                "log= path, pass overwrite=True, or load_state_dict() to resume it")
+                "run_file= path, pass overwrite=True, or load_state_dict() to resume it")
         self._losses = names
         if self.task is None:
             self.task = names[0]

@@ -145,7 +145,7 @@ class RunWriter:
                 self._lock_file = None
                 raise RunFileError(
                     f"run file {self.path} is already being written by another probe; "
-                    "give this probe its own log= path") from None
+                    "give this probe its own run_file= path") from None
             # A closing writer deletes the lock file while it holds the lock: a lock taken on
             # the file it deleted guards nothing, so take the lock of the file there now.
             if self._holds_lock_path():

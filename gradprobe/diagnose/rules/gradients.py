@@ -69,7 +69,9 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         held = judged & (ratio < th.swamping_ratio)
         if not persistent(steps, held, judged, th):
             continue
-        med = median(ratio[judged])
+        # How swamped, read where it is swamped: over all judged steps the median sits at
+        # the held/not-held boundary when the held share is near min_share.
+        med = median(ratio[held])
         dom = Counter(dominant_idx[held].tolist()).most_common(1)[0][0]
         dominant = names[dom]
         share = held_share(steps, held, judged)
@@ -77,6 +79,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         first, last = held_range(steps, held)
         evidence = {
             "loss": name, "dominant": dominant, "median_ratio": med,
+            "median_ratio_judged": median(ratio[judged]),
             "threshold": th.swamping_ratio, "held_share": share,
             "held_steps": int(held.sum()), "judged_steps": int(judged.sum()),
             "first_step": first, "last_step": last,
