@@ -1,6 +1,7 @@
 """Per-loss gradients of a probe step: one ``torch.autograd.grad`` per loss, and what the probe
-makes of them on the device (the Gram matrix of the Jacobian rows, the latents' gradient norms,
-``.grad`` assembled from them), with no value read on the host.
+makes of them on the device (the Jacobian rows, the shared Linear layers' Gram matrix from their
+inputs where that pays (layer_inputs.py), the latents' gradient norms, ``.grad`` assembled from
+them), with no value read on the host.
 """
 
 from __future__ import annotations
