@@ -9,12 +9,12 @@ Configurations, interleaved round by round (this machine is noisy), medians over
 - probe every step: defaults with ``every=1``;
 - probe every step, whole trunk: ``shared=trunk, every=1, assemble=True`` (exact per-loss
   gradients over the whole trunk, ``.grad`` assembled from them);
+- probe every step, whole trunk, separate: ``shared=trunk, every=1`` (the ordinary backward
+  fills ``.grad``; the trunk's Linear layers, where the cost model says it pays, give their
+  part of the Gram matrix from their inputs and per-loss output gradients, layer_inputs.py);
 - naive: one ``autograd.grad`` per loss over all parameters, then the ordinary backward;
 - reference "forward + K backwards": one ``autograd.grad`` per loss over all parameters and
   nothing else: the least any exact per-loss method pays;
-- trunk Gram from layer inputs + backward (issue 13's stretch, not yet in the probe): the
-  exact per-loss Gram matrix of the whole trunk from its layers' inputs and per-loss output
-  gradients (``gradprobe.probe.layer_gram.LayerGram``), then the ordinary backward.
 
 After the timings: what one ``probe.findings()`` call costs on the run the every-step
 configuration recorded, amortised over 500 plain steps (``Probe(findings_every=500)``).
@@ -47,7 +47,6 @@ from torch import nn
 
 import gradprobe
 from gradprobe.opcount import count_ops
-from gradprobe.probe.layer_gram import LayerGram
 from gradprobe.probe.cadence import MAX_DEFAULT_INTERVAL, is_probe_step
 
 
@@ -121,29 +120,22 @@ class Trainer:
             kwargs = {"log": log_dir / f"{mode}.gprobe"}
             if mode != "probe defaults":
                 kwargs["every"] = 1
-            if mode == "probe every step, whole trunk":
-                kwargs.update(shared=self.model.trunk, assemble=True)
+            if mode.startswith("probe every step, whole trunk"):
+                kwargs.update(shared=self.model.trunk, assemble=mode == WHOLE)
             self.probe = gradprobe.Probe(self.model, **kwargs)
             self.probe.watch_latent("z_I", self.model.f_I)
             self.probe.watch_latent("z_E")
-        self.layer_gram = LayerGram.of(self.model.trunk) if mode == LAYER_GRAM else None
         if mode == "probe defaults":  # the first probe step still runs (shared set, meta)
             self.step()
             self.probe.step = MAX_DEFAULT_INTERVAL ** 2
 
     def step(self):
         x, y, g = self.batch
-        if self.layer_gram is not None:
-            with self.layer_gram.capture():
-                losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
-        else:
-            losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
+        losses, z_E = losses_of(self.model, x, y, g, self.prototypes)
         if self.probe is not None:
             self.probe.observe(z_E=z_E, groups=g)
             self.probe.backward(losses, WEIGHTS)
-        elif self.mode in ("plain", LAYER_GRAM):
-            if self.layer_gram is not None:
-                self.layer_gram.gram(list(losses.values()))
+        elif self.mode == "plain":
             sum(WEIGHTS.get(k, 1.0) * v for k, v in losses.items()).backward()
         else:
             for value in losses.values():
@@ -166,10 +158,11 @@ class Trainer:
         return counts
 
 
-LAYER_GRAM = "trunk Gram from layer inputs + backward"
+WHOLE = "probe every step, whole trunk"
+SEPARATE = "probe every step, whole trunk, separate"
 FINDINGS_EVERY = 500  # Probe(findings_every=...)'s default
-MODES = ["plain", "probe defaults", "probe every step", "probe every step, whole trunk", "naive",
-         "forward + K backwards", LAYER_GRAM]
+MODES = ["plain", "probe defaults", "probe every step", WHOLE, SEPARATE, "naive",
+         "forward + K backwards"]
 
 
 def synchronised(device: torch.device):
@@ -209,7 +202,7 @@ def print_counts(trainers):
             kind = "probe" if probe_step else "non-probe" if trainer.probe else "-"
             print(f"{mode:40s} {kind:9s} {counts.ops:6d} {counts.syncs:6d} "
                   f"{counts.scalar_reads:6d} {counts.host_copies:6d} {counts.sync_ops:8d}")
-            if mode == "probe every step, whole trunk" and probe_step:
+            if mode == WHOLE and probe_step:
                 probe_sites = counts.sync_sites
     if probe_sites:
         top = ", ".join(f"{site} x{n}" for site, n in probe_sites.most_common(12))
@@ -248,10 +241,9 @@ def print_times(trainers, rounds, block, synchronize, clock="wall"):
     for mode in MODES:
         print(f"{mode:40s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
     limit = medians["forward + K backwards"]
-    whole = medians["probe every step, whole trunk"] / limit
-    print(f"whole-trunk every-step probe / (forward + K backwards): {whole:.3f} (target <= 1.1)")
-    print(f"trunk Gram from layer inputs + backward / (forward + K backwards): "
-          f"{medians[LAYER_GRAM] / limit:.3f}")
+    for mode in (WHOLE, SEPARATE):
+        print(f"{mode} / (forward + K backwards): {medians[mode] / limit:.3f} "
+              "(target <= 1.1)")
     print(f"defaults overhead over plain: {100 * (medians['probe defaults'] / base - 1):+.1f}% "
           "(target <= 3%)")
     per_probe_step = medians["probe every step"] / base - 1

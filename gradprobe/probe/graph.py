@@ -14,14 +14,15 @@ from typing import Any, Collection
 import torch
 
 
-def reachable_leaves(loss: torch.Tensor) -> dict[int, tuple[torch.Tensor, int]]:
-    """Leaves (tensors that accumulate ``.grad``) reachable from ``loss``: id -> (tensor, depth).
+def leaves_of(nodes: dict[Any, int]) -> dict[int, tuple[torch.Tensor, int]]:
+    """Leaves (tensors that accumulate ``.grad``) among a loss's ``reachable_nodes``:
+    id -> (tensor, depth).
 
     Depth is the smallest number of graph edges between the loss and the leaf, found
     breadth first, so the last layers before a loss have the smallest depth.
     """
     leaves: dict[int, tuple[torch.Tensor, int]] = {}
-    for node, depth in reachable_nodes(loss).items():
+    for node, depth in nodes.items():
         variable = getattr(node, "variable", None)
         if variable is not None:
             leaves.setdefault(id(variable), (variable, depth))

@@ -24,11 +24,13 @@ gradients ``D_k^T X`` in one batched matmul and their Gram matrix (cheap when N 
 for convolutions over long inputs). Either way the result is exact: the products run in the
 layers' own precision, as the backward's do, and the K x K Gram matrix is summed in float64.
 
-A standalone collaborator of :class:`gradprobe.Probe`, not yet wired into it.
+Standalone here (:class:`LayerGram`); the probe uses the same per-layer functions on the
+shared Linear layers of a probe step (``layer_inputs.py``, docs/probe.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from typing import Iterator
@@ -134,60 +136,71 @@ class LayerGram:
             rows, grads = [], []
             for index, (owner, (x, output, _)) in enumerate(calls):
                 if owner is layer:
-                    rows.append(self._input_rows(layer, x))
+                    rows.append(input_rows(layer, x, self.dtype))
                     grads.append(torch.stack([
-                        self._output_rows(layer, output if g[index] is None else g[index],
-                                          zero=g[index] is None)
-                        for g in per_loss]))
+                        output_rows(layer, torch.zeros_like(output) if g[index] is None
+                                    else g[index], self.dtype) for g in per_loss]))
             if rows:
-                total += self._layer_gram(layer, torch.cat(rows), torch.cat(grads, dim=1))
+                x, d = torch.cat(rows), torch.cat(grads, dim=1)
+                via_inputs = self.strategy == "inputs" or (
+                    self.strategy == "auto" and input_route_pays(layer, x.shape[0], k))
+                total += layer_gram(layer, x, d, via_inputs)
         return total
 
-    # -- one layer ---------------------------------------------------------------------------
 
-    def _input_rows(self, layer: nn.Module, x: Tensor) -> Tensor:
-        """[N, fan_in]: the rows the layer's weight multiplies."""
-        x = x.to(self.dtype or x.dtype)
-        if isinstance(layer, nn.Linear):
-            return x.reshape(-1, x.shape[-1])
-        pads = _padding(layer)
-        if any(pads):
-            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-            x = F.pad(x, pads, mode=mode)
-        if isinstance(layer, nn.Conv1d):  # as a Conv2d over a height of 1
-            x = x.unsqueeze(-2)
-        kernel, dilation, stride = (_two(layer, name) for name in
-                                    ("kernel_size", "dilation", "stride"))
-        unfolded = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [B, fan_in, P]
-        return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
+# -- one layer: the math LayerGram and the probe (layer_inputs.py) share ----------------------
 
-    def _output_rows(self, layer: nn.Module, grad: Tensor, zero: bool) -> Tensor:
-        """[N, out]: the output gradient, one row per input row (zeros for an unused loss)."""
-        out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if isinstance(layer, nn.Linear):
-            rows = grad.reshape(-1, out)
-        else:  # [B, out, positions...] -> [B * P, out], the order unfold gives its columns
-            rows = grad.reshape(grad.shape[0], out, -1).transpose(1, 2).reshape(-1, out)
-        rows = rows.to(self.dtype or rows.dtype)
-        return torch.zeros_like(rows) if zero else rows
+def input_rows(layer: nn.Module, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """[N, fan_in]: the rows the layer's weight multiplies."""
+    x = x.to(dtype or x.dtype)
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    pads = _padding(layer)
+    if any(pads):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    if isinstance(layer, nn.Conv1d):  # as a Conv2d over a height of 1
+        x = x.unsqueeze(-2)
+    kernel, dilation, stride = (_two(layer, name) for name in
+                                ("kernel_size", "dilation", "stride"))
+    unfolded = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [B, fan_in, P]
+    return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
 
-    def _layer_gram(self, layer: nn.Module, x: Tensor, d: Tensor) -> Tensor:
-        """x: [N, fan_in], d: [K, N, out] -> the layer's K x K Gram matrix."""
-        k, n, out = d.shape
-        fan_in = x.shape[1]
-        bias = layer.bias is not None
-        via_inputs = n * n * fan_in + k * n * n * out + k * k * n * out
-        via_gradients = k * n * out * fan_in + k * k * out * (fan_in + bias)
-        if self.strategy == "inputs" or (self.strategy == "auto" and via_inputs < via_gradients):
-            s = x @ x.T
-            if bias:
-                s = s + 1.0
-            return _float64_products(d.reshape(k, -1), (s @ d).reshape(k, -1))
-        weight = d.transpose(1, 2) @ x  # [K, out, fan_in]: the per-loss weight gradients
-        flat = weight.reshape(k, -1)
+
+def output_rows(layer: nn.Module, grad: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """[N, out]: the output gradient, one row per input row."""
+    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if isinstance(layer, nn.Linear):
+        rows = grad.reshape(-1, out)
+    else:  # [B, out, positions...] -> [B * P, out], the order unfold gives its columns
+        rows = grad.reshape(grad.shape[0], out, -1).transpose(1, 2).reshape(-1, out)
+    return rows.to(dtype or rows.dtype)
+
+
+def input_route_pays(layer: nn.Module, n: int, k: int) -> bool:
+    """Whether the N x N route takes fewer multiply-adds than the K per-loss parameter
+    gradients and their Gram matrix, for N input rows and K losses."""
+    out, fan_in = layer.weight.shape[0], math.prod(layer.weight.shape[1:])
+    via_inputs = n * n * fan_in + k * n * n * out + k * k * n * out
+    via_gradients = k * n * out * fan_in + k * k * out * (fan_in + (layer.bias is not None))
+    return via_inputs < via_gradients
+
+
+def layer_gram(layer: nn.Module, x: Tensor, d: Tensor, via_inputs: bool) -> Tensor:
+    """x: [N, fan_in], d: [K, N, out] -> the layer's K x K Gram matrix (float64), by the
+    N x N route (``via_inputs``) or from the per-loss parameter gradients."""
+    k = d.shape[0]
+    bias = layer.bias is not None
+    if via_inputs:
+        s = x @ x.T
         if bias:
-            flat = torch.cat([flat, d.sum(dim=1)], dim=1)
-        return _float64_products(flat, flat)
+            s = s + 1.0
+        return _float64_products(d.reshape(k, -1), (s @ d).reshape(k, -1))
+    weight = d.transpose(1, 2) @ x  # [K, out, fan_in]: the per-loss weight gradients
+    flat = weight.reshape(k, -1)
+    if bias:
+        flat = torch.cat([flat, d.sum(dim=1)], dim=1)
+    return _float64_products(flat, flat)
 
 
 def _float64_products(a: Tensor, b: Tensor) -> Tensor:

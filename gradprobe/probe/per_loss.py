@@ -1,6 +1,7 @@
 """Per-loss gradients of a probe step: one ``torch.autograd.grad`` per loss, and what the probe
-makes of them on the device (the Gram matrix of the Jacobian rows, the latents' gradient norms,
-``.grad`` assembled from them), with no value read on the host.
+makes of them on the device (the Jacobian rows, the shared Linear layers' Gram matrix from their
+inputs where that pays (layer_inputs.py), the latents' gradient norms, ``.grad`` assembled from
+them), with no value read on the host.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .graph import has_user_hooks, infer_shared, reachable_leaves
+from .graph import has_user_hooks, infer_shared, leaves_of, reachable_nodes
+from .layer_inputs import LayerInputs, RoutedLayer, routed_gram
 from .recording import StepNumbers
 from .transfer import one_dim
 from .watches import ProbeUsageError
@@ -21,14 +23,16 @@ class PerLossGradients:
 
     path: str  # "assembled" (.grad filled from these) or "separate" (the ordinary backward)
     weights: list  # one per loss, as backward() resolved them: a float or a detached tensor
-    inputs: list[torch.Tensor]  # shared parameters, then other leaves, then latents
+    # The shared parameters with Jacobian rows, other leaves, latents, routed layers' outputs.
+    inputs: list[torch.Tensor]
     grads: list[tuple[torch.Tensor | None, ...]]  # one tuple per loss, aligned with inputs
-    n_shared: int
+    n_shared: int  # shared parameters with Jacobian rows (not in a routed layer)
     n_others: int
     latent_names: list[str]
     per_loss_leaves: list[dict]
     shared_ids: set[int]
     scale: torch.Tensor | None  # the GradScaler's scale the gradients carry (None without one)
+    routed: list[RoutedLayer]  # layers whose Gram comes from their inputs (layer_inputs.py)
 
 
 @dataclass
@@ -66,17 +70,26 @@ def choose_path(model: torch.nn.Module, per_loss_leaves: list[dict], weights: Se
 def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
                        weights: Sequence[Any], shared: list[torch.Tensor],
                        latents: Mapping[str, torch.Tensor], scaler: Any,
-                       assemble: bool) -> PerLossGradients:
+                       assemble: bool, layer_inputs: LayerInputs | None = None
+                       ) -> PerLossGradients:
     """One ``torch.autograd.grad`` per loss, over the shared parameters and watched latents
-    (and, on the assembled path, every other leaf, so that ``.grad`` can be filled exactly)."""
-    per_loss_leaves = [reachable_leaves(loss) for loss in losses]
+    (and, on the assembled path, every other leaf, so that ``.grad`` can be filled exactly).
+    On the separate path, the shared layers ``layer_inputs`` captured and may route give
+    their outputs instead of their parameters (layer_inputs.py)."""
+    graphs = [reachable_nodes(loss) for loss in losses]
+    per_loss_leaves = [leaves_of(graph) for graph in graphs]
     path = choose_path(model, per_loss_leaves, weights, assemble)
     shared_ids = {id(p) for p in shared}
+    routed = layer_inputs.take(graphs, len(losses)) \
+        if layer_inputs is not None and path == "separate" else []
+    routed_ids = {id(p) for entry in routed for p in entry.layer.parameters()}
+    rows = [p for p in shared if id(p) not in routed_ids]
     others: dict[int, torch.Tensor] = {}
     if path == "assembled":
         for leaves in per_loss_leaves:
             others.update((k, t) for k, (t, _) in leaves.items() if k not in shared_ids)
-    inputs = list(shared) + list(others.values()) + list(latents.values())
+    inputs = rows + list(others.values()) + list(latents.values()) + \
+        [call.output for entry in routed for call in entry.calls]
     # With a GradScaler the per-loss gradients are taken of the scaled losses, as the ordinary
     # backward is (small half-precision gradients would underflow otherwise); the recorded
     # statistics divide the scale out again. The scale stays a tensor on the device: reading
@@ -97,8 +110,8 @@ def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
         # to the ordinary backward; it is freed when the loop drops its losses.
         grads.append(torch.autograd.grad(loss, inputs, grad_outputs=seed, retain_graph=True,
                                          allow_unused=True))
-    return PerLossGradients(path, list(weights), inputs, grads, len(shared), len(others),
-                            list(latents), per_loss_leaves, shared_ids, scale)
+    return PerLossGradients(path, list(weights), inputs, grads, len(rows), len(others),
+                            list(latents), per_loss_leaves, shared_ids, scale, routed)
 
 
 def weighted_total(losses: Sequence[torch.Tensor], weights: Sequence[Any]) -> torch.Tensor:
@@ -136,10 +149,13 @@ class JacobianBuffer:
     def __init__(self):
         self._buffer: torch.Tensor | None = None
 
-    def fill(self, gradients: PerLossGradients, shared: list[torch.Tensor]) -> torch.Tensor:
+    def fill(self, gradients: PerLossGradients) -> torch.Tensor | None:
         """J [K, P] float64, unscaled: row k is loss k's gradient on the shared parameters
-        (zeros where it does not reach one)."""
+        with Jacobian rows (zeros where it does not reach one); None if there are none."""
         n_shared = gradients.n_shared
+        shared = gradients.inputs[:n_shared]
+        if not shared:
+            return None
         device = shared[0].device
         rows = len(gradients.grads)
         size = sum(p.numel() for p in shared)
@@ -228,5 +244,9 @@ def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
         groups = torch.as_tensor(groups)
         groups = groups.detach() if groups.requires_grad else groups
         observed["groups"] = groups if groups.ndim == 1 else groups.reshape(-1)
-    return StepNumbers(loss_values, jacobian.fill(gradients, shared),
-                       latent_grad_norms(gradients, device), observed, observed.get("groups"))
+    routed_outputs = sum(len(entry.calls) for entry in gradients.routed)
+    layer_gram = routed_gram(gradients.routed,
+                             [g[len(g) - routed_outputs:] for g in gradients.grads],
+                             gradients.scale)
+    return StepNumbers(loss_values, jacobian.fill(gradients), latent_grad_norms(gradients, device),
+                       observed, observed.get("groups"), layer_gram)

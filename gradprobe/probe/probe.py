@@ -1,13 +1,11 @@
 """The probe: attach to a multi-loss model and record per-loss gradient statistics.
 
-Cadence: a non-probe step costs the weighted sum and one ordinary backward, nothing else.
-On a probe step the per-loss gradients are taken with ``torch.autograd.grad`` (exact, no
-estimates), their Gram matrix G = J J^T on the shared parameters is recorded, and the
-parameters' ``.grad`` is filled either from those same gradients (the *assembled* path:
-no extra backward) or by the ordinary backward (the *separate* path). docs/probe.md says
-which path runs when. The collaborators: argument checks (checks.py), per-loss gradients
-(per_loss.py), recording a step on the writer thread (recording.py, transfer.py), the
-distributed case (distributed.py) and the watches (watches.py).
+A non-probe step costs the weighted sum and one ordinary backward. On a probe step the
+per-loss gradients are taken with ``torch.autograd.grad`` (exact), their Gram matrix on the
+shared parameters is recorded (shared Linear layers' part from their inputs: layer_inputs.py),
+and ``.grad`` is filled from those gradients (*assembled* path) or by the ordinary backward
+(*separate*); docs/probe.md. Collaborators: checks.py, per_loss.py, recording.py and
+transfer.py (the writer thread), distributed.py (DDP), watches.py.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from . import checks
 from .cadence import is_probe_step
 from .checks import ROLES, guess_role
 from .distributed import globalize, rank_group_for, rows_matrix, rows_of
+from .layer_inputs import LayerInputs
 from .live import LiveFindings
 from .notices import GradprobeWarning, Notices, warn_user
 from .per_loss import (JacobianBuffer, PerLossGradients, ProbeStep, assemble, graph_events,
@@ -74,10 +73,9 @@ class Probe:
     gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the sinks), and
     parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
 
-    A probe step reads no value on the host: it packs what it records into one copy to the
-    host and hands it to the run file's writer thread, which computes the metrics, writes the
-    step and feeds the sinks while training goes on (docs/performance.md). Warnings about what
-    the writer thread found (a NaN loss, say) come at the next call into the probe.
+    A probe step reads no value on the host: one copy to the host goes to the run file's
+    writer thread (metrics, write, sinks) while training goes on (docs/performance.md); what
+    that thread finds (a NaN loss, say) is warned about at the next call into the probe.
     """
 
     def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int | None = None,
@@ -113,6 +111,7 @@ class Probe:
         self._shared: list[torch.Tensor] | None = checks.resolve_shared(shared)
         self._watches = WatchSet(lambda: self.is_probe_step)
         self._jacobian = JacobianBuffer()
+        self._layer_inputs = LayerInputs(model)
         self._losses: list[str] | None = None
         self._roles_guessed: list[str] = []
         self._resumed = False
@@ -132,12 +131,9 @@ class Probe:
 
     @property
     def last_grad_norms(self) -> dict[str, float] | None:
-        """The per-loss gradient norms on the shared set at the last probe step (None before
-        the first), ``{loss name: norm}``.
-
-        Read lazily: the probe step itself reads nothing on the host, so asking for these
-        waits for that step's copy to the host (on a GPU, a wait for the device up to that
-        step, only when asked)."""
+        """``{loss name: gradient norm on the shared set}`` at the last probe step (None before
+        the first). Read lazily: asking waits for that step's copy to the host (on a GPU, a
+        wait for the device up to that step, only when asked)."""
         if self._last is None:
             return None
         return grad_norms(*self._last)
@@ -244,8 +240,7 @@ class Probe:
             checks.check_losses(losses, weights, self._losses, self.task)
         if self._losses is None:
             self._start(list(losses))
-        # The one form of the loss weights from here to the run file: one per loss in the
-        # order of the loss names, 1.0 where none was given, a float or the user's tensor.
+        # From here to the run file: one weight per loss name, 1.0 by default, float or tensor.
         resolved = [checks.weight(weights.get(k, 1.0)) for k in self._losses]
         total = weighted_total([losses[k] for k in self._losses], resolved)
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
@@ -269,6 +264,11 @@ class Probe:
             self._finish(pending)
         self._watches.captured.clear()
         self.step += 1
+        try:  # hooks on the shared layers' inputs for the next step if it probes (per_loss.py)
+            self._layer_inputs.arm(self._shared if self.is_probe_step and self._ranks is None
+                                   and not self.assemble else None)
+        except Exception as exc:
+            self._fail(exc)
 
     def findings(self, thresholds: Any = None) -> list:
         """The findings of the run recorded so far (``gradprobe analyze`` on the run file now):
@@ -310,9 +310,7 @@ class Probe:
 
     def _drop_watch(self, watch: Any, exc: BaseException) -> None:
         """Disable one watch that cannot record: one warning, one ``watch_disabled`` event;
-        the losses' statistics and every other watch go on.
-
-        Under DDP the failure disables the probe instead (on every rank, at the next vote):
+        the losses' statistics and every other watch go on. Under DDP the failure disables the probe instead (on every rank, at the next vote):
         every rank must take the same per-loss gradients and gather the same tensors, and a
         watch dropped on one rank only would break those collectives.
         """
@@ -334,7 +332,8 @@ class Probe:
         latents = {n: t for n, t in self._watches.captured.items()
                    if n in self._watches.latents and isinstance(t, torch.Tensor) and t.requires_grad}
         gradients = per_loss_gradients(self.model, [losses[k] for k in names], weights,
-                                       self._shared, latents, scaler, assemble)
+                                       self._shared, latents, scaler, assemble,
+                                       self._layer_inputs)
         self.backward_path = gradients.path
         return gradients
 
@@ -486,6 +485,7 @@ class Probe:
         about the last steps (found on the writer thread) come here at the latest."""
         self._check_skipped()
         self._watches.remove_hooks()
+        self._layer_inputs.disarm()
         if self._writer is not None:
             try:
                 self._writer.close()

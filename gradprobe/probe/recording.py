@@ -40,10 +40,20 @@ class StepNumbers:
     """What one probe step records, before the metrics: global (all ranks') values under DDP."""
 
     loss_values: torch.Tensor  # [K] float64
-    jacobian: torch.Tensor  # [K, P] float64: unscaled per-loss gradients on the shared set
+    # [K, P] float64: unscaled per-loss gradients on the shared set (None: every shared
+    # parameter is in a layer whose Gram came from its inputs)
+    jacobian: torch.Tensor | None
     latent_grad_norms: torch.Tensor  # [L * K] float64, latent-major: |dL_k / d latent_i|
     observed: dict[str, Any]  # watched tensors by name (gathered over the ranks under DDP)
     local_groups: torch.Tensor | None  # this rank's batch: what a per-rank loss sees
+    layer_gram: torch.Tensor | None = None  # [K, K] float64: the routed layers' Gram matrix
+
+    def gram(self) -> torch.Tensor:
+        """The Gram matrix of the per-loss gradients on the whole shared set."""
+        if self.jacobian is None:
+            return self.layer_gram
+        gram = self.jacobian @ self.jacobian.T
+        return gram if self.layer_gram is None else gram + self.layer_gram
 
 
 @dataclass
@@ -96,9 +106,7 @@ class StepRecorder:
                   latent_names: list[str], numbers: StepNumbers,
                   due: Callable[[Any], bool]) -> Transfer:
         """Pack the step into one transfer and submit its numbers to the writer thread."""
-        jacobian = numbers.jacobian
-        pieces: dict[str, torch.Tensor] = {"loss": numbers.loss_values,
-                                           "gram": jacobian @ jacobian.T}
+        pieces: dict[str, torch.Tensor] = {"loss": numbers.loss_values, "gram": numbers.gram()}
         facts: dict[str, Any] = {}
         plan = StepPlan(step, losses, [w if isinstance(w, float) else None for w in weights],
                         scale is not None, latent_names)
