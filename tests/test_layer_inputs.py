@@ -61,7 +61,7 @@ def run_probe(model, tmp_path, monkeypatch, steps=4, scaler=None, every=1, extra
 
     monkeypatch.setattr(per_loss, "routed_gram", spy)
     path = tmp_path / "r.gprobe"
-    probe = gradprobe.Probe(model, shared=trunk_params(model), every=every, log=path)
+    probe = gradprobe.Probe(model, shared=trunk_params(model), every=every, run_file=path)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     dtype = next(model.parameters()).dtype
     expected = []
@@ -170,7 +170,7 @@ def test_a_failure_in_the_layer_route_disables_the_probe_once(tmp_path, monkeypa
     torch.manual_seed(0)
     model = TokenNet()
     probe = gradprobe.Probe(model, shared=trunk_params(model), every=1,
-                            log=tmp_path / "r.gprobe")
+                            run_file=tmp_path / "r.gprobe")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
