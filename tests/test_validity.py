@@ -45,6 +45,10 @@ def test_broken_variants_are_broken_by_independent_measurement(quick):
     assert out[("sigmoid-mse", "quadratic")]["saturated_wrong"] > \
         10 * max(out[("sigmoid-mse", "cross-entropy")]["saturated_wrong"], 1e-4)
     assert out[("dann", "alpha-zero")]["acc_target"] < out[("dann", "healthy")]["acc_target"]
+    assert out[("center_loss", "no-update")]["center_lag"] > \
+        10 * out[("center_loss", "paper")]["center_lag"]
+    assert out[("center_loss", "unmasked-update")]["center_spread"] < 0.01 < 0.9 < \
+        out[("center_loss", "paper")]["center_spread"]
 
 
 def test_held_out_acceptance(quick):
