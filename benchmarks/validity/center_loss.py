@@ -15,7 +15,7 @@ no gradient from L_C). SGD with momentum 0.9 and weight decay 5e-4 (KaiyangZhou'
 Here: scikit-learn digits, an MLP 64-128-128 (PReLU) into the 2-D PReLU feature (LeNet++'s
 ``fc1``/``prelu_fc1``) and the linear classifier 2->10, batch 128, SGD lr 0.05, lambda 0.1,
 alpha 0.5, 600 steps. Losses: ``softmax`` and ``center`` (weight lambda). The probe is
-attached as a user would: ``Probe(model, log=...)``, the feature watched as a latent with the
+attached as a user would: ``Probe(model, run_file=...)``, the feature watched as a latent with the
 labels as groups, and the center table watched as prototypes of that latent.
 
 Variants (truth by construction, checked on the training split's features at the end:
@@ -117,7 +117,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model, criterion = FeatureNet(), Centers(random_start=variant == "paper-random-start")
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     alpha = 0.0 if variant == "no-update" else ALPHA
-    probe = gradprobe.Probe(model, log=log)
+    probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("feature", labels="groups")
     probe.watch_prototypes("centers", criterion.centers, latent="feature")
     with probe:
@@ -162,5 +162,5 @@ FAMILY = Family(
                 must_not=("prototype-stale", "representation-collapse")),
     ),
     seeds=(0, 1, 2, 3),
-    quick=(("paper", 1), ("no-update", 1), ("unmasked-update", 1)),
+    quick=(("paper", 1), ("paper-random-start", 1), ("no-update", 1), ("unmasked-update", 1)),
 )

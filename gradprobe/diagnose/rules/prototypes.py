@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -71,26 +70,36 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
     gpb = groups_per_batch_series(run)
     for p, steps, md in recorded_series(run, PROTOTYPE_MEAN_DISTANCE, 2 * th.min_points):
         scale_note = "absolute"
+        k = window_size(len(steps), th)
         latent = latents.get(p)
         norm = get(run, LATENT_NORM, latent) if latent else None
+        # Relative to the latent's norm the distance also falls when the latent grows away
+        # from prototypes that stay apart (centres drawn at random, features starting near
+        # 0): collapse needs the prototypes themselves to close in, so the absolute distance
+        # must have fallen as well.
+        spread_kept, absolute = False, {}
         if norm is not None:
+            absolute = {"absolute_mean_distance_peak": nanmax(rolling_median(md, th.smooth_points)),
+                        "absolute_mean_distance_end": median(md[-k:])}
+            spread_kept = absolute["absolute_mean_distance_end"] > \
+                th.proto_collapse_fraction * absolute["absolute_mean_distance_peak"]
             scale = np.interp(steps, norm[0], norm[1])
             with np.errstate(divide="ignore", invalid="ignore"):
                 md = np.where(scale > 0, md / scale, np.nan)
             scale_note = f"relative to the norm of '{latent}'"
-        k = window_size(len(steps), th)
         peak = nanmax(rolling_median(md, th.smooth_points))
         end = median(md[-k:])
-        reasons, severity = [], "warning"
+        reasons, keys, severity = [], [], "warning"  # keys: each reason's key number
         evidence: dict = {"prototypes": p, "distance_scale": scale_note,
                           "mean_distance_peak": peak, "mean_distance_end": end,
                           "end_steps": [int(steps[-k]), int(steps[-1])],
                           "thresholds": {"collapse_fraction": th.proto_collapse_fraction,
                                          "merge_fraction": th.proto_merge_fraction,
-                                         "usage": th.proto_usage}}
+                                         "usage": th.proto_usage}, **absolute}
         held = np.zeros(len(steps), dtype=bool)
-        if peak > 0 and end <= th.proto_collapse_fraction * peak:
+        if peak > 0 and end <= th.proto_collapse_fraction * peak and not spread_kept:
             reasons.append(f"their mean distance fell to {pct(end / peak)} of its peak")
+            keys.append(f"mean distance x{g(end / peak)} of peak")
             severity = "error"
             held |= md <= th.proto_collapse_fraction * peak
         min_d = finite(get(run, PROTOTYPE_MIN_DISTANCE, p))
@@ -103,6 +112,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             if rel_end <= th.proto_merge_fraction:
                 reasons.append(f"two of them merged (closest pair at {pct(rel_end)} of the mean "
                                "distance)")
+                keys.append(f"closest pair x{g(rel_end)} of mean distance")
                 held |= np.interp(steps, min_d[0], rel) <= th.proto_merge_fraction
         usage = finite(get(run, PROTOTYPE_USAGE, p))
         mixed = gpb is not None and median(gpb[1]) >= 2
@@ -111,6 +121,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             evidence["usage_end"] = u_end
             if u_end <= th.proto_usage:
                 reasons.append(f"usage entropy is {g(u_end)} on mixed batches")
+                keys.append(f"usage entropy {g(u_end)}")
                 held |= np.interp(steps, usage[0], usage[1]) <= th.proto_usage
         rank = finite(get(run, PROTOTYPE_RANK, p))
         if rank is not None:
@@ -120,7 +131,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         evidence["mean_distance"] = thin(steps, md)
         out.append(make_finding(
             "prototype-collapse", severity, f"prototypes '{p}' collapse: " + "; ".join(reasons),
-            p, f"mean distance x{g(end / peak if peak > 0 else math.nan)} of peak", evidence,
+            p, keys[0], evidence,
             trailing_range(steps, held),
             plot=PlotHint(PROTOTYPE_MEAN_DISTANCE, names=[p])))
     return out
