@@ -117,7 +117,7 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.probe = None
         if mode.startswith("probe"):
-            kwargs = {"log": log_dir / f"{mode}.gprobe"}
+            kwargs = {"run_file": log_dir / f"{mode}.gprobe"}
             if mode != "probe defaults":
                 kwargs["every"] = 1
             if mode.startswith("probe every step, whole trunk"):
