@@ -1,11 +1,15 @@
 """The probe: attach to a multi-loss model and record per-loss gradient statistics.
 
-A non-probe step costs the weighted sum and one ordinary backward. On a probe step the
-per-loss gradients are taken with ``torch.autograd.grad`` (exact), their Gram matrix on the
-shared parameters is recorded (shared Linear layers' part from their inputs: layer_inputs.py),
-and ``.grad`` is filled from those gradients (*assembled* path) or by the ordinary backward
-(*separate*); docs/probe.md. Collaborators: checks.py, per_loss.py, recording.py and
-transfer.py (the writer thread), distributed.py (DDP), watches.py.
+Cadence: a non-probe step costs the weighted sum and one ordinary backward, nothing else.
+On a probe step the per-loss gradients are taken with ``torch.autograd.grad`` (exact, no
+estimates) and their Gram matrix G = J J^T on the shared parameters is recorded (a shared
+Linear layer's part of it from the layer's inputs and output gradients where that pays:
+layer_inputs.py). The parameters' ``.grad`` is filled either from those same gradients (the
+*assembled* path: no extra backward) or by the ordinary backward (the *separate* path);
+docs/probe.md says which path runs when. The collaborators: argument checks (checks.py), the
+watch methods (watch_api.py) and watches (watchset.py, watches.py), per-loss gradients
+(per_loss.py), recording a step on the writer thread (recording.py, transfer.py) and the
+distributed case (distributed.py).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from gradprobe import metrics
 from gradprobe.record import BackgroundRunWriter
 
 from . import checks
@@ -31,12 +34,13 @@ from .recording import (StepNumbers, StepRecorder, check_state, failure_reason, 
                         probe_state, resumed_writer, run_meta, skipped_step)
 from .transfer import Transfer
 from .watches import ProbeUsageError
+from .watch_api import WatchMethods
 from .watchset import WatchSet
 
 __all__ = ["Probe", "ProbeStep", "GradprobeWarning", "ROLES", "guess_role"]
 
 
-class Probe:
+class Probe(WatchMethods):
     """Records per-loss gradient statistics of a multi-loss model on the shared parameters.
 
     Parameters
@@ -73,9 +77,10 @@ class Probe:
     gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the sinks), and
     parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
 
-    A probe step reads no value on the host: one copy to the host goes to the run file's
-    writer thread (metrics, write, sinks) while training goes on (docs/performance.md); what
-    that thread finds (a NaN loss, say) is warned about at the next call into the probe.
+    A probe step reads no value on the host: it packs what it records into one copy to the
+    host and hands it to the run file's writer thread, which computes the metrics, writes the
+    step and feeds the sinks while training goes on (docs/performance.md). Warnings about what
+    the writer thread found (a NaN loss, say) come at the next call into the probe.
     """
 
     def __init__(self, model: torch.nn.Module, shared: Any = None, *, every: int | None = None,
@@ -131,66 +136,15 @@ class Probe:
 
     @property
     def last_grad_norms(self) -> dict[str, float] | None:
-        """``{loss name: gradient norm on the shared set}`` at the last probe step (None before
-        the first). Read lazily: asking waits for that step's copy to the host (on a GPU, a
-        wait for the device up to that step, only when asked)."""
+        """The per-loss gradient norms on the shared set at the last probe step (None before
+        the first), ``{loss name: norm}``.
+
+        Read lazily: the probe step itself reads nothing on the host, so asking for these
+        waits for that step's copy to the host (on a GPU, a wait for the device up to that
+        step, only when asked)."""
         if self._last is None:
             return None
         return grad_norms(*self._last)
-
-    # -- what to watch ---------------------------------------------------------------------
-
-    def watch_latent(self, name: str, module: torch.nn.Module | None = None, *,
-                     labels: str | None = None,
-                     select: int | str | Callable[[Any], torch.Tensor] | None = None,
-                     every: int | None = None) -> None:
-        """Record a latent ([batch, dim]): from ``module``'s forward output, or ``observe(name=...)``.
-
-        ``labels``: the name of an observed tensor holding the class label of each row (e.g.
-        ``labels="y"`` with ``observe(y=...)``, or ``labels="groups"``). The number of
-        classes it shows tells the diagnosis that a supervised latent whose rank settles
-        near classes - 1 has the geometry of neural collapse, not a collapse.
-
-        ``select`` picks the latent from a module that returns more than a tensor: an index
-        (``select=0`` for ``(rep, mask)``), a key (``select="z"`` for a dict, or an attribute
-        of a dataclass or named tuple) or a function of the output (``select=lambda out:
-        out.hidden[-1]``). Without it, a tuple or list whose first element is a tensor gives
-        that first element (one warning says so). A latent that cannot be read is dropped
-        alone, with one warning and a ``watch_disabled`` event; the rest goes on recording.
-        """
-        self._watches.add_latent(name, module, labels, select, every)
-
-    def watch_prototypes(self, name: str, source: Any, *, latent: str | None = None,
-                         every: int | None = None) -> None:
-        """Record a prototype matrix (tensor, Parameter, buffer or zero-argument callable).
-
-        ``latent``: the watched latent the prototypes summarise (rows indexed by the group
-        ids passed as ``observe(groups=...)``), for usage and lag.
-        """
-        self._watches.add_prototypes(name, source, latent, every)
-
-    def watch_saturation(self, name: str, module: torch.nn.Module | None = None, *,
-                         temperature: Any = None, threshold: float = metrics.SATURATION_THRESHOLD,
-                         terms: tuple[str, str] | None = None, target: str | None = None,
-                         every: int | None = None) -> None:
-        """Record the inputs of a sigmoid (its logits).
-
-        ``module``: an ``nn.Sigmoid`` (its input is recorded), or the layer that computes the
-        logits a functional ``torch.sigmoid`` then reads (its *output* is recorded); without
-        a module, the logits passed as ``observe(name=...)``. ``target``: the name of an
-        observed tensor holding what each sigmoid output is trained towards (0/1 labels or
-        probabilities, one per logit), e.g. ``target="y"`` with ``observe(y=...)``: the
-        diagnosis then tells a saturation towards the targets (harmless) from one on the
-        wrong side of them. ``temperature``: a number or callable recorded beside it;
-        ``terms``: the names of two energy terms passed to ``observe`` (e.g.
-        ``("U_I", "R_E")``) whose scale ratio is kept.
-        """
-        self._watches.add_saturation(name, module, temperature, threshold, terms, target, every)
-
-    def watch_contrastive(self, name: str, *, temperature: float = 0.1,
-                          every: int | None = None) -> None:
-        """Record an InfoNCE batch passed as ``observe(name=(anchors, positives))``."""
-        self._watches.add_contrastive(name, temperature, every)
 
     # -- the training loop -------------------------------------------------------------------
 
@@ -240,7 +194,8 @@ class Probe:
             checks.check_losses(losses, weights, self._losses, self.task)
         if self._losses is None:
             self._start(list(losses))
-        # From here to the run file: one weight per loss name, 1.0 by default, float or tensor.
+        # The one form of the loss weights from here to the run file: one per loss in the
+        # order of the loss names, 1.0 where none was given, a float or the user's tensor.
         resolved = [checks.weight(weights.get(k, 1.0)) for k in self._losses]
         total = weighted_total([losses[k] for k in self._losses], resolved)
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
@@ -310,7 +265,9 @@ class Probe:
 
     def _drop_watch(self, watch: Any, exc: BaseException) -> None:
         """Disable one watch that cannot record: one warning, one ``watch_disabled`` event;
-        the losses' statistics and every other watch go on. Under DDP the failure disables the probe instead (on every rank, at the next vote):
+        the losses' statistics and every other watch go on.
+
+        Under DDP the failure disables the probe instead (on every rank, at the next vote):
         every rank must take the same per-loss gradients and gather the same tensors, and a
         watch dropped on one rank only would break those collectives.
         """
