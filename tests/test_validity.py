@@ -49,6 +49,11 @@ def test_broken_variants_are_broken_by_independent_measurement(quick):
         10 * out[("center_loss", "paper")]["center_lag"]
     assert out[("center_loss", "unmasked-update")]["center_spread"] < 0.01 < 0.9 < \
         out[("center_loss", "paper")]["center_spread"]
+    # eq. 4 on the raw codes shrinks the private code; the normalised loss keeps its norm and
+    # still decorrelates it from the shared code
+    assert out[("dsn", "unnormalised")]["private_norm_ratio"] < 0.4 < 0.8 < \
+        out[("dsn", "healthy")]["private_norm_ratio"]
+    assert out[("dsn", "healthy")]["cka"] < 0.1
 
 
 def test_held_out_acceptance(quick):
