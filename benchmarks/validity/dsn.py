@@ -10,8 +10,9 @@ with L_difference = ||H_s^c^T H_s^p||_F^2 + ||H_t^c^T H_t^p||_F^2 (eq. 4: soft s
 orthogonality between the batch's shared rows H^c and private rows H^p, per domain) and, for
 DSN with DANN, L_similarity the domain classifier's loss behind a gradient reversal layer.
 The public implementations centre each code over the batch and divide every row by its l2
-norm before eq. 4 (fungtion/DSN's ``DiffLoss``), which makes the loss a measure of angle only;
-fungtion/DSN weighs alpha 0.01, beta 0.075, gamma 0.25.
+norm before eq. 4 (fungtion/DSN's ``DiffLoss``), which makes the loss a measure of angle only.
+The published loss weights were not checked against the sources for this port: the weights
+below are chosen for this CPU-scale problem, with the reasons given.
 
 Here: scikit-learn digits (half of the training split) as the source; the other half blended
 with smooth random backgrounds (dann.py's MNIST-M construction) as the target; MLP encoders
@@ -20,7 +21,7 @@ the shared code, a domain classifier 32-32-2 behind ``GradReverse`` (coefficient
 domains' shared codes; Adam lr 1e-3, batch 64 per domain, 800 steps. eq. 4 is divided by n^2
 (n rows: batch-size free). Weights, a CPU-scale choice: alpha 10 (the digits' per-pixel MSE
 is ~0.02: at 1 the reconstruction is swamped by the task on the shared encoder), beta 3 (at
-0.075-1 the codes stay correlated: max |corr| 0.25-0.36 above the null), gamma 0.25.
+0.075 to 1 the codes stay correlated: max |corr| 0.25-0.36 above the null), gamma 0.25.
 Losses ``task``, ``recon``, ``difference``, ``adv`` with roles task, reconstruction,
 orthogonality, adversarial. The probe watches the source's codes ``shared`` and ``private``
 (the pair eq. 4 constrains; pooled, the two private encoders' offsets would add a
