@@ -133,18 +133,14 @@ class LayerGram:
         device = outputs[0].device
         total = torch.zeros(k, k, dtype=torch.float64, device=device)
         for layer in self.layers:
-            rows, grads = [], []
-            for index, (owner, (x, output, _)) in enumerate(calls):
-                if owner is layer:
-                    rows.append(input_rows(layer, x, self.dtype))
-                    grads.append(torch.stack([
-                        output_rows(layer, torch.zeros_like(output) if g[index] is None
-                                    else g[index], self.dtype) for g in per_loss]))
-            if rows:
-                x, d = torch.cat(rows), torch.cat(grads, dim=1)
-                via_inputs = self.strategy == "inputs" or (
-                    self.strategy == "auto" and input_route_pays(layer, x.shape[0], k))
-                total += layer_gram(layer, x, d, via_inputs)
+            mine = [i for i, (owner, _) in enumerate(calls) if owner is layer]
+            if not mine:
+                continue
+            x, d = call_rows(layer, [calls[i][1][:2] for i in mine],
+                             [[g[i] for i in mine] for g in per_loss], self.dtype)
+            via_inputs = self.strategy == "inputs" or (
+                self.strategy == "auto" and input_route_pays(layer, x.shape[0], k))
+            total += layer_gram(layer, x, d, via_inputs)
         return total
 
 
@@ -175,6 +171,25 @@ def output_rows(layer: nn.Module, grad: Tensor, dtype: torch.dtype | None = None
     else:  # [B, out, positions...] -> [B * P, out], the order unfold gives its columns
         rows = grad.reshape(grad.shape[0], out, -1).transpose(1, 2).reshape(-1, out)
     return rows.to(dtype or rows.dtype)
+
+
+def call_rows(layer: nn.Module, calls: Sequence[tuple[Tensor, Tensor]],
+              per_loss: Sequence[Sequence[Tensor | None]],
+              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The rows of a layer over its calls ``(input, output)``: x [N, fan_in] and d [K, N, out].
+
+    ``per_loss[k][c]``: loss k's gradient with respect to call c's output (None where the loss
+    does not reach it: zero rows)."""
+    x = _joined([input_rows(layer, inp, dtype) for inp, _ in calls])
+    d = torch.stack([_joined([output_rows(layer, torch.zeros_like(out) if g is None else g,
+                                          dtype) for (_, out), g in zip(calls, grads)])
+                     for grads in per_loss])
+    return x, d
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """``torch.cat`` of the parts, without a copy for one part (one call: the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def input_route_pays(layer: nn.Module, n: int, k: int) -> bool:

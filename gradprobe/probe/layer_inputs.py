@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layer_gram import SUPPORTED, input_route_pays, input_rows, layer_gram, output_rows
+from .layer_gram import SUPPORTED, call_rows, input_route_pays, layer_gram
 
 
 @dataclass
@@ -153,18 +153,11 @@ def routed_gram(routed: Sequence[RoutedLayer], grads: Sequence[Sequence[Tensor |
     column = 0
     with torch.no_grad():
         for entry in routed:
-            layer, rows, per_loss = entry.layer, [], [[] for _ in grads]
-            for call in entry.calls:
-                rows.append(input_rows(layer, call.input))
-                for k, loss_grads in enumerate(grads):
-                    g = loss_grads[column]
-                    per_loss[k].append(output_rows(
-                        layer, torch.zeros_like(call.output) if g is None else g))
-                column += 1
-            x = rows[0] if len(rows) == 1 else torch.cat(rows)
-            d = torch.stack([parts[0] if len(parts) == 1 else torch.cat(parts)
-                             for parts in per_loss])
-            gram = layer_gram(layer, x, d, via_inputs=True)
+            columns = range(column, column + len(entry.calls))
+            column += len(entry.calls)
+            x, d = call_rows(entry.layer, [(c.input, c.output) for c in entry.calls],
+                             [[loss_grads[i] for i in columns] for loss_grads in grads])
+            gram = layer_gram(entry.layer, x, d, via_inputs=True)
             total = gram if total is None else total + gram
     # The output gradients carry the GradScaler's scale once per side.
     return total if scale is None else total / (scale * scale)
