@@ -114,12 +114,16 @@ def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
                             list(latents), per_loss_leaves, shared_ids, scale, routed)
 
 
+def weighted(t: torch.Tensor, weight: Any) -> torch.Tensor:
+    """``weight * t``; a weight of 1.0 multiplies nothing (the same value, one op fewer)."""
+    return t if isinstance(weight, float) and weight == 1.0 else weight * t
+
+
 def weighted_total(losses: Sequence[torch.Tensor], weights: Sequence[Any]) -> torch.Tensor:
-    """``sum_k w_k L_k``, as the ordinary backward sees it: a weight of 1.0 multiplies nothing
-    and the sum starts at the first term, not at 0 (the same value and gradients as Python's
-    ``sum(w * L)``, with two ops fewer on every step)."""
-    terms = [loss if isinstance(w, float) and w == 1.0 else w * loss
-             for loss, w in zip(losses, weights)]
+    """``sum_k w_k L_k``, as the ordinary backward sees it: the sum starts at the first term,
+    not at 0 (the same value and gradients as Python's ``sum(w * L)``, with two ops fewer on
+    every step)."""
+    terms = [weighted(loss, w) for loss, w in zip(losses, weights)]
     return sum(terms[1:], terms[0])
 
 
@@ -132,7 +136,7 @@ def assemble(gradients: PerLossGradients) -> None:
             g = per_loss[j]
             if g is None:
                 continue
-            term = g if isinstance(weight, float) and weight == 1.0 else g * weight
+            term = weighted(g, weight)
             combined = term if combined is None else combined + term
         if combined is not None:
             param.grad = combined if param.grad is None else param.grad + combined
