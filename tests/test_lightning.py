@@ -51,6 +51,7 @@ class Module(pl.LightningModule):
         losses, (_, _, logit) = four_losses(self.net, *batch)
         accuracy = ((logit > 0).float() == batch[1]).float().mean()
         self.train_accuracy.append(float(accuracy))
+        self.log("train_accuracy", accuracy, on_step=False, on_epoch=True)
         return {**losses, "acc": accuracy, "lr": 0.05, "logit": logit.detach(), "note": "text"}
 
     def on_validation_epoch_start(self):
@@ -102,7 +103,8 @@ def test_entries_that_need_no_grad_are_logged_not_trained(tmp_path):
     assert steps.tolist() == [0, 2]
     np.testing.assert_allclose(acc, [module.train_accuracy[0], module.train_accuracy[2]], rtol=1e-7)
     assert run.series("logged", "lr")[1].tolist() == [0.05, 0.05]
-    assert set(run.names("logged")) == {"acc", "lr"}  # the tensor and the text are not numbers
+    # the tensor and the text are not numbers; train_accuracy comes from self.log
+    assert set(run.names("logged")) == {"acc", "lr", "train_accuracy"}
     assert not [f for f in diagnose(run) if f.id == "inert-loss"]
     # Lightning still gets every entry back, for the user's own hooks.
     assert outputs == [["acc", "logit", "loss", "lr", "note"]] * 4
@@ -121,6 +123,10 @@ def test_metrics_logged_with_self_log_reach_the_probe(tmp_path):
     assert len(module.val_losses) == 4  # the sanity check's run, then one per epoch
     # Lightning's epoch value: the mean over the equal-sized validation batches.
     np.testing.assert_allclose(val_task, [np.mean(v) for v in module.val_losses[1:]], rtol=1e-6)
+    # An epoch-level training metric comes at the epoch's end: the mean of its 4 batches.
+    steps, accuracy = run.series("logged", "train_accuracy")
+    assert steps.tolist() == [3, 7, 11]
+    np.testing.assert_allclose(accuracy, np.reshape(module.train_accuracy, (3, 4)).mean(1), rtol=1e-6)
 
 
 def test_each_fit_gets_its_own_run_name_and_file(tmp_path, monkeypatch):

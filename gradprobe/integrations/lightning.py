@@ -10,10 +10,10 @@ those without the callback (the probe's 'separate' path).
 
 The other entries of the dict (an accuracy, a detached tensor, a float) are not losses: on
 probe steps the scalar ones are recorded with ``probe.log``. Metrics logged with
-``self.log(...)`` reach the probe too: at the end of each validation run and of each training
-epoch (where Lightning's own callbacks read them), every scalar of
-``trainer.callback_metrics`` whose value changed is recorded at the probe's current step, so
-``val_*`` metrics feed the overfitting rule.
+``self.log(...)`` (and ``self.log_dict``) reach the probe too: at the end of each validation
+run and of each training epoch (where Lightning's own callbacks read them), the value in
+``trainer.callback_metrics`` of each metric logged since the last such point is recorded at
+the probe's current step, so ``val_*`` metrics feed the overfitting rule.
 
     callback = GradProbeCallback(weights={"cont": 0.05},
                                  configure=lambda probe, module: probe.watch_latent("z", module.enc))
@@ -62,7 +62,7 @@ class GradProbeCallback(pl.Callback):
         self.run_path: Path | None = None
         self._pending = None  # (the probe's step, the dict's scalars that are not losses)
         self._original_training_step = None
-        self._forwarded: dict[str, float] = {}  # callback metric -> the value last recorded
+        self._logged: set[str] = set()  # names passed to self.log since the last hand-over
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not pl_module.automatic_optimization:
@@ -83,11 +83,12 @@ class GradProbeCallback(pl.Callback):
         model = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) \
             else pl_module
         self.probe = Probe(model, run_file=run_file, **kwargs)
-        self._forwarded = {}
+        self._logged = set()
         if self.configure is not None:
             self.configure(self.probe, pl_module)
         self._original_training_step = pl_module.training_step
         pl_module.training_step = self._training_step(trainer, pl_module)
+        pl_module.log = self._log(pl_module.log)
 
     def _training_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"):
         original = self._original_training_step
@@ -114,6 +115,13 @@ class GradProbeCallback(pl.Callback):
 
         return training_step
 
+    def _log(self, original: Callable[..., None]) -> Callable[..., None]:
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            self._logged.add(name)
+            original(name, value, *args, **kwargs)
+
+        return log
+
     def _record(self, step: Any, scalars: dict[str, Any]) -> None:
         self._pending = None
         self.probe.after_backward(step)
@@ -125,30 +133,34 @@ class GradProbeCallback(pl.Callback):
             self._record(*self._pending)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.sanity_checking:
+        if trainer.sanity_checking:  # not a step of the run
+            self._logged.clear()
+        else:
             self._forward_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._forward_metrics(trainer)
 
     def _forward_metrics(self, trainer: "pl.Trainer") -> None:
-        """Record the ``self.log`` metrics that changed since they were last recorded (Lightning
-        keeps each metric's latest value in ``callback_metrics`` until it is logged again)."""
-        if self.probe is None:
-            return
-        changed = {}
-        for key, value in trainer.callback_metrics.items():
+        """Record the latest value of each metric ``self.log`` got since the last hand-over (a
+        metric logged both per step and per epoch: its epoch value, Lightning's ``<name>_epoch``).
+        One that is not in ``callback_metrics`` yet (an epoch value, before the epoch's end)
+        waits for the next hand-over."""
+        metrics = trainer.callback_metrics
+        values = {}
+        for name in list(self._logged):
+            value = metrics.get(f"{name}_epoch", metrics.get(name))
             if is_scalar(value):
-                value = float(value)
-                if self._forwarded.get(key) != value:
-                    changed[key] = self._forwarded[key] = value
-        if changed:
-            self.probe.log(**changed)
+                values[name] = float(value)
+                self._logged.discard(name)
+        if values and self.probe is not None:
+            self.probe.log(**values)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                  stage: str) -> None:
         if self._original_training_step is not None:
-            del pl_module.training_step  # the instance attribute; the class's method shows again
+            del pl_module.training_step  # the instance attributes; the class's methods show again
+            del pl_module.log
             self._original_training_step = None
         if self.probe is not None:
             self.probe.close()
