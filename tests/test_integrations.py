@@ -3,11 +3,17 @@ gradprobe[tensorboard], gradprobe[wandb]); without them these tests are skipped.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
 import gradprobe
+from gradprobe.diagnose import diagnose
 
 from models import WEIGHTS, TwoLatentNet, four_losses, make_data
 
@@ -136,39 +142,19 @@ def test_lightning_callback_records_a_readable_run_and_leaves_training_unchanged
     assert not {"training_step", "log"} & set(vars(probed))  # the wrappers are gone after fit
 
 
-def _wandb_records(run_dir):
-    """The records of an offline W&B run, read back from its ``run-*.wandb`` file: W&B's
-    LevelDB-style log (a 7-byte file header, then 32 KiB blocks of chunks, each with a 7-byte
-    header: checksum, length, type 1 full / 2 first / 3 middle / 4 last) of protobuf Records."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = run_dir.glob("run-*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, pieces, pos, block = [], [], 7, 32768
-    while pos + 7 <= len(data):
-        room = block - pos % block
-        if room < 7:  # a block's tail too short for a chunk header is padding
-            pos += room
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pieces.append(data[pos + 7:pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(pieces))
-            records.append(record)
-            pieces = []
-    return records
+def wandb_inspect(run_dir, *options):
+    """An offline W&B run as W&B's own reader sees it: ``wandb leet inspect`` (its records,
+    one JSON line each, or with ``--summary`` the run's state and summary as one object)."""
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                             *options, str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    if "--summary" in options:
+        return json.loads(result.stdout)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
 def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    import json
-    import time
-
     import live_run
     from gradprobe.integrations.wandb import WandbSink
 
@@ -177,27 +163,28 @@ def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, m
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     wb = wandb.init(project="gradprobe-test", dir=tmp_path)
     sink = WandbSink(wb)
-    live_run.train(400, make_probe=lambda m: live_run.attach(
+    _, probe, _ = live_run.train(400, make_probe=lambda m: live_run.attach(
         m, run_file=tmp_path / "r.gprobe", sinks=[sink], findings_every=25))
+    live = wb.summary["gradprobe/findings"]  # what the live findings wrote, before summarize
+    final = probe.findings()
+    sink.summarize(final)
     wb.finish()
 
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    # W&B's service process writes the file; finish() can return before its last rows are
-    # there (seen about one run in three): read until the last probe step's row is.
+    # W&B's service process writes the file; finish() can return before its last records are
+    # there (seen about one run in three): read until the run's exit record is.
     deadline = time.monotonic() + 60
-    while True:
-        records = _wandb_records(run_dir)
-        history = {}  # key -> {gradprobe/step: value}
-        for record in records:
-            if record.WhichOneof("record_type") == "history":
-                row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                       for item in record.history.item}
-                for key, value in row.items():
-                    if key.startswith("gradprobe/") and key != "gradprobe/step":
-                        history.setdefault(key, {})[row["gradprobe/step"]] = value
-        if 398 in history.get("gradprobe/loss/a", {}) or time.monotonic() > deadline:
-            break
+    while wandb_inspect(run_dir, "--summary")["state"] != "finished":
+        assert time.monotonic() < deadline, "the offline run file never recorded the run's end"
         time.sleep(0.2)
+    records = wandb_inspect(run_dir)
+    history = {}  # key -> {gradprobe/step: value}
+    for record in records:
+        if record["type"] == "history":
+            row = record["history"]["item"]
+            for key, value in row.items():
+                if key.startswith("gradprobe/") and key != "gradprobe/step":
+                    history.setdefault(key, {})[row["gradprobe/step"]] = value
     run = gradprobe.load_run(tmp_path / "r.gprobe")
     compared = 0
     for quantity in run.quantities():
@@ -209,11 +196,49 @@ def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, m
             compared += 1
     assert compared >= 10 and not history
     # The finding: one alert, and the summary's list, from the step it first appeared at.
-    alerts = [r.alert for r in records if r.WhichOneof("record_type") == "alert"]
-    assert [(a.title, a.level) for a in alerts] == [("gradprobe: gradient-swamping (b)", "ERROR")]
-    assert "'b' is swamped" in alerts[0].text and "GradNormBalancer" in alerts[0].text
-    summary = [json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "summary"
-               for u in r.summary.update if u.key == "gradprobe/findings"]
-    (entry,) = summary[-1]
+    alerts = [r["alert"] for r in records if r["type"] == "alert"]
+    assert [(a["title"], a["level"]) for a in alerts] == [("gradprobe: gradient-swamping (b)", "ERROR")]
+    assert "'b' is swamped" in alerts[0]["text"] and "GradNormBalancer" in alerts[0]["text"]
+    (entry,) = live
     assert (entry["id"], entry["subject"], entry["severity"]) == ("gradient-swamping", "b", "error")
     assert live_run.ONSET < entry["step"] < 400 and entry["step"] % 25 == 0
+
+    # The summary at the end holds the run's final findings, as `gradprobe analyze` finds them.
+    summary = wandb_inspect(run_dir, "--summary")["summary"]
+    analyzed = diagnose(run)
+    assert [(f["id"], f["subject"], f["severity"], f["title"]) for f in summary["gradprobe/findings"]] \
+        == [(f.id, f.subject, f.severity, f.title) for f in analyzed]
+    shown = {key: text for key, text in summary.items() if key.startswith("gradprobe/finding/")}
+    assert shown == {f"gradprobe/finding/{f.id}/{f.subject}" if f.subject else
+                     f"gradprobe/finding/{f.id}": f"{f.severity}: {f.title} [{f.key_number}]"
+                     for f in analyzed}
+    assert shown["gradprobe/finding/gradient-swamping/b"].startswith("error: 'b' is swamped")
+    steps = {(f["id"], f["subject"]): f["step"] for f in summary["gradprobe/findings"]}
+    assert steps.pop(("gradient-swamping", "b")) == entry["step"]  # first seen live there
+    assert all(step is None for step in steps.values())  # any other was never handed over live
+
+
+def test_wandb_summary_drops_a_finding_that_cleared(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    import live_run
+    from gradprobe.integrations.wandb import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wb = wandb.init(project="gradprobe-test", dir=tmp_path)
+    sink = WandbSink(wb, alerts=False)
+    _, probe, _ = live_run.train(300, make_probe=lambda m: live_run.attach(
+        m, run_file=tmp_path / "r.gprobe", sinks=[sink], findings_every=25))
+    assert "gradprobe/finding/gradient-swamping/b" in wb.summary.keys()
+    # As if a later remedy had cleared the swamping: the rest of the findings stay.
+    rest = [f for f in probe.findings() if f.id != "gradient-swamping"]
+    sink.summarize(rest)
+    wb.finish()
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    deadline = time.monotonic() + 60
+    while (inspected := wandb_inspect(run_dir, "--summary"))["state"] != "finished":
+        assert time.monotonic() < deadline, "the offline run file never recorded the run's end"
+        time.sleep(0.2)
+    summary = inspected["summary"]
+    assert not [k for k in summary if k.startswith("gradprobe/finding/gradient-swamping")]
+    assert [f["id"] for f in summary["gradprobe/findings"]] == [f.id for f in rest]

@@ -14,12 +14,15 @@ at a step lower than its last); each probe step is one row of the run's history.
 Findings: the probe diagnoses the run while it trains (``Probe(findings_every=...)``,
 docs/live.md) and hands each finding at warning or error to the sink once, when it first
 appears: a W&B alert (title ``gradprobe: <id> (<subject>)``, level WARN or ERROR, the finding
-and its remedy as text) and an entry in the run summary's ``gradprobe/findings`` list.
+and its remedy as text), an entry in the run summary's ``gradprobe/findings`` list, and the
+summary key ``gradprobe/finding/<id>/<subject>`` holding ``<severity>: <title> [<key
+number>]``, a text W&B's console summary at ``run.finish()`` prints. After training,
+``sink.summarize(probe.findings())`` puts the run's final findings in the summary instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 try:
     import wandb
@@ -40,7 +43,9 @@ class WandbSink:
         self.prefix = prefix
         self.alerts = alerts
         self.step_key = f"{prefix}/step"
-        self._findings: list[dict] = []
+        self._findings: list[dict] = []  # the summary's gradprobe/findings list
+        self._first_seen: dict[tuple[str, str], int] = {}  # (id, subject) -> live step
+        self._summary_keys: set[str] = set()  # the per-finding keys written
         run.define_metric(f"{prefix}/*", step_metric=self.step_key)
 
     @staticmethod
@@ -54,13 +59,40 @@ class WandbSink:
 
     def write_finding(self, step: int, finding: Any) -> None:
         """A finding that first appeared at ``step`` (a :class:`gradprobe.diagnose.Finding`)."""
-        self._findings.append({"step": step, "id": finding.id, "severity": finding.severity,
-                               "subject": finding.subject, "title": finding.title,
-                               "key_number": finding.key_number})
+        self._first_seen.setdefault((finding.id, finding.subject), step)
+        self._findings.append(self._entry(finding))
         self.run.summary[f"{self.prefix}/findings"] = list(self._findings)
+        self._summarize_one(finding)
         if self.alerts:
             level = wandb.AlertLevel.ERROR if finding.severity == "error" else wandb.AlertLevel.WARN
             self.run.alert(title=f"gradprobe: {finding.id} ({finding.subject})",
                            text=f"step {step}: {finding.title} [{finding.key_number}]. "
                                 f"What to do: {finding.remedy}",
                            level=level)
+
+    def summarize(self, findings: Iterable[Any]) -> None:
+        """Make the run summary hold ``findings``, the run's findings at its end (every
+        severity; ``probe.findings()`` after ``probe.close()``): the ``gradprobe/findings``
+        list and one key per finding, dropping the keys of live findings that have cleared."""
+        findings = list(findings)
+        self._findings = [self._entry(f) for f in findings]
+        self.run.summary[f"{self.prefix}/findings"] = list(self._findings)
+        stale = set(self._summary_keys)
+        for finding in findings:
+            stale.discard(self._summarize_one(finding))
+        for key in stale:
+            del self.run.summary[key]
+            self._summary_keys.discard(key)
+
+    def _entry(self, finding: Any) -> dict:
+        return {"step": self._first_seen.get((finding.id, finding.subject)), "id": finding.id,
+                "severity": finding.severity, "subject": finding.subject,
+                "title": finding.title, "key_number": finding.key_number,
+                "remedy": finding.remedy}
+
+    def _summarize_one(self, finding: Any) -> str:
+        key = "/".join(part for part in (self.prefix, "finding", finding.id, finding.subject)
+                       if part)
+        self.run.summary[key] = f"{finding.severity}: {finding.title} [{finding.key_number}]"
+        self._summary_keys.add(key)
+        return key
