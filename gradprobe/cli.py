@@ -278,6 +278,7 @@ def demo(out_dir: str, steps: int | None, variant: str, seed: int) -> None:
     DIR/<variant>.ckpt and DIR/<variant>.pdf, prints the findings and held-out accuracy.
     """
     from gradprobe import demo as decoupling
+    from gradprobe.demo.progress import training_progress
     from gradprobe.diagnose import diagnose
     from gradprobe.report import comparison_lines, summary_lines, write_comparison_pdf, write_pdf
 
@@ -285,10 +286,9 @@ def demo(out_dir: str, steps: int | None, variant: str, seed: int) -> None:
     steps = steps or decoupling.DEFAULT_STEPS
     runs, findings_per_run = [], []
     for name in variants:
-        with click.progressbar(length=steps, label=f"training {name:7s}", file=sys.stderr,
-                               show_eta=True) as bar:
+        with training_progress(f"training {name}", steps, sys.stderr) as advance:
             result = decoupling.train(name, steps=steps, seed=seed, out_dir=out_dir,
-                                      progress=bar.update)
+                                      progress=advance)
         run = _load(result["run_path"])
         findings = diagnose(run)
         report = write_pdf(run, findings, Path(out_dir) / f"{name}.pdf", title=f"record-22 demo: {name}")

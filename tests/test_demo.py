@@ -2,6 +2,14 @@
 clears the findings its remedies address and generalises to held-out cell lines (seeded, the
 demo's length; ~1.5 min on 2 idle CPU cores)."""
 
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from gradprobe import load_run
@@ -84,3 +92,63 @@ def test_fix_generalises_to_held_out_cell_lines(runs):
     # the failing model learnt the barcode shortcut: better on the training lines' validation
     # samples than on their held-out counterparts by more than the fixed model
     assert failing["val_accuracy"] - failing["heldout_accuracy"] > fixed["val_accuracy"] - fixed["heldout_accuracy"]
+
+
+# -- how the demo shows its progress (a short run: --steps 20, the CLI's minimum) ----------
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [sys.executable, "-m", "gradprobe.cli", "demo", "--failing", "--steps", "20"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm-256color", "COLUMNS": "100",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def run_on_terminal(command: list[str], timeout: float) -> str:
+    """All that ``command`` writes to a pseudo-terminal, read until it exits (killed, and the
+    test failed, past ``timeout`` seconds)."""
+    master, slave = os.openpty()
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=ENV,
+                               close_fds=True)
+    os.close(slave)
+    raw, deadline = b"", time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{command} ran past {timeout} s: {raw[-2000:]!r}"
+            ready, _, _ = select.select([master], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            raw += chunk
+        assert process.wait(timeout=30) == 0, raw[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        os.close(master)
+    return raw.decode("utf-8", "replace")
+
+
+def test_demo_draws_a_progress_bar_on_a_terminal(tmp_path):
+    screen = run_on_terminal([*DEMO, "--out", str(tmp_path)], timeout=300)
+    # rich redraws the bar in place (carriage returns, cursor moves); its last drawing:
+    drawings = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", d) for d in re.split(r"\r|\x1b\[2K", screen)]
+    bars = [d for d in drawings if "training failing" in d and "━" in d]
+    assert bars, screen[-2000:]
+    assert re.search(r"\s0/20 steps", bars[0]), bars[0]  # drawn from the start, then redrawn
+    assert re.search(r"training failing\s+━+\s+20/20 steps \d:\d\d:\d\d", bars[-1]), bars[-1]
+    assert "held-out cell-line accuracy" in screen  # and the demo's own output follows
+
+
+def test_demo_prints_a_few_plain_lines_where_nothing_redraws(tmp_path):
+    result = subprocess.run([*DEMO, "--out", str(tmp_path)], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r", \d+ s$", ", <t> s", line) for line in result.stderr.splitlines()]
+    assert lines == [f"training failing: {n}/20 steps ({100 * n // 20}%), <t> s"
+                     for n in (5, 10, 15, 20)]
+    assert "━" not in result.stdout + result.stderr and "\x1b" not in result.stderr
