@@ -20,6 +20,8 @@ pl = pytest.importorskip("lightning.pytorch")
 from gradprobe.integrations.lightning import GradProbeCallback  # noqa: E402
 
 BATCH = 16
+# The module has a validation_step; the fits without validation data make Lightning say so.
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
 
 
 @contextlib.contextmanager
@@ -74,7 +76,7 @@ def loader(n: int, seed: int = 0):
 def fit(tmp_path, callback, module, val=None, **trainer_kwargs):
     settings = dict(max_steps=4, accelerator="cpu", devices=1, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path)
+                    enable_model_summary=False, log_every_n_steps=1, default_root_dir=tmp_path)
     trainer = pl.Trainer(callbacks=[callback], **{**settings, **trainer_kwargs})
     with deadline(120):
         trainer.fit(module, loader(64), val)
