@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -172,3 +173,33 @@ def test_each_fit_gets_its_own_run_name_and_file(tmp_path, monkeypatch):
         fit(tmp_path / "plain", callback, Module())
         paths.append(callback.run_path.name)
     assert paths == ["gradprobe.gprobe", "gradprobe-1.gprobe"]
+
+
+def test_wandb_logger_run_summary_holds_the_findings(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from gradprobe.integrations.wandb import WandbSink
+    from test_integrations import wandb_inspect
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="gradprobe-test", save_dir=tmp_path, offline=True)
+    sink = WandbSink(logger.experiment)
+    callback = GradProbeCallback(weights=WEIGHTS, every=1, sinks=[sink])
+    fit(tmp_path, callback, Module(), logger=logger, max_steps=12, max_epochs=3)
+    sink.summarize(callback.probe.findings())  # the documented last step, as with any W&B run
+    logger.experiment.finish()
+
+    found = diagnose(gradprobe.load_run(callback.run_path))
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    deadline = time.monotonic() + 60
+    while (inspected := wandb_inspect(run_dir, "--summary"))["state"] != "finished":
+        assert time.monotonic() < deadline, "the offline run file never recorded the run's end"
+        time.sleep(0.2)
+    summary = inspected["summary"]
+    assert found  # this short run's loss weights leave 'orth' swamped
+    assert [(f["id"], f["subject"]) for f in summary["gradprobe/findings"]] == \
+        [(f.id, f.subject) for f in found]
+    for f in found:
+        assert summary[f"gradprobe/finding/{f.id}/{f.subject}"].startswith(f"{f.severity}: ")

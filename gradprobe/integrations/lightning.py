@@ -1,6 +1,6 @@
 """PyTorch Lightning: a callback that runs the probe around Lightning's own backward.
 
-The pattern: ``training_step`` returns a dict whose 0-dim tensors that require grad are the
+The pattern: ``training_step`` returns a dict whose tensors that require grad are the (0-dim)
 losses (``{loss name: tensor}``), and automatic optimisation stays on. The callback wraps
 ``training_step``: it hands the losses to :meth:`Probe.before_backward` (per-loss gradients on
 probe steps) and returns ``{"loss": weighted sum}`` plus the dict's other entries to
