@@ -16,7 +16,8 @@ docs/live.md) and hands each finding at warning or error to the sink once, when 
 appears: a W&B alert (title ``gradprobe: <id> (<subject>)``, level WARN or ERROR, the finding
 and its remedy as text), an entry in the run summary's ``gradprobe/findings`` list, and the
 summary key ``gradprobe/finding/<id>/<subject>`` holding ``<severity>: <title> [<key
-number>]``, a text W&B's console summary at ``run.finish()`` prints. After training,
+number>]`` (``wandb leet inspect --summary`` shows it whole, offline too; the console summary
+of ``run.finish()`` shows the first 20 characters of the first 10 keys). After training,
 ``sink.summarize(probe.findings())`` puts the run's final findings in the summary instead.
 """
 
