@@ -4,11 +4,12 @@ tests catch each one.
     python scripts/mutations.py [--only NAME ...] [--tests FILE ...] [--timeout SECONDS]
 
 Each mutation replaces one exact piece of source text (it must occur exactly once) in a
-scratch copy of ``gradprobe/`` and ``tests/``; the working tree is never touched. The named
-test files then run there (``pytest -q``, with a deadline): a failing run *kills* the mutant,
-a passing one lets it *survive*. The unmutated copy runs first and must pass, otherwise no
-verdict means anything. Prints a table and exits 0 only when every mutant is killed.
-``--tests`` replaces every mutation's own test files (to try a mutation against others).
+scratch copy of ``gradprobe/``, ``tests/`` and ``benchmarks/``; the working tree is never
+touched. The named test files then run there (``pytest -q``, with a deadline): a failing
+run *kills* the mutant, a passing one lets it *survive*. The unmutated copy runs first and
+must pass, otherwise no verdict means anything. Prints a table and exits 0 only when every
+mutant is killed. ``--tests`` replaces every mutation's own test files (to try a mutation
+against others).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ MUTATIONS = (
 
 
 def scratch_copy(into: Path) -> None:
-    for part in ("gradprobe", "tests"):
+    for part in ("gradprobe", "tests", "benchmarks"):
         shutil.copytree(ROOT / part, into / part,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
     shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
