@@ -28,7 +28,7 @@ from benchmarks.validity.harness import (Family, RunRecord, Runs, default_worker
                                          train_runs)
 from benchmarks.validity.report import acceptance, finding_lines, markdown, scores, score_text  # noqa: E402
 
-MODULES = ("mtl", "gradnorm_toy", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
+MODULES = ("mtl", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
            "sigmoid_mse", "center_loss", "dsn", "decoupler")
 
 
