@@ -192,11 +192,15 @@ def _joined(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def input_route_pays(layer: nn.Module, n: int, k: int) -> bool:
+def input_route_pays(layer: nn.Module, n: int, k: int, assembling: bool = False) -> bool:
     """Whether the N x N route takes fewer multiply-adds than the K per-loss parameter
-    gradients and their Gram matrix, for N input rows and K losses."""
+    gradients and their Gram matrix, for N input rows and K losses. ``assembling``: ``.grad``
+    is filled from the per-loss gradients, which the route then pays with one weight gradient
+    of the weighted output gradients (the K per-loss ones only add up)."""
     out, fan_in = layer.weight.shape[0], math.prod(layer.weight.shape[1:])
     via_inputs = n * n * fan_in + k * n * n * out + k * k * n * out
+    if assembling:
+        via_inputs += n * out * fan_in
     via_gradients = k * n * out * fan_in + k * k * out * (fan_in + (layer.bias is not None))
     return via_inputs < via_gradients
 

@@ -219,9 +219,9 @@ class Probe(WatchMethods):
             self._finish(pending)
         self._watches.captured.clear()
         self.step += 1
-        try:  # hooks on the shared layers' inputs for the next step if it probes (per_loss.py)
+        try:  # hooks on the shared layers' inputs for the next step if it probes (layer_inputs.py)
             self._layer_inputs.arm(self._shared if self.is_probe_step and self._ranks is None
-                                   and not self.assemble else None)
+                                   else None)
         except Exception as exc:
             self._fail(exc)
 
