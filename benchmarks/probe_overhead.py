@@ -8,13 +8,15 @@ Configurations, interleaved round by round (this machine is noisy), medians over
   shared layer); what the dense start adds to a short run is printed from the every-step cost;
 - probe every step: defaults with ``every=1``;
 - probe every step, whole trunk: ``shared=trunk, every=1, assemble=True`` (exact per-loss
-  gradients over the whole trunk, ``.grad`` assembled from them);
+  gradients over the whole trunk, ``.grad`` assembled from them; the trunk's Linear and Conv
+  layers, where the cost model says it pays, give their part of the Gram matrix from their
+  inputs and per-loss output gradients and their ``.grad`` from one weight gradient,
+  layer_inputs.py);
 - probe every step, whole trunk, separate: ``shared=trunk, every=1`` (the ordinary backward
-  fills ``.grad``; the trunk's Linear layers, where the cost model says it pays, give their
-  part of the Gram matrix from their inputs and per-loss output gradients, layer_inputs.py);
+  fills ``.grad``; the same layer-input route for the Gram matrix);
 - naive: one ``autograd.grad`` per loss over all parameters, then the ordinary backward;
-- reference "forward + K backwards": one ``autograd.grad`` per loss over all parameters and
-  nothing else: the least any exact per-loss method pays;
+- reference "forward + K backwards" (F+K*B): one ``autograd.grad`` per loss over all
+  parameters and nothing else: what taking each loss's gradient alone costs;
 
 ``--peers``: the peer table instead, on the two small shapes: plain, forward + K backwards,
 gradprobe's whole-trunk probe step (assembled) and TorchJD 0.18 (``mtl_backward`` on the
@@ -332,8 +334,8 @@ def batches(shapes: str, device: torch.device):
     ]
 
 
-def peer_row(label, make_model, batch, rounds, block, log_dir, clock="wall"):
-    """One shape's row of the peer table: ms per step and multiples of forward + K backwards."""
+def peer_medians(make_model, batch, rounds, block, log_dir, clock="wall"):
+    """Seconds per step of each peer column on one shape (TorchJD only where importable)."""
     modes = [m for m in PEERS if m != TORCHJD or torchjd_modules() is not None]
     trainers = {mode: Trainer(make_model, batch, mode, log_dir) for mode in modes}
     for trainer in trainers.values():  # warm-up: caches, allocator, first probe step
@@ -343,10 +345,15 @@ def peer_row(label, make_model, batch, rounds, block, log_dir, clock="wall"):
     for trainer in trainers.values():
         if trainer.probe is not None:
             trainer.probe.close()
-    limit = medians[REFERENCE]
-    cells = [f"{medians[m] / limit:.2f}x ({medians[m] * 1e3:.1f} ms)" if m in medians else "-"
-             for m in PEERS]
-    return f"| {label} | " + " | ".join(cells) + " |"
+    return medians
+
+
+def in_backwards(medians, losses=4):
+    """The whole-trunk step as F + x B: B and F read off plain = F + B and
+    F+K*B = F + K B (the stretch goal is x <= (K + 1) / 2)."""
+    backward = (medians[REFERENCE] - medians["plain"]) / (losses - 1)
+    forward = medians["plain"] - backward
+    return (medians[WHOLE] - forward) / backward
 
 
 def print_peers(shapes, device, rounds, block, log_dir, clock="wall"):
@@ -354,10 +361,17 @@ def print_peers(shapes, device, rounds, block, log_dir, clock="wall"):
           "as a multiple of forward + K backwards (ms per step)")
     print("| shape | " + " | ".join(PEERS.values()) + " |")
     print("|---" * (len(PEERS) + 1) + "|")
+    stretch = []
     for label, make_model, batch in batches(shapes, device):
         (log_dir / label).mkdir()
-        print(peer_row(label, make_model, batch, rounds, block, log_dir / label, clock),
-              flush=True)
+        medians = peer_medians(make_model, batch, rounds, block, log_dir / label, clock)
+        limit = medians[REFERENCE]
+        cells = [f"{medians[m] / limit:.2f}x ({medians[m] * 1e3:.1f} ms)"
+                 if m in medians else "-" for m in PEERS]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+        stretch.append(f"{label.split(' (')[0]}: whole trunk = F + {in_backwards(medians):.1f} B")
+    print("; ".join(stretch) + " (F, B from plain = F + B and F+K*B = F + 4 B; stretch goal: "
+          "F + 2.5 B)")
     if torchjd_modules() is None:
         print("TorchJD: not importable here (pip install torchjd), its column is left out")
 

@@ -26,7 +26,7 @@ layers' own precision, as the backward's do, and the K x K Gram matrix is summed
 (on the N x N route, each row's short sum over the output channels in the layers' precision).
 
 Standalone here (:class:`LayerGram`); the probe uses the same per-layer functions on the
-shared Linear layers of a probe step (``layer_inputs.py``, docs/probe.md).
+shared Linear and Conv layers of a probe step (``layer_inputs.py``, docs/probe.md).
 """
 
 from __future__ import annotations
