@@ -55,7 +55,7 @@ from torch import nn
 
 import gradprobe
 
-from ..harness import Expect, Family, Variant
+from ..harness import Family, Variant
 
 D, C, M, NOISE_VAR = 100, 1.0, 10, 0.01
 N_TRAIN, N_TEST = 10000, 2000

@@ -1,6 +1,6 @@
 """VQ-VAE with exponential-moving-average codebook updates, after Razavi, van den Oord &
 Vinyals 2019 ("Generating Diverse High-Fidelity Images with VQ-VAE-2", NeurIPS, sec. 3.1 and
-appendix: codebook learnt by EMA, decay gamma = 0.99, commitment beta = 0.25) the
+appendix: codebook learnt by EMA, decay gamma = 0.99, commitment beta = 0.25), the
 published implementation google-deepmind/sonnet ``sonnet/src/nets/vqvae.py``
 (``VectorQuantizerEMA``), as ported to PyTorch by zalandoresearch/pytorch-vq-vae
 (``VectorQuantizerEMA``, copied into many repositories).
@@ -33,10 +33,11 @@ Variants (truth by construction):
   debiased EMA, seed 1).
 - ``far-init``: broken. The codebook starts at the published initialiser shifted by +4 in
   every dimension, far from every encoder output, with no dead-code reset: on the first
-  step every vector maps to the one nearest code; every code that got no vector is divided
-  by an EMA count of ~epsilon and never wins again. Codebook collapse: one code or a few are
-  ever used. (With sonnet's debiased EMA, the unused codes sit at the origin instead and are
-  recruited one by one: 4 and 26 codes in use on seeds 1 and 3, not a clean collapse.)
+  step the vectors map to the few codes nearest the data; every code that got no vector is
+  divided by an EMA count of ~epsilon, flung ~1e5 away and never wins again. Codebook
+  collapse: a few codes are ever used. (With sonnet's debiased EMA, the unused codes sit at
+  the origin instead and are recruited one by one: 4 and 26 codes in use on seeds 1 and 3,
+  not a clean collapse.)
 Measured on the test split, independently of gradprobe (seeds 1 and 3): distinct codes used,
 codebook perplexity (exp of the entropy of code usage), reconstruction MSE:
   data-init-reset: 64 and 64 of 64 codes used, perplexity 45.4 and 46.3, MSE 0.0069 and 0.0060;
@@ -183,7 +184,7 @@ _MUST_NOT = ("gradient-conflict", "inert-loss", "static-loss-weights")
 FAMILY = Family(
     name="vq-ema",
     source="Razavi et al. 2019 (VQ-VAE-2, EMA codebook); google-deepmind/sonnet "
-           "sonnet/src/nets/vqvae.py VectorQuantizerEMA",
+           "sonnet/src/nets/vqvae.py VectorQuantizerEMA, as ported by zalandoresearch/pytorch-vq-vae",
     train=train,
     variants=(
         Variant("data-init-reset", True,
