@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 
 from .style import PAGE_SIZE, SEVERITY_COLOURS
 from .text import clip, fit, plain, wrap
