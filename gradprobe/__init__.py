@@ -16,11 +16,11 @@ imports torch, and training with a probe never imports matplotlib or seaborn.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
+from gradprobe._lazy import lazy_names
 from gradprobe._version import __version__
 from gradprobe._warnings import GradprobeWarning
 
@@ -28,39 +28,14 @@ if TYPE_CHECKING:
     from gradprobe.diagnose import Finding
     from gradprobe.record import Run
 
-# Each name of the API and the module that defines it. ``diagnose`` is the package
-# gradprobe.diagnose itself (callable as diagnose(run)), imported as a stage below.
-_HOMES = {
-    "Finding": "gradprobe.diagnose",
-    "Probe": "gradprobe.probe",
-    "ProbeUsageError": "gradprobe.probe",
-    "Run": "gradprobe.record",
-    "RunFileError": "gradprobe.record",
-    "Thresholds": "gradprobe.diagnose",
-    "load_run": "gradprobe.record",
-}
-
-__all__ = sorted([*_HOMES, "GradprobeWarning", "__version__", "diagnose", "write_report"])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("_"):
-        # A stage read as an attribute (``gradprobe.diagnose``, ``gradprobe.metrics``); importing
-        # it binds it here.
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# ``diagnose`` is the package gradprobe.diagnose itself (callable as diagnose(run)): a stage,
+# imported when read like the others.
+_names, __getattr__, __dir__ = lazy_names(__name__, {
+    "gradprobe.diagnose": ("Finding", "Thresholds"),
+    "gradprobe.probe": ("Probe", "ProbeUsageError"),
+    "gradprobe.record": ("Run", "RunFileError", "load_run"),
+}, submodules=True)
+__all__ = sorted([*_names, "GradprobeWarning", "__version__", "diagnose", "write_report"])
 
 
 def write_report(run: Run, path: str | os.PathLike, findings: Iterable[Finding] | None = None,

@@ -22,7 +22,7 @@ PACKAGE = Path(gradprobe.__file__).parent
 # the probe writes through the record's writer (the data still flows probe -> run file ->
 # diagnose). The root package is the top-level API, above everything.
 STAGES = ("base", "metrics", "record", "probe", "diagnose", "report", "top", "api")
-BASE = {"_version", "_warnings"}
+BASE = {"_lazy", "_version", "_warnings"}
 TOP = {"cli", "demo", "remedies", "integrations", "opcount"}
 # Later stages a module may import inside a function (never at module level), each for a
 # documented reason: probe.findings() and on_finding diagnose the run in the training process

@@ -16,38 +16,21 @@ importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gradprobe._lazy import lazy_names
 
-# Each public name and the module that defines it.
-_HOMES = {
-    "batch": ("batch_summary", "group_diversity"),
-    "contrastive": ("contrastive_signal",),
-    "dependence": ("linear_cka", "max_abs_correlation", "max_abs_correlation_null"),
-    "gradients": ("gram_from_gradients", "gram_statistics", "gram_summary"),
-    "latents": ("latent_pair_summary", "latent_spectrum", "latent_statistics", "latent_summary"),
-    "prototypes": ("prototype_drift", "prototype_lag", "prototype_spread", "prototype_usage"),
-    "representation": ("active_units", "alignment", "effective_rank", "effective_rank_centred",
-                       "isotropic_effective_rank", "isotropic_participation_ratio",
-                       "latent_norm", "normalized_std", "participation_ratio",
-                       "singular_spectrum", "total_variance", "uniformity"),
-    "saturation": ("energy_scale_ratio", "mean_sigmoid_grad", "saturated_fraction",
-                   "saturated_wrong_fraction", "saturation_histogram",
-                   "saturation_histogram_edges", "saturation_summary"),
-    "saturation_grid": ("SATURATION_THRESHOLD",),
-}
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
-
-__all__ = sorted(_HOME_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOME_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_names(__name__, {
+    ".batch": ("batch_summary", "group_diversity"),
+    ".contrastive": ("contrastive_signal",),
+    ".dependence": ("linear_cka", "max_abs_correlation", "max_abs_correlation_null"),
+    ".gradients": ("gram_from_gradients", "gram_statistics", "gram_summary"),
+    ".latents": ("latent_pair_summary", "latent_spectrum", "latent_statistics", "latent_summary"),
+    ".prototypes": ("prototype_drift", "prototype_lag", "prototype_spread", "prototype_usage"),
+    ".representation": ("active_units", "alignment", "effective_rank", "effective_rank_centred",
+                        "isotropic_effective_rank", "isotropic_participation_ratio",
+                        "latent_norm", "normalized_std", "participation_ratio",
+                        "singular_spectrum", "total_variance", "uniformity"),
+    ".saturation": ("energy_scale_ratio", "mean_sigmoid_grad", "saturated_fraction",
+                    "saturated_wrong_fraction", "saturation_histogram",
+                    "saturation_histogram_edges", "saturation_summary"),
+    ".saturation_grid": ("SATURATION_THRESHOLD",),
+})
