@@ -41,6 +41,7 @@ from .terminal import SEVERITY_STYLE
 RATE_WINDOW_SECONDS = 30.0
 PLAIN_PROGRESS_SECONDS = 30.0  # --plain: a progress line at most this often (and at the end)
 TITLE_INDENT = 8  # a finding's title, under its id
+TABLE_ROWS_KEPT = 3  # rows of the losses and latents tables kept where findings need the room
 READ_RETRIES = 3
 
 ENDINGS = {CLOSED: "closed", GONE: "writer gone (stale lock)", "interrupted": "interrupted"}
@@ -177,9 +178,8 @@ class _View:
         head = Text.assemble(("gradprobe watch ", "bold"), (f"{s['name']}", "bold cyan"),
                              f"  ({self.path})\n", f"{status}  {_progress(s, self.rate())}")
         findings = self._findings(reading, findings_pending, console)
-        tables = [(f"losses (latest probe step), {len(reading.losses)}", self._losses_table,
-                   reading.losses),
-                  (f"latents, {len(reading.latents)}", self._latents_table, reading.latents)]
+        tables = [("losses", self._losses_table, reading.losses),
+                  ("latents", self._latents_table, reading.latents)]
         if console is None:
             return Group(head, *(make(rows, s) for _, make, rows in tables if rows),
                          *(block for block, _ in findings))
@@ -190,19 +190,23 @@ class _View:
                                             pad=False))
 
         left = height - lines(head)
-        shown, more = [], 0
-        for block, compact in findings:  # most severe first; a title is cut before a finding
-            for candidate in (block, compact):
-                if lines(candidate) <= left - 1:
-                    shown.append(candidate)
-                    left -= lines(candidate)
-                    break
-            else:
-                more += 1
-        if more:
-            shown.append(Text(f"... {more} more finding{'s' if more > 1 else ''}: the summary "
-                              "at the end lists all", style="dim"))
-            left -= 1
+        # The findings first, each cut to one title line where not all fit whole; the tables
+        # keep a few rows (TABLE_ROWS_KEPT) and get what the findings leave.
+        kept = sum(min(len(rows), TABLE_ROWS_KEPT) + 2 for _, _, rows in tables if rows)
+        blocks = [compact for _, compact in findings]
+        budget = left - kept
+        for k, (block, compact) in enumerate(findings):
+            if sum(map(lines, blocks)) - lines(compact) + lines(block) <= budget:
+                blocks[k] = block
+        shown = []
+        for k, block in enumerate(blocks):
+            more = len(blocks) - k - 1
+            if lines(block) + (1 if more else 0) > max(budget, 3) - sum(map(lines, shown)):
+                shown.append(Text(f"... {len(blocks) - k} more: the summary at the end "
+                                  "lists every finding", style="dim"))
+                break
+            shown.append(block)
+        left -= sum(map(lines, shown))
         parts = [head]
         for what, make, rows in tables:
             if not rows or left < 1:
@@ -214,7 +218,8 @@ class _View:
                 parts.append(make(rows[:fitting], s))
                 left -= lines(parts[-1])
             if fitting < len(rows):
-                parts.append(Text(f"{what}: {len(rows) - fitting} not shown (a taller "
+                parts.append(Text(f"{'... ' if fitting else ''}{len(rows) - fitting} "
+                                  f"{'more ' if fitting else ''}{what} not shown (a taller "
                                   "terminal shows them)", style="dim"))
                 left -= 1
         return Group(*parts, *shown)
@@ -249,17 +254,23 @@ class _View:
             return [(Text("findings: no failure mode found so far", style="green"),) * 2]
         width = console.size.width if console is not None else 10**6
         out = [(Text("findings", style="bold"),) * 2]
+        # The ids in a column where every row still fits the width with them padded.
+        pad = max((len(f.id) for f in reading.findings), default=0)
+        if any(8 + pad + len(f"  '{f.subject}'  {f.key_number}") > width
+               for f in reading.findings):
+            pad = 0
         for f in reading.findings:
             seen = self.appeared.get((f.id, f.subject))
-            when = "  ".join(x for x in ("" if seen is None else f"seen {seen}", _held(f)) if x)
             row = Text.assemble((f"{f.severity:<8}", f"bold {SEVERITY_STYLE[f.severity]}"),
-                                (f.id, "bold"), f"  '{f.subject}'  ", (f.key_number, "bold"))
-            title = f.title
-            if when and row.cell_len + 2 + len(when) <= width:
-                row.append(f"  {when}", style="dim")
-            elif when:
-                title = f"({when}) {title}"
-            wrapped = textwrap.wrap(title, max(20, width - TITLE_INDENT)) or [""]
+                                (f"{f.id:<{pad}}", "bold"), f"  '{f.subject}'  ",
+                                (f.key_number, "bold"))
+            # When it was first seen and the steps it held on, as much as the row has room for.
+            for when in (", ".join(x for x in (seen is not None and f"seen {seen}", _held(f))
+                                   if x), _held(f)):
+                if when and row.cell_len + 2 + len(when) <= width:
+                    row.append(f"  {when}", style="dim")
+                    break
+            wrapped = textwrap.wrap(f.title, max(20, width - TITLE_INDENT)) or [""]
             block = Text("\n").join([row, *(Text(" " * TITLE_INDENT + line) for line in wrapped)])
             cut = wrapped[0] + (" ..." if len(wrapped) > 1 else "")
             out.append((block, Text("\n").join([row, Text(" " * TITLE_INDENT + cut)])))
@@ -320,7 +331,8 @@ class _PlainScreen:
         s = reading.summary
         step = "-" if s["last_step"] is None else s["last_step"]
         rate = self.view.rate()
-        progress = (f"step {step}: {status}, {s['probe_steps']} probe steps"
+        count = s["probe_steps"]
+        progress = (f"step {step}: {status}, {count} probe step{'s' if count != 1 else ''}"
                     + (f", {rate:.3g} steps/s" if math.isfinite(rate) else ""))
         ended = status != "training"
         if not ended and time.monotonic() - self._progress_at >= PLAIN_PROGRESS_SECONDS:

@@ -36,7 +36,8 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
 
     ``width``: wrap both to this many columns with a hanging indent (a terminal); None keeps
     each on one line (a pipe or log, where a finding is one greppable line)."""
-    lines = [summary_header(run_summary)]
+    header = summary_header(run_summary)
+    lines = textwrap.wrap(header, width, subsequent_indent="    ") if width else [header]
     if not findings:
         lines.append("no failure modes found")
         return lines
