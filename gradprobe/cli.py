@@ -98,7 +98,9 @@ def _diagnose_with_progress(run, thresholds):
 
     if not sys.stderr.isatty():
         return diagnose(run, thresholds)
-    with click.progressbar(length=1, label="analysing", file=sys.stderr) as bar:
+    # A bar narrow enough that the longest rule's label, bar and percentage fit 80 columns
+    # (a wider line wraps, and each redraw would leave a row behind).
+    with click.progressbar(length=1, label="analysing", file=sys.stderr, width=20) as bar:
         def progress(i: int, n: int, rule: str) -> None:
             bar.length = n
             bar.label = f"analysing ({rule})"

@@ -115,10 +115,6 @@ class BackgroundRunWriter:
         self._put(("flush", done))
         return done.wait(timeout)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     # -- reading what was committed ----------------------------------------------------
 
     def last_step(self) -> int | None:

@@ -14,6 +14,13 @@ How it follows the run (docs/live.md):
 
 Each reading opens the run, reads what it needs and closes it at once, so the watcher never
 holds a read transaction that would keep the writer's WAL from being checkpointed.
+
+How it shows the run: on a terminal, a view redrawn in place and fitted to the terminal's size
+at every refresh (each finding's severity, id, quoted subject and key number on one row, its
+title wrapped under it; where the height does not hold everything, titles are cut to one line,
+the losses and latents tables shrink to ``TABLE_ROWS_KEPT`` rows, then findings are left out,
+each cut said in a line). Off a terminal, or ``plain``: one line per change, flushed as
+written (:class:`_PlainScreen`).
 """
 
 from __future__ import annotations
@@ -168,60 +175,68 @@ class _View:
 
     # -- the live view: laid out for the console's width and height -------------------------
 
-    def render(self, reading: Reading | None, status: str, findings_pending: bool = False,
-               console: Console | None = None):
-        """One frame. With ``console``, it fits the console: lines are wrapped to its width,
-        and what does not fit its height is left out, the findings last (a line says what)."""
+    def render(self, reading: Reading | None, status: str, console: Console,
+               findings_pending: bool = False):
+        """One frame, fitted to ``console``: lines wrap to its width, and what does not fit its
+        height is left out, with a line saying what (see the module docstring)."""
         if reading is None:
             return Text(f"gradprobe watch {self.path}: {status}")
         s = reading.summary
         head = Text.assemble(("gradprobe watch ", "bold"), (f"{s['name']}", "bold cyan"),
                              f"  ({self.path})\n", f"{status}  {_progress(s, self.rate())}")
-        findings = self._findings(reading, findings_pending, console)
-        tables = [("losses", self._losses_table, reading.losses),
-                  ("latents", self._latents_table, reading.latents)]
-        if console is None:
-            return Group(head, *(make(rows, s) for _, make, rows in tables if rows),
-                         *(block for block, _ in findings))
-        height, width = console.size.height, console.size.width
+        options = console.options.update_width(console.size.width)
 
         def lines(renderable) -> int:
-            return len(console.render_lines(renderable, console.options.update_width(width),
-                                            pad=False))
+            return len(console.render_lines(renderable, options, pad=False))
 
-        left = height - lines(head)
-        # The findings first, each cut to one title line where not all fit whole; the tables
-        # keep a few rows (TABLE_ROWS_KEPT) and get what the findings leave.
-        kept = sum(min(len(rows), TABLE_ROWS_KEPT) + 2 for _, _, rows in tables if rows)
-        blocks = [compact for _, compact in findings]
-        budget = left - kept
-        for k, (block, compact) in enumerate(findings):
-            if sum(map(lines, blocks)) - lines(compact) + lines(block) <= budget:
-                blocks[k] = block
-        shown = []
-        for k, block in enumerate(blocks):
-            more = len(blocks) - k - 1
-            if lines(block) + (1 if more else 0) > max(budget, 3) - sum(map(lines, shown)):
-                shown.append(Text(f"... {len(blocks) - k} more: the summary at the end "
-                                  "lists every finding", style="dim"))
+        left = console.size.height - lines(head)
+        tables = [(("loss", "losses"), self._losses_table, reading.losses),
+                  (("latent", "latents"), self._latents_table, reading.latents)]
+        # The findings first, titles cut to one line where not all fit whole; the tables keep
+        # a few rows (TABLE_ROWS_KEPT) and get what the findings leave.
+        budget = left - sum(min(len(rows), TABLE_ROWS_KEPT) + 2 for _, _, rows in tables if rows)
+        findings = self._findings(reading, findings_pending, console.size.width)
+        heights = [[lines(block), lines(compact)] for block, compact in findings]
+        whole = [False] * len(findings)
+        for k, (full, cut) in enumerate(heights):
+            if sum(h[0] if w else h[1] for h, w in zip(heights, whole)) - cut + full <= budget:
+                whole[k] = True
+        def findings_left_out(n: int) -> Text:
+            return Text(f"... {n} more finding{'s' if n != 1 else ''} (listed at the end)",
+                        style="dim")
+
+        note = lines(findings_left_out(len(findings)))
+        shown, used = [], 0
+        for k, ((block, compact), (full, cut)) in enumerate(zip(findings, heights)):
+            height = full if whole[k] else cut
+            if used + height + (note if k < len(findings) - 1 else 0) > max(budget, 3):
+                shown.append(findings_left_out(len(findings) - k))
+                used += note
                 break
-            shown.append(block)
-        left -= sum(map(lines, shown))
+            shown.append(block if whole[k] else compact)
+            used += height
+        left -= used
         parts = [head]
         for what, make, rows in tables:
             if not rows or left < 1:
                 continue
-            fitting = len(rows)
-            while fitting > 0 and lines(make(rows[:fitting], s)) + (fitting < len(rows)) > left:
+
+            def rows_left_out(n: int, fitting: int) -> Text:
+                return Text(f"{'... ' if fitting else ''}{n} {'more ' if fitting else ''}"
+                            f"{what[n != 1]} (a taller terminal shows them)", style="dim")
+
+            note = lines(rows_left_out(len(rows), 1))
+            fitting = min(len(rows), left - 2)  # a title and a header row above the rows
+            while fitting > 0 and \
+                    lines(make(rows[:fitting], s)) + (note if fitting < len(rows) else 0) > left:
                 fitting -= 1
-            if fitting:
+            if fitting > 0:
                 parts.append(make(rows[:fitting], s))
                 left -= lines(parts[-1])
-            if fitting < len(rows):
-                parts.append(Text(f"{'... ' if fitting else ''}{len(rows) - fitting} "
-                                  f"{'more ' if fitting else ''}{what} not shown (a taller "
-                                  "terminal shows them)", style="dim"))
-                left -= 1
+            fitting = max(fitting, 0)
+            if fitting < len(rows) and left >= note:
+                parts.append(rows_left_out(len(rows) - fitting, fitting))
+                left -= lines(parts[-1])
         return Group(*parts, *shown)
 
     @staticmethod
@@ -243,7 +258,7 @@ class _View:
             table.add_row(name, _number(rank), _number(dim))
         return table
 
-    def _findings(self, reading: Reading, pending: bool, console: Console | None) -> list:
+    def _findings(self, reading: Reading, pending: bool, width: int) -> list:
         """``(block, compact)`` per finding, most severe first: the block is its row
         (severity, id, quoted subject, key number, then when it was seen and held where the
         width allows) and its title wrapped under it; the compact form cuts the title to one
@@ -252,7 +267,6 @@ class _View:
             return [(Text("findings: waiting for the first probe step"),) * 2]
         if not reading.findings and not self.cleared:
             return [(Text("findings: no failure mode found so far", style="green"),) * 2]
-        width = console.size.width if console is not None else 10**6
         out = [(Text("findings", style="bold"),) * 2]
         # The ids in a column where every row still fits the width with them padded.
         pad = max((len(f.id) for f in reading.findings), default=0)
@@ -272,7 +286,8 @@ class _View:
                     break
             wrapped = textwrap.wrap(f.title, max(20, width - TITLE_INDENT)) or [""]
             block = Text("\n").join([row, *(Text(" " * TITLE_INDENT + line) for line in wrapped)])
-            cut = wrapped[0] + (" ..." if len(wrapped) > 1 else "")
+            cut = wrapped[0] if len(wrapped) == 1 else \
+                textwrap.wrap(f.title, max(16, width - TITLE_INDENT - 4))[0] + " ..."
             out.append((block, Text("\n").join([row, Text(" " * TITLE_INDENT + cut)])))
         for (finding_id, subject), (_, step) in self.cleared.items():
             line = Text(f"{'cleared':<8}{finding_id}  '{subject}'  at step {step}", style="dim")
@@ -295,11 +310,11 @@ class _LiveScreen:
         return self.live.__exit__(*exc)
 
     def waiting(self, status: str) -> None:
-        self.live.update(self.view.render(None, status), refresh=True)
+        self.live.update(self.view.render(None, status, self.console), refresh=True)
 
     def show(self, reading: Reading, status: str, changes: list[Change],
              pending: bool = False) -> None:
-        self.live.update(self.view.render(reading, status, pending, self.console), refresh=True)
+        self.live.update(self.view.render(reading, status, self.console, pending), refresh=True)
 
 
 class _PlainScreen:

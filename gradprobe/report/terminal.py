@@ -13,6 +13,7 @@ SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 
 REMEDY_INDENT = " " * 10  # under the finding id, past the severity column
+NO_BREAK = "\u00a0"
 
 
 def summary_header(run_summary: dict[str, Any]) -> str:
@@ -44,7 +45,10 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
     id_width = max(len(f.id) for f in findings)
     for finding in findings:
         head = f"  {finding.severity:<7} {finding.id:<{id_width}}  "
-        body = _wrapped(f"{finding.title}  [{finding.key_number}]", head, width)
+        # The key number is kept on one row (textwrap does not break at a no-break space).
+        key = f"[{finding.key_number}]".replace(" ", NO_BREAK if width else " ")
+        body = [line.replace(NO_BREAK, " ")
+                for line in _wrapped(f"{finding.title}  {key}", head, width)]
         if color:
             styled = click.style(f"{finding.severity:<7}", fg=SEVERITY_STYLE.get(finding.severity),
                                  bold=True)
