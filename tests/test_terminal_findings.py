@@ -109,3 +109,35 @@ def test_on_a_terminal_the_summary_wraps_to_its_width_under_the_title(run_file):
     assert words(wrapped) == words(one_per_line)
     remedy_rows = [i for i, line in enumerate(wrapped) if line.startswith("          remedy: ")]
     assert len(remedy_rows) == len(found)
+
+
+def test_a_gradient_that_turns_nan_before_any_loss_is_named_first(tmp_path):
+    """'b''s value stays finite (sqrt of 0) while its gradient is NaN from step 5; the NaN
+    reaches the shared layer and 'a''s loss at step 6: the gradient comes first, by its step."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    model = nn.ModuleDict(dict(trunk=nn.Linear(4, 8), a=nn.Linear(8, 1), b=nn.Linear(8, 1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gradprobe.Probe(model, shared=model["trunk"], every=1, run_file=tmp_path / "g.gprobe",
+                            roles={"b": "task"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(8):
+            h = model["trunk"](x)
+            loss_b = (model["b"](h) ** 2).mean()
+            if step >= 5:
+                loss_b = torch.sqrt((h - h.detach()).pow(2).sum())  # 0, with a NaN gradient
+            probe.backward({"a": F.mse_loss(model["a"](h).squeeze(1), x[:, 0]), "b": loss_b})
+            opt.step()
+            opt.zero_grad()
+        probe.close()
+    assert "gradprobe: step 5: the gradient of loss 'b' on the shared parameters holds NaN " \
+        "or Inf" in [str(w.message) for w in caught]
+    run = gradprobe.load_run(tmp_path / "g.gprobe")
+    steps, values = run.series("loss", "b")
+    assert np.isfinite(values[steps == 5]).all()  # the loss itself was finite then
+    found = [(f.id, f.subject, f.title) for f in diagnose(run)][:2]
+    assert found == [
+        ("non-finite", "b", "the gradient of loss 'b' on the shared parameters became NaN or Inf "
+                            "at step 5"),
+        ("non-finite", "a", "loss 'a' became NaN or Inf at step 6")]

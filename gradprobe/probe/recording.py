@@ -232,8 +232,12 @@ class StepRecorder:
                             f"the scaled gradients (scale {scale:g}) hold inf/NaN: "
                             "GradScaler skips this optimizer step", warn=False)
             else:
+                bad = [repr(n) for n, d in zip(names, torch.diagonal(gram).tolist())
+                       if not np.isfinite(d)]
+                what = f"the gradient of loss {' and '.join(bad)}" if bad else \
+                    "a per-loss gradient"
                 self._event(events, step, "non_finite", ["gradient"],
-                            "a per-loss gradient on the shared parameters holds NaN or Inf")
+                            f"{what} on the shared parameters holds NaN or Inf")
         norm, weighted = stats["norm"].tolist(), stats["weighted_norm"].tolist()
         contribution = stats["contribution"].tolist()
         cosine, similarity = stats["cosine"].tolist(), stats["magnitude_similarity"].tolist()
