@@ -214,11 +214,11 @@ def watch(path: str, every: float, timeout: float, fail_on: str | None,
 
     PATH is the run file (.gprobe) a Probe is writing (or will write: watch waits up to
     --timeout seconds for it). On a terminal the view refreshes in place, laid out for the
-    terminal's size; with --plain, or off a terminal, it prints one line per change
-    (a finding appearing, changing severity or clearing; progress every 30 s). When the run is closed, its
-    writer is gone (a stale lock: the training process died), or on Ctrl-C, watch prints the
-    final summary as analyze does. Exit codes as analyze: 0, 1 (--fail-on), 2 bad input,
-    3 internal error. docs/live.md.
+    terminal's size; with --plain, or off a terminal, it prints one line per change (a
+    finding appearing, changing severity or clearing; progress every 30 s). When the run is
+    closed, its writer is gone (a stale lock: the training process died), or on Ctrl-C,
+    watch prints the final summary as analyze does. Exit codes as analyze: 0, 1 (--fail-on),
+    2 bad input, 3 internal error. docs/live.md.
     """
     from gradprobe.record import RunFileError
     from gradprobe.report.live import watch as follow

@@ -1,7 +1,8 @@
 """A minimal terminal screen for the live-view tests: what a ``rows`` x ``columns`` terminal
 shows after receiving a byte stream (printable text with xterm's automatic wrap at the last
-column, carriage return, line feed with scrolling and the tty's carriage return, and the CSI sequences a redrawing view
-sends: cursor up/down/column, erase in line/display; colours and modes are ignored).
+column, carriage return, line feed with scrolling and the tty's carriage return, and the CSI
+sequences a redrawing view sends: cursor up/down/column, erase in line/display; colours and
+modes are ignored).
 
 A test reads the rows a user would see, so a line longer than the terminal is checked as
 the two rows it becomes, not as the one line the program wrote.

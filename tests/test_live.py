@@ -124,7 +124,8 @@ class Terminal:
         return ANSI.sub("", self.raw.decode("utf-8", "replace"))
 
 
-SWAMPING_ROW = r"^error\s+gradient-swamping\s+'b'\s+ratio ([0-9.e-]+) \(median\)\s+seen (\d+), held (\d+)-(\d+)$"
+SWAMPING_ROW = (r"^error\s+gradient-swamping\s+'b'\s+ratio ([0-9.e-]+) \(median\)\s+"
+                r"seen (\d+), held (\d+)-(\d+)$")
 
 
 def _start_trainer(run_file: Path, release: Path) -> subprocess.Popen:

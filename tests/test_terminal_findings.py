@@ -26,7 +26,8 @@ def _train_until_nan(run_file, steps: int = 60) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=gen)
-    y_a, y_b = torch.sin(x @ torch.randn(8, generator=gen)), torch.cos(x @ torch.randn(8, generator=gen))
+    y_a = torch.sin(x @ torch.randn(8, generator=gen))
+    y_b = torch.cos(x @ torch.randn(8, generator=gen))
     model = nn.ModuleDict(dict(trunk=nn.Sequential(nn.Linear(8, 32), nn.Tanh()),
                                a=nn.Linear(32, 1), b=nn.Linear(32, 1)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

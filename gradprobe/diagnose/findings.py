@@ -271,9 +271,9 @@ REMEDY: dict[str, str] = {
         "check each designed loss with an ablation."),
     "non-finite": (
         "Start from the first non-finite value (the finding names the loss or quantity and "
-        "the step): guard logs and divisions with an epsilon, lower the learning rate or clip gradients; a saturating sigmoid or an "
-        "unnormalised loss is a common source (gradprobe.remedies.LearnableTemperature, "
-        "gradprobe.remedies.correlation_loss)."),
+        "the step): guard logs and divisions with an epsilon, lower the learning rate or clip "
+        "gradients; a saturating sigmoid or an unnormalised loss is a common source "
+        "(gradprobe.remedies.LearnableTemperature, gradprobe.remedies.correlation_loss)."),
     "probe-incomplete": (
         "Fix what the message names and record again: a module that returns a tuple, dict or "
         "dataclass needs watch_latent(name, module, select=...); a run without probe steps "

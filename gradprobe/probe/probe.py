@@ -230,7 +230,8 @@ class Probe(WatchMethods):
     def findings(self, thresholds: Any = None) -> list:
         """The findings of the run recorded so far (``gradprobe analyze`` on the run file now,
         once the steps already handed to the writer thread are committed: a bounded wait),
-        diagnosed again only when something new was committed. ``[]`` on DDP ranks other than 0. It imports the
+        diagnosed again only when something new was committed. ``[]`` on DDP ranks other
+        than 0. It imports the
         later diagnose stage inside the call, the documented exception (probe/live.py,
         docs/architecture.md); docs/live.md has what a call costs."""
         if not self._writes:
