@@ -26,7 +26,7 @@ from gradprobe.record import Run
 
 from .comparison import COMPARE_TITLES, Comparison, run_labels
 from .frames import number_pages
-from .pages.overlays import OVERLAYS, overlay_pages
+from .pages.overlays import overlay_pages
 from .pages.overview import overview_pages
 from .pdf import write_pages
 from .style import report_style
@@ -37,9 +37,7 @@ __all__ = ["COMPARE_TITLES", "comparison_figures", "comparison_pages", "run_labe
 
 def comparison_pages(cmp: Comparison) -> list[tuple[str, Figure]]:
     """The pages of :func:`comparison_figures`, built under whatever style is active."""
-    pages: list[tuple[str, Figure]] = [("overview", fig) for fig in overview_pages(cmp)]
-    for key, panels, how_to_read, ncols in OVERLAYS:
-        pages += overlay_pages(cmp, key, panels(cmp), how_to_read, ncols=ncols)
+    pages = [("overview", fig) for fig in overview_pages(cmp)] + overlay_pages(cmp)
     return number_pages(pages, "comparison: " + " vs ".join(cmp.labels))
 
 

@@ -16,10 +16,9 @@ from ..data import finding_value
 from ..diagnosis import DEFAULT_THRESHOLDS, severity_counts
 from ..frames import TextFlow
 from .details import detail_pages
-from ..style import PAGE_SIZE, SEVERITY_COLOURS
+from ..style import CLEAR_COLOUR, PAGE_SIZE, SEVERITY_COLOURS
 from ..text import count_label, wrap
 
-CLEAR_COLOUR = "#1e8449"  # no failure mode: green
 FACT_X = 2.0  # where the run's facts start, in inches
 
 
