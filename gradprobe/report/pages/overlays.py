@@ -212,7 +212,7 @@ def loss_panels(cmp: Comparison) -> list[Panel]:
         panels.append(panel)
     # what the runs logged with probe.log (validation losses, accuracies), as logged
     for name in ordered_union([d.names("logged") for d in cmp.data]):
-        panel = Panel(f"{name} (logged)", f"{name} (value)", ("logged",), name)
+        panel = Panel(name, "logged value", ("logged",), name)
         for k, d in enumerate(cmp.data):
             if d.has("logged", name):
                 panel.lines[k] = d.series("logged", name)
