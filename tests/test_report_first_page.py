@@ -112,3 +112,73 @@ def test_ten_loss_page_one_holds_every_error_and_warning(ten_losses):
     for f in left_out:  # only notes may be left to the details, and page 1 counts them
         assert f.severity == "info"
         assert f.id in pages[0]
+
+
+def test_a_shaded_span_says_why_it_ends(tmp_path):
+    """An auxiliary loss at weight 0.01 on a task that memorises 64 random labels: swamped
+    until the task has memorised them, where the rule stops judging. The span's end says so
+    on the plot, at the step in the finding's evidence."""
+    from gradprobe.report import report_figures
+
+    path = tmp_path / "memo.gprobe"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 16, generator=gen)
+        y = torch.randint(0, 4, (64,), generator=gen)
+        t = torch.randn(64, generator=gen)
+        trunk, task, aux = nn.Sequential(nn.Linear(16, 64), nn.ReLU()), nn.Linear(64, 4), \
+            nn.Linear(64, 1)
+        model = nn.ModuleDict(dict(trunk=trunk, task=task, aux=aux))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        with Probe(model, shared=trunk, every=4, run_file=path, task="task") as probe:
+            for _ in range(400):
+                h = trunk(x)
+                probe.backward({"task": F.cross_entropy(task(h), y),
+                                "aux": F.mse_loss(aux(h).squeeze(1), t)}, weights={"aux": 0.01})
+                opt.step()
+                opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    with load_run(path) as run:
+        findings = diagnose(run)
+        swamping = next(f for f in findings if f.id == "gradient-swamping")
+        memorised = swamping.evidence["task_memorised_at"]
+        end = swamping.steps[1]
+        assert memorised is not None and 0 <= memorised - end <= 8 < run.probe_steps()[-1] - end
+        pages = dict(report_figures(run, findings))
+    notes = [t for ax in pages["gradients"].axes for t in ax.texts
+             if "memorised" in t.get_text()]
+    assert len(notes) == 1
+    assert notes[0].get_text() == (f"ends at {end}: the task memorised its data at step "
+                                   f"{memorised}, not judged after")
+    assert notes[0].xy[0] == end
+    for fig in pages.values():
+        fig.clear()
+
+
+def test_captions_state_what_the_run_found():
+    """On a run with no representation finding, the representations page says that none is
+    marked there and claims no collapse; on one whose collapse is judged on a quantity the
+    page does not draw, it says where that finding is."""
+    import runs
+    from gradprobe.report import report_figures
+
+    for run, collapsed in ((runs.memorising_decoupler(False), False),
+                           (runs.shrinking_latent("rank1"), True)):
+        findings = diagnose(run)
+        marked = [f for f in findings if f.id in ("representation-collapse", "latent-dependence")]
+        assert bool(marked) == collapsed, [f.id for f in findings]
+        pages = dict(report_figures(run, findings))
+        header = " ".join(t.get_text() for t in pages["representations"].texts)
+        if collapsed:  # judged on a quantity this page does not draw: it says where it is
+            assert ("No finding of this run is marked on this page: its representation-collapse "
+                    "is drawn with the quantity it was judged on") in header
+            assert marked[0].plot.quantity == "rankme_centred"
+        else:
+            assert "No finding of this run is marked on this page." in header
+            assert "collapsed" not in header and "a rank that merely falls is not one" in header
+        for fig in pages.values():
+            fig.clear()
