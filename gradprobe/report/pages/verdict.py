@@ -43,7 +43,7 @@ def verdict_pages(ctx: ReportContext, pages_of: dict[int, str]
     verdict = list(flow.figs)
     start, details = detail_pages(ctx, pages_of, flow)
     for text, template in pointer:  # the page the details start on is known only now
-        text.set_text(template.replace("{page}", str(start)))
+        text.set_text(template.replace("{page}", f"{start}" + (" (below)" if start == 1 else "")))
     return verdict, details
 
 
