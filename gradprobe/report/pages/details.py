@@ -10,11 +10,11 @@ from ..data import finding_value
 from ..evidence import evidence_parts
 from ..frames import TextFlow
 from ..style import PAGE_SIZE, SEVERITY_COLOURS
-from ..text import count_label
+from ..text import count_label, wrap
 
 
 # Below this much room (inches) left on the verdict's last page, the details start a page
-CONTINUE_ROOM = 2.5
+CONTINUE_ROOM = 1.5
 
 
 def detail_pages(ctx: ReportContext, pages_of: dict[int, str], after: TextFlow
@@ -63,7 +63,8 @@ def _evidence_block(flow: TextFlow, evidence: dict) -> None:
     rows, sentences = evidence_parts(evidence)
     flow.text("Evidence", size=8.5, weight="bold", gap=0.15)
     for key, value in rows:
-        flow.need(7.5 * 1.45 / 72)  # the key on the page of its value's first line
+        # the key on the page of its value's lines
+        flow.need(min(len(wrap(value, PAGE_SIZE[0] - flow.X0 - 2.95, 7.5)), 2) * 7.5 * 1.45 / 72)
         flow.text(flow.fit(key, 0.75, 2.85, 7.5), x=0.75, size=7.5, colour="#555555", gap=0)
         flow.paragraph(value, x=2.95, size=7.5, colour="#222222", max_lines=2)
     for sentence in sentences:

@@ -20,6 +20,7 @@ from ..style import CLEAR_COLOUR, PAGE_SIZE, SEVERITY_COLOURS
 from ..text import count_label, wrap
 
 FACT_X = 2.0  # where the run's facts start, in inches
+FACT_LINE = 8.5 * 1.45 / 72
 
 
 def verdict_pages(ctx: ReportContext, pages_of: dict[int, str]
@@ -82,12 +83,12 @@ def _headline(ctx: ReportContext, flow: TextFlow) -> None:
     flow.y = top + box + 0.18
 
 
-def _run_facts(ctx: ReportContext, flow: TextFlow) -> None:
+def _fact_rows(ctx: ReportContext) -> list[tuple[str, list[str]]]:
+    """The run's facts as (label, lines wrapped to the value column)."""
     run, meta = ctx.run, ctx.run.meta
     lo, hi = ctx.data.step_range()
     n_probe = len(run.probe_steps())
     every = run.every
-    flow.heading("The run")
     rows = [
         ("steps", f"{count_label(lo)} to {count_label(hi)}" if lo is not None
          else "nothing recorded"),
@@ -104,22 +105,28 @@ def _run_facts(ctx: ReportContext, flow: TextFlow) -> None:
     expect = meta.get("expect_groups_per_batch")
     rows.append(("declared batches", f"{expect} group{'s' if expect != 1 else ''} per batch"
                  if expect is not None else "not declared"))
-    for key, value in rows:
-        flow.need(len(wrap(value, PAGE_SIZE[0] - flow.X0 - FACT_X, 8.5)) * 8.5 * 1.45 / 72)
-        flow.text(key, size=8.5, weight="bold", gap=0)
-        flow.paragraph(value, x=FACT_X)
+    width = PAGE_SIZE[0] - TextFlow.X0 - FACT_X
+    out = [(key, wrap(value, width, 8.5)) for key, value in rows]
     shared = meta.get("shared_parameters") or []
     numel = meta.get("shared_numel")
     shared_text = f"{len(shared)} tensor{'s' if len(shared) != 1 else ''}" + \
         (f", {numel:,} values" if isinstance(numel, int) else "") + \
         (": " + ", ".join(shared) if shared else "")
-    lines = wrap(shared_text, PAGE_SIZE[0] - 2 * flow.X0 - 1.45, 8.5)
-    flow.need(min(len(lines), 4) * 8.5 * 1.45 / 72)
-    flow.text("shared parameters", size=8.5, weight="bold", gap=0)
-    for line in lines[:3]:
-        flow.text(line, x=FACT_X)
-    if len(lines) > 3:
-        flow.text(f"… ({len(shared)} tensors in all)", x=FACT_X, colour="#555555")
+    lines = wrap(shared_text, width, 8.5)
+    if len(lines) > 3:  # the count is stated; the full list is in the run file and the JSON
+        lines = lines[:3] + [f"… ({len(shared)} tensors in all)"]
+    out.append(("shared parameters", lines))
+    return out
+
+
+def _run_facts(ctx: ReportContext, flow: TextFlow) -> None:
+    flow.heading("The run")
+    for key, lines in _fact_rows(ctx):
+        flow.need(len(lines) * FACT_LINE)
+        flow.text(key, size=8.5, weight="bold", gap=0)
+        for line in lines:
+            flow.text(line, x=FACT_X, gap=FACT_LINE,
+                      colour="#555555" if line.startswith("… (") else "black")
     flow.space(0.1)
 
 
@@ -161,7 +168,7 @@ BADGE_X, ID_X, TITLE_X = 0.55, 1.35, 3.25
 ID_WIDTH = TITLE_X - ID_X - 0.12
 LINE_9PT, TITLE_LINE, REMEDY_LINE, SIDE_LINE = 9 * 1.45 / 72, 8 * 1.4 / 72, 7.5 * 1.4 / 72, \
     7 * 1.4 / 72
-ID_LINE, ROW_GAP = 0.17, 0.11
+ID_LINE, ROW_GAP, HEADER = 0.17, 0.11, 0.2
 HARM = ("error", "warning")
 
 
@@ -191,10 +198,9 @@ def _remedies(findings: list, with_remedy: set[int]) -> list[str | None]:
 
 
 def _facts_height(ctx: ReportContext) -> float:
-    """About the height of "The run" and "Losses and weights" (inches): two headings, the
-    run's six facts with up to three more lines of shared parameters, a row per loss."""
-    line = 8.5 * 1.45 / 72
-    return 2 * 0.26 + 0.22 + (9 + 1 + len(ctx.run.losses)) * line
+    """The height of "The run" and "Losses and weights" (inches), as they draw them."""
+    lines = sum(len(lines) for _, lines in _fact_rows(ctx))
+    return 2 * 0.26 + 0.1 + lines * FACT_LINE + (1 + len(ctx.run.losses)) * FACT_LINE + 0.12
 
 
 def _row_height(rows: tuple[list[str], list[str], list[str]]) -> float:
@@ -215,23 +221,22 @@ def _findings_table(ctx: ReportContext, flow: TextFlow, pages_of: dict[int, str]
     errors = [f for f in harm if finding_value(f, "severity") == "error"]
     layouts = [(ctx.findings, ctx.findings), (ctx.findings, harm), (ctx.findings, errors),
                (ctx.findings, []), (harm, [])]
-    # the most detail that leaves the run's facts and losses on this page too, else the most
-    # that fits beside nothing (the facts move on)
-    for room in (room - _facts_height(ctx), room):
-        for shown, remedies in layouts:
-            remedies = set(map(id, remedies))
-            rows = [_row_lines(f, pages_of, remedy)
-                    for f, remedy in zip(shown, _remedies(shown, remedies))]
-            if sum(map(_row_height, rows)) <= room:
-                break
-        else:
-            continue
-        break
+    # the most detail that shows every title and leaves the run's facts and losses on this
+    # page too; else every title, the facts moving on; else the errors' and warnings' titles
+    facts = _facts_height(ctx)
+    candidates = [(layout, facts) for layout in layouts[:-1]] + \
+        [(layout, 0.0) for layout in layouts[:-1]] + [(layouts[-1], facts), (layouts[-1], 0.0)]
+    for (shown, remedies), beside in candidates:
+        remedies = set(map(id, remedies))
+        rows = [_row_lines(f, pages_of, remedy)
+                for f, remedy in zip(shown, _remedies(shown, remedies))]
+        if HEADER + sum(map(_row_height, rows)) <= room - beside:
+            break
     flow.text("severity", x=BADGE_X, weight="bold", size=7.5, gap=0)
     flow.text("id · subject · key number", x=ID_X, weight="bold", size=7.5, gap=0)
     flow.text("title" + (" (→ remedy below)" if remedies else ""), x=TITLE_X, weight="bold",
               size=7.5)
-    flow.space(0.04)
+    flow.space(HEADER - 7.5 * 1.45 / 72)
     for f, (title, remedy, side) in zip(shown, rows):
         flow.need(_row_height((title, remedy, side)))
         top = flow.y
