@@ -262,16 +262,21 @@ def export(path: str, output: str) -> None:
 def compare(paths: tuple[str, ...], pdf: str | None, config: str | None) -> None:
     """Compare the findings of several runs (e.g. before and after a fix).
 
-    Prints one row per finding id and one column per run; with -o, also a PDF overlaying
-    the key series (gradient ratios, latent ranks, saturation) of all runs.
+    Prints one row per finding id and one column per run, each finding's key number as
+    analyze prints it, and what each run cleared, kept and added against the first; with -o,
+    also a PDF overlaying the key series (gradient ratios, losses and logged metrics, latent
+    ranks, saturation) of all runs.
     """
     from gradprobe.diagnose import diagnose
     from gradprobe.report import comparison_lines
+    from gradprobe.report.comparison import key_number_lines
 
     thresholds = _thresholds(config)
     runs = [_load(p) for p in paths]
     findings_per_run = [diagnose(run, thresholds) for run in runs]
-    for line in comparison_lines([run.name for run in runs], findings_per_run):
+    labels = [run.name for run in runs]
+    for line in comparison_lines(labels, findings_per_run) + key_number_lines(labels,
+                                                                              findings_per_run):
         click.echo(line)
     if pdf:
         from gradprobe.report import write_comparison_pdf
