@@ -137,5 +137,5 @@ def knn_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray,
     sim = unit(f_test) @ unit(f_train).T
     nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     votes = np.zeros((len(f_test), int(y_train.max()) + 1))
-    np.add.at(votes, (np.arange(len(f_test))[:, None], nearest), 1.0)
+    np.add.at(votes, (np.arange(len(f_test))[:, None], np.asarray(y_train)[nearest]), 1.0)
     return float((votes.argmax(1) == np.asarray(y_test)).mean())
