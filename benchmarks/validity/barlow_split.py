@@ -8,7 +8,7 @@ batch-normalised embeddings, L = sum_i (1 - c_ii)^2 + lambda sum_{i != j} c_ij^2
 lambda = 0.0051 in facebookresearch/barlowtwins (main.py: ``on_diag`` and ``off_diag``,
 the names used here; ``--lambd 0.0051``), projector 8192-8192-8192, LARS, batch 2048.
 
-Here (CPU): the digits backbone (``common.DigitEncoder``), a two-layer projector 128-128-128
+Here (CPU): the digits backbone (``common.DigitEncoder``), a two-layer projector 128-128-64
 (BN and ReLU between, no bias), batch 256, Adam lr 1e-3, 300 steps, ``common.augment``
 views. The two terms are passed to the probe as two losses, ``on_diag`` and ``off_diag``
 (weight lambda), with ``Probe(every=10)``; the projector output is watched as ``z``.
@@ -24,16 +24,17 @@ effective rank (numpy, ``common.centred_effective_rank``) of the projector outpu
   every dimension encodes the same invariant feature: dimensional collapse (paper, sec. 2;
   Table 4's loss ablation). Expected: ``representation-collapse`` on ``z``.
 
-Measured (seeds 0 / 1, one thread): ``lambda-0.0051``: effective rank of z 20.2 / 19.5 at the
-end (29.9 / 28.9 at step 50: it settles rather than holds steady), normalised std 0.93 / 0.94,
-backbone linear 0.967 / 0.962, kNN 0.911 / 0.922. ``off-diag-0``: rank 9.7 / 9.5 (from
-24.1 / 24.7 at step 50), normalised std 0.98 / 0.99 (the collapse is dimensional, not to a
-point), linear 0.969 / 0.976, kNN 0.916 / 0.918. gradprobe today (the baseline):
-``lambda-0.0051`` only ``info gradient-conflict`` on_diag|off_diag (median cos -0.85);
-``off-diag-0`` ``warning representation-collapse`` on ``z`` (rank 15.2 / 15.8 of 128).
-With a 32-wide projector output (seed 0) the issue's false ``error gradient-conflict`` and
-``static-loss-weights`` appear on the healthy run, but the truth separates less (rank 7.5
-healthy against 4.8) and the collapse goes unreported. CPU ~5.5 s a run.
+Measured (seeds 0 / 1, one thread): ``lambda-0.0051``: effective rank of z 12.2 / 12.2 at the
+end (19.2 / 19.2 at step 50: it settles there), normalised std 0.96 / 0.97, mean squared
+off-diagonal correlation (last batch: ``off_diag`` / 64 x 63) 0.22 / 0.21, backbone linear 0.967 / 0.978,
+kNN 0.916 / 0.911. ``off-diag-0``: rank 6.8 / 7.2 (from 16.8 / 17.4 at step 50), mean squared
+off-diagonal correlation 0.75 / 0.68, normalised std 0.96 / 0.99 (the collapse is
+dimensional, not to a point), linear 0.962 / 0.971, kNN 0.913 / 0.911. gradprobe today (the
+baseline, as in issue 21): ``lambda-0.0051``: a false ``error gradient-conflict``
+on_diag|off_diag (median cos -0.80 / -0.80) and ``warning static-loss-weights``;
+``off-diag-0``: nothing on either seed (the collapse is missed). With a 128-wide projector
+output (ranks 20 against 9.6) the healthy runs get only ``info gradient-conflict`` and the
+collapse is found (``warning representation-collapse``, rank 15 of 128). CPU ~5 s a run.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .common import (DigitEncoder, augment, batches, centred_effective_rank, dig
                      knn_accuracy, representation_truth)
 from .harness import Expect, Family, Variant
 
-BATCH, STEPS, EVERY, DIM = 256, 300, 10, 128
+BATCH, STEPS, EVERY, DIM = 256, 300, 10, 64
 LAMBDA = 0.0051
 RANK_EVERY = 50
 
