@@ -124,3 +124,16 @@ def representation_truth(encoder: torch.nn.Module, head: torch.nn.Module) -> dic
             "z_linear_acc": linear_probe_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te),
             "z_rank": centred_effective_rank(z_te.numpy()), "z_std": normalised_std(z_te.numpy()),
             "z_dim": int(z_te.shape[1])}
+
+
+def knn_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray,
+                 y_test: np.ndarray, k: int = 5) -> float:
+    """Test accuracy of a k-nearest-neighbour vote by cosine similarity on frozen features
+    (the kNN monitor of self-supervised training, Wu et al. 2018), computed with numpy."""
+    def unit(f):
+        f = np.asarray(f, dtype=np.float64)
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    nearest = np.argsort(-unit(f_test) @ unit(f_train).T, axis=1)[:, :k]
+    votes = np.asarray(y_train)[nearest]
+    predicted = np.array([np.bincount(row).argmax() for row in votes])
+    return float((predicted == np.asarray(y_test)).mean())
