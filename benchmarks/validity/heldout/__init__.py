@@ -2,4 +2,5 @@
 rules were designed on ports. Written before the rule work, probed at the documented
 defaults (no ``roles=``, no ``shared=``), run only by ``run.py --heldout``, once, at the end."""
 
-HELDOUT_MODULES = ("vq_ema", "dino", "mmoe_synthetic", "shazeer_moe")
+HELDOUT_MODULES = ("vq_ema", "dino", "mmoe_synthetic", "shazeer_moe",
+                   "burgers_pinn", "cca_ssg", "supcon_pk", "gradnorm_multitask")
