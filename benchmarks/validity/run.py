@@ -29,7 +29,8 @@ from benchmarks.validity.harness import (Family, RunRecord, Runs, default_worker
 from benchmarks.validity.report import acceptance, finding_lines, markdown, scores, score_text  # noqa: E402
 
 MODULES = ("mtl", "gradnorm_toy", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
-           "sigmoid_mse", "center_loss", "dsn", "decoupler", "two_task_conflict", "vqvae")
+           "sigmoid_mse", "center_loss", "dsn", "decoupler", "two_task_conflict", "vqvae",
+           "uncertainty_weights")
 
 
 def load_families(names: list[str] | None = None) -> dict[str, tuple[str, Family]]:
