@@ -77,7 +77,8 @@ def trunk_ratio(model: TwoTaskNet, losses: dict, weights: dict) -> float:
     norms = []
     for name in ("cls", "reg"):
         grads = torch.autograd.grad(losses[name], params, retain_graph=True)
-        norms.append(float(torch.as_tensor(weights[name]).detach()) * float(torch.cat([g.flatten() for g in grads]).norm()))
+        weight = float(torch.as_tensor(weights[name]).detach())
+        norms.append(weight * float(torch.cat([g.flatten() for g in grads]).norm()))
     return norms[0] / norms[1]
 
 
