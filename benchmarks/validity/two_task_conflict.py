@@ -21,6 +21,12 @@ Variants (truth by construction):
   losses. Expected: ``gradient-conflict`` on ``digit|mirror`` (issue 21, row "two tasks on
   shared logits": today only ``info``, because both losses fall to the compromise together
   and the stall test sees no stall).
+
+Measured (seeds 0 / 1, one thread): ``digit-and-parity`` digit accuracy 0.967 / 0.967 and
+parity 0.980 / 0.980 against 0.969 single-task, gradient cosine median +0.57 / +0.61;
+``digit-and-mirror`` digit accuracy 0.467 / 0.498 and mirror 0.498 / 0.467 against 0.969
+single-task, cosine median -0.65 / -0.67, below -0.5 on 67% / 68% of the measured steps, both
+losses 0.76 over the last 50 steps (ln 2 = 0.69 is the compromise's floor).
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ the weighted cls to the weighted reg gradient norm over the trunk's parameters (
 every 10th step). Expected on ``equal-weights``: ``gradient-swamping`` and
 ``static-loss-weights`` on ``cls`` (issue 21, row "learned uncertainty weights": today
 nothing, because ``reg`` is guessed to be a regulariser from its name and exempted).
+
+Measured (seeds 0 / 1, one thread): ``learned-weights`` classification accuracy 0.969 / 0.969
+against 0.973 / 0.971 single-task, trunk ratio cls/reg 0.21 / 0.17, s_reg 5.3 / 5.3;
+``equal-weights`` accuracy 0.687 / 0.647 against 0.973 / 0.971 single-task, trunk ratio
+0.0011 / 0.0012; regression RMSE 34-36 in both (the noise's std is 30).
 """
 
 from __future__ import annotations

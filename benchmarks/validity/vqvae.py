@@ -26,6 +26,10 @@ their usage (exp of its entropy), and the reconstruction error. Expected on the 
 codebook: ``prototype-collapse`` on ``codebook``. The healthy run must stay quiet (issue 21,
 row "VQ-VAE": today three false warnings, ``gradient-conflict`` recon/commit, ``inert-loss``
 on the codebook loss, ``static-loss-weights``).
+
+Measured (seeds 0 / 1, one thread): ``data-init`` 116 / 122 of 128 codes used, perplexity
+92 / 96, reconstruction MSE 0.021 / 0.021; ``dead-codebook`` 2 / 3 codes used, perplexity
+1.3 / 2.8, reconstruction MSE 0.067 / 0.074.
 """
 
 from __future__ import annotations
