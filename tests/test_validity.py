@@ -54,6 +54,10 @@ def test_broken_variants_are_broken_by_independent_measurement(quick):
     assert out[("dsn", "unnormalised")]["private_norm_ratio"] < 0.4 < 0.8 < \
         out[("dsn", "healthy")]["private_norm_ratio"]
     assert out[("dsn", "healthy")]["cka"] < 0.1
+    # opposing label maps on shared logits: a compromise far below single-task, gradients opposed
+    mirror = out[("two-task-conflict", "digit-and-mirror")]
+    assert mirror["acc_digit"] < 0.6 < 0.9 < mirror["single_task_acc"]
+    assert mirror["cos_median"] < -0.5
 
 
 def test_held_out_acceptance(quick):
