@@ -30,7 +30,7 @@ from benchmarks.validity.report import acceptance, finding_lines, markdown, scor
 
 MODULES = ("mtl", "gradnorm_toy", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
            "sigmoid_mse", "center_loss", "dsn", "decoupler", "two_task_conflict", "vqvae",
-           "uncertainty_weights")
+           "uncertainty_weights", "helmholtz_pinn")
 
 
 def load_families(names: list[str] | None = None) -> dict[str, tuple[str, Family]]:
