@@ -58,6 +58,10 @@ def test_broken_variants_are_broken_by_independent_measurement(quick):
     mirror = out[("two-task-conflict", "digit-and-mirror")]
     assert mirror["acc_digit"] < 0.6 < 0.9 < mirror["single_task_acc"]
     assert mirror["cos_median"] < -0.5
+    assert out[("vqvae", "dead-codebook")]["codes_used"] <= 8  # of 128
+    swamped = out[("uncertainty-weights", "equal-weights")]
+    assert swamped["acc_cls"] < swamped["single_task_acc"] - 0.2
+    assert swamped["trunk_ratio_cls_reg"] < 0.01
 
 
 def test_held_out_acceptance(quick):

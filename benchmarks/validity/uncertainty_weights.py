@@ -154,4 +154,5 @@ FAMILY = Family(
                 expected=(Expect("gradient-swamping", "cls"), Expect("static-loss-weights", "cls")),
                 must_not=("gradient-conflict",)),
     ),
+    quick=(("equal-weights", 1),),
 )

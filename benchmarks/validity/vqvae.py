@@ -123,4 +123,5 @@ FAMILY = Family(
                 expected=(Expect("prototype-collapse", "codebook"),),
                 must_not=("gradient-conflict", "inert-loss")),
     ),
+    quick=(("dead-codebook", 1),),
 )
