@@ -8,13 +8,21 @@ Configurations, interleaved round by round (this machine is noisy), medians over
   shared layer); what the dense start adds to a short run is printed from the every-step cost;
 - probe every step: defaults with ``every=1``;
 - probe every step, whole trunk: ``shared=trunk, every=1, assemble=True`` (exact per-loss
-  gradients over the whole trunk, ``.grad`` assembled from them);
+  gradients over the whole trunk, ``.grad`` assembled from them; the trunk's Linear and Conv
+  layers, where the cost model says it pays, give their part of the Gram matrix from their
+  inputs and per-loss output gradients and their ``.grad`` from one weight gradient,
+  layer_inputs.py);
 - probe every step, whole trunk, separate: ``shared=trunk, every=1`` (the ordinary backward
-  fills ``.grad``; the trunk's Linear layers, where the cost model says it pays, give their
-  part of the Gram matrix from their inputs and per-loss output gradients, layer_inputs.py);
+  fills ``.grad``; the same layer-input route for the Gram matrix);
 - naive: one ``autograd.grad`` per loss over all parameters, then the ordinary backward;
-- reference "forward + K backwards": one ``autograd.grad`` per loss over all parameters and
-  nothing else: the least any exact per-loss method pays;
+- reference "forward + K backwards" (F+K*B): one ``autograd.grad`` per loss over all
+  parameters and nothing else: what taking each loss's gradient alone costs;
+
+``--peers``: the peer table instead, on the two small shapes: plain, forward + K backwards,
+gradprobe's whole-trunk probe step (assembled) and TorchJD 0.18 (``mtl_backward`` on the
+weighted losses, then ``jac_to_grad(trunk, Sum())``: the same ``.grad``, the trunk's Jacobian
+in between; the column is left out, with a note, when torchjd is not importable), as
+multiples of forward + K backwards.
 
 After the timings: what one ``probe.findings()`` call costs on the run the every-step
 configuration recorded, amortised over 500 plain steps (``Probe(findings_every=500)``).
@@ -27,6 +35,7 @@ run the copies to the host are counted where the same code would make them on a 
 
 Usage: python benchmarks/probe_overhead.py [--rounds 7] [--block 50] [--device cuda]
        [--shapes issue] [--counts-only | --no-counts] [--model conv|mlp] [--clock process]
+       [--peers]
 ``--shapes issue``: the larger models of issue 13 (conv trunk batch 512, length 200, width 128;
 MLP 1024-4096x3, batch 1024), the default with ``--device cuda``.
 """
@@ -36,6 +45,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -116,6 +126,12 @@ class Trainer:
                                       device=device)
         self.params = list(self.model.parameters())
         self.probe = None
+        if mode == TORCHJD:
+            self.torchjd = torchjd_modules()
+            # TorchJD needs the last shared representation: the trunk's output, as the
+            # forward makes it.
+            self.model.trunk.register_forward_hook(
+                lambda module, inputs, output: setattr(self, "features", output))
         if mode.startswith("probe"):
             kwargs = {"run_file": log_dir / f"{mode}.gprobe"}
             if mode != "probe defaults":
@@ -137,6 +153,13 @@ class Trainer:
             self.probe.backward(losses, WEIGHTS)
         elif self.mode == "plain":
             sum(WEIGHTS.get(k, 1.0) * v for k, v in losses.items()).backward()
+        elif self.mode == TORCHJD:
+            autojac, aggregation = self.torchjd
+            # The heads are shared by the losses here, not one per task: mtl_backward must
+            # keep the graph between its per-task passes.
+            autojac.mtl_backward([WEIGHTS.get(k, 1.0) * v for k, v in losses.items()],
+                                 features=self.features, retain_graph=True)
+            autojac.jac_to_grad(list(self.model.trunk.parameters()), aggregation.Sum())
         else:
             for value in losses.values():
                 torch.autograd.grad(value, self.params, retain_graph=True, allow_unused=True)
@@ -159,10 +182,22 @@ class Trainer:
 
 
 WHOLE = "probe every step, whole trunk"
+TORCHJD = "torchjd"
+REFERENCE = "forward + K backwards"
 SEPARATE = "probe every step, whole trunk, separate"
 FINDINGS_EVERY = 500  # Probe(findings_every=...)'s default
-MODES = ["plain", "probe defaults", "probe every step", WHOLE, SEPARATE, "naive",
-         "forward + K backwards"]
+MODES = ["plain", "probe defaults", "probe every step", WHOLE, SEPARATE, "naive", REFERENCE]
+PEERS = {"plain": "plain", REFERENCE: "F+K*B", WHOLE: "gradprobe whole trunk",
+         TORCHJD: "TorchJD"}
+
+
+def torchjd_modules():
+    """``(torchjd.autojac, torchjd.aggregation)``, or None when torchjd is not importable."""
+    try:
+        from torchjd import aggregation, autojac
+    except ImportError:
+        return None
+    return autojac, aggregation
 
 
 def synchronised(device: torch.device):
@@ -219,9 +254,11 @@ CLOCKS = {
 }
 
 
-def print_times(trainers, rounds, block, synchronize, clock="wall"):
+def interleaved_medians(trainers, rounds, block, synchronize, clock="wall"):
+    """Seconds per step of each trainer: ``rounds`` rounds, each running every trainer for
+    ``block`` steps in turn; the median over rounds."""
     now = CLOCKS[clock]
-    times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in trainers}
     for _ in range(rounds):
         for mode, trainer in trainers.items():
             synchronize()
@@ -234,13 +271,17 @@ def print_times(trainers, rounds, block, synchronize, clock="wall"):
                 trainer.probe._writer.flush()
             synchronize()
             times[mode].append((now() - start) / block)
-    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def print_times(trainers, rounds, block, synchronize, clock="wall"):
+    medians = interleaved_medians(trainers, rounds, block, synchronize, clock)
     base = medians["plain"]
     print(f"median {clock} ms/step over {rounds} interleaved rounds of {block} steps")
     print(f"{'configuration':40s} {'ms/step':>9s} {'x plain':>8s}")
     for mode in MODES:
         print(f"{mode:40s} {medians[mode] * 1e3:9.2f} {medians[mode] / base:8.3f}")
-    limit = medians["forward + K backwards"]
+    limit = medians[REFERENCE]
     for mode in (WHOLE, SEPARATE):
         print(f"{mode} / (forward + K backwards): {medians[mode] / limit:.3f} "
               "(target <= 1.1)")
@@ -293,6 +334,54 @@ def batches(shapes: str, device: torch.device):
     ]
 
 
+def peer_medians(make_model, batch, rounds, block, log_dir, clock="wall"):
+    """Seconds per step of each peer column on one shape (TorchJD only where importable)."""
+    modes = [m for m in PEERS if m != TORCHJD or torchjd_modules() is not None]
+    trainers = {mode: Trainer(make_model, batch, mode, log_dir) for mode in modes}
+    for trainer in trainers.values():  # warm-up: caches, allocator, first probe step
+        for _ in range(3):
+            trainer.step()
+    medians = interleaved_medians(trainers, rounds, block, synchronised(batch[0].device), clock)
+    for trainer in trainers.values():
+        if trainer.probe is not None:
+            trainer.probe.close()
+    return medians
+
+
+def in_backwards(medians, losses=4):
+    """The whole-trunk step as F + x B: B and F read off plain = F + B and
+    F+K*B = F + K B (the stretch goal is x <= (K + 1) / 2)."""
+    backward = (medians[REFERENCE] - medians["plain"]) / (losses - 1)
+    forward = medians["plain"] - backward
+    return (medians[WHOLE] - forward) / backward
+
+
+def print_peers(shapes, device, rounds, block, log_dir, clock="wall"):
+    print(f"median {clock} time per step over {rounds} interleaved rounds of {block} steps, "
+          "as a multiple of forward + K backwards (ms per step)")
+    print("| shape | " + " | ".join(PEERS.values()) + " |")
+    print("|---" * (len(PEERS) + 1) + "|")
+    stretch = []
+    for label, make_model, batch in batches(shapes, device):
+        (log_dir / label).mkdir()
+        medians = peer_medians(make_model, batch, rounds, block, log_dir / label, clock)
+        limit = medians[REFERENCE]
+        cells = [f"{medians[m] / limit:.2f}x ({medians[m] * 1e3:.1f} ms)"
+                 if m in medians else "-" for m in PEERS]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+        stretch.append(f"{label.split(' (')[0]}: whole trunk = F + {in_backwards(medians):.1f} B")
+    print("; ".join(stretch) + " (F, B from plain = F + B and F+K*B = F + 4 B; stretch goal: "
+          "F + 2.5 B)")
+    if torchjd_modules() is None:
+        print("TorchJD: not importable here (pip install torchjd), its column is left out")
+
+
+def refuse(message):
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"probe_overhead.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -308,14 +397,26 @@ def main():
                         help="which of the two models to run (default: both)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or the CPU time of the whole process (every thread)")
+    parser.add_argument("--peers", action="store_true",
+                        help="print the peer table (plain, forward + K backwards, whole trunk, "
+                             "TorchJD) instead")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        refuse(f"--device {args.device}: {exc}".splitlines()[0])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        refuse(f"--device {args.device}: CUDA is not available to this torch "
+               f"({torch.__version__})")
     shapes = args.shapes or ("issue" if device.type == "cuda" else "small")
     warnings.simplefilter("ignore")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, shapes {shapes!r}")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.peers:
+            print_peers(shapes, device, args.rounds, args.block, Path(tmp), args.clock)
+            return
         for label, make_model, batch in batches(shapes, device):
             if args.model != "both" and not label.lower().startswith(args.model):
                 continue

@@ -9,25 +9,33 @@ its failure modes with ``diagnose(run)`` and write the PDF report with :func:`wr
     findings = diagnose(run)
     write_report(run, "report.pdf", findings)
 
-``import gradprobe`` (and training with a probe) does not import matplotlib or seaborn: the
-report stage is imported when :func:`write_report` is first called.
+The names are imported on first use (PEP 562): ``import gradprobe`` alone imports no stage,
+so reading a run file (``load_run``, ``diagnose``, the report, ``gradprobe analyze``) never
+imports torch, and training with a probe never imports matplotlib or seaborn.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"  # before the imports: the stages read it while gradprobe initialises
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Iterable  # noqa: E402
+from gradprobe._lazy import lazy_names
+from gradprobe._version import __version__
+from gradprobe._warnings import GradprobeWarning
 
-from gradprobe import diagnose  # noqa: E402  (the package, callable as diagnose(run))
-from gradprobe.diagnose import Finding, Thresholds  # noqa: E402
-from gradprobe.probe import GradprobeWarning, Probe, ProbeUsageError  # noqa: E402
-from gradprobe.record import Run, RunFileError, load_run  # noqa: E402
+if TYPE_CHECKING:
+    from gradprobe.diagnose import Finding
+    from gradprobe.record import Run
 
-__all__ = ["Finding", "GradprobeWarning", "Probe", "ProbeUsageError", "Run", "RunFileError",
-           "Thresholds", "__version__", "diagnose", "load_run", "write_report"]
+# ``diagnose`` is the package gradprobe.diagnose itself (callable as diagnose(run)): a stage,
+# imported when read like the others.
+_names, __getattr__, __dir__ = lazy_names(__name__, {
+    "gradprobe.diagnose": ("Finding", "Thresholds"),
+    "gradprobe.probe": ("Probe", "ProbeUsageError"),
+    "gradprobe.record": ("Run", "RunFileError", "load_run"),
+}, submodules=True)
+__all__ = sorted([*_names, "GradprobeWarning", "__version__", "diagnose", "write_report"])
 
 
 def write_report(run: Run, path: str | os.PathLike, findings: Iterable[Finding] | None = None,
@@ -37,6 +45,7 @@ def write_report(run: Run, path: str | os.PathLike, findings: Iterable[Finding] 
     ``findings``: those of ``diagnose(run)`` (computed here at the default thresholds when not
     given). The report stage (matplotlib, seaborn) is imported on this first call only.
     """
+    from gradprobe.diagnose import diagnose
     from gradprobe.report import write_pdf
 
     return write_pdf(run, diagnose(run) if findings is None else list(findings), path,

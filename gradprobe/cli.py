@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 
 
 class BadInput(click.ClickException):

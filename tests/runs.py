@@ -13,6 +13,7 @@ import functools
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +49,27 @@ def _finish(probe: Probe, name: str) -> Run:
 def _setup(seed: int):
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def numpy_rankme(z: np.ndarray) -> float:
+    """Centred RankMe (Garrido et al. 2023) with numpy alone: the truth a test checks the
+    probe's collapse findings against, computed without gradprobe."""
+    s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def log_rank_truth(probe: Probe, module: nn.Module, batch: torch.Tensor) -> None:
+    """Log the numpy centred RankMe of ``module``'s output on a fixed batch (in eval mode), and
+    that of a standard Gaussian sample of the same shape (the isotropic reference), as
+    ``rankme_numpy`` and ``rankme_numpy_isotropic``."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        z = module(batch).double().numpy()
+    module.train(was_training)
+    gaussian = np.random.default_rng(0).standard_normal(z.shape)
+    probe.log(rankme_numpy=numpy_rankme(z), rankme_numpy_isotropic=numpy_rankme(gaussian))
 
 
 # -------------------------------------------------------------- gradient-swamping (100x)
@@ -528,23 +550,28 @@ def vae(beta: float, steps: int = 300, seed: int = 0) -> Run:
 # ------------------------------------------------ collapse without negatives (SimSiam)
 
 @_cached
-def simsiam(stop_gradient: bool, steps: int = 150, seed: int = 0) -> Run:
+def simsiam(stop_gradient: bool, steps: int = 150, seed: int = 0, span: int = 8,
+            out: int = 32) -> Run:
     """SimSiam (Chen & He 2021; facebookresearch/simsiam builder.py) on two noisy views of
-    32-dim data: encoder with a BN projector, a bottleneck predictor, loss
-    -(cos(p1, z2) + cos(p2, z1)) / 2. Without the stop-gradient on z the outputs collapse
-    to one vector (the paper's Fig. 2)."""
+    32-dim data spanning ``span`` directions: encoder with a BN projector to ``out``
+    dimensions, a bottleneck predictor, loss -(cos(p1, z2) + cos(p2, z1)) / 2. Without the
+    stop-gradient on z the outputs collapse to a few directions (the paper's Fig. 2). The
+    numpy RankMe of the outputs on a fixed batch is logged before and after training
+    (:func:`log_rank_truth`)."""
     gen = _setup(seed)
     n = 1024
-    x = torch.randn(n, 8, generator=gen) @ torch.randn(8, 32, generator=gen)
+    x = torch.randn(n, span, generator=gen) @ torch.randn(span, 32, generator=gen)
     # The projector's output layer ends in a BatchNorm without affine parameters, as in the
     # reference builder, so the outputs cannot shrink to a point: collapse is dimensional.
     encoder = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(),
-                            nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32, affine=False))
-    predictor = nn.Sequential(nn.Linear(32, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 32))
+                            nn.Linear(64, out, bias=False), nn.BatchNorm1d(out, affine=False))
+    predictor = nn.Sequential(nn.Linear(out, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, out))
     model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor))
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-4)
     probe = Probe(model, every=5)
     probe.watch_latent("z", encoder)
+    held = x[:128]
+    log_rank_truth(probe, encoder, held)
     for step in range(steps):
         idx = torch.randint(0, n, (128,), generator=gen)
         views = [x[idx] + 0.5 * torch.randn(128, 32, generator=gen) for _ in range(2)]
@@ -555,28 +582,33 @@ def simsiam(stop_gradient: bool, steps: int = 150, seed: int = 0) -> Run:
         probe.backward({"simsiam": loss})
         opt.step()
         opt.zero_grad()
-    return _finish(probe, f"simsiam_stop_gradient={stop_gradient}")
+    log_rank_truth(probe, encoder, held)
+    return _finish(probe, f"simsiam_stop_gradient={stop_gradient}_span={span}_out={out}")
 
 
 # ----------------------------------------- a supervised latent (neural collapse geometry)
 
 @_cached
 def classifier(observe_labels: bool, steps: int = 300, seed: int = 0) -> Run:
-    """A 10-class classifier whose 128-dim penultimate features are watched, trained with
+    """A 10-class classifier whose 256-dim penultimate features are watched, trained with
     SGD and weight decay (the setting of Papyan et al. 2020) to a small loss: its features
     approach neural collapse, class means spanning classes - 1 = 9 directions and the
     within-class spread shrinking, so their rank falls far below the isotropic one. With
-    ``observe_labels`` the watch sees the labels (``labels="y"``); otherwise it does not."""
+    ``observe_labels`` the watch sees the labels (``labels="y"``); otherwise it does not. The
+    numpy RankMe of the features on a fixed batch is logged before and after training
+    (:func:`log_rank_truth`)."""
     gen = _setup(seed)
-    n, classes = 2048, 10
+    n, classes, width = 2048, 10, 256
     y = torch.randint(0, classes, (n,), generator=gen)
     x = 1.5 * torch.randn(classes, 20, generator=gen)[y] + torch.randn(n, 20, generator=gen)
-    body = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
-    head = nn.Linear(128, classes)
+    body = nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+    head = nn.Linear(width, classes)
     model = nn.ModuleList([body, head])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     probe = Probe(model, every=10)
     probe.watch_latent("features", body, labels="y" if observe_labels else None)
+    held = x[:256]
+    log_rank_truth(probe, body, held)
     for step in range(steps):
         idx = torch.randint(0, n, (256,), generator=gen)
         if observe_labels:
@@ -584,6 +616,7 @@ def classifier(observe_labels: bool, steps: int = 300, seed: int = 0) -> Run:
         probe.backward({"ce": F.cross_entropy(head(body(x[idx])), y[idx])})
         opt.step()
         opt.zero_grad()
+    log_rank_truth(probe, body, held)
     return _finish(probe, f"classifier_labels={observe_labels}")
 
 

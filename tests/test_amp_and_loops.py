@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradprobe
-from gradprobe import ProbeUsageError
+from gradprobe import GradprobeWarning, ProbeUsageError
 
 from models import WEIGHTS, TwoLatentNet, four_losses, make_data
 
@@ -27,7 +27,8 @@ def params_of(model):
 
 def train_with_scaler(steps, probe_factory=None, spikes=None):
     """SGD with a CPU GradScaler. ``spikes``: {step: module} whose bias gets a gradient that
-    overflows once scaled (1e38 times the scale), so the scaler skips that step."""
+    overflows once scaled (1e38 times the scale), so the scaler skips that step. The head's
+    spike never reaches the shared trunk: a probe says so once."""
     torch.manual_seed(0)
     model = TwoLatentNet()
     x, y, g = make_data()
@@ -58,8 +59,9 @@ def train_with_scaler(steps, probe_factory=None, spikes=None):
 def test_grad_scaler_norms_are_unscaled_and_updates_unchanged(tmp_path):
     log = tmp_path / "amp.gprobe"
     plain, _, _ = train_with_scaler(5)
-    probed, expected, _ = train_with_scaler(
-        5, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, run_file=log))
+    with pytest.warns(GradprobeWarning, match="'spike_head' reaches none of the shared"):
+        probed, expected, _ = train_with_scaler(
+            5, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, run_file=log))
     for a, b in zip(params_of(plain), params_of(probed)):
         assert torch.equal(a, b)
     run = gradprobe.load_run(log)
@@ -74,9 +76,10 @@ def test_steps_the_scaler_skips_are_recorded_as_skipped_not_non_finite(tmp_path)
     log = tmp_path / "skip.gprobe"
     # Step 2 overflows on the shared trunk (seen in the per-loss gradients themselves); step 4
     # only on the head, outside the shared set (seen when the scaler lowers its scale).
-    _, _, moved = train_with_scaler(
-        6, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, run_file=log),
-        spikes={2: "spike_trunk", 4: "spike_head"})
+    with pytest.warns(GradprobeWarning, match="'spike_head' reaches none of the shared"):
+        _, _, moved = train_with_scaler(
+            6, lambda m: gradprobe.Probe(m, shared=m.trunk, every=1, run_file=log),
+            spikes={2: "spike_trunk", 4: "spike_head"})
     skipped_by_scaler = [s for s, m in enumerate(moved) if not m]
     assert skipped_by_scaler == [2, 4]
     run = gradprobe.load_run(log)

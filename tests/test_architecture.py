@@ -16,14 +16,14 @@ import gradprobe
 
 PACKAGE = Path(gradprobe.__file__).parent
 
-# Import order: a module may import its own stage and the stages before it. The record comes
-# before the probe because the probe writes through the record's writer (the data still flows
-# probe -> run file -> diagnose). The root package is the top-level API, above everything.
-STAGES = ("metrics", "record", "probe", "diagnose", "report", "top", "api")
+# Import order: a module may import its own stage and the stages before it. The base is the
+# root's leaf modules that import nothing of gradprobe (the version, the warning category), so
+# every stage reads them without running another. The record comes before the probe because
+# the probe writes through the record's writer (the data still flows probe -> run file ->
+# diagnose). The root package is the top-level API, above everything.
+STAGES = ("base", "metrics", "record", "probe", "diagnose", "report", "top", "api")
+BASE = {"_lazy", "_version", "_warnings"}
 TOP = {"cli", "demo", "remedies", "integrations", "opcount"}
-# The root package defines its version before importing any stage, so every stage may read it;
-# the top (cli, demo, ...) uses the root's API like any user.
-ROOT_NAMES_BELOW = {"__version__"}
 # Later stages a module may import inside a function (never at module level), each for a
 # documented reason: probe.findings() and on_finding diagnose the run in the training process
 # (docs/live.md), and the probe is imported by every training job, so the import is lazy.
@@ -41,7 +41,7 @@ def stage_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "api"
-    return "top" if parts[1] in TOP else parts[1]
+    return "base" if parts[1] in BASE else "top" if parts[1] in TOP else parts[1]
 
 
 def imports_of(path: Path, module: str, known: set[str]) -> list[tuple[str, set[str], int]]:
@@ -91,8 +91,7 @@ def check_package(root: Path) -> list[str]:
                 target = target.rsplit(".", 1)[0]
             # A module's enclosing packages are initialised (or initialising) before it runs.
             if module == target or module.startswith(target + "."):
-                if target.count(".") == 0 and stage_of(module) not in ("top", "api") and \
-                        names and not names <= ROOT_NAMES_BELOW:
+                if target.count(".") == 0 and stage_of(module) not in ("top", "api") and names:
                     problems.append(f"{module}:{line} imports {sorted(names)} from the top-level "
                                     f"API {target}")
                 continue
@@ -140,9 +139,11 @@ def test_the_layering_check_finds_a_later_stage_and_a_circle(tmp_path):
     """The checker itself, on a small package that breaks both rules (and one that does not)."""
     pkg = tmp_path / "pkg"
     files = {
-        "__init__.py": "__version__ = '1'\nfrom pkg import probe\n",
-        "metrics/__init__.py": "",
-        "record/__init__.py": "from pkg import __version__\n",
+        "__init__.py": "from pkg._version import __version__\nfrom pkg import probe\n",
+        "_version.py": "__version__ = '1'\n",
+        "_warnings.py": "from pkg.record import Run\n",
+        "metrics/__init__.py": "from pkg import __version__\n",
+        "record/__init__.py": "from pkg._version import __version__\n",
         "probe/__init__.py": "from .hooks import attach\n",
         "probe/hooks.py": "from pkg.record import Run\n\ndef attach():\n"
                           "    from pkg.diagnose import rules\n",
@@ -155,6 +156,8 @@ def test_the_layering_check_finds_a_later_stage_and_a_circle(tmp_path):
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
     assert check_package(pkg) == [
+        "pkg._warnings:1 (base) imports pkg.record (record), a later stage",
+        "pkg.metrics:1 imports ['__version__'] from the top-level API pkg",
         "pkg.probe.hooks:4 (probe) imports pkg.diagnose.rules (diagnose), a later stage",
         "pkg.report:1 imports ['Probe'] from the top-level API pkg",
         "import circle: pkg.diagnose.rules -> pkg.diagnose.findings -> pkg.diagnose.rules",

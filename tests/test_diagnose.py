@@ -418,30 +418,28 @@ def _rank_run(tmp_path, peak, end, isotropic, classes=None):
     return _synthetic(tmp_path, rows)
 
 
-# The rule's logic at a fraction of 0.25 of the isotropic rank (the default is calibrated on
-# the validation corpus, docs/validity.md, and may move; these cases are about the logic).
-QUARTER = Thresholds(collapse_rank_fraction=0.25)
-
-
 @pytest.mark.parametrize("peak,end,isotropic,fires", [
-    (8.0, 3.0, 40.0, True),    # 3 <= min(0.5 x 8, 0.25 x 40) = 4
+    (8.0, 3.0, 40.0, True),    # 3 <= min(0.5 x 8, 0.15 x 40) = 4
     (8.0, 4.5, 40.0, False),   # above half its peak
-    (40.0, 12.0, 40.0, False),  # below half its peak, above a quarter of the isotropic rank
-    (40.0, 9.0, 40.0, True),   # below both
+    (40.0, 7.0, 40.0, False),  # below half its peak, above 0.15 of the isotropic rank (6)
+    (40.0, 5.0, 40.0, True),   # below both
 ])
 def test_collapse_needs_both_the_peak_and_the_isotropic_fraction(tmp_path, peak, end, isotropic,
                                                                  fires):
-    found = [f for f in _diagnose(_rank_run(tmp_path, peak, end, isotropic), thresholds=QUARTER)
+    th = Thresholds()
+    assert (th.collapse_peak_fraction, th.collapse_rank_fraction) == (0.5, 0.15)
+    found = [f for f in _diagnose(_rank_run(tmp_path, peak, end, isotropic))
              if f.id == "representation-collapse"]
     assert bool(found) == fires
     if found:
-        assert found[0].evidence["rank_limit"] == min(0.5 * peak, 0.25 * isotropic)
+        assert found[0].evidence["rank_limit"] == min(0.5 * peak, 0.15 * isotropic)
 
 
 def test_a_rank_near_classes_minus_one_is_not_collapse(tmp_path):
-    assert "representation-collapse" in _ids(_rank_run(tmp_path, 40.0, 9.0, 40.0), thresholds=QUARTER)
-    assert "representation-collapse" not in _ids(_rank_run(tmp_path, 40.0, 9.0, 40.0, classes=10),
-                                                 thresholds=QUARTER)
+    # 5 <= 0.15 x 40 = 6: collapse, unless the latent has 10 classes (limit 0.5 x 9 = 4.5).
+    assert Thresholds().collapse_class_fraction == 0.5
+    assert "representation-collapse" in _ids(_rank_run(tmp_path, 40.0, 5.0, 40.0))
+    assert "representation-collapse" not in _ids(_rank_run(tmp_path, 40.0, 5.0, 40.0, classes=10))
     assert "representation-collapse" in _ids(_rank_run(tmp_path, 40.0, 2.0, 40.0, classes=10))
 
 

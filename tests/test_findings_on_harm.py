@@ -137,31 +137,66 @@ def test_posterior_collapse_is_found_by_active_units_and_names_kl_remedies():
     assert _window_median(healthy.series("active_units", "mu")[1], False) >= 4
 
 
+def _rank_truth(run):
+    """(numpy RankMe before training, after, of an isotropic sample of the same shape)."""
+    _, ranks = run.series("logged", "rankme_numpy")
+    _, iso = run.series("logged", "rankme_numpy_isotropic")
+    return float(ranks[0]), float(ranks[-1]), float(iso[-1])
+
+
 def test_neural_collapse_is_not_reported_when_the_labels_are_observed():
     without, with_labels = runs.classifier(False), runs.classifier(True)
     _, classes = with_labels.series("latent_classes", "features")
     assert set(classes) == {10.0}
-    # The features end at 0.18 of the isotropic rank; the labels must be what tells neural
-    # collapse apart at a fraction where the rank alone reads as collapse (a quarter; the
-    # corpus-calibrated default, docs/validity.md, already lets 0.18 pass).
-    quarter = Thresholds(collapse_rank_fraction=0.25)
-    end = _window_median(with_labels.series("rankme_centred", "features")[1], False)
-    assert 9 <= end < 0.25 * with_labels.series("effective_rank_isotropic", "features")[1][0]
-    collapsed = [f.subject for f in diagnose(without, quarter) if f.id == "representation-collapse"]
-    assert collapsed == ["features"]
-    assert [f for f in diagnose(with_labels, quarter) if f.id == "representation-collapse"] == []
+    th = Thresholds()
+    # Measured with numpy on a fixed batch: the features fall from rank ~127 to ~22, below
+    # collapse_rank_fraction (0.15) of the isotropic rank (~205), and stay above the
+    # classes - 1 = 9 directions their class means span (neural collapse). So the rank alone
+    # reads as collapse at the defaults, and only the labels tell it apart.
+    for run in (without, with_labels):
+        start, end, iso = _rank_truth(run)
+        assert 9 <= end <= 0.8 * th.collapse_rank_fraction * iso and end < 0.5 * start
+    collapsed = [f for f in diagnose(without) if f.id == "representation-collapse"]
+    assert [f.subject for f in collapsed] == ["features"]
+    assert collapsed[0].evidence["rank_condition"]
+    assert [f for f in diagnose(with_labels) if f.id == "representation-collapse"] == []
+
+
+# SimSiam without its stop-gradient on data spanning 4 of 32 dimensions, with a 64-dim output:
+# a dimensional collapse clear at the defaults.
+CLEAR = {"span": 4, "out": 64}
 
 
 def test_simsiam_collapse_points_to_the_stop_gradient_not_to_negatives():
-    # This run's data span 8 of 32 dimensions, and its dimensional collapse ends at 0.18 of
-    # the isotropic rank: above the default fraction calibrated on the validation corpus
-    # (docs/validity.md: a healthy Barlow Twins ends at 0.19-0.21 there), so the remedy is
-    # checked at a quarter.
-    quarter = Thresholds(collapse_rank_fraction=0.25)
-    (f,) = [f for f in diagnose(runs.simsiam(False), quarter) if f.id == "representation-collapse"]
+    th = Thresholds()
+    start, end, iso = _rank_truth(runs.simsiam(False, **CLEAR))
+    _, healthy_end, _ = _rank_truth(runs.simsiam(True, **CLEAR))
+    # numpy: rank ~18 -> ~5 (the stop-gradient run keeps ~14), isotropic ~59.
+    assert end <= 0.8 * th.collapse_rank_fraction * iso and end < 0.5 * healthy_end
+    assert end < 0.5 * start
+    (f,) = [f for f in diagnose(runs.simsiam(False, **CLEAR))
+            if f.id == "representation-collapse"]
+    assert f.evidence["rank_condition"]
     assert "stop-gradient" in f.remedy and "negatives (other groups" not in f.remedy
-    assert [f for f in diagnose(runs.simsiam(True), quarter)
+    assert [f for f in diagnose(runs.simsiam(True, **CLEAR))
             if f.id == "representation-collapse"] == []
+
+
+def test_a_32_dim_simsiam_collapse_is_real():
+    start, end, iso = _rank_truth(runs.simsiam(False))
+    _, healthy_end, _ = _rank_truth(runs.simsiam(True))
+    # numpy: rank 21.0 -> 5.4, 0.41 of the stop-gradient run's 13.0; isotropic 30.9.
+    assert end < 0.5 * healthy_end and end < 0.5 * start
+    assert end > Thresholds().collapse_rank_fraction * iso  # the reason the default misses it
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the default misses a real dimensional collapse: without the stop-gradient the 32-dim "
+    "SimSiam's recorded centred RankMe falls from 22.8 to 5.66 (numpy 21.0 -> 5.4; the "
+    "stop-gradient run ends at 13.0), but that is 0.183 of the isotropic rank 30.9, above "
+    "collapse_rank_fraction 0.15"))
+def test_the_default_finds_the_32_dim_simsiam_collapse():
+    assert "representation-collapse" in {f.id for f in diagnose(runs.simsiam(False))}
 
 
 def test_a_contrastive_collapse_points_to_negatives():

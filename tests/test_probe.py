@@ -253,7 +253,7 @@ def test_non_finite_inert_and_unshared_losses_are_recorded(tmp_path):
             if step == 2:
                 losses["cont"] = losses["cont"] * float("nan")
             probe.backward(losses)
-    probe.close()
+        probe.close()  # tells what the writer found at step 2: 'cont' is non-finite
     run = gradprobe.load_run(tmp_path / "r.gprobe")
     assert {e["name"] for e in run.events("inert_loss")} == {"detached"}
     assert {e["name"] for e in run.events("no_shared_path")} == {"head_only"}
@@ -263,6 +263,7 @@ def test_non_finite_inert_and_unshared_losses_are_recorded(tmp_path):
     np.testing.assert_array_equal(run.series("grad_norm", "detached")[1], [0.0, 0.0, 0.0])
     # One warning per (kind, loss), not one per step.
     assert sum("'detached'" in str(w.message) for w in caught) == 1
+    assert sum("'cont'" in str(w.message) for w in caught) == 1
 
 
 def test_shared_inferred_from_the_graph_is_the_nearest_shared_layer(tmp_path):
@@ -320,7 +321,8 @@ def test_changing_weights_are_recorded_as_used(tmp_path):
         w = torch.tensor(0.1 * (step + 1))
         used[step] = float(w)
         total = probe.backward(losses, weights={"cont": w})
-        expected = sum((float(w) if k == "cont" else 1.0) * float(v) for k, v in losses.items())
+        expected = sum((float(w) if k == "cont" else 1.0) * float(v.detach())
+                       for k, v in losses.items())
         assert float(total) == pytest.approx(expected, rel=1e-6)
         opt.step()
         opt.zero_grad()

@@ -37,8 +37,8 @@ def test_report_modules_stay_small_and_share_only_public_names():
 
 
 def test_training_and_diagnosing_never_import_matplotlib(tmp_path):
-    """A probed training loop, the diagnosis and the CLI module load no plotting library;
-    the report stage does (so the check can fail)."""
+    """A probed training loop, the diagnosis, the CLI module and the report's terminal view
+    load no plotting library; the report's PDF does (so the check can fail)."""
     script = textwrap.dedent(f"""
         import sys
         import torch
@@ -55,8 +55,9 @@ def test_training_and_diagnosing_never_import_matplotlib(tmp_path):
             opt.step(); opt.zero_grad()
         probe.close()
         findings = diagnose(gradprobe.load_run({str(tmp_path / 'r.gprobe')!r}))
+        from gradprobe.report import summary_lines
         print(sorted(m for m in ("matplotlib", "seaborn") if m in sys.modules))
-        import gradprobe.report
+        from gradprobe.report import write_pdf
         print(sorted(m for m in ("matplotlib", "seaborn") if m in sys.modules))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

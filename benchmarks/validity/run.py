@@ -7,6 +7,8 @@ Usage:
     python benchmarks/validity/run.py            # the whole corpus; writes docs/validity.md
     python benchmarks/validity/run.py --quick    # held-out runs of a representative subset
     python benchmarks/validity/run.py --reuse    # re-diagnose the run files of a previous run
+    python benchmarks/validity/run.py --heldout  # only the families held out by source, apart
+                                                 # (issue 21: run once, at the end of the rule work)
 """
 
 from __future__ import annotations
@@ -26,17 +28,22 @@ if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.validity`` i
 from benchmarks.validity.calibrate import Calibrator  # noqa: E402
 from benchmarks.validity.harness import (Family, RunRecord, Runs, default_workers,  # noqa: E402
                                          train_runs)
-from benchmarks.validity.report import acceptance, finding_lines, markdown, scores, score_text  # noqa: E402
+from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
+from benchmarks.validity.report import (acceptance, finding_lines, heldout_markdown,  # noqa: E402
+                                        markdown, scores, score_text)
 
-MODULES = ("mtl", "gradnorm_toy", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
+MODULES = ("mtl", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
            "sigmoid_mse", "center_loss", "dsn", "decoupler", "two_task_conflict", "vqvae",
            "uncertainty_weights", "helmholtz_pinn")
 
 
-def load_families(names: list[str] | None = None) -> dict[str, tuple[str, Family]]:
+def load_families(names: list[str] | None = None, heldout: bool = False) -> dict[str, tuple[str, Family]]:
+    """The corpus's families, or with ``heldout`` only those held out by source."""
     out = {}
-    for module in MODULES:
-        qualified = f"benchmarks.validity.{module}"
+    package, modules = ("benchmarks.validity.heldout", HELDOUT_MODULES) if heldout else \
+        ("benchmarks.validity", MODULES)
+    for module in modules:
+        qualified = f"{package}.{module}"
         family = importlib.import_module(qualified).FAMILY
         if names is None or family.name in names:
             out[family.name] = (qualified, family)
@@ -77,13 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="held-out runs of a representative subset")
     parser.add_argument("--families", nargs="*", help="only these families (by name)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="only the families held out by source (every variant and seed), "
+                             "reported apart, never calibrated; writes a page only with --doc "
+                             "(docs/validity-heldout.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "validity" / "runs",
-                        help="where run files are written")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where run files are written (default: benchmarks/validity/runs, "
+                             "runs-heldout with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
-                        help="page to write (default: docs/validity.md for a full run, none for --quick)")
+                        help="page to write (default: docs/validity.md for a full run, none for "
+                             "--quick or --heldout)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "validity" / ("runs-heldout" if args.heldout else "runs")
+    if args.heldout:
+        return heldout_main(args)
 
     started = time.perf_counter()
     families = load_families(args.families)
@@ -137,6 +154,40 @@ def main(argv: list[str] | None = None) -> int:
         doc.write_text(markdown(records, by_name, key_results, after, training, command))
         print(f"\nwrote {doc}")
     print(f"done in {elapsed / 60:.1f} min")
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def heldout_main(args: argparse.Namespace) -> int:
+    """The held-out families alone: trained, diagnosed at the defaults, scored over every run
+    (all their seeds), with no calibration; their table is printed apart from the corpus's."""
+    started = time.perf_counter()
+    families = load_families(args.families, heldout=True)
+    by_name = {name: fam for name, (_, fam) in families.items()}
+    jobs = jobs_for(families, args.quick)
+    print(f"held-out families: {len(jobs)} runs of {len(families)} families, {args.workers} workers",
+          flush=True)
+    records, training = collect(jobs, args.out, args.workers, args.reuse)
+    runs = Runs(records)
+    runs.attach()
+    runs.close()
+    print("\n== held-out families: findings per run (default thresholds)")
+    for r in records:
+        print(f"-- {r.label} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in r.outcome.items()))
+        for line in finding_lines(r, by_name[r.family]):
+            print("   " + line)
+    print("\n== held-out families: precision / recall per finding id, every run, default thresholds")
+    print("\n".join(score_text(scores(records, by_name, None))))
+    checks = acceptance(records, by_name, None)
+    print(f"\n== held-out families: acceptance, {sum(c.passed for c in checks)} of {len(checks)} checks hold")
+    for c in checks:
+        print(f"   {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    if args.doc is not None:
+        command = "python benchmarks/validity/run.py --heldout" + (" --quick" if args.quick else "") + \
+            (" --reuse" if args.reuse else "")
+        args.doc.write_text(heldout_markdown(records, by_name, training, command))
+        print(f"\nwrote {args.doc}")
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     return 0 if all(c.passed for c in checks) else 1
 
 

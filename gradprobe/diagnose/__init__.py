@@ -18,6 +18,7 @@ import types
 import warnings
 from typing import Callable
 
+from gradprobe._warnings import GradprobeWarning
 from gradprobe.record import Run
 
 from ._series import is_fixed_weight
@@ -30,7 +31,7 @@ __all__ = ["ConfigError", "DiagnoseWarning", "FINDING_IDS", "FIXED_WEIGHT_TOLERA
            "diagnose", "is_fixed_weight", "load_thresholds"]
 
 
-class DiagnoseWarning(UserWarning):
+class DiagnoseWarning(GradprobeWarning):
     """A rule could not judge the run (unexpected data); the other rules still ran."""
 
 

@@ -8,75 +8,29 @@ references, null levels and the edge-case policy.
 The ``*_summary`` functions (and ``latent_spectrum``, ``latent_statistics``) are the probe's
 path: dicts of tensors on the input's device, computed without reading a value on the host;
 a non-finite input is a ``finite`` flag there, not an exception.
+
+The names are imported on first use (PEP 562), so the report reads the torch-free
+:data:`SATURATION_THRESHOLD` and the histogram's bin edges (:mod:`.saturation_grid`) without
+importing torch.
 """
 
-from .batch import batch_summary, group_diversity
-from .contrastive import contrastive_signal
-from .dependence import linear_cka, max_abs_correlation, max_abs_correlation_null
-from .gradients import gram_from_gradients, gram_statistics, gram_summary
-from .latents import latent_pair_summary, latent_spectrum, latent_statistics, latent_summary
-from .prototypes import prototype_drift, prototype_lag, prototype_spread, prototype_usage
-from .representation import (
-    active_units,
-    alignment,
-    effective_rank,
-    effective_rank_centred,
-    isotropic_effective_rank,
-    isotropic_participation_ratio,
-    latent_norm,
-    normalized_std,
-    participation_ratio,
-    singular_spectrum,
-    total_variance,
-    uniformity,
-)
-from .saturation import (
-    SATURATION_THRESHOLD,
-    energy_scale_ratio,
-    mean_sigmoid_grad,
-    saturated_fraction,
-    saturated_wrong_fraction,
-    saturation_histogram,
-    saturation_histogram_edges,
-    saturation_summary,
-)
+from __future__ import annotations
 
-__all__ = [
-    "SATURATION_THRESHOLD",
-    "active_units",
-    "alignment",
-    "batch_summary",
-    "contrastive_signal",
-    "effective_rank",
-    "effective_rank_centred",
-    "energy_scale_ratio",
-    "gram_from_gradients",
-    "gram_statistics",
-    "gram_summary",
-    "group_diversity",
-    "isotropic_effective_rank",
-    "isotropic_participation_ratio",
-    "latent_norm",
-    "latent_pair_summary",
-    "latent_spectrum",
-    "latent_statistics",
-    "latent_summary",
-    "linear_cka",
-    "max_abs_correlation",
-    "max_abs_correlation_null",
-    "mean_sigmoid_grad",
-    "normalized_std",
-    "participation_ratio",
-    "prototype_drift",
-    "prototype_lag",
-    "prototype_spread",
-    "prototype_usage",
-    "saturated_fraction",
-    "saturated_wrong_fraction",
-    "saturation_histogram",
-    "saturation_histogram_edges",
-    "saturation_summary",
-    "singular_spectrum",
-    "total_variance",
-    "uniformity",
-]
+from gradprobe._lazy import lazy_names
+
+__all__, __getattr__, __dir__ = lazy_names(__name__, {
+    ".batch": ("batch_summary", "group_diversity"),
+    ".contrastive": ("contrastive_signal",),
+    ".dependence": ("linear_cka", "max_abs_correlation", "max_abs_correlation_null"),
+    ".gradients": ("gram_from_gradients", "gram_statistics", "gram_summary"),
+    ".latents": ("latent_pair_summary", "latent_spectrum", "latent_statistics", "latent_summary"),
+    ".prototypes": ("prototype_drift", "prototype_lag", "prototype_spread", "prototype_usage"),
+    ".representation": ("active_units", "alignment", "effective_rank", "effective_rank_centred",
+                        "isotropic_effective_rank", "isotropic_participation_ratio",
+                        "latent_norm", "normalized_std", "participation_ratio",
+                        "singular_spectrum", "total_variance", "uniformity"),
+    ".saturation": ("energy_scale_ratio", "mean_sigmoid_grad", "saturated_fraction",
+                    "saturated_wrong_fraction", "saturation_histogram",
+                    "saturation_histogram_edges", "saturation_summary"),
+    ".saturation_grid": ("SATURATION_THRESHOLD",),
+})

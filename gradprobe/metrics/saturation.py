@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._common import as_array, check_positive_float, check_positive_int
+from .saturation_grid import SATURATION_THRESHOLD, histogram_edges
 
 __all__ = [
     "saturated_fraction",
@@ -16,9 +17,6 @@ __all__ = [
     "saturation_histogram_edges",
     "saturation_summary",
 ]
-
-# sigmoid'(x) = s(1 - s) < 0.01  <=>  |x| > 2 acosh(1 / (2 sqrt(0.01))) = 4.5951...
-SATURATION_THRESHOLD = 4.6
 
 
 @torch.no_grad()
@@ -97,7 +95,7 @@ def saturation_histogram_edges(bins: int = 41, limit: float = 20.0) -> Tensor:
     :func:`saturation_histogram`."""
     bins = check_positive_int(bins, "bins")
     limit = check_positive_float(limit, "limit")
-    return torch.linspace(-limit, limit, bins + 1, dtype=torch.float64)
+    return torch.from_numpy(histogram_edges(bins, limit))
 
 
 @torch.no_grad()

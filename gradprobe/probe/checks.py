@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from gradprobe._warnings import GradprobeDeprecationWarning
 from gradprobe.record import ROLES
 
 from .notices import warn_user
@@ -49,7 +50,7 @@ def is_compiled(model: torch.nn.Module) -> bool:
 
 
 def run_file_argument(run_file: Any, log: Any) -> Any:
-    """The run file's path: ``run_file``, or ``log``, its former name, with a FutureWarning
+    """The run file's path: ``run_file``, or ``log``, its former name, with a deprecation warning
     (renamed because it read like the ``log()`` method, which records scalars)."""
     if log is None:
         return run_file
@@ -57,7 +58,7 @@ def run_file_argument(run_file: Any, log: Any) -> Any:
         raise ProbeUsageError("Probe got both run_file= and log= (its former name): pass "
                               "run_file= only")
     warn_user("gradprobe: Probe(log=...) is renamed Probe(run_file=...); log= still works in "
-              "this version and will be removed", FutureWarning)
+              "this version and will be removed", GradprobeDeprecationWarning)
     return log
 
 

@@ -22,10 +22,11 @@ cheaper of two exact ways is taken, by counting multiply-adds from the shapes: t
 above (cheap when N is small next to the layer's width), or forming the K per-loss parameter
 gradients ``D_k^T X`` in one batched matmul and their Gram matrix (cheap when N is large, as
 for convolutions over long inputs). Either way the result is exact: the products run in the
-layers' own precision, as the backward's do, and the K x K Gram matrix is summed in float64.
+layers' own precision, as the backward's do, and the K x K Gram matrix is summed in float64
+(on the N x N route, each row's short sum over the output channels in the layers' precision).
 
 Standalone here (:class:`LayerGram`); the probe uses the same per-layer functions on the
-shared Linear layers of a probe step (``layer_inputs.py``, docs/probe.md).
+shared Linear and Conv layers of a probe step (``layer_inputs.py``, docs/probe.md).
 """
 
 from __future__ import annotations
@@ -192,11 +193,15 @@ def _joined(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def input_route_pays(layer: nn.Module, n: int, k: int) -> bool:
+def input_route_pays(layer: nn.Module, n: int, k: int, assembling: bool = False) -> bool:
     """Whether the N x N route takes fewer multiply-adds than the K per-loss parameter
-    gradients and their Gram matrix, for N input rows and K losses."""
+    gradients and their Gram matrix, for N input rows and K losses. ``assembling``: ``.grad``
+    is filled from the per-loss gradients, which the route then pays with one weight gradient
+    of the weighted output gradients (the K per-loss ones only add up)."""
     out, fan_in = layer.weight.shape[0], math.prod(layer.weight.shape[1:])
     via_inputs = n * n * fan_in + k * n * n * out + k * k * n * out
+    if assembling:
+        via_inputs += n * out * fan_in
     via_gradients = k * n * out * fan_in + k * k * out * (fan_in + (layer.bias is not None))
     return via_inputs < via_gradients
 
@@ -210,12 +215,19 @@ def layer_gram(layer: nn.Module, x: Tensor, d: Tensor, via_inputs: bool) -> Tens
         s = x @ x.T
         if bias:
             s = s + 1.0
-        return _float64_products(d.reshape(k, -1), (s @ d).reshape(k, -1))
+        return _row_products(d, s @ d)
     weight = d.transpose(1, 2) @ x  # [K, out, fan_in]: the per-loss weight gradients
     flat = weight.reshape(k, -1)
     if bias:
         flat = torch.cat([flat, d.sum(dim=1)], dim=1)
     return _float64_products(flat, flat)
+
+
+def _row_products(a: Tensor, b: Tensor) -> Tensor:
+    """a, b: [K, N, out] -> ``sum_{n,c} a[i, n, c] b[j, n, c]``: each row's products summed in
+    the layer's precision (sums as long as a backward's own, over the out channels), the N rows
+    in float64 (no float64 copy of a or b, which cost more than the products here)."""
+    return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).sum(0, dtype=torch.float64)
 
 
 def _float64_products(a: Tensor, b: Tensor) -> Tensor:

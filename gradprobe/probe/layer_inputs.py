@@ -22,8 +22,13 @@ autograd way, as before, for that step:
   N x N route takes fewer multiply-adds than K per-loss weight gradients: a Linear layer on
   a batch of a few hundred rows, rarely a convolution over long inputs.
 
-Single process, separate path only: under DDP and on the assembled path the probe keeps its
-Jacobian rows (they are all-reduced, or fill ``.grad``).
+On the assembled path the routed layer's ``.grad`` comes from the same rows: the weight
+gradient of the weighted output gradient, ``(sum_k w_k D_k)^T X`` (and its column sums for the
+bias), one product where the autograd way forms K; the cost model counts it.
+
+Single process only: under DDP each rank sees its own rows X^r, and the sum of the ranks'
+``<D_i^r, S^r D_j^r>`` misses the cross-rank terms of the global gradients' Gram matrix, so
+there the probe keeps its Jacobian rows (they are all-reduced).
 """
 
 from __future__ import annotations
@@ -59,10 +64,23 @@ class Call:
 @dataclass
 class RoutedLayer:
     """A layer whose Gram matrix comes from its inputs: its calls, in the order their outputs
-    are appended to the ``autograd.grad`` inputs."""
+    are appended to the ``autograd.grad`` inputs, and once the per-loss gradients are taken,
+    its rows (:func:`~.layer_gram.call_rows`): x [N, fan_in], d [K, N, out]."""
 
     layer: nn.Module
     calls: list[Call]
+    x: Tensor | None = None
+    d: Tensor | None = None
+
+    def parameter_gradients(self, combined: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, gradient)`` of the layer for the output gradient rows ``combined``
+        [N, out] (the weighted sum of d over the losses): what a backward would give."""
+        with torch.no_grad():
+            weight = self.layer.weight
+            pairs = [(weight, (combined.T @ self.x).reshape(weight.shape))]
+            if self.layer.bias is not None:
+                pairs.append((self.layer.bias, combined.sum(dim=0)))
+        return pairs
 
 
 class LayerInputs:
@@ -103,9 +121,10 @@ class LayerInputs:
             self._calls.setdefault(layer, []).append(
                 Call(inputs[0], output, inputs[0]._version, output._version))
 
-    def take(self, graphs: Sequence[dict], losses: int) -> list[RoutedLayer]:
+    def take(self, graphs: Sequence[dict], losses: int, assembling: bool) -> list[RoutedLayer]:
         """The captured layers that may take the input route this step, given the losses'
-        reachable autograd nodes (``graph.reachable_nodes`` of each loss)."""
+        reachable autograd nodes (``graph.reachable_nodes`` of each loss) and whether ``.grad``
+        is assembled from the per-loss gradients."""
         calls, self._calls = self._calls, {}
         if not calls:
             return []
@@ -126,14 +145,16 @@ class LayerInputs:
                 continue
             rows = sum(c.input.numel() // c.input.shape[-1] if isinstance(layer, nn.Linear)
                        else _conv_rows(c.output) for c in used)
-            if input_route_pays(layer, rows, losses):
+            if input_route_pays(layer, rows, losses, assembling):
                 routed.append(RoutedLayer(layer, used))
         return routed
 
 
 def _all_in(layer: nn.Module, ids: frozenset[int]) -> bool:
-    params = [p for p in layer.parameters() if p.requires_grad]
-    return bool(params) and all(id(p) in ids for p in params)
+    """Every parameter of the layer trains and is shared (a frozen weight beside a trained
+    bias would put the weight's part in the route's Gram matrix and ``.grad``)."""
+    params = list(layer.parameters())
+    return bool(params) and all(p.requires_grad and id(p) in ids for p in params)
 
 
 def _conv_rows(output: Tensor) -> int:
@@ -141,23 +162,28 @@ def _conv_rows(output: Tensor) -> int:
     return output.numel() // output.shape[1]
 
 
-def routed_gram(routed: Sequence[RoutedLayer], grads: Sequence[Sequence[Tensor | None]],
-                scale: Tensor | None) -> Tensor | None:
-    """The routed layers' K x K Gram matrix (float64, unscaled), or None without one.
-
-    ``grads``: per loss, its gradients with respect to the routed calls' outputs, in order
-    (None where the loss does not reach one)."""
-    if not routed:
-        return None
-    total = None
+def fill_rows(routed: Sequence[RoutedLayer], grads: Sequence[Sequence[Tensor | None]]) -> None:
+    """Each routed layer's rows x and d, from ``grads``: per loss, its gradients with respect
+    to the routed calls' outputs, in order (None where the loss does not reach one)."""
     column = 0
     with torch.no_grad():
         for entry in routed:
             columns = range(column, column + len(entry.calls))
             column += len(entry.calls)
-            x, d = call_rows(entry.layer, [(c.input, c.output) for c in entry.calls],
-                             [[loss_grads[i] for i in columns] for loss_grads in grads])
-            gram = layer_gram(entry.layer, x, d, via_inputs=True)
+            entry.x, entry.d = call_rows(entry.layer, [(c.input, c.output) for c in entry.calls],
+                                         [[loss_grads[i] for i in columns]
+                                          for loss_grads in grads])
+
+
+def routed_gram(routed: Sequence[RoutedLayer], scale: Tensor | None) -> Tensor | None:
+    """The routed layers' K x K Gram matrix (float64, unscaled) from their rows, or None
+    without one."""
+    if not routed:
+        return None
+    total = None
+    with torch.no_grad():
+        for entry in routed:
+            gram = layer_gram(entry.layer, entry.x, entry.d, via_inputs=True)
             total = gram if total is None else total + gram
     # The output gradients carry the GradScaler's scale once per side.
     return total if scale is None else total / (scale * scale)

@@ -10,9 +10,7 @@ import sys
 import warnings
 from typing import Any, Callable, Iterable
 
-
-class GradprobeWarning(UserWarning):
-    """Something the probe noticed or could not do; training continues."""
+from gradprobe._warnings import GradprobeWarning
 
 
 class Notices:

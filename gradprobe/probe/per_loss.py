@@ -1,7 +1,7 @@
 """Per-loss gradients of a probe step: one ``torch.autograd.grad`` per loss, and what the probe
-makes of them on the device (the Jacobian rows, the shared Linear layers' Gram matrix from their
-inputs where that pays (layer_inputs.py), the latents' gradient norms, ``.grad`` assembled from
-them), with no value read on the host.
+makes of them on the device (the Jacobian rows, the shared Linear and Conv layers' Gram matrix
+from their inputs where that pays (layer_inputs.py), the latents' gradient norms, ``.grad``
+assembled from them), with no value read on the host.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .graph import has_user_hooks, infer_shared, leaves_of, reachable_nodes
-from .layer_inputs import LayerInputs, RoutedLayer, routed_gram
+from .layer_inputs import LayerInputs, RoutedLayer, fill_rows, routed_gram
 from .recording import StepNumbers
 from .transfer import one_dim
 from .watches import ProbeUsageError
@@ -74,14 +74,14 @@ def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
                        ) -> PerLossGradients:
     """One ``torch.autograd.grad`` per loss, over the shared parameters and watched latents
     (and, on the assembled path, every other leaf, so that ``.grad`` can be filled exactly).
-    On the separate path, the shared layers ``layer_inputs`` captured and may route give
-    their outputs instead of their parameters (layer_inputs.py)."""
+    The shared layers ``layer_inputs`` captured and may route give their outputs instead of
+    their parameters (layer_inputs.py)."""
     graphs = [reachable_nodes(loss) for loss in losses]
     per_loss_leaves = [leaves_of(graph) for graph in graphs]
     path = choose_path(model, per_loss_leaves, weights, assemble)
     shared_ids = {id(p) for p in shared}
-    routed = layer_inputs.take(graphs, len(losses)) \
-        if layer_inputs is not None and path == "separate" else []
+    routed = layer_inputs.take(graphs, len(losses), path == "assembled") \
+        if layer_inputs is not None else []
     routed_ids = {id(p) for entry in routed for p in entry.layer.parameters()}
     rows = [p for p in shared if id(p) not in routed_ids]
     others: dict[int, torch.Tensor] = {}
@@ -110,6 +110,9 @@ def per_loss_gradients(model: torch.nn.Module, losses: Sequence[torch.Tensor],
         # to the ordinary backward; it is freed when the loop drops its losses.
         grads.append(torch.autograd.grad(loss, inputs, grad_outputs=seed, retain_graph=True,
                                          allow_unused=True))
+    if routed:
+        routed_outputs = sum(len(entry.calls) for entry in routed)
+        fill_rows(routed, [g[len(g) - routed_outputs:] for g in grads])
     return PerLossGradients(path, list(weights), inputs, grads, len(rows), len(others),
                             list(latents), per_loss_leaves, shared_ids, scale, routed)
 
@@ -119,25 +122,30 @@ def weighted(t: torch.Tensor, weight: Any) -> torch.Tensor:
     return t if isinstance(weight, float) and weight == 1.0 else weight * t
 
 
-def weighted_total(losses: Sequence[torch.Tensor], weights: Sequence[Any]) -> torch.Tensor:
-    """``sum_k w_k L_k``, as the ordinary backward sees it: the sum starts at the first term,
-    not at 0 (the same value and gradients as Python's ``sum(w * L)``, with two ops fewer on
-    every step)."""
-    terms = [weighted(loss, w) for loss, w in zip(losses, weights)]
-    return sum(terms[1:], terms[0])
+def weighted_total(terms: Sequence[torch.Tensor | None], weights: Sequence[Any]
+                   ) -> torch.Tensor | None:
+    """``sum_k w_k t_k`` over the terms that are not None (None if none is): the losses as the
+    ordinary backward sees them, or per-loss gradients as it would sum them. The sum starts
+    at the first term, not at 0 (the same value and gradients as Python's ``sum(w * t)``, with
+    two ops fewer)."""
+    total = None
+    for term, weight in zip(terms, weights):
+        if term is not None:
+            term = weighted(term, weight)
+            total = term if total is None else total + term
+    return total
 
 
 def assemble(gradients: PerLossGradients) -> None:
-    """``.grad += sum_k w_k g_k``: what the ordinary backward of the weighted sum gives."""
+    """``.grad += sum_k w_k g_k``: what the ordinary backward of the weighted sum gives; a
+    routed layer's from its rows, ``(sum_k w_k D_k)^T X``."""
     n_params = gradients.n_shared + gradients.n_others
-    for j, param in enumerate(gradients.inputs[:n_params]):
-        combined = None
-        for weight, per_loss in zip(gradients.weights, gradients.grads):
-            g = per_loss[j]
-            if g is None:
-                continue
-            term = weighted(g, weight)
-            combined = term if combined is None else combined + term
+    pairs = [(param, weighted_total([per_loss[j] for per_loss in gradients.grads],
+                                    gradients.weights))
+             for j, param in enumerate(gradients.inputs[:n_params])]
+    for entry in gradients.routed:
+        pairs += entry.parameter_gradients(weighted_total(list(entry.d), gradients.weights))
+    for param, combined in pairs:
         if combined is not None:
             param.grad = combined if param.grad is None else param.grad + combined
 
@@ -248,9 +256,6 @@ def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
         groups = torch.as_tensor(groups)
         groups = groups.detach() if groups.requires_grad else groups
         observed["groups"] = groups if groups.ndim == 1 else groups.reshape(-1)
-    routed_outputs = sum(len(entry.calls) for entry in gradients.routed)
-    layer_gram = routed_gram(gradients.routed,
-                             [g[len(g) - routed_outputs:] for g in gradients.grads],
-                             gradients.scale)
+    layer_gram = routed_gram(gradients.routed, gradients.scale)
     return StepNumbers(loss_values, jacobian.fill(gradients), latent_grad_norms(gradients, device),
                        observed, observed.get("groups"), layer_gram)

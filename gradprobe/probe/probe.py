@@ -3,9 +3,9 @@
 Cadence: a non-probe step costs the weighted sum and one ordinary backward, nothing else.
 On a probe step the per-loss gradients are taken with ``torch.autograd.grad`` (exact, no
 estimates) and their Gram matrix G = J J^T on the shared parameters is recorded (a shared
-Linear layer's part of it from the layer's inputs and output gradients where that pays:
-layer_inputs.py). The parameters' ``.grad`` is filled either from those same gradients (the
-*assembled* path: no extra backward) or by the ordinary backward (the *separate* path);
+Linear or Conv layer's part of it from the layer's inputs and output gradients where that
+pays: layer_inputs.py). The parameters' ``.grad`` is filled either from those same gradients
+(the *assembled* path: no extra backward) or by the ordinary backward (the *separate* path);
 docs/probe.md says which path runs when. The collaborators: argument checks (checks.py), the
 watch methods (watch_api.py) and watches (watchset.py, watches.py), per-loss gradients
 (per_loss.py), recording a step on the writer thread (recording.py, transfer.py) and the
@@ -219,9 +219,9 @@ class Probe(WatchMethods):
             self._finish(pending)
         self._watches.captured.clear()
         self.step += 1
-        try:  # hooks on the shared layers' inputs for the next step if it probes (per_loss.py)
+        try:  # hooks on the shared layers' inputs for the next step if it probes (layer_inputs.py)
             self._layer_inputs.arm(self._shared if self.is_probe_step and self._ranks is None
-                                   and not self.assemble else None)
+                                   else None)
         except Exception as exc:
             self._fail(exc)
 

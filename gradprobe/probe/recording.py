@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from gradprobe import __version__, metrics
+from gradprobe import metrics
+from gradprobe._version import __version__
 from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, BackgroundRunWriter, RunFileError
 
 from .cadence import describe as describe_cadence

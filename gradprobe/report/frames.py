@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 
 from .style import PAGE_SIZE, SEVERITY_COLOURS
 from .text import clip, fit, plain, wrap
@@ -207,10 +207,10 @@ def _texts(artist: Any) -> Iterable[Text]:
 
 def _finish_page(fig: Figure) -> None:
     """What every page needs to draw whatever the run holds: its texts plain (the report's own
-    texts hold no ``$``; names do), axis limits whose span is a finite number, and markers a
-    line can draw (markers spaced along a line in display space, a float ``markevery``, fail
-    in matplotlib on a line with no drawable point: empty, all NaN or Inf, or all zero on a
-    log axis; such a line draws nothing either way)."""
+    texts hold no ``$`` and only characters its font has; names may not), axis limits whose
+    span is a finite number, and markers a line can draw (markers spaced along a line in
+    display space, a float ``markevery``, fail in matplotlib on a line with no drawable point:
+    empty, all NaN or Inf, or all zero on a log axis; such a line draws nothing either way)."""
     for ax in fig.axes:
         for axis, get, set_ in ((ax.xaxis, ax.get_xlim, ax.set_xlim),
                                 (ax.yaxis, ax.get_ylim, ax.set_ylim)):
@@ -218,8 +218,7 @@ def _finish_page(fig: Figure) -> None:
             if limits is not None:
                 set_(*limits)
     for text in _texts(fig):
-        if "$" in text.get_text():
-            text.set_text(plain(text.get_text()))
+        text.set_text(plain(text.get_text()))
     for ax in fig.axes:
         for line in ax.get_lines():
             if not isinstance(line.get_markevery(), float):

@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 
 
 def _finite(value: Any) -> Any:

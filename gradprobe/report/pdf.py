@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 from gradprobe.record import Run
 
 from .plots import report_figures, report_pages

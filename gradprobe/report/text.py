@@ -8,13 +8,17 @@ import re
 from typing import Any
 
 import matplotlib as mpl
-from matplotlib.font_manager import FontProperties
+from matplotlib.font_manager import FontProperties, findfont, get_font
 from matplotlib.textpath import TextToPath
 
 _TEXT_TO_PATH = TextToPath()
 
 # The renderers round text widths a little differently: measured widths keep this slack.
 _WIDTH_SLACK = 1.03
+
+# What the report draws for a character its font lacks (a control character in a name, a script
+# outside DejaVu Sans): a box and a matplotlib warning per page otherwise.
+_MISSING = "\ufffd"
 
 
 def step_label(x: float, _pos: Any = None) -> str:
@@ -40,15 +44,29 @@ def clip(text: Any, chars: int) -> str:
 
 def plain(text: str) -> str:
     """``text`` drawn as it is: a ``$`` escaped, so that matplotlib never parses a user's name
-    (a loss called ``L$_{rec}$``) as mathtext, which fails on what is not valid TeX."""
-    return re.sub(r"(?<!\\)\$", r"\\$", text)
+    (a loss called ``L$_{rec}$``) as mathtext, which fails on what is not valid TeX, and each
+    character the report's font cannot draw replaced (:func:`drawable`)."""
+    return re.sub(r"(?<!\\)\$", r"\\$", drawable(text))
+
+
+def drawable(text: str) -> str:
+    """``text`` with each character the report's font lacks (line breaks kept) as a space if it
+    is white space (a tab, a unit separator), else as U+FFFD; same length."""
+    family = tuple(mpl.rcParams["font.family"])
+    return "".join(c if c == "\n" or _font_has(c, family) else " " if c.isspace() else _MISSING
+                   for c in text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _font_has(char: str, family: tuple[str, ...]) -> bool:
+    return get_font(findfont(FontProperties(family=family))).get_char_index(ord(char)) != 0
 
 
 @functools.lru_cache(maxsize=20000)
 def width_pt(text: str, size: float, weight: str = "normal", family: str | None = None) -> float:
     """Width of ``text`` in points, as the report's font draws it."""
     fp = FontProperties(size=size, weight=weight, family=family or mpl.rcParams["font.family"])
-    return _TEXT_TO_PATH.get_text_width_height_descent(text, fp, ismath=False)[0]
+    return _TEXT_TO_PATH.get_text_width_height_descent(drawable(text), fp, ismath=False)[0]
 
 
 def fit(text: Any, width_in: float, size: float, weight: str = "normal",

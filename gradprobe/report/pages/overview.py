@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 
 from ..comparison import COMPARE_TITLES, Comparison, ordered_union
 from ..data import finding_value

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradprobe.metrics import SATURATION_THRESHOLD, saturation_histogram_edges
+from gradprobe.metrics.saturation_grid import SATURATION_THRESHOLD, histogram_edges
 
 from ..context import ReportContext
 from ..data import RunData
@@ -54,7 +54,7 @@ def _histogram(ax, d: RunData, palette: Palette, watches: list[str]) -> None:
             continue
         style = palette.other(name)
         last = np.asarray(hists[-1], float)
-        edges = saturation_histogram_edges(bins=len(last)).numpy()
+        edges = histogram_edges(bins=len(last))
         share = last / max(last.sum(), 1)
         ax.bar(edges[:-1], share, width=np.diff(edges), align="edge", color=style["color"],
                alpha=0.55 if k == 0 else 0.35, edgecolor=style["color"], linewidth=0.6,

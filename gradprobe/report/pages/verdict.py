@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from gradprobe import __version__
+from gradprobe._version import __version__
 from gradprobe.diagnose import is_fixed_weight
 
 from ..context import PAGE_TITLES, ReportContext

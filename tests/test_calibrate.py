@@ -1,0 +1,173 @@
+"""benchmarks/validity/calibrate.py on synthetic run records whose answers are known: runs in
+which ``gradient-swamping`` fires exactly when the recorded ratio is below
+``swamping_ratio``, so the calibration errors of every candidate value, the error-free range
+and its middle can be counted by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.validity.calibrate import (GLOBAL_KEYS, INT_GRID, Calibrator, _middle,
+                                           _run_at, _widest_run, grid, numeric_keys)
+from benchmarks.validity.harness import Expect, Family, RunRecord, Runs, Variant
+from gradprobe.diagnose import Thresholds, diagnose
+from test_diagnose import _synthetic
+
+DEFAULTS = Thresholds()
+SQRT2 = math.sqrt(2)
+
+
+# ----------------------------------------------------------------------- the grid of values
+
+def test_the_grid_spans_a_factor_of_eight_each_way_in_steps_of_sqrt_2():
+    values = grid("swamping_ratio", 0.1)
+    assert len(values) == 13 and values == sorted(values)
+    assert values[0] == pytest.approx(0.1 / 8) and values[-1] == pytest.approx(0.1 * 8)
+    assert 0.1 in values
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    assert ratios == pytest.approx([SQRT2] * 12)
+
+
+def test_a_fraction_or_share_stays_within_one():
+    values = grid("collapse_peak_fraction", 0.5)
+    # 0.5 / 8 ... 0.5 x sqrt(2) = 0.707 (below 1), then 1.0 itself: 8 + 1 values.
+    assert len(values) == 9 and values[-1] == 1.0 and max(values[:-1]) == pytest.approx(0.5 * SQRT2)
+    assert values[0] == pytest.approx(0.5 / 8)
+    assert all(v <= 1.0 for v in grid("min_share", 0.5))
+
+
+def test_integer_keys_and_a_zero_default_have_their_own_grids():
+    assert grid("min_points", 3) == grid("smooth_points", 3) == list(INT_GRID) == list(range(1, 9))
+    assert grid("contrastive_gap", 0.0) == [0.0, -0.001, 0.001, -0.01, 0.01, -0.1, 0.1, -1.0, 1.0]
+
+
+def test_keys_every_rule_reads_come_last():
+    keys = numeric_keys()
+    assert keys[-len(GLOBAL_KEYS):] == list(GLOBAL_KEYS)
+    assert "swamping_ratio" in keys and "exempt_roles" not in keys  # roles are not numeric
+
+
+# ----------------------------------------------------- runs of fewest errors and their middle
+
+def test_the_run_of_fewest_errors_around_a_value():
+    values = [1, 2, 3, 4, 5, 6]
+    ok = [False, True, True, True, False, True]
+    assert _run_at(values, ok, 3) == (2, 4) and _run_at(values, ok, 2) == (2, 4)
+    assert _run_at(values, ok, 6) == (6, 6)
+    assert _run_at(values, ok, 5) is None and _run_at(values, ok, 1) is None
+
+
+def test_the_widest_run_of_fewest_errors():
+    assert _widest_run([1, 2, 3, 4, 5, 6], [True, False, True, True, True, False]) == (3, 5)
+    # A tie goes to the first run; a run may end at the last value.
+    assert _widest_run([1, 2, 3, 4, 5], [True, True, False, True, True]) == (1, 2)
+    assert _widest_run([1, 2, 3], [False, True, True]) == (2, 3)
+    assert _widest_run([1, 2], [False, False]) is None
+
+
+def test_the_middle_is_geometric_and_keeps_integer_keys_whole():
+    assert _middle("swamping_ratio", (0.05, 0.2)) == pytest.approx(0.1)
+    assert _middle("contrastive_gap", (-0.1, 0.1)) == 0.0  # through 0: arithmetic
+    assert _middle("min_points", (2, 8)) == 4 and isinstance(_middle("min_points", (2, 8)), int)
+
+
+# ------------------------------------------------------------ the calibrator, end to end
+
+FAMILY = Family(
+    name="synthetic-swamping", source="a ratio written into the run file", train=None,
+    variants=(Variant("broken", healthy=False, truth="aux's gradient is the given share",
+                      expected=(Expect("gradient-swamping", "aux"),)),
+              Variant("healthy", healthy=True, truth="aux's gradient is the given share")))
+
+
+def _record(tmp_path, variant, seed, ratio):
+    """A run of 20 probe steps in which aux's (weighted) gradient is ``ratio`` of task's;
+    neither loss falls, so the whole run is judged."""
+    rows = [(s, {("loss", "task"): 1.0, ("loss", "aux"): 1.0,
+                 ("grad_norm", "task"): 1.0, ("grad_norm", "aux"): ratio,
+                 ("weighted_grad_norm", "task"): 1.0, ("weighted_grad_norm", "aux"): ratio})
+            for s in range(20)]
+    folder = tmp_path / f"{variant}-s{seed}"
+    folder.mkdir()
+    _synthetic(folder, rows).close()
+    (path,) = folder.glob("*.gprobe")
+    return RunRecord(FAMILY.name, variant, seed, path, {}, 0.0, 0.0)
+
+
+def _calibrate(tmp_path, broken, healthy):
+    records = [_record(tmp_path, "broken", 2 * i, r) for i, r in enumerate(broken)] + \
+        [_record(tmp_path, "healthy", 2 * i, r) for i, r in enumerate(healthy)]
+    runs = Runs(records)
+    try:
+        return Calibrator(runs, records, {FAMILY.name: FAMILY}).calibrate()
+    finally:
+        runs.close()
+
+
+def _errors(value, broken, healthy):
+    """Misses (broken runs at or above the value) plus false alarms (healthy runs below it)."""
+    return sum(r >= value for r in broken) + sum(r < value for r in healthy)
+
+
+def test_the_synthetic_runs_alarm_exactly_below_the_ratio(tmp_path):
+    for ratio, fires in ((0.05, True), (0.2, False)):
+        run = _synthetic(tmp_path, [(s, {("loss", "task"): 1.0, ("loss", "aux"): 1.0,
+                                         ("grad_norm", "task"): 1.0, ("grad_norm", "aux"): ratio,
+                                         ("weighted_grad_norm", "task"): 1.0,
+                                         ("weighted_grad_norm", "aux"): ratio})
+                                    for s in range(20)])
+        alarms = [(f.id, f.subject) for f in diagnose(run) if f.severity in ("warning", "error")]
+        assert alarms == ([("gradient-swamping", "aux")] if fires else [])
+
+
+def _key(results, name):
+    return next(k for k in results if k.key == name)
+
+
+def test_a_default_with_no_errors_stays_and_reports_its_error_free_range(tmp_path):
+    broken, healthy = (0.02, 0.04), (0.15, 0.3)
+    chosen, results = _calibrate(tmp_path, broken, healthy)
+    assert chosen == DEFAULTS
+    values = grid("swamping_ratio", 0.1)
+    free = [v for v in values if _errors(v, broken, healthy) == 0]
+    # Error-free: above 0.04 and at most 0.15: 0.1 / 2, 0.1 / sqrt 2, 0.1, 0.1 x sqrt 2.
+    assert free == pytest.approx([0.05, 0.1 / SQRT2, 0.1, 0.1 * SQRT2])
+    k = _key(results, "swamping_ratio")
+    assert (k.default, k.chosen, k.errors_default, k.errors_chosen) == (0.1, 0.1, 0, 0)
+    assert k.best_range == (free[0], free[-1]) and k.constrained
+    assert k.rules == ("gradient-swamping",)
+    # Keys these runs do not exercise have no constraint and stay where they were.
+    assert not _key(results, "swamping_error_ratio").constrained  # severity only, no alarm
+    assert all(r.chosen == r.default and r.errors_chosen == 0 for r in results)
+
+
+def test_a_default_with_errors_moves_to_the_middle_of_the_widest_error_free_run(tmp_path):
+    broken, healthy = (0.02, 0.04), (0.08, 0.3)
+    chosen, results = _calibrate(tmp_path, broken, healthy)
+    # At 0.1 the healthy run at 0.08 is a false alarm. Error-free grid values: 0.05 and
+    # 0.0707 (above 0.04, at most 0.08); the middle is their geometric mean, equally far (in
+    # ratio) from both ends.
+    assert _errors(0.1, broken, healthy) == 1
+    lo, hi = 0.05, 0.1 / SQRT2
+    assert [v for v in grid("swamping_ratio", 0.1) if _errors(v, broken, healthy) == 0] == \
+        pytest.approx([lo, hi])
+    assert chosen == DEFAULTS.replace(swamping_ratio=chosen.swamping_ratio)
+    assert chosen.swamping_ratio == pytest.approx(math.sqrt(lo * hi))
+    k = _key(results, "swamping_ratio")
+    assert (k.errors_default, k.errors_chosen) == (1, 0)
+    assert k.best_range == pytest.approx((lo, hi))
+    assert k.chosen / k.best_range[0] == pytest.approx(k.best_range[1] / k.chosen)  # the margin
+
+
+def test_an_error_free_run_of_one_grid_value_moves_nothing(tmp_path):
+    # Only 0.05 lies above 0.04 and at most 0.06: no margin on either side, so the default
+    # stays, with its one error reported and no error-free range around it.
+    broken, healthy = (0.02, 0.04), (0.06, 0.3)
+    chosen, results = _calibrate(tmp_path, broken, healthy)
+    assert [v for v in grid("swamping_ratio", 0.1) if _errors(v, broken, healthy) == 0] == \
+        pytest.approx([0.05])
+    assert chosen == DEFAULTS
+    k = _key(results, "swamping_ratio")
+    assert (k.errors_default, k.errors_chosen, k.best_range) == (1, 1, None)
