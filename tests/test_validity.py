@@ -60,6 +60,16 @@ def test_broken_variants_are_broken_by_independent_measurement(quick):
     assert out[("swav", "no-sinkhorn")]["prototypes_used"] == 1
     assert out[("vicreg", "variance-0")]["z_total_variance"] < 0.1
     assert out[("switch-moe", "no-balance")]["usage_entropy"] < 0.8
+    # opposing label maps on shared logits: a compromise far below single-task, gradients opposed
+    mirror = out[("two-task-conflict", "digit-and-mirror")]
+    assert mirror["acc_digit"] < 0.6 < 0.9 < mirror["single_task_acc"]
+    assert mirror["cos_median"] < -0.5
+    assert out[("vqvae", "dead-codebook")]["codes_used"] <= 8  # of 128
+    swamped = out[("uncertainty-weights", "equal-weights")]
+    assert swamped["acc_cls"] < swamped["single_task_acc"] - 0.2
+    assert swamped["trunk_ratio_cls_reg"] < 0.01
+    # equal weights on the 2-D Helmholtz problem: the annealed runs' error is 0.08-0.22
+    assert out[("helmholtz-pinn", "equal-weights")]["rel_l2_error"] > 0.5
 
 
 def test_held_out_acceptance(quick):

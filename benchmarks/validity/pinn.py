@@ -52,15 +52,18 @@ def forcing(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, layers=(1, 50, 50, 50, 1)):
+    """The paper's tanh MLP on inputs standardised by the collocation points' mean and std."""
+
+    def __init__(self, layers=(1, 50, 50, 50, 1), mean: float = MEAN, std: float = STD):
         super().__init__()
+        self.mean, self.std = mean, std
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
         for lin in self.linears:
             nn.init.normal_(lin.weight, std=1 / math.sqrt((lin.in_features + lin.out_features) / 2))
             nn.init.zeros_(lin.bias)
 
     def forward(self, x):
-        h = (x - MEAN) / STD
+        h = (x - self.mean) / self.std
         for lin in self.linears[:-1]:
             h = torch.tanh(lin(h))
         return self.linears[-1](h)
