@@ -162,7 +162,7 @@ def test_watch_at_80x24_shows_swamping_appear_while_another_process_trains(tmp_p
     assert any(row.startswith("training  step") for row in rows[1:at])
     title = " ".join(row.strip() for row in rows[at + 1:] if row.startswith("        "))
     percent = float(re.fullmatch(r"'b' is swamped: its weighted gradient is ([0-9.]+)% of "
-                                 r"'a''s", title).group(1))
+                                 r"that of 'a'", title).group(1))
     assert percent == pytest.approx(100 * float(ratio), rel=0.5)
     # The frame fits: no row cut off by rich's overflow marker, the losses table above.
     assert not any(row.strip() == "..." for row in rows)
@@ -235,7 +235,7 @@ def test_watch_plain_in_a_pipe_prints_one_line_per_change_as_it_happens(tmp_path
                for line in lines[2:appeared]), lines
     match = re.fullmatch(r"step (\d+): error  gradient-swamping 'b'  \[ratio [0-9.e-]+ "
                          r"\(median\)\]  'b' is swamped: its weighted gradient is [0-9.]+% of "
-                         r"'a''s \(held (\d+)-(\d+)\)", lines[appeared])
+                         r"that of 'a' \(held (\d+)-(\d+)\)", lines[appeared])
     assert match, lines[appeared]
     trained = int(re.search(r"trained (\d+) steps", out).group(1))
     assert live_run.ONSET < int(match.group(1)) < trained
