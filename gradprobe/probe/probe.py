@@ -25,6 +25,7 @@ from . import checks
 from .cadence import is_probe_step
 from .checks import ROLES, guess_role
 from .distributed import globalize, rank_group_for, rows_matrix, rows_of
+from .fsdp import ShardedParameters, is_fully_sharded
 from .layer_inputs import LayerInputs
 from .live import LiveFindings
 from .notices import GradprobeWarning, Notices, warn_user
@@ -102,7 +103,9 @@ class Probe(WatchMethods):
         self.run_name = name or (Path(run_file).stem if run_file else "run")
         self.step = 0
         self.enabled = True
-        self._ranks = rank_group_for(model)
+        # FSDP2: the forward uses unsharded parameters, the per-loss gradients are taken on them.
+        self._sharded = ShardedParameters(model) if is_fully_sharded(model) else None
+        self._ranks = rank_group_for(model, self._sharded)
         self._writes = self._ranks is None or self._ranks.writes
         # Names of the module DDP wraps: the same names as a single-process run of the model.
         unwrapped = model.module if isinstance(
@@ -114,6 +117,7 @@ class Probe(WatchMethods):
         self._scale_check: tuple[int, Transfer] | None = None  # (probe step, its transfer)
         self._shared_spec = shared
         self._shared: list[torch.Tensor] | None = checks.resolve_shared(shared)
+        self._shared_unsharded = False  # FSDP2: self._shared holds the unsharded parameters
         self._watches = WatchSet(lambda: self.is_probe_step)
         self._jacobian = JacobianBuffer()
         self._layer_inputs = LayerInputs(model)
@@ -282,6 +286,11 @@ class Probe(WatchMethods):
     def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
                             scaler: Any, assemble: bool) -> PerLossGradients:
         names = self._losses
+        if self._sharded is not None:
+            self._names.update(self._sharded.unsharded_names())
+            if self._shared is not None and not self._shared_unsharded:
+                self._shared = self._sharded.unsharded(self._shared)
+            self._shared_unsharded = True
         if self._shared is None:
             self._shared = shared_set([losses[k] for k in names], self._names,
                                       [self.roles[n] for n in names], names.index(self.task),
