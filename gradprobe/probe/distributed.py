@@ -1,4 +1,4 @@
-"""The probe on DistributedDataParallel and FSDP2: which statistics are global, and the collectives behind them.
+"""The probe on DDP and FSDP2: which statistics are global, and the collectives behind them.
 
 What DDP descends is the mean over ranks of each rank's gradient, so the probe records the
 statistics of that mean gradient. The Gram matrix of the mean per-loss gradients is *not* the

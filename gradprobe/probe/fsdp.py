@@ -28,7 +28,10 @@ except ImportError:  # a torch built without distributed support
 
 
 def is_fully_sharded(model: torch.nn.Module) -> bool:
-    return FSDPModule is not None and isinstance(model, FSDPModule)
+    """Whether ``fully_shard`` was applied to the model or any of its submodules (as
+    Lightning's ModelParallelStrategy leaves a LightningModule whose ``configure_model``
+    shards its layers)."""
+    return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class ShardedParameters:
