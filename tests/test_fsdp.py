@@ -12,6 +12,7 @@ import collections
 import os
 import socket
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import gradprobe
+from test_moe import documented_example, usage_entropy
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("this torch build has no gloo backend for the 2-process runs",
@@ -35,6 +37,8 @@ STEPS = 5
 EVERY = 2  # probe steps 0, 2, 4; steps 1 and 3 are not probed
 LOSSES = 3
 FSDP_GROUPS = 2  # fully_shard on the trunk and on the root
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") \
+    else "reduce_scatter_tensor"
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
                "reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter",
                "broadcast", "barrier")
@@ -119,6 +123,47 @@ def count_collectives() -> collections.Counter:
     return counts
 
 
+def moe_training(rank: int, world: int, run_file: Path) -> list[float]:
+    """docs/probe.md's top-1 MoE (balancing loss off, so that the global loss is the mean of
+    the ranks' losses), sharded with FSDP2 when ``world`` > 1; the router's own top-1 usage
+    of the global batch at each probe step."""
+    namespace: dict = {}
+    exec(documented_example()[0], namespace)
+    torch.manual_seed(0)
+    moe, head = namespace["TopOneMoE"](), torch.nn.Linear(8, 1)
+    if world > 1:
+        fully_shard(moe)
+        fully_shard(head)
+    opt = torch.optim.Adam([*moe.parameters(), *head.parameters()], lr=0.01)
+    probe = gradprobe.Probe(torch.nn.ModuleDict({"moe": moe, "head": head}), shared=moe.router,
+                            every=5, run_file=run_file, overwrite=True,
+                            roles={"balance": "other"})
+    keys = {}
+    probe.watch_latent("tokens")
+    probe.watch_prototypes("experts", lambda: keys["rows"], latent="tokens")
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(8, generator=gen)
+    usage = []
+    for step in range(16):
+        kinds = torch.randint(0, 4, (64,), generator=gen)
+        x = 1.0 + 0.3 * F.one_hot(kinds, 8) + torch.randn(64, 8, generator=gen)
+        y = 3 * (x @ a)[:, None]
+        if probe.is_probe_step:  # every rank gathers the sharded router rows (a collective)
+            weight = moe.router.weight
+            rows = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            keys["rows"] = F.normalize(rows.detach(), dim=1)
+            usage.append(usage_entropy((F.normalize(x, dim=1) @ keys["rows"].T).argmax(-1), 4))
+        mine = slice(rank * 64 // world, (rank + 1) * 64 // world)
+        out, balance = moe(x[mine])
+        task = F.mse_loss(head(out), y[mine]) / y.var()
+        probe.observe(tokens=F.normalize(x[mine], dim=1), groups=kinds[mine])
+        probe.backward({"task": task, "balance": balance}, weights={"balance": 0.0})
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+    return usage
+
+
 def worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -136,6 +181,17 @@ def worker(rank: int, port: int, out: str) -> None:
             gradprobe.Probe(sharded_model(offload_policy=CPUOffloadPolicy(pin_memory=False)))
         except gradprobe.ProbeUsageError as exc:
             result["offload_error"] = str(exc)
+        result["moe_usage"] = moe_training(rank, WORLD, out / f"moe_rank{rank}.gprobe")
+        # Prototypes handed over as a sharded parameter: rank 0 refuses them when it reads
+        # them, and every rank stops probing at the next vote (no rank left in a collective).
+        model = sharded_model()
+        probe = gradprobe.Probe(model, every=1)
+        probe.watch_prototypes("rows", model.trunk[2].weight)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, probe, rank)
+        result["dtensor_prototypes"] = (probe.enabled, [str(w.message) for w in caught
+                                                        if "gradprobe" in str(w.message)])
     finally:
         dist.destroy_process_group()
     torch.save(result, out / f"rank{rank}.pt")
@@ -163,11 +219,11 @@ def ranks(tmp_path_factory):
     torch.manual_seed(0)
     model = Trunk3Heads()
     reference, _ = train(model, attach(model, out / "single.gprobe"), None)
-    return out, results, reference
+    return out, results, reference, moe_training(0, 1, out / "moe_single.gprobe")
 
 
 def test_parameters_are_bit_identical_with_and_without_the_probe(ranks):
-    out, results, reference = ranks
+    out, results, reference, _ = ranks
     for result in results:
         for plain, probed in zip(result["plain"], result["probed"]):
             assert torch.equal(plain, probed)
@@ -177,7 +233,7 @@ def test_parameters_are_bit_identical_with_and_without_the_probe(ranks):
 
 
 def test_recorded_gram_is_that_of_the_global_batch(ranks):
-    out, _, _ = ranks
+    out, _, _, _ = ranks
     sharded = gradprobe.load_run(out / "fsdp_rank0.gprobe")
     single = gradprobe.load_run(out / "single.gprobe")
     assert sharded.meta["world_size"] == WORLD
@@ -197,30 +253,54 @@ def test_recorded_gram_is_that_of_the_global_batch(ranks):
 
 
 def test_only_rank_0_writes(ranks):
-    out, _, _ = ranks
+    out, _, _, _ = ranks
     assert (out / "fsdp_rank0.gprobe").exists()
     assert not (out / "fsdp_rank1.gprobe").exists()
 
 
 def test_collectives_are_counted_as_docs_state(ranks):
-    _, results, _ = ranks
+    _, results, _, _ = ranks
     for result in results:
         plain, probed = result["plain_counts"], result["probed_counts"]
         for step in range(STEPS):
             if step % EVERY:
                 assert probed[step] == plain[step], step  # a non-probe step: FSDP2's own only
                 continue
-            # docs/distributed.md: the vote and the Gram all-reduce, one reduce-scatter of the
+            # docs/distributed.md: two votes and the Gram all-reduce, one reduce-scatter of the
             # per-loss rows, one all-gather per watched latent, and FSDP2 all-gathering each of
             # its parameter groups again for each per-loss pass.
             extra = collections.Counter(probed[step])
             extra.subtract(plain[step])
             assert {k: v for k, v in extra.items() if v} == {
-                "all_reduce": 2, "reduce_scatter_tensor": 1, "all_gather": 1,
+                "all_reduce": 3, REDUCE_SCATTER: 1, "all_gather": 1,
                 "all_gather_single": LOSSES * FSDP_GROUPS}, step
 
 
 def test_cpu_offload_is_refused_at_construction(ranks):
-    _, results, _ = ranks
+    _, results, _, _ = ranks
     for result in results:
         assert "CPUOffloadPolicy" in result["offload_error"]
+
+
+def test_moe_router_usage_is_recorded_from_the_global_batch(ranks):
+    out, results, _, single_usage = ranks
+    sharded = gradprobe.load_run(out / "moe_rank0.gprobe")
+    single = gradprobe.load_run(out / "moe_single.gprobe")
+    assert not (out / "moe_rank1.gprobe").exists()
+    steps, usage = sharded.series("prototype_usage", "experts")
+    ref_steps, ref_usage = single.series("prototype_usage", "experts")
+    assert steps.tolist() == ref_steps.tolist() == [0, 5, 10, 15]
+    # the router's own top-1 usage of the global batch, in the sharded run and in one process
+    for rank in range(WORLD):
+        np.testing.assert_allclose(results[rank]["moe_usage"], usage, atol=1e-12)
+    np.testing.assert_allclose(single_usage, ref_usage, atol=1e-12)
+    np.testing.assert_allclose(usage, ref_usage, atol=1e-12)
+
+
+def test_sharded_prototypes_are_refused_on_every_rank(ranks):
+    _, results, _, _ = ranks
+    for rank, result in enumerate(results):
+        enabled, messages = result["dtensor_prototypes"]
+        assert not enabled
+        assert len(messages) == 1
+        assert ("sharded DTensor" if rank == 0 else "failed on another rank") in messages[0]

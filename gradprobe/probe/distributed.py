@@ -69,8 +69,9 @@ class RankGroup:
         padded = torch.nn.functional.pad(rows.to(self.device), (0, width * self.world - p))
         chunks = padded.view(k, self.world, width).transpose(0, 1).contiguous()
         shard = torch.empty(k * width, dtype=rows.dtype, device=self.device)
-        dist.reduce_scatter_tensor(shard, chunks.view(-1), op=dist.ReduceOp.SUM,
-                                   group=self.group)
+        # reduce_scatter_single is the name from torch 2.13 on (reduce_scatter_tensor before)
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        reduce_scatter(shard, chunks.view(-1), op=dist.ReduceOp.SUM, group=self.group)
         return shard.view(k, width) / self.world
 
     def gather_rows(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -82,10 +82,13 @@ class ShardedParameters:
                 if hasattr(p, "_unsharded_param")}
 
     def unsharded(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The unsharded parameters the forward uses, for the sharded ones the user named."""
-        by_sharded = {id(p.sharded_param): p for p in self._params()}
-        missing = [p for p in params if id(p) not in by_sharded]
+        """The unsharded parameters the forward uses, for the sharded ones the user named
+        (those already unsharded stay as they are)."""
+        by_id = {id(p.sharded_param): p.unsharded_param for p in self._params()
+                 if hasattr(p, "_unsharded_param")}
+        by_id.update((id(u), u) for u in list(by_id.values()))
+        missing = [p for p in params if id(p) not in by_id]
         if missing:
             raise ProbeUsageError("shared= names a parameter that FSDP2 does not shard in this "
                                   "model; name the model's own (sharded) parameters")
-        return [by_sharded[id(p)].unsharded_param for p in params]
+        return [by_id[id(p)] for p in params]

@@ -117,7 +117,6 @@ class Probe(WatchMethods):
         self._scale_check: tuple[int, Transfer] | None = None  # (probe step, its transfer)
         self._shared_spec = shared
         self._shared: list[torch.Tensor] | None = checks.resolve_shared(shared)
-        self._shared_unsharded = False  # FSDP2: self._shared holds the unsharded parameters
         self._watches = WatchSet(lambda: self.is_probe_step)
         self._jacobian = JacobianBuffer()
         self._layer_inputs = LayerInputs(model)
@@ -212,10 +211,31 @@ class Probe(WatchMethods):
         if probing and self._failure is None:
             try:
                 self._watches.pick_latents(self._drop_watch, self._notices.note_once)
-                gradients = self._per_loss_gradients(losses, resolved, scaler, assemble)
+                self._find_shared(losses)
             except Exception as exc:  # the observer must not harm the observed
                 self._fail(exc)
+        if probing and self._ranks is not None and self._ranks.sharded:
+            probing = self._agree_before_passes()
+        if probing and self._failure is None:
+            try:
+                gradients = self._per_loss_gradients(losses, resolved, scaler, assemble)
+            except Exception as exc:
+                self._fail(exc)
         return ProbeStep(self.step, probing, losses, total, gradients, scaler)
+
+    def _agree_before_passes(self) -> bool:
+        """Under FSDP2 the per-loss passes enter collectives (FSDP2's all-gathers), so every
+        rank must know before them whether all ranks take them: one vote, as after them."""
+        try:
+            failed, _ = self._ranks.agree(self._failure is not None, [])
+        except Exception as exc:
+            self._fail(exc)
+            failed = True
+        if failed:
+            if self._failure is None:
+                self._report_failure("the probe failed on another rank, whose warning says why")
+            self._stop()
+        return not failed
 
     def after_backward(self, pending: ProbeStep) -> None:
         """The second half of :meth:`backward`: records the probe step, advances the counter."""
@@ -283,18 +303,20 @@ class Probe(WatchMethods):
         self._writer.add_event(self.step, "watch_disabled", watch.name, watch.disabled)
         self._watches.release(watch, self.step)
 
-    def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
-                            scaler: Any, assemble: bool) -> PerLossGradients:
+    def _find_shared(self, losses: Mapping[str, torch.Tensor]) -> None:
         names = self._losses
         if self._sharded is not None:
             self._names.update(self._sharded.unsharded_names())
-            if self._shared is not None and not self._shared_unsharded:
+            if self._shared is not None:
                 self._shared = self._sharded.unsharded(self._shared)
-            self._shared_unsharded = True
         if self._shared is None:
             self._shared = shared_set([losses[k] for k in names], self._names,
                                       [self.roles[n] for n in names], names.index(self.task),
                                       whole=self._shared_spec == "all")
+
+    def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
+                            scaler: Any, assemble: bool) -> PerLossGradients:
+        names = self._losses
         latents = {n: t for n, t in self._watches.captured.items()
                    if n in self._watches.latents and isinstance(t, torch.Tensor) and t.requires_grad}
         gradients = per_loss_gradients(self.model, [losses[k] for k in names], weights,
