@@ -74,9 +74,9 @@ class Probe(WatchMethods):
         error, at the start of a ``backward`` whose step is a multiple of ``findings_every``
         (never inside one; an exception it raises is reported once). docs/live.md.
 
-    With a ``DistributedDataParallel`` model the statistics describe the global (all-reduced)
-    gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the sinks), and
-    parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
+    With a ``DistributedDataParallel`` or FSDP2 (``fully_shard``) model the statistics describe
+    the global gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the
+    sinks), and parameter names are the unwrapped model's; docs/distributed.md has the details.
 
     A probe step reads no value on the host: it packs what it records into one copy to the
     host and hands it to the run file's writer thread, which computes the metrics, writes the
