@@ -215,7 +215,8 @@ class Probe(WatchMethods):
             except Exception as exc:  # the observer must not harm the observed
                 self._fail(exc)
         if probing and self._ranks is not None and self._ranks.sharded:
-            probing = self._agree_before_passes()
+            # The per-loss passes enter FSDP2's all-gathers: every rank takes them, or none.
+            probing = not self._vote([])[0]
         if probing and self._failure is None:
             try:
                 gradients = self._per_loss_gradients(losses, resolved, scaler, assemble)
@@ -223,19 +224,19 @@ class Probe(WatchMethods):
                 self._fail(exc)
         return ProbeStep(self.step, probing, losses, total, gradients, scaler)
 
-    def _agree_before_passes(self) -> bool:
-        """Under FSDP2 the per-loss passes enter collectives (FSDP2's all-gathers), so every
-        rank must know before them whether all ranks take them: one vote, as after them."""
+    def _vote(self, rows: list[int]) -> tuple[bool, list[int]]:
+        """Every rank's vote (distributed.py): did any rank's probe fail, and the fewest rows
+        each holds per gathered tensor. If one failed, this rank stops probing too."""
         try:
-            failed, _ = self._ranks.agree(self._failure is not None, [])
-        except Exception as exc:
+            failed, rows = self._ranks.agree(self._failure is not None, rows)
+        except Exception as exc:  # the process group itself failed: nothing left to agree on
             self._fail(exc)
             failed = True
         if failed:
             if self._failure is None:
                 self._report_failure("the probe failed on another rank, whose warning says why")
             self._stop()
-        return not failed
+        return failed, rows
 
     def after_backward(self, pending: ProbeStep) -> None:
         """The second half of :meth:`backward`: records the probe step, advances the counter."""
@@ -349,17 +350,13 @@ class Probe(WatchMethods):
                 rows = [rows_of(numbers.observed.get(n)) for n in names]
             except Exception as exc:
                 self._fail(exc)
-        try:
-            failed, rows = self._ranks.agree(self._failure is not None, rows)
-            if not failed:
-                numbers = globalize(self._ranks, numbers, names, rows, self.max_rows)
-        except Exception as exc:  # the process group itself failed: nothing left to agree on
-            self._fail(exc)
-            self._stop()
-            return
+        failed, rows = self._vote(rows)
         if failed:
-            if self._failure is None:
-                self._report_failure("the probe failed on another rank, whose warning says why")
+            return
+        try:
+            numbers = globalize(self._ranks, numbers, names, rows, self.max_rows)
+        except Exception as exc:  # the process group itself failed
+            self._fail(exc)
             self._stop()
             return
         if self._writes:
