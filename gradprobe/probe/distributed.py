@@ -12,6 +12,10 @@ Every probe step starts with one small all-reduce in which each rank says whethe
 failed (and how many rows of each gathered tensor it holds): a failure anywhere disables the
 probe on every rank at the same step, before any further collective, so no rank waits forever
 in a collective the others no longer enter.
+
+Under FSDP2 (fsdp.py) the rows are reduce-scattered instead and only K x K Gram blocks are
+all-reduced; and since its per-loss passes enter FSDP2's all-gathers, a second vote precedes
+them (probe.py).
 """
 
 from __future__ import annotations
