@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .fsdp import is_fully_sharded
 from .graph import has_user_hooks, infer_shared, leaves_of, reachable_nodes
 from .layer_inputs import LayerInputs, RoutedLayer, fill_rows, routed_gram
 from .recording import StepNumbers
@@ -55,10 +56,11 @@ def choose_path(model: torch.nn.Module, per_loss_leaves: list[dict], weights: Se
     without the probe. ``assemble=True`` saves that backward (worth it when the shared set
     reaches deep into the model, where each per-loss pass costs a full backward) and gives the
     same ``.grad`` up to float32 rounding; it is used only when the ordinary backward has no
-    side effects of its own: no DDP reducer, no hooks on the leaves, no loss weight that itself
-    needs a gradient.
+    side effects of its own: no DDP reducer or FSDP2 reduce-scatter, no hooks on the leaves,
+    no loss weight that itself needs a gradient.
     """
-    if not assemble or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    if not assemble or isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+            or is_fully_sharded(model):
         return "separate"
     if any(isinstance(w, torch.Tensor) and w.requires_grad for w in weights):
         return "separate"

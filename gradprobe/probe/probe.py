@@ -25,6 +25,7 @@ from . import checks
 from .cadence import is_probe_step
 from .checks import ROLES, guess_role
 from .distributed import globalize, rank_group_for, rows_matrix, rows_of
+from .fsdp import ShardedParameters, is_fully_sharded
 from .layer_inputs import LayerInputs
 from .live import LiveFindings
 from .notices import GradprobeWarning, Notices, warn_user
@@ -73,9 +74,9 @@ class Probe(WatchMethods):
         error, at the start of a ``backward`` whose step is a multiple of ``findings_every``
         (never inside one; an exception it raises is reported once). docs/live.md.
 
-    With a ``DistributedDataParallel`` model the statistics describe the global (all-reduced)
-    gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the sinks), and
-    parameter names drop DDP's ``module.`` prefix; docs/distributed.md has the details.
+    With a ``DistributedDataParallel`` or FSDP2 (``fully_shard``) model the statistics describe
+    the global gradients and the global batch, only rank 0 writes ``run_file`` (and feeds the
+    sinks), and parameter names are the unwrapped model's; docs/distributed.md has the details.
 
     A probe step reads no value on the host: it packs what it records into one copy to the
     host and hands it to the run file's writer thread, which computes the metrics, writes the
@@ -102,7 +103,9 @@ class Probe(WatchMethods):
         self.run_name = name or (Path(run_file).stem if run_file else "run")
         self.step = 0
         self.enabled = True
-        self._ranks = rank_group_for(model)
+        # FSDP2: the forward uses unsharded parameters, the per-loss gradients are taken on them.
+        self._sharded = ShardedParameters(model) if is_fully_sharded(model) else None
+        self._ranks = rank_group_for(model, self._sharded)
         self._writes = self._ranks is None or self._ranks.writes
         # Names of the module DDP wraps: the same names as a single-process run of the model.
         unwrapped = model.module if isinstance(
@@ -210,10 +213,32 @@ class Probe(WatchMethods):
         if probing and self._failure is None:
             try:
                 self._watches.pick_latents(self._drop_watch, self._notices.note_once)
-                gradients = self._per_loss_gradients(losses, resolved, scaler, assemble)
+                self._find_shared(losses)
             except Exception as exc:  # the observer must not harm the observed
                 self._fail(exc)
+        if probing and self._ranks is not None and self._ranks.sharded:
+            # The per-loss passes enter FSDP2's all-gathers: every rank takes them, or none.
+            probing = not self._vote([])[0]
+        if probing and self._failure is None:
+            try:
+                gradients = self._per_loss_gradients(losses, resolved, scaler, assemble)
+            except Exception as exc:
+                self._fail(exc)
         return ProbeStep(self.step, probing, losses, total, gradients, scaler)
+
+    def _vote(self, rows: list[int]) -> tuple[bool, list[int]]:
+        """Every rank's vote (distributed.py): did any rank's probe fail, and the fewest rows
+        each holds per gathered tensor. If one failed, this rank stops probing too."""
+        try:
+            failed, rows = self._ranks.agree(self._failure is not None, rows)
+        except Exception as exc:  # the process group itself failed: nothing left to agree on
+            self._fail(exc)
+            failed = True
+        if failed:
+            if self._failure is None:
+                self._report_failure("the probe failed on another rank, whose warning says why")
+            self._stop()
+        return failed, rows
 
     def after_backward(self, pending: ProbeStep) -> None:
         """The second half of :meth:`backward`: records the probe step, advances the counter."""
@@ -282,13 +307,20 @@ class Probe(WatchMethods):
         self._writer.add_event(self.step, "watch_disabled", watch.name, watch.disabled)
         self._watches.release(watch, self.step)
 
-    def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
-                            scaler: Any, assemble: bool) -> PerLossGradients:
+    def _find_shared(self, losses: Mapping[str, torch.Tensor]) -> None:
         names = self._losses
+        if self._sharded is not None:
+            self._names.update(self._sharded.unsharded_names())
+            if self._shared is not None:
+                self._shared = self._sharded.unsharded(self._shared)
         if self._shared is None:
             self._shared = shared_set([losses[k] for k in names], self._names,
                                       [self.roles[n] for n in names], names.index(self.task),
                                       whole=self._shared_spec == "all")
+
+    def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
+                            scaler: Any, assemble: bool) -> PerLossGradients:
+        names = self._losses
         latents = {n: t for n, t in self._watches.captured.items()
                    if n in self._watches.latents and isinstance(t, torch.Tensor) and t.requires_grad}
         gradients = per_loss_gradients(self.model, [losses[k] for k in names], weights,
@@ -321,17 +353,13 @@ class Probe(WatchMethods):
                 rows = [rows_of(numbers.observed.get(n)) for n in names]
             except Exception as exc:
                 self._fail(exc)
-        try:
-            failed, rows = self._ranks.agree(self._failure is not None, rows)
-            if not failed:
-                numbers = globalize(self._ranks, numbers, names, rows, self.max_rows)
-        except Exception as exc:  # the process group itself failed: nothing left to agree on
-            self._fail(exc)
-            self._stop()
-            return
+        failed, rows = self._vote(rows)
         if failed:
-            if self._failure is None:
-                self._report_failure("the probe failed on another rank, whose warning says why")
+            return
+        try:
+            numbers = globalize(self._ranks, numbers, names, rows, self.max_rows)
+        except Exception as exc:  # the process group itself failed
+            self._fail(exc)
             self._stop()
             return
         if self._writes:

@@ -213,6 +213,10 @@ class PrototypeWatch(Watch):
     def prepare(self) -> dict[str, torch.Tensor]:
         """On the training thread: the table as it is now (copied with the step's transfer)."""
         value = self.source() if callable(self.source) else self.source
+        if hasattr(value, "full_tensor"):  # a DTensor: FSDP2 sharded it, rows are missing here
+            raise ProbeUsageError(
+                f"prototypes {self.name!r} are a sharded DTensor (FSDP2): this rank holds only "
+                "its shard; pass a plain tensor gathered on every rank (docs/distributed.md)")
         if not isinstance(value, torch.Tensor) or value.ndim != 2:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ProbeUsageError(f"prototypes {self.name!r} must be a [num_prototypes, dim] "
