@@ -32,6 +32,7 @@ from .per_loss import (JacobianBuffer, PerLossGradients, ProbeStep, assemble, gr
                        per_loss_gradients, shared_set, step_numbers, weighted_total)
 from .recording import (StepNumbers, StepRecorder, check_state, failure_reason, grad_norms,
                         probe_state, resumed_writer, run_meta, skipped_step)
+from .roles import RoleReader
 from .transfer import Transfer
 from .watches import ProbeUsageError
 from .watch_api import WatchMethods
@@ -119,6 +120,7 @@ class Probe(WatchMethods):
         self._layer_inputs = LayerInputs(model)
         self._losses: list[str] | None = None
         self._roles_guessed: list[str] = []
+        self._role_reader = RoleReader(roles, task is not None)
         self._resumed = False
         self._meta_written = False
         self._last: tuple[list[str], Transfer] | None = None  # the last recorded probe step
@@ -261,7 +263,8 @@ class Probe(WatchMethods):
         self._losses = names
         if self.task is None:
             self.task = names[0]
-        self._roles_guessed = checks.complete_roles(self.roles, names, self.task)
+        self._roles_guessed = [n for n in names if n not in self._role_reader.declared]
+        self._role_reader.start(self.roles, names, self.task)
 
     def _drop_watch(self, watch: Any, exc: BaseException) -> None:
         """Disable one watch that cannot record: one warning, one ``watch_disabled`` event;
@@ -282,8 +285,12 @@ class Probe(WatchMethods):
     def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
                             scaler: Any, assemble: bool) -> PerLossGradients:
         names = self._losses
+        if not self._role_reader.read:  # the first probe step: what each loss reaches
+            self._role_reader.read_graph(self.roles, names, self.task,
+                                         [losses[k] for k in names], weights)
         if self._shared is None:
-            self._shared = shared_set([losses[k] for k in names], self._names,
+            self._shared = shared_set([losses[k] for k in names],
+                                      self._role_reader.parameter_names(self._names),
                                       [self.roles[n] for n in names], names.index(self.task),
                                       whole=self._shared_spec == "all")
         latents = {n: t for n, t in self._watches.captured.items()

@@ -335,6 +335,7 @@ def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any
         "task": probe.task,
         "roles": probe.roles,
         "roles_guessed": probe._roles_guessed,
+        "role_records": probe._role_reader.records,
         "every": probe.every,
         "cadence": describe_cadence(probe.every),
         "shared_parameters": [probe._names.get(id(p), f"<unnamed {tuple(p.shape)}>")

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from .diagnosis import severity_counts, worst_severity
+from .roles import roles_lines
 
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
@@ -20,6 +21,7 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
         "default cadence" if run_summary.get("cadence") else "cadence not recorded"
     lines = [f"run {run_summary['name']}: {run_summary['probe_steps']} probe steps "
              f"({cadence}, last step {steps}); losses: {losses}"]
+    lines += roles_lines(run_summary)
     if not findings:
         lines.append("no failure modes found")
         return lines

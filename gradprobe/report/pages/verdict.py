@@ -14,6 +14,7 @@ from ..context import PAGE_TITLES, ReportContext
 from ..data import finding_value
 from ..diagnosis import DEFAULT_THRESHOLDS, severity_counts
 from ..frames import TextFlow
+from ..roles import roles_table
 from ..style import PAGE_SIZE, SEVERITY_COLOURS
 from ..text import count_label, width_pt, wrap
 
@@ -27,6 +28,7 @@ def verdict_pages(ctx: ReportContext, pages_of: dict[int, str]) -> list[Figure]:
     _headline(ctx, flow)
     _run_facts(ctx, flow)
     _losses_table(ctx, flow)
+    roles_table(flow, ctx.run.summary())
     flow.heading("Findings" if ctx.findings else "Findings: none")
     if not ctx.findings:
         flow.paragraph("No failure modes found. The pages that follow show the recorded evidence "
