@@ -12,6 +12,9 @@ from gradprobe.record import role_declaration
 # How each source reads in the views.
 _SOURCES = {"declared": "declared", "first": "the first loss (task= picks another)",
             "graph": "from the graph"}
+# The short form of a record's ambiguity (the graph of a loss that reaches only its own
+# parameters), before the declaration that settles it.
+_AMBIGUOUS = "a codebook (fine) or a cut-off head (inert)? settle: "
 
 
 def role_records(run_summary: dict[str, Any]) -> list[dict]:
@@ -62,7 +65,7 @@ def roles_lines(run_summary: dict[str, Any], width: int = 80) -> list[str]:
         # A no-break space keeps a declaration on one line (textwrap splits ASCII spaces only).
         declaration = _short(r["override"]).replace(" ", "\xa0")
         if r.get("ambiguity"):
-            text += f"; a codebook (fine) or a cut-off head (inert)? settle: {declaration}"
+            text += f"; {_AMBIGUOUS}{declaration}"
         elif r["source"] in ("graph", "name"):
             text += f"; override: {declaration}"
         lines += [line.replace("\xa0", " ") for line in
@@ -83,17 +86,19 @@ def roles_table(flow: Any, run_summary: dict[str, Any]) -> None:
     if not records:
         return
     flow.heading("Roles")
-    columns = ((0.8, "loss"), (2.2, "role"), (3.4, "from"), (5.0, "reach"))
+    columns = ((0.8, "loss"), (2.1, "role"), (3.1, "from"), (5.2, "reach (parameter tensors)"))
     for x, title in columns:
         flow.text(title, x=x, size=7.5, weight="bold", gap=0)
     flow.space(7.5 * 1.45 / 72)
     for r in records:
-        reach = r["reach_summary"] if r.get("reach") else "not recorded"
-        cells = (r["name"], r["role"], source_text(r), f"{r.get('reach') or '—'}: {reach}")
+        counts = ", ".join(f"{n} {key.replace('_', '-')}"
+                           for key, n in (r.get("counts") or {}).items() if n)
+        reach = f"{r['reach']} ({counts})" if counts else r.get("reach") or "not recorded"
+        cells = (r["name"], r["role"], source_text(r), reach)
         for (x, _), (x_next, _), cell in zip(columns, columns[1:] + ((flow.X1, ""),), cells):
             flow.text(flow.fit(cell, x, x_next - 0.08, 7.5), x=x, size=7.5, gap=0)
         flow.space(7.5 * 1.45 / 72)
-        note = (r["ambiguity"] + ": " if r.get("ambiguity") else "override: ") + r["override"]
         if r["source"] != "declared":
-            flow.text(flow.fit(note, 2.2, flow.X1, 7), x=2.2, size=7, colour="#555555")
+            note = (_AMBIGUOUS if r.get("ambiguity") else "override: ") + r["override"]
+            flow.text(flow.fit(note, 2.1, flow.X1, 7), x=2.1, size=7, colour="#555555")
     flow.space(0.12)
