@@ -57,8 +57,9 @@ class Probe(WatchMethods):
     run_file: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``). ``log=`` is its former name.
     task: the primary loss (default: the first key of the first ``backward`` call).
-    roles: ``{loss name: role}`` with roles from :data:`ROLES`; omitted names are guessed
-        from common names and the run file says which roles were guessed.
+    roles: ``{loss name: role}`` with roles from :data:`ROLES`; the others are read from what
+        each loss's graph reaches at the first probe step, or hinted by its name; the run
+        file records each role with its source (docs/findings.md, "Roles").
     expect_groups_per_batch: what the batch sampler is meant to give (e.g. 1 for
         single-group batches), so diagnosis can tell when the batches look otherwise.
     max_rows: rows of each latent used per probe step (a bounded sample).
