@@ -228,6 +228,31 @@ def test_a_loss_from_detached_tensors_reaches_nothing(tmp_path):
     assert records["detached"]["reach_summary"] == "no trainable parameter reached"
 
 
+def test_a_pinn_residual_on_collocation_points_is_not_a_penalty(tmp_path):
+    """The residual's only data are collocation points that require grad (a leaf, not a
+    parameter): the loss is input-dependent and shares the network with the boundary loss."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.rand(32, 2, requires_grad=True)
+    u = net(x)
+    du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+    laplacian = sum(torch.autograd.grad(du[:, i].sum(), x, create_graph=True)[0][:, i]
+                    for i in range(2))
+    losses = {"residual": (laplacian + u.squeeze(1) - torch.sin(x).prod(1)).pow(2).mean(),
+              "boundary": net(torch.rand(8, 2)).pow(2).mean()}
+    by_autograd = {k: sum(g is not None for g in torch.autograd.grad(
+        v, list(net.parameters()), retain_graph=True, allow_unused=True))
+        for k, v in losses.items()}
+    probe = gradprobe.Probe(net, run_file=tmp_path / "r.gprobe")
+    probe.backward(losses)
+    probe.close()
+    records = {r["name"]: r for r in gradprobe.load_run(tmp_path / "r.gprobe").meta["role_records"]}
+    for name in losses:
+        assert records[name]["reach"] == "shared"
+        assert records[name]["counts"] == {"shared": by_autograd[name], "own": 0,
+                                           "loss_weights": 0}
+
+
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gradprobe.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=300)

@@ -288,7 +288,7 @@ class Probe(WatchMethods):
         names = self._losses
         if not self._role_reader.read:  # the first probe step: what each loss reaches
             self._role_reader.read_graph(self.roles, names, self.task,
-                                         [losses[k] for k in names], weights)
+                                         [losses[k] for k in names], weights, self._names)
         if self._shared is None:
             self._shared = shared_set([losses[k] for k in names],
                                       self._role_reader.parameter_names(self._names),

@@ -11,16 +11,17 @@ The graph gives a loss's *reach*, one of
   penalty): a role the graph settles (``regularization``);
 - ``none``: it reaches no trainable parameter.
 
-Input dependence is read from the tensors the graph's nodes saved for their backward: one that
-requires no grad and is not a 0-dim constant (a batch, a target, an index) marks the loss as
-computed from the data. An input that enters only through additions leaves nothing saved, and a
-penalty towards fixed non-scalar tensors (EWC's anchor) saves them: such losses read as
-``shared`` or ``own``, and as a penalty where the data only shifts them; a declaration settles it.
+Input dependence is read from the graph: a leaf that is not a parameter of the model (a PINN's
+collocation points) or a tensor a node saved for its backward that requires no grad and is not
+a 0-dim constant (a batch, a target, an index) marks the loss as computed from the data. Its
+limits: data that enters only through additions leaves nothing saved (the loss reads as a
+penalty), and a penalty towards fixed non-scalar tensors (EWC's anchor) saves them (it reads as
+``shared`` or ``own``); a declaration settles either.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -29,7 +30,6 @@ from gradprobe.record import role_declaration
 from .checks import name_hint
 from .graph import leaves_of, reachable_nodes
 
-REACHES = ("shared", "own", "loss-weights", "penalty", "none")
 # The roles the graph alone settles.
 _GRAPH_ROLES = {"penalty": "regularization", "loss-weights": "regularization"}
 
@@ -62,23 +62,27 @@ def _input_dependent(nodes: Mapping[Any, int]) -> bool:
     return False
 
 
-def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any]) -> list[dict]:
-    """Each loss's reach: ``{"kind": one of REACHES, "shared": n, "own": n, "loss_weights": n}``
-    (numbers of parameter tensors)."""
+def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
+               parameters: Collection[int]) -> list[dict]:
+    """Each loss's reach: ``{"kind": its kind (module docstring), "shared": n, "own": n,
+    "loss_weights": n}`` (numbers of parameter tensors). ``parameters``: the ids of the
+    model's parameters; another leaf a loss reaches (a PINN's collocation points, an input
+    that requires grad) is data."""
     weight_ids = set(loss_weight_leaves(weights))
     graphs = [reachable_nodes(loss) for loss in losses]
     leaves = [set(leaves_of(graph)) for graph in graphs]
-    trained = [found - weight_ids for found in leaves]
-    penalty = [bool(found) and not _input_dependent(graph)
-               for found, graph in zip(trained, graphs)]
+    reached = [{k for k in found if k in parameters or k in weight_ids} for found in leaves]
+    trained = [found - weight_ids for found in reached]
+    penalty = [bool(found) and leaves[k] == reached[k] and not _input_dependent(graphs[k])
+               for k, found in enumerate(trained)]
     reaches = []
     for k, found in enumerate(trained):
         others = set().union(*(t for j, t in enumerate(trained) if j != k and not penalty[j]))
         shared = found & others
-        kind = ("none" if not leaves[k] else "loss-weights" if not found
+        kind = ("none" if not reached[k] else "loss-weights" if not found
                 else "penalty" if penalty[k] else "shared" if shared else "own")
         reaches.append({"kind": kind, "shared": len(shared), "own": len(found - shared),
-                        "loss_weights": len(leaves[k] & weight_ids)})
+                        "loss_weights": len(reached[k] & weight_ids)})
     return reaches
 
 
@@ -143,10 +147,11 @@ class RoleReader:
         roles.update((r["name"], r["role"]) for r in self.records)
 
     def read_graph(self, roles: dict[str, str], names: list[str], task: str,
-                   losses: Sequence[torch.Tensor], weights: Sequence[Any]) -> None:
+                   losses: Sequence[torch.Tensor], weights: Sequence[Any],
+                   parameters: Collection[int]) -> None:
         self.weight_ids = set(loss_weight_leaves(weights))
         self.records = role_records(names, task, self.declared, self.task_declared,
-                                    read_reach(losses, weights))
+                                    read_reach(losses, weights, parameters))
         roles.update((r["name"], r["role"]) for r in self.records)
         self.read = True
 

@@ -28,13 +28,13 @@ def verdict_pages(ctx: ReportContext, pages_of: dict[int, str]) -> list[Figure]:
     _headline(ctx, flow)
     _run_facts(ctx, flow)
     _losses_table(ctx, flow)
-    roles_table(flow, ctx.run.summary())
     flow.heading("Findings" if ctx.findings else "Findings: none")
     if not ctx.findings:
         flow.paragraph("No failure modes found. The pages that follow show the recorded evidence "
                        "(gradient balance, losses and every watched quantity) for reference.")
     else:
         _findings_table(ctx, flow, pages_of)
+    roles_table(flow, ctx.run.summary())  # after the findings: the first page leads with them
     return flow.figs
 
 
