@@ -7,6 +7,7 @@ traceback); 3 an unexpected internal error (one line, no traceback: a bug to rep
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -97,7 +98,9 @@ def _diagnose_with_progress(run, thresholds):
 
     if not sys.stderr.isatty():
         return diagnose(run, thresholds)
-    with click.progressbar(length=1, label="analysing", file=sys.stderr) as bar:
+    # A bar narrow enough that the longest rule's label, bar and percentage fit 80 columns
+    # (a wider line wraps, and each redraw would leave a row behind).
+    with click.progressbar(length=1, label="analysing", file=sys.stderr, width=20) as bar:
         def progress(i: int, n: int, rule: str) -> None:
             bar.length = n
             bar.label = f"analysing ({rule})"
@@ -130,30 +133,43 @@ def main() -> None:
               help="Exit with code 1 when a finding of this severity or worse is present.")
 @click.option("--config", type=click.Path(dir_okay=False, path_type=str),
               help="TOML file overriding diagnosis thresholds (see docs/findings.md).")
+@click.option("--brief", is_flag=True, help="One line per finding, without its remedy line.")
 def analyze(path: str, pdf: str | None, json_out: str | None, fail_on: str | None,
-            config: str | None) -> None:
+            config: str | None, brief: bool) -> None:
     """Flag the failure modes of a recorded run.
 
     PATH is a run file written by a Probe (.gprobe) or a checkpoint holding
     probe.state_dict() (loaded with torch.load(weights_only=True): a checkpoint that needs
-    pickle code to load is refused). Prints a ranked summary; exit code 0 when analysed,
+    pickle code to load is refused). Prints a ranked summary, each finding with its remedy
+    on the line below (--brief: without); exit code 0 when analysed,
     1 when a finding reaches --fail-on, 2 on bad input, 3 on an unexpected internal error.
     """
     thresholds = _thresholds(config)
     run = _load(path)
     with _damaged_as_bad_input():
-        _report(run, thresholds, pdf, json_out, fail_on)
+        _report(run, thresholds, pdf, json_out, fail_on, brief)
 
 
-def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str | None) -> None:
-    from gradprobe.report import findings_json, summary_lines
+def _summary(run_summary: dict, findings: list, brief: bool, err: bool = False) -> None:
+    """analyze's lines: on a terminal coloured and wrapped to its width, else one per line."""
+    from gradprobe.report import summary_lines
+
+    stream = sys.stderr if err else sys.stdout
+    terminal = stream.isatty()
+    for line in summary_lines(run_summary, findings, color=terminal, remedies=not brief,
+                              width=shutil.get_terminal_size().columns if terminal else None):
+        click.echo(line, err=err)
+
+
+def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str | None,
+            brief: bool) -> None:
+    from gradprobe.report import findings_json
 
     findings = _diagnose_with_progress(run, thresholds)
     summary = run.summary()
     to_stdout = json_out == "-"
     echo = (lambda line: click.echo(line, err=True)) if to_stdout else click.echo
-    for line in summary_lines(summary, findings, color=not to_stdout and sys.stdout.isatty()):
-        echo(line)
+    _summary(summary, findings, brief, err=to_stdout)
     if json_out:
         text = findings_json(summary, findings)
         if to_stdout:
@@ -188,22 +204,29 @@ def _exit_on(findings: list, fail_on: str | None) -> None:
               help="Exit with code 1 when a finding of this severity or worse is present at the end.")
 @click.option("--config", type=click.Path(dir_okay=False, path_type=str),
               help="TOML file overriding diagnosis thresholds (see docs/findings.md).")
+@click.option("--plain", is_flag=True,
+              help="One line per change (for CI logs) instead of a view redrawn in place; "
+                   "the default when standard output is not a terminal.")
+@click.option("--brief", is_flag=True, help="The final summary without remedy lines.")
 def watch(path: str, every: float, timeout: float, fail_on: str | None,
-          config: str | None) -> None:
+          config: str | None, plain: bool, brief: bool) -> None:
     """Follow a run while it trains: progress, key numbers, findings as they appear.
 
     PATH is the run file (.gprobe) a Probe is writing (or will write: watch waits up to
-    --timeout seconds for it). The view refreshes in place; when the run is closed, its
-    writer is gone (a stale lock: the training process died), or on Ctrl-C, watch prints the
-    final summary as analyze does. Exit codes as analyze: 0, 1 (--fail-on), 2 bad input,
-    3 internal error. docs/live.md.
+    --timeout seconds for it). On a terminal the view refreshes in place, laid out for the
+    terminal's size; with --plain, or off a terminal, it prints one line per change (a
+    finding appearing, changing severity or clearing; progress every 30 s). When the run is
+    closed, its writer is gone (a stale lock: the training process died), or on Ctrl-C,
+    watch prints the final summary as analyze does. Exit codes as analyze: 0, 1 (--fail-on),
+    2 bad input, 3 internal error. docs/live.md.
     """
     from gradprobe.record import RunFileError
     from gradprobe.report.live import watch as follow
 
     thresholds = _thresholds(config)
     try:
-        result = follow(path, every=every, timeout=timeout, thresholds=thresholds)
+        result = follow(path, every=every, timeout=timeout, thresholds=thresholds,
+                        plain=True if plain else None)
     except RunFileError as exc:
         raise BadInput(str(exc)) from None
     except KeyboardInterrupt:
@@ -214,10 +237,7 @@ def watch(path: str, every: float, timeout: float, fail_on: str | None,
         click.echo(f"the writer of {path} is gone without closing the run (stale lock "
                    f"{path}.lock: the training process was killed or crashed); these are the "
                    "findings of the steps it committed")
-    from gradprobe.report import summary_lines
-
-    for line in summary_lines(reading.summary, reading.findings, color=sys.stdout.isatty()):
-        click.echo(line)
+    _summary(reading.summary, reading.findings, brief)
     _exit_on(reading.findings, fail_on)
 
 
@@ -242,16 +262,21 @@ def export(path: str, output: str) -> None:
 def compare(paths: tuple[str, ...], pdf: str | None, config: str | None) -> None:
     """Compare the findings of several runs (e.g. before and after a fix).
 
-    Prints one row per finding id and one column per run; with -o, also a PDF overlaying
-    the key series (gradient ratios, latent ranks, saturation) of all runs.
+    Prints one row per finding id and one column per run, each finding's key number as
+    analyze prints it, and what each run cleared, kept and added against the first; with -o,
+    also a PDF overlaying the key series (gradient ratios, losses and logged metrics, latent
+    ranks, saturation) of all runs.
     """
     from gradprobe.diagnose import diagnose
     from gradprobe.report import comparison_lines
+    from gradprobe.report.comparison import key_number_lines
 
     thresholds = _thresholds(config)
     runs = [_load(p) for p in paths]
     findings_per_run = [diagnose(run, thresholds) for run in runs]
-    for line in comparison_lines([run.name for run in runs], findings_per_run):
+    labels = [run.name for run in runs]
+    for line in comparison_lines(labels, findings_per_run) + key_number_lines(labels,
+                                                                              findings_per_run):
         click.echo(line)
     if pdf:
         from gradprobe.report import write_comparison_pdf

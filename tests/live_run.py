@@ -84,6 +84,31 @@ def _train(steps, onset, make_probe, release, pause, after_step):
     return model, probe, trained
 
 
+def many_losses(run_file: Path, losses: int = 12, steps: int = 120) -> None:
+    """A run of ``losses`` regression heads on one trunk, every other one weighted 0.002 (so
+    swamped from the start, with fixed weights): more losses and findings than 24 rows hold."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    targets = torch.sin(x @ torch.randn(8, losses, generator=gen))
+    trunk = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+    heads = nn.Linear(32, losses)
+    model = nn.ModuleDict(dict(trunk=trunk, heads=heads))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    names = [f"task{k:02d}" for k in range(losses)]
+    weights = {n: 1.0 if k % 2 == 0 else 0.002 for k, n in enumerate(names)}
+    probe = gradprobe.Probe(model, shared=trunk, every=2, run_file=run_file,
+                            roles={n: "task" for n in names})
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        out = heads(trunk(x[idx]))
+        probe.backward({n: F.mse_loss(out[:, k], targets[idx, k]) for k, n in enumerate(names)},
+                       weights=weights)
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("log")

@@ -174,4 +174,6 @@ def test_compiled_model_is_refused_with_the_reason():
     compiled = torch.compile(model)  # lazy: nothing is compiled until the first call
     with pytest.raises(ProbeUsageError, match="torch.compile'd model.*fused autograd node"):
         gradprobe.Probe(compiled)
-    gradprobe.Probe(compiled._orig_mod).close()  # the eager model it wraps is fine
+    probe = gradprobe.Probe(compiled._orig_mod)  # the eager model it wraps is fine
+    with pytest.warns(gradprobe.GradprobeWarning, match="without having seen a backward"):
+        probe.close()  # (closed before any backward: it recorded nothing, and says so)

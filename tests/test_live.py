@@ -4,6 +4,7 @@ a pseudo-terminal), ``probe.findings()`` and ``Probe(on_finding=...)`` on real r
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import re
 import select
@@ -22,12 +23,15 @@ import torch
 import gradprobe
 from gradprobe.diagnose import diagnose
 from click.testing import CliRunner
+from rich.console import Console
 
 from gradprobe.cli import main
 from gradprobe.record import CLOSED, GONE, WRITING, RunWriter, writer_state
 from gradprobe.report import summary_lines
+from gradprobe.report.live import watch as watch_live
 
 import live_run
+from screen import Screen
 
 TESTS = Path(__file__).parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r")
@@ -36,35 +40,51 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r")
 def _env() -> dict:
     root = str(TESTS.parent)
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + (os.pathsep + path if path else ""),
-            "TERM": "xterm-256color", "COLUMNS": "150", "LINES": "60"}
+    # The terminal's size is the pseudo-terminal's (TIOCSWINSZ), as for a user: no COLUMNS.
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + (os.pathsep + path if path else ""),
+            "TERM": "xterm-256color"}
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C interrupts, even where the test runs with SIGINT ignored (a
+    background job of a non-interactive shell), which a child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
-    """``gradprobe watch ...`` on the slave side of a pseudo-terminal; the test reads the
-    master side as a terminal emulator would receive it."""
+    """``gradprobe watch ...`` on the slave side of a ``rows`` x ``columns`` pseudo-terminal;
+    the test reads the master side as a terminal emulator would receive it (``screen``: what
+    that terminal shows)."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, rows: int = 24, columns: int = 80):
         master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 150, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        self.size = (rows, columns)
         self.process = subprocess.Popen([sys.executable, "-m", "gradprobe.cli", "watch", *args],
                                         stdin=slave, stdout=slave, stderr=slave, env=_env(),
-                                        close_fds=True)
+                                        close_fds=True, preexec_fn=_default_sigint)
         os.close(slave)
         self.master = master
         self.raw = b""
 
-    def read_until(self, pattern: str, timeout: float) -> bool:
-        """Read until the text (escape codes removed) matches ``pattern``, or EOF or timeout."""
+    def read_until(self, pattern: str, timeout: float, on_screen: bool = False) -> bool:
+        """Read until the text (escape codes removed), or with ``on_screen`` a row of the
+        screen, matches ``pattern``; False at EOF or timeout."""
         deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.text):
+        while not self._found(pattern, on_screen):
             left = deadline - time.monotonic()
             if left <= 0 or not self._read(left):
-                return bool(re.search(pattern, self.text))
+                return self._found(pattern, on_screen)
         return True
 
+    def _found(self, pattern: str, on_screen: bool) -> bool:
+        if on_screen:
+            return any(re.search(pattern, row) for row in self.screen().rows)
+        return bool(re.search(pattern, self.text))
+
     def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.master], [], [], timeout)
+        ready, _, _ = select.select([self.master], [], [], max(timeout, 0))
         if not ready:
             return True
         try:
@@ -75,29 +95,54 @@ class Terminal:
         return bool(chunk)
 
     def finish(self, timeout: float = 60) -> int:
+        """Read until the process ends and return its exit code; past ``timeout`` seconds
+        kill it and fail."""
+        deadline = time.monotonic() + timeout
         while self._read(0.5) and self.process.poll() is None:
+            if time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail(f"gradprobe watch did not end within {timeout} s:\n"
+                            + self.text[-2000:])
+        end = time.monotonic() + 5
+        while time.monotonic() < end and self._read(0.1):
             pass
-        while self._read(0.1):
-            pass
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"gradprobe watch closed its terminal but did not exit within {timeout} s")
         os.close(self.master)
         return code
+
+    def screen(self) -> Screen:
+        screen = Screen(*self.size)
+        screen.feed(self.raw.decode("utf-8", "replace"))
+        return screen
 
     @property
     def text(self) -> str:
         return ANSI.sub("", self.raw.decode("utf-8", "replace"))
 
 
-def test_watch_shows_swamping_appear_while_another_process_trains(tmp_path):
+SWAMPING_ROW = (r"^error\s+gradient-swamping\s+'b'\s+ratio ([0-9.e-]+) \(median\)\s+"
+                r"seen (\d+), held (\d+)-(\d+)$")
+
+
+def _start_trainer(run_file: Path, release: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TESTS / "live_run.py"), str(run_file),
+                             "--release", str(release)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_watch_at_80x24_shows_swamping_appear_while_another_process_trains(tmp_path):
     run_file, release = tmp_path / "live.gprobe", tmp_path / "release"
-    # The watcher starts first: it waits for the run file to appear.
+    # The watcher starts first, in an 80 x 24 terminal: it waits for the run file to appear.
     terminal = Terminal(str(run_file), "--every", "0.2", "--timeout", "120", "--fail-on", "error")
     assert terminal.read_until(r"waiting for the run file to appear", 120), terminal.text
-    trainer = subprocess.Popen([sys.executable, str(TESTS / "live_run.py"), str(run_file),
-                                "--release", str(release)], env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trainer = _start_trainer(run_file, release)
     try:
-        seen = terminal.read_until(r"gradient-swamping\s+\d+\s+\d+-\d+", 120)
+        seen = terminal.read_until(SWAMPING_ROW, 120, on_screen=True)
+        rows = terminal.screen().rows
         still_training = trainer.poll() is None
         release.touch()
         out, _ = trainer.communicate(timeout=120)
@@ -106,23 +151,102 @@ def test_watch_shows_swamping_appear_while_another_process_trains(tmp_path):
         release.touch()
         trainer.kill()
         terminal.process.kill()
-    text = terminal.text
-    assert seen and still_training, text[-3000:]
+    assert seen and still_training, "\n".join(rows)
     trained = int(re.search(r"trained (\d+) steps", out).group(1))
-    # The live view, refreshed in place, showed the finding in a frame of the running run,
-    # with the step it first appeared at: after the onset, before training ended.
-    first_frame = text[:re.search(r"gradient-swamping\s+\d+\s+\d+-\d+", text).end()]
-    assert "training" in first_frame.splitlines()[-20:][0] or " training " in first_frame
-    since = int(re.search(r"gradient-swamping\s+(\d+)\s+\d+-\d+", text).group(1))
-    assert live_run.ONSET < since < trained
-    # Then the final summary, as `gradprobe analyze` prints it, and analyze's exit code.
+    # One screen row of the running run's frame holds the id, the quoted subject and the key
+    # number (and when it was seen and held); the title wraps under it, whole.
+    at = next(i for i, row in enumerate(rows) if re.search(SWAMPING_ROW, row))
+    ratio, since, first, last = re.search(SWAMPING_ROW, rows[at]).groups()
+    assert live_run.ONSET < int(since) < trained and live_run.ONSET <= int(first) <= int(last)
+    assert rows[0].startswith("gradprobe watch live")  # the path may wrap below it
+    assert any(row.startswith("training  step") for row in rows[1:at])
+    title = " ".join(row.strip() for row in rows[at + 1:] if row.startswith("        "))
+    percent = float(re.fullmatch(r"'b' is swamped: its weighted gradient is ([0-9.]+)% of "
+                                 r"'a''s", title).group(1))
+    assert percent == pytest.approx(100 * float(ratio), rel=0.5)
+    # The frame fits: no row cut off by rich's overflow marker, the losses table above.
+    assert not any(row.strip() == "..." for row in rows)
+    assert any(re.match(r" b\s+[0-9.e-]+\s+0\.002\s", row) for row in rows)
+    # The final summary, as `gradprobe analyze` prints it, and analyze's exit code.
     final = diagnose(gradprobe.load_run(run_file))
     swamped = [f for f in final if f.id == "gradient-swamping"]
     assert swamped and swamped[0].subject == "b" and swamped[0].severity == "error"
-    assert "closed" in text[text.rindex("gradient-swamping") - 3000:]
+    text = terminal.text
+    assert "closed  step" in text[text.rindex("gradient-swamping") - 3000:]
     assert re.search(r"error\s+gradient-swamping\s+'b' is swamped", text)
     assert code == 1, text[-2000:]
     assert not (tmp_path / "live.gprobe.lock").exists()
+
+
+def _read_lines(stream, until: str, timeout: float, lines: list[str]) -> bool:
+    """Append the lines ``stream`` gives (as they come) until one matches ``until``."""
+    deadline, buffer = time.monotonic() + timeout, b""
+    fd = stream.fileno()
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        done = [line.decode() for line in complete]
+        lines.extend(done)
+        if any(re.search(until, line) for line in done):
+            return True
+    return False
+
+
+def test_watch_plain_in_a_pipe_prints_one_line_per_change_as_it_happens(tmp_path):
+    run_file, release = tmp_path / "live.gprobe", tmp_path / "release"
+    # A pipe, as a CI log: no terminal, so --plain is the default.
+    watcher = subprocess.Popen([sys.executable, "-m", "gradprobe.cli", "watch", str(run_file),
+                                "--every", "0.2", "--timeout", "120", "--fail-on", "error"],
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               preexec_fn=_default_sigint)
+    trainer, lines = None, []
+    try:
+        assert _read_lines(watcher.stdout, "waiting for the run file", 120, lines), lines
+        trainer = _start_trainer(run_file, release)
+        # The finding's line arrives while the run trains: flushed as it happens.
+        seen = _read_lines(watcher.stdout, "gradient-swamping", 120, lines)
+        still_training = trainer.poll() is None
+        release.touch()
+        out, _ = trainer.communicate(timeout=120)
+        _read_lines(watcher.stdout, r"^\d+ errors?$", 120, lines)
+        code = watcher.wait(60)
+    finally:
+        release.touch()
+        for process in (trainer, watcher):
+            if process is not None:
+                process.kill()
+    assert seen and still_training, lines
+    assert code == 1, lines
+    run = gradprobe.load_run(run_file)
+    final, summary = diagnose(run), run.summary()
+    expected_summary = summary_lines(summary, final)
+    # Line by line: waiting, training progress, the finding as it appeared, the ending, then
+    # exactly analyze's lines.
+    assert lines[0] == f"gradprobe watch {run_file}: waiting for the run file to appear"
+    assert re.fullmatch(r"step (\d+|-): training, \d+ probe steps", lines[1]), lines
+    appeared = lines.index(next(line for line in lines if "gradient-swamping" in line))
+    assert all(re.fullmatch(r"step \d+: training, \d+ probe steps(, [0-9.]+ steps/s)?", line)
+               for line in lines[2:appeared]), lines
+    match = re.fullmatch(r"step (\d+): error  gradient-swamping 'b'  \[ratio [0-9.e-]+ "
+                         r"\(median\)\]  'b' is swamped: its weighted gradient is [0-9.]+% of "
+                         r"'a''s \(held (\d+)-(\d+)\)", lines[appeared])
+    assert match, lines[appeared]
+    trained = int(re.search(r"trained (\d+) steps", out).group(1))
+    assert live_run.ONSET < int(match.group(1)) < trained
+    assert live_run.ONSET <= int(match.group(2)) <= int(match.group(3)) <= int(match.group(1))
+    ending = len(lines) - len(expected_summary) - 1
+    assert all(re.fullmatch(r"step \d+: training, .*", line) for line in lines[appeared + 1:ending])
+    assert lines[ending] == (f"step {summary['last_step']}: closed, "
+                             f"{summary['probe_steps']} probe steps") or \
+        lines[ending].startswith(f"step {summary['last_step']}: closed, "
+                                 f"{summary['probe_steps']} probe steps, ")
+    assert lines[ending + 1:] == expected_summary
 
 
 def test_watch_ends_on_ctrl_c_with_the_summary_and_analyzes_exit_code(tmp_path):
@@ -140,7 +264,7 @@ def test_watch_ends_on_ctrl_c_with_the_summary_and_analyzes_exit_code(tmp_path):
         writer.close()
     assert code == 0, terminal.text[-2000:]
     assert "interrupted  step 0" in terminal.text
-    assert "run open: 1 probe steps (cadence not recorded, last step 0); losses: a" in terminal.text
+    assert "run open: 1 probe step (cadence not recorded, last step 0); losses: a" in terminal.text
 
 
 def cli(*args: str):
@@ -159,9 +283,63 @@ def test_watch_of_a_closed_run_prints_the_summary_and_exits_as_analyze(tmp_path)
         cli("watch", run_file, "--fail-on", "warning")
     assert watch.exit_code == analyze.exit_code == 1
     assert analyze.output.splitlines() == summary
-    # watch shows the run's last state once (not a terminal), then exactly analyze's lines.
-    assert watch.output.splitlines()[-len(summary):] == summary
-    assert "closed  step 298  probe steps 150" in watch.output
+    # Not a terminal: --plain, one line per finding found and the ending, then exactly
+    # analyze's lines.
+    found = diagnose(run)
+    assert watch.output.splitlines() == [
+        f"step 298: {f.severity}  {f.id} '{f.subject}'  [{f.key_number}]  {f.title} "
+        f"(held {f.steps[0]}-{f.steps[1]})" for f in found] + ["step 298: closed, 150 probe steps",
+                                                               *summary]
+
+
+def test_the_tests_screen_wraps_scrolls_and_redraws_as_a_terminal():
+    screen = Screen(3, 10)
+    screen.feed("x" * 10 + "\n" + "y" * 11)  # exactly 10 columns: no extra row
+    assert screen.rows == ["x" * 10, "y" * 10, "y"]
+    screen.feed("\x1b[2K\x1b[1A\x1b[2K\x1b[1Gzz\x1b[31mz\x1b[0m")  # rich's redraw
+    assert screen.rows == ["x" * 10, "zzz", ""]
+    screen.feed("\n\n\nw")
+    assert screen.scrolled == ["x" * 10, "zzz"] and screen.rows == ["", "", "w"]
+
+
+def test_the_live_view_of_a_run_too_large_for_80x24_fits_the_terminal(tmp_path):
+    """12 losses and 7 findings do not fit 24 rows whole: the frame keeps to 24 rows of 80
+    columns (no overflow marker), and says how many losses and findings it left out."""
+    run_file = tmp_path / "many.gprobe"
+    live_run.many_losses(run_file)
+    found = diagnose(gradprobe.load_run(run_file))
+    assert len(found) == 7
+    out = io.StringIO()
+    watch_live(run_file, console=Console(file=out, force_terminal=True, width=80, height=24),
+               plain=False)
+    screen = Screen(24, 80)
+    screen.feed(out.getvalue())
+    rows = screen.scrolled + screen.rows
+    top = max(i for i, row in enumerate(rows) if row.startswith("gradprobe watch many"))
+    frame = [row for row in rows[top:] if row]
+    assert len(frame) <= 24 and not any(row.strip() == "..." for row in frame), frame
+    assert "closed  step 118  probe steps 60  rate -" in frame[1:3]  # below the path
+    losses = [row for row in frame if re.match(r" task\d\d\s", row)]
+    left_out = re.search(r"\.\.\. (\d+) more losses \(a taller terminal shows them\)",
+                         "\n".join(frame))
+    assert losses and left_out and len(losses) + int(left_out.group(1)) == 12
+    # Every finding has its id, quoted subject and key number on one row, where those fit 80
+    # columns; the one whose subject and key name six losses has its id and subject there.
+    def row_of(f) -> str:
+        return f"{f.severity:<8}{f.id}  '{f.subject}'  {f.key_number}"
+
+    fitting = [f for f in found if len(row_of(f)) <= 80]
+    assert len(fitting) == 6
+    for f in fitting:
+        assert any(re.fullmatch(rf"{f.severity}\s+{f.id}\s+'{re.escape(f.subject)}'\s+"
+                                rf"{re.escape(f.key_number)}(\s+held \d+-\d+)?", row)
+                   for row in frame), (f.id, f.subject, frame)
+    # The seventh (its subject and key name six losses) has its id and subject on a row,
+    # or, where the rows left are too few for it, the frame says it left one finding out.
+    wide = next(f for f in found if f not in fitting)
+    more = re.search(r"\.\.\. (\d+) more findings? \(listed at the end\)", "\n".join(frame))
+    shown = any(row == f"warning {wide.id}  '{wide.subject}'" for row in frame)
+    assert shown != bool(more) and (not more or more.group(1) == "1"), frame
 
 
 def test_watch_waits_for_a_missing_run_and_gives_up_with_one_line(tmp_path):
@@ -201,8 +379,8 @@ def test_writer_state_tells_writing_closed_and_a_stale_lock_apart(tmp_path):
     # watch on it: the committed step, the stale lock named, analyze's exit code.
     result = cli("watch", killed, "--fail-on", "warning")
     assert "is gone without closing the run (stale lock" in result.output
-    assert "writer gone (stale lock)  step 0  probe steps 1" in result.output
-    assert "run killed: 1 probe steps" in result.output
+    assert "step 0: writer gone (stale lock), 1 probe step" in result.output
+    assert "run killed: 1 probe step (cadence not recorded, last step 0)" in result.output
     assert result.exit_code == 0
     # A new writer still takes the stale lock over.
     RunWriter(killed).close()
@@ -291,3 +469,47 @@ def test_findings_arguments_are_checked():
         gradprobe.Probe(model, on_finding="print")
     with pytest.raises(gradprobe.ProbeUsageError, match="findings_every must be a positive"):
         gradprobe.Probe(model, on_finding=print, findings_every=0)
+
+
+def test_findings_right_after_the_first_backward_is_never_probe_incomplete(tmp_path):
+    """The writer thread commits the first step while the training thread goes on:
+    findings() waits for it (bounded), so it never reads a run without a probe step."""
+    for attempt in range(100):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        probe = gradprobe.Probe(model, shared=model[0], run_file=tmp_path / f"r{attempt}.gprobe")
+        out = model(torch.randn(16, 4))
+        probe.backward({"a": out[:, 0].pow(2).mean(), "b": out[:, 1].abs().mean()})
+        found = probe.findings()
+        assert "probe-incomplete" not in [f.id for f in found], (attempt, found)
+        assert probe._writer.committed_step == 0
+        probe.close()
+
+
+def test_a_loop_that_never_calls_backward_is_warned_about_at_close(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    probe = gradprobe.Probe(model, run_file=tmp_path / "r.gprobe")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        model(torch.randn(8, 4)).pow(2).mean().backward()  # the user's own backward only
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(gradprobe.GradprobeWarning) as caught:
+        probe.close()
+    assert [str(w.message) for w in caught] == [
+        f"gradprobe: the probe is closed without having seen a backward, so the run "
+        f"{tmp_path / 'r.gprobe'} records nothing: call probe.backward(losses) in the training "
+        "loop instead of loss.backward() (or probe.before_backward(losses) and "
+        "probe.after_backward(pending) around a backward of your own)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe.close()  # once
+    # analyze says it in words.
+    result = cli("analyze", tmp_path / "r.gprobe")
+    assert result.output.splitlines()[0] == "run r: no probe step was recorded; losses: none"
+    assert "None" not in result.output
+    # A loop that calls it is not warned.
+    probe = gradprobe.Probe(model, run_file=tmp_path / "ok.gprobe")
+    probe.backward({"a": model(torch.randn(8, 4)).pow(2).mean()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe.close()

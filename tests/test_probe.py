@@ -321,7 +321,8 @@ def test_changing_weights_are_recorded_as_used(tmp_path):
         w = torch.tensor(0.1 * (step + 1))
         used[step] = float(w)
         total = probe.backward(losses, weights={"cont": w})
-        expected = sum((float(w) if k == "cont" else 1.0) * float(v) for k, v in losses.items())
+        expected = sum((float(w) if k == "cont" else 1.0) * float(v.detach())
+                       for k, v in losses.items())
         assert float(total) == pytest.approx(expected, rel=1e-6)
         opt.step()
         opt.zero_grad()
@@ -379,7 +380,8 @@ def test_existing_run_file_and_second_writer_are_refused(tmp_path):
     first = gradprobe.Probe(TwoLatentNet(), every=1, run_file=tmp_path / "s.gprobe")
     with pytest.raises(gradprobe.RunFileError, match="already being written"):
         gradprobe.Probe(TwoLatentNet(), every=1, run_file=tmp_path / "s.gprobe")
-    first.close()
+    with pytest.warns(gradprobe.GradprobeWarning, match="without having seen a backward"):
+        first.close()  # it recorded nothing, and says so
     _, probe = train(2, lambda m: attach(m, shared=m.trunk, every=1, run_file=log, overwrite=True))
     assert gradprobe.load_run(log).probe_steps().tolist() == [0, 1]
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -79,23 +82,35 @@ def pdf(runs, findings, tmp_path_factory):
 
 def test_pdf_pages_names_and_metadata(pdf, runs):
     path, texts, meta = pdf
-    # overview, then the overlays of what was recorded (no saturation watch, no prototypes page)
-    assert len(texts) == 5
+    # overview, then the overlays of what was recorded (no saturation watch, no prototypes
+    # page), the sections filling the pages in turn: 3 aux ratios (2 rows), 4 losses (2 rows),
+    # z_E (1 row), the batches (1 row): 6 rows on two pages
+    assert len(texts) == 3
     assert not path.with_name(path.name + ".partial").exists()
-    for title, text in zip(["overview", "gradients", "losses", "representations", "batches"],
-                           texts):
-        if title != "overview":
-            assert COMPARE_TITLES[title] in text, title
+    overlays = "\n".join(texts[1:])
+    for key in ("gradients", "losses", "representations", "batches"):
+        assert COMPARE_TITLES[key] in overlays, key
     assert COMPARE_TITLES["saturation"] not in "\n".join(texts)
     for name in ("before", "after"):
         assert name in texts[0]
         for text in texts[1:]:  # the run legend is on every overlay page
             assert name in text
-    assert "page 1 of 5" in texts[0] and "page 5 of 5" in texts[-1]
+    assert "page 1 of 3" in texts[0] and "page 3 of 3" in texts[-1]
     assert meta.title == "gradprobe comparison: before vs after"
     assert meta.subject == "before, after"
     assert meta.creator == f"gradprobe {__version__}"
     assert meta.creation_date is not None
+
+
+def test_overlay_pages_are_filled(runs, findings):
+    """No page half empty: on every overlay page the panels reach from under the header to
+    the footer."""
+    figures = comparison_figures(runs, findings)
+    for name, fig in figures[1:]:
+        boxes = [ax.get_position() for ax in fig.axes if ax.axison]
+        assert min(b.y0 for b in boxes) < 0.12, name
+        assert max(b.y1 for b in boxes) > 0.6, name
+        fig.clear()
 
 
 def test_every_finding_id_is_on_page_one(pdf, findings):
@@ -140,8 +155,8 @@ def test_page_renders_to_a_non_blank_png(runs, findings):
     assert c1 != c2 and s1 != s2
     # every gradient panel overlays both runs and draws the swamping threshold
     grad = figures["gradients"]
-    panels = [ax for ax in grad.axes if ax.get_title(loc="left")]
-    assert panels
+    panels = [ax for ax in grad.axes if "largest" in ax.get_ylabel()]
+    assert len(panels) >= 3  # cont, proto, orth (the losses section follows on the page)
     for ax in panels:
         assert ax.get_yscale() == "log"
         assert len([ln for ln in ax.get_lines() if len(ln.get_xdata()) > 2]) >= 2
@@ -160,7 +175,8 @@ def synthetic_run(path, name: str, losses: list[str], steps: int, latent: bool):
         for k, loss in enumerate(losses):
             scalars[("loss", loss)] = float(np.exp(-step / steps) * (k + 1) + rng.random())
             scalars[("weighted_grad_norm", loss)] = float(rng.random() + 0.01) / (k + 1)
-        if latent:
+        if latent:  # and a logged validation accuracy
+            scalars[("logged", "val_acc")] = step / steps
             scalars[("effective_rank", "z")] = 4.0 + rng.random()
             scalars[("effective_rank_isotropic", "z")] = 7.5
         writer.write_step(step, scalars, {})
@@ -175,13 +191,23 @@ def test_different_losses_and_latents_overlay_what_is_shared(tmp_path):
     with load_run(tmp_path / "a.gprobe") as a, load_run(tmp_path / "b.gprobe") as b:
         assert run_labels([a, b]) == ["same (a.gprobe)", "same (b.gprobe)"]
         figures = dict(comparison_figures([a, b], [[], []]))
-    assert list(figures) == ["overview", "gradients", "losses", "representations"]
-    titles = {name: [ax.get_title(loc="left") for ax in fig.axes]
-              for name, fig in figures.items()}
-    assert "cont" in titles["gradients"]
-    assert "extra (not in same (a.gprobe))" in titles["gradients"]
-    assert "task" not in titles["gradients"]  # the task's own ratio is not an auxiliary's
-    assert "z: effective rank (not in same (b.gprobe))" in titles["representations"]
+    # gradients (1 row), losses and the logged metric (2 rows) and the latent (1 row) fill one
+    # page, named after its first section; each later section has its heading on it
+    assert list(figures) == ["overview", "gradients"]
+    page = figures["gradients"]
+    titles = [ax.get_title(loc="left") for ax in page.axes]
+    assert "cont" in titles
+    assert "extra (not in same (a.gprobe))" in titles
+    assert titles.count("task") == 1  # the task's loss; its own ratio is not an auxiliary's
+    assert "z: effective rank (not in same (b.gprobe))" in titles
+    texts = [t.get_text() for ax in page.axes for t in ax.texts]
+    assert "Losses, run by run" in texts and "Representations, run by run" in texts
+    # the logged metric as logged, from the run that logged it
+    logged = next(ax for ax in page.axes if ax.get_title(loc="left").startswith("val_acc"))
+    assert logged.get_title(loc="left") == "val_acc (not in same (b.gprobe))"
+    assert logged.get_ylabel() == "logged value"
+    x, y = logged.get_lines()[0].get_data()
+    np.testing.assert_allclose(y, np.arange(40) / 40)
     overview = " ".join(t.get_text() for t in figures["overview"].texts)
     assert "Findings: none in any run" in overview
     for fig in figures.values():
@@ -197,3 +223,36 @@ def test_mismatched_inputs_are_refused(runs, tmp_path):
     with pytest.raises(ValueError):
         write_comparison_pdf([], [], tmp_path / "x.pdf")
     assert not (tmp_path / "x.pdf").exists()
+
+
+def gradprobe_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradprobe.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_compare_prints_the_key_numbers_analyze_prints(run_paths, pdf):
+    """One source of numbers: every finding's key number in analyze's JSON is in compare's
+    output, on its run's line with its id and subject, and on the PDF's first page."""
+    docs = {}
+    for name in ("before", "after"):
+        done = gradprobe_cli("analyze", run_paths[name], "--json", "-")
+        docs[name], _ = json.JSONDecoder().raw_decode(done.stdout)
+    done = gradprobe_cli("compare", run_paths["before"], run_paths["after"])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    found = [(name, f) for name, doc in docs.items() for f in doc["findings"]]
+    assert found  # the runs have findings to compare
+    for name, f in found:
+        line = [ln for ln in lines if ln.split()[:1] == [name] and f" {f['id']} " in ln
+                and f" {f['subject']} " in ln and ln.endswith(f"[{f['key_number']}]")]
+        assert len(line) == 1, (name, f["id"], f["subject"])
+    _, texts, _ = pdf
+    first = " ".join(texts[0].split())
+    for name, f in found:
+        assert f"{f['subject']}: {f['key_number']}" in first, f["key_number"]
+    before = {f["id"] for f in docs["before"]["findings"]}
+    after = {f["id"] for f in docs["after"]["findings"]}
+    change = lines[-1]
+    assert change.startswith("after against before:")
+    for fid in before - after:
+        assert fid in change.split("cleared", 1)[1].split(";")[0]

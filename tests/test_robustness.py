@@ -212,11 +212,11 @@ def test_a_run_without_a_probe_step_is_an_error_finding(tmp_path):
     probe = gradprobe.Probe(model, run_file=log)
     for _ in range(3):
         model(torch.randn(8, 4)).pow(2).mean().backward()
-    probe.close()
+    with pytest.warns(gradprobe.GradprobeWarning, match=r"call probe\.backward\(losses\)"):
+        probe.close()
     code, out, _ = analyze(log)
     assert code == 0
-    assert out.splitlines()[0] == "run empty: 0 probe steps (cadence not recorded, last step " \
-                                  "None); losses: none"
+    assert out.splitlines()[0] == "run empty: no probe step was recorded; losses: none"
     assert "error   probe-incomplete  no probe step was recorded: there is nothing to analyse" \
         in out
     assert analyze(log, "--fail-on", "error")[0] == 1

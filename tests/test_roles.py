@@ -19,7 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import gradprobe
-from gradprobe.report.roles import role_records
+from gradprobe.report.roles import role_records, roles_lines
 
 # A loss that reaches only parameters of its own is warned about at the probe step today
 # (judging it by role is later rule work, issue 21 item 2).
@@ -269,13 +269,15 @@ def test_terminal_and_json_show_each_role_with_its_source(recorded):
             roles["weight_decay"]["reach"]) == ("regularization", "graph", "penalty")
     assert roles["codebook"]["override"] == 'Probe(..., roles={"codebook": "prototype"})'
 
-    terminal = cli("analyze", path)
+    terminal = cli("analyze", path)  # a pipe: one line per loss
     assert terminal.returncode == 0, terminal.stderr
     lines = terminal.stdout.splitlines()
-    assert all(len(line) <= 80 for line in lines[1:lines.index(next(
-        line for line in lines if line.startswith(("no failure", "  error", "  warning",
-                                                   "  info"))))])
-    text = " ".join(terminal.stdout.split())  # the block wraps at 80 columns
+    assert lines[1].startswith("roles (override with Probe(..., roles={...})):")
+    assert [line.split()[0] for line in lines[2:2 + len(roles)]] == list(roles)
+    # On an 80-column terminal the block wraps under the role column.
+    wrapped = roles_lines(gradprobe.load_run(path).summary(), 80)
+    assert all(len(line) <= 80 for line in wrapped) and len(wrapped) > len(roles) + 1
+    text = " ".join(terminal.stdout.split())
     assert "weight_decay" in text and "from the graph (penalty)" in text
     assert "the first loss" in text
     assert 'settle: roles={"codebook": "prototype"}' in text

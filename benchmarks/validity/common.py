@@ -124,3 +124,18 @@ def representation_truth(encoder: torch.nn.Module, head: torch.nn.Module) -> dic
             "z_linear_acc": linear_probe_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te),
             "z_rank": centred_effective_rank(z_te.numpy()), "z_std": normalised_std(z_te.numpy()),
             "z_dim": int(z_te.shape[1])}
+
+
+def knn_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray,
+                 y_test: np.ndarray, k: int = 20) -> float:
+    """Test accuracy of a k-nearest-neighbour vote by cosine similarity on frozen features
+    (the kNN monitor of the self-supervised literature, e.g. Wu et al. 2018, k = 20), in numpy.
+    Features that collapse to one point leave only ties, decided by the lowest-index neighbours."""
+    def unit(f):
+        f = np.asarray(f, dtype=np.float64)
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    sim = unit(f_test) @ unit(f_train).T
+    nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(f_test), int(y_train.max()) + 1))
+    np.add.at(votes, (np.arange(len(f_test))[:, None], np.asarray(y_train)[nearest]), 1.0)
+    return float((votes.argmax(1) == np.asarray(y_test)).mean())

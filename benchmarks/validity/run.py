@@ -34,6 +34,7 @@ from benchmarks.validity.report import (acceptance, finding_lines, heldout_markd
 
 MODULES = ("mtl", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
            "sigmoid_mse", "center_loss", "dsn", "decoupler")
+MODULES += ("barlow_split", "swav", "vicreg", "switch_moe")  # issue 21's table, ported for the rule work
 
 
 def load_families(names: list[str] | None = None, heldout: bool = False) -> dict[str, tuple[str, Family]]:

@@ -2,7 +2,7 @@
 
 ``diagnose(run)`` runs one small rule per finding id (:data:`RULES`, in order; each rule
 also receives the findings of the rules before it) and returns the findings sorted by
-severity then id. Thresholds: :class:`Thresholds` (Python) or
+severity, then causes first (``non-finite``), then id. Thresholds: :class:`Thresholds` (Python) or
 :func:`load_thresholds` (TOML); docs/findings.md documents every rule and number.
 
 The module itself is callable: ``gradprobe.diagnose(run)`` is ``gradprobe.diagnose.diagnose(run)``,
@@ -22,7 +22,8 @@ from gradprobe._warnings import GradprobeWarning
 from gradprobe.record import Run
 
 from ._series import is_fixed_weight
-from .findings import FINDING_IDS, REMEDY, SEVERITIES, SEVERITY_ORDER, WHY, Finding, PlotHint
+from .findings import (FINDING_IDS, REMEDY, SEVERITIES, SEVERITY_ORDER, WHY, Finding, PlotHint,
+                       finding_order)
 from .rules import RULES
 from .thresholds import FIXED_WEIGHT_TOLERANCE, ConfigError, Thresholds, load_thresholds
 
@@ -37,7 +38,8 @@ class DiagnoseWarning(GradprobeWarning):
 
 def diagnose(run: Run, thresholds: Thresholds | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> list[Finding]:
-    """All findings of ``run``, sorted by severity, then id, then subject.
+    """All findings of ``run``, sorted by severity, then causes (``non-finite``, earliest
+    first), then id, then subject (:func:`~.findings.finding_order`).
 
     ``progress(i, n, rule_id)`` is called as rule ``i`` of ``n`` (1-based) starts.
     A rule that fails on unexpected data is reported as a :class:`DiagnoseWarning` and
@@ -57,7 +59,7 @@ def diagnose(run: Run, thresholds: Thresholds | None = None,
             warnings.warn(f"gradprobe diagnose: rule {rule_id!r} could not judge "
                           f"{getattr(run, 'source', 'the run')}: {type(exc).__name__}: {exc}",
                           DiagnoseWarning, stacklevel=2)
-    findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.id, f.subject))
+    findings.sort(key=finding_order)
     return findings
 
 

@@ -32,6 +32,19 @@ FINDING_IDS: tuple[str, ...] = (
 SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
 SEVERITY_ORDER: dict[str, int] = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
+# A non-finite value poisons every update after it, so whatever else the run shows from then on
+# (a swamped loss, a collapsed latent) is its consequence: within their severity (always
+# error) these findings come first, the earliest first, before the findings they explain.
+CAUSES_FIRST: tuple[str, ...] = ("non-finite",)
+
+
+def finding_order(finding: "Finding") -> tuple:
+    """The sort key of findings: severity, then causes first (earliest first), then id and
+    subject."""
+    cause = finding.id in CAUSES_FIRST
+    first = finding.steps[0] if cause and finding.steps is not None else 0
+    return (SEVERITY_ORDER[finding.severity], not cause, first, finding.id, finding.subject)
+
 
 def json_clean(value: Any) -> Any:
     """Evidence as plain JSON: numpy scalars/arrays to Python, NaN/Inf to None, tuples to lists."""
@@ -257,10 +270,10 @@ REMEDY: dict[str, str] = {
         "shared parameters (a detach() or torch.no_grad() on its input is the usual cause), and "
         "check each designed loss with an ablation."),
     "non-finite": (
-        "Find the first non-finite value (the step below), guard logs and divisions with an "
-        "epsilon, lower the learning rate or clip gradients; a saturating sigmoid or an "
-        "unnormalised loss is a common source (gradprobe.remedies.LearnableTemperature, "
-        "gradprobe.remedies.correlation_loss)."),
+        "Start from the first non-finite value (the finding names the loss or quantity and "
+        "the step): guard logs and divisions with an epsilon, lower the learning rate or clip "
+        "gradients; a saturating sigmoid or an unnormalised loss is a common source "
+        "(gradprobe.remedies.LearnableTemperature, gradprobe.remedies.correlation_loss)."),
     "probe-incomplete": (
         "Fix what the message names and record again: a module that returns a tuple, dict or "
         "dataclass needs watch_latent(name, module, select=...); a run without probe steps "

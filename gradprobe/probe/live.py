@@ -28,6 +28,9 @@ from gradprobe.record import change_mark, load_run, run_from_bytes
 from .notices import warn_user
 
 ALERT_SEVERITIES = ("error", "warning")
+# probe.findings() waits at most this long for the steps handed to the writer thread (each
+# takes milliseconds; a wait for the device's copy of a step can take longer).
+COMMIT_WAIT_SECONDS = 10.0
 
 
 class LiveFindings:
@@ -42,14 +45,19 @@ class LiveFindings:
         self._failed_receivers: set = set()
         self._scheduled = True
 
-    def findings(self, writer: Any, thresholds: Any = None) -> list:
-        """The findings of everything ``writer`` has committed (a run file is read as another
-        reader would read it: the steps still queued for the disk are not waited for)."""
+    def findings(self, writer: Any, thresholds: Any = None, wait: bool = True) -> list:
+        """The findings of what ``writer`` has committed, read from the run file as another
+        reader would read it. ``wait``: first wait, up to :data:`COMMIT_WAIT_SECONDS`, for the
+        writer thread to commit every step already handed to it (without it, a call right
+        after the first ``backward`` could find no step yet and report the run as
+        ``probe-incomplete``)."""
         from gradprobe.diagnose import diagnose  # the documented exception (module docstring)
 
         if writer.path is None:
             run, mark = run_from_bytes(writer.to_bytes(), "(in-memory run)"), None
         else:
+            if wait:
+                writer.wait_committed(COMMIT_WAIT_SECONDS)
             mark = change_mark(writer.path)
             if mark is not None and mark == self._mark and thresholds is None:
                 return list(self._cached)
@@ -70,7 +78,8 @@ class LiveFindings:
         if not receivers:
             return
         try:
-            found = self.findings(writer)
+            # Not waiting for the writer thread: training goes on with what it committed.
+            found = self.findings(writer, wait=False)
         except Exception as exc:  # noqa: BLE001 - the observer must not harm the observed
             self._scheduled = False
             warn_user(f"gradprobe: step {step}: diagnosing the run so far failed "

@@ -123,6 +123,7 @@ class Probe(WatchMethods):
         self._roles_guessed: list[str] = []
         self._role_reader = RoleReader(roles, task is not None)
         self._resumed = False
+        self._saw_backward = self._closed = False  # close() warns when no backward came
         self._meta_written = False
         self._last: tuple[list[str], Transfer] | None = None  # the last recorded probe step
         self.backward_path = "separate"
@@ -188,6 +189,7 @@ class Probe(WatchMethods):
         scaler), then call :meth:`after_backward` with it.
         """
         self._notices.run()
+        self._saw_backward = True
         if self._writes:  # a safe point: between optimiser steps, outside any backward
             self._live.at_safe_point(self.step, self._writer, self._sinks)
         weights = dict(weights or {})
@@ -229,9 +231,10 @@ class Probe(WatchMethods):
             self._fail(exc)
 
     def findings(self, thresholds: Any = None) -> list:
-        """The findings of the run recorded so far (``gradprobe analyze`` on the run file now):
-        read as another reader would (nothing flushed, no wait for the device), diagnosed again
-        only when something new was committed. ``[]`` on DDP ranks other than 0. It imports the
+        """The findings of the run recorded so far (``gradprobe analyze`` on the run file now,
+        once the steps already handed to the writer thread are committed: a bounded wait),
+        diagnosed again only when something new was committed. ``[]`` on DDP ranks other
+        than 0. It imports the
         later diagnose stage inside the call, the documented exception (probe/live.py,
         docs/architecture.md); docs/live.md has what a call costs."""
         if not self._writes:
@@ -447,7 +450,14 @@ class Probe(WatchMethods):
 
     def close(self) -> None:
         """Flush and close the run file and remove the hooks; safe to call twice. Warnings
-        about the last steps (found on the writer thread) come here at the latest."""
+        about the last steps (found on the writer thread) come here at the latest, and one
+        when no backward reached the probe (the run records nothing)."""
+        if not self._saw_backward and self._writes and not self._closed:
+            warn_user("gradprobe: the probe is closed without having seen a backward, so the "
+                      f"run {self._writer.path or '(in memory)'} records nothing: call "
+                      "probe.backward(losses) in the training loop instead of "
+                      "loss.backward() (or probe.before_backward(losses) and "
+                      "probe.after_backward(pending) around a backward of your own)")
         self._check_skipped()
         self._watches.remove_hooks()
         self._layer_inputs.disarm()
@@ -457,6 +467,7 @@ class Probe(WatchMethods):
             except Exception as exc:
                 warn_user(f"gradprobe: could not close the run file cleanly ({exc})")
         self._notices.run()
+        self._closed = True
 
     def __enter__(self) -> "Probe":
         return self

@@ -210,12 +210,10 @@ class StepRecorder:
                        scalars: dict, arrays: dict, events: list[Event]) -> None:
         names, step = plan.losses, plan.step
         loss_values = values["loss"].tolist()
-        non_finite = [(n, v) for n, v in zip(names, loss_values) if not np.isfinite(v)]
-        if non_finite:
-            listed = ", ".join(f"{n!r} = {v}" for n, v in non_finite)
-            hint = " (an empty batch?)" if all(np.isnan(v) for _, v in non_finite) else ""
-            self._event(events, step, "non_finite", [n for n, _ in non_finite],
-                        f"non-finite loss: {listed}{hint}")
+        for loss_name, value in zip(names, loss_values):
+            if not np.isfinite(value):
+                self._event(events, step, "non_finite", [loss_name],
+                            f"loss {loss_name!r} is {value}")
         weights = [float(values[f"weight:{k}"]) if w is None else w
                    for k, w in enumerate(plan.weights)]
         for k, loss_name in enumerate(names):
@@ -235,8 +233,12 @@ class StepRecorder:
                             f"the scaled gradients (scale {scale:g}) hold inf/NaN: "
                             "GradScaler skips this optimizer step", warn=False)
             else:
+                bad = [repr(n) for n, d in zip(names, torch.diagonal(gram).tolist())
+                       if not np.isfinite(d)]
+                what = f"the gradient of loss {' and '.join(bad)}" if bad else \
+                    "a per-loss gradient"
                 self._event(events, step, "non_finite", ["gradient"],
-                            "a per-loss gradient on the shared parameters holds NaN or Inf")
+                            f"{what} on the shared parameters holds NaN or Inf")
         norm, weighted = stats["norm"].tolist(), stats["weighted_norm"].tolist()
         contribution = stats["contribution"].tolist()
         cosine, similarity = stats["cosine"].tolist(), stats["magnitude_similarity"].tolist()

@@ -105,6 +105,16 @@ class BackgroundRunWriter:
         done.wait()
         self._raise_pending()
 
+    def wait_committed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for everything handed over before to be committed;
+        True when it was (or nothing can be: the writer is closed or failed). Raises nothing:
+        an error of the writer thread is raised by the next call that hands something over."""
+        if self._closed or self._writer.error is not None:
+            return True
+        done = threading.Event()
+        self._put(("flush", done))
+        return done.wait(timeout)
+
     # -- reading what was committed ----------------------------------------------------
 
     def last_step(self) -> int | None:

@@ -1,13 +1,15 @@
 """The comparison report: several runs' findings side by side and their key series overlaid.
 
 ``write_comparison_pdf(runs, findings_per_run, path)`` (``gradprobe compare A B -o compare.pdf``
-and the demo's before/after) answers "did the fix work?": page 1 is a table of finding ids by
-run (severity colours, ``-`` where the run is clear) with the runs' facts and key numbers; the
-pages after it overlay the runs, one colour and line style per run on every page, for what
-decides most fixes: each auxiliary loss's weighted-gradient ratio to the largest, each loss
-relative to its start, effective rank and normalised std per latent, saturated share per
-sigmoid watch, and the batch composition. A panel draws every run that recorded its series;
-pages whose quantities no run recorded are left out.
+and the demo's before/after) answers "did the fix work?": page 1 says what each run after the
+first cleared (green), kept and added, and tabulates finding ids by run (severity colours, each
+finding's key number as ``analyze`` prints it, ``-`` where the run is clear) with the runs'
+facts; the pages after it overlay the runs, one colour and line style per run on every page,
+for what decides most fixes: each auxiliary loss's weighted-gradient ratio to the largest, each
+loss relative to its start and every metric logged with ``probe.log``, effective rank and
+normalised std per latent, saturated share per sigmoid watch, and the batch composition. A
+panel draws every run that recorded its series; sections no run recorded are left out, and
+the others fill the pages one after the other.
 
 It is drawn with the same toolkit as the single-run report (page frame, text flow, step axis,
 legend swatch, severity badge, page numbering, the atomic PDF write), so the two documents
@@ -26,7 +28,7 @@ from gradprobe.record import Run
 
 from .comparison import COMPARE_TITLES, Comparison, run_labels
 from .frames import number_pages
-from .pages.overlays import OVERLAYS, overlay_pages
+from .pages.overlays import overlay_pages
 from .pages.overview import overview_pages
 from .pdf import write_pages
 from .style import report_style
@@ -37,9 +39,7 @@ __all__ = ["COMPARE_TITLES", "comparison_figures", "comparison_pages", "run_labe
 
 def comparison_pages(cmp: Comparison) -> list[tuple[str, Figure]]:
     """The pages of :func:`comparison_figures`, built under whatever style is active."""
-    pages: list[tuple[str, Figure]] = [("overview", fig) for fig in overview_pages(cmp)]
-    for key, panels, how_to_read, ncols in OVERLAYS:
-        pages += overlay_pages(cmp, key, panels(cmp), how_to_read, ncols=ncols)
+    pages = [("overview", fig) for fig in overview_pages(cmp)] + overlay_pages(cmp)
     return number_pages(pages, "comparison: " + " vs ".join(cmp.labels))
 
 

@@ -94,3 +94,42 @@ class Comparison:
             catalogue = FINDING_IDS.index(fid) if fid in FINDING_IDS else len(FINDING_IDS)
             return severity_rank(worst), catalogue
         return sorted(ids, key=key)
+
+
+# What a later run did with the first run's findings, in the order a reader wants it: the
+# good news first. Each kind's colour in the PDF: green, amber, red.
+CHANGE_KINDS = ("cleared", "still", "new")
+
+
+def changes(findings_per_run: Sequence[Iterable[Any]]) -> list[list[tuple[str, list[str]]]]:
+    """For each run after the first: ``[(kind, finding ids)]`` for the kinds of
+    :data:`CHANGE_KINDS` that occur (the first run's ids it cleared, kept, and added)."""
+    ids = [{finding_value(f, "id") for f in fs} for fs in findings_per_run]
+    out = []
+    for later in ids[1:]:
+        groups = {"cleared": ids[0] - later, "still": ids[0] & later, "new": later - ids[0]}
+        out.append([(kind, sorted(groups[kind])) for kind in CHANGE_KINDS if groups[kind]])
+    return out
+
+
+def key_number_lines(labels: Sequence[str], findings_per_run: Sequence[Iterable[Any]]
+                     ) -> list[str]:
+    """The terminal's comparison in numbers: each run's findings (errors first) with the
+    subject and key number that ``gradprobe analyze`` prints, then what each run after the
+    first changed against it."""
+    findings_per_run = [sorted_findings(fs) for fs in findings_per_run]
+    rows = [(label, finding_value(f, "severity"), finding_value(f, "id"),
+             str(finding_value(f, "subject")), str(finding_value(f, "key_number") or ""))
+            for label, fs in zip(labels, findings_per_run) for f in fs]
+    lines = []
+    if rows:
+        widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        lines.append("key numbers (as analyze reports them):")
+        for row in rows:
+            lines.append("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths))
+                         + f"  [{row[4]}]")
+    for label, change in zip(labels[1:], changes(findings_per_run)):
+        words = "; ".join(f"{kind} {', '.join(ids)}" for kind, ids in change) or \
+            "no findings in either run"
+        lines.append(f"{label} against {labels[0]}: {words}.")
+    return lines

@@ -8,6 +8,7 @@ as a dashed line; each page says in one sentence per finding what to look at.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import numpy as np
@@ -46,6 +47,9 @@ class ReportContext:
         self.marked: dict[int, str] = {}  # id(finding) -> page title
         lo, hi = self.data.step_range()
         self.xlim = None if lo is None else (lo, hi)
+        probe_steps = np.asarray(run.probe_steps())
+        self.every = run.every or (float(np.median(np.diff(probe_steps)))
+                                   if len(probe_steps) > 1 else 1)
 
     def plotted_findings(self) -> list[Any]:
         return [f for f in self.findings if isinstance(finding_value(f, "plot"), dict)
@@ -92,6 +96,7 @@ class ReportContext:
                 else:
                     ax.axvspan(a, b, facecolor=colour, alpha=0.12, edgecolor=colour,
                                linewidth=0.8, zorder=0)
+                    self._span_end(ax, f, colour)
                 if ("span", fid) not in labelled:
                     labelled.add(("span", fid))
                     stacked = sum(1 for k in labelled if k[0] == "span")
@@ -118,6 +123,20 @@ class ReportContext:
                      include=[k[2] for k in labelled if k[0] == "threshold"])
         return hits
 
+    def _span_end(self, ax, f: Any, colour: str) -> None:
+        """Say at a shaded span's end why it ends there, when that is before the run's end."""
+        note = span_end_note(f, None if self.xlim is None else self.xlim[1], self.every)
+        if note is None:
+            return
+        end = finding_value(f, "steps")[1]
+        right_half = self.xlim is not None and end > (self.xlim[0] + self.xlim[1]) / 2
+        ax.annotate(note, xy=(end, 0.0), xycoords=("data", "axes fraction"),
+                    xytext=(-3 if right_half else 3, 3), textcoords="offset points",
+                    ha="right" if right_half else "left", va="bottom", fontsize=6.5,
+                    color=colour, fontweight="bold", zorder=5,
+                    bbox=dict(boxstyle="square,pad=0.15", facecolor="white", edgecolor="none",
+                              alpha=0.8))
+
     def step_axis(self, ax, label: bool = True) -> None:
         step_axis(ax, self.xlim, label)
 
@@ -135,8 +154,39 @@ class ReportContext:
         self.palette.new_page()
         legend = [(n, self.palette.loss(n)) for n in self.run.losses] if loss_legend else []
         page = Frame(PAGE_TITLES[key], self.run.name, legend)
-        page.header([look_sentence(f) for f in unique(findings)] or [how_to_read])
+        # a page says what this run's findings say: without one, that none is marked here
+        # (and where a finding of a kind it explains is drawn instead), before what a
+        # finding would look like
+        page.header([look_sentence(f) for f in unique(findings)] or
+                    [self.none_marked(how_to_read)] + ([how_to_read] if how_to_read else []))
         return page
+
+    def none_marked(self, how_to_read: str) -> str:
+        """"No finding of this run is marked on this page.", naming the run's findings of the
+        ids ``how_to_read`` explains, which are drawn with another quantity elsewhere."""
+        elsewhere = list(dict.fromkeys(
+            finding_value(f, "id") for f in self.findings
+            if re.search(rf"\b{re.escape(finding_value(f, 'id'))}\b", how_to_read)))
+        if not elsewhere:
+            return "No finding of this run is marked on this page."
+        return ("No finding of this run is marked on this page: its "
+                + ", ".join(elsewhere) + " is drawn with the quantity it was judged on (its "
+                "page is named in the findings table on page 1).")
+
+
+def span_end_note(f: Any, last_step: float | None, every: float) -> str | None:
+    """Why finding ``f``'s shaded steps end where they do, when that is more than two probe
+    steps before ``last_step``: the task memorised its data there (after it the rule judges
+    nothing, as its evidence says), or the condition last held there."""
+    steps = finding_value(f, "steps")
+    if steps is None or last_step is None or steps[1] >= last_step - 2 * every:
+        return None
+    evidence = finding_value(f, "evidence") or {}
+    memorised = evidence.get("task_memorised_at") if isinstance(evidence, dict) else None
+    if memorised is not None and 0 <= memorised - steps[1] <= 2 * every:
+        return (f"ends at {step_label(steps[1])}: the task memorised its data at step "
+                f"{step_label(memorised)}, not judged after")
+    return f"ends at {step_label(steps[1])}: last step it held"
 
 
 def look_sentence(f: Any) -> str:

@@ -19,7 +19,6 @@ from gradprobe.record import Run
 from .context import PAGE_TITLES, ReportContext
 from .frames import number_pages
 from .pages.batches import batch_pages
-from .pages.details import detail_pages
 from .pages.further import further_evidence_pages
 from .pages.gradients import gradient_pages
 from .pages.losses import loss_pages
@@ -50,8 +49,8 @@ def report_pages(run: Run, findings: Iterable[Any], title: str | None = None
     # the text pages (printed first) cite
     plots = [(key, fig) for key, build in PLOT_PAGES for fig in build(ctx)]
     plots += [("evidence", fig) for fig in further_evidence_pages(ctx)]
-    text = [("verdict", fig) for fig in verdict_pages(ctx, ctx.marked)]
-    text += [("findings", fig) for fig in detail_pages(ctx, ctx.marked)]
+    verdict, details = verdict_pages(ctx, ctx.marked)
+    text = [("verdict", fig) for fig in verdict] + [("findings", fig) for fig in details]
     return number_pages(text + plots, run.name)
 
 

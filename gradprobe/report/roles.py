@@ -50,8 +50,9 @@ def _short(declaration: str) -> str:
     return declaration.removeprefix("Probe(..., ").removesuffix(")")
 
 
-def roles_lines(run_summary: dict[str, Any], width: int = 80) -> list[str]:
-    """The terminal's roles block: one loss per entry, wrapped to ``width`` columns."""
+def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
+    """The terminal's roles block: one loss per entry, wrapped to ``width`` columns (None: one
+    line per loss, as a pipe or log gets the findings)."""
     records = role_records(run_summary)
     if not records:
         return []
@@ -68,9 +69,9 @@ def roles_lines(run_summary: dict[str, Any], width: int = 80) -> list[str]:
             text += f"; {_AMBIGUOUS}{declaration}"
         elif r["source"] in ("graph", "name"):
             text += f"; override: {declaration}"
-        lines += [line.replace("\xa0", " ") for line in
-                  textwrap.wrap(text, width, initial_indent="  ",
-                                subsequent_indent=" " * (name_w + 3), break_on_hyphens=False)]
+        wrapped = textwrap.wrap(text, width, initial_indent="  ", break_on_hyphens=False,
+                                subsequent_indent=" " * (name_w + 3)) if width else ["  " + text]
+        lines += [line.replace("\xa0", " ") for line in wrapped]
     return lines
 
 

@@ -36,6 +36,7 @@ MOMENT_COLOURS = ["#9ecae1", "#3182bd", "#08306b"]
 MOMENT_STYLES = [(0, (1, 1.5)), (0, (5, 2)), "-"]
 
 SEVERITY_COLOURS = {"error": "#c0392b", "warning": "#e08e0b", "info": "#2e86c1"}
+CLEAR_COLOUR = "#1e8449"  # good news: no failure mode, a finding cleared
 
 # Runs in a comparison (``gradprobe compare``): strongly contrasting colours (the first two,
 # blue and vermillion, are the before/after pair), each with its own line style and marker.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import click
@@ -12,27 +13,63 @@ from .roles import roles_lines
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 
-def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = False) -> list[str]:
-    """One header line for the run, then one line per finding (severity, id, title, key number)."""
-    steps = run_summary.get("last_step")
+REMEDY_INDENT = " " * 10  # under the finding id, past the severity column
+NO_BREAK = "\u00a0"
+
+
+def summary_header(run_summary: dict[str, Any]) -> str:
+    """``run NAME: N probe steps (CADENCE, last step S); losses: ...``, in words for a run
+    without a probe step."""
     losses = ", ".join(run_summary.get("losses", [])) or "none"
+    count = run_summary["probe_steps"]
+    if not count:
+        return f"run {run_summary['name']}: no probe step was recorded; losses: {losses}"
     every = run_summary.get("every")
     cadence = f"every {every}" if every else \
         "default cadence" if run_summary.get("cadence") else "cadence not recorded"
-    lines = [f"run {run_summary['name']}: {run_summary['probe_steps']} probe steps "
-             f"({cadence}, last step {steps}); losses: {losses}"]
-    lines += roles_lines(run_summary)
+    return (f"run {run_summary['name']}: {count} probe step{'s' if count != 1 else ''} "
+            f"({cadence}, last step {run_summary['last_step']}); losses: {losses}")
+
+
+def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = False,
+                  remedies: bool = True, width: int | None = None) -> list[str]:
+    """The header line for the run, then per finding a line (severity, id, title, key number)
+    and, with ``remedies``, a line ``remedy: ...`` under it; last the severity counts.
+
+    ``width``: wrap both to this many columns with a hanging indent (a terminal); None keeps
+    each on one line (a pipe or log, where a finding is one greppable line)."""
+    header = summary_header(run_summary)
+    lines = textwrap.wrap(header, width, subsequent_indent="    ") if width else [header]
+    lines += roles_lines(run_summary, width)
     if not findings:
         lines.append("no failure modes found")
         return lines
-    width = max(len(f.id) for f in findings)
+    id_width = max(len(f.id) for f in findings)
     for finding in findings:
-        severity = f"{finding.severity:<7}"
+        head = f"  {finding.severity:<7} {finding.id:<{id_width}}  "
+        # The key number is kept on one row (textwrap does not break at a no-break space).
+        key = f"[{finding.key_number}]".replace(" ", NO_BREAK if width else " ")
+        body = [line.replace(NO_BREAK, " ")
+                for line in _wrapped(f"{finding.title}  {key}", head, width)]
         if color:
-            severity = click.style(severity, fg=SEVERITY_STYLE.get(finding.severity), bold=True)
-        lines.append(f"  {severity} {finding.id:<{width}}  {finding.title}  [{finding.key_number}]")
+            styled = click.style(f"{finding.severity:<7}", fg=SEVERITY_STYLE.get(finding.severity),
+                                 bold=True)
+            body[0] = body[0].replace(f"{finding.severity:<7}", styled, 1)
+        lines.extend(body)
+        if remedies:
+            lines.extend(_wrapped(f"remedy: {finding.remedy}", REMEDY_INDENT, width))
     lines.append(severity_counts(findings, info="info"))
     return lines
+
+
+def _wrapped(text: str, head: str, width: int | None) -> list[str]:
+    """``head + text`` as one line, or wrapped to ``width`` under the text's first column
+    (under ``REMEDY_INDENT`` where that leaves less than 30 columns)."""
+    if width is None:
+        return [head + text]
+    indent = " " * len(head) if width - len(head) >= 30 else REMEDY_INDENT
+    return textwrap.wrap(text, width, initial_indent=head, subsequent_indent=indent,
+                         break_on_hyphens=False) or [head]
 
 
 def comparison_lines(labels: list[str], findings_per_run: list[list]) -> list[str]:

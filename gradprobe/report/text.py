@@ -88,21 +88,40 @@ def fit(text: Any, width_in: float, size: float, weight: str = "normal",
 
 def wrap(text: Any, width_in: float, size: float, weight: str = "normal",
          family: str | None = None) -> list[str]:
-    """Greedy word wrap by measured width (a word longer than a line is cut)."""
+    """Greedy word wrap by measured width; a word longer than a line (a list of names with no
+    space) is broken across lines, never cut."""
     limit = width_in * 72 / _WIDTH_SLACK
     space = width_pt("a a", size, weight, family) - 2 * width_pt("a", size, weight, family)
     lines: list[str] = []
     line, used = "", 0.0
-    for word in str(text).split():
+    for word in _pieces(str(text).split(), limit, size, weight, family):
         w = width_pt(word, size, weight, family)
         if line and used + space + w > limit:
             lines.append(line)
             line, used = "", 0.0
-        if not line and w > limit:
-            word = fit(word, width_in, size, weight, family)
-            w = limit
         line = f"{line} {word}" if line else word
         used = used + space + w if used else w
     if line:
         lines.append(line)
     return lines or [""]
+
+
+def _pieces(words: list[str], limit: float, size: float, weight: str, family: str | None
+            ) -> list[str]:
+    """``words`` with each one wider than ``limit`` points broken into pieces that fit, after
+    a comma where it has one."""
+    out = []
+    for word in words:
+        while width_pt(word, size, weight, family) > limit and len(word) > 1:
+            lo, hi = 1, len(word) - 1  # the longest prefix that fits (at least one character)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if width_pt(word[:mid], size, weight, family) <= limit \
+                    else (lo, mid - 1)
+            cut = lo
+            comma = word.rfind(",", 0, cut)
+            cut = comma + 1 if comma > 0 else cut
+            out.append(word[:cut])
+            word = word[cut:]
+        out.append(word)
+    return out

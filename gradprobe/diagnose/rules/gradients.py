@@ -92,7 +92,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         }
         out.append(make_finding(
             "gradient-swamping", severity,
-            f"'{name}' is swamped: its weighted gradient is {pct(med)} of '{dominant}''s",
+            f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'",
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant)))

@@ -167,27 +167,43 @@ def overfitting(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
 
 
 def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    """One finding per loss or watch that went NaN/Inf, naming what went first (the loss
+    itself, or only its gradient on the shared parameters, or a watched quantity) and the
+    step: the events the probe recorded, and the loss and gradient-norm series."""
     found: dict[str, dict] = {}
+
+    def note(name: str, step: int, what: str, message: str, count: int = 1,
+             last: int | None = None) -> None:
+        entry = found.get(name)
+        if entry is None:
+            found[name] = {"first_step": step, "last_step": step if last is None else last,
+                           "count": count, "message": message, "what": what}
+            return
+        entry["count"] += count
+        entry["last_step"] = max(entry["last_step"], step if last is None else last)
+        if step < entry["first_step"]:
+            entry.update(first_step=step, message=message, what=what)
+
     for e in run.events("non_finite"):
-        entry = found.setdefault(e["name"], {"first_step": int(e["step"]), "count": 0,
-                                             "message": e["message"], "source": "event"})
-        entry["count"] += 1
-        entry["last_step"] = int(e["step"])
-    for q in (LOSS, GRAD_NORM, WEIGHTED_GRAD_NORM):
-        for name in run.names(q):
-            s, v = run.series(q, name)
+        name, step = e["name"], int(e["step"])
+        if name in run.losses:
+            note(name, step, f"loss '{name}'", e["message"])
+        elif name != "gradient":  # a per-loss gradient: told apart by the series below
+            note(name, step, e["message"].removesuffix(" holds NaN or Inf"), e["message"])
+    for quantity in (LOSS, GRAD_NORM, WEIGHTED_GRAD_NORM):
+        for name in run.names(quantity):
+            s, v = run.series(quantity, name)
             bad = ~np.isfinite(v)
-            if not bad.any():
-                continue
-            key = name if q == "loss" else "gradient"
-            entry = found.get(key)
-            first = int(s[bad][0])
-            if entry is None:
-                found[key] = {"first_step": first, "count": int(bad.sum()),
-                              "last_step": int(s[bad][-1]),
-                              "message": f"{q} of {name!r} is {v[bad][0]}", "source": q}
-            else:
-                entry["first_step"] = min(entry["first_step"], first)
+            if bad.any() and not (name in found and found[name]["first_step"] <= s[bad][0]):
+                what = f"loss '{name}'" if quantity == LOSS else \
+                    f"the gradient of loss '{name}' on the shared parameters"
+                note(name, int(s[bad][0]), what, f"{quantity} of '{name}' is not finite",
+                     0 if name in found else int(bad.sum()), int(s[bad][-1]))
+    gradient_events = [e for e in run.events("non_finite") if e["name"] == "gradient"]
+    if gradient_events and not any(n in found for n in run.losses):
+        note("gradient", int(gradient_events[0]["step"]),
+             "a per-loss gradient on the shared parameters", gradient_events[0]["message"],
+             len(gradient_events), int(gradient_events[-1]["step"]))
     disabled = run.events("probe_disabled")
     out = []
     for name, entry in found.items():
@@ -195,14 +211,10 @@ def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
         if disabled:
             evidence["probe_disabled_at"] = int(disabled[0]["step"])
             evidence["probe_disabled_message"] = disabled[0]["message"]
-        kind = "loss" if name in run.losses else ("gradient" if name == "gradient" else "watch")
-        subject = f"loss '{name}'" if kind == "loss" else \
-            ("a per-loss gradient" if kind == "gradient" else f"'{name}'")
+        first = entry["first_step"]
         out.append(make_finding(
-            "non-finite", "error",
-            f"{subject} became NaN/Inf at step {entry['first_step']}", name,
-            f"first at step {entry['first_step']}", evidence,
-            (entry["first_step"], entry.get("last_step", entry["first_step"])),
-            plot=PlotHint(LOSS, names=[name]) if kind == "loss" else
-            PlotHint(GRAD_NORM, names=run.losses)))
+            "non-finite", "error", f"{entry['what']} became NaN or Inf at step {first}", name,
+            f"first at step {first}", evidence, (first, entry["last_step"]),
+            plot=PlotHint(LOSS, names=[name]) if entry["what"] == f"loss '{name}'" else
+            PlotHint(GRAD_NORM, names=[name] if name in run.losses else run.losses)))
     return out

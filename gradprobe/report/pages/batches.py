@@ -11,8 +11,9 @@ from ..context import ReportContext
 from .panels import panel_pages
 
 HOW_TO_READ = ("How to read: the batches should hold what the sampler declares (training and "
-               "inference must match); InfoNCE near chance with most negatives from the anchor's "
-               "own group means the contrastive loss has little signal.")
+               "inference must match). The diagnosis reports batch-composition-mismatch when "
+               "they do not, and weak-contrastive-signal when InfoNCE stays near chance with "
+               "most negatives from the anchor's own group.")
 
 
 def batch_pages(ctx: ReportContext) -> list[Figure]:

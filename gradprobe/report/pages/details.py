@@ -9,15 +9,30 @@ from ..context import PAGE_TITLES, ReportContext
 from ..data import finding_value
 from ..evidence import evidence_parts
 from ..frames import TextFlow
-from ..style import SEVERITY_COLOURS
-from ..text import count_label
+from ..style import PAGE_SIZE, SEVERITY_COLOURS
+from ..text import count_label, wrap
 
 
-def detail_pages(ctx: ReportContext, pages_of: dict[int, str]) -> list[Figure]:
-    """No page without findings; ``pages_of`` maps ``id(finding)`` to its plot's page."""
+# Below this much room (inches) left on the verdict's last page, the details start a page
+CONTINUE_ROOM = 1.5
+
+
+def detail_pages(ctx: ReportContext, pages_of: dict[int, str], after: TextFlow
+                 ) -> tuple[int, list[Figure]]:
+    """The details, on the rest of ``after``'s last page when there is room (the verdict's:
+    no page is left half empty), and the pages after it; ``pages_of`` maps ``id(finding)`` to
+    its plot's page. Returns the number of the page where they start (counted in ``after``'s
+    pages) and the new pages; nothing without findings."""
     if not ctx.findings:
-        return []
-    flow = TextFlow(ctx.run.name, PAGE_TITLES["findings"])
+        return len(after.figs) + 1, []
+    if after.y + CONTINUE_ROOM <= PAGE_SIZE[1] - after.MARGIN_BOTTOM:
+        flow, start = after, len(after.figs)
+        flow.space(0.2)
+        flow.text(PAGE_TITLES["findings"], size=15, weight="bold", gap=0.42)
+        flow.title = PAGE_TITLES["findings"]  # the heading of a page it runs over to
+    else:
+        flow, start = TextFlow(ctx.run.name, PAGE_TITLES["findings"]), len(after.figs) + 1
+    new_from = len(after.figs) if flow is after else 0
     for f in ctx.findings:
         flow.need(1.3)
         severity = finding_value(f, "severity")
@@ -40,7 +55,7 @@ def detail_pages(ctx: ReportContext, pages_of: dict[int, str]) -> list[Figure]:
         if isinstance(evidence, dict) and evidence:
             _evidence_block(flow, evidence)
         flow.space(0.22)
-    return flow.figs
+    return start, flow.figs[new_from:]
 
 
 def _evidence_block(flow: TextFlow, evidence: dict) -> None:
@@ -48,6 +63,8 @@ def _evidence_block(flow: TextFlow, evidence: dict) -> None:
     rows, sentences = evidence_parts(evidence)
     flow.text("Evidence", size=8.5, weight="bold", gap=0.15)
     for key, value in rows:
+        # the key on the page of its value's lines
+        flow.need(min(len(wrap(value, PAGE_SIZE[0] - flow.X0 - 2.95, 7.5)), 2) * 7.5 * 1.45 / 72)
         flow.text(flow.fit(key, 0.75, 2.85, 7.5), x=0.75, size=7.5, colour="#555555", gap=0)
         flow.paragraph(value, x=2.95, size=7.5, colour="#222222", max_lines=2)
     for sentence in sentences:

@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 from ..axes import all_positive, has_positive, plot_series
 from ..context import PAGE_TITLES, ReportContext
 from ..data import decimate, finding_value
-from ..text import clip
+from ..style import PAGE_SIZE
+from ..text import clip, wrap
 
 PANELS_PER_PAGE = 4
 
@@ -21,7 +22,7 @@ def further_evidence_pages(ctx: ReportContext) -> list[Figure]:
     for start in range(0, len(left), PANELS_PER_PAGE):
         chunk = left[start:start + PANELS_PER_PAGE]
         page = ctx.start_page("evidence", chunk, "", loss_legend=False)
-        gs = page.grid(PANELS_PER_PAGE, 1, hspace=0.6)
+        gs = page.grid(max(len(chunk), 2), 1, hspace=0.6)  # the panels fill the page
         for k, f in enumerate(chunk):
             _finding_panel(ctx, page.fig.add_subplot(gs[k]), f)
         figs.append(page.fig)
@@ -49,7 +50,10 @@ def _finding_panel(ctx: ReportContext, ax, f) -> None:
             ax.set_yscale("log")
     unit = f"{quantity} / {to} (ratio)" if to else quantity
     ax.set_ylabel(clip(unit, 40))
-    ax.set_title(clip(f"{finding_value(f, 'id')}: {finding_value(f, 'title')}", 95))
+    # the finding's title in full, wrapped over the panel's width
+    width = ax.get_position().width * PAGE_SIZE[0]
+    ax.set_title("\n".join(wrap(f"{finding_value(f, 'id')}: {finding_value(f, 'title')}", width,
+                                 9.5, "bold")), fontsize=9.5, fontweight="bold")
     if names:
         ax.legend(loc="best", fontsize=7)
     ctx.mark(ax, quantity, PAGE_TITLES["evidence"], ratio=bool(to), among=[f])

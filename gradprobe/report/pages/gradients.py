@@ -19,10 +19,11 @@ from ..text import clip, plain, step_label
 
 PAIR_COLOURS = ["#222222", "#7f3c8d", "#3969ac"]  # flagged loss pairs not involving the task
 
-HOW_TO_READ = ("How to read: every loss should move the shared parameters; an auxiliary loss "
-               "whose ratio to the largest sits far below the dashed line is swamped (its "
-               "constraint is ignored), and negative cosines mean two losses pull the shared "
-               "parameters in opposite directions.")
+HOW_TO_READ = ("How to read: every loss should move the shared parameters. The diagnosis "
+               "reports gradient-swamping when an auxiliary loss's ratio to the largest stays "
+               "below the dashed line while the task still learns, gradient-conflict when "
+               "two losses' cosine stays negative (opposite pulls on the shared parameters), "
+               "and inert-loss when a loss's gradient never reaches them.")
 
 
 def cosine_matrix_from_gram(gram: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ from ..context import PAGE_TITLES, ReportContext
 from ..data import decimate
 from ..style import REFERENCE_COLOUR, SEVERITY_COLOURS
 
-HOW_TO_READ = ("How to read: a constraint loss that stays near 1× its first value while the task "
-               "falls towards 0 is being neglected; validation loss rising while the training "
-               "loss keeps falling is overfitting; flat weight lines mean fixed loss weights.")
+HOW_TO_READ = ("How to read: the diagnosis reports constraint-neglect when a constraint loss "
+               "stays near 1× its first value while the task falls towards 0, overfitting when "
+               "a logged validation loss rises while the training loss keeps falling, and "
+               "static-loss-weights when the weights of losses that suffer stay flat.")
 
 
 def loss_pages(ctx: ReportContext) -> list[Figure]:

@@ -1,9 +1,9 @@
-"""The comparison's overlay pages: one panel per loss, latent or watch with a line per run
-(gradient balance, losses, representations, saturation, batches), each run in its own style."""
+"""The comparison's overlay pages: one panel per loss, logged metric, latent or watch with a
+line per run (gradient balance, losses and logged metrics, representations, saturation,
+batches), each run in its own style; the sections fill the pages one after the other."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,8 @@ from ..frames import Frame
 from ..style import PAGE_SIZE, REFERENCE_COLOUR, SEVERITY_COLOURS
 from ..text import fit, width_pt
 
-PANELS_PER_PAGE = 8
+ROWS_PER_PAGE = 4
+HEADING_RATIO = 0.12  # a section heading's band, against a row of panels
 REFERENCE_STYLE = (0, (1, 1.5))  # dotted: a run's own healthy reference, in the run's colour
 
 
@@ -111,26 +112,66 @@ def _finding_sentences(cmp: Comparison, panels: list[Panel]) -> list[str]:
     return sentences
 
 
-def overlay_pages(cmp: Comparison, key: str, panels: list[Panel], how_to_read: str,
-                  ncols: int | None = None) -> list[tuple[str, Figure]]:
-    """The page ``key`` (and its continuations) with the panels some run recorded."""
-    panels = [p for p in panels if p.lines]
-    if not panels:
-        return []
-    sentences = _finding_sentences(cmp, panels) + [how_to_read]
-    ncols = 1 if len(panels) == 1 else (ncols or (2 if len(panels) > 2 else 1))
+@dataclass
+class Row:
+    """One row of panels on an overlay page: its section (page key), how to read that section,
+    and whether the section starts with this row."""
+
+    key: str
+    how_to_read: str
+    panels: list[Panel]
+    ncols: int
+    first: bool
+
+
+def overlay_rows(cmp: Comparison) -> list[Row]:
+    """Every section's panels that some run recorded, cut into rows (two panels a row where
+    a section has more than one), in the sections' order."""
+    rows = []
+    for key, build, how_to_read, ncols in OVERLAYS:
+        panels = [p for p in build(cmp) if p.lines]
+        ncols = 1 if len(panels) == 1 else (ncols or 2)
+        for start in range(0, len(panels), ncols):
+            rows.append(Row(key, how_to_read, panels[start:start + ncols], ncols, start == 0))
+    return rows
+
+
+def overlay_pages(cmp: Comparison) -> list[tuple[str, Figure]]:
+    """The overlay sections filled into pages of ROWS_PER_PAGE rows, one section after the
+    other (a small section shares its page with the next, a large one continues on the next
+    page), so no page is left half empty but the last. A page is named and titled after the
+    section at its top; a section starting lower down gets its own heading there."""
+    rows = overlay_rows(cmp)
     out = []
-    for start in range(0, len(panels), PANELS_PER_PAGE):
-        chunk = panels[start:start + PANELS_PER_PAGE]
-        frame = Frame(COMPARE_TITLES[key] + (" (continued)" if start else ""), cmp.corner,
-                      cmp.legend(), more="… (see the findings table on page 1)")
-        frame.header(sentences)
-        gs = frame.grid(max(math.ceil(len(chunk) / ncols), 2), ncols, hspace=0.62)
-        for i, panel in enumerate(chunk):
-            row, col = divmod(i, ncols)
-            _draw_panel(cmp, frame.fig, gs[row, col], panel)
-        out.append((key, frame.fig))
+    for start in range(0, len(rows), ROWS_PER_PAGE):
+        out.append(_overlay_page(cmp, rows[start:start + ROWS_PER_PAGE]))
     return out
+
+
+def _overlay_page(cmp: Comparison, rows: list[Row]) -> tuple[str, Figure]:
+    top = rows[0]
+    frame = Frame(COMPARE_TITLES[top.key] + ("" if top.first else " (continued)"), cmp.corner,
+                  cmp.legend(), more="… (see the findings table on page 1)")
+    sentences = _finding_sentences(cmp, [p for row in rows for p in row.panels])
+    sentences += [row.how_to_read for row in rows if row.first or row is top]
+    frame.header(sentences)
+    # a heading band above each section that starts below the page's top
+    ratios = [r for k, row in enumerate(rows) for r in ([HEADING_RATIO] if k and row.first
+                                                        else []) + [1.0]]
+    gs = frame.grid(len(ratios), 1, hspace=0.62, height_ratios=ratios)
+    cell = 0
+    for k, row in enumerate(rows):
+        if k and row.first:
+            band = frame.fig.add_subplot(gs[cell])
+            band.axis("off")
+            band.text(0.0, 0.0, COMPARE_TITLES[row.key], transform=band.transAxes,
+                      fontsize=13, fontweight="bold", va="bottom", ha="left")
+            cell += 1
+        sub = gs[cell].subgridspec(1, 2 if row.ncols > 1 else 1, wspace=0.3)
+        for col, panel in enumerate(row.panels):
+            _draw_panel(cmp, frame.fig, sub[0, col], panel)
+        cell += 1
+    return top.key, frame.fig
 
 
 def gradient_panels(cmp: Comparison) -> list[Panel]:
@@ -168,6 +209,13 @@ def loss_panels(cmp: Comparison) -> list[Panel]:
                 rel = d.relative_to_first("loss", name)
                 if rel is not None:
                     panel.lines[k] = rel
+        panels.append(panel)
+    # what the runs logged with probe.log (validation losses, accuracies), as logged
+    for name in ordered_union([d.names("logged") for d in cmp.data]):
+        panel = Panel(name, "logged value", ("logged",), name)
+        for k, d in enumerate(cmp.data):
+            if d.has("logged", name):
+                panel.lines[k] = d.series("logged", name)
         panels.append(panel)
     return panels
 
@@ -247,8 +295,9 @@ OVERLAYS = [
      "the run has a finding on that panel.", None),
     ("losses", loss_panels,
      "How to read: each loss over its first recorded value, one line per run; a constraint "
-     "loss that stays near 1× while the task falls is neglected. Thick lines: the run has a "
-     "finding on that panel.", None),
+     "loss that stays near 1× while the task falls is neglected; then what the runs logged "
+     "(validation losses, accuracies) as logged. Thick lines: the run has a finding on that "
+     "panel.", None),
     ("representations", representation_panels,
      "How to read: per latent, effective rank and normalised std, one line per run; dotted in "
      "the run's colour: its isotropic reference (rank) and 1/√dim (std). A collapsed latent "

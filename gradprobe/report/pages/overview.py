@@ -10,14 +10,15 @@ from matplotlib.figure import Figure
 
 from gradprobe._version import __version__
 
-from ..comparison import COMPARE_TITLES, Comparison, ordered_union
+from ..comparison import COMPARE_TITLES, Comparison, changes, ordered_union
 from ..data import finding_value
 from ..diagnosis import severity_counts, worst_severity
 from ..frames import TextFlow
-from ..style import SEVERITY_COLOURS
+from ..style import CLEAR_COLOUR, SEVERITY_COLOURS
 from ..text import fit, wrap
 
-CLEAR_COLOUR = "#1e8449"
+CHANGE_COLOURS = {"cleared": CLEAR_COLOUR, "still": SEVERITY_COLOURS["warning"],
+                  "new": SEVERITY_COLOURS["error"]}
 
 
 def overview_pages(cmp: Comparison) -> list[Figure]:
@@ -39,7 +40,8 @@ def _counts(findings: list) -> str:
 
 
 def _verdicts(cmp: Comparison, flow: TextFlow) -> None:
-    """Each run's verdict (its finding counts), then what changed against the first run."""
+    """Each run's verdict (its finding counts), then what changed against the first run: what
+    it cleared in green, what it kept in amber, what is new in red."""
     for k, label in enumerate(cmp.labels):
         worst = worst_severity(cmp.findings[k])
         colour = SEVERITY_COLOURS.get(worst, CLEAR_COLOUR) if worst else CLEAR_COLOUR
@@ -48,34 +50,13 @@ def _verdicts(cmp: Comparison, flow: TextFlow) -> None:
         flow.text(flow.fit(label, 1.0, 3.6, 10, "bold"), x=1.0, size=10, weight="bold", gap=0)
         flow.text(flow.fit(_counts(cmp.findings[k]), 3.7, flow.X1, 10, "bold"), x=3.7, size=10,
                   weight="bold", colour=colour, gap=0.22)
-    for sentence, colour in _change_sentences(cmp):
-        flow.paragraph(sentence, size=9, colour=colour)
+    for label, change in zip(cmp.labels[1:], changes(cmp.findings)):
+        flow.paragraph(f"{label} against {cmp.labels[0]}:", size=9, weight="bold")
+        for kind, ids in change:
+            flow.paragraph(f"{kind} " + ", ".join(ids), size=9, x=0.8, colour=CHANGE_COLOURS[kind])
+        if not change:
+            flow.paragraph("no findings in either run", size=9, x=0.8, colour=CLEAR_COLOUR)
     flow.space(0.15)
-
-
-def _change_sentences(cmp: Comparison) -> list[tuple[str, str]]:
-    """For each run after the first: which findings it cleared, kept and added, with a colour."""
-    out = []
-    base = {finding_value(f, "id") for f in cmp.findings[0]}
-    for k in range(1, len(cmp.runs)):
-        ids = {finding_value(f, "id") for f in cmp.findings[k]}
-        cleared = sorted(base - ids)
-        kept = sorted(base & ids)
-        new = sorted(ids - base)
-        parts = []
-        if cleared:
-            parts.append("cleared " + ", ".join(cleared))
-        if kept:
-            parts.append("still " + ", ".join(kept))
-        if new:
-            parts.append("new " + ", ".join(new))
-        if not parts:
-            parts.append("no findings in either run")
-        colour = SEVERITY_COLOURS["error"] if new else (
-            CLEAR_COLOUR if not kept else ("#9a5b00" if not cleared else "#333333"))
-        out.append((f"{cmp.labels[k]} against {cmp.labels[0]}: " + "; ".join(parts) + ".",
-                    colour))
-    return out
 
 
 class _Columns:
@@ -117,13 +98,15 @@ def _findings_table(cmp: Comparison, flow: TextFlow, cols: _Columns) -> None:
         return
     _table_header(cmp, flow, cols, "finding")
     for fid in ids:
-        if flow.need(0.42):
+        cells = [_finding_cell(cmp, k, fid, cols) for k in range(len(cmp.runs))]
+        height = 0.26 + max(len(lines) for lines in cells) * CELL_LINE
+        if flow.need(height + 0.06):
             _table_header(cmp, flow, cols, "finding (continued)")
         y0 = flow.y
         flow.fig.text(flow.fx(cols.X0), flow.fy(y0 + 0.11),
                       fit(fid, cols.LABEL_END - 0.1 - cols.X0, 7.5, "bold", "monospace"),
                       family="monospace", fontweight="bold", fontsize=7.5, va="center")
-        for k in range(len(cmp.runs)):
+        for k, lines in enumerate(cells):
             hits = [f for f in cmp.findings[k] if finding_value(f, "id") == fid]
             x = cols.x(k)
             if not hits:
@@ -131,24 +114,37 @@ def _findings_table(cmp: Comparison, flow: TextFlow, cols: _Columns) -> None:
                               color="#555555", ha="center", va="center")
                 continue
             severity = worst_severity(hits)
-            worst = next(f for f in hits if finding_value(f, "severity") == severity)
-            colour = SEVERITY_COLOURS.get(severity, "black")
             flow.badge(x, severity)
             if len(hits) > 1:
                 flow.fig.text(flow.fx(x + 0.75), flow.fy(y0 + 0.11), f"×{len(hits)}",
-                              fontsize=7.5, color=colour, fontweight="bold", va="center")
-            detail = f"{finding_value(worst, 'subject')}: {finding_value(worst, 'key_number')}"
-            flow.fig.text(flow.fx(x), flow.fy(y0 + 0.24), fit(detail, cols.inner(), 7),
-                          fontsize=7, color="#444444", va="top")
-        flow.y = y0 + 0.4
+                              fontsize=7.5, color=SEVERITY_COLOURS.get(severity, "black"),
+                              fontweight="bold", va="center")
+            for i, line in enumerate(lines):
+                flow.fig.text(flow.fx(x), flow.fy(y0 + 0.24 + i * CELL_LINE), line, fontsize=7,
+                              color="#444444", va="top")
+        flow.y = y0 + height
         flow.rule(cols.X0, cols.X1)
         flow.space(0.06)
     flow.space(0.12)
 
 
+CELL_LINE = 7 * 1.4 / 72
+
+
+def _finding_cell(cmp: Comparison, k: int, fid: str, cols: "_Columns") -> list[str]:
+    """Run ``k``'s findings of ``fid``: each one's subject and key number, as ``analyze``
+    prints them, wrapped to the column (worst first)."""
+    lines = []
+    for f in cmp.findings[k]:
+        if finding_value(f, "id") == fid:
+            lines += wrap(f"{finding_value(f, 'subject')}: {finding_value(f, 'key_number')}",
+                          cols.inner(), 7)
+    return lines
+
+
 def _facts_table(cmp: Comparison, flow: TextFlow, cols: _Columns) -> None:
     """The runs' facts: the rows any run has, in first-seen order."""
-    facts = [dict(_key_numbers(cmp, k)) for k in range(len(cmp.runs))]
+    facts = [dict(_run_facts(cmp, k)) for k in range(len(cmp.runs))]
     rows = ordered_union([list(f) for f in facts])
     flow.need(0.8)
     flow.heading("The runs")
@@ -168,8 +164,10 @@ def _facts_table(cmp: Comparison, flow: TextFlow, cols: _Columns) -> None:
         flow.y = y0 + height + 0.05
 
 
-def _key_numbers(cmp: Comparison, k: int) -> list[tuple[str, str]]:
-    """(row label, value) facts of run ``k`` for the overview table."""
+def _run_facts(cmp: Comparison, k: int) -> list[tuple[str, str]]:
+    """(row label, value) facts of run ``k`` for the overview table: what the run is, not
+    what it measured (the measured numbers are the findings' own, in the findings table as
+    ``analyze`` prints them, and the overlays draw the series)."""
     run, d = cmp.runs[k], cmp.data[k]
     lo, hi = d.step_range()
     n_probe = len(run.probe_steps())
@@ -180,39 +178,6 @@ def _key_numbers(cmp: Comparison, k: int) -> list[tuple[str, str]]:
         ("losses", ", ".join(run.losses) or "—"),
         ("task", str(run.task or "—")),
     ]
-    task = run.task
-    if task and d.has("loss", task):
-        rel = d.relative_to_first("loss", task)
-        if rel is not None and np.isfinite(rel[1]).any():
-            last = rel[1][np.isfinite(rel[1])][-1]
-            rows.append(("task loss, end / start", f"{last:.3g}"))
-    norms = [n for n in run.losses if d.has("weighted_grad_norm", n)]
-    if len(norms) > 1:
-        ratios = d.ratio_to_largest("weighted_grad_norm", norms)
-        medians = {}
-        for name, (_, r) in ratios.items():
-            r = r[np.isfinite(r)]
-            if name != task and len(r):
-                medians[name] = float(np.median(r))
-        if medians:
-            weakest = min(medians, key=medians.get)
-            rows.append(("weakest aux gradient", f"{weakest}: {medians[weakest]:.3g} of the "
-                         "largest (median)"))
-    for name in d.names("effective_rank"):
-        _, v = d.series("effective_rank", name)
-        v = v[np.isfinite(v)]
-        if len(v):
-            iso = ""
-            if d.has("effective_rank_isotropic", name):
-                _, ref = d.series("effective_rank_isotropic", name)
-                ref = ref[np.isfinite(ref)]
-                iso = f" (isotropic {ref[-1]:.3g})" if len(ref) else ""
-            rows.append((f"effective rank {name}, end", f"{v[-1]:.3g}{iso}"))
-    for name in d.names("saturated_fraction"):
-        _, v = d.series("saturated_fraction", name)
-        v = v[np.isfinite(v)]
-        if len(v):
-            rows.append((f"saturated {name}, median", f"{np.median(v):.1%}"))
     if d.has("groups_per_batch", "batch"):
         _, v = d.series("groups_per_batch", "batch")
         v = v[np.isfinite(v)]

@@ -8,9 +8,10 @@ from matplotlib.figure import Figure
 from ..context import ReportContext
 from .panels import panel_pages
 
-HOW_TO_READ = ("How to read: drift that drops to 0 means stale prototypes (the update stopped); "
-               "minimum distance shrinking towards 0 means prototypes merged; usage entropy "
-               "near 0 means every sample maps to one prototype.")
+HOW_TO_READ = ("How to read: the diagnosis reports prototype-stale when the drift drops to 0 "
+               "(the update stopped) and prototype-collapse when the distances between "
+               "prototypes shrink towards 0 (they merge); usage entropy near 0 is every sample "
+               "mapping to one prototype.")
 
 
 def prototype_pages(ctx: ReportContext) -> list[Figure]:

@@ -16,9 +16,9 @@ from ..style import MOMENT_COLOURS, MOMENT_STYLES
 from ..text import clip, step_label
 
 HOW_TO_READ = ("How to read: a healthy latent keeps its effective rank and normalised std near "
-               "the dotted isotropic reference; a falling rank and a spectrum dropping steeply "
-               "from start to end mean the representation collapsed; CKA or |corr| far above "
-               "the null means the latents are not independent.")
+               "the dotted isotropic reference. The diagnosis reports representation-collapse "
+               "when a latent's rank or spread ends far below it (a rank that merely falls is "
+               "not one), and latent-dependence when CKA or |corr| stays far above the null.")
 MAX_SPECTRA = 4
 
 

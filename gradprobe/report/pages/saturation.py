@@ -15,9 +15,9 @@ from ..style import REFERENCE_COLOUR, Palette
 from ..text import step_label
 from .panels import panel_pages
 
-HOW_TO_READ = ("How to read: inputs piling up in the shaded flat regions get almost no gradient; "
-               "a rising saturated share together with a large energy-scale ratio at a fixed "
-               "temperature means the temperature ignores the energy's scale.")
+HOW_TO_READ = ("How to read: inputs in the shaded flat regions get almost no gradient. The "
+               "diagnosis reports sigmoid-saturation when a large share of inputs stays there; "
+               "with a large energy-scale ratio at a fixed temperature it names the temperature.")
 HISTOGRAMS = 2  # watches whose histograms share the panel
 
 
