@@ -88,10 +88,13 @@ def test_every_finding_in_the_terminal_has_its_remedy_line_and_brief_drops_them(
     width = max(len(f.id) for f in found)
     expected_findings = [f"  {f.severity:<7} {f.id:<{width}}  {f.title}  [{f.key_number}]"
                          for f in found]
+    # The roles block (report/roles.py, tests/test_roles.py): a title, one line per loss.
+    assert lines[1].startswith("roles") and [line.split()[0] for line in lines[2:4]] == ["a", "b"]
+    assert brief_lines[1:4] == lines[1:4]
     # A pipe: each finding on one line, its remedy on the one line after it.
-    assert lines[1:-1] == [line for f, head in zip(found, expected_findings)
+    assert lines[4:-1] == [line for f, head in zip(found, expected_findings)
                            for line in (head, f"          remedy: {f.remedy}")]
-    assert brief_lines[1:-1] == expected_findings
+    assert brief_lines[4:-1] == expected_findings
     assert lines[-1] == brief_lines[-1] == "2 errors, 1 warning"
 
 

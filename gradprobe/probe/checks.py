@@ -34,12 +34,18 @@ _ROLE_HINTS = (
 RESERVED_OBSERVE = ("groups",)
 
 
-def guess_role(name: str) -> str:
+def name_hint(name: str) -> tuple[str, str | None]:
+    """The role a loss's name hints at, and the hint (the substring it matched; None: "other")."""
     lowered = name.lower()
     for role, hints in _ROLE_HINTS:
-        if any(lowered == h or lowered.startswith(h) or h in lowered.split("_") for h in hints):
-            return role
-    return "other"
+        for h in hints:
+            if lowered == h or lowered.startswith(h) or h in lowered.split("_"):
+                return role, h
+    return "other", None
+
+
+def guess_role(name: str) -> str:
+    return name_hint(name)[0]
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
@@ -173,17 +179,6 @@ def check_losses(losses: Any, weights: Mapping[str, Any], known: list[str] | Non
                                   f"got {type(w).__name__} {w!r}")
     if task is not None and task not in losses:
         raise ProbeUsageError(f"task loss {task!r} is not among the losses {names}")
-
-
-def complete_roles(roles: dict[str, str], names: list[str], task: str) -> list[str]:
-    """Fill in the roles the user did not give (the task loss's is "task"); returns the loss
-    names whose roles were guessed."""
-    guessed = []
-    for loss_name in names:
-        if loss_name not in roles:
-            roles[loss_name] = "task" if loss_name == task else guess_role(loss_name)
-            guessed.append(loss_name)
-    return guessed
 
 
 def weight(w: Any) -> float | torch.Tensor:

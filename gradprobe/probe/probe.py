@@ -33,6 +33,7 @@ from .per_loss import (JacobianBuffer, PerLossGradients, ProbeStep, assemble, gr
                        per_loss_gradients, shared_set, step_numbers, weighted_total)
 from .recording import (StepNumbers, StepRecorder, check_state, failure_reason, grad_norms,
                         probe_state, resumed_writer, run_meta, skipped_step)
+from .roles import RoleReader
 from .transfer import Transfer
 from .watches import ProbeUsageError
 from .watch_api import WatchMethods
@@ -57,8 +58,9 @@ class Probe(WatchMethods):
     run_file: path of the run file (SQLite, crash-safe); ``None`` keeps the run in memory
         (it still travels in ``state_dict()``). ``log=`` is its former name.
     task: the primary loss (default: the first key of the first ``backward`` call).
-    roles: ``{loss name: role}`` with roles from :data:`ROLES`; omitted names are guessed
-        from common names and the run file says which roles were guessed.
+    roles: ``{loss name: role}`` with roles from :data:`ROLES`; the others are read from what
+        each loss's graph reaches at the first probe step, or hinted by its name; the run
+        file records each role with its source (docs/findings.md, "Roles").
     expect_groups_per_batch: what the batch sampler is meant to give (e.g. 1 for
         single-group batches), so diagnosis can tell when the batches look otherwise.
     max_rows: rows of each latent used per probe step (a bounded sample).
@@ -93,13 +95,10 @@ class Probe(WatchMethods):
                  log: str | Path | None = None):
         sinks, run_file = list(sinks), checks.run_file_argument(run_file, log)
         checks.check_construction(model, every, roles, sinks, on_finding, findings_every)
-        self.model = model
-        self.every = every
-        self.task = task
+        self.model, self.every, self.task = model, every, task
         self.roles = dict(roles or {})
         self.expect_groups_per_batch = expect_groups_per_batch
-        self.max_rows = max_rows
-        self.assemble = assemble
+        self.max_rows, self.assemble = max_rows, assemble
         self.run_name = name or (Path(run_file).stem if run_file else "run")
         self.step = 0
         self.enabled = True
@@ -121,7 +120,7 @@ class Probe(WatchMethods):
         self._jacobian = JacobianBuffer()
         self._layer_inputs = LayerInputs(model)
         self._losses: list[str] | None = None
-        self._roles_guessed: list[str] = []
+        self._role_reader = RoleReader(roles, task is not None)
         self._resumed = False
         self._saw_backward = self._closed = False  # close() warns when no backward came
         self._meta_written = False
@@ -213,7 +212,7 @@ class Probe(WatchMethods):
         if probing and self._failure is None:
             try:
                 self._watches.pick_latents(self._drop_watch, self._notices.note_once)
-                self._find_shared(losses)
+                self._find_shared(losses, resolved)
             except Exception as exc:  # the observer must not harm the observed
                 self._fail(exc)
         if probing and self._ranks is not None and self._ranks.sharded:
@@ -289,7 +288,7 @@ class Probe(WatchMethods):
         self._losses = names
         if self.task is None:
             self.task = names[0]
-        self._roles_guessed = checks.complete_roles(self.roles, names, self.task)
+        self._role_reader.start(self.roles, names, self.task)
 
     def _drop_watch(self, watch: Any, exc: BaseException) -> None:
         """Disable one watch that cannot record: one warning, one ``watch_disabled`` event;
@@ -307,14 +306,18 @@ class Probe(WatchMethods):
         self._writer.add_event(self.step, "watch_disabled", watch.name, watch.disabled)
         self._watches.release(watch, self.step)
 
-    def _find_shared(self, losses: Mapping[str, torch.Tensor]) -> None:
+    def _find_shared(self, losses: Mapping[str, torch.Tensor], weights: list) -> None:
         names = self._losses
         if self._sharded is not None:
             self._names.update(self._sharded.unsharded_names())
             if self._shared is not None:
                 self._shared = self._sharded.unsharded(self._shared)
+        if not self._role_reader.read:  # the first probe step: what each loss reaches
+            self._role_reader.read_graph(self.roles, names, self.task,
+                                         [losses[k] for k in names], weights, self._names)
         if self._shared is None:
-            self._shared = shared_set([losses[k] for k in names], self._names,
+            self._shared = shared_set([losses[k] for k in names],
+                                      self._role_reader.parameter_names(self._names),
                                       [self.roles[n] for n in names], names.index(self.task),
                                       whole=self._shared_spec == "all")
 

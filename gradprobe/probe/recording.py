@@ -336,7 +336,8 @@ def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any
         "losses": probe._losses or [],
         "task": probe.task,
         "roles": probe.roles,
-        "roles_guessed": probe._roles_guessed,
+        "roles_guessed": [n for n in probe._losses or [] if n not in probe._role_reader.declared],
+        "role_records": probe._role_reader.records,
         "every": probe.every,
         "cadence": describe_cadence(probe.every),
         "shared_parameters": [probe._names.get(id(p), f"<unnamed {tuple(p.shape)}>")

@@ -7,7 +7,7 @@ from .background import BackgroundRunWriter
 from .follow import CLOSED, GONE, WRITING, change_mark, writer_state
 from .load import (STATE_FORMAT, find_state, load_checkpoint, load_run, run_from_bytes,
                    run_from_state)
-from .quantities import QUANTITIES, ROLES, Quantity, pair_name, pair_parts
+from .quantities import QUANTITIES, ROLES, Quantity, pair_name, pair_parts, role_declaration
 from .run import Run
 from .schema import SCHEMA_VERSION, RunFileError
 from .store import RunWriter
@@ -15,4 +15,5 @@ from .store import RunWriter
 __all__ = ["BackgroundRunWriter", "CLOSED", "GONE", "QUANTITIES", "Quantity", "ROLES", "Run",
            "RunFileError", "RunWriter", "SCHEMA_VERSION", "STATE_FORMAT", "WRITING",
            "change_mark", "find_state", "load_checkpoint", "load_run", "pair_name", "pair_parts",
-           "quantities", "run_from_bytes", "run_from_state", "writer_state"]
+           "quantities", "role_declaration", "run_from_bytes", "run_from_state",
+           "writer_state"]

@@ -26,6 +26,11 @@ from typing import Literal
 ROLES: tuple[str, ...] = ("task", "contrastive", "prototype", "orthogonality", "decorrelation",
                           "adversarial", "reconstruction", "regularization", "kl", "other")
 
+
+def role_declaration(loss_name: str, role: str) -> str:
+    """The one line that declares a loss's role (and overrides an inferred one)."""
+    return f'Probe(..., roles={{"{loss_name}": "{role}"}})'
+
 Direction = Literal["higher", "lower", "neither"]
 DIRECTIONS: tuple[str, ...] = ("higher", "lower", "neither")
 

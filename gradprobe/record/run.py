@@ -67,7 +67,8 @@ _TABLES = _expected_columns()
 # Meta keys the reader relies on, with the JSON types they must have.
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "run_name": (str, type(None)), "task": (str, type(None)), "losses": (list,),
-    "roles": (dict,), "roles_guessed": (list,), "every": (int, type(None)),
+    "roles": (dict,), "roles_guessed": (list,), "role_records": (list,),
+    "every": (int, type(None)),
     "cadence": (str, type(None)),
     "shared_parameters": (list,), "shared_numel": (int, type(None)),
     "gradprobe_version": (str, type(None)), "latents": (list,), "prototypes": (dict,),
@@ -190,6 +191,9 @@ class Run:
                 raise RunFileError(f"{self.source}: damaged run file (metadata {key!r})")
         if not all(isinstance(v, str) for v in meta.get("roles", {}).values()):
             raise RunFileError(f"{self.source}: damaged run file (metadata 'roles')")
+        if not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                   and isinstance(r.get("role"), str) for r in meta.get("role_records", [])):
+            raise RunFileError(f"{self.source}: damaged run file (metadata 'role_records')")
         return meta
 
     # -- what was recorded ---------------------------------------------------------------
@@ -310,6 +314,8 @@ class Run:
             "task": self.task,
             "roles": self.roles,
             "roles_guessed": self.meta.get("roles_guessed", []),
+            # Older run files have none: the report builds them from "roles" (report/roles.py).
+            "role_records": self.meta.get("role_records"),
             "every": self.every,
             "cadence": self.meta.get("cadence"),
             "shared_parameters": self.meta.get("shared_parameters", []),

@@ -8,6 +8,8 @@ from typing import Any
 
 from gradprobe._version import __version__
 
+from .roles import roles_json
+
 
 def _finite(value: Any) -> Any:
     """JSON has no NaN or Infinity: write them as null so every parser reads the file."""
@@ -22,6 +24,7 @@ def _finite(value: Any) -> Any:
 
 def findings_document(run_summary: dict[str, Any], findings: list) -> dict[str, Any]:
     return _finite({"gradprobe": __version__, "run": run_summary,
+                    "roles": roles_json(run_summary),
                     "findings": [f.to_dict() for f in findings]})
 
 

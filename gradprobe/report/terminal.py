@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .diagnosis import severity_counts, worst_severity
+from .roles import roles_lines
 
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
@@ -39,6 +40,7 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
     each on one line (a pipe or log, where a finding is one greppable line)."""
     header = summary_header(run_summary)
     lines = textwrap.wrap(header, width, subsequent_indent="    ") if width else [header]
+    lines += roles_lines(run_summary, width)
     if not findings:
         lines.append("no failure modes found")
         return lines

@@ -16,6 +16,7 @@ from ..data import finding_value
 from ..diagnosis import DEFAULT_THRESHOLDS, severity_counts
 from ..frames import TextFlow
 from .details import detail_pages
+from ..roles import roles_table
 from ..style import CLEAR_COLOUR, PAGE_SIZE, SEVERITY_COLOURS
 from ..text import count_label, wrap
 
@@ -41,6 +42,7 @@ def verdict_pages(ctx: ReportContext, pages_of: dict[int, str]
         pointer = _findings_table(ctx, flow, pages_of)
     _run_facts(ctx, flow)
     _losses_table(ctx, flow)
+    roles_table(flow, ctx.run.summary())
     verdict = list(flow.figs)
     start, details = detail_pages(ctx, pages_of, flow)
     for text, template in pointer:  # the page the details start on is known only now

@@ -1,0 +1,105 @@
+"""What each loss is for, as the probe recorded it: the role, where it came from (declared,
+the graph, the name), what the loss's graph reaches, and the declaration that overrides it.
+Shown by every view of the findings (terminal, JSON, the PDF's run page)."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from gradprobe.record import role_declaration
+
+# How each source reads in the views.
+_SOURCES = {"declared": "declared", "first": "the first loss (task= picks another)",
+            "graph": "from the graph"}
+# The short form of a record's ambiguity (the graph of a loss that reaches only its own
+# parameters), before the declaration that settles it.
+_AMBIGUOUS = "a codebook (fine) or a cut-off head (inert)? settle: "
+
+
+def role_records(run_summary: dict[str, Any]) -> list[dict]:
+    """The run's role records; for a run file from before they were recorded, built from its
+    ``roles`` and ``roles_guessed`` (reach not recorded)."""
+    recorded = run_summary.get("role_records")
+    if recorded:
+        return recorded
+    roles, guessed = run_summary.get("roles") or {}, set(run_summary.get("roles_guessed") or [])
+    records = []
+    for name in run_summary.get("losses", []):
+        role = roles.get(name, "other")
+        source = ("declared" if name not in guessed else
+                  "first" if name == run_summary.get("task") else "name")
+        records.append({"name": name, "role": role, "source": source, "hint": None,
+                        "reach": None, "reach_summary": "not recorded (an older run file)",
+                        "counts": None, "override": role_declaration(name, role),
+                        "ambiguity": None})
+    return records
+
+
+def source_text(record: dict) -> str:
+    """``declared``, ``from the graph (penalty)``, ``from the name ('reg')``..."""
+    if record["source"] == "name":
+        return f"from the name ('{record['hint']}')" if record.get("hint") else \
+            "no hint in the name"
+    text = _SOURCES.get(record["source"], record["source"])
+    return text + f" ({record['reach']})" if record["source"] == "graph" else text
+
+
+def _short(declaration: str) -> str:
+    """``roles={...}`` of a ``Probe(..., roles={...})`` line (the header names the call)."""
+    return declaration.removeprefix("Probe(..., ").removesuffix(")")
+
+
+def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
+    """The terminal's roles block: one loss per entry, wrapped to ``width`` columns (None: one
+    line per loss, as a pipe or log gets the findings)."""
+    records = role_records(run_summary)
+    if not records:
+        return []
+    name_w = min(max(len(r["name"]) for r in records), 16)
+    role_w = max(len(r["role"]) for r in records)
+    lines = ["roles (override with Probe(..., roles={...})):"]
+    for r in records:
+        text = f"{r['name']:<{name_w}} {r['role']:<{role_w}} {source_text(r)}"
+        if r.get("reach") and r["source"] != "graph":
+            text += f"; reach {r['reach']}"
+        # A no-break space keeps a declaration on one line (textwrap splits ASCII spaces only).
+        declaration = _short(r["override"]).replace(" ", "\xa0")
+        if r.get("ambiguity"):
+            text += f"; {_AMBIGUOUS}{declaration}"
+        elif r["source"] in ("graph", "name"):
+            text += f"; override: {declaration}"
+        wrapped = textwrap.wrap(text, width, initial_indent="  ", break_on_hyphens=False,
+                                subsequent_indent=" " * (name_w + 3)) if width else ["  " + text]
+        lines += [line.replace("\xa0", " ") for line in wrapped]
+    return lines
+
+
+def roles_json(run_summary: dict[str, Any]) -> list[dict]:
+    return [{key: r.get(key) for key in ("name", "role", "source", "hint", "reach",
+                                          "reach_summary", "counts", "override", "ambiguity")}
+            for r in role_records(run_summary)]
+
+
+def roles_table(flow: Any, run_summary: dict[str, Any]) -> None:
+    """The PDF run page's table of roles (``flow``: the page's ``frames.TextFlow``)."""
+    records = role_records(run_summary)
+    if not records:
+        return
+    flow.heading("Roles")
+    columns = ((0.8, "loss"), (2.1, "role"), (3.1, "from"), (5.2, "reach (parameter tensors)"))
+    for x, title in columns:
+        flow.text(title, x=x, size=7.5, weight="bold", gap=0)
+    flow.space(7.5 * 1.45 / 72)
+    for r in records:
+        counts = ", ".join(f"{n} {key.replace('_', '-')}"
+                           for key, n in (r.get("counts") or {}).items() if n)
+        reach = f"{r['reach']} ({counts})" if counts else r.get("reach") or "not recorded"
+        cells = (r["name"], r["role"], source_text(r), reach)
+        for (x, _), (x_next, _), cell in zip(columns, columns[1:] + ((flow.X1, ""),), cells):
+            flow.text(flow.fit(cell, x, x_next - 0.08, 7.5), x=x, size=7.5, gap=0)
+        flow.space(7.5 * 1.45 / 72)
+        if r["source"] != "declared":
+            note = (_AMBIGUOUS if r.get("ambiguity") else "override: ") + r["override"]
+            flow.text(flow.fit(note, 2.1, flow.X1, 7), x=2.1, size=7, colour="#555555")
+    flow.space(0.12)
