@@ -74,8 +74,9 @@ class Thresholds:
     conflict_cancel_ratio: float = _f(0.2, "harm: median combined gradient norm / sum of the "
                                             "weighted norms at most this (they cancel)")
     conflict_rise_ratio: float = _f(1.5, "a loss whose level after its start window is at "
-                                         "least this multiple of its start rose from near its "
-                                         "floor to an equilibrium: never stalled or stuck")
+                                         "least this multiple of its start-window low rose "
+                                         "from near its floor to an equilibrium: never "
+                                         "stalled or stuck")
     conflict_undone_fraction: float = _f(0.5, "plateau harm: median share of each loss's "
                                               "first-order descent that the other's weighted "
                                               "gradient undoes at least this, for both")

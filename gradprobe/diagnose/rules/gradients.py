@@ -236,9 +236,10 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
         with np.errstate(divide="ignore", invalid="ignore"):
             cancel = median((total / np.sum(norms, axis=0))[at])
     cancelled = bool(cancel <= th.conflict_cancel_ratio)
-    # A compromise plateau: each loss's descent is mostly undone by the other, and neither is still falling after its start window nor settled by
-    # design. Terms of one objective at their equilibrium differ by outcome: one of them is
-    # satisfied or still falls. A min-max game's equilibrium is its design.
+    # A compromise plateau: each loss's descent is mostly undone by the other, and neither is
+    # still falling after its start window nor settled there by design. Terms of one objective
+    # at their equilibrium differ by outcome: one of them is barely held or still falls. A
+    # min-max game's equilibrium is its design.
     held = all(undone[n] >= th.conflict_undone_fraction for n in pair)
     plateau = held and not rose and "adversarial" not in (role.get(a) for a in pair) and \
         all(settled[n] >= th.conflict_plateau_fraction for n in pair)
