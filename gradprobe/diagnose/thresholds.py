@@ -73,7 +73,7 @@ class Thresholds:
                                               "below it")
     conflict_cancel_ratio: float = _f(0.2, "harm: median combined gradient norm / sum of the "
                                             "weighted norms at most this (they cancel)")
-    conflict_rise_ratio: float = _f(1.5, "a loss whose level after its start window is at "
+    conflict_rise_ratio: float = _f(3.0, "a loss whose level after its start window is at "
                                          "least this multiple of its start-window low rose "
                                          "from near its floor to an equilibrium: never "
                                          "stalled or stuck")
