@@ -48,8 +48,8 @@ MUTATIONS = (
     Mutation("window_counts-end-ge-to-gt", "gradprobe/diagnose/_series.py",
              "(s >= s[-1] - reach)", "(s > s[-1] - reach)"),
     Mutation("conflict_harm-stall-not-harm", "gradprobe/diagnose/rules/gradients.py",
-             '"suffering": list(pair) if cancelled else stalled',
-             '"suffering": list(pair) if cancelled else []'),
+             '"suffering": list(pair) if plateau else stalled',
+             '"suffering": list(pair) if plateau else []'),
     Mutation("conflict_harm-without-other-falls", "gradprobe/diagnose/rules/gradients.py",
              "ratios[name] >= th.conflict_stall_fraction and \\\n"
              "                ratios[other] < th.conflict_stall_fraction:",

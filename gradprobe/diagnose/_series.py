@@ -116,6 +116,37 @@ def start_end(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> dict:
     }
 
 
+def level_after_start(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> float:
+    """Median of a series over the window that follows its start window (as long, in training
+    steps, and at least ``min_points``): where a loss has settled after its first transient."""
+    keep = np.isfinite(values)
+    steps, values = np.asarray(steps, dtype=np.float64)[keep], values[keep]
+    first, _ = window_counts(steps, th)
+    rest_steps, rest = steps[first:], values[first:]
+    if not len(rest):
+        return math.nan
+    within = rest_steps <= steps[0] + 2 * th.window_share * (steps[-1] - steps[0])
+    return median(rest[:max(int(within.sum()), min(len(rest), th.min_points))])
+
+
+def start_low(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> float:
+    """Lowest ``smooth_points`` rolling median within a series' start window: where a loss that
+    starts near its floor (or dips to it) sits before anything pushes it up."""
+    keep = np.isfinite(values)
+    first, _ = window_counts(np.asarray(steps)[keep], th)
+    low = rolling_median(values[keep], th.smooth_points)[:first]
+    return float(np.nanmin(low)) if np.isfinite(low).any() else math.nan
+
+
+def descent_undone(cosine: np.ndarray, own_norm: np.ndarray, other_norm: np.ndarray) -> np.ndarray:
+    """Share of a loss's own first-order descent that another loss's weighted gradient undoes
+    on the shared parameters: -<g_own, g_other> / |g_own|^2 = -cos |g_other| / |g_own|,
+    clipped to [0, 1] (0: no opposition, 1: the step does not lower this loss at all)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        undone = -cosine * other_norm / own_norm
+    return np.clip(np.where(own_norm > 0, undone, np.nan), 0.0, 1.0)
+
+
 def align(*series: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Restrict several series to the steps they all share."""
     common = series[0][0]

@@ -148,8 +148,11 @@ WHY: dict[str, str] = {
     "gradient-conflict": (
         "Two losses whose gradients on the shared parameters point against each other cancel "
         "there; when one of them stalls or rises while the other falls, the shared layers "
-        "serve one loss at the other's expense (PCGrad, Yu et al. 2020). A conflict that "
-        "holds no loss back is common (two tasks trading off, an adversary) and only noted."),
+        "serve one loss at the other's expense, and when each undoes most of the other's "
+        "descent while both stop falling, both are held on a compromise plateau above what "
+        "each reaches alone (PCGrad, Yu et al. 2020). A conflict that holds no loss back is "
+        "common (terms of one objective at their equilibrium, a term that rose from zero to "
+        "its equilibrium, an adversary) and only noted."),
     "representation-collapse": (
         "A latent whose variation concentrates in a few directions, or that maps every input "
         "to nearly one point, carries little information about its inputs. Losses that only "
@@ -220,7 +223,8 @@ REMEDY: dict[str, str] = {
         "(gradprobe.remedies.l1_penalty, weight decay, early stopping)."),
     "gradient-conflict": (
         "Project the conflicting gradients onto each other's normal plane (PCGrad, Yu et al. "
-        "2020) or seek a common descent direction (MGDA, CAGrad); rebalance the weights "
+        "2020) or seek a common descent direction (MGDA, CAGrad); give tasks that cannot share "
+        "an output heads of their own; rebalance the weights "
         "(gradprobe.remedies.GradNormBalancer); if a constraint cannot hold together with the "
         "task (strict orthogonality, for one), relax it (gradprobe.remedies.correlation_loss)."),
     "representation-collapse": (

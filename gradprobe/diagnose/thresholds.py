@@ -73,6 +73,16 @@ class Thresholds:
                                               "below it")
     conflict_cancel_ratio: float = _f(0.2, "harm: median combined gradient norm / sum of the "
                                             "weighted norms at most this (they cancel)")
+    conflict_rise_ratio: float = _f(3.0, "a loss whose level after its start window is at "
+                                         "least this multiple of its start-window low rose "
+                                         "from near its floor to an equilibrium: never "
+                                         "stalled or stuck")
+    conflict_undone_fraction: float = _f(0.5, "plateau harm: median share of each loss's "
+                                              "first-order descent that the other's weighted "
+                                              "gradient undoes at least this, for both")
+    conflict_plateau_fraction: float = _f(0.7, "plateau harm: each loss ends at least this "
+                                               "fraction of its level after the start window "
+                                               "(neither still falls)")
     # -- representation-collapse -------------------------------------------------------------
     collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std, total variance) at "
                                              "most this fraction of its own peak")
@@ -134,7 +144,7 @@ class Thresholds:
             object.__setattr__(self, f.name, _check(f, value))
         for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
                      "contrastive_same_group_share", "memorised_fraction", "learned_fraction",
-                     "saturation_wrong_fraction"):
+                     "saturation_wrong_fraction", "conflict_undone_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"threshold {name!r} must be within [0, 1], got {value}")

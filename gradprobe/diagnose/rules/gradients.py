@@ -12,9 +12,9 @@ from gradprobe.record import Run, pair_parts
 from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_NORM, LOSS,
                                          MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
 
-from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
-                       persistent, recorded_series, roles, rolling_median, start_end, task_learning,
-                       thin)
+from .._series import (align, descent_undone, finite, g, get, held_range, held_share,
+                       level_after_start, median, nanmax, pct, persistent, recorded_series, roles,
+                       rolling_median, start_end, start_low, task_learning, thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
@@ -138,7 +138,12 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             m = np.interp(steps[judged], mag[0], mag[1])
             tragic_share = held_share(steps[judged], c <= -m)
         tragic = tragic_share is not None and tragic_share >= th.conflict_tragic_share
-        harm = _conflict_harm(run, th, (a, b), steps[judged], role)
+        undone = {}
+        if len(wn) == 2:
+            undone = {a: median(descent_undone(c, wn[0][judged], wn[1][judged])),
+                      b: median(descent_undone(c, wn[1][judged], wn[0][judged]))}
+        harm = _conflict_harm(run, th, (a, b), steps[judged], role,
+                              {n: undone.get(n, math.nan) for n in (a, b)})
         severity = ("error" if tragic else "warning") if harm["suffering"] else "info"
         held = np.zeros(len(steps), dtype=bool)
         held[np.flatnonzero(judged)[negative]] = True
@@ -148,6 +153,9 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "thresholds": {"median_cosine": th.conflict_median_cosine,
                            "share": th.conflict_share, "tragic_share": th.conflict_tragic_share,
                            "stall_fraction": th.conflict_stall_fraction,
+                           "rise_ratio": th.conflict_rise_ratio,
+                           "undone_fraction": th.conflict_undone_fraction,
+                           "plateau_fraction": th.conflict_plateau_fraction,
                            "cancel_ratio": th.conflict_cancel_ratio},
             "cosine": thin(steps[judged], c),
         }
@@ -156,6 +164,9 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         if harm["stalled"]:
             what += f"; {' and '.join(repr(n) for n in harm['stalled'])} stalled while the " \
                 "other fell"
+        if harm["plateau"]:
+            what += "; both settled on a compromise plateau, each undoing " + " and ".join(
+                f"{pct(harm['descent_undone'][n])} of '{n}'s" for n in (a, b)) + " descent"
         if harm["cancelled"]:
             what += f"; the weighted gradients cancel (combined norm {pct(harm['cancel_ratio'])}" \
                 " of their sum)"
@@ -182,14 +193,36 @@ def _loss_ratio(run: Run, name: str, lo: int, hi: int, th: Thresholds) -> float:
     return ends["end"] / ends["start"] if ends["start"] > 0 else math.nan
 
 
+def _loss_levels(run: Run, name: str, th: Thresholds) -> dict:
+    """A loss's lowest level in its start window, its level after the start window and its end,
+    over the whole run."""
+    series = finite(get(run, LOSS, name))
+    if series is None or len(series[0]) < 2 * th.min_points:
+        return {"start_low": math.nan, "settled": math.nan, "end": math.nan}
+    return {"start_low": start_low(*series, th), "settled": level_after_start(*series, th),
+            "end": start_end(*series, th)["end"]}
+
+
+def _fraction(end: float, reference: float) -> float:
+    return end / reference if reference > 0 else math.nan
+
+
 def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
-                   role: dict[str, str]) -> dict:
+                   role: dict[str, str], undone: dict[str, float]) -> dict:
     """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
-    the weighted gradients of all losses cancel on the shared parameters."""
+    both settle together on a compromise plateau where each undoes most of the other's
+    descent. A loss that rose from near its floor to an equilibrium during its start window
+    (a commitment, redundancy or KL term) is settled by design, neither stalled nor stuck."""
     lo, hi = int(judged[0]), int(judged[-1])
     ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
+    levels = {name: _loss_levels(run, name, th) for name in pair}
+    settled = {name: _fraction(lv["end"], lv["settled"]) for name, lv in levels.items()}
+    rose = [name for name, lv in levels.items()
+            if lv["settled"] >= th.conflict_rise_ratio * lv["start_low"]]
     stalled = []
     for name, other in (pair, pair[::-1]):
+        if name in rose:
+            continue
         # An adversary that does not fall is doing its job (the features defeat it).
         if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
                 ratios[other] < th.conflict_stall_fraction:
@@ -203,8 +236,17 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
         with np.errstate(divide="ignore", invalid="ignore"):
             cancel = median((total / np.sum(norms, axis=0))[at])
     cancelled = bool(cancel <= th.conflict_cancel_ratio)
-    return {"loss_ratios": ratios, "stalled": stalled, "cancel_ratio": cancel,
-            "cancelled": cancelled, "suffering": list(pair) if cancelled else stalled}
+    # A compromise plateau: each loss's descent is mostly undone by the other, and neither is
+    # still falling after its start window nor settled there by design. Terms of one objective
+    # at their equilibrium differ by outcome: one of them is barely held or still falls. A
+    # min-max game's equilibrium is its design.
+    held = all(undone[n] >= th.conflict_undone_fraction for n in pair)
+    plateau = held and not rose and "adversarial" not in (role.get(a) for a in pair) and \
+        all(settled[n] >= th.conflict_plateau_fraction for n in pair)
+    return {"loss_ratios": ratios, "settled_ratios": settled, "rose_to_equilibrium": rose,
+            "stalled": stalled, "descent_undone": undone, "cancel_ratio": cancel,
+            "cancelled": cancelled, "plateau": plateau,
+            "suffering": list(pair) if plateau else stalled}
 
 
 def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:

@@ -86,7 +86,7 @@ def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Find
             suffering = list(f.evidence.get("suffering") or [])
             against = "held back by its conflict with " + " and ".join(
                 f"'{n}'" for n in pair_parts(f.subject) if n not in suffering) \
-                if len(suffering) == 1 else "cancelled by their conflict"
+                if len(suffering) == 1 else "held on a compromise plateau by their conflict"
         else:
             continue
         hit = [n for n in suffering if n in constant]

@@ -1,0 +1,119 @@
+"""The harm test of ``gradient-conflict`` (issue 21, item 2): a compromise plateau where each
+loss undoes most of the other's descent is harm; a term still falling, or one that rose from
+near its floor to an equilibrium, is not. Expected numbers are computed here with numpy from
+the series written into the run, not read back from the code under test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradprobe.diagnose import Thresholds, diagnose
+from gradprobe.diagnose._series import descent_undone, level_after_start, start_low
+from gradprobe.record import RunWriter, load_run, pair_name
+
+DEFAULTS = Thresholds()
+STEPS = 40  # windows of 20% of 39 training steps: start 0..7, after it 8..15, end 32..39
+t = np.arange(STEPS, dtype=np.float64)
+# Falls from ln 10 over the start window, then settles near ln 2 (two tasks on one set of
+# logits with opposite label maps).
+COMPROMISE = np.where(t < 8, 2.3 - (2.3 - 0.8) * t / 8, 0.8 - 0.04 * (t - 8) / (STEPS - 9))
+STILL_FALLING = np.where(t < 8, 2.3 - 1.5 * t / 8, 0.8 * np.exp(-(t - 8) / 15))
+# Starts at ~0 (a commitment or redundancy term at initialisation) and rises to its equilibrium.
+RISES_TO_EQUILIBRIUM = np.where(t < 8, 0.01 + 0.1 * t / 8, 0.11)
+
+
+def _run(tmp_path, first, second, cosine=-0.8, norms=(1.0, 1.0), names=("task", "aux"),
+         roles=None):
+    pair = pair_name(*names)
+    path = tmp_path / f"c{len(list(tmp_path.glob('c*.gprobe')))}.gprobe"
+    w = RunWriter(path)
+    w.set_meta(losses=list(names), task=names[0],
+               roles=roles or {names[0]: "task", names[1]: "other"}, every=1,
+               expect_groups_per_batch=None)
+    for s in range(STEPS):
+        scalars = {("grad_cosine", pair): cosine}
+        for name, loss, norm in zip(names, (first, second), norms):
+            scalars |= {("loss", name): float(loss[s]), ("grad_norm", name): norm,
+                        ("weighted_grad_norm", name): norm, ("weight", name): 1.0}
+        w.write_step(s, scalars)
+    w.close()
+    found = [f for f in diagnose(load_run(path)) if f.id == "gradient-conflict"]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_descent_undone_is_minus_the_inner_product_over_the_own_squared_norm():
+    rng = np.random.default_rng(0)
+    own, other = rng.normal(size=(2, 200, 16)) * np.array([1.0, 3.0])[:, None, None]
+    own_norm, other_norm = np.linalg.norm(own, axis=1), np.linalg.norm(other, axis=1)
+    cosine = np.sum(own * other, axis=1) / (own_norm * other_norm)
+    expected = np.clip(-np.sum(own * other, axis=1) / own_norm ** 2, 0, 1)
+    assert np.allclose(descent_undone(cosine, own_norm, other_norm), expected)
+    # values clipped at both ends and values within occur
+    inside = (expected > 0) & (expected < 1)
+    assert (expected == 0).any() and (expected == 1).any() and inside.any()
+    assert np.isnan(descent_undone(np.array([-0.5]), np.array([0.0]), np.array([1.0]))[0])
+
+
+def test_levels_after_the_start_window_and_the_start_low():
+    values = RISES_TO_EQUILIBRIUM + 0.001 * np.sin(t)
+    assert level_after_start(t, values, DEFAULTS) == pytest.approx(np.median(values[8:16]))
+    padded = np.concatenate([[np.nan], values[:9], [np.nan]])
+    rolling = [np.nanmedian(padded[i:i + 3]) for i in range(8)]  # centred, width 3
+    assert start_low(t, values, DEFAULTS) == pytest.approx(min(rolling))
+
+
+def test_both_losses_stuck_on_a_compromise_plateau_is_harm(tmp_path):
+    f = _run(tmp_path, COMPROMISE, COMPROMISE)
+    e = f.evidence
+    assert e["descent_undone"] == {"task": pytest.approx(0.8), "aux": pytest.approx(0.8)}
+    settled = np.median(COMPROMISE[32:]) / np.median(COMPROMISE[8:16])
+    assert e["settled_ratios"]["task"] == pytest.approx(settled)
+    assert DEFAULTS.conflict_plateau_fraction <= settled < 1
+    # The old stall test sees no harm: both fell from their start.
+    assert max(e["loss_ratios"].values()) < DEFAULTS.conflict_stall_fraction
+    assert e["stalled"] == [] and e["plateau"] and e["suffering"] == ["task", "aux"]
+    assert f.severity in ("warning", "error") and "compromise plateau" in f.title
+
+
+def test_a_term_still_falling_is_an_equilibrium_not_harm(tmp_path):
+    f = _run(tmp_path, STILL_FALLING, COMPROMISE)
+    settled = np.median(STILL_FALLING[32:]) / np.median(STILL_FALLING[8:16])
+    assert f.evidence["settled_ratios"]["task"] == pytest.approx(settled)
+    assert settled < DEFAULTS.conflict_plateau_fraction
+    assert not f.evidence["plateau"] and f.severity == "info"
+
+
+def test_a_loss_whose_descent_is_barely_undone_is_not_held(tmp_path):
+    # cos -0.8, |g_aux| = 0.5 |g_task|: aux undoes 40% of the task's descent, the task all of
+    # the aux's (1.6, clipped to 1).
+    f = _run(tmp_path, COMPROMISE, COMPROMISE, norms=(1.0, 0.5))
+    assert f.evidence["descent_undone"] == {"task": pytest.approx(0.4), "aux": pytest.approx(1.0)}
+    assert not f.evidence["plateau"] and f.severity == "info"
+
+
+def test_a_loss_that_rose_from_its_floor_to_an_equilibrium_is_not_stalled(tmp_path):
+    f = _run(tmp_path, STILL_FALLING, RISES_TO_EQUILIBRIUM)
+    # Judged on its first value it would have stalled (it ends far above its start)...
+    assert f.evidence["loss_ratios"]["aux"] >= DEFAULTS.conflict_stall_fraction
+    assert f.evidence["loss_ratios"]["task"] < DEFAULTS.conflict_stall_fraction
+    # ...but its level after the start window is many times its start-window low.
+    low = start_low(t, RISES_TO_EQUILIBRIUM, DEFAULTS)
+    assert np.median(RISES_TO_EQUILIBRIUM[8:16]) >= DEFAULTS.conflict_rise_ratio * low
+    assert f.evidence["rose_to_equilibrium"] == ["aux"]
+    assert f.evidence["stalled"] == [] and f.severity == "info"
+
+
+def test_a_flat_loss_against_a_falling_one_still_stalls(tmp_path):
+    flat = np.full(STEPS, 1.0)
+    f = _run(tmp_path, STILL_FALLING, flat)
+    assert f.evidence["rose_to_equilibrium"] == [] and f.evidence["stalled"] == ["aux"]
+    assert f.severity in ("warning", "error")
+
+
+def test_an_adversary_at_its_equilibrium_is_no_plateau(tmp_path):
+    f = _run(tmp_path, COMPROMISE, COMPROMISE, names=("task", "domain"),
+             roles={"task": "task", "domain": "adversarial"})
+    assert f.evidence["descent_undone"]["task"] == pytest.approx(0.8)
+    assert not f.evidence["plateau"] and f.severity == "info"
