@@ -17,4 +17,4 @@ def usage_entropy(counts) -> float:
     if c.size < 2 or c.sum() <= 0:
         return 0.0
     q = c[c > 0] / c.sum()
-    return float(-(q * np.log(q)).sum() / math.log(c.size))
+    return max(0.0, float(-(q * np.log(q)).sum() / math.log(c.size)))  # no -0.0
