@@ -48,6 +48,18 @@ Measured (seeds 0 / 1, one thread): ``alpha-1e-2``: 8 / 7 experts used, usage en
 ratio 1e-4 / 3e-5. ``no-balance``: 4 / 5 experts used, entropy 0.60 / 0.72, two largest 71% /
 59%. The capacity limit keeps the broken runs from the issue's "2 experts take everything":
 their collapse is partial, measured by the usage entropy (0.60-0.72 against 0.92-0.99).
+
+Why ``prototype-collapse`` is allowed on the broken variants, not expected (rule work, issue
+21 item 2): the probe's usage of the router rows pooled over the end window is 0.57-0.71 of
+log 8 on the broken runs (4-7 of 8 rows used, the largest 31-43%) against 0.89-0.96 healthy.
+That is a skewed set whose members are mostly still in use, not a set that lost them (one
+prototype taking every row: SwAV without Sinkhorn 0.00, the dead VQ-VAE codebook 0.02-0.21).
+A usage threshold between 0.72 and 0.89 would also read healthy codebooks as collapsed: the
+data-initialised VQ-VAE pools at 0.92 with 128 codes, and larger healthy codebooks use a
+smaller share of their codes (normalised entropy falls as log K grows). The cause here, the
+balancing loss held back, is what ``gradient-swamping`` on ``balance`` finds (alpha 1e-5);
+without a balancing loss nothing in the gradients tells, so ``no-balance`` is a known limit.
+The quick run is ``alpha-1e-5`` at seed 1, which carries the expected alarm.
 gradprobe today (the baseline): ``alpha-1e-2``: a false ``error gradient-swamping`` of
 ``balance`` (ratio 0.006 / 0.010 on the default shared set) and ``warning
 static-loss-weights``, as in the issue; ``alpha-1e-5``: ``error gradient-swamping`` of
@@ -189,12 +201,13 @@ FAMILY = Family(
                 "the published balancing loss: routing spread over the experts",
                 must_not=("prototype-collapse", "gradient-swamping", "static-loss-weights")),
         Variant("alpha-1e-5", False,
-                "the balancing loss 1,000 times too weak: a few experts take every token",
-                expected=(Expect("prototype-collapse", "router"),
-                          Expect("gradient-swamping", "balance"))),
+                "the balancing loss 1,000 times too weak: a few experts take most tokens",
+                expected=(Expect("gradient-swamping", "balance"),),
+                allowed=(Expect("prototype-collapse", "router"),)),
         Variant("no-balance", False,
-                "no balancing loss: a few experts take every token",
-                expected=(Expect("prototype-collapse", "router"),)),
+                "no balancing loss: a few experts take most tokens (a partial collapse that "
+                "usage alone does not tell from a healthy codebook's: a known limit)",
+                allowed=(Expect("prototype-collapse", "router"),)),
     ),
-    quick=(("no-balance", 1),),
+    quick=(("alpha-1e-5", 1),),
 )

@@ -14,8 +14,10 @@ from torch import Tensor
 
 from ._common import as_labels, as_matrix
 from .representation import effective_rank
+from .usage import usage_entropy
 
-__all__ = ["prototype_drift", "prototype_lag", "prototype_spread", "prototype_usage"]
+__all__ = ["prototype_assignments", "prototype_drift", "prototype_lag", "prototype_spread",
+           "prototype_usage"]
 
 
 @torch.no_grad()
@@ -127,23 +129,29 @@ def prototype_spread(p: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def prototype_usage(e: Tensor, p: Tensor) -> float:
-    r"""Normalised entropy of the nearest-prototype assignment:
-    ``H(c) / log P`` with ``c_k`` the share of rows of ``e`` whose nearest prototype
-    (Euclidean; ties -> lowest index) is k.
+def prototype_assignments(e: Tensor, p: Tensor) -> Tensor:
+    r"""How many rows of ``e`` have each prototype as their nearest (Euclidean; ties -> lowest
+    index): an int64 CPU Tensor[P] that sums to n.
 
-    1.0: all prototypes used equally; 0.0: every sample maps to one prototype
-    (prototype collapse, or a single-group batch). P = 1 -> 0.0. Range [0, 1].
+    Summed over many batches it is the usage of the prototype set itself, which one batch
+    cannot show: a batch drawn from one group maps to one prototype by design, a collapsed set
+    maps every batch to the same one.
     """
     x = as_matrix(e, "e", "(n, d)")
     pt = as_matrix(p, "p", "(P, d)").to(x.device)
     if x.shape[1] != pt.shape[1]:
         raise ValueError(f"e (n, d) and p (P, d) must have the same d, got {tuple(x.shape)} and {tuple(pt.shape)}")
-    P = pt.shape[0]
-    if P < 2:
-        return 0.0
     d2 = (pt * pt).sum(dim=1)[None, :] - 2.0 * (x @ pt.T)  # + |e|^2 does not change argmin
-    idx = torch.argmin(d2, dim=1)
-    c = torch.bincount(idx.cpu(), minlength=P).double()
-    q = c[c > 0] / c.sum()
-    return float(-(q * torch.log(q)).sum() / math.log(P))
+    return torch.bincount(torch.argmin(d2, dim=1).cpu(), minlength=pt.shape[0])
+
+
+@torch.no_grad()
+def prototype_usage(e: Tensor, p: Tensor) -> float:
+    r"""Normalised entropy of the nearest-prototype assignment:
+    ``H(c) / log P`` with ``c_k`` the share of rows of ``e`` whose nearest prototype
+    (Euclidean; ties -> lowest index) is k (:func:`prototype_assignments`).
+
+    1.0: all prototypes used equally; 0.0: every sample maps to one prototype
+    (prototype collapse, or a single-group batch). P = 1 -> 0.0. Range [0, 1].
+    """
+    return usage_entropy(prototype_assignments(e, p).numpy())

@@ -277,8 +277,10 @@ class StepRecorder:
             for b in recorded[i + 1:]:
                 scalars.update(latent_pair(a, values[f"latent:{a}"], b, values[f"latent:{b}"]))
         for name in plan.prototypes:
-            scalars.update(self._watch_record(plan.step, events, w.prototypes[name], plan.step,
-                                              values) or {})
+            got = self._watch_record(plan.step, events, w.prototypes[name], plan.step, values)
+            if got is not None:
+                scalars.update(got[0])
+                arrays.update(got[1])
         for name in plan.saturations:
             got = self._watch_record(plan.step, events, w.saturations[name], values)
             if got is not None:

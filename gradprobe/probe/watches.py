@@ -223,7 +223,7 @@ class PrototypeWatch(Watch):
                                   f"tensor, got {shape}")
         return {f"prototypes:{self.name}": value.detach()}
 
-    def record(self, step: int, values: Mapping[str, torch.Tensor]) -> Scalars:
+    def record(self, step: int, values: Mapping[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
         """On the host (the table's history lives there): ``values`` holds the table, the
         rows of its latent (when recorded) and the batch's ``groups`` (when observed)."""
         now = values[f"prototypes:{self.name}"]
@@ -231,6 +231,7 @@ class PrototypeWatch(Watch):
         groups = values.get("groups")
         key = self.name
         scalars: Scalars = {}
+        arrays: Arrays = {}
         spread = metrics.prototype_spread(now)
         scalars[("prototype_min_distance", key)] = spread["min_distance"]
         scalars[("prototype_mean_distance", key)] = spread["mean_distance"]
@@ -247,10 +248,13 @@ class PrototypeWatch(Watch):
         if latent is not None:
             e = latent
             if e.shape[1] == now.shape[1]:
-                scalars[("prototype_usage", key)] = metrics.prototype_usage(e, now)
+                counts = metrics.prototype_assignments(e, now)
+                scalars[("prototype_usage", key)] = metrics.usage_entropy(counts.numpy())
+                # Per step, so that the diagnosis can pool usage over many batches.
+                arrays[("prototype_assignments", key)] = counts.numpy().astype(np.float64)
                 if groups is not None and len(groups) == e.shape[0]:
                     scalars.update(self._lag(now, e, groups))
-        return scalars
+        return scalars, arrays
 
     def _lag(self, protos: torch.Tensor, e: torch.Tensor, groups: torch.Tensor) -> Scalars:
         groups = groups[: e.shape[0]].to(torch.int64)

@@ -200,6 +200,11 @@ PROTOTYPE_USAGE = _define("prototype_usage", "prototypes", "prototype watch", "0
                           "usage entropy", "higher",
                           "entropy of nearest-prototype assignments of the latent, normalised to "
                           "[0, 1]")
+PROTOTYPE_ASSIGNMENTS = _define("prototype_assignments", "prototypes", "prototype watch", "count",
+                               "rows per prototype", "neither",
+                               "how many rows of the latent have each prototype as their nearest, "
+                               "one count per prototype (summed over steps: the set's usage)",
+                               kind="array")
 PROTOTYPE_LAG = _define("prototype_lag", "prototypes", "prototype watch", "group std",
                         "prototype lag", "lower",
                         "distance from each prototype to its group's current feature mean, in "

@@ -8,11 +8,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from gradprobe.metrics.usage import usage_entropy
 from gradprobe.record import Run
 from gradprobe.record.quantities import (BATCH, CKA, GROUPS_PER_BATCH, LOSS, MAX_ABS_CORRELATION,
-                                         MAX_ABS_CORRELATION_NULL)
+                                         MAX_ABS_CORRELATION_NULL, PROTOTYPE_ASSIGNMENTS)
 
-from .._series import align, finite, get, median, roles, start_end, window_size
+from .._series import (align, finite, get, median, roles, start_end, window_counts,
+                       window_size)
 from ..findings import REMEDY, WHY, Finding, PlotHint
 from ..thresholds import Thresholds
 
@@ -75,3 +77,23 @@ def satisfied_constraints(run: Run, th: Thresholds) -> set[str]:
 def groups_per_batch_series(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     """The finite groups-per-batch series (``observe(groups=...)``), or None."""
     return finite(get(run, GROUPS_PER_BATCH, BATCH))
+
+
+def pooled_usage(run: Run, prototypes: str, th: Thresholds) -> dict | None:
+    """Usage of a prototype set pooled over the end window of batches: the nearest-prototype
+    counts (``prototype_assignments``) summed over those probe steps, their entropy / log P,
+    the largest prototype's share and how many were used. One batch cannot tell a collapsed
+    set from a batch drawn from one group; many batches can. None when not recorded."""
+    if prototypes not in run.array_names(PROTOTYPE_ASSIGNMENTS):
+        return None
+    steps, counts = run.arrays(PROTOTYPE_ASSIGNMENTS, prototypes)
+    if len(steps) < th.min_points or len({c.shape for c in counts}) != 1:
+        return None
+    last = window_counts(steps, th)[1]
+    pooled = np.sum(counts[-last:], axis=0)
+    total = float(pooled.sum())
+    if total <= 0:
+        return None
+    return {"usage": usage_entropy(pooled), "largest_share": float(pooled.max()) / total,
+            "used": int((pooled > 0).sum()), "prototypes": int(pooled.size),
+            "rows": int(total), "steps": [int(steps[-last]), int(steps[-1])]}

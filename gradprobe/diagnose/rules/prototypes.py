@@ -16,7 +16,7 @@ from .._series import (align, finite, g, get, held_range, held_share, median, na
                        window_size)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
-from .common import Earlier, groups_per_batch_series, make_finding
+from .common import Earlier, groups_per_batch_series, make_finding, pooled_usage
 
 
 def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -68,6 +68,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
     out = []
     latents = run.meta.get("prototypes") or {}
     gpb = groups_per_batch_series(run)
+    mixed = gpb is not None and median(gpb[1]) >= 2
     for p, steps, md in recorded_series(run, PROTOTYPE_MEAN_DISTANCE, 2 * th.min_points):
         scale_note = "absolute"
         k = window_size(len(steps), th)
@@ -114,9 +115,19 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                                "distance)")
                 keys.append(f"closest pair x{g(rel_end)} of mean distance")
                 held |= np.interp(steps, min_d[0], rel) <= th.proto_merge_fraction
+        pooled = pooled_usage(run, p, th)
         usage = finite(get(run, PROTOTYPE_USAGE, p))
-        mixed = gpb is not None and median(gpb[1]) >= 2
-        if usage is not None and mixed and len(usage[0]) >= th.min_points:
+        if pooled is not None:
+            evidence["pooled_usage"] = pooled
+            if pooled["usage"] <= th.proto_usage:
+                reasons.append(f"usage entropy pooled over steps {pooled['steps'][0]}-"
+                               f"{pooled['steps'][1]} is {g(pooled['usage'])} (one of "
+                               f"{pooled['prototypes']} takes {pct(pooled['largest_share'])} of "
+                               f"the rows, {pooled['used']} used)")
+                keys.append(f"pooled usage entropy {g(pooled['usage'])}")
+                held[steps >= pooled["steps"][0]] = True
+        elif usage is not None and mixed and len(usage[0]) >= th.min_points:
+            # A run file without assignment counts: judge each batch, on mixed batches only.
             u_end = start_end(*usage, th)["end"]
             evidence["usage_end"] = u_end
             if u_end <= th.proto_usage:

@@ -1,0 +1,103 @@
+"""Prototype usage pooled over a window of batches (issue 21, item 2): the recorded
+nearest-prototype counts, their entropy, and ``prototype-collapse`` judged on the pool, so
+that one prototype taking every row is found even when ``groups=`` are the assignments, while
+batches drawn from one group by design are not read as collapse."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import entropy
+from torch import nn
+
+from gradprobe import Probe
+from gradprobe.diagnose import diagnose
+from gradprobe.diagnose.thresholds import Thresholds
+from gradprobe.metrics import prototype_assignments, prototype_usage, usage_entropy
+from gradprobe.record import run_from_state
+from gradprobe.record.quantities import PROTOTYPE_ASSIGNMENTS, PROTOTYPE_USAGE
+
+GROUPS, DIM, STEPS = 4, 8, 60
+
+
+def test_assignment_counts_are_the_nearest_rows_by_numpy():
+    gen = torch.Generator().manual_seed(0)
+    e, p = torch.randn(200, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    nearest = np.argmin(((e.numpy()[:, None, :] - p.numpy()[None]) ** 2).sum(-1), axis=1)
+    counts = prototype_assignments(e, p)
+    assert counts.tolist() == np.bincount(nearest, minlength=7).tolist()
+    assert math.isclose(prototype_usage(e, p), entropy(np.bincount(nearest, minlength=7)) /
+                        math.log(7), rel_tol=1e-12)
+
+
+def test_usage_entropy_by_scipy_and_its_edges():
+    c = np.array([5.0, 0.0, 3.0, 12.0])
+    assert math.isclose(usage_entropy(c), entropy(c) / math.log(4), rel_tol=1e-12)
+    assert usage_entropy([0, 9, 0]) == 0.0
+    assert math.isclose(usage_entropy([2, 2, 2]), 1.0)
+    assert usage_entropy([4]) == 0.0 and usage_entropy([0, 0]) == 0.0
+
+
+def _run(collapsed: bool, seed: int = 0):
+    """Fixed prototypes apart from each other; each batch is drawn from ONE group (a batch of
+    one cell line, by design), group = step mod 4. Healthy: the encoder pulls each row to its
+    group's prototype. Collapsed: every row is pulled to prototype 0, and the assignments
+    themselves are passed as ``groups=`` (all 0), as a SwAV user would."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(GROUPS, 12, generator=gen)
+    protos = 2.0 * torch.randn(GROUPS, DIM, generator=gen)
+    enc = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, DIM))
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+    probe = Probe(enc, shared=enc, every=1)
+    probe.watch_latent("z")
+    probe.watch_prototypes("protos", lambda: protos, latent="z")
+    for step in range(STEPS):
+        group = step % GROUPS
+        x = centres[group] + torch.randn(32, 12, generator=gen)
+        z = enc(x)
+        target = torch.zeros(32, dtype=torch.long) if collapsed else \
+            torch.full((32,), group, dtype=torch.long)
+        probe.observe(z=z, groups=target)
+        probe.backward({"pull": ((z - protos[target]) ** 2).sum(1).mean()})
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+    return run_from_state(probe.state_dict(), f"usage_{collapsed}")
+
+
+def _pooled_by_numpy(run, th: Thresholds) -> tuple[float, float]:
+    """Entropy / log P and largest share of the counts summed over the end window: the probe
+    steps within the last window_share of the span, at least min_points of them."""
+    steps, counts = run.arrays(PROTOTYPE_ASSIGNMENTS, "protos")
+    reach = th.window_share * (steps[-1] - steps[0])
+    last = max(th.min_points, int((steps >= steps[-1] - reach).sum()))
+    pooled = np.sum(np.stack(counts[-last:]), axis=0)
+    return entropy(pooled) / math.log(len(pooled)), pooled.max() / pooled.sum()
+
+
+def test_one_group_per_batch_by_design_is_not_collapse():
+    run = _run(collapsed=False)
+    th = Thresholds()
+    # Each batch maps to one prototype: per-batch usage near 0, the pool near 1.
+    _, usage = run.series(PROTOTYPE_USAGE, "protos")
+    assert np.median(usage[len(usage) // 2:]) < 0.1
+    pooled, largest = _pooled_by_numpy(run, th)
+    assert pooled > 0.9 and largest < 0.35
+    assert [f for f in diagnose(run) if f.id == "prototype-collapse"] == []
+
+
+def test_one_prototype_taking_every_row_is_collapse_even_with_assignments_as_groups():
+    run = _run(collapsed=True)
+    th = Thresholds()
+    pooled, largest = _pooled_by_numpy(run, th)
+    assert pooled < th.proto_usage and largest > 0.9
+    (f,) = [f for f in diagnose(run) if f.id == "prototype-collapse"]
+    assert f.subject == "protos" and f.severity in ("warning", "error")
+    assert math.isclose(f.evidence["pooled_usage"]["usage"], pooled, rel_tol=1e-9)
+    assert math.isclose(f.evidence["pooled_usage"]["largest_share"], largest, rel_tol=1e-9)
+    # The prototypes never moved apart or together: the usage alone raised it.
+    assert "pooled" in f.key_number
