@@ -16,6 +16,11 @@ from benchmarks.validity.run import load_families
 from gradprobe.diagnose import Finding
 
 
+# Families whose every variant was measured harmful, with the measurement.
+NO_HEALTHY_VARIANT = {"gradnorm-digits": "GradNorm, the published remedy, rescues the digit task "
+                      "but drives the ink weight to its floor: ink RMSE 4-5x single-task"}
+
+
 def test_heldout_families_are_apart_from_the_corpus_and_declare_their_truth():
     heldout = load_families(heldout=True)
     corpus = load_families()
@@ -24,7 +29,7 @@ def test_heldout_families_are_apart_from_the_corpus_and_declare_their_truth():
     for module, family in heldout.values():
         assert module.startswith("benchmarks.validity.heldout.")
         assert family.source and family.seeds
-        assert any(v.healthy for v in family.variants)
+        assert any(v.healthy for v in family.variants) or family.name in NO_HEALTHY_VARIANT
         for v in family.variants:
             assert v.truth
             assert not (v.healthy and (v.expected or v.allowed)), (family.name, v.name)

@@ -34,14 +34,16 @@ Variants (truth by construction):
   0.069 / 0.081.
   Expected: ``gradient-swamping`` and ``static-loss-weights`` naming ``digit``.
   Must not: ``gradient-conflict``.
-- ``gradnorm``: the published remedy, labelled healthy. GradNorm drives the ink weight
+- ``gradnorm``: the published remedy, labelled broken (it was first labelled healthy with
+  the ink finding allowed; a healthy run may raise nothing, and the ink task is measured
+  held back, so the label follows the measurement). GradNorm drives the ink weight
   down to the floor of its clamp (final w = (2, 1e-8): the ink loss falls ~1e3-fold, so its
   inverse training rate is tiny) and the classifier recovers.
   Measured, seeds 0 / 1: digit accuracy 0.809 / 0.887 (single-task 0.969 / 0.973); ink RMSE
   7.1 / 5.8 (single-task 1.5; the target's std is 34, so R^2 0.96 / 0.97): the ink head
   still learns, Adam rescaling its tiny gradient, but the trunk now serves the digits
   (trunk_grad_ratio 15 / 27). So neither task is at its single-task level and the ink task
-  is held back on the trunk: ``gradient-swamping`` naming ``ink`` is allowed (true, and
+  is held back on the trunk: ``gradient-swamping`` naming ``ink`` is expected (true, and
   the price of the remedy). Must not: ``gradient-conflict``, ``static-loss-weights`` (the
   weights are learned and moved from 1 to 2 and ~0).
 """
@@ -173,9 +175,9 @@ FAMILY = Family(
     source="Chen et al. 2018, GradNorm (ICML), Algorithm 1, alpha 1.5; LucasBoTang/GradNorm",
     train=train,
     variants=(
-        Variant("gradnorm", True, "GradNorm's learned weights (to (2, ~0)) give the classifier "
-                "the trunk back; the ink head still fits (R^2 0.96-0.97)",
-                allowed=(Expect("gradient-swamping", "ink"),),
+        Variant("gradnorm", False, "GradNorm's learned weights (to (2, ~0)) give the classifier "
+                "the trunk back but hold the ink task back on it: ink RMSE 4-5x single-task",
+                expected=(Expect("gradient-swamping", "ink"),),
                 must_not=("static-loss-weights", "gradient-conflict")),
         Variant("equal-weights", False,
                 "equal fixed weights: the ink regression, in grey levels squared, swamps "
