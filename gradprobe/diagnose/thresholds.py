@@ -80,6 +80,9 @@ class Thresholds:
                                              "isotropic (healthy) rank")
     collapse_std_fraction: float = _f(0.65, "... or end normalised std * sqrt(d) at most this "
                                             "(healthy ~1)")
+    collapse_shrink_fraction: float = _f(0.01, "end total variance at most this fraction of "
+                                               "its peak: a shrink to the origin (complete "
+                                               "collapse even while the normalised std holds)")
     collapse_error_rank: float = _f(1.5, "end effective rank at most this: severity error")
     collapse_class_fraction: float = _f(0.5, "with class labels: ... and end rank at most this "
                                               "fraction of classes - 1 (neural collapse)")
