@@ -11,7 +11,8 @@ from gradprobe.record import Run, pair_name, pair_parts
 from gradprobe.record.quantities import (ACTIVE_UNITS, CKA, EFFECTIVE_RANK_ISOTROPIC, GRAD_NORM,
                                          LATENT_CLASSES, LATENT_DIM, LATENT_GRAD_NORM, LATENT_NORM,
                                          LOSS, MAX_ABS_CORRELATION, MAX_ABS_CORRELATION_NULL,
-                                         NORMALIZED_STD, RANKME_CENTRED, TOTAL_VARIANCE)
+                                         NORMALIZED_STD, PARTICIPATION_RATIO, RANKME_CENTRED,
+                                         TOTAL_VARIANCE)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
                        persistent, recorded_series, roles, rolling_median, start_end, thin,
@@ -49,6 +50,10 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             rank_limit = min(rank_limit, th.collapse_class_fraction * (classes - 1))
         rank_held = r <= rank_limit
         rank_cond = bool(end <= rank_limit)
+        lines = _one_direction(run, z, steps, classes, th)
+        if lines["condition"]:
+            rank_held = rank_held | lines["held"] if rank_cond else lines["held"]
+            rank_cond = True
         spread = _spread(run, z, d, steps, th)
         active = _inactive_units(run, z, d, kl_losses, steps, th)
         if spread["complete"] or active["condition"]:
@@ -76,12 +81,16 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             "rank_limit": rank_limit, "rank_condition": rank_cond,
             "point_condition": spread["complete"], "active_units_condition": active["condition"],
             "mean_dominated_condition": spread["mean_dominated"],
+            "participation_condition": lines["condition"],
+            "participation_peak": lines.get("peak"), "participation_end": lines.get("end"),
+            "participation_limit": lines.get("limit"),
             "end_steps": [int(steps[-k]), int(steps[-1])],
             "thresholds": {"peak_fraction": th.collapse_peak_fraction,
                            "rank_fraction": th.collapse_rank_fraction,
                            "class_fraction": th.collapse_class_fraction,
                            "std_fraction": th.collapse_std_fraction,
                            "shrink_fraction": th.collapse_shrink_fraction,
+                           "participation": th.collapse_participation,
                            "active_fraction": th.collapse_active_fraction},
             "rankme_centred": thin(steps, r),
             **{key: v for key, v in {**spread, **active}.items()
@@ -104,6 +113,9 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         elif kind == "dimensional":
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
+            if lines["condition"]:
+                what += f"; its variance sits in {g(lines['end'])} directions (participation " \
+                    f"ratio, from {g(lines['peak'])})"
             key = f"rank {g(end)} of {g(d)}"
             plot = PlotHint(RANKME_CENTRED, names=[z], threshold=rank_limit)
         else:
@@ -120,6 +132,25 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             z, key, evidence, trailing_range(steps, held), plot=plot,
             remedy=_collapse_remedy(role, active["condition"], kind)))
     return out
+
+
+def _one_direction(run: Run, z: str, steps: np.ndarray, classes: float,
+                   th: Thresholds) -> dict:
+    """Dimensional collapse read from the participation ratio (tr C)^2 / tr C^2, the number of
+    directions that hold the centred variance (Gao et al. 2017): it fell, and the variance now
+    sits in about one direction, whatever the dimension and the RankMe's isotropic reference
+    (a RankMe keeps counting the small directions that the entropy of the singular values
+    weighs in). A supervised latent may hold its classes in classes - 1 directions."""
+    ratio = finite(get(run, PARTICIPATION_RATIO, z))
+    if ratio is None or len(ratio[0]) < th.min_points:
+        return {"condition": False}
+    peak = nanmax(rolling_median(ratio[1], th.smooth_points))
+    limit = min(th.collapse_participation, th.collapse_peak_fraction * peak)
+    if classes >= 2:
+        limit = min(limit, th.collapse_class_fraction * (classes - 1))
+    end = series_end(ratio, th)
+    return {"condition": bool(end <= limit), "held": np.interp(steps, *ratio) <= limit,
+            "peak": peak, "end": end, "limit": limit}
 
 
 def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> dict:
