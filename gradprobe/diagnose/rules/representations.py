@@ -51,7 +51,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         rank_held = r <= rank_limit
         rank_cond = bool(end <= rank_limit)
         lines = _one_direction(run, z, steps, classes, th)
-        if lines["condition"]:
+        if lines["condition"] and end <= th.collapse_participation_rank * iso:
             rank_held = rank_held | lines["held"] if rank_cond else lines["held"]
             rank_cond = True
         spread = _spread(run, z, d, steps, th)
@@ -81,7 +81,8 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             "rank_limit": rank_limit, "rank_condition": rank_cond,
             "point_condition": spread["complete"], "active_units_condition": active["condition"],
             "mean_dominated_condition": spread["mean_dominated"],
-            "participation_condition": lines["condition"],
+            "participation_condition": lines["condition"] and
+            end <= th.collapse_participation_rank * iso,
             "participation_peak": lines.get("peak"), "participation_end": lines.get("end"),
             "participation_limit": lines.get("limit"),
             "end_steps": [int(steps[-k]), int(steps[-1])],
@@ -91,6 +92,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
                            "std_fraction": th.collapse_std_fraction,
                            "shrink_fraction": th.collapse_shrink_fraction,
                            "participation": th.collapse_participation,
+                           "participation_rank": th.collapse_participation_rank,
                            "active_fraction": th.collapse_active_fraction},
             "rankme_centred": thin(steps, r),
             **{key: v for key, v in {**spread, **active}.items()
@@ -113,7 +115,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         elif kind == "dimensional":
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
-            if lines["condition"]:
+            if evidence["participation_condition"]:
                 what += f"; its variance sits in {g(lines['end'])} directions (participation " \
                     f"ratio, from {g(lines['peak'])})"
             key = f"rank {g(end)} of {g(d)}"
@@ -138,9 +140,10 @@ def _one_direction(run: Run, z: str, steps: np.ndarray, classes: float,
                    th: Thresholds) -> dict:
     """Dimensional collapse read from the participation ratio (tr C)^2 / tr C^2, the number of
     directions that hold the centred variance (Gao et al. 2017): it fell, and the variance now
-    sits in about one direction, whatever the dimension and the RankMe's isotropic reference
-    (a RankMe keeps counting the small directions that the entropy of the singular values
-    weighs in). A supervised latent may hold its classes in classes - 1 directions."""
+    sits in about one direction. The RankMe, which weighs in the small directions through the
+    entropy of the singular values, can stay above its isotropic fraction there; the caller
+    still asks a lower RankMe than a latent read along one direction keeps. A supervised
+    latent may hold its classes in classes - 1 directions."""
     ratio = finite(get(run, PARTICIPATION_RATIO, z))
     if ratio is None or len(ratio[0]) < th.min_points:
         return {"condition": False}
