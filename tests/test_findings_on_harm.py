@@ -116,7 +116,13 @@ def test_a_drifting_mean_is_not_collapse():
     _, variance = run.series("total_variance", "z")
     assert variance[-1] > variance[0]
     collapsed = {f.subject: f for f in _by_id(run, "representation-collapse")}
-    assert "z" not in collapsed
+    # The normalised rows concentrate around the mean (SimSiam's indicator reads collapse):
+    # a note with both numbers, never an alarm.
+    _, std = run.series("normalized_std", "z")
+    assert _window_median(std, False) * np.sqrt(run.series("latent_dim", "z")[1][0]) < 0.65
+    drift = collapsed["z"]
+    assert drift.severity == "info" and drift.evidence["kind"] == "mean-dominated"
+    assert "normalised std" in drift.title and "total variance" in drift.title
     # Compared by direction (as a cosine loss compares them: the docs say to watch the
     # normalised latent then), the same rows do collapse to one point.
     f = collapsed["z_dir"]

@@ -90,6 +90,16 @@ class Thresholds:
                                              "isotropic (healthy) rank")
     collapse_std_fraction: float = _f(0.65, "... or end normalised std * sqrt(d) at most this "
                                             "(healthy ~1)")
+    collapse_participation: float = _f(2.0, "... or end participation ratio (tr C)^2 / tr C^2 "
+                                            "at most this and at most collapse_peak_fraction "
+                                            "of its peak: the centred variance sits in about "
+                                            "one direction (dimensional collapse) ...")
+    collapse_participation_rank: float = _f(0.25, "... and end rank at most this fraction of "
+                                                  "the isotropic rank (a latent read along one "
+                                                  "direction keeps a wider spectrum)")
+    collapse_shrink_fraction: float = _f(0.01, "end total variance at most this fraction of "
+                                               "its peak: a shrink to the origin (complete "
+                                               "collapse even while the normalised std holds)")
     collapse_error_rank: float = _f(1.5, "end effective rank at most this: severity error")
     collapse_class_fraction: float = _f(0.5, "with class labels: ... and end rank at most this "
                                               "fraction of classes - 1 (neural collapse)")

@@ -11,7 +11,8 @@ from gradprobe.record import Run, pair_name, pair_parts
 from gradprobe.record.quantities import (ACTIVE_UNITS, CKA, EFFECTIVE_RANK_ISOTROPIC, GRAD_NORM,
                                          LATENT_CLASSES, LATENT_DIM, LATENT_GRAD_NORM, LATENT_NORM,
                                          LOSS, MAX_ABS_CORRELATION, MAX_ABS_CORRELATION_NULL,
-                                         NORMALIZED_STD, RANKME_CENTRED, TOTAL_VARIANCE)
+                                         NORMALIZED_STD, PARTICIPATION_RATIO, RANKME_CENTRED,
+                                         TOTAL_VARIANCE)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
                        persistent, recorded_series, roles, rolling_median, start_end, thin,
@@ -22,6 +23,10 @@ from .common import Earlier, make_finding, series_end
 
 
 def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    """One finding per latent, of one kind: ``complete`` (every input maps to one point:
+    directions and spread gone, a shrink to the origin, or posterior collapse), ``dimensional``
+    (the centred rank fell) or ``mean-dominated`` (the l2-normalised rows concentrate while the
+    centred spread is kept: ``info``)."""
     out = []
     role = roles(run)
     kl_losses = [n for n, r in role.items() if r == "kl"]
@@ -43,79 +48,144 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             # Neural collapse (Papyan et al. 2020): a supervised latent's class means span
             # classes - 1 directions; a rank settling there is the geometry training aims at.
             rank_limit = min(rank_limit, th.collapse_class_fraction * (classes - 1))
-        held = r <= rank_limit
-        rank_cond = end <= rank_limit
-        point = _collapse_to_a_point(run, z, d, steps, th)
+        rank_held = r <= rank_limit
+        rank_cond = bool(end <= rank_limit)
+        lines = _one_direction(run, z, steps, classes, th)
+        if lines["condition"] and end <= th.collapse_participation_rank * iso:
+            rank_held = rank_held | lines["held"] if rank_cond else lines["held"]
+            rank_cond = True
+        spread = _spread(run, z, d, steps, th)
         active = _inactive_units(run, z, d, kl_losses, steps, th)
-        if point["held"] is not None:
-            held = held | point["held"] if rank_cond else point["held"]
-        if active["held"] is not None:
-            held = held | active["held"] if rank_cond or point["condition"] else active["held"]
-        if not (rank_cond or point["condition"] or active["condition"]):
+        if spread["complete"] or active["condition"]:
+            kind = "complete"
+            held = np.zeros(len(steps), dtype=bool)
+            for part in (spread["complete_held"], active["held"]):
+                if part is not None:
+                    held = held | part
+        elif rank_cond:
+            kind, held = "dimensional", rank_held
+        elif spread["mean_dominated"]:
+            kind, held = "mean-dominated", spread["mean_dominated_held"]
+        else:
             continue
-        severity = "error" if end <= th.collapse_error_rank or point["condition"] or \
-            active.get("active_end") == 0 else "warning"
+        if kind == "mean-dominated":
+            severity = "info"
+        elif end <= th.collapse_error_rank or spread["complete"] or \
+                active.get("active_end") == 0:
+            severity = "error"
+        else:
+            severity = "warning"
         evidence = {
-            "latent": z, "dim": d, "rank_peak": peak, "rank_end": end,
+            "latent": z, "kind": kind, "dim": d, "rank_peak": peak, "rank_end": end,
             "rank_isotropic": iso, "classes": classes if classes >= 2 else None,
-            "rank_limit": rank_limit, "rank_condition": bool(rank_cond),
-            "point_condition": point["condition"], "active_units_condition": active["condition"],
+            "rank_limit": rank_limit, "rank_condition": rank_cond,
+            "point_condition": spread["complete"], "active_units_condition": active["condition"],
+            "mean_dominated_condition": spread["mean_dominated"],
+            "participation_condition": lines["condition"] and
+            end <= th.collapse_participation_rank * iso,
+            "participation_peak": lines.get("peak"), "participation_end": lines.get("end"),
+            "participation_limit": lines.get("limit"),
             "end_steps": [int(steps[-k]), int(steps[-1])],
             "thresholds": {"peak_fraction": th.collapse_peak_fraction,
                            "rank_fraction": th.collapse_rank_fraction,
                            "class_fraction": th.collapse_class_fraction,
                            "std_fraction": th.collapse_std_fraction,
+                           "shrink_fraction": th.collapse_shrink_fraction,
+                           "participation": th.collapse_participation,
+                           "participation_rank": th.collapse_participation_rank,
                            "active_fraction": th.collapse_active_fraction},
             "rankme_centred": thin(steps, r),
-            **{key: v for key, v in {**point, **active}.items()
-               if key not in ("held", "condition")},
+            **{key: v for key, v in {**spread, **active}.items()
+               if key not in ("held", "condition", "complete", "mean_dominated",
+                              "complete_held", "mean_dominated_held")},
         }
         if active["condition"]:
             what = f"{g(active['active_end'])} of {g(d)} units active (posterior collapse under " \
                 f"{', '.join(repr(n) for n in active['kl_losses'])})"
             key = f"active units {g(active['active_end'])} of {g(d)}"
             plot = PlotHint(ACTIVE_UNITS, names=[z], threshold=active["active_limit"])
-        elif point["condition"]:
-            spread = point["variance_end"] / point["variance_peak"]
-            what = f"its spread shrank to {pct(spread)} of its peak and its normalised std to " \
-                f"{g(point['normalized_std_end'])} (healthy " \
-                f"{g(point['healthy_normalized_std'])}): all inputs map to one point"
-            key = f"spread x{g(spread)} of peak"
-            plot = PlotHint(NORMALIZED_STD, names=[z], threshold=point["std_limit"] / math.sqrt(d))
-        else:
+        elif kind == "complete":
+            kept = spread["variance_end"] / spread["variance_peak"]
+            what = f"its total variance shrank to {g(kept)} of its peak and its normalised " \
+                f"std is {g(spread['normalized_std_end'])} (healthy " \
+                f"{g(spread['healthy_normalized_std'])}): all inputs map to one point"
+            key = f"spread x{g(kept)} of peak"
+            plot = PlotHint(TOTAL_VARIANCE, names=[z],
+                            threshold=th.collapse_shrink_fraction * spread["variance_peak"])
+        elif kind == "dimensional":
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
+            if evidence["participation_condition"]:
+                what += f"; its variance sits in {g(lines['end'])} directions (participation " \
+                    f"ratio, from {g(lines['peak'])})"
             key = f"rank {g(end)} of {g(d)}"
             plot = PlotHint(RANKME_CENTRED, names=[z], threshold=rank_limit)
+        else:
+            kept = spread["variance_end"] / spread["variance_peak"]
+            what = f"its l2-normalised rows concentrate (normalised std " \
+                f"{g(spread['normalized_std_end'])}, healthy " \
+                f"{g(spread['healthy_normalized_std'])}) while its centred spread is kept " \
+                f"(total variance {g(kept)} of its peak, centred RankMe {g(end)} of {g(d)})"
+            key = f"normalised std {g(spread['normalized_std_end'])}"
+            plot = PlotHint(NORMALIZED_STD, names=[z],
+                            threshold=spread["std_limit"] / math.sqrt(d))
         out.append(make_finding(
-            "representation-collapse", severity, f"latent '{z}' collapsed: {what}", z,
-            key, evidence, trailing_range(steps, held), plot=plot,
-            remedy=_collapse_remedy(role, active["condition"])))
+            "representation-collapse", severity, f"latent '{z}' collapsed (kind: {kind}): {what}",
+            z, key, evidence, trailing_range(steps, held), plot=plot,
+            remedy=_collapse_remedy(role, active["condition"], kind)))
     return out
 
 
-def _collapse_to_a_point(run: Run, z: str, d: float, steps: np.ndarray,
-                         th: Thresholds) -> dict:
-    """Every input mapped to (nearly) one vector: the rows' directions concentrate (SimSiam's
-    normalised std falls) and their spread itself shrinks. A mean that drifts away from a
-    spread that stays lowers the normalised std too; it keeps its total variance."""
+def _one_direction(run: Run, z: str, steps: np.ndarray, classes: float,
+                   th: Thresholds) -> dict:
+    """Dimensional collapse read from the participation ratio (tr C)^2 / tr C^2, the number of
+    directions that hold the centred variance (Gao et al. 2017): it fell, and the variance now
+    sits in about one direction. The RankMe, which weighs in the small directions through the
+    entropy of the singular values, can stay above its isotropic fraction there; the caller
+    still asks a lower RankMe than a latent read along one direction keeps. A supervised
+    latent may hold its classes in classes - 1 directions."""
+    ratio = finite(get(run, PARTICIPATION_RATIO, z))
+    if ratio is None or len(ratio[0]) < th.min_points:
+        return {"condition": False}
+    peak = nanmax(rolling_median(ratio[1], th.smooth_points))
+    limit = min(th.collapse_participation, th.collapse_peak_fraction * peak)
+    if classes >= 2:
+        limit = min(limit, th.collapse_class_fraction * (classes - 1))
+    end = series_end(ratio, th)
+    return {"condition": bool(end <= limit), "held": np.interp(steps, *ratio) <= limit,
+            "peak": peak, "end": end, "limit": limit}
+
+
+def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> dict:
+    """The rows' directions (SimSiam's normalised std) against their centred spread (total
+    variance). Complete collapse: the directions concentrate and the spread shrinks, or the
+    spread falls by orders of magnitude whatever the directions do (a shrink to the origin,
+    where the normalised std of what is left can hold). Mean-dominated: the directions
+    concentrate around a mean while the spread stays (Chen & He 2021's indicator reads it
+    as collapse; the centred information is kept)."""
     std_s = finite(get(run, NORMALIZED_STD, z))
     var_s = finite(get(run, TOTAL_VARIANCE, z))
     if std_s is None or var_s is None or not (math.isfinite(d) and d > 0) or \
             len(var_s[0]) < th.min_points:
-        return {"condition": False, "held": None}
+        return {"complete": False, "mean_dominated": False, "complete_held": None,
+                "mean_dominated_held": None}
     scaled = std_s[1] * math.sqrt(d)
     s_peak = nanmax(rolling_median(scaled, th.smooth_points))
     v_peak = nanmax(rolling_median(var_s[1], th.smooth_points))
     std_limit = min(th.collapse_peak_fraction * s_peak, th.collapse_std_fraction)
     var_limit = th.collapse_peak_fraction * v_peak
+    shrink_limit = th.collapse_shrink_fraction * v_peak
     s_end, v_end = series_end((std_s[0], scaled), th), series_end(var_s, th)
-    held = (np.interp(steps, std_s[0], scaled) <= std_limit) & \
-        (np.interp(steps, var_s[0], var_s[1]) <= var_limit)
-    return {"condition": bool(s_end <= std_limit and v_end <= var_limit), "held": held,
+    std_held = np.interp(steps, std_s[0], scaled) <= std_limit
+    var_at = np.interp(steps, var_s[0], var_s[1])
+    directions_lost, spread_lost = s_end <= std_limit, v_end <= var_limit
+    return {"complete": bool(directions_lost and spread_lost or v_end <= shrink_limit),
+            "mean_dominated": bool(directions_lost and not spread_lost),
+            "complete_held": (std_held & (var_at <= var_limit)) | (var_at <= shrink_limit),
+            "mean_dominated_held": std_held & (var_at > var_limit),
             "std_limit": std_limit, "std_scaled_peak": s_peak, "std_scaled_end": s_end,
             "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
-            "variance_peak": v_peak, "variance_end": v_end,
+            "variance_peak": v_peak, "variance_end": v_end, "shrink_limit": shrink_limit,
             "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s)}
 
 
@@ -139,9 +209,14 @@ def _inactive_units(run: Run, z: str, d: float, kl_losses: list[str], steps: np.
             "kl_losses": reached, "active_units": thin(*units)}
 
 
-def _collapse_remedy(role: dict[str, str], posterior: bool) -> str:
-    """What prevents collapse depends on the losses the model has."""
+def _collapse_remedy(role: dict[str, str], posterior: bool, kind: str = "complete") -> str:
+    """What prevents collapse depends on its kind and on the losses the model has."""
     present = set(role.values())
+    if kind == "mean-dominated":
+        return ("Nothing may need fixing: the centred spread and rank are kept, only a common "
+                "mean dominates the l2-normalised rows. If a loss compares them by cosine, "
+                "centre the output (batch norm in the projector, DINO's centering, Caron et al. "
+                "2021) or watch the centred latent.")
     if posterior:
         return ("Posterior collapse: the KL term pushes every unit to the prior faster than the "
                 "decoder learns to use it. Anneal the KL weight from 0 (Bowman et al. 2016), "
@@ -161,6 +236,10 @@ def _collapse_remedy(role: dict[str, str], posterior: bool) -> str:
                      "stop-gradient on the target branch and the predictor head (SimSiam, "
                      "Chen & He 2021; BYOL's momentum target, Grill et al. 2020), or add a "
                      "variance and covariance term (VICReg, Bardes et al. 2022)")
+    if kind == "dimensional":
+        parts.insert(0, "decorrelate the dimensions: a redundancy or covariance term (Barlow "
+                        "Twins' off-diagonal term, Zbontar et al. 2021; VICReg's covariance "
+                        "term), or a wider projector (dimensional collapse, Jing et al. 2022)")
     parts.append("balance the losses so that no contracting loss dominates "
                  "(gradprobe.remedies.GradNormBalancer)")
     text = "; ".join(parts)

@@ -1,0 +1,110 @@
+"""``representation-collapse`` reports its kind: complete (one point, a shrink to the origin
+included), dimensional (the centred variance in about one direction) and mean-dominated
+(``info``). Each run's latent quantities are computed here with numpy from a latent
+generated step by step, written as a run file and diagnosed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradprobe.diagnose import Thresholds, diagnose
+from test_diagnose import _synthetic
+
+N, D, STEPS = 256, 32, 30
+
+
+def _entropy_rank(values: np.ndarray) -> float:
+    p = values[values > 0] / values.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _quantities(z: np.ndarray) -> dict:
+    """RankMe (Garrido et al. 2023) of the centred rows, participation ratio (tr C)^2 / tr C^2,
+    SimSiam's normalised std and the unbiased total variance, by their formulas."""
+    centred = z - z.mean(0)
+    eig = np.linalg.eigvalsh(np.cov(z, rowvar=False))
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    return {"rankme_centred": _entropy_rank(np.linalg.svd(centred, compute_uv=False)),
+            "participation_ratio": float(eig.sum() ** 2 / (eig ** 2).sum()),
+            "normalized_std": float(unit.std(0, ddof=1).mean()),
+            "total_variance": float(z.var(0, ddof=1).sum())}
+
+
+ISOTROPIC = _entropy_rank(np.linalg.svd(np.random.default_rng(1).standard_normal((N, D)),
+                                        compute_uv=False))
+
+
+def _run(tmp_path, latent_at):
+    rows = []
+    for step in range(STEPS):
+        q = _quantities(latent_at(min(1.0, step / (0.7 * STEPS))))  # then held
+        rows.append((step, {("loss", "task"): 1.0, ("loss", "aux"): 1.0,
+                            ("effective_rank_isotropic", "z"): ISOTROPIC,
+                            ("latent_dim", "z"): float(D),
+                            **{(name, "z"): v for name, v in q.items()}}))
+    run = _synthetic(tmp_path, rows)
+    return run, [f for f in diagnose(run) if f.id == "representation-collapse"]
+
+
+BASE = np.random.default_rng(0).standard_normal((N, D))
+DIRECTION = np.eye(D)[0]
+
+
+def test_a_shrink_to_the_origin_is_complete_collapse_while_the_normalised_std_holds(tmp_path):
+    # An offset keeps the rows off the origin; everything shrinks by 1000x.
+    run, (f,) = _run(tmp_path, lambda t: (BASE + 3 * DIRECTION) * 10 ** (-3 * t))
+    _, std = run.series("normalized_std", "z")
+    _, variance = run.series("total_variance", "z")
+    assert abs(std[-1] / std[0] - 1) < 1e-6  # the directions do not move at all
+    assert variance[-1] / variance[0] < 1e-5
+    assert f.severity == "error" and f.evidence["kind"] == "complete"
+    assert "kind: complete" in f.title
+    assert f.evidence["variance_end"] <= Thresholds().collapse_shrink_fraction * \
+        f.evidence["variance_peak"]
+    assert not f.evidence["rank_condition"]  # the shape is kept: only the spread tells
+
+
+def _one_direction(t):
+    # The variance moves onto one direction; a faint isotropic rest stays.
+    return BASE * (1 - 0.9 * t) + (BASE[:, :1] * 6 * t) * DIRECTION
+
+
+def test_variance_in_one_direction_is_dimensional_collapse(tmp_path):
+    run, (f,) = _run(tmp_path, _one_direction)
+    th = Thresholds()
+    end = _quantities(_one_direction(1.0))
+    # numpy: the participation ratio falls from ~D to ~1, the RankMe stays above the
+    # isotropic fraction that the rank test alone asks.
+    assert end["participation_ratio"] <= th.collapse_participation
+    assert th.collapse_rank_fraction * ISOTROPIC < end["rankme_centred"] <= \
+        th.collapse_participation_rank * ISOTROPIC
+    assert f.severity == "warning" and f.evidence["kind"] == "dimensional"
+    assert f.evidence["participation_condition"]
+    assert np.isclose(f.evidence["participation_end"], end["participation_ratio"], rtol=0.05)
+    assert "Decorrelate the dimensions" in f.remedy
+
+
+def test_a_latent_read_along_one_direction_with_a_wide_spectrum_is_not_collapse(tmp_path):
+    # One strong direction over a full isotropic rest: the participation ratio falls under
+    # 2, but the RankMe keeps more than the participation-rank fraction of the isotropic one.
+    def read_out(t):
+        return BASE + (BASE[:, :1] * 12 * t) * DIRECTION
+    end = _quantities(read_out(1.0))
+    th = Thresholds()
+    assert end["participation_ratio"] <= th.collapse_participation
+    assert end["rankme_centred"] > th.collapse_participation_rank * ISOTROPIC
+    _, found = _run(tmp_path, read_out)
+    assert found == []
+
+
+def test_a_mean_that_dominates_the_normalised_rows_is_a_note_with_both_numbers(tmp_path):
+    run, (f,) = _run(tmp_path, lambda t: BASE + 30 * t * DIRECTION)
+    _, std = run.series("normalized_std", "z")
+    _, variance = run.series("total_variance", "z")
+    assert std[-1] * np.sqrt(D) < Thresholds().collapse_std_fraction
+    assert abs(variance[-1] / variance[0] - 1) < 1e-9  # an offset moves no variance
+    assert f.severity == "info" and f.evidence["kind"] == "mean-dominated"
+    assert np.isclose(f.evidence["normalized_std_end"], np.median(std[-6:]))
+    assert np.isclose(f.evidence["variance_end"], np.median(variance[-6:]))
+    assert "normalised std" in f.title and "total variance" in f.title
+    assert "centre the output" in f.remedy
