@@ -13,6 +13,7 @@ from .harness import ALARM_SEVERITIES, Family, RunRecord, Score, judge, score, s
 PRECISION_MIN, RECALL_MIN = 0.95, 0.9
 BASELINE = Path(__file__).with_name("baseline.md")  # the corpus's first measurement, kept
 LIMITS = Path(__file__).with_name("limits.md")  # what the corpus's design cannot show
+RULE_CHANGES = Path(__file__).with_name("rule-changes.md")  # which rule changed after which runs
 
 
 def _num(x: float) -> str:
@@ -165,7 +166,8 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         if after is not None:
             out += ["", "Held-out half with the chosen values:", ""]
             out += _score_rows_md(scores(after, families, "held-out"))
-    out += ["", LIMITS.read_text().rstrip(), "", BASELINE.read_text().rstrip()]
+    out += ["", RULE_CHANGES.read_text().rstrip(), "", LIMITS.read_text().rstrip(), "",
+            BASELINE.read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
