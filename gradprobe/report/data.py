@@ -134,7 +134,8 @@ class RunData:
         finite = np.flatnonzero(np.isfinite(v) & (v != 0))
         if not len(finite):
             return None
-        return s, v / v[finite[0]]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return s, v / v[finite[0]]
 
     def step_range(self) -> tuple[int | None, int | None]:
         """First and last step anything was recorded at (probe steps, or the loss series)."""

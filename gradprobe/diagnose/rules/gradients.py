@@ -121,7 +121,7 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             if s is not None:
                 wn.append(np.interp(steps, s[0], np.nan_to_num(s[1])))
         if len(wn) == 2:
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 balance = np.minimum(wn[0], wn[1]) / np.maximum(wn[0], wn[1])
             judged &= np.nan_to_num(balance) >= th.swamping_ratio
         if judged.sum() < th.min_points:

@@ -46,7 +46,9 @@ def _finding_panel(ctx: ReportContext, ax, f) -> None:
     if values and has_positive(values) and all_positive(values):
         lo = min(np.nanmin(y[y > 0]) for y in values if np.any(y > 0))
         hi = max(np.nanmax(y) for y in values)
-        if hi / max(lo, 1e-300) > 100:
+        with np.errstate(over="ignore"):
+            spans_decades = hi / max(lo, 1e-300) > 100
+        if spans_decades:
             ax.set_yscale("log")
     unit = f"{quantity} / {to} (ratio)" if to else quantity
     ax.set_ylabel(clip(unit, 40))

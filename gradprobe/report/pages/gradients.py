@@ -29,7 +29,7 @@ HOW_TO_READ = ("How to read: every loss should move the shared parameters. The d
 def cosine_matrix_from_gram(gram: np.ndarray) -> np.ndarray:
     """cos(g_i, g_j) = G_ij / sqrt(G_ii G_jj) from a Gram matrix; NaN where a norm is 0."""
     d = np.sqrt(np.clip(np.diag(gram), 0, None))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         cos = gram / np.outer(d, d)
     cos[~np.isfinite(cos)] = np.nan
     return np.clip(cos, -1, 1)

@@ -68,7 +68,7 @@ def representation_pages(ctx: ReportContext) -> list[Figure]:
 
 def _inverse_sqrt(series):
     x, y = series
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 and negative values are no points
         return x, 1 / np.sqrt(y)
 
 
@@ -88,7 +88,7 @@ def _latent_panel(ctx: ReportContext, ax, latents: list[str], quantity: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_ylim(bottom=0)
-    if legend:
+    if legend and ax.get_legend_handles_labels()[0]:  # no latent drawn: no legend
         ax.legend(loc="lower left", fontsize=7)
     ctx.mark(ax, quantity, PAGE_TITLES["representations"])
     ctx.step_axis(ax)
@@ -101,14 +101,17 @@ def _spectrum_panel(ctx: ReportContext, ax, name: str, ylabel: bool) -> None:
         s = np.asarray(s, float)
         if not len(s) or not s[0] > 0:
             continue
-        ax.plot(np.arange(1, len(s) + 1), s / s[0], color=colour, linestyle=ls, marker="o",
+        with np.errstate(invalid="ignore", over="ignore"):  # inf singular values are no points
+            relative = s / s[0]
+        ax.plot(np.arange(1, len(s) + 1), relative, color=colour, linestyle=ls, marker="o",
                 markersize=2.5, linewidth=1.3, label=f"{label} (step {step_label(step)})")
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     if ylabel:
         ax.set_ylabel("σᵢ / σ₁ (ratio)")
     ax.set_title(f"Spectrum of {clip(name, 16)}")
-    ax.legend(loc="lower left", fontsize=6.5)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=6.5)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
 
 

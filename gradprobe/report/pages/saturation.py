@@ -55,13 +55,16 @@ def _histogram(ax, d: RunData, palette: Palette, watches: list[str]) -> None:
         style = palette.other(name)
         last = np.asarray(hists[-1], float)
         edges = histogram_edges(bins=len(last))
-        share = last / max(last.sum(), 1)
+        with np.errstate(invalid="ignore", over="ignore"):  # a histogram holding inf
+            share = last / max(last.sum(), 1)
         ax.bar(edges[:-1], share, width=np.diff(edges), align="edge", color=style["color"],
                alpha=0.55 if k == 0 else 0.35, edgecolor=style["color"], linewidth=0.6,
                label=f"{name}: last probe step {step_label(steps[-1])}")
         if len(steps) > 1:
             first = np.asarray(hists[0], float)
-            ax.stairs(first / max(first.sum(), 1), edges, color=REFERENCE_COLOUR,
+            with np.errstate(invalid="ignore", over="ignore"):
+                first = first / max(first.sum(), 1)
+            ax.stairs(first, edges, color=REFERENCE_COLOUR,
                       linestyle=(0, (4, 2)), linewidth=1.0,
                       label=f"{name}: first probe step {step_label(steps[0])}")
         threshold = SATURATION_THRESHOLD
