@@ -69,7 +69,7 @@ def test_collapse_found_without_balancing_and_quiet_with_it(example):
     balanced = gradprobe.diagnose(gradprobe.load_run(out / "moe_1.0.gprobe"))
     collapse = [f for f in collapsed if f.id == "prototype-collapse"]
     assert len(collapse) == 1 and collapse[0].subject == "experts"
-    assert collapse[0].evidence["usage_end"] <= 0.05
+    assert collapse[0].evidence["pooled_usage"]["usage"] <= 0.05
     assert not [f for f in balanced if f.id.startswith("prototype")]
 
 

@@ -302,7 +302,7 @@ class Probe(WatchMethods):
             raise exc
         if watch.disabled is not None:
             return
-        watch.disabled = failure_reason(exc)
+        watch.disable(failure_reason(exc), self.step)
         self._writer.add_event(self.step, "watch_disabled", watch.name, watch.disabled)
         self._watches.release(watch, self.step)
 

@@ -293,14 +293,14 @@ class StepRecorder:
     def _watch_record(self, step: int, events: list[Event], watch: Any, *args: Any) -> Any:
         """``watch.record(*args)``, or None: NaN/Inf in what it reads is a ``non_finite`` event,
         and any other failure drops this watch alone (on the training thread, next call)."""
-        if watch.disabled is not None:
+        if not watch.records_at(step):
             return None
         try:
             return watch.record(*args)
         except NonFinite as exc:
             self._event(events, step, "non_finite", [watch.name], f"{exc} holds NaN or Inf")
         except Exception as exc:
-            watch.disabled = failure_reason(exc)
+            watch.disable(failure_reason(exc), step)
             events.append(("watch_disabled", watch.name, watch.disabled))
             self._notify(functools.partial(self._release, watch, step))
         return None

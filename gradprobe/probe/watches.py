@@ -45,13 +45,24 @@ def as_matrix(name: str, tensor: torch.Tensor, max_rows: int) -> torch.Tensor:
 
 class Watch:
     """What every watch has: the user's name, its own cadence (``None``: every probe step),
-    its forward hook (if any) and, once it cannot record, the reason it was disabled."""
+    its forward hook (if any) and, once it cannot record, the reason it was disabled and the
+    first step it no longer records."""
 
     def __init__(self, name: str, every: int | None):
         self.name = name
         self.every = every
         self.handle = None
         self.disabled: str | None = None
+        self.disabled_from: int | None = None
+
+    def disable(self, reason: str, step: int) -> None:
+        self.disabled_from = step  # first: the writer thread reads ``disabled`` first
+        self.disabled = reason
+
+    def records_at(self, step: int) -> bool:
+        """Whether the writer thread still records this watch for ``step``: a step handed over
+        before the watch was dropped on the training thread keeps what it prepared."""
+        return self.disabled is None or step < self.disabled_from
 
 
 def describe_value(value: Any) -> str:
