@@ -44,11 +44,13 @@ DIM = 64
 
 
 class SimCLR(nn.Module):
-    def __init__(self):
+    """The digits backbone and SimCLR's projection head fc-ReLU-fc to ``dim`` dimensions."""
+
+    def __init__(self, dim: int = DIM):
         super().__init__()
         self.encoder = DigitEncoder()
         w = self.encoder.width
-        self.head = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, DIM))
+        self.head = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, dim))
 
     def forward(self, x):
         return self.head(self.encoder(x))

@@ -53,12 +53,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gradprobe
 
-from ..common import DigitEncoder, augment, digits_split, knn_accuracy, representation_truth
+from ..common import augment, digits_split, knn_accuracy, representation_truth
 from ..harness import Expect, Family, Variant
+from ..simclr import SimCLR
 
 STEPS, LR = 1000, 1e-3
 TEMPERATURE = 0.07
@@ -66,15 +66,14 @@ PLAN_P, BATCH = 8, 128
 DIM = 128
 
 
-class SupConNet(nn.Module):
+class SupConNet(SimCLR):
+    """SimCLR's backbone and projection head (to DIM dimensions), its output l2-normalised."""
+
     def __init__(self):
-        super().__init__()
-        self.encoder = DigitEncoder()
-        w = self.encoder.width
-        self.head = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, DIM))
+        super().__init__(DIM)
 
     def forward(self, x):
-        return F.normalize(self.head(self.encoder(x)), dim=1)
+        return F.normalize(super().forward(x), dim=1)
 
 
 def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
