@@ -37,30 +37,45 @@ from .harness import Expect, Family, Variant
 BATCH, STEPS, DIM = 256, 400, 128
 
 
+def projector(*widths: int) -> nn.Sequential:
+    """Barlow Twins' projector through ``widths`` (input first): bias-free linear layers with
+    batch norm and ReLU between them, none after the last."""
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU()]
+    return nn.Sequential(*layers[:-2])
+
+
+def cross_correlation_terms(bn: nn.BatchNorm1d, z1: torch.Tensor, z2: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's two terms on the cross-correlation c = bn(z1)^T bn(z2) / N:
+    sum_i (1 - c_ii)^2 (invariance) and sum_{i != j} c_ij^2 (redundancy, unweighted)."""
+    c = bn(z1).T @ bn(z2) / z1.shape[0]
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
+    return on_diag, off_diag
+
+
 class BarlowTwins(nn.Module):
-    def __init__(self):
+    """The digits backbone, a projector through ``widths`` (after the backbone's) and the
+    embeddings' affine-free batch norm; ``forward`` returns the loss's two terms."""
+
+    def __init__(self, *widths: int):
         super().__init__()
         self.encoder = DigitEncoder()
-        w = self.encoder.width
-        self.projector = nn.Sequential(
-            nn.Linear(w, DIM, bias=False), nn.BatchNorm1d(DIM), nn.ReLU(),
-            nn.Linear(DIM, DIM, bias=False), nn.BatchNorm1d(DIM), nn.ReLU(),
-            nn.Linear(DIM, DIM, bias=False))
-        self.bn = nn.BatchNorm1d(DIM, affine=False)
+        self.projector = projector(self.encoder.width, *widths)
+        self.bn = nn.BatchNorm1d(widths[-1], affine=False)
 
     def forward(self, x1, x2):
-        z1, z2 = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))
-        c = self.bn(z1).T @ self.bn(z2) / z1.shape[0]
-        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-        off_diag = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
-        return on_diag, off_diag
+        return cross_correlation_terms(self.bn, self.projector(self.encoder(x1)),
+                                       self.projector(self.encoder(x2)))
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, _, _, _ = digits_split()
-    model = BarlowTwins()
+    model = BarlowTwins(DIM, DIM, DIM)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lam = 0.0 if variant == "lambda-0" else 0.0051
     probe = gradprobe.Probe(model, run_file=log)

@@ -42,37 +42,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import gradprobe
 
-from .common import (DigitEncoder, augment, batches, centred_effective_rank, digits_split,
-                     knn_accuracy, representation_truth)
+from .barlow import BarlowTwins
+from .common import (augment, batches, centred_effective_rank, digits_split, knn_accuracy,
+                     representation_truth)
 from .harness import Expect, Family, Variant
 
-BATCH, STEPS, EVERY, DIM = 256, 300, 10, 64
+BATCH, STEPS, EVERY, HIDDEN, DIM = 256, 300, 10, 128, 64
 LAMBDA = 0.0051
 RANK_EVERY = 50
 
 
-class BarlowSplit(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoder = DigitEncoder()
-        w = self.encoder.width
-        self.projector = nn.Sequential(nn.Linear(w, w, bias=False), nn.BatchNorm1d(w), nn.ReLU(),
-                                       nn.Linear(w, DIM, bias=False))
-        self.bn = nn.BatchNorm1d(DIM, affine=False)
-
-    def forward(self, x1, x2):
-        z1, z2 = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))
-        c = self.bn(z1).T @ self.bn(z2) / z1.shape[0]
-        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-        off_diag = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
-        return on_diag, off_diag
-
-
-def test_rank(model: BarlowSplit, x_te: torch.Tensor) -> float:
+def test_rank(model: BarlowTwins, x_te: torch.Tensor) -> float:
     """Centred effective rank of the projector output on the test digits (eval mode, so the
     batch-norm statistics used in training are not touched)."""
     model.eval()
@@ -86,7 +69,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr, x_te, y_te = digits_split()
-    model = BarlowSplit()
+    model = BarlowTwins(HIDDEN, DIM)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lam = 0.0 if variant == "off-diag-0" else LAMBDA
     probe = gradprobe.Probe(model, every=EVERY, run_file=log)
