@@ -7,20 +7,17 @@ One spawn runs every distributed scenario; the tests below read what the ranks s
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import gradprobe
+from _spawn import join_group, save_result, spawn_ranks
 from models import TwoLatentNet, make_data
 
 WORLD = 2
@@ -89,10 +86,7 @@ def ddp_model(calls):
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # A deadlock would otherwise hang the test: a collective waiting longer fails instead.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    join_group(rank, WORLD, port)
     out = Path(out)
     result = {}
     try:
@@ -128,20 +122,13 @@ def worker(rank: int, port: int, out: str) -> None:
         result["fail_rank0_enabled"] = (probe.enabled, probe.step)
     finally:
         dist.destroy_process_group()
-    torch.save(result, out / f"rank{rank}.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    save_result(result, out, rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = spawn_ranks(worker, out, WORLD)
     torch.manual_seed(0)
     model = TwoLatentNet()
     reference = run_training(model, attach(model, out / "single.gprobe"), None)

@@ -9,21 +9,17 @@ the probe call, wrapped) step by step, with and without the probe.
 from __future__ import annotations
 
 import collections
-import os
-import socket
-import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import gradprobe
+from _spawn import join_group, save_result, spawn_ranks
 from test_moe import documented_example, usage_entropy
 
 if not dist.is_available() or not dist.is_gloo_available():
@@ -165,10 +161,7 @@ def moe_training(rank: int, world: int, run_file: Path) -> list[float]:
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # A deadlock fails a collective after 30 s instead of hanging the test.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    join_group(rank, WORLD, port)
     out = Path(out)
     counts = count_collectives()
     result = {}
@@ -194,28 +187,13 @@ def worker(rank: int, port: int, out: str) -> None:
                                                         if "gradprobe" in str(w.message)])
     finally:
         dist.destroy_process_group()
-    torch.save(result, out / f"rank{rank}.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    save_result(result, out, rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    context = mp.start_processes(worker, args=(free_port(), str(out)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = 120.0
-    start = time.monotonic()
-    while not context.join(timeout=5):
-        if time.monotonic() - start > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2 FSDP2 ranks did not finish within {deadline:.0f} s")
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = spawn_ranks(worker, out, WORLD)
     torch.manual_seed(0)
     model = Trunk3Heads()
     reference, _ = train(model, attach(model, out / "single.gprobe"), None)

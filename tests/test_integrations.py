@@ -3,11 +3,6 @@ gradprobe[tensorboard], gradprobe[wandb]); without them these tests are skipped.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +10,7 @@ import torch
 import gradprobe
 from gradprobe.diagnose import diagnose
 
+from _wandb_read import finished_run, wandb_inspect
 from models import WEIGHTS, TwoLatentNet, four_losses, make_data
 
 
@@ -142,17 +138,6 @@ def test_lightning_callback_records_a_readable_run_and_leaves_training_unchanged
     assert not {"training_step", "log"} & set(vars(probed))  # the wrappers are gone after fit
 
 
-def wandb_inspect(run_dir, *options):
-    """An offline W&B run as W&B's own reader sees it: ``wandb leet inspect`` (its records,
-    one JSON line each, or with ``--summary`` the run's state and summary as one object)."""
-    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
-                             *options, str(run_dir)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    if "--summary" in options:
-        return json.loads(result.stdout)
-    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-
-
 def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     import live_run
@@ -170,13 +155,7 @@ def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, m
     sink.summarize(final)
     wb.finish()
 
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    # W&B's service process writes the file; finish() can return before its last records are
-    # there (seen about one run in three): read until the run's exit record is.
-    deadline = time.monotonic() + 60
-    while wandb_inspect(run_dir, "--summary")["state"] != "finished":
-        assert time.monotonic() < deadline, "the offline run file never recorded the run's end"
-        time.sleep(0.2)
+    run_dir, summary = finished_run(tmp_path)
     records = wandb_inspect(run_dir)
     history = {}  # key -> {gradprobe/step: value}
     for record in records:
@@ -204,7 +183,6 @@ def test_wandb_sink_logs_the_run_files_numbers_and_each_finding_once(tmp_path, m
     assert live_run.ONSET < entry["step"] < 400 and entry["step"] % 25 == 0
 
     # The summary at the end holds the run's final findings, as `gradprobe analyze` finds them.
-    summary = wandb_inspect(run_dir, "--summary")["summary"]
     analyzed = diagnose(run)
     assert [(f["id"], f["subject"], f["severity"], f["title"]) for f in summary["gradprobe/findings"]] \
         == [(f.id, f.subject, f.severity, f.title) for f in analyzed]
@@ -234,11 +212,6 @@ def test_wandb_summary_drops_a_finding_that_cleared(tmp_path, monkeypatch):
     rest = [f for f in probe.findings() if f.id != "gradient-swamping"]
     sink.summarize(rest)
     wb.finish()
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    deadline = time.monotonic() + 60
-    while (inspected := wandb_inspect(run_dir, "--summary"))["state"] != "finished":
-        assert time.monotonic() < deadline, "the offline run file never recorded the run's end"
-        time.sleep(0.2)
-    summary = inspected["summary"]
+    _, summary = finished_run(tmp_path)
     assert not [k for k in summary if k.startswith("gradprobe/finding/gradient-swamping")]
     assert [f["id"] for f in summary["gradprobe/findings"]] == [f.id for f in rest]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch
 import gradprobe
 from gradprobe.diagnose import diagnose
 
+from _wandb_read import finished_run
 from models import WEIGHTS, TwoLatentNet, four_losses, make_data
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -180,7 +180,6 @@ def test_wandb_logger_run_summary_holds_the_findings(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
     from gradprobe.integrations.wandb import WandbSink
-    from test_integrations import wandb_inspect
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -192,12 +191,7 @@ def test_wandb_logger_run_summary_holds_the_findings(tmp_path, monkeypatch):
     logger.experiment.finish()
 
     found = diagnose(gradprobe.load_run(callback.run_path))
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    deadline = time.monotonic() + 60
-    while (inspected := wandb_inspect(run_dir, "--summary"))["state"] != "finished":
-        assert time.monotonic() < deadline, "the offline run file never recorded the run's end"
-        time.sleep(0.2)
-    summary = inspected["summary"]
+    _, summary = finished_run(tmp_path)
     assert found  # this short run's loss weights leave 'orth' swamped
     assert [(f["id"], f["subject"]) for f in summary["gradprobe/findings"]] == \
         [(f.id, f.subject) for f in found]
