@@ -9,8 +9,10 @@ import math
 
 import pytest
 
-from benchmarks.validity.calibrate import (GLOBAL_KEYS, INT_GRID, Calibrator, _middle,
-                                           _run_at, _widest_run, grid, numeric_keys)
+from benchmarks.validity.calibrate import (EDGE_REASONS, GLOBAL_KEYS, INT_GRID, Calibrator,
+                                           _middle, _run_at, _widest_run, grid, half_range,
+                                           numeric_keys)
+from benchmarks.validity.report import margin_lines
 from benchmarks.validity.harness import Expect, Family, RunRecord, Runs, Variant
 from gradprobe.diagnose import Thresholds, diagnose
 from test_diagnose import _synthetic
@@ -96,12 +98,15 @@ def _record(tmp_path, variant, seed, ratio):
     return RunRecord(FAMILY.name, variant, seed, path, {}, 0.0, 0.0)
 
 
-def _calibrate(tmp_path, broken, healthy):
+def _calibrate(tmp_path, broken, healthy, heldout_broken=(), heldout_healthy=()):
+    """Calibration runs at even seeds; held-out runs, when given, at odd seeds."""
     records = [_record(tmp_path, "broken", 2 * i, r) for i, r in enumerate(broken)] + \
         [_record(tmp_path, "healthy", 2 * i, r) for i, r in enumerate(healthy)]
-    runs = Runs(records)
+    heldout = [_record(tmp_path, "broken", 2 * i + 1, r) for i, r in enumerate(heldout_broken)] + \
+        [_record(tmp_path, "healthy", 2 * i + 1, r) for i, r in enumerate(heldout_healthy)]
+    runs = Runs(records + heldout)
     try:
-        return Calibrator(runs, records, {FAMILY.name: FAMILY}).calibrate()
+        return Calibrator(runs, records, {FAMILY.name: FAMILY}, heldout or None).calibrate()
     finally:
         runs.close()
 
@@ -171,3 +176,58 @@ def test_an_error_free_run_of_one_grid_value_moves_nothing(tmp_path):
     assert chosen == DEFAULTS
     k = _key(results, "swamping_ratio")
     assert (k.errors_default, k.errors_chosen, k.best_range) == (1, 1, None)
+
+
+# ------------------------------------------------- margins of the default on both halves
+
+def test_the_margin_is_counted_in_grid_steps_to_each_end_of_the_run_holding_the_default():
+    values = grid("swamping_ratio", 0.1)  # 0.0125 ... 0.8, the default 0.1 at index 6
+    errors = {v: 0 if 0.04 < v < 0.15 else 1 for v in values}  # 0.05, 0.0707, 0.1, 0.141
+    h = half_range(errors, 0.1)
+    assert h.fewest_range == pytest.approx((0.05, 0.1 * SQRT2))
+    assert (h.steps_below, h.steps_above, h.open_below, h.open_above) == (2, 1, False, False)
+    assert h.constrained and not h.at_edge and (h.errors_default, h.fewest) == (0, 0)
+    # Fewest errors up to the grid's end: no failing value found below, so no edge there.
+    h = half_range({v: 0 if v <= 0.1 else 2 for v in values}, 0.1)
+    assert (h.steps_below, h.steps_above, h.open_below, h.open_above) == (6, 0, True, False)
+    assert h.at_edge  # 0.141 has more errors: no margin above
+    h = half_range({v: 3 for v in values}, 0.1)
+    assert not h.constrained and not h.at_edge and (h.steps_below, h.steps_above) == (6, 6)
+    # A default with more than the fewest errors has no run and sits at an edge by definition.
+    h = half_range({v: 0 if v < 0.06 else 1 for v in values}, 0.1)
+    assert h.fewest_range is None and h.steps_below is None and h.at_edge
+
+
+def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_is_flagged(tmp_path):
+    broken, healthy = (0.02, 0.04), (0.15, 0.3)
+    heldout_broken, heldout_healthy = (0.03, 0.09), (0.12, 0.5)
+    chosen, results = _calibrate(tmp_path, broken, healthy, heldout_broken, heldout_healthy)
+    assert chosen == DEFAULTS  # the held-out half moves nothing
+    values = grid("swamping_ratio", 0.1)
+    # Held-out: a miss where a broken ratio is >= the value, a false alarm where a healthy one
+    # is below it: error-free only above 0.09 and at most 0.12, which holds one grid value, 0.1.
+    assert [v for v in values if _errors(v, heldout_broken, heldout_healthy) == 0] == [0.1]
+    assert _errors(0.0707, heldout_broken, heldout_healthy) == 1 == _errors(0.141, heldout_broken,
+                                                                               heldout_healthy)
+    k = _key(results, "swamping_ratio")
+    cal, held = k.calibration_half, k.heldout_half
+    assert cal.fewest_range == pytest.approx((0.05, 0.1 * SQRT2)) and (cal.steps_below, cal.steps_above) == (2, 1)
+    assert not cal.at_edge
+    assert held.fewest_range == (0.1, 0.1) and (held.steps_below, held.steps_above) == (0, 0)
+    assert (held.errors_default, held.fewest) == (0, 0) and held.at_edge
+    assert "swamping_ratio" not in EDGE_REASONS and k.flagged
+    (line,) = [line for line in margin_lines(results) if "swamping_ratio" in line]
+    assert "margin 2 / 1" in line and "margin 0 / 0" in line and "FLAGGED" in line
+    # Keys these runs leave unconstrained on both halves are not at an edge.
+    assert not _key(results, "learned_fraction").at_edge
+
+
+def test_a_default_outside_the_held_out_fewest_error_run_is_at_an_edge(tmp_path):
+    # Held-out: the healthy run at 0.08 is a false alarm at the default 0.1; 0.05 and 0.0707
+    # have no error. The default has 1 error against the fewest 0: no run, an edge.
+    chosen, results = _calibrate(tmp_path, (0.02, 0.04), (0.15, 0.3), (0.03,), (0.08,))
+    held = _key(results, "swamping_ratio").heldout_half
+    assert (held.errors_default, held.fewest) == (_errors(0.1, (0.03,), (0.08,)), 0) == (1, 0)
+    assert held.fewest_range is None and held.at_edge
+    # The calibration half alone decides: the default stays.
+    assert chosen == DEFAULTS

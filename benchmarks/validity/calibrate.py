@@ -19,8 +19,13 @@ Procedure (one coordinate at a time, in the order ``Thresholds`` declares its ke
    repeat until one moves nothing (at most three). A last scan is the report: for every key,
    the errors at its default and at the chosen value (every other key as chosen) and the run
    of fewest-error grid values around the chosen value.
+5. Margins, on both halves: the same last scan of each key's grid, on the calibration runs and
+   on the held-out runs, gives the run of fewest-error grid values that holds the default and
+   the default's margin to each end of it, in grid steps (one step is a factor sqrt(2)). A
+   default at an end of its run (no margin on that side, where the grid goes on) is flagged
+   unless ``EDGE_REASONS`` states why.
 
-The held-out half is never read here.
+The held-out half never moves a threshold: it is only scanned for the margins.
 """
 
 from __future__ import annotations
@@ -50,6 +55,63 @@ class _Recording:
 
 
 @dataclass
+class HalfRange:
+    """One key's errors over its grid on one half, every other key as chosen, seen from the
+    default: the run of consecutive fewest-error grid values that holds it and its margin, in
+    grid steps, to each end of that run."""
+
+    errors_default: int
+    fewest: int
+    fewest_range: tuple[float, float] | None  # None: the default has more than the fewest errors
+    steps_below: int | None  # grid steps from the default down to the run's lower end
+    steps_above: int | None
+    open_below: bool  # the run reaches the grid's lowest value: no failing value found below
+    open_above: bool
+    constrained: bool  # whether this half's errors depend on the key on the grid
+
+    @property
+    def at_edge(self) -> bool:
+        """No margin on a side where a value with more errors lies next to the default (or the
+        default itself has more than the fewest errors)."""
+        if not self.constrained:
+            return False
+        if self.fewest_range is None:
+            return True
+        return (self.steps_below == 0 and not self.open_below) or \
+            (self.steps_above == 0 and not self.open_above)
+
+
+def half_range(scored: dict[float, int], default: float) -> HalfRange:
+    """``scored``: errors per grid value of one key on one half."""
+    values = sorted(scored)
+    best = min(scored.values())
+    ok = [scored[v] == best for v in values]
+    run = _run_at(values, ok, default)
+    i = values.index(default)
+    lo, hi = (values.index(run[0]), values.index(run[1])) if run else (None, None)
+    return HalfRange(errors_default=scored[default], fewest=best, fewest_range=run,
+                     steps_below=None if run is None else i - lo,
+                     steps_above=None if run is None else hi - i,
+                     open_below=run is not None and lo == 0,
+                     open_above=run is not None and hi == len(values) - 1,
+                     constrained=len(set(scored.values())) > 1)
+
+
+# Why a default may sit at an end of its fewest-error run on a half. A default flagged at an
+# edge without an entry here is a finding of the calibration, shown as such on
+# docs/validity.md; an entry states the evidence that keeps the default where it is.
+EDGE_REASONS: dict[str, str] = {
+    "conflict_stall_fraction":
+        "one grid step below (0.64), healthy Barlow Twins' invariance/redundancy pair, both "
+        "ending at 0.53-0.72 of their start, would read as a stalled conflict; above, 1.0 only "
+        "counts losses that did not fall at all",
+    "collapse_rank_fraction":
+        "the corpus's healthy and collapsed runs are closer than two grid steps here: healthy "
+        "Barlow Twins ends at 0.19-0.21 of the isotropic rank, its lambda = 0 variant at 0.10",
+}
+
+
+@dataclass
 class KeyResult:
     """One key as the last pass (which moved nothing) scored it, every other key as chosen."""
 
@@ -61,6 +123,21 @@ class KeyResult:
     best_range: tuple[float, float] | None  # the run of fewest-error grid values at the chosen value
     constrained: bool  # whether the calibration errors depend on this key on the grid
     rules: tuple[str, ...]
+    calibration_half: HalfRange | None = None  # the default's margins on the calibration runs
+    heldout_half: HalfRange | None = None  # ... and on the held-out runs (None: none given)
+
+    @property
+    def edge_reason(self) -> str | None:
+        return EDGE_REASONS.get(self.key)
+
+    @property
+    def at_edge(self) -> bool:
+        return any(h is not None and h.at_edge for h in (self.calibration_half, self.heldout_half))
+
+    @property
+    def flagged(self) -> bool:
+        """At an edge on either half, with no stated reason."""
+        return self.at_edge and self.edge_reason is None
 
 
 # Keys every rule reads (persistence and phase): tried last, so that a rule-specific key is
@@ -96,18 +173,22 @@ def _call(rule, run, th, earlier):
 class Calibrator:
     """Re-diagnoses calibration runs with one threshold changed at a time. Rules run in
     ``RULES`` order and may read the findings of the rules before them, so a change re-runs
-    the first rule that reads the key and every rule after it."""
+    the first rule that reads the key and every rule after it. The held-out runs, when given,
+    are only scanned at the end for each default's margins."""
 
-    def __init__(self, runs: Runs, records: list[RunRecord], families: dict[str, Family]):
+    def __init__(self, runs: Runs, records: list[RunRecord], families: dict[str, Family],
+                 heldout: list[RunRecord] | None = None):
         self.records, self.families = records, families
-        self.loaded = {id(r): runs.run_of(r) for r in records}
+        self.heldout = list(heldout or [])
+        self.loaded = {id(r): runs.run_of(r) for r in self.records + self.heldout}
         self.order = list(RULES)
         self.rules_reading: dict[str, set[str]] = {}
 
-    def _diagnose(self, th: Thresholds, cache: dict | None = None, first: int = 0) -> dict:
+    def _diagnose(self, th: Thresholds, cache: dict | None = None, first: int = 0,
+                  records: list[RunRecord] | None = None) -> dict:
         """Per run, per rule findings, re-running rules ``first..`` (earlier ones from cache)."""
         out = {}
-        for r in self.records:
+        for r in self.records if records is None else records:
             per_rule = list(cache[id(r)][:first]) if cache else []
             for rid in self.order[first:]:
                 seen: set[str] = set()
@@ -124,16 +205,18 @@ class Calibrator:
             out[id(r)] = per_rule
         return out
 
-    def errors(self, cache: dict) -> int:
+    def errors(self, cache: dict, records: list[RunRecord] | None = None) -> int:
         total = 0
-        for r in self.records:
+        for r in self.records if records is None else records:
             findings = [f for found in cache[id(r)] for f in found]
             j = judge(self.families[r.family].variant(r.variant), findings)
             total += len(j.false_alarms) + len(j.misses)
         return total
 
-    def _scan(self, key: str, th: Thresholds, default: Thresholds, cache: dict) -> dict[float, int]:
-        """Calibration errors for each candidate value of ``key``, every other key as in ``th``."""
+    def _scan(self, key: str, th: Thresholds, default: Thresholds, cache: dict,
+              records: list[RunRecord] | None = None) -> dict[float, int]:
+        """Errors on ``records`` (default: the calibration runs) for each candidate value of
+        ``key``, every other key as in ``th``."""
         first = self.order.index(min(self.rules_reading[key], key=self.order.index))
         scored = {}
         for value in sorted(set(grid(key, getattr(default, key))) | {getattr(th, key)}):
@@ -141,7 +224,7 @@ class Calibrator:
                 trial = th.replace(**{key: value})
             except ValueError:
                 continue
-            scored[value] = self.errors(self._diagnose(trial, cache, first))
+            scored[value] = self.errors(self._diagnose(trial, cache, first, records), records)
         return scored
 
     def calibrate(self, start: Thresholds | None = None, max_passes: int = 3
@@ -171,18 +254,22 @@ class Calibrator:
                     moved = True
             if not moved:
                 break
+        heldout_cache = self._diagnose(th, records=self.heldout) if self.heldout else None
         results = []
         for key in keys:  # the report: each key scored with every other key as chosen
             scored = self._scan(key, th, default, cache)
             values = sorted(scored)
             best = min(scored.values())
             ok = [scored[v] == best for v in values]
-            current = getattr(th, key)
+            current, base = getattr(th, key), getattr(default, key)
             results.append(KeyResult(
-                key=key, default=getattr(default, key), chosen=current,
-                errors_default=scored[getattr(default, key)], errors_chosen=scored[current],
+                key=key, default=base, chosen=current,
+                errors_default=scored[base], errors_chosen=scored[current],
                 best_range=_run_at(values, ok, current), constrained=len(set(scored.values())) > 1,
-                rules=tuple(sorted(self.rules_reading[key], key=self.order.index))))
+                rules=tuple(sorted(self.rules_reading[key], key=self.order.index)),
+                calibration_half=half_range(scored, base),
+                heldout_half=None if heldout_cache is None else half_range(
+                    self._scan(key, th, default, heldout_cache, self.heldout), base)))
         return th, results
 
 

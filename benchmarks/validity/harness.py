@@ -93,11 +93,16 @@ class RunRecord:
 
 # ----------------------------------------------------------------------------- training
 
-def _train_one(module: str, variant: str, seed: int, path: str) -> tuple[dict, float, float]:
-    """One run, in a worker process: one torch thread (tiny models; threads only contend)."""
+def _train_one(module: str, variant: str, seed: int, path: str, threads: int = 1
+               ) -> tuple[dict, float, float]:
+    """One run, in a worker process, at a fixed number of torch threads (default one: the models
+    are tiny and threads only contend) and with torch's deterministic algorithms where it has
+    them (warn_only: an operation without one still runs), so that a rerun of a seed repeats
+    its numbers as far as the thread count allows."""
     import importlib
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     family = importlib.import_module(module).FAMILY
     Path(path).unlink(missing_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
@@ -108,8 +113,9 @@ def _train_one(module: str, variant: str, seed: int, path: str) -> tuple[dict, f
 
 
 def train_runs(jobs: list[tuple[str, Family, str, int]], out_dir: Path, workers: int,
-               progress: Callable[[str], None] = print) -> list[RunRecord]:
-    """Train every (module, family, variant, seed) job; a run file per job under out_dir."""
+               threads: int = 1, progress: Callable[[str], None] = print) -> list[RunRecord]:
+    """Train every (module, family, variant, seed) job, each at ``threads`` torch threads; a
+    run file per job under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records: dict[int, RunRecord] = {}
     started = time.perf_counter()
@@ -117,7 +123,7 @@ def train_runs(jobs: list[tuple[str, Family, str, int]], out_dir: Path, workers:
         futures = {}
         for index, (module, family, variant, seed) in enumerate(jobs):
             path = out_dir / f"{family.name}-{variant}-s{seed}.gprobe"
-            futures[pool.submit(_train_one, module, variant, seed, str(path))] = \
+            futures[pool.submit(_train_one, module, variant, seed, str(path), threads)] = \
                 (index, family, variant, seed, path)
         for done, fut in enumerate(as_completed(futures), start=1):
             index, family, variant, seed, path = futures[fut]

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from dataclasses import dataclass
 
-from .calibrate import KeyResult, numeric_keys
+from .calibrate import HalfRange, KeyResult, numeric_keys
 from .harness import ALARM_SEVERITIES, Family, RunRecord, Score, judge, score, subject_units
 
 PRECISION_MIN, RECALL_MIN = 0.95, 0.9
@@ -144,21 +144,26 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
     out += ["", "## Acceptance on the held-out half (default thresholds)", ""]
     out += _acceptance_md(acceptance(records, families))
     if key_results is not None:
-        out += ["", "## Calibration", "", *CALIBRATION_TEXT, "",
-                "| key | default | chosen | calibration errors at the default | at the chosen value | "
-                "fewest-error range around the chosen value | rules reading it |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", "## Calibration", "", *CALIBRATION_TEXT, "", *MARGIN_TEXT, "",
+                "| key | default | chosen | calibration half: errors at the default (fewest) | "
+                "fewest-error range | margin below / above | held-out half: errors at the default "
+                "(fewest) | fewest-error range | margin below / above | edge | rules reading it |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in key_results:
-            if not k.constrained:
+            if not k.constrained and not (k.heldout_half and k.heldout_half.constrained):
                 continue
-            rng = f"{_value(k.best_range[0])} to {_value(k.best_range[1])}" if k.best_range else "-"
-            out.append(f"| `{k.key}` | {_value(k.default)} | {_value(k.chosen)} | {k.errors_default} | "
-                       f"{k.errors_chosen} | {rng} | {', '.join(k.rules)} |")
+            halves = " | ".join(" | ".join(_half_cells(h)) for h in (k.calibration_half, k.heldout_half))
+            out.append(f"| `{k.key}` | {_value(k.default)} | {_value(k.chosen)} | {halves} | "
+                       f"{_edge_cell(k)} | {', '.join(k.rules)} |")
+        flagged = [k.key for k in key_results if k.flagged]
+        out += ["", f"Defaults at an edge with no stated reason: "
+                + (", ".join(f"`{key}`" for key in flagged) or "none") + "."]
         out += ["", "Read by a rule on the calibration runs, but no run's judgement changes anywhere on",
-                "the grid (the corpus bounds them only by the range tried):", "",
+                "the grid on either half (the corpus bounds them only by the range tried):", "",
                 "| key | default | no change from | to |", "|---|---|---|---|"]
         out += [f"| `{k.key}` | {_value(k.default)} | {_value(k.best_range[0])} | {_value(k.best_range[1])} |"
-                for k in key_results if not k.constrained]
+                for k in key_results
+                if not k.constrained and not (k.heldout_half and k.heldout_half.constrained)]
         read = {k.key for k in key_results}
         unread = [k for k in numeric_keys() if k not in read]
         out += ["", "Read by no rule on any calibration run (the corpus does not exercise them): "
@@ -238,6 +243,66 @@ def _acceptance_md(checks: list[Check]) -> list[str]:
     out = [f"{sum(c.passed for c in checks)} of {len(checks)} checks hold.", "",
            "| check | holds | detail |", "|---|---|---|"]
     return out + [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.detail} |" for c in checks]
+
+
+def _range_text(h: HalfRange) -> str:
+    return f"{_value(h.fewest_range[0])} to {_value(h.fewest_range[1])}" if h.fewest_range else "-"
+
+
+def _margin_text(h: HalfRange) -> str:
+    """Grid steps from the default to each end of its fewest-error run; '>= n' where the run
+    reaches the end of the grid (no value with more errors found on that side)."""
+    if h.fewest_range is None:
+        return "none (more than the fewest errors)"
+    below = f"{'>=' if h.open_below else ''}{h.steps_below}"
+    above = f"{'>=' if h.open_above else ''}{h.steps_above}"
+    return f"{below} / {above}"
+
+
+def _half_cells(h: HalfRange | None) -> tuple[str, str, str]:
+    if h is None:
+        return "not scanned", "", ""
+    if not h.constrained:
+        return f"{h.errors_default} (no change on the grid)", _range_text(h), _margin_text(h)
+    return f"{h.errors_default} ({h.fewest})", _range_text(h), _margin_text(h)
+
+
+def _edge_cell(k: KeyResult) -> str:
+    edges = [name for name, h in (("calibration", k.calibration_half), ("held-out", k.heldout_half))
+             if h is not None and h.at_edge]
+    if not edges:
+        return "no"
+    where = " and ".join(edges)
+    return f"{where}: {k.edge_reason}" if k.edge_reason else f"**{where}, no stated reason**"
+
+
+def margin_lines(key_results: list[KeyResult]) -> list[str]:
+    """The calibration's outcome per key, one terminal line each: kept or moved, the errors,
+    and the default's fewest-error range and margins on both halves."""
+    lines = []
+    for k in key_results:
+        if not k.constrained and not (k.heldout_half and k.heldout_half.constrained):
+            continue
+        moved = "MOVED" if k.chosen != k.default else "kept "
+        halves = "; ".join(f"{name} {h.errors_default}({h.fewest}) {_range_text(h)} margin {_margin_text(h)}"
+                           for name, h in (("cal", k.calibration_half), ("held-out", k.heldout_half))
+                           if h is not None)
+        flag = "" if not k.at_edge else \
+            (" AT AN EDGE, reason stated" if k.edge_reason else " FLAGGED: AT AN EDGE, no stated reason")
+        lines.append(f"{moved} {k.key:30s} {_value(k.default):>8s} -> {_value(k.chosen):<8s} {halves}{flag}")
+    return lines
+
+
+MARGIN_TEXT = [
+    "The table below shows each key the errors depend on (on either half), scanned on both",
+    "halves with every other key at its chosen value: the errors at the default (the fewest on",
+    "the grid in brackets), the run of consecutive grid values with the fewest errors that holds",
+    "the default, and the default's margin to each end of that run in grid steps (one step is",
+    "a factor sqrt(2); `>=` where the run reaches the end of the grid tried). The held-out half",
+    "is only scanned, never used to choose. A default with no margin on a side where a value",
+    "with more errors lies next to it, or with more than the fewest errors, is at an *edge*; an",
+    "edge needs a stated reason (`EDGE_REASONS` in benchmarks/validity/calibrate.py).",
+]
 
 
 CALIBRATION_TEXT = [

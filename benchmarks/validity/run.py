@@ -29,8 +29,9 @@ from benchmarks.validity.calibrate import Calibrator  # noqa: E402
 from benchmarks.validity.harness import (Family, RunRecord, Runs, default_workers,  # noqa: E402
                                          train_runs)
 from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
-from benchmarks.validity.report import (acceptance, finding_lines, heldout_markdown,  # noqa: E402
-                                        markdown, scores, score_text)
+from benchmarks.validity.report import (Check, acceptance, finding_lines,  # noqa: E402
+                                        heldout_markdown, margin_lines, markdown, scores,
+                                        score_text)
 
 MODULES = ("mtl", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
            "sigmoid_mse", "center_loss", "dsn", "decoupler")
@@ -66,9 +67,10 @@ def jobs_for(families: dict[str, tuple[str, Family]], quick: bool) -> list[tuple
     return jobs
 
 
-def collect(jobs, out_dir: Path, workers: int, reuse: bool) -> tuple[list[RunRecord], dict]:
+def collect(jobs, out_dir: Path, workers: int, reuse: bool, threads: int = 1
+            ) -> tuple[list[RunRecord], dict]:
     """Train the jobs (or, with reuse, read back a previous run's files and outcomes); also
-    how the training went (wall time, workers)."""
+    how the training went (wall time, workers, torch threads a run)."""
     timing_file = out_dir / "training.json"
     if reuse:
         records = []
@@ -79,11 +81,11 @@ def collect(jobs, out_dir: Path, workers: int, reuse: bool) -> tuple[list[RunRec
                                      meta["cpu_seconds"]))
         return records, json.loads(timing_file.read_text())
     started = time.perf_counter()
-    records = train_runs(jobs, out_dir, workers)
+    records = train_runs(jobs, out_dir, workers, threads)
     for r in records:
         r.path.with_suffix(".json").write_text(json.dumps({"outcome": r.outcome, "seconds": r.seconds,
                                                              "cpu_seconds": r.cpu_seconds}))
-    timing = {"wall_seconds": time.perf_counter() - started, "workers": workers}
+    timing = {"wall_seconds": time.perf_counter() - started, "workers": workers, "threads": threads}
     timing_file.write_text(json.dumps(timing))
     return records, timing
 
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                              "reported apart, never calibrated; writes a page only with --doc "
                              "(docs/validity-heldout.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per training run (default 1); recorded in --out's "
+                             "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
                              "runs-heldout with --heldout)")
@@ -105,47 +110,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="page to write (default: docs/validity.md for a full run, none for "
                              "--quick or --heldout)")
     args = parser.parse_args(argv)
+    if args.threads < 1 or args.workers < 1:
+        parser.error("--threads and --workers take a whole number of at least 1")
     if args.out is None:
         args.out = ROOT / "benchmarks" / "validity" / ("runs-heldout" if args.heldout else "runs")
     if args.heldout:
         return heldout_main(args)
 
     started = time.perf_counter()
-    families = load_families(args.families)
-    by_name = {name: fam for name, (_, fam) in families.items()}
-    jobs = jobs_for(families, args.quick)
-    print(f"validity corpus: {len(jobs)} runs of {len(families)} families, {args.workers} workers",
-          flush=True)
-    records, training = collect(jobs, args.out, args.workers, args.reuse)
-    runs = Runs(records)
-    runs.attach()
-
-    print("\n== findings per run (default thresholds)")
-    for r in records:
-        print(f"-- {r.label} [{r.split}] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                       for k, v in r.outcome.items()))
-        for line in finding_lines(r, by_name[r.family]):
-            print("   " + line)
+    records, training, runs, by_name = train_and_diagnose(args, "validity corpus", heldout=False)
     for split in ("held-out", "calibration"):
         if any(r.split == split for r in records):
             print(f"\n== precision / recall per finding id, {split} half, default thresholds")
             print("\n".join(score_text(scores(records, by_name, split))))
-    checks = acceptance(records, by_name)
-    print(f"\n== acceptance, held-out half: {sum(c.passed for c in checks)} of {len(checks)} checks hold")
-    for c in checks:
-        print(f"   {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    checks = print_acceptance(acceptance(records, by_name), "acceptance, held-out half")
 
     key_results = after = None
     calibration = [r for r in records if r.split == "calibration"]
     if calibration:
         print("\n== calibration on the calibration half", flush=True)
-        chosen, key_results = Calibrator(runs, calibration, by_name).calibrate()
-        for k in key_results:
-            if k.constrained:
-                rng = f"{k.best_range[0]:.3g}..{k.best_range[1]:.3g}" if k.best_range else "-"
-                moved = "MOVED" if k.chosen != k.default else "kept "
-                print(f"   {moved} {k.key:30s} {k.default:<10.4g} -> {k.chosen:<10.4g} errors "
-                      f"{k.errors_default} -> {k.errors_chosen}; fewest-error range {rng}")
+        heldout_half = [r for r in records if r.split == "held-out"]
+        chosen, key_results = Calibrator(runs, calibration, by_name, heldout_half).calibrate()
+        for line in margin_lines(key_results):
+            print("   " + line)
         after = [dataclasses.replace(r) for r in records]
         found = runs.diagnose(chosen)
         for a, r in zip(after, records):
@@ -154,14 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(score_text(scores(after, by_name, "held-out"))))
     runs.close()
 
-    elapsed = time.perf_counter() - started
     doc = args.doc if args.doc is not None else (None if args.quick else ROOT / "docs" / "validity.md")
     if doc is not None:
-        command = "python benchmarks/validity/run.py" + (" --quick" if args.quick else "") + \
-            (" --reuse" if args.reuse else "")
-        doc.write_text(markdown(records, by_name, key_results, after, training, command))
+        doc.write_text(markdown(records, by_name, key_results, after, training, command_line(args)))
         print(f"\nwrote {doc}")
-    print(f"done in {elapsed / 60:.1f} min")
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     return 0 if all(c.passed for c in checks) else 1
 
 
@@ -169,34 +153,53 @@ def heldout_main(args: argparse.Namespace) -> int:
     """The held-out families alone: trained, diagnosed at the defaults, scored over every run
     (all their seeds), with no calibration; their table is printed apart from the corpus's."""
     started = time.perf_counter()
-    families = load_families(args.families, heldout=True)
-    by_name = {name: fam for name, (_, fam) in families.items()}
-    jobs = jobs_for(families, args.quick)
-    print(f"held-out families: {len(jobs)} runs of {len(families)} families, {args.workers} workers",
-          flush=True)
-    records, training = collect(jobs, args.out, args.workers, args.reuse)
-    runs = Runs(records)
-    runs.attach()
+    records, training, runs, by_name = train_and_diagnose(args, "held-out families", heldout=True)
     runs.close()
-    print("\n== held-out families: findings per run (default thresholds)")
-    for r in records:
-        print(f"-- {r.label} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in r.outcome.items()))
-        for line in finding_lines(r, by_name[r.family]):
-            print("   " + line)
     print("\n== held-out families: precision / recall per finding id, every run, default thresholds")
     print("\n".join(score_text(scores(records, by_name, None))))
-    checks = acceptance(records, by_name, None)
-    print(f"\n== held-out families: acceptance, {sum(c.passed for c in checks)} of {len(checks)} checks hold")
-    for c in checks:
-        print(f"   {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    checks = print_acceptance(acceptance(records, by_name, None), "held-out families: acceptance")
     if args.doc is not None:
-        command = "python benchmarks/validity/run.py --heldout" + (" --quick" if args.quick else "") + \
-            (" --reuse" if args.reuse else "")
-        args.doc.write_text(heldout_markdown(records, by_name, training, command))
+        args.doc.write_text(heldout_markdown(records, by_name, training, command_line(args)))
         print(f"\nwrote {args.doc}")
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     return 0 if all(c.passed for c in checks) else 1
+
+
+def train_and_diagnose(args: argparse.Namespace, title: str, heldout: bool
+                       ) -> tuple[list[RunRecord], dict, Runs, dict[str, Family]]:
+    """Train (or reuse) the chosen families' runs, diagnose them at the default thresholds and
+    print each run's findings. The runs stay loaded for calibration: the caller closes them."""
+    families = load_families(args.families, heldout=heldout)
+    by_name = {name: fam for name, (_, fam) in families.items()}
+    jobs = jobs_for(families, args.quick)
+    print(f"{title}: {len(jobs)} runs of {len(families)} families, {args.workers} workers, "
+          f"{args.threads} torch thread(s) a run", flush=True)
+    records, training = collect(jobs, args.out, args.workers, args.reuse, args.threads)
+    runs = Runs(records)
+    runs.attach()
+    print(f"\n== {title}: findings per run (default thresholds)")
+    for r in records:
+        split = "" if heldout else f" [{r.split}]"
+        print(f"-- {r.label}{split} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in r.outcome.items()))
+        for line in finding_lines(r, by_name[r.family]):
+            print("   " + line)
+    return records, training, runs, by_name
+
+
+def print_acceptance(checks: list[Check], title: str) -> list[Check]:
+    print(f"\n== {title}: {sum(c.passed for c in checks)} of {len(checks)} checks hold")
+    for c in checks:
+        print(f"   {'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    return checks
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that wrote a page, as the page states it."""
+    return "python benchmarks/validity/run.py" + "".join(
+        option for option, given in ((" --heldout", args.heldout), (" --quick", args.quick),
+                                     (" --reuse", args.reuse),
+                                     (f" --threads {args.threads}", args.threads != 1)) if given)
 
 
 if __name__ == "__main__":
