@@ -116,8 +116,9 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "",
         f"This page was written by `{command}`. Training the {len(records)} runs took "
         f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
-        f"({sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes, one thread per run, on "
-        "a 2-core machine shared with other jobs).",
+        f"({sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes, {_threads(training)}, "
+        "torch's deterministic algorithms where it has them, on a 2-core machine shared with "
+        "other jobs).",
         "",
         "## How the numbers are counted",
         "",
@@ -137,7 +138,7 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "was scaled down for a CPU, and why each variant is healthy or broken.",
         "",
     ]
-    out += _family_rows(families) + _run_rows(records, families)
+    out += _family_rows(families) + _run_rows(records, families, training) + _range_rows(records)
     for split in ("held-out", "calibration"):
         out += ["", f"## Precision and recall, {split} half, default thresholds", ""]
         out += _score_rows_md(scores(records, families, split))
@@ -191,12 +192,13 @@ def heldout_markdown(records: list[RunRecord], families: dict[str, Family], trai
         "no `shared=`) and diagnosed at the default thresholds; nothing is calibrated on them.",
         "",
         f"This page was written by `{command}`. Training the {len(records)} runs took "
-        f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes.",
+        f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
+        f"({_threads(training)}).",
         "",
         "## Families",
         "",
     ]
-    out += _family_rows(families) + _run_rows(records, families)
+    out += _family_rows(families) + _run_rows(records, families, training) + _range_rows(records)
     out += ["", "## Precision and recall, every held-out run, default thresholds", ""]
     out += _score_rows_md(scores(records, families, None))
     out += ["", "## Acceptance, every held-out run (default thresholds)", ""]
@@ -217,12 +219,54 @@ def _family_rows(families: dict[str, Family]) -> list[str]:
     return out
 
 
-def _run_rows(records: list[RunRecord], families: dict[str, Family]) -> list[str]:
+def _threads(training: dict) -> str:
+    """How many torch threads each run trained with (one where training.json predates the
+    option)."""
+    threads = training.get("threads", 1)
+    return f"{threads} torch thread{'s' if threads != 1 else ''} per run"
+
+
+def outcome_ranges(outcomes: dict[tuple[str, str, int], dict]
+                   ) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
+    """Per (family, variant), per numeric outcome: its lowest and highest value over the seeds
+    and how many seeds gave it. ``outcomes`` maps (family, variant, seed) to a run's outcome."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for (family, variant, _), outcome in sorted(outcomes.items()):
+        per_key = values.setdefault((family, variant), {})
+        for key, value in outcome.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                per_key.setdefault(key, []).append(float(value))
+    return {fv: {key: (min(v), max(v), len(v)) for key, v in per_key.items()}
+            for fv, per_key in values.items()}
+
+
+def range_text(lo: float, hi: float) -> str:
+    return _value(lo) if lo == hi else f"{_value(lo)} to {_value(hi)}"
+
+
+def _range_rows(records: list[RunRecord]) -> list[str]:
+    ranges = outcome_ranges({(r.family, r.variant, r.seed): r.outcome for r in records})
+    seeds: dict[tuple[str, str], list[int]] = {}
+    for r in records:
+        seeds.setdefault((r.family, r.variant), []).append(r.seed)
+    out = ["", "## Outcomes per variant, range over seeds", "",
+           "What each variant really did, as the lowest to the highest value over its seeds (both",
+           "halves); a figure reproduces when a rerun's range overlaps this one",
+           "(benchmarks/validity/reproduce.py compares two runs' output folders).", "",
+           "| family | variant | seeds | outcomes (min to max over seeds) |", "|---|---|---|---|"]
+    for (family, variant), per_key in ranges.items():
+        cells = ", ".join(f"{key} {range_text(lo, hi)}" for key, (lo, hi, _) in per_key.items())
+        out.append(f"| {family} | {variant} | {', '.join(map(str, sorted(seeds[family, variant])))} | "
+                   f"{cells} |")
+    return out
+
+
+def _run_rows(records: list[RunRecord], families: dict[str, Family], training: dict) -> list[str]:
     cpu = sum(r.cpu_seconds for r in records)
     out = ["", "## Runs at the default thresholds", "",
            "What each run really did (measured without gradprobe) and what gradprobe raised:",
            "`hit`, `FALSE ALARM`, `allowed` (true but incidental), `MISSED`; info findings are",
-           f"not listed. Training took {cpu / 60:.1f} CPU-minutes in all (one thread per run).", "",
+           f"not listed. Training took {cpu / 60:.1f} CPU-minutes in all ({_threads(training)}).", "",
            "| run | split | CPU s | outcome | alarms |", "|---|---|---|---|---|"]
     for r in records:
         fam = families[r.family]

@@ -83,8 +83,9 @@ def collect(jobs, out_dir: Path, workers: int, reuse: bool, threads: int = 1
     started = time.perf_counter()
     records = train_runs(jobs, out_dir, workers, threads)
     for r in records:
-        r.path.with_suffix(".json").write_text(json.dumps({"outcome": r.outcome, "seconds": r.seconds,
-                                                             "cpu_seconds": r.cpu_seconds}))
+        r.path.with_suffix(".json").write_text(json.dumps({
+            "family": r.family, "variant": r.variant, "seed": r.seed, "threads": threads,
+            "outcome": r.outcome, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds}))
     timing = {"wall_seconds": time.perf_counter() - started, "workers": workers, "threads": threads}
     timing_file.write_text(json.dumps(timing))
     return records, timing
