@@ -1,9 +1,10 @@
 """Real 2-process runs on CPU (gloo) for the distributed tests: each rank joins the process
-group, trains, and saves its results to ``rank<r>.pt``; the test process spawns the ranks under
-a deadline and reads back what they saved."""
+group, trains, and saves its results to ``rank<r>.pt`` (``rank_results``); the test process
+spawns the ranks under a deadline and reads back what they saved (``spawn_ranks``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -31,7 +32,16 @@ def join_group(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
 
 
-def save_result(result: dict, out: Path, rank: int) -> None:
+@contextlib.contextmanager
+def rank_results(rank: int, world: int, port: int, out: Path):
+    """In a rank: join the group and yield the dict of this rank's results; leave the group
+    however the body ends, and save the results (``rank<r>.pt`` in ``out``) when it ends well."""
+    join_group(rank, world, port)
+    result: dict = {}
+    try:
+        yield result
+    finally:
+        dist.destroy_process_group()
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import gradprobe
-from _spawn import join_group, save_result, spawn_ranks
+from _spawn import rank_results, spawn_ranks
 from models import TwoLatentNet, make_data
 
 WORLD = 2
@@ -86,10 +85,8 @@ def ddp_model(calls):
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    join_group(rank, WORLD, port)
     out = Path(out)
-    result = {}
-    try:
+    with rank_results(rank, WORLD, port, out) as result:
         plain_calls = {"allreduce": 0}
         result["plain"] = run_training(ddp_model(plain_calls), None, rank)
         probed_calls = {"allreduce": 0}
@@ -120,9 +117,6 @@ def worker(rank: int, port: int, out: str) -> None:
         probe.watch_prototypes("cell", prototypes, latent="z_E")
         result["fail_rank0"] = run_training(model, probe, rank)
         result["fail_rank0_enabled"] = (probe.enabled, probe.step)
-    finally:
-        dist.destroy_process_group()
-    save_result(result, out, rank)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gradprobe
-from _spawn import join_group, save_result, spawn_ranks
+from _spawn import rank_results, spawn_ranks
 from test_moe import documented_example, usage_entropy
 
 if not dist.is_available() or not dist.is_gloo_available():
@@ -161,11 +161,9 @@ def moe_training(rank: int, world: int, run_file: Path) -> list[float]:
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    join_group(rank, WORLD, port)
     out = Path(out)
-    counts = count_collectives()
-    result = {}
-    try:
+    with rank_results(rank, WORLD, port, out) as result:
+        counts = count_collectives()
         result["plain"], result["plain_counts"] = train(sharded_model(), None, rank, counts)
         model = sharded_model()
         result["probed"], result["probed_counts"] = train(
@@ -185,9 +183,6 @@ def worker(rank: int, port: int, out: str) -> None:
             train(model, probe, rank)
         result["dtensor_prototypes"] = (probe.enabled, [str(w.message) for w in caught
                                                         if "gradprobe" in str(w.message)])
-    finally:
-        dist.destroy_process_group()
-    save_result(result, out, rank)
 
 
 @pytest.fixture(scope="module")
