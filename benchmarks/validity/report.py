@@ -117,8 +117,7 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         f"This page was written by `{command}`. Training the {len(records)} runs took "
         f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
         f"({sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes, {_threads(training)}, "
-        "torch's deterministic algorithms where it has them, on a 2-core machine shared with "
-        "other jobs).",
+        "on a 2-core machine shared with other jobs).",
         "",
         "## How the numbers are counted",
         "",
@@ -131,6 +130,11 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "- Split, fixed: even seeds are the *calibration* half, odd seeds the *held-out* half.",
         "  Every family and variant is in both halves. Thresholds may only be chosen on the",
         "  calibration half; the acceptance figures are those of the held-out half.",
+        "- Reproducing: every run trains at a fixed seed per variant, a fixed number of torch",
+        "  threads (`run.py --threads`, default 1) and with torch's deterministic algorithms where",
+        "  it has them; outcomes are given as ranges over seeds. `benchmarks/validity/reproduce.py",
+        "  A B` compares two output folders of `run.py --out` (a rerun in another venv or at",
+        "  another thread count): each run's alarms, and whether each variant's seed ranges overlap.",
         "",
         "## Families",
         "",
@@ -221,9 +225,11 @@ def _family_rows(families: dict[str, Family]) -> list[str]:
 
 def _threads(training: dict) -> str:
     """How many torch threads each run trained with (one where training.json predates the
-    option)."""
+    option), and whether with torch's deterministic algorithms."""
     threads = training.get("threads", 1)
-    return f"{threads} torch thread{'s' if threads != 1 else ''} per run"
+    text = f"{threads} torch thread{'s' if threads != 1 else ''} per run"
+    return text + (", torch's deterministic algorithms where it has them"
+                   if training.get("deterministic") else "")
 
 
 def outcome_ranges(outcomes: dict[tuple[str, str, int], dict]

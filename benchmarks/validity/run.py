@@ -9,6 +9,9 @@ Usage:
     python benchmarks/validity/run.py --reuse    # re-diagnose the run files of a previous run
     python benchmarks/validity/run.py --heldout  # only the families held out by source, apart
                                                  # (issue 21: run once, at the end of the rule work)
+    python benchmarks/validity/run.py --threads 2 --out /tmp/runs-t2  # 2 torch threads a run
+    python benchmarks/validity/reproduce.py benchmarks/validity/runs /tmp/runs-t2
+                                                 # same verdicts, overlapping seed ranges?
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def collect(jobs, out_dir: Path, workers: int, reuse: bool, threads: int = 1
         r.path.with_suffix(".json").write_text(json.dumps({
             "family": r.family, "variant": r.variant, "seed": r.seed, "threads": threads,
             "outcome": r.outcome, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds}))
-    timing = {"wall_seconds": time.perf_counter() - started, "workers": workers, "threads": threads}
+    timing = {"wall_seconds": time.perf_counter() - started, "workers": workers, "threads": threads,
+              "deterministic": True}  # harness._train_one asks torch for deterministic algorithms
     timing_file.write_text(json.dumps(timing))
     return records, timing
 
