@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from gradprobe.record import Run
+from gradprobe.record import Run, role_declaration
 from gradprobe.record.quantities import LOSS
 
 from .thresholds import FIXED_WEIGHT_TOLERANCE, Thresholds
@@ -234,8 +234,80 @@ def pct(x: float) -> str:
 
 
 def roles(run: Run) -> dict[str, str]:
+    """Each loss's role, whatever its source: what a role-specific rule reads (a name hint may
+    make one apply). Whether a rule for every loss may leave a loss out: :func:`exempt_losses`."""
     r = run.roles
     return {name: r.get(name, "other") for name in run.losses}
+
+
+# The sources that settle a role: the user's declaration, the first loss as the task (the
+# documented default) and the graph. A role from the name is a weak hint.
+SETTLED_SOURCES = ("declared", "first", "graph")
+
+
+def role_records(meta: Mapping[str, Any]) -> list[dict]:
+    """The role records of a run's metadata (or of ``Run.summary()``, which carries the same
+    keys). A run file from before they were recorded gets them built from its ``roles``: a
+    loss listed in ``roles_guessed`` had its role from the name (no graph was read then), or
+    from being first; the others were declared, and so is every role of a file that lists no
+    guesses at all (its verdicts stay as they were)."""
+    recorded = meta.get("role_records")
+    if recorded:
+        return recorded
+    roles_, guessed = meta.get("roles") or {}, set(meta.get("roles_guessed") or [])
+    records = []
+    for name in meta.get("losses", []):
+        role = roles_.get(name, "other")
+        source = ("declared" if name not in guessed else
+                  "first" if name == meta.get("task") else "name")
+        records.append({"name": name, "role": role, "source": source, "hint": None,
+                        "reach": None, "reach_summary": "not recorded (an older run file)",
+                        "counts": None, "override": role_declaration(name, role),
+                        "ambiguity": None})
+    return records
+
+
+def role_record(run: Run, name: str) -> dict:
+    """One loss's role record (a bare one, from the name, for a loss without a record)."""
+    for record in role_records(run.meta):
+        if record["name"] == name:
+            return record
+    return {"name": name, "role": roles(run).get(name, "other"), "source": "name", "hint": None,
+            "reach": None}
+
+
+def exempt_losses(run: Run, th: Thresholds) -> set[str]:
+    """The losses a rule that applies to every loss (swamping, conflict, inert-loss) leaves
+    out: those whose role is one of ``exempt_roles`` and was declared or read from the graph.
+    A role from the name never exempts: ``reg`` may be a regression as well as a regulariser."""
+    role = roles(run)
+    return {r["name"] for r in role_records(run.meta)
+            if r["name"] in role and role[r["name"]] in th.exempt_roles
+            and r["source"] in SETTLED_SOURCES}
+
+
+# Roles whose loss is meant to shape the shared representation: one that reaches only
+# parameters of its own is cut off from what it was meant to train.
+SHAPES_SHARED = ("task", "contrastive", "orthogonality", "decorrelation", "adversarial",
+                 "reconstruction")
+
+
+def own_parameter_losses(run: Run) -> list[str]:
+    """The losses whose graph reaches only parameters no other loss reaches and whose role
+    does not say they were meant to reach the shared ones: a codebook's loss, a prototype
+    table's."""
+    return [r["name"] for r in role_records(run.meta)
+            if r.get("reach") == "own" and r["role"] not in SHAPES_SHARED]
+
+
+def role_origin(record: Mapping[str, Any]) -> str:
+    """How a role reads in a finding: ``declared``, ``from the graph``, ``from the name
+    'domain'``..."""
+    if record.get("source") == "name":
+        hint = record.get("hint")
+        return f"from the name '{hint}'" if hint else "from the name"
+    return {"declared": "declared", "first": "the first loss, taken as the task",
+            "graph": "from the graph"}.get(record.get("source"), str(record.get("source")))
 
 
 def task_name(run: Run) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from gradprobe.record import role_declaration
+from gradprobe.diagnose._series import role_records
 
 # How each source reads in the views.
 _SOURCES = {"declared": "declared", "first": "the first loss (task= picks another)",
@@ -15,25 +15,6 @@ _SOURCES = {"declared": "declared", "first": "the first loss (task= picks anothe
 # The short form of a record's ambiguity (the graph of a loss that reaches only its own
 # parameters), before the declaration that settles it.
 _AMBIGUOUS = "a codebook (fine) or a cut-off head (inert)? settle: "
-
-
-def role_records(run_summary: dict[str, Any]) -> list[dict]:
-    """The run's role records; for a run file from before they were recorded, built from its
-    ``roles`` and ``roles_guessed`` (reach not recorded)."""
-    recorded = run_summary.get("role_records")
-    if recorded:
-        return recorded
-    roles, guessed = run_summary.get("roles") or {}, set(run_summary.get("roles_guessed") or [])
-    records = []
-    for name in run_summary.get("losses", []):
-        role = roles.get(name, "other")
-        source = ("declared" if name not in guessed else
-                  "first" if name == run_summary.get("task") else "name")
-        records.append({"name": name, "role": role, "source": source, "hint": None,
-                        "reach": None, "reach_summary": "not recorded (an older run file)",
-                        "counts": None, "override": role_declaration(name, role),
-                        "ambiguity": None})
-    return records
 
 
 def source_text(record: dict) -> str:

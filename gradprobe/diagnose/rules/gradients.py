@@ -8,16 +8,18 @@ from collections import Counter
 
 import numpy as np
 
-from gradprobe.record import Run, pair_parts
+from gradprobe.record import Run, pair_parts, role_declaration
 from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_NORM, LOSS,
                                          MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
 
-from .._series import (align, descent_undone, finite, g, get, held_range, held_share,
-                       level_after_start, median, nanmax, pct, persistent, recorded_series, roles,
-                       rolling_median, start_end, start_low, task_learning, thin)
+from .._series import (align, descent_undone, exempt_losses, finite, g, get, held_range,
+                       held_share, level_after_start, median, nanmax, pct, persistent,
+                       recorded_series, role_origin, role_record, roles, SHAPES_SHARED, rolling_median,
+                       start_end, start_low, task_learning, thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
+from .remedies import conflict_remedy, swamping_remedy
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -30,10 +32,10 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     W = np.vstack(wn)  # K x T
     _, raw = align(*[get(run, GRAD_NORM, n) for n in names]) if all(
         run.has(GRAD_NORM, n) for n in names) else (None, [W[k] for k in range(len(names))])
-    role = roles(run)
+    exempt = exempt_losses(run, th)
     # A regulariser's pull (weight decay) is not a loss competing for the shared layers: the
     # swamping ratio is taken against the largest of the others.
-    competing = np.array([role[n] not in th.exempt_roles for n in names])[:, None]
+    competing = np.array([n not in exempt for n in names])[:, None]
     candidates = np.where(np.isfinite(W) & competing, W, -np.inf)
     with np.errstate(invalid="ignore"):
         largest = np.max(candidates, axis=0)
@@ -42,7 +44,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     satisfied = satisfied_constraints(run, th)
     out = []
     for k, name in enumerate(names):
-        if role[name] in th.exempt_roles or name in satisfied:
+        if name in exempt or name in satisfied:
             continue
         raw_k = np.asarray(raw[k])
         if not np.any(np.isfinite(raw_k) & (raw_k > 0)):
@@ -95,16 +97,16 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'",
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
-                          ratio_to=dominant)))
+                          ratio_to=dominant), remedy=swamping_remedy(evidence)))
     return out
 
 
 def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
-    role = roles(run)
+    role, exempt = roles(run), exempt_losses(run, th)
     for pair, steps, cos in recorded_series(run, GRAD_COSINE, th.min_points):
         a, b = pair_parts(pair)
-        if role.get(a) in th.exempt_roles or role.get(b) in th.exempt_roles:
+        if a in exempt or b in exempt:
             continue  # a regulariser opposes the task by design (weight decay pulls to 0)
         # Judged: while the task still learns (at convergence two losses balance, cos -> -1
         # by necessity), where both losses have a gradient and a non-zero weight, and where
@@ -177,7 +179,8 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         out.append(make_finding(
             "gradient-conflict", severity, what, pair, f"cos {g(med)} (median)", evidence,
             held_range(steps, held),
-            plot=PlotHint(GRAD_COSINE, names=[pair], threshold=0.0)))
+            plot=PlotHint(GRAD_COSINE, names=[pair], threshold=0.0),
+            remedy=conflict_remedy(role.get(n) for n in (a, b)) if harm["suffering"] else None))
     return out
 
 
@@ -249,18 +252,47 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
             "suffering": list(pair) if plateau else stalled}
 
 
+def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -> Finding | None:
+    """A loss that reaches parameters, none of them shared: inert only if it was meant to
+    shape the shared representation (declared, or hinted by its name and shown as such); a
+    codebook or prototype loss trains its own parameters by design. Where neither the user
+    nor the name tells, ``info`` with the declaration that settles it."""
+    record = role_record(run, name)
+    role, settled = record["role"], record["source"] != "name"
+    steps = (int(events[0]["step"]), int(events[-1]["step"]))
+    evidence.update(role=role, role_source=record["source"], role_hint=record.get("hint"))
+    message = " ".join(str(events[0]["message"]).split())
+    plot = PlotHint(GRAD_NORM, names=[name])
+    if role in SHAPES_SHARED:
+        return make_finding("inert-loss", "warning",
+                            f"{message} (role {role}, {role_origin(record)})", name,
+                            f"{len(events)} probe steps", evidence, steps, plot=plot)
+    if settled:
+        return None  # declared a codebook, prototype, regulariser...: its own by design
+    keep, cut = role_declaration(name, "prototype"), role_declaration(name, "adversarial")
+    evidence["settle"] = [keep, cut]
+    return make_finding(
+        "inert-loss", "info",
+        f"'{name}' trains only parameters no other loss reaches: as a codebook or prototype "
+        f"loss that is the method, as a loss meant to shape the shared layers it is cut off "
+        f"from them; the graph looks the same. Settle it: {keep} (a codebook) or {cut} (meant "
+        "to reach the shared layers)",
+        name, "intent unknown", evidence, steps, plot=plot)
+
+
 def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
-    role = roles(run)
-    # A regulariser may touch only its own parameters (an L2 penalty on one head) by design;
-    # that it misses the shared ones is no wiring fault. A fully inert one still is.
-    local_by_design = {n for n in run.losses if role[n] in th.exempt_roles}
-    out, seen = [], set()
-    for kind, severity in (("inert_loss", "error"), ("no_shared_path", "warning")):
+    # A regulariser declared or read from the graph (an L2 penalty on one head) may touch only
+    # its own parameters; a loss that trains only loss weights (Kendall's log-variance term)
+    # moves what it was meant to. Neither is a wiring fault. A name never exempts.
+    exempt = exempt_losses(run, th) | {n for n in run.losses
+                                       if role_record(run, n).get("reach") == "loss-weights"}
+    out, seen = [], set(exempt)
+    for kind in ("inert_loss", "no_shared_path"):
         by_name: dict[str, list[dict]] = {}
         for e in run.events(kind):
             by_name.setdefault(e["name"], []).append(e)
         for name, events in by_name.items():
-            if name in seen or (kind == "no_shared_path" and name in local_by_design):
+            if name in seen:
                 continue
             seen.add(name)
             grad = finite(get(run, GRAD_NORM, name))
@@ -268,13 +300,17 @@ def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
                         "first_step": int(events[0]["step"]), "last_step": int(events[-1]["step"]),
                         "message": events[0]["message"],
                         "max_grad_norm": nanmax(grad[1]) if grad is not None else None}
+            if kind == "no_shared_path":
+                finding = _own_only_finding(run, name, events, evidence)
+                out += [finding] if finding else []
+                continue
             out.append(make_finding(
-                "inert-loss", severity, " ".join(str(events[0]["message"]).split()), name,
+                "inert-loss", "error", " ".join(str(events[0]["message"]).split()), name,
                 f"{len(events)} probe steps", evidence,
                 (int(events[0]["step"]), int(events[-1]["step"])),
                 plot=PlotHint(GRAD_NORM, names=[name])))
     for name in run.losses:
-        if name in seen or name in local_by_design:
+        if name in seen:
             continue
         grad = finite(get(run, GRAD_NORM, name))
         if grad is None or len(grad[0]) < th.min_points:

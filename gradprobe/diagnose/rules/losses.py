@@ -13,6 +13,7 @@ from .._series import (finite, g, get, is_fixed_weight, median, pct, roles, roll
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, make_finding, satisfied_constraints
+from .remedies import static_weights_remedy
 
 
 def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -103,13 +104,17 @@ def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Find
                 "other_constant_weights": {n: w for n, w in constant.items() if n not in names},
                 "related_findings": related, "tolerance": th.static_weight_tolerance}
     ws = ", ".join(f"{n}={g(constant[n])}" for n in names)
+    swamped = {r["subject"] for r in related if r["id"] == "gradient-swamping"}
+    remedy = static_weights_remedy(
+        [f.evidence for f in earlier if f.id == "gradient-swamping" and f.subject in swamped],
+        any(r["id"] == "gradient-conflict" for r in related))
     return [make_finding(
         "static-loss-weights", "warning",
         f"weight{'s' if len(names) > 1 else ''} {ws} fixed for the whole run while "
         + "; ".join(dict.fromkeys(reasons)),
         ",".join(names), ws, evidence,
         (int(steps[0]), int(steps[-1])) if len(steps) else None,
-        plot=PlotHint(WEIGHT, names=names))]
+        plot=PlotHint(WEIGHT, names=names), remedy=remedy)]
 
 
 # ------------------------------------------------------------------------------ overfitting

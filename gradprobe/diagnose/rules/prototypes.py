@@ -11,12 +11,13 @@ from gradprobe.record.quantities import (LATENT_NORM, PROTOTYPE_DRIFT, PROTOTYPE
                                          PROTOTYPE_RANK, PROTOTYPE_STEPS_SINCE_MOVED,
                                          PROTOTYPE_TARGET_SHIFT, PROTOTYPE_USAGE)
 
-from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
-                       persistent, recorded_series, rolling_median, start_end, thin, trailing_range,
-                       window_size)
+from .._series import (align, finite, g, get, held_range, held_share, median, nanmax,
+                       own_parameter_losses, pct, persistent, recorded_series, rolling_median,
+                       start_end, thin, trailing_range, window_size)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, groups_per_batch_series, make_finding, pooled_usage
+from .remedies import prototype_collapse_remedy
 
 
 def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -91,6 +92,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         peak = nanmax(rolling_median(md, th.smooth_points))
         end = median(md[-k:])
         reasons, keys, severity = [], [], "warning"  # keys: each reason's key number
+        usage_collapsed = False
         evidence: dict = {"prototypes": p, "distance_scale": scale_note,
                           "mean_distance_peak": peak, "mean_distance_end": end,
                           "end_steps": [int(steps[-k]), int(steps[-1])],
@@ -125,6 +127,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                                f"{pooled['prototypes']} takes {pct(pooled['largest_share'])} of "
                                f"the rows, {pooled['used']} used)")
                 keys.append(f"pooled usage entropy {g(pooled['usage'])}")
+                usage_collapsed = True
                 held[steps >= pooled["steps"][0]] = True
         elif usage is not None and mixed and len(usage[0]) >= th.min_points:
             # A run file without assignment counts: judge each batch, on mixed batches only.
@@ -133,6 +136,7 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             if u_end <= th.proto_usage:
                 reasons.append(f"usage entropy is {g(u_end)} on mixed batches")
                 keys.append(f"usage entropy {g(u_end)}")
+                usage_collapsed = True
                 held |= np.interp(steps, usage[0], usage[1]) <= th.proto_usage
         rank = finite(get(run, PROTOTYPE_RANK, p))
         if rank is not None:
@@ -144,5 +148,6 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             "prototype-collapse", severity, f"prototypes '{p}' collapse: " + "; ".join(reasons),
             p, keys[0], evidence,
             trailing_range(steps, held),
-            plot=PlotHint(PROTOTYPE_MEAN_DISTANCE, names=[p])))
+            plot=PlotHint(PROTOTYPE_MEAN_DISTANCE, names=[p]),
+            remedy=prototype_collapse_remedy(usage_collapsed, own_parameter_losses(run))))
     return out

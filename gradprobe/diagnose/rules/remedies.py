@@ -1,0 +1,108 @@
+"""Remedies that fit the method a run shows, with the numbers the run gives: the fixed weight
+that balances the recorded gradient norms, the cure of a codebook or of a clustering head, the
+remedies of a harmful conflict between tasks (docs/findings.md, "Remedies"). A rule passes the
+text as ``make_finding(..., remedy=...)``; without one the id's generic ``REMEDY`` stands."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+from .._series import g
+
+ADAPTIVE_WEIGHTS = (
+    "weights that follow the gradients as they change: gradprobe.remedies.GradNormBalancer "
+    "(updated from probe.last_grad_norms) or learned uncertainty weights (Kendall, Gal & "
+    "Cipolla 2018: sum_i exp(-s_i) L_i + s_i, each s_i trained beside the network)")
+
+TASK_CONFLICT = (
+    "Let the weights follow the tasks: " + ADAPTIVE_WEIGHTS + "; or remove the conflicting "
+    "components of the gradients on the shared parameters: PCGrad's projection onto each "
+    "other's normal plane (Yu et al. 2020) or CAGrad's common descent direction (Liu et al. "
+    "2021), e.g. torchjd.aggregation.PCGrad or CAGrad (the torchjd package; gradprobe has "
+    "none); tasks that cannot share an output need heads of their own.")
+
+CODEBOOK = (
+    "for a codebook (VQ-VAE-like: vectors trained by a loss of their own or by an EMA of "
+    "their assigned inputs): reset the codes that no input chooses to recent encoder outputs "
+    "(dead-code reset), or start the codebook from data (a sample of encoder outputs, or "
+    "their k-means centres)")
+
+CLUSTERING = (
+    "for a clustering head of self-supervision (SwAV/DINO-like: soft assignments to "
+    "prototypes the loss trains): spread the assignments over the prototypes with "
+    "Sinkhorn-Knopp equipartition (SwAV), or centre and sharpen the teacher's outputs (DINO)")
+
+
+def conflict_remedy(roles: Iterable[str]) -> str:
+    """A harmful conflict's remedy; with a decoupling constraint, also how to relax it."""
+    if set(roles) & {"orthogonality", "decorrelation"}:
+        return TASK_CONFLICT + (" A constraint that cannot hold together with the task "
+                                "(strict orthogonality, for one) can be relaxed "
+                                "(gradprobe.remedies.correlation_loss).")
+    return TASK_CONFLICT
+
+
+def balancing_weight(weight: float | None, weighted_norm: float,
+                     dominant_weighted_norm: float) -> float:
+    """The fixed weight that brings a loss's median weighted gradient norm to the dominant
+    loss's: the weighted norm is the weight times the raw norm, so the weight scales by their
+    ratio (a weight not recorded counts as 1). NaN where a norm is not positive."""
+    if not (weighted_norm > 0 and dominant_weighted_norm > 0) or \
+            not math.isfinite(weighted_norm / dominant_weighted_norm):
+        return math.nan
+    return (1.0 if weight is None else float(weight)) * dominant_weighted_norm / weighted_norm
+
+
+def balancing_weight_text(evidence: Mapping[str, Any]) -> str | None:
+    """``weight 'cls' 1 -> 37 (or 'reg''s x0.027)`` from a swamping finding's evidence; None
+    where its norms give no number."""
+    name, dominant = evidence["loss"], evidence["dominant"]
+    own, other = evidence["median_weighted_grad_norm"], evidence["median_dominant_weighted_grad_norm"]
+    weight = evidence.get("median_weight")
+    balanced = balancing_weight(weight, own, other)
+    if not math.isfinite(balanced):
+        return None
+    before = g(1.0 if weight is None else weight)
+    return f"weight '{name}' {before} -> {g(balanced)} (or '{dominant}''s weight x{g(own / other)})"
+
+
+def swamping_remedy(evidence: Mapping[str, Any]) -> str | None:
+    """The fixed weight that balances the recorded norms, then the adaptive cure."""
+    numbers = balancing_weight_text(evidence)
+    if numbers is None:
+        return None
+    return (f"Fixed weights that balance the median weighted gradient norms recorded on the "
+            f"shared parameters: {numbers}. They hold while the norms keep their ratio; for "
+            f"norms that change during training use {ADAPTIVE_WEIGHTS}; or normalise each "
+            "loss's gradient on the shared parameters.")
+
+
+def static_weights_remedy(swamping_evidence: Iterable[Mapping[str, Any]],
+                          conflict: bool) -> str | None:
+    """The balancing weights of the swamped losses and, after a harmful conflict, the task
+    conflict's remedies; None where neither applies."""
+    numbers = [t for t in map(balancing_weight_text, swamping_evidence) if t]
+    parts = []
+    if numbers:
+        parts.append("Fixed weights that balance the median weighted gradient norms recorded "
+                     "on the shared parameters: " + "; ".join(numbers) + ". They hold while "
+                     f"the norms keep their ratio; otherwise use {ADAPTIVE_WEIGHTS}.")
+    if conflict:
+        parts.append(TASK_CONFLICT)
+    return " ".join(parts) or None
+
+
+def prototype_collapse_remedy(usage_collapsed: bool, own_losses: list[str]) -> str | None:
+    """A collapse of usage (one prototype takes the assignments) is cured by the method's own
+    means: a codebook where a loss trains only parameters of its own (VQ-VAE's codebook loss),
+    else a codebook or a clustering head (the graph does not tell them apart), both named.
+    Prototypes that close in on each other keep the generic remedy (None)."""
+    if not usage_collapsed:
+        return None
+    if own_losses:
+        names = " and ".join(f"'{n}'" for n in own_losses)
+        return (f"{names} trains only parameters of its own, as a codebook loss does; "
+                + CODEBOOK[0].upper() + CODEBOOK[1:] + ".")
+    return ("The graph does not tell a codebook from a clustering head: " + CODEBOOK + "; "
+            + CLUSTERING + ".")
