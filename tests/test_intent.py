@@ -179,6 +179,7 @@ def test_a_loss_of_unknown_intent_on_its_own_parameters_is_info_with_the_settlin
     assert f.severity == "info"
     assert 'Probe(..., roles={"codebook": "prototype"})' in f.title
     assert 'Probe(..., roles={"codebook": "adversarial"})' in f.title
+    assert 'declare it (Probe(..., roles={"codebook": "prototype"}))' in f.remedy
     # Neither a declared codebook role nor the zero gradient on the shared set turns it into
     # a warning; a role hinted only by the name does not settle it either.
     assert _found(_own_only_run(tmp_path, "codebook", _record(
@@ -252,7 +253,7 @@ def test_a_real_codebook_loss_is_info_until_declared():
 def test_a_usage_collapse_gets_the_codebook_or_both_cures():
     assert prototype_collapse_remedy(False, ["codebook"]) is None  # the generic remedy stands
     codebook = prototype_collapse_remedy(True, ["codebook"])
-    assert codebook.startswith("'codebook' trains only parameters of its own")
+    assert codebook.startswith("'codebook' trains only parameters of its own, as a codebook's")
     assert "dead-code reset" in codebook and "Sinkhorn" not in codebook
     both = prototype_collapse_remedy(True, [])
     assert CODEBOOK in both and CLUSTERING in both

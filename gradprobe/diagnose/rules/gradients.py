@@ -19,7 +19,7 @@ from .._series import (align, descent_undone, exempt_losses, finite, g, get, hel
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
-from .remedies import conflict_remedy, swamping_remedy
+from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -288,7 +288,7 @@ def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -
         f"loss that is the method, as a loss meant to shape the shared layers it is cut off "
         f"from them; the graph looks the same. Settle it: {keep} (a codebook) or {cut} (meant "
         "to reach the shared layers)",
-        name, "intent unknown", evidence, steps, plot=plot)
+        name, "intent unknown", evidence, steps, plot=plot, remedy=intent_remedy(keep, cut))
 
 
 def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
