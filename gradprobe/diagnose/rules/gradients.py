@@ -12,10 +12,10 @@ from gradprobe.record import Run, pair_parts, role_declaration
 from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_NORM, LOSS,
                                          MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
 
-from .._series import (align, descent_undone, exempt_losses, finite, g, get, held_range,
-                       held_share, level_after_start, median, nanmax, pct, persistent,
-                       recorded_series, role_origin, role_record, roles, SHAPES_SHARED, rolling_median,
-                       start_end, start_low, task_learning, thin)
+from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, finite, g, get,
+                       held_range, held_share, level_after_start, median, nanmax, pct,
+                       persistent, recorded_series, role_origin, role_record, roles,
+                       rolling_median, start_end, start_low, task_learning, thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
