@@ -59,7 +59,8 @@ def balancing_weight_text(evidence: Mapping[str, Any]) -> str | None:
     """``weight 'cls' 1 -> 37 (or 'reg''s x0.027)`` from a swamping finding's evidence; None
     where its norms give no number."""
     name, dominant = evidence["loss"], evidence["dominant"]
-    own, other = evidence["median_weighted_grad_norm"], evidence["median_dominant_weighted_grad_norm"]
+    own = evidence["median_weighted_grad_norm"]
+    other = evidence["median_dominant_weighted_grad_norm"]
     weight = evidence.get("median_weight")
     balanced = balancing_weight(weight, own, other)
     if not math.isfinite(balanced):
