@@ -129,6 +129,23 @@ def test_a_role_from_the_name_never_exempts_from_conflict(tmp_path, source, judg
         assert found[0].evidence["median_cosine"] == pytest.approx(-0.5)
 
 
+@pytest.mark.parametrize("role, severity", [("kl", "info"), ("other", "warning")])
+def test_a_held_back_loss_against_a_term_named_as_a_regulariser_is_a_trade_off(tmp_path, role,
+                                                                               severity):
+    # 'kl' stays flat (end/start 1, it stalled) while 'task' halves: harm by the stall test.
+    rows = [(s, {**scalars, ("loss", "task"): 2.0 - 0.025 * s, ("loss", "kl"): 1.0})
+            for s, scalars in _conflict_rows()]
+    run = _write(tmp_path, ["task", "kl"], {"task": "task", "kl": role}, rows,
+                 [_record("task", "task", "first"), _record("kl", role, "name", hint="kl")])
+    (f,) = _found(run, "gradient-conflict")
+    assert f.evidence["stalled"] == ["kl"] and f.severity == severity
+    if role == "kl":
+        assert "from the name 'kl'" in f.title and 'roles={"kl": "task"}' in f.title
+        assert "Kendall" not in f.remedy  # the generic remedy of a conflict without harm
+    else:
+        assert "Kendall" in f.remedy and "PCGrad" in f.remedy
+
+
 def test_an_older_run_file_counts_guessed_roles_as_from_the_name(tmp_path):
     rows, _, _ = _swamped_rows()
     roles = {"cls": "task", "reg": "regularization"}
@@ -162,6 +179,7 @@ def test_a_loss_of_unknown_intent_on_its_own_parameters_is_info_with_the_settlin
     assert f.severity == "info"
     assert 'Probe(..., roles={"codebook": "prototype"})' in f.title
     assert 'Probe(..., roles={"codebook": "adversarial"})' in f.title
+    assert 'declare it (Probe(..., roles={"codebook": "prototype"}))' in f.remedy
     # Neither a declared codebook role nor the zero gradient on the shared set turns it into
     # a warning; a role hinted only by the name does not settle it either.
     assert _found(_own_only_run(tmp_path, "codebook", _record(
@@ -235,7 +253,7 @@ def test_a_real_codebook_loss_is_info_until_declared():
 def test_a_usage_collapse_gets_the_codebook_or_both_cures():
     assert prototype_collapse_remedy(False, ["codebook"]) is None  # the generic remedy stands
     codebook = prototype_collapse_remedy(True, ["codebook"])
-    assert codebook.startswith("'codebook' trains only parameters of its own")
+    assert codebook.startswith("'codebook' trains only parameters of its own, as a codebook's")
     assert "dead-code reset" in codebook and "Sinkhorn" not in codebook
     both = prototype_collapse_remedy(True, [])
     assert CODEBOOK in both and CLUSTERING in both

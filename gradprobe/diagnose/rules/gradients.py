@@ -12,14 +12,14 @@ from gradprobe.record import Run, pair_parts, role_declaration
 from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_NORM, LOSS,
                                          MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
 
-from .._series import (align, descent_undone, exempt_losses, finite, g, get, held_range,
-                       held_share, level_after_start, median, nanmax, pct, persistent,
-                       recorded_series, role_origin, role_record, roles, SHAPES_SHARED, rolling_median,
-                       start_end, start_low, task_learning, thin)
+from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, finite, g, get,
+                       held_range, held_share, level_after_start, median, nanmax, pct,
+                       persistent, recorded_series, role_origin, role_record, roles,
+                       rolling_median, start_end, start_low, task_learning, thin)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
-from .remedies import conflict_remedy, swamping_remedy
+from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -146,12 +146,18 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                       b: median(descent_undone(c, wn[1][judged], wn[0][judged]))}
         harm = _conflict_harm(run, th, (a, b), steps[judged], role,
                               {n: undone.get(n, math.nan) for n in (a, b)})
-        severity = ("error" if tragic else "warning") if harm["suffering"] else "info"
+        # A regulariser or KL term known only from its name is judged (a name never exempts),
+        # but its trade-off against the other loss is the design: noted, as the issue's
+        # "loss against a regulariser" (the quantity it protects is judged by its own rule).
+        trade_off = [n for n in (a, b) if role.get(n) in th.exempt_roles]
+        severity = ("error" if tragic else "warning") if harm["suffering"] and not trade_off \
+            else "info"
         held = np.zeros(len(steps), dtype=bool)
         held[np.flatnonzero(judged)[negative]] = True
         evidence = {
             "pair": pair, "median_cosine": med, "negative_share": share,
             "tragic_share": tragic_share, "judged_steps": int(judged.sum()), **harm,
+            "trade_off_by_name": trade_off,
             "thresholds": {"median_cosine": th.conflict_median_cosine,
                            "share": th.conflict_share, "tragic_share": th.conflict_tragic_share,
                            "stall_fraction": th.conflict_stall_fraction,
@@ -174,13 +180,18 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                 " of their sum)"
         if not harm["suffering"]:
             what += ", but neither loss is held back by it"
+        elif trade_off:
+            what += "; " + ", ".join(
+                f"'{n}' is a {role[n]} term {role_origin(role_record(run, n))}, whose trade-off "
+                f"is the design (judge it as a task: {role_declaration(n, 'task')})"
+                for n in trade_off)
         elif tragic:
             what += " (tragic: cos <= -magnitude similarity)"
         out.append(make_finding(
             "gradient-conflict", severity, what, pair, f"cos {g(med)} (median)", evidence,
             held_range(steps, held),
             plot=PlotHint(GRAD_COSINE, names=[pair], threshold=0.0),
-            remedy=conflict_remedy(role.get(n) for n in (a, b)) if harm["suffering"] else None))
+            remedy=conflict_remedy(role.get(n) for n in (a, b)) if severity != "info" else None))
     return out
 
 
@@ -277,7 +288,7 @@ def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -
         f"loss that is the method, as a loss meant to shape the shared layers it is cut off "
         f"from them; the graph looks the same. Settle it: {keep} (a codebook) or {cut} (meant "
         "to reach the shared layers)",
-        name, "intent unknown", evidence, steps, plot=plot)
+        name, "intent unknown", evidence, steps, plot=plot, remedy=intent_remedy(keep, cut))
 
 
 def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:

@@ -22,11 +22,12 @@ TASK_CONFLICT = (
     "2021), e.g. torchjd.aggregation.PCGrad or CAGrad (the torchjd package; gradprobe has "
     "none); tasks that cannot share an output need heads of their own.")
 
-CODEBOOK = (
-    "for a codebook (VQ-VAE-like: vectors trained by a loss of their own or by an EMA of "
-    "their assigned inputs): reset the codes that no input chooses to recent encoder outputs "
-    "(dead-code reset), or start the codebook from data (a sample of encoder outputs, or "
-    "their k-means centres)")
+CODEBOOK_CURE = (
+    "reset the codes that no input chooses to recent encoder outputs (dead-code reset), or "
+    "start the codebook from data (a sample of encoder outputs, or their k-means centres)")
+
+CODEBOOK = ("for a codebook (VQ-VAE-like: vectors trained by a loss of their own or by an EMA "
+            "of their assigned inputs): " + CODEBOOK_CURE)
 
 CLUSTERING = (
     "for a clustering head of self-supervision (SwAV/DINO-like: soft assignments to "
@@ -58,7 +59,8 @@ def balancing_weight_text(evidence: Mapping[str, Any]) -> str | None:
     """``weight 'cls' 1 -> 37 (or 'reg''s x0.027)`` from a swamping finding's evidence; None
     where its norms give no number."""
     name, dominant = evidence["loss"], evidence["dominant"]
-    own, other = evidence["median_weighted_grad_norm"], evidence["median_dominant_weighted_grad_norm"]
+    own = evidence["median_weighted_grad_norm"]
+    other = evidence["median_dominant_weighted_grad_norm"]
     weight = evidence.get("median_weight")
     balanced = balancing_weight(weight, own, other)
     if not math.isfinite(balanced):
@@ -102,7 +104,17 @@ def prototype_collapse_remedy(usage_collapsed: bool, own_losses: list[str]) -> s
         return None
     if own_losses:
         names = " and ".join(f"'{n}'" for n in own_losses)
-        return (f"{names} trains only parameters of its own, as a codebook loss does; "
-                + CODEBOOK[0].upper() + CODEBOOK[1:] + ".")
+        verb = "trains" if len(own_losses) == 1 else "train"
+        return (f"{names} {verb} only parameters of {'its' if len(own_losses) == 1 else 'their'} "
+                f"own, as a codebook's loss does: {CODEBOOK_CURE}.")
     return ("The graph does not tell a codebook from a clustering head: " + CODEBOOK + "; "
             + CLUSTERING + ".")
+
+
+def intent_remedy(keep: str, cut: str) -> str:
+    """The remedy of a loss on its own parameters whose intent is unknown: declare it, or wire
+    it (``keep``/``cut``: the declarations that settle it)."""
+    return (f"A codebook or prototype loss trains its own parameters by design: declare it "
+            f"({keep}) and nothing is to be fixed. A loss meant to train the shared layers "
+            f"(declare it: {cut}) must be computed from tensors that depend on them: a "
+            "detach() or torch.no_grad() on its input is the usual cause.")
