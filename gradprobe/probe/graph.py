@@ -64,14 +64,9 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
     and the most losses that share a parameter with it are taken; a loss that shares
     nothing with the task is left out, which the probe reports for it.
     """
-    reach = [reachable_nodes(loss) for loss in losses]
-    leaves = [{id(v): node for node in nodes if (v := getattr(node, "variable", None)) is not None
-               and id(v) in names} for nodes in reach]
-    tensors = {key: node.variable for found in leaves for key, node in found.items()}
+    reach, leaves, tensors = _named_leaves(losses, names)
     if whole:
-        counts = Counter(key for found in leaves for key in found)
-        return [tensors[k] for k in sorted((k for k, c in counts.items() if c >= 2),
-                                           key=lambda k: names[k])]
+        return _reached_by_two(leaves, range(len(leaves)), tensors, names)
     group = _meeting_group(leaves, task, set(exempt))
     if not group:
         return []
@@ -94,6 +89,31 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
             return by_layer[layer]
         crossed_plain = crossed_plain or layer
     return by_layer[crossed_plain or module_prefix(names[bottom])]
+
+
+def group_whole(losses: list[torch.Tensor], names: dict[int, str], *, task: int = 0,
+                exempt: Collection[int] = ()) -> list[torch.Tensor]:
+    """Every parameter that two or more of the losses :func:`infer_shared` takes into account
+    reach (the same losses: a loss that shares nothing with the task, or a regulariser, adds
+    none), in name order; empty where fewer than two losses meet."""
+    _, leaves, tensors = _named_leaves(losses, names)
+    return _reached_by_two(leaves, _meeting_group(leaves, task, set(exempt)), tensors, names)
+
+
+def _named_leaves(losses: list[torch.Tensor], names: dict[int, str]) -> tuple[list, list, dict]:
+    """Each loss's reachable nodes, its leaves named in ``names`` (id -> node), and the tensors."""
+    reach = [reachable_nodes(loss) for loss in losses]
+    leaves = [{id(v): node for node in nodes if (v := getattr(node, "variable", None)) is not None
+               and id(v) in names} for nodes in reach]
+    tensors = {key: node.variable for found in leaves for key, node in found.items()}
+    return reach, leaves, tensors
+
+
+def _reached_by_two(leaves: list[dict], which: Collection[int], tensors: dict,
+                    names: dict[int, str]) -> list[torch.Tensor]:
+    counts = Counter(key for k in which for key in leaves[k])
+    return [tensors[k] for k in sorted((k for k, c in counts.items() if c >= 2),
+                                       key=lambda k: names[k])]
 
 
 def _meeting_group(leaves: list[dict], task: int, exempt: set[int]) -> list[int]:

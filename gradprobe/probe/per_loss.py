@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .fsdp import is_fully_sharded
-from .graph import has_user_hooks, infer_shared, leaves_of, reachable_nodes
+from .graph import group_whole, has_user_hooks, infer_shared, leaves_of, reachable_nodes
+from .layer_blocks import LayerBlocks
 from .layer_inputs import LayerInputs, RoutedLayer, fill_rows, routed_gram
 from .recording import StepNumbers
 from .transfer import one_dim
@@ -157,11 +158,13 @@ class JacobianBuffer:
 
     The buffer is the biggest thing a probe step allocates (K x P float64) and is kept between
     probe steps: a fresh one costs a page fault per 4 KiB (14 ms for 4 losses x 2.6M
-    parameters).
+    parameters). ``names``: id -> parameter name, which the rows' per-layer blocks are
+    named by (layer_blocks.py).
     """
 
-    def __init__(self):
+    def __init__(self, names: Mapping[int, str]):
         self._buffer: torch.Tensor | None = None
+        self.blocks = LayerBlocks(names)
 
     def fill(self, gradients: PerLossGradients) -> torch.Tensor | None:
         """J [K, P] float64, unscaled: row k is loss k's gradient on the shared parameters
@@ -210,18 +213,42 @@ def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torc
     return norms
 
 
+# ``shared=None`` takes the whole shared set while its float64 Jacobian rows, K x P entries,
+# stay within this many (2^25 entries, 256 MiB: 8M parameters for 4 losses); beyond it the
+# nearest layer (docs/probe.md, "The shared parameters").
+WHOLE_SET_ENTRIES = 2 ** 25
+
+
 def shared_set(losses: Sequence[torch.Tensor], names: Mapping[int, str], roles: Sequence[str],
-               task: int, whole: bool) -> list[torch.Tensor]:
-    """The shared parameters inferred from the losses' graphs (docs/probe.md): the nearest
-    layer every path of every loss crosses, or (``whole``) every parameter two or more losses
-    reach; regularisers do not count."""
+               task: int, spec: Any) -> tuple[list[torch.Tensor], str]:
+    """The shared parameters inferred from the losses' graphs (docs/probe.md), and which rule
+    chose them and why: ``spec`` ``"all"``: every parameter two or more losses reach;
+    ``"nearest"``: the nearest layer every path of every loss crosses; None: every parameter
+    two or more of the losses that meet there reach, while that fits
+    :data:`WHOLE_SET_ENTRIES`, else the nearest layer. Regularisers do not count."""
+    losses = list(losses)
     regularisers = [k for k, role in enumerate(roles) if role == "regularization"]
-    shared = infer_shared(list(losses), names, task=task, exempt=regularisers, whole=whole)
+    whole = spec == "all"
+    shared = infer_shared(losses, names, task=task, exempt=regularisers, whole=whole)
+    why = ('shared="all": every parameter two or more losses reach' if whole else
+           'shared="nearest": the nearest layer every path of every loss crosses')
+    if spec is None:
+        candidates = group_whole(losses, names, task=task, exempt=regularisers)
+        numel = sum(p.numel() for p in candidates)
+        entries = len(losses) * numel
+        if candidates and entries <= WHOLE_SET_ENTRIES:
+            shared, why = candidates, (
+                f"the whole shared set: {numel} parameters that two or more losses reach "
+                f"({len(losses)} x {numel} Jacobian entries, within {WHOLE_SET_ENTRIES})")
+        else:
+            why = "the nearest layer every path of every loss crosses: " + (
+                f"the whole shared set ({len(losses)} x {numel} Jacobian entries) is over "
+                f"{WHOLE_SET_ENTRIES}" if candidates else "no parameter beyond it is shared")
     if not shared:
         raise ProbeUsageError("no parameter of the model receives gradient from "
                               + ("two or more losses" if whole else "the losses")
                               + ": there is nothing shared to probe (pass shared=...)")
-    return shared
+    return shared, why
 
 
 def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> list[tuple]:
@@ -258,6 +285,7 @@ def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
         groups = torch.as_tensor(groups)
         groups = groups.detach() if groups.requires_grad else groups
         observed["groups"] = groups if groups.ndim == 1 else groups.reshape(-1)
-    layer_gram = routed_gram(gradients.routed, gradients.scale)
+    layout = jacobian.blocks.layout(shared, gradients.inputs[:gradients.n_shared],
+                                    routed_gram(gradients.routed, gradients.scale))
     return StepNumbers(loss_values, jacobian.fill(gradients), latent_grad_norms(gradients, device),
-                       observed, observed.get("groups"), layer_gram)
+                       observed, observed.get("groups"), layout=layout)

@@ -49,8 +49,8 @@ class Probe(WatchMethods):
     ----------
     model: the ``nn.Module`` being trained (parameter names come from it).
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
-        probe step as the layer nearest the losses that every path of every loss's gradient
-        crosses (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
+        probe step, the whole shared set where its Jacobian fits a budget, else the nearest
+        layer every loss crosses (``"all"``, ``"nearest"`` force either; docs/probe.md).
     every: a fixed probe cadence in steps (step 0 is a probe step). ``None`` (the default):
         dense at the start, then thinning out: every step before step 4, every 2nd from 4,
         every 4th from 16, ... every 64th from step 4,096 on (a 300-step run gets 49 probe
@@ -117,7 +117,7 @@ class Probe(WatchMethods):
         self._shared_spec = shared
         self._shared: list[torch.Tensor] | None = checks.resolve_shared(shared)
         self._watches = WatchSet(lambda: self.is_probe_step)
-        self._jacobian = JacobianBuffer()
+        self._jacobian = JacobianBuffer(self._names)
         self._layer_inputs = LayerInputs(model)
         self._losses: list[str] | None = None
         self._role_reader = RoleReader(roles, task is not None)
@@ -316,10 +316,11 @@ class Probe(WatchMethods):
             self._role_reader.read_graph(self.roles, names, self.task,
                                          [losses[k] for k in names], weights, self._names)
         if self._shared is None:
-            self._shared = shared_set([losses[k] for k in names],
-                                      self._role_reader.parameter_names(self._names),
-                                      [self.roles[n] for n in names], names.index(self.task),
-                                      whole=self._shared_spec == "all")
+            self._shared, why = shared_set([losses[k] for k in names],
+                                           self._role_reader.parameter_names(self._names),
+                                           [self.roles[n] for n in names],
+                                           names.index(self.task), self._shared_spec)
+            self._notices.event(self.step, "shared_set", "shared", why, warn=False)
 
     def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
                             scaler: Any, assemble: bool) -> PerLossGradients:
