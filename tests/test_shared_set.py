@@ -1,6 +1,7 @@
-"""The default shared set: the layer nearest the losses that every path of every loss
-crosses, checked on small real training runs against an independent test (cutting a layer's
-output from the graph with a forward hook)."""
+"""The nearest-layer shared set (``shared="nearest"``, and the default where the whole shared
+set is over its budget): the layer nearest the losses that every path of every loss crosses,
+checked on small real training runs against an independent test (cutting a layer's output
+from the graph with a forward hook)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _reaches(model_losses, cut, parameter):
 
 
 def test_a_vae_gets_its_encoder_not_one_of_the_parallel_heads():
-    run = runs.vae(1.0)
+    run = runs.vae(1.0, shared="nearest")
     assert _layers(run) == ["fc1"]
     # Independently: fc21 (mean) and fc22 (log-variance) are each bypassed by the other
     # head's path, fc1 is not. Cutting fc1's output leaves fc1 itself reachable (it is the
@@ -54,7 +55,8 @@ def test_a_vae_gets_its_encoder_not_one_of_the_parallel_heads():
 
 
 def test_dann_gets_its_feature_extractor_and_a_detached_domain_head_is_the_finding():
-    healthy, detached = runs.dann("healthy"), runs.dann("detached")
+    healthy = runs.dann("healthy", shared="nearest")
+    detached = runs.dann("detached", shared="nearest")
     assert _layers(healthy) == ["feature.3"]  # the extractor's last Linear (BatchNorm passed over)
     assert not [f.title for f in diagnose(healthy) if f.severity != "info"]
     assert not healthy.events("no_shared_path")
@@ -86,14 +88,14 @@ def test_dann_extractor_is_crossed_by_every_path_of_every_loss():
     assert _reaches(losses, feature[4], feature[0].weight) == set()  # passed over: 1-D only
     assert _reaches(losses, label_head, feature[0].weight) == {"s_domain", "t_domain"}
     model = nn.ModuleDict(dict(feature=feature, label=label_head, domain=domain_head))
-    probe = gradprobe.Probe(model, every=1)
+    probe = gradprobe.Probe(model, shared="nearest", every=1)
     probe.backward(losses())
     probe.close()
     assert _layers(run_from_state(probe.state_dict(), "dann")) == ["feature.3"]
 
 
 def test_a_regulariser_on_one_head_neither_moves_the_shared_set_nor_is_reported():
-    run = runs.left_right(1.0)
+    run = runs.left_right(1.0, shared="nearest")
     assert _layers(run) == ["trunk.2"]
     assert run.roles["l2"] == "regularization"
     assert {e["name"] for e in run.events("no_shared_path")} == {"l2"}  # recorded...
@@ -104,7 +106,7 @@ def test_the_regulariser_raises_no_warning_while_training(tmp_path):
     torch.manual_seed(0)
     trunk, a, b = nn.Linear(4, 8), nn.Linear(8, 1), nn.Linear(8, 1)
     model = nn.ModuleList([trunk, a, b])
-    probe = gradprobe.Probe(model, every=1)
+    probe = gradprobe.Probe(model, shared="nearest", every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", gradprobe.GradprobeWarning)
         for _ in range(3):
@@ -119,4 +121,19 @@ def test_the_regulariser_raises_no_warning_while_training(tmp_path):
 def test_one_loss_applied_to_two_views(stop_gradient, layer):
     # SimSiam: one loss, the encoder applied to two views. With the stop-gradient every path
     # to the encoder passes the predictor; without it, the target branch bypasses it.
-    assert _layers(runs.simsiam(stop_gradient)) == [layer]
+    assert _layers(runs.simsiam(stop_gradient, shared="nearest")) == [layer]
+
+
+def test_the_default_takes_the_whole_shared_set_of_a_small_model_and_says_why():
+    # The same DANN at the default: every parameter two or more of the meeting losses reach
+    # (the extractor and the domain head), within the budget; the detached domain losses
+    # meet nothing with the label loss, so that run keeps the nearest layer of the label loss
+    # alone (its last layer) and its finding.
+    healthy, detached = runs.dann("healthy"), runs.dann("detached")
+    assert _layers(healthy) == ["domain.0", "domain.2", "feature.0", "feature.1", "feature.3",
+                               "feature.4"]
+    assert healthy.events("shared_set")[0]["message"].startswith("the whole shared set")
+    assert _layers(detached) == ["label.2"]
+    assert detached.events("shared_set")[0]["message"].startswith("the nearest layer")
+    assert {f.subject for f in diagnose(detached) if f.id == "inert-loss"} == \
+        {"s_domain", "t_domain"}

@@ -52,18 +52,16 @@ def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True):
 
 
 def _numpy_ratio(rows, weights, loss):
-    """Independently, from the rows: per step, the own-energy-weighted mean over the layers
-    that ``loss`` and another loss both reach of |w_k| |J_l,k| / max_j |w_j| |J_l,j|."""
+    """Independently, from the rows: per step, the median over the layers that ``loss`` and
+    another loss both reach of |w_k| |J_l,k| / max_j |w_j| |J_l,j|."""
     out = []
     for per_layer in rows:
-        num = den = 0.0
+        ratios = []
         for j in per_layer.values():
             norms = np.abs(weights) * np.linalg.norm(j, axis=1)
-            others = np.delete(norms, loss)
-            if norms[loss] > 0 and (others > 0).any():
-                num += norms[loss] ** 2 * norms[loss] / norms.max()
-                den += norms[loss] ** 2
-        out.append(num / den if den else np.nan)
+            if norms[loss] > 0 and (np.delete(norms, loss) > 0).any():
+                ratios.append(norms[loss] / norms.max())
+        out.append(np.median(ratios) if ratios else np.nan)
     return np.array(out)
 
 
@@ -92,7 +90,8 @@ def _swamping(run):
 def test_a_loss_that_holds_its_own_where_it_acts_is_not_swamped(tmp_path):
     run, rows, weights = _router_case(tmp_path, 1e-2)
     expected = _numpy_ratio(rows, weights, 1)
-    assert np.median(expected) > 0.3  # holds its own on the router...
+    # The median of its two layers' ratios (~0.4 on the router, ~5e-4 on the embedding)...
+    assert np.median(expected) > 2 * TH.swamping_ratio
     whole = np.array([abs(weights[1]) * np.linalg.norm(np.hstack(list(r.values()))[1]) /
                       np.linalg.norm(np.hstack(list(r.values()))[0]) for r in rows])
     assert np.median(whole) < 0.02  # ...while the whole-norm ratio is far below the threshold
@@ -144,8 +143,8 @@ def test_a_ratio_whose_spread_straddles_the_threshold_is_info(tmp_path):
 
 
 def test_a_loss_at_its_floor_is_satisfied_not_swamped(tmp_path):
-    # A term that rises from near 0 to its peak, then falls to 1e-6 of it (the covariance term
-    # after a collapse to the origin): swamped by the ratio, but at its floor.
+    # A term that rises from 0.01 to 1, then falls to 1e-6 (the covariance term after a
+    # collapse to the origin): swamped by the ratio, but at its floor.
     rng = np.random.default_rng(2)
     ones = np.ones(STEPS)
     cov = np.concatenate([np.linspace(0.01, 1.0, 8), np.geomspace(1.0, 1e-6, 12),
@@ -156,9 +155,10 @@ def test_a_loss_at_its_floor_is_satisfied_not_swamped(tmp_path):
            [_falling(2.0, 0.5), cov], scales, rng)
     assert _swamping(load_run(path)) == []
     # Independently: its end window (the last 20% of the steps) is at most
-    # swamping_floor_fraction of the peak of its 3-point rolling median.
+    # swamping_floor_fraction of the lowest 3-point rolling median of its start window.
     smooth = np.array([np.median(cov[max(0, i - 1):i + 2]) for i in range(STEPS)])
-    assert np.median(cov[-int(0.2 * STEPS):]) <= TH.swamping_floor_fraction * smooth.max()
+    assert np.median(cov[-int(0.2 * STEPS):]) <= TH.swamping_floor_fraction * \
+        smooth[:int(0.2 * STEPS) + 1].min()
     # Without the floor rule it is found: before it fell, it was swamped, and its low start
     # keeps it "to learn" under learned_fraction alone.
     found = [f for f in diagnose(load_run(path), Thresholds(swamping_floor_fraction=0.0))

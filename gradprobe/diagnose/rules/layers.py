@@ -5,11 +5,11 @@ On layer l at a probe step, loss k's weighted gradient norm is ``|w_k| sqrt(G_l[
 ratio on the layer is that norm over the largest competing loss's on the same layer (itself
 included, so at most 1); a layer counts for loss k where k and at least one other competing
 loss have a gradient on it (the layers they both reach). The loss's ratio at the step is the
-mean of its per-layer ratios weighted by where it acts: each layer's share of its own squared
-weighted gradient over those layers. A loss is swamped where most of what it pushes is
-drowned by another loss's push on the same parameters; a large layer that another loss
-dominates by construction (an embedding feeding a router) does not hide what it holds on the
-layer it acts on (the router), and a small layer that it barely touches cannot clear it.
+median of its per-layer ratios over those layers: it is swamped where it is drowned on most
+of the layers it shares, each layer one vote. Neither the largest layer (a norm over the
+whole set: an embedding that the task dominates by construction hides what the loss holds
+on a router above it) nor one layer alone (a maximum: a PINN's boundary term holds a third
+of the output layer while drowned on every hidden layer, and is harmed) decides.
 """
 
 from __future__ import annotations
@@ -43,35 +43,32 @@ def layer_blocks(run: Run) -> tuple[np.ndarray, list[str], np.ndarray] | None:
 
 def layer_ratios(blocks: np.ndarray, weights: np.ndarray, competing: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per loss and step, where it acts (see the module docstring).
+    """Per loss and step, on the layers it shares (see the module docstring).
 
     ``blocks`` [T, L, K, K], ``weights`` [K, T] (the loss weights at those steps),
     ``competing`` [K] (losses that count as competitors). Returns ``ratio`` [K, T] (NaN where
     the loss shares no layer with a competitor), ``per_layer`` [K, L, T] (the ratio on each
-    layer, NaN where not shared) and ``dominant`` [K, T] (the index of the loss with the
-    largest weighted gradient on the layer where loss k acts most; -1 where none)."""
+    layer, NaN where not shared) and ``dominant`` [K, T] (the competing loss with the largest
+    weighted gradient over the layers loss k shares; -1 where none)."""
     diag = np.clip(np.diagonal(blocks, axis1=2, axis2=3), 0.0, None)  # [T, L, K]
     energy = diag * np.square(weights.T)[:, None, :]  # squared weighted norms
     norm = np.sqrt(energy)
-    with np.errstate(invalid="ignore"):
-        rivals = np.where(competing[None, None, :] & np.isfinite(norm), norm, -np.inf)
+    rivals = np.where(competing[None, None, :] & np.isfinite(norm), norm, -np.inf)
     largest = rivals.max(axis=2)  # [T, L]
-    dominant_on = rivals.argmax(axis=2)
-    k_count = blocks.shape[2]
-    ratio = np.full((k_count, len(blocks)), np.nan)
-    per_layer = np.full((k_count, blocks.shape[1], len(blocks)), np.nan)
-    dominant = np.full((k_count, len(blocks)), -1)
+    k_count, steps = blocks.shape[2], len(blocks)
+    ratio = np.full((k_count, steps), np.nan)
+    per_layer = np.full((k_count, blocks.shape[1], steps), np.nan)
+    dominant = np.full((k_count, steps), -1)
     for k in range(k_count):
-        others = np.delete(rivals, k, axis=2).max(axis=2) if k_count > 1 else largest
-        shared = (norm[:, :, k] > 0) & (others > 0) & np.isfinite(norm[:, :, k])
+        others = np.delete(rivals, k, axis=2).max(axis=2)
+        shared = (norm[:, :, k] > 0) & np.isfinite(norm[:, :, k]) & (others > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             on_layer = np.where(shared, norm[:, :, k] / np.maximum(largest, norm[:, :, k]),
                                 np.nan)
         per_layer[k] = on_layer.T
-        own = np.where(shared, energy[:, :, k], 0.0)
-        total = own.sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio[k] = np.where(total > 0, np.nansum(on_layer * own, axis=1) / total, np.nan)
-        acts = np.argmax(own, axis=1)
-        dominant[k] = np.where(total > 0, dominant_on[np.arange(len(blocks)), acts], -1)
+        any_shared = shared.any(axis=1)
+        ratio[k, any_shared] = np.nanmedian(on_layer[any_shared], axis=1)
+        pushed = np.where(shared[:, :, None] & competing[None, None, :],
+                          np.nan_to_num(energy), 0.0).sum(axis=1)  # [T, K]
+        dominant[k] = np.where(any_shared, pushed.argmax(axis=1), -1)
     return ratio, per_layer, dominant
