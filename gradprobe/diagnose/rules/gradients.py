@@ -14,7 +14,8 @@ from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_N
 
 from .._series import (align, descent_undone, finite, g, get, held_range, held_share,
                        level_after_start, median, nanmax, pct, persistent, recorded_series, roles,
-                       rolling_median, start_end, start_low, task_learning, thin)
+                       rolling_median, start_end, start_low, task_learning, thin,
+                       window_counts)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
@@ -79,9 +80,13 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         dom = dom[0][0] if dom else int(np.argmax(np.nanmedian(W, axis=1)))
         dominant = names[dom]
         share = held_share(steps, held, judged)
-        # A ratio whose own spread over the judged steps straddles the threshold is too close
-        # to call: info, so that one healthy setup cannot flip between seeds.
-        quartiles = [float(q) for q in np.quantile(ratio[judged], [0.25, 0.75])]
+        # A ratio whose own spread over the judged window straddles the threshold is too
+        # close to call: info, so that one healthy setup cannot flip between seeds. The
+        # window: the end window of the judged steps, where the balance the run settled on is
+        # read (its start is no evidence of where it settles).
+        judged_steps = steps[judged]
+        window = judged & (steps >= judged_steps[-window_counts(judged_steps, th)[1]])
+        quartiles = [float(q) for q in np.quantile(ratio[window], [0.25, 0.75])]
         close = quartiles[0] < th.swamping_ratio < quartiles[1]
         severity = "info" if close else \
             "error" if med < th.swamping_error_ratio else "warning"
