@@ -83,10 +83,13 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         # A ratio whose own spread over the judged window straddles the threshold is too
         # close to call: info, so that one healthy setup cannot flip between seeds. The
         # window: the end window of the judged steps, where the balance the run settled on is
-        # read (its start is no evidence of where it settles).
+        # read (its start is no evidence of where it settles); the ratio smoothed over
+        # smooth_points steps, as the loss curves are, so that one batch's noise is not read
+        # as spread.
         judged_steps = steps[judged]
-        window = judged & (steps >= judged_steps[-window_counts(judged_steps, th)[1]])
-        quartiles = [float(q) for q in np.quantile(ratio[window], [0.25, 0.75])]
+        last = window_counts(judged_steps, th)[1]
+        settled = rolling_median(ratio[judged], th.smooth_points)[-last:]
+        quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
         close = quartiles[0] < th.swamping_ratio < quartiles[1]
         severity = "info" if close else \
             "error" if med < th.swamping_error_ratio else "warning"
