@@ -463,7 +463,7 @@ def sigmoid_head(loss: str, steps: int = 80, seed: int = 0) -> Run:
 # ------------------------------------------- the shared set at defaults (DANN, VAE)
 
 @_cached
-def dann(domain_input: str, steps: int = 60, seed: int = 0, shared: str | None = None) -> Run:
+def dann(domain_input: str, steps: int = 60, seed: int = 0) -> Run:
     """Domain-adversarial training as in fungtion/DANN: one feature extractor applied to a
     source and a target batch, a label head on the source features, one domain head on both
     through gradient reversal; losses 'label', 's_domain', 't_domain'; the probe infers the
@@ -483,7 +483,7 @@ def dann(domain_input: str, steps: int = 60, seed: int = 0, shared: str | None =
     domain_head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     model = nn.ModuleDict(dict(feature=feature, label=label_head, domain=domain_head))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    probe = Probe(model, shared=shared, every=2)
+    probe = Probe(model, every=2)
     detach = domain_input == "detached"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the probe warns about the wiring it records
@@ -519,7 +519,7 @@ class _VAE(nn.Module):
 
 
 @_cached
-def vae(beta: float, steps: int = 300, seed: int = 0, shared: str | None = None) -> Run:
+def vae(beta: float, steps: int = 300, seed: int = 0) -> Run:
     """A VAE on 32-pixel binary images drawn from 4 latent factors, losses 'bce' (summed
     over pixels, as in the example) and 'kld' with weight ``beta``. beta 1 learns; beta 50
     pushes every unit of the posterior to the prior (posterior collapse: no active unit).
@@ -532,7 +532,7 @@ def vae(beta: float, steps: int = 300, seed: int = 0, shared: str | None = None)
          torch.rand(n, 32, generator=gen)).float()
     model = _VAE()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    probe = Probe(model, shared=shared, every=5)
+    probe = Probe(model, every=5)
     probe.watch_latent("mu", model.fc21)
     probe.watch_saturation("pixels", model.fc4, target="x")
     for step in range(steps):
@@ -551,7 +551,7 @@ def vae(beta: float, steps: int = 300, seed: int = 0, shared: str | None = None)
 
 @_cached
 def simsiam(stop_gradient: bool, steps: int = 150, seed: int = 0, span: int = 8,
-            out: int = 32, shared: str | None = None) -> Run:
+            out: int = 32) -> Run:
     """SimSiam (Chen & He 2021; facebookresearch/simsiam builder.py) on two noisy views of
     32-dim data spanning ``span`` directions: encoder with a BN projector to ``out``
     dimensions, a bottleneck predictor, loss -(cos(p1, z2) + cos(p2, z1)) / 2. Without the
@@ -568,7 +568,7 @@ def simsiam(stop_gradient: bool, steps: int = 150, seed: int = 0, span: int = 8,
     predictor = nn.Sequential(nn.Linear(out, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, out))
     model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor))
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-4)
-    probe = Probe(model, shared=shared, every=5)
+    probe = Probe(model, every=5)
     probe.watch_latent("z", encoder)
     held = x[:128]
     log_rank_truth(probe, encoder, held)
@@ -645,8 +645,7 @@ def opposed_targets(steps: int = 120, seed: int = 0) -> Run:
 
 
 @_cached
-def left_right(weight_left: float, steps: int = 80, seed: int = 0,
-               shared: str | None = None) -> Run:
+def left_right(weight_left: float, steps: int = 80, seed: int = 0) -> Run:
     """Two heads on one trunk as in the multi-digit LeNet of WeiChengTseng/Pytorch-PCGrad:
     'L' (the task, first loss) and 'R' classify two halves of the input; 'L' weighted
     ``weight_left``. At 1e-3 its gradient on the trunk is swamped by 'R''s. An L2 penalty
@@ -660,7 +659,7 @@ def left_right(weight_left: float, steps: int = 80, seed: int = 0,
     left, right = nn.Linear(32, classes), nn.Linear(32, classes)
     model = nn.ModuleDict(dict(trunk=trunk, left=left, right=right))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    probe = Probe(model, shared=shared, every=2)
+    probe = Probe(model, every=2)
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         h = trunk(x[idx])

@@ -1,12 +1,12 @@
-"""The nearest-layer shared set (``shared="nearest"``, and the default where the whole shared
-set is over its budget): the layer nearest the losses that every path of every loss crosses,
-checked on small real training runs against an independent test (cutting a layer's output
-from the graph with a forward hook)."""
+"""The default shared set: the layer nearest the losses that every path of every loss
+crosses, checked on small real training runs against an independent test (cutting a layer's
+output from the graph with a forward hook)."""
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ def _reaches(model_losses, cut, parameter):
 
 
 def test_a_vae_gets_its_encoder_not_one_of_the_parallel_heads():
-    run = runs.vae(1.0, shared="nearest")
+    run = runs.vae(1.0)
     assert _layers(run) == ["fc1"]
     # Independently: fc21 (mean) and fc22 (log-variance) are each bypassed by the other
     # head's path, fc1 is not. Cutting fc1's output leaves fc1 itself reachable (it is the
@@ -55,8 +55,7 @@ def test_a_vae_gets_its_encoder_not_one_of_the_parallel_heads():
 
 
 def test_dann_gets_its_feature_extractor_and_a_detached_domain_head_is_the_finding():
-    healthy = runs.dann("healthy", shared="nearest")
-    detached = runs.dann("detached", shared="nearest")
+    healthy, detached = runs.dann("healthy"), runs.dann("detached")
     assert _layers(healthy) == ["feature.3"]  # the extractor's last Linear (BatchNorm passed over)
     assert not [f.title for f in diagnose(healthy) if f.severity != "info"]
     assert not healthy.events("no_shared_path")
@@ -88,14 +87,14 @@ def test_dann_extractor_is_crossed_by_every_path_of_every_loss():
     assert _reaches(losses, feature[4], feature[0].weight) == set()  # passed over: 1-D only
     assert _reaches(losses, label_head, feature[0].weight) == {"s_domain", "t_domain"}
     model = nn.ModuleDict(dict(feature=feature, label=label_head, domain=domain_head))
-    probe = gradprobe.Probe(model, shared="nearest", every=1)
+    probe = gradprobe.Probe(model, every=1)
     probe.backward(losses())
     probe.close()
     assert _layers(run_from_state(probe.state_dict(), "dann")) == ["feature.3"]
 
 
 def test_a_regulariser_on_one_head_neither_moves_the_shared_set_nor_is_reported():
-    run = runs.left_right(1.0, shared="nearest")
+    run = runs.left_right(1.0)
     assert _layers(run) == ["trunk.2"]
     assert run.roles["l2"] == "regularization"
     assert {e["name"] for e in run.events("no_shared_path")} == {"l2"}  # recorded...
@@ -106,7 +105,7 @@ def test_the_regulariser_raises_no_warning_while_training(tmp_path):
     torch.manual_seed(0)
     trunk, a, b = nn.Linear(4, 8), nn.Linear(8, 1), nn.Linear(8, 1)
     model = nn.ModuleList([trunk, a, b])
-    probe = gradprobe.Probe(model, shared="nearest", every=1)
+    probe = gradprobe.Probe(model, every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", gradprobe.GradprobeWarning)
         for _ in range(3):
@@ -121,19 +120,22 @@ def test_the_regulariser_raises_no_warning_while_training(tmp_path):
 def test_one_loss_applied_to_two_views(stop_gradient, layer):
     # SimSiam: one loss, the encoder applied to two views. With the stop-gradient every path
     # to the encoder passes the predictor; without it, the target branch bypasses it.
-    assert _layers(runs.simsiam(stop_gradient, shared="nearest")) == [layer]
+    assert _layers(runs.simsiam(stop_gradient)) == [layer]
 
 
-def test_the_default_takes_the_whole_shared_set_of_a_small_model_and_says_why():
-    # The same DANN at the default: every parameter two or more of the meeting losses reach
-    # (the extractor and the domain head), within the budget; the detached domain losses
-    # meet nothing with the label loss, so that run keeps the nearest layer of the label loss
-    # alone (its last layer) and its finding.
+def test_the_default_records_the_blocks_of_the_whole_shared_set_and_says_why():
+    # The shared set (and the Gram matrix) stays the nearest layer; the per-layer blocks cover
+    # every parameter the task and another loss reach: DANN's whole extractor. The domain
+    # head, which only the two domain losses share, is not in it; with the domain head
+    # detached no other loss meets the label loss, and the blocks are the nearest layer's.
     healthy, detached = runs.dann("healthy"), runs.dann("detached")
-    assert _layers(healthy) == ["domain.0", "domain.2", "feature.0", "feature.1", "feature.3",
-                               "feature.4"]
-    assert healthy.events("shared_set")[0]["message"].startswith("the whole shared set")
-    assert _layers(detached) == ["label.2"]
-    assert detached.events("shared_set")[0]["message"].startswith("the nearest layer")
-    assert {f.subject for f in diagnose(detached) if f.id == "inert-loss"} == \
-        {"s_domain", "t_domain"}
+    assert _layers(healthy) == ["feature.3"]
+    assert healthy.array_names("grad_gram_layer") == ["feature.0", "feature.1", "feature.3",
+                                                      "feature.4"]
+    assert "per-layer blocks of the whole shared set" in \
+        healthy.events("shared_set")[0]["message"]
+    _, gram = healthy.arrays("grad_gram", "shared")
+    _, block = healthy.arrays("grad_gram_layer", "feature.3")
+    assert np.allclose(gram, block, rtol=1e-12)
+    assert detached.array_names("grad_gram_layer") == _layers(detached)
+    assert "per-layer blocks of it alone" in detached.events("shared_set")[0]["message"]

@@ -220,20 +220,22 @@ def test_the_probe_records_each_shared_layers_block(assemble):
         opt.zero_grad()
     probe.close()
     run = run_from_state(probe.state_dict(), "gated")
-    assert "the whole shared set" in run.events("shared_set")[0]["message"]
-    assert run.array_names("grad_gram_layer") == ["gate", "trunk"]  # the head is the task's
-    _, whole = run.arrays("grad_gram", "shared")
+    assert "per-layer blocks of the whole shared set" in run.events("shared_set")[0]["message"]
+    # The Gram matrix stays on the nearest layer every path crosses (the trunk); the blocks
+    # cover every layer the task and the balancing loss both reach (the head is the task's).
+    assert run.meta["shared_parameters"] == ["trunk.bias", "trunk.weight"]
+    assert run.array_names("grad_gram_layer") == ["gate", "trunk"]
+    _, gram = run.arrays("grad_gram", "shared")
     for layer in ("trunk", "gate"):
         steps, blocks = run.arrays("grad_gram_layer", layer)
         assert list(steps) == [0, 1, 2, 3, 4]
         for got, want in zip(blocks, expected):
             assert np.allclose(got, want[layer], rtol=1e-5, atol=1e-12)
-    for s in range(5):
-        total = sum(run.arrays("grad_gram_layer", layer)[1][s] for layer in ("trunk", "gate"))
-        assert np.allclose(whole[s], total, rtol=1e-12)
+    for got, want in zip(gram, expected):
+        assert np.allclose(got, want["trunk"], rtol=1e-5, atol=1e-12)
 
 
-def test_over_the_budget_the_nearest_layer_is_taken_and_said(monkeypatch):
+def test_over_the_budget_only_the_nearest_layers_block_is_recorded_and_said(monkeypatch):
     monkeypatch.setattr(per_loss, "WHOLE_SET_ENTRIES", 100)
     torch.manual_seed(0)
     model = Gated()
@@ -243,8 +245,9 @@ def test_over_the_budget_the_nearest_layer_is_taken_and_said(monkeypatch):
     run = run_from_state(probe.state_dict(), "gated")
     message = run.events("shared_set")[0]["message"]
     numel = sum(p.numel() for p in (*model.trunk.parameters(), *model.gate.parameters()))
-    assert message.startswith("the nearest layer") and f"2 x {numel} " in message
+    assert "per-layer blocks of it alone" in message and f"2 x {numel} " in message
     assert run.meta["shared_parameters"] == ["trunk.bias", "trunk.weight"]
+    assert run.array_names("grad_gram_layer") == ["trunk"]
 
 
 def test_blocks_beyond_the_cap_merge_into_their_parents():

@@ -93,11 +93,17 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
 
 def group_whole(losses: list[torch.Tensor], names: dict[int, str], *, task: int = 0,
                 exempt: Collection[int] = ()) -> list[torch.Tensor]:
-    """Every parameter that two or more of the losses :func:`infer_shared` takes into account
-    reach (the same losses: a loss that shares nothing with the task, or a regulariser, adds
-    none), in name order; empty where fewer than two losses meet."""
+    """Every parameter that the task and at least one other of the losses :func:`infer_shared`
+    takes into account reach (the same losses: a loss that shares nothing with the task, or a
+    regulariser, adds none; two auxiliary losses sharing a head of their own add none), in
+    name order; empty where no other loss meets the task."""
     _, leaves, tensors = _named_leaves(losses, names)
-    return _reached_by_two(leaves, _meeting_group(leaves, task, set(exempt)), tensors, names)
+    group = _meeting_group(leaves, task, set(exempt))
+    if len(group) < 2:
+        return []
+    anchor = task if task in group else group[0]
+    others = set().union(*(leaves[k] for k in group if k != anchor))
+    return [tensors[k] for k in sorted(set(leaves[anchor]) & others, key=lambda k: names[k])]
 
 
 def _named_leaves(losses: list[torch.Tensor], names: dict[int, str]) -> tuple[list, list, dict]:

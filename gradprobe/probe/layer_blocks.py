@@ -45,29 +45,47 @@ class BlockLayout:
     """Where each block's part of a probe step's Gram matrix comes from."""
 
     names: list[str]  # the blocks, in the order of the recorded blocks
-    spans: list[tuple[int, int, int]]  # (first column, end column, block) of the Jacobian rows
-    routed: list[tuple[int, Tensor]]  # (block, K x K Gram matrix of a routed layer)
+    # (first column, end column, block, in the core set) of the Jacobian rows
+    spans: list[tuple[int, int, int, bool]]
+    routed: list[tuple[int, Tensor, bool]]  # (block, K x K Gram of a routed layer, in the core)
 
-    def blocks(self, jacobian: Tensor | None) -> Tensor:
-        """[L, K, K] float64: G_l per block (every block has at least one part)."""
+    def grams(self, jacobian: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The Gram matrix of the core set [K, K] and the blocks G_l [L, K, K] (float64; every
+        block has at least one part)."""
         parts: list[list[Tensor]] = [[] for _ in self.names]
-        if jacobian is not None:
-            for start, end, block in self.spans:
-                rows = jacobian[:, start:end]
-                parts[block].append(rows @ rows.T)
-        for block, gram in self.routed:
+        core: list[Tensor] = []
+        pieces = [] if jacobian is None else \
+            [(jacobian[:, a:b], block, in_core) for a, b, block, in_core in self.spans]
+        for rows, block, in_core in pieces:
+            part = rows @ rows.T
+            parts[block].append(part)
+            if in_core:
+                core.append(part)
+        for block, gram, in_core in self.routed:
             parts[block].append(gram)
-        return torch.stack([functools.reduce(operator.add, p) for p in parts])
+            if in_core:
+                core.append(gram)
+        blocks = torch.stack([functools.reduce(operator.add, p) for p in parts])
+        if len(core) == sum(len(p) for p in parts):
+            return blocks.sum(dim=0), blocks
+        return functools.reduce(operator.add, core), blocks
 
 
 class LayerBlocks:
-    """The block of each shared parameter, found once per shared set."""
+    """The block of each probed parameter, found once per probed set; ``core``: the ids of the
+    shared set the Gram matrix is recorded on (None: all of them). The probe takes the
+    per-loss gradients on a wider set than the core where it records the blocks of the whole
+    shared set (per_loss.shared_set)."""
 
     def __init__(self, names: Mapping[int, str]):
         self._names = names  # id -> parameter name (the probe's, updated in place under FSDP2)
+        self.core: set[int] | None = None
         self._shared: tuple[int, ...] = ()
         self._block: dict[int, int] = {}
         self._block_names: list[str] = []
+
+    def in_core(self, param: Tensor) -> bool:
+        return self.core is None or id(param) in self.core
 
     def layout(self, shared: Sequence[Tensor], rows: Sequence[Tensor],
                routed: Sequence[tuple[torch.nn.Module, Tensor]]) -> BlockLayout:
@@ -80,15 +98,15 @@ class LayerBlocks:
             index = {name: i for i, name in enumerate(self._block_names)}
             self._block = {id(p): index[k] for p, k in zip(shared, keys)}
             self._shared = key
-        spans: list[tuple[int, int, int]] = []
+        spans: list[tuple[int, int, int, bool]] = []
         column = 0
         for p in rows:
-            block, end = self._block[id(p)], column + p.numel()
-            if spans and spans[-1][2] == block and spans[-1][1] == column:
-                spans[-1] = (spans[-1][0], end, block)
+            block, end, in_core = self._block[id(p)], column + p.numel(), self.in_core(p)
+            if spans and spans[-1][2:] == (block, in_core) and spans[-1][1] == column:
+                spans[-1] = (spans[-1][0], end, block, in_core)
             else:
-                spans.append((column, end, block))
+                spans.append((column, end, block, in_core))
             column = end
-        routed_blocks = [(self._block[id(next(layer.parameters()))], gram)
-                         for layer, gram in routed]
+        routed_blocks = [(self._block[id(next(layer.parameters()))], gram,
+                          self.in_core(next(layer.parameters()))) for layer, gram in routed]
         return BlockLayout(list(self._block_names), spans, routed_blocks)

@@ -213,47 +213,55 @@ def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torc
     return norms
 
 
-# ``shared=None`` takes the whole shared set while its float64 Jacobian rows, K x P entries,
-# stay within this many (2^25 entries, 256 MiB: 8M parameters for 4 losses); beyond it the
-# nearest layer (docs/probe.md, "The shared parameters").
+# ``shared=None`` records the per-layer blocks of the whole shared set while its float64
+# Jacobian rows, K x P entries, stay within this many (2^25 entries, 256 MiB: 8M parameters
+# for 4 losses); beyond it only those of the nearest layer (docs/probe.md).
 WHOLE_SET_ENTRIES = 2 ** 25
 
 
 def shared_set(losses: Sequence[torch.Tensor], names: Mapping[int, str], roles: Sequence[str],
-               task: int, spec: Any) -> tuple[list[torch.Tensor], str]:
-    """The shared parameters inferred from the losses' graphs (docs/probe.md), and which rule
-    chose them and why: ``spec`` ``"all"``: every parameter two or more losses reach;
-    ``"nearest"``: the nearest layer every path of every loss crosses; None: every parameter
-    two or more of the losses that meet there reach, while that fits
-    :data:`WHOLE_SET_ENTRIES`, else the nearest layer. Regularisers do not count."""
+               task: int, spec: Any, widen: bool) -> tuple[list[torch.Tensor],
+                                                            list[torch.Tensor], str]:
+    """The parameters the per-loss gradients are taken on, the shared set the Gram matrix and
+    its statistics describe (docs/probe.md), and which rule chose them and why. ``spec``
+    ``"all"``: every parameter two or more losses reach; ``None`` or ``"nearest"``: the nearest
+    layer every path of every loss crosses. With ``spec=None`` and ``widen`` (not under
+    FSDP2) the gradients are taken on the whole shared set, every parameter that the task and
+    another of the losses meeting there reach, while that fits :data:`WHOLE_SET_ENTRIES`: its
+    per-layer blocks are recorded. Regularisers do not count."""
     losses = list(losses)
     regularisers = [k for k, role in enumerate(roles) if role == "regularization"]
     whole = spec == "all"
     shared = infer_shared(losses, names, task=task, exempt=regularisers, whole=whole)
-    why = ('shared="all": every parameter two or more losses reach' if whole else
-           'shared="nearest": the nearest layer every path of every loss crosses')
-    if spec is None:
-        candidates = group_whole(losses, names, task=task, exempt=regularisers)
-        numel = sum(p.numel() for p in candidates)
-        entries = len(losses) * numel
-        if candidates and entries <= WHOLE_SET_ENTRIES:
-            shared, why = candidates, (
-                f"the whole shared set: {numel} parameters that two or more losses reach "
-                f"({len(losses)} x {numel} Jacobian entries, within {WHOLE_SET_ENTRIES})")
-        else:
-            why = "the nearest layer every path of every loss crosses: " + (
-                f"the whole shared set ({len(losses)} x {numel} Jacobian entries) is over "
-                f"{WHOLE_SET_ENTRIES}" if candidates else "no parameter beyond it is shared")
     if not shared:
         raise ProbeUsageError("no parameter of the model receives gradient from "
                               + ("two or more losses" if whole else "the losses")
                               + ": there is nothing shared to probe (pass shared=...)")
-    return shared, why
+    if whole:
+        return shared, shared, 'shared="all": every parameter two or more losses reach'
+    why = "the nearest layer every path of every loss crosses"
+    if spec is not None or not widen:
+        return shared, shared, why + (' (shared="nearest")' if spec is not None else
+                                      "; per-layer blocks of it alone under FSDP2")
+    candidates = group_whole(losses, names, task=task, exempt=regularisers)
+    numel = sum(p.numel() for p in candidates)
+    if len(candidates) > len(shared) and len(losses) * numel <= WHOLE_SET_ENTRIES:
+        return candidates, shared, why + (
+            f"; per-layer blocks of the whole shared set: {numel} parameters that the task "
+            f"and another loss reach ({len(losses)} x {numel} Jacobian entries, within "
+            f"{WHOLE_SET_ENTRIES})")
+    return shared, shared, why + ("; per-layer blocks of it alone: " + (
+        f"the whole shared set ({len(losses)} x {numel} Jacobian entries) is over "
+        f"{WHOLE_SET_ENTRIES}" if len(candidates) > len(shared) else
+        "no parameter beyond it is shared with the task"))
 
 
-def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> list[tuple]:
+def graph_events(names: list[str], task: str, gradients: PerLossGradients,
+                 core: set[int] | None) -> list[tuple]:
     """``(kind, loss name, message)`` for each loss the graph walk found inert (no gradient path
-    to any parameter) or off the shared set (``no_shared_path``)."""
+    to any parameter) or off the shared set (``no_shared_path``; ``core``: the shared set's
+    ids where the gradients were taken on a wider set)."""
+    shared_ids = gradients.shared_ids if core is None else core
     leaves = gradients.per_loss_leaves
     task_reach = set(leaves[names.index(task)])
     events = []
@@ -262,7 +270,7 @@ def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> li
             events.append(("inert_loss", loss_name,
                            f"loss {loss_name!r} has no gradient path to any parameter "
                            "(computed from detached tensors?): it trains nothing"))
-        elif not (set(reach) & gradients.shared_ids):
+        elif not (set(reach) & shared_ids):
             if loss_name != task and not (set(reach) & task_reach):
                 message = (f"loss {loss_name!r} shares no parameter with the task loss "
                            f"{task!r} (computed from detached features?): it reaches none of "

@@ -52,12 +52,11 @@ class StepNumbers:
     layout: BlockLayout | None = None  # the per-layer blocks (layer_blocks.py)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The Gram matrix of the per-loss gradients on the whole shared set, and its
-        per-layer blocks [L, K, K] (None where they are not recorded: FSDP2)."""
+        """The Gram matrix of the per-loss gradients on the shared set, and the per-layer
+        blocks [L, K, K] of every probed layer (None where they are not recorded: FSDP2)."""
         if self.layout is None:
             return self.gram, None
-        blocks = self.layout.blocks(self.jacobian)
-        return blocks.sum(dim=0), blocks
+        return self.layout.grams(self.jacobian)
 
 
 @dataclass
@@ -339,7 +338,8 @@ def skipped_step(transfer: Transfer, scale_now: float) -> str | None:
 def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any]:
     """The run file's metadata: what the probe records and how (its losses, roles, cadence,
     shared set, watches)."""
-    shared = probe._shared or []
+    probed = probe._shared or []
+    shared = [p for p in probed if probe._jacobian.blocks.in_core(p)]
     return {
         "run_name": probe.run_name,
         "gradprobe_version": __version__,
@@ -355,6 +355,8 @@ def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any
         "shared_parameters": [probe._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
                               for p in shared],
         "shared_numel": int(sum(p.numel() for p in shared)),
+        # the parameters the per-layer blocks (grad_gram_layer) cover: the whole shared set
+        "layer_blocks_numel": int(sum(p.numel() for p in probed)),
         "backward_path": probe.backward_path,
         "latents": sorted(watches.latents),
         "prototypes": {n: w.latent for n, w in watches.prototypes.items()},
