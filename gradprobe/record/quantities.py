@@ -130,9 +130,11 @@ GRAD_GRAM = _define("grad_gram", "losses", SHARED, "squared L2 norm", "Gram matr
                     "`run.losses` order", kind="array")
 GRAD_GRAM_LAYER = _define(
     "grad_gram_layer", "losses", "shared module", "squared L2 norm", "layer Gram matrix G_l",
-    "neither", "the K x K block G_l = J_l J_lᵀ of the Gram matrix on one shared module's "
-    "parameters (at most 32 blocks: beyond, modules merge into their parents); the blocks sum "
-    "to `grad_gram`. Not recorded under FSDP2", kind="array")
+    "neither", "the K x K Gram matrix G_l = J_l J_lᵀ of the per-loss gradients on one module's "
+    "parameters, for every module of the whole shared set (by default every parameter the "
+    "task and another loss reach; at most 32 blocks: beyond, modules merge into their "
+    "parents); the blocks of the shared set's modules sum to `grad_gram`. Not recorded under "
+    "FSDP2", kind="array")
 
 # -- latents ---------------------------------------------------------------------------------
 EFFECTIVE_RANK_ISOTROPIC = _define(
