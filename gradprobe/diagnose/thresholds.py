@@ -54,9 +54,9 @@ class Thresholds:
     learned_fraction: float = _f(0.05, "a loss below this fraction of its start has nothing "
                                         "left to learn (not judged for swamping)")
     swamping_floor_fraction: float = _f(1e-3, "a loss whose end window is at most this "
-                                               "fraction of the lowest level it held in its "
-                                               "start window ended at its floor: satisfied, "
-                                               "not judged for swamping")
+                                               "fraction of its initial level (its first "
+                                               "min_points values) ended at its floor: "
+                                               "satisfied, not judged for swamping")
     exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
                                            "roles never reported as swamped or conflicting, "
                                            "nor for missing the shared parameters")

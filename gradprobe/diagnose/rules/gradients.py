@@ -145,16 +145,16 @@ def _where_they_act(run: Run, names: list[str], steps: np.ndarray,
 def _left_to_learn(run: Run, name: str, steps: np.ndarray, th: Thresholds) -> np.ndarray | None:
     """Per step: something left to learn (the smoothed loss above learned_fraction of its
     start); None where the loss ends at its floor: its end window at most
-    ``swamping_floor_fraction`` of the lowest level it held in its start window. A loss there
-    fell by orders of magnitude below anything it held at the start (a covariance term at
-    1e-6 after a collapse): satisfied, not held back."""
+    ``swamping_floor_fraction`` of its initial level (the median of its first ``min_points``
+    values). A loss there fell by orders of magnitude from where it began (a covariance term
+    at 1e-6 after a collapse): satisfied, not held back."""
     to_learn = np.ones(len(steps), dtype=bool)
     series = finite(get(run, LOSS, name))
     if series is None or len(series[0]) < 2 * th.min_points:
         return to_learn
     ls, lv = series
-    low = start_low(ls, lv, th)
-    if low > 0 and abs(start_end(ls, lv, th)["end"]) <= th.swamping_floor_fraction * low:
+    initial = median(lv[:th.min_points])
+    if initial > 0 and abs(start_end(ls, lv, th)["end"]) <= th.swamping_floor_fraction * initial:
         return None
     start = loss_start(run, name, th)
     if start > 0:
