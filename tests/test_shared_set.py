@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,3 +121,21 @@ def test_one_loss_applied_to_two_views(stop_gradient, layer):
     # SimSiam: one loss, the encoder applied to two views. With the stop-gradient every path
     # to the encoder passes the predictor; without it, the target branch bypasses it.
     assert _layers(runs.simsiam(stop_gradient)) == [layer]
+
+
+def test_the_default_records_the_blocks_of_the_whole_shared_set_and_says_why():
+    # The shared set (and the Gram matrix) stays the nearest layer; the per-layer blocks cover
+    # every parameter the task and another loss reach: DANN's whole extractor. The domain
+    # head, which only the two domain losses share, is not in it; with the domain head
+    # detached no other loss meets the label loss, and the blocks are the nearest layer's.
+    healthy, detached = runs.dann("healthy"), runs.dann("detached")
+    assert _layers(healthy) == ["feature.3"]
+    assert healthy.array_names("grad_gram_layer") == ["feature.0", "feature.1", "feature.3",
+                                                      "feature.4"]
+    assert "per-layer blocks of the whole shared set" in \
+        healthy.events("shared_set")[0]["message"]
+    _, gram = healthy.arrays("grad_gram", "shared")
+    _, block = healthy.arrays("grad_gram_layer", "feature.3")
+    assert np.allclose(gram, block, rtol=1e-12)
+    assert detached.array_names("grad_gram_layer") == _layers(detached)
+    assert "per-layer blocks of it alone" in detached.events("shared_set")[0]["message"]

@@ -101,7 +101,7 @@ def check_construction(model: Any, every: Any, roles: Mapping[str, str] | None,
 
 def resolve_shared(shared: Any) -> list[torch.Tensor] | None:
     """The shared parameters the user named; None where the probe infers them."""
-    if shared is None or (isinstance(shared, str) and shared == "all"):
+    if shared is None or (isinstance(shared, str) and shared in ("all", "nearest")):
         return None
     if isinstance(shared, torch.nn.Module):
         params = [p for p in shared.parameters() if p.requires_grad]
@@ -110,7 +110,7 @@ def resolve_shared(shared: Any) -> list[torch.Tensor] | None:
     elif isinstance(shared, Iterable) and not isinstance(shared, str):
         params = list(shared)
     else:
-        raise ProbeUsageError(f"shared must be a module, parameters, None or 'all', "
+        raise ProbeUsageError(f"shared must be a module, parameters, None, 'all' or 'nearest', "
                               f"got {shared!r}")
     if not params or not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
         raise ProbeUsageError("shared must name at least one parameter that requires grad")

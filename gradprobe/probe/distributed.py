@@ -157,5 +157,7 @@ def globalize(ranks: RankGroup, numbers: StepNumbers, names: list[str], rows: li
     # is the rank's own latent gradient divided by the world size: squared norms add up
     # divided by world^2.
     squared = summed[k + size:].reshape(numbers.latent_grad_norms.shape) / ranks.world ** 2
+    # Under DDP the all-reduced rows split into per-layer blocks as a single process's do;
+    # under FSDP2 each rank holds a shard of the columns, and no blocks are recorded.
     return StepNumbers(summed[:k] / ranks.world, jacobian, squared.sqrt(), observed,
-                       numbers.local_groups, gram)
+                       numbers.local_groups, gram, None if ranks.sharded else numbers.layout)

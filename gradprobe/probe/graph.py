@@ -64,14 +64,9 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
     and the most losses that share a parameter with it are taken; a loss that shares
     nothing with the task is left out, which the probe reports for it.
     """
-    reach = [reachable_nodes(loss) for loss in losses]
-    leaves = [{id(v): node for node in nodes if (v := getattr(node, "variable", None)) is not None
-               and id(v) in names} for nodes in reach]
-    tensors = {key: node.variable for found in leaves for key, node in found.items()}
+    reach, leaves, tensors = _named_leaves(losses, names)
     if whole:
-        counts = Counter(key for found in leaves for key in found)
-        return [tensors[k] for k in sorted((k for k, c in counts.items() if c >= 2),
-                                           key=lambda k: names[k])]
+        return _reached_by_two(leaves, range(len(leaves)), tensors, names)
     group = _meeting_group(leaves, task, set(exempt))
     if not group:
         return []
@@ -94,6 +89,37 @@ def infer_shared(losses: list[torch.Tensor], names: dict[int, str], *, task: int
             return by_layer[layer]
         crossed_plain = crossed_plain or layer
     return by_layer[crossed_plain or module_prefix(names[bottom])]
+
+
+def group_whole(losses: list[torch.Tensor], names: dict[int, str], *, task: int = 0,
+                exempt: Collection[int] = ()) -> list[torch.Tensor]:
+    """Every parameter that the task and at least one other of the losses :func:`infer_shared`
+    takes into account reach (the same losses: a loss that shares nothing with the task, or a
+    regulariser, adds none; two auxiliary losses sharing a head of their own add none), in
+    name order; empty where no other loss meets the task."""
+    _, leaves, tensors = _named_leaves(losses, names)
+    group = _meeting_group(leaves, task, set(exempt))
+    if len(group) < 2:
+        return []
+    anchor = task if task in group else group[0]
+    others = set().union(*(leaves[k] for k in group if k != anchor))
+    return [tensors[k] for k in sorted(set(leaves[anchor]) & others, key=lambda k: names[k])]
+
+
+def _named_leaves(losses: list[torch.Tensor], names: dict[int, str]) -> tuple[list, list, dict]:
+    """Each loss's reachable nodes, its leaves named in ``names`` (id -> node), and the tensors."""
+    reach = [reachable_nodes(loss) for loss in losses]
+    leaves = [{id(v): node for node in nodes if (v := getattr(node, "variable", None)) is not None
+               and id(v) in names} for nodes in reach]
+    tensors = {key: node.variable for found in leaves for key, node in found.items()}
+    return reach, leaves, tensors
+
+
+def _reached_by_two(leaves: list[dict], which: Collection[int], tensors: dict,
+                    names: dict[int, str]) -> list[torch.Tensor]:
+    counts = Counter(key for k in which for key in leaves[k])
+    return [tensors[k] for k in sorted((k for k, c in counts.items() if c >= 2),
+                                       key=lambda k: names[k])]
 
 
 def _meeting_group(leaves: list[dict], task: int, exempt: set[int]) -> list[int]:

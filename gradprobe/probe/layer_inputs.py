@@ -175,15 +175,13 @@ def fill_rows(routed: Sequence[RoutedLayer], grads: Sequence[Sequence[Tensor | N
                                           for loss_grads in grads])
 
 
-def routed_gram(routed: Sequence[RoutedLayer], scale: Tensor | None) -> Tensor | None:
-    """The routed layers' K x K Gram matrix (float64, unscaled) from their rows, or None
-    without one."""
-    if not routed:
-        return None
-    total = None
+def routed_gram(routed: Sequence[RoutedLayer], scale: Tensor | None
+                ) -> list[tuple[nn.Module, Tensor]]:
+    """Each routed layer with its K x K Gram matrix (float64, unscaled) from its rows."""
+    grams = []
     with torch.no_grad():
         for entry in routed:
             gram = layer_gram(entry.layer, entry.x, entry.d, via_inputs=True)
-            total = gram if total is None else total + gram
-    # The output gradients carry the GradScaler's scale once per side.
-    return total if scale is None else total / (scale * scale)
+            # The output gradients carry the GradScaler's scale once per side.
+            grams.append((entry.layer, gram if scale is None else gram / (scale * scale)))
+    return grams

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .fsdp import is_fully_sharded
-from .graph import has_user_hooks, infer_shared, leaves_of, reachable_nodes
+from .graph import group_whole, has_user_hooks, infer_shared, leaves_of, reachable_nodes
+from .layer_blocks import LayerBlocks
 from .layer_inputs import LayerInputs, RoutedLayer, fill_rows, routed_gram
 from .recording import StepNumbers
 from .transfer import one_dim
@@ -157,11 +158,13 @@ class JacobianBuffer:
 
     The buffer is the biggest thing a probe step allocates (K x P float64) and is kept between
     probe steps: a fresh one costs a page fault per 4 KiB (14 ms for 4 losses x 2.6M
-    parameters).
+    parameters). ``names``: id -> parameter name, which the rows' per-layer blocks are
+    named by (layer_blocks.py).
     """
 
-    def __init__(self):
+    def __init__(self, names: Mapping[int, str]):
         self._buffer: torch.Tensor | None = None
+        self.blocks = LayerBlocks(names)
 
     def fill(self, gradients: PerLossGradients) -> torch.Tensor | None:
         """J [K, P] float64, unscaled: row k is loss k's gradient on the shared parameters
@@ -210,23 +213,55 @@ def latent_grad_norms(gradients: PerLossGradients, device: torch.device) -> torc
     return norms
 
 
+# ``shared=None`` records the per-layer blocks of the whole shared set while its float64
+# Jacobian rows, K x P entries, stay within this many (2^25 entries, 256 MiB: 8M parameters
+# for 4 losses); beyond it only those of the nearest layer (docs/probe.md).
+WHOLE_SET_ENTRIES = 2 ** 25
+
+
 def shared_set(losses: Sequence[torch.Tensor], names: Mapping[int, str], roles: Sequence[str],
-               task: int, whole: bool) -> list[torch.Tensor]:
-    """The shared parameters inferred from the losses' graphs (docs/probe.md): the nearest
-    layer every path of every loss crosses, or (``whole``) every parameter two or more losses
-    reach; regularisers do not count."""
+               task: int, spec: Any, widen: bool) -> tuple[list[torch.Tensor],
+                                                            list[torch.Tensor], str]:
+    """The parameters the per-loss gradients are taken on, the shared set the Gram matrix and
+    its statistics describe (docs/probe.md), and which rule chose them and why. ``spec``
+    ``"all"``: every parameter two or more losses reach; ``None`` or ``"nearest"``: the nearest
+    layer every path of every loss crosses. With ``spec=None`` and ``widen`` (not under
+    FSDP2) the gradients are taken on the whole shared set, every parameter that the task and
+    another of the losses meeting there reach, while that fits :data:`WHOLE_SET_ENTRIES`: its
+    per-layer blocks are recorded. Regularisers do not count."""
+    losses = list(losses)
     regularisers = [k for k, role in enumerate(roles) if role == "regularization"]
-    shared = infer_shared(list(losses), names, task=task, exempt=regularisers, whole=whole)
+    whole = spec == "all"
+    shared = infer_shared(losses, names, task=task, exempt=regularisers, whole=whole)
     if not shared:
         raise ProbeUsageError("no parameter of the model receives gradient from "
                               + ("two or more losses" if whole else "the losses")
                               + ": there is nothing shared to probe (pass shared=...)")
-    return shared
+    if whole:
+        return shared, shared, 'shared="all": every parameter two or more losses reach'
+    why = "the nearest layer every path of every loss crosses"
+    if spec is not None or not widen:
+        return shared, shared, why + (' (shared="nearest")' if spec is not None else
+                                      "; per-layer blocks of it alone under FSDP2")
+    candidates = group_whole(losses, names, task=task, exempt=regularisers)
+    numel = sum(p.numel() for p in candidates)
+    if len(candidates) > len(shared) and len(losses) * numel <= WHOLE_SET_ENTRIES:
+        return candidates, shared, why + (
+            f"; per-layer blocks of the whole shared set: {numel} parameters that the task "
+            f"and another loss reach ({len(losses)} x {numel} Jacobian entries, within "
+            f"{WHOLE_SET_ENTRIES})")
+    return shared, shared, why + ("; per-layer blocks of it alone: " + (
+        f"the whole shared set ({len(losses)} x {numel} Jacobian entries) is over "
+        f"{WHOLE_SET_ENTRIES}" if len(candidates) > len(shared) else
+        "no parameter beyond it is shared with the task"))
 
 
-def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> list[tuple]:
+def graph_events(names: list[str], task: str, gradients: PerLossGradients,
+                 core: set[int] | None) -> list[tuple]:
     """``(kind, loss name, message)`` for each loss the graph walk found inert (no gradient path
-    to any parameter) or off the shared set (``no_shared_path``)."""
+    to any parameter) or off the shared set (``no_shared_path``; ``core``: the shared set's
+    ids where the gradients were taken on a wider set)."""
+    shared_ids = gradients.shared_ids if core is None else core
     leaves = gradients.per_loss_leaves
     task_reach = set(leaves[names.index(task)])
     events = []
@@ -235,7 +270,7 @@ def graph_events(names: list[str], task: str, gradients: PerLossGradients) -> li
             events.append(("inert_loss", loss_name,
                            f"loss {loss_name!r} has no gradient path to any parameter "
                            "(computed from detached tensors?): it trains nothing"))
-        elif not (set(reach) & gradients.shared_ids):
+        elif not (set(reach) & shared_ids):
             if loss_name != task and not (set(reach) & task_reach):
                 message = (f"loss {loss_name!r} shares no parameter with the task loss "
                            f"{task!r} (computed from detached features?): it reaches none of "
@@ -258,6 +293,7 @@ def step_numbers(losses: Sequence[torch.Tensor], gradients: PerLossGradients,
         groups = torch.as_tensor(groups)
         groups = groups.detach() if groups.requires_grad else groups
         observed["groups"] = groups if groups.ndim == 1 else groups.reshape(-1)
-    layer_gram = routed_gram(gradients.routed, gradients.scale)
+    layout = jacobian.blocks.layout(shared, gradients.inputs[:gradients.n_shared],
+                                    routed_gram(gradients.routed, gradients.scale))
     return StepNumbers(loss_values, jacobian.fill(gradients), latent_grad_norms(gradients, device),
-                       observed, observed.get("groups"), layer_gram)
+                       observed, observed.get("groups"), layout=layout)

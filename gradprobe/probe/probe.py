@@ -49,8 +49,7 @@ class Probe(WatchMethods):
     ----------
     model: the ``nn.Module`` being trained (parameter names come from it).
     shared: a module, or parameters, the losses compete for. ``None``: inferred at the first
-        probe step as the layer nearest the losses that every path of every loss's gradient
-        crosses (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
+        probe step (docs/probe.md; ``shared="all"``: every parameter two or more losses reach).
     every: a fixed probe cadence in steps (step 0 is a probe step). ``None`` (the default):
         dense at the start, then thinning out: every step before step 4, every 2nd from 4,
         every 4th from 16, ... every 64th from step 4,096 on (a 300-step run gets 49 probe
@@ -68,8 +67,8 @@ class Probe(WatchMethods):
         backward on probe steps (saves one backward; equal up to float32 rounding).
     overwrite: replace an existing run file instead of refusing it.
     sinks: objects with ``write_step(step, scalars)`` (``scalars``: ``{(quantity, name):
-        value}``) that also receive every recorded step, e.g.
-        :class:`gradprobe.integrations.tensorboard.TensorBoardSink`, called on the run file's
+        value}``) that also receive every recorded step, e.g. :class:`gradprobe.integrations.
+        tensorboard.TensorBoardSink`, called on the run file's
         writer thread in step order; one with ``write_finding(step, finding)`` also gets the
         findings as ``on_finding`` does (:class:`gradprobe.integrations.wandb.WandbSink`).
     on_finding: ``callback(finding)``, called once when a finding first appears at warning or
@@ -117,7 +116,7 @@ class Probe(WatchMethods):
         self._shared_spec = shared
         self._shared: list[torch.Tensor] | None = checks.resolve_shared(shared)
         self._watches = WatchSet(lambda: self.is_probe_step)
-        self._jacobian = JacobianBuffer()
+        self._jacobian = JacobianBuffer(self._names)
         self._layer_inputs = LayerInputs(model)
         self._losses: list[str] | None = None
         self._role_reader = RoleReader(roles, task is not None)
@@ -198,8 +197,7 @@ class Probe(WatchMethods):
             checks.check_losses(losses, weights, self._losses, self.task)
         if self._losses is None:
             self._start(list(losses))
-        # The one form of the loss weights from here to the run file: one per loss in the
-        # order of the loss names, 1.0 where none was given, a float or the user's tensor.
+        # The loss weights' one form from here on: per loss in order, 1.0 if none, float or tensor.
         resolved = [checks.weight(weights.get(k, 1.0)) for k in self._losses]
         total = weighted_total([losses[k] for k in self._losses], resolved)
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
@@ -316,10 +314,12 @@ class Probe(WatchMethods):
             self._role_reader.read_graph(self.roles, names, self.task,
                                          [losses[k] for k in names], weights, self._names)
         if self._shared is None:
-            self._shared = shared_set([losses[k] for k in names],
-                                      self._role_reader.parameter_names(self._names),
-                                      [self.roles[n] for n in names], names.index(self.task),
-                                      whole=self._shared_spec == "all")
+            self._shared, core, why = shared_set(
+                [losses[k] for k in names], self._role_reader.parameter_names(self._names),
+                [self.roles[n] for n in names], names.index(self.task), self._shared_spec,
+                widen=self._sharded is None)
+            self._jacobian.blocks.core = {id(p) for p in core}
+            self._notices.event(self.step, "shared_set", "shared", why, warn=False)
 
     def _per_loss_gradients(self, losses: Mapping[str, torch.Tensor], weights: list,
                             scaler: Any, assemble: bool) -> PerLossGradients:
@@ -387,7 +387,8 @@ class Probe(WatchMethods):
     def _record(self, step: int, gradients: PerLossGradients, numbers: StepNumbers) -> None:
         """Hand the step over: graph facts as events now, every number through one transfer."""
         names = self._losses
-        for kind, loss_name, message in graph_events(names, self.task, gradients):
+        for kind, loss_name, message in graph_events(names, self.task, gradients,
+                                                     self._jacobian.blocks.core):
             # A regulariser touching only its own parameters (an L2 penalty on one head) is
             # that way by design: recorded, not warned.
             self._notices.event(step, kind, loss_name, message,

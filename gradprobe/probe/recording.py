@@ -29,6 +29,7 @@ from gradprobe._version import __version__
 from gradprobe.record import STATE_FORMAT, SCHEMA_VERSION, BackgroundRunWriter, RunFileError
 
 from .cadence import describe as describe_cadence
+from .layer_blocks import BlockLayout
 from .notices import warn_user
 from .transfer import Transfer
 from .watches import NonFinite, ProbeUsageError, as_matrix, batch_scalars, latent_pair
@@ -47,14 +48,15 @@ class StepNumbers:
     latent_grad_norms: torch.Tensor  # [L * K] float64, latent-major: |dL_k / d latent_i|
     observed: dict[str, Any]  # watched tensors by name (gathered over the ranks under DDP)
     local_groups: torch.Tensor | None  # this rank's batch: what a per-rank loss sees
-    layer_gram: torch.Tensor | None = None  # [K, K] float64: the routed layers' Gram matrix
+    gram: torch.Tensor | None = None  # [K, K] float64, where no layout gives it (FSDP2)
+    layout: BlockLayout | None = None  # the per-layer blocks (layer_blocks.py)
 
-    def gram(self) -> torch.Tensor:
-        """The Gram matrix of the per-loss gradients on the whole shared set."""
-        if self.jacobian is None:
-            return self.layer_gram
-        gram = self.jacobian @ self.jacobian.T
-        return gram if self.layer_gram is None else gram + self.layer_gram
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gram matrix of the per-loss gradients on the shared set, and the per-layer
+        blocks [L, K, K] of every probed layer (None where they are not recorded: FSDP2)."""
+        if self.layout is None:
+            return self.gram, None
+        return self.layout.grams(self.jacobian)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class StepPlan:
     saturations: list[str] = field(default_factory=list)
     contrastive: list[str] = field(default_factory=list)
     batch: str | None = None  # the key of the group ids batch composition describes
+    layers: list[str] = field(default_factory=list)  # the Gram matrix's per-layer blocks
 
 
 class StepRecorder:
@@ -107,10 +110,14 @@ class StepRecorder:
                   latent_names: list[str], numbers: StepNumbers,
                   due: Callable[[Any], bool]) -> Transfer:
         """Pack the step into one transfer and submit its numbers to the writer thread."""
-        pieces: dict[str, torch.Tensor] = {"loss": numbers.loss_values, "gram": numbers.gram()}
+        gram, blocks = numbers.grams()
+        pieces: dict[str, torch.Tensor] = {"loss": numbers.loss_values, "gram": gram}
         facts: dict[str, Any] = {}
         plan = StepPlan(step, losses, [w if isinstance(w, float) else None for w in weights],
                         scale is not None, latent_names)
+        if blocks is not None:
+            pieces["layer_gram"] = blocks
+            plan.layers = numbers.layout.names
         for k, w in enumerate(weights):
             if not isinstance(w, float):
                 pieces[f"weight:{k}"] = w.reshape(())
@@ -221,6 +228,8 @@ class StepRecorder:
             scalars[("weight", loss_name)] = weights[k]
         gram = values["gram"]
         arrays[("grad_gram", "shared")] = gram.numpy().copy()
+        for layer, block in zip(plan.layers, values["layer_gram"] if plan.layers else ()):
+            arrays[("grad_gram_layer", layer)] = block.numpy().copy()
         scale = float(values["grad_scale"]) if plan.scaled else 1.0
         if plan.scaled:
             scalars[("grad_scale", "amp")] = scale
@@ -329,7 +338,8 @@ def skipped_step(transfer: Transfer, scale_now: float) -> str | None:
 def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any]:
     """The run file's metadata: what the probe records and how (its losses, roles, cadence,
     shared set, watches)."""
-    shared = probe._shared or []
+    probed = probe._shared or []
+    shared = [p for p in probed if probe._jacobian.blocks.in_core(p)]
     return {
         "run_name": probe.run_name,
         "gradprobe_version": __version__,
@@ -345,6 +355,8 @@ def run_meta(probe: Any, watches: Any, ranks: Any, scaler: Any) -> dict[str, Any
         "shared_parameters": [probe._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
                               for p in shared],
         "shared_numel": int(sum(p.numel() for p in shared)),
+        # the parameters the per-layer blocks (grad_gram_layer) cover: the whole shared set
+        "layer_blocks_numel": int(sum(p.numel() for p in probed)),
         "backward_path": probe.backward_path,
         "latents": sorted(watches.latents),
         "prototypes": {n: w.latent for n, w in watches.prototypes.items()},

@@ -128,6 +128,13 @@ GRAD_SCALE = _define("grad_scale", "losses", AMP, "factor", "GradScaler scale", 
 GRAD_GRAM = _define("grad_gram", "losses", SHARED, "squared L2 norm", "Gram matrix G", "neither",
                     "the whole K x K Gram matrix of the per-loss gradients, losses in "
                     "`run.losses` order", kind="array")
+GRAD_GRAM_LAYER = _define(
+    "grad_gram_layer", "losses", "shared module", "squared L2 norm", "layer Gram matrix G_l",
+    "neither", "the K x K Gram matrix G_l = J_l J_lᵀ of the per-loss gradients on one module's "
+    "parameters, for every module of the whole shared set (by default every parameter the "
+    "task and another loss reach; at most 32 blocks: beyond, modules merge into their "
+    "parents); the blocks of the shared set's modules sum to `grad_gram`. Not recorded under "
+    "FSDP2", kind="array")
 
 # -- latents ---------------------------------------------------------------------------------
 EFFECTIVE_RANK_ISOTROPIC = _define(

@@ -15,14 +15,18 @@ from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_N
 from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, finite, g, get,
                        held_range, held_share, level_after_start, median, nanmax, pct,
                        persistent, recorded_series, role_origin, role_record, roles,
-                       rolling_median, start_end, start_low, task_learning, thin)
+                       rolling_median, start_end, start_low, task_learning, thin, window_counts)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
+from .layers import layer_blocks, layer_ratios
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
+    """A loss whose weighted gradient is a negligible share of a competing loss's, judged on the
+    layers the two both reach where the run holds per-layer blocks (layers.py), else on the
+    whole shared set."""
     names = [n for n in run.losses if run.has(WEIGHTED_GRAD_NORM, n)]
     if len(names) < 2:
         return []
@@ -35,11 +39,17 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     exempt = exempt_losses(run, th)
     # A regulariser's pull (weight decay) is not a loss competing for the shared layers: the
     # swamping ratio is taken against the largest of the others.
-    competing = np.array([n not in exempt for n in names])[:, None]
-    candidates = np.where(np.isfinite(W) & competing, W, -np.inf)
-    with np.errstate(invalid="ignore"):
-        largest = np.max(candidates, axis=0)
-        dominant_idx = np.argmax(candidates, axis=0)
+    competing = np.array([n not in exempt for n in names])
+    by_layer = _where_they_act(run, names, steps, competing)
+    if by_layer is None:
+        candidates = np.where(np.isfinite(W) & competing[:, None], W, -np.inf)
+        with np.errstate(invalid="ignore"):
+            largest = np.max(candidates, axis=0)
+            dominant_idx = np.tile(np.argmax(candidates, axis=0), (len(names), 1))
+            ratios = W / largest
+        ratios[:, ~(largest > 0)] = np.nan
+    else:
+        ratios, dominant_idx = by_layer["ratio"], by_layer["dominant"]
     learning = task_learning(run, steps, th)
     satisfied = satisfied_constraints(run, th)
     out = []
@@ -49,24 +59,17 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         raw_k = np.asarray(raw[k])
         if not np.any(np.isfinite(raw_k) & (raw_k > 0)):
             continue  # no gradient at all on the shared parameters: that is inert-loss
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = W[k] / largest
-        # Something left to learn: the loss is above learned_fraction of its start.
-        to_learn = np.ones(len(steps), dtype=bool)
-        start = loss_start(run, name, th)
-        loss_series = get(run, LOSS, name)
-        if start > 0 and loss_series is not None:
-            ls, lv = loss_series
-            smooth = rolling_median(lv, th.smooth_points)
-            at = np.interp(steps, ls, np.where(np.isfinite(smooth), smooth, np.inf))
-            to_learn = at > th.learned_fraction * start
+        ratio = ratios[k]
+        to_learn = _left_to_learn(run, name, steps, th)
+        if to_learn is None:
+            continue  # at its floor: satisfied
         weight_on = np.ones(len(steps), dtype=bool)
         if run.has(WEIGHT, name):
             ws, wv = get(run, WEIGHT, name)
             weight_on = np.interp(steps, ws, np.abs(wv)) > 0  # a weight of 0: switched off
         # The steps this loss leads are judged too (ratio 1, not swamped): leaving them out
         # would count a loss that leads most of the run and trails the rest as always swamped.
-        judged = learning & to_learn & weight_on & np.isfinite(ratio) & (largest > 0) & \
+        judged = learning & to_learn & weight_on & np.isfinite(ratio) & \
             np.isfinite(raw_k) & (raw_k > 0)
         held = judged & (ratio < th.swamping_ratio)
         if not persistent(steps, held, judged, th):
@@ -74,14 +77,29 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         # How swamped, read where it is swamped: over all judged steps the median sits at
         # the held/not-held boundary when the held share is near min_share.
         med = median(ratio[held])
-        dom = Counter(dominant_idx[held].tolist()).most_common(1)[0][0]
+        dom = Counter(dominant_idx[k][held & (dominant_idx[k] >= 0)].tolist()).most_common(1)
+        dom = dom[0][0] if dom else int(np.argmax(np.nanmedian(W, axis=1)))
         dominant = names[dom]
         share = held_share(steps, held, judged)
-        severity = "error" if med < th.swamping_error_ratio else "warning"
+        # A ratio whose own spread over the judged window straddles the threshold is too
+        # close to call: info, so that one healthy setup cannot flip between seeds. The
+        # window: the end window of the judged steps, where the balance the run settled on is
+        # read (its start is no evidence of where it settles); the ratio smoothed over
+        # smooth_points steps, as the loss curves are, so that one batch's noise is not read
+        # as spread.
+        judged_steps = steps[judged]
+        last = window_counts(judged_steps, th)[1]
+        settled = rolling_median(ratio[judged], th.smooth_points)[-last:]
+        quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
+        close = quartiles[0] < th.swamping_ratio < quartiles[1]
+        severity = "info" if close else \
+            "error" if med < th.swamping_error_ratio else "warning"
         first, last = held_range(steps, held)
         evidence = {
             "loss": name, "dominant": dominant, "median_ratio": med,
             "median_ratio_judged": median(ratio[judged]),
+            "ratio_quartiles": quartiles, "straddles_threshold": close,
+            "judged_on": "whole shared set" if by_layer is None else "layers it shares",
             "threshold": th.swamping_ratio, "held_share": share,
             "held_steps": int(held.sum()), "judged_steps": int(judged.sum()),
             "first_step": first, "last_step": last,
@@ -92,13 +110,59 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "task_memorised_at": int(steps[~learning][0]) if (~learning).any() else None,
             "ratio": thin(steps[judged], ratio[judged]),
         }
+        if by_layer is not None:
+            evidence["layer_ratios"] = {
+                layer: median(by_layer["per_layer"][k][i][judged])
+                for i, layer in enumerate(by_layer["layers"])
+                if np.isfinite(by_layer["per_layer"][k][i][judged]).any()}
+        where = "" if by_layer is None else " on the layers they share"
         out.append(make_finding(
             "gradient-swamping", severity,
-            f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'",
+            f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'"
+            + where + (" (its spread straddles the threshold)" if close else ""),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant), remedy=swamping_remedy(evidence)))
     return out
+
+
+def _where_they_act(run: Run, names: list[str], steps: np.ndarray,
+                    competing: np.ndarray) -> dict | None:
+    """The per-layer ratios (layers.py) at ``steps``, or None where the run holds no blocks
+    (an older run file, FSDP2) or they miss a step."""
+    found = layer_blocks(run)
+    if found is None or names != run.losses:
+        return None
+    block_steps, layers, blocks = found
+    if not np.isin(steps, block_steps).all():
+        return None
+    blocks = blocks[np.searchsorted(block_steps, steps)]
+    weights = np.vstack([np.interp(steps, *get(run, WEIGHT, n)) if run.has(WEIGHT, n)
+                         else np.ones(len(steps)) for n in names])
+    ratio, per_layer, dominant = layer_ratios(blocks, weights, competing)
+    return {"ratio": ratio, "per_layer": per_layer, "dominant": dominant, "layers": layers}
+
+
+def _left_to_learn(run: Run, name: str, steps: np.ndarray, th: Thresholds) -> np.ndarray | None:
+    """Per step: something left to learn (the smoothed loss above learned_fraction of its
+    start); None where the loss ends at its floor: its end window at most
+    ``swamping_floor_fraction`` of its initial level (the median of its first ``min_points``
+    values). A loss there fell by orders of magnitude from where it began (a covariance term
+    at 1e-6 after a collapse): satisfied, not held back."""
+    to_learn = np.ones(len(steps), dtype=bool)
+    series = finite(get(run, LOSS, name))
+    if series is None or len(series[0]) < 2 * th.min_points:
+        return to_learn
+    ls, lv = series
+    initial = median(lv[:th.min_points])
+    if initial > 0 and abs(start_end(ls, lv, th)["end"]) <= th.swamping_floor_fraction * initial:
+        return None
+    start = loss_start(run, name, th)
+    if start > 0:
+        smooth = rolling_median(lv, th.smooth_points)
+        at = np.interp(steps, ls, np.where(np.isfinite(smooth), smooth, np.inf))
+        to_learn = at > th.learned_fraction * start
+    return to_learn
 
 
 def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:

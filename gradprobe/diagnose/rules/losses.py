@@ -67,7 +67,7 @@ def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
 
 def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     """Fixed weights of the losses that the earlier swamping and harmful-conflict findings
-    show suffering (read from ``earlier``, not judged again)."""
+    show suffering (read from ``earlier``, not judged again; an ``info`` one shows no harm)."""
     constant: dict[str, float] = {}
     for name in run.losses:
         series = finite(get(run, WEIGHT, name))
@@ -78,12 +78,14 @@ def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Find
             constant[name] = float(w[0])
     related, reasons = [], []
     for f in earlier:
+        if f.severity == "info":
+            continue
         if f.id == "gradient-swamping":
             suffering = [f.subject]
             dominant = f.evidence.get("dominant")
             against = f"swamped by '{dominant}'" + (
                 f" (weight {g(constant[dominant])})" if dominant in constant else "")
-        elif f.id == "gradient-conflict" and f.severity != "info":
+        elif f.id == "gradient-conflict":
             suffering = list(f.evidence.get("suffering") or [])
             against = "held back by its conflict with " + " and ".join(
                 f"'{n}'" for n in pair_parts(f.subject) if n not in suffering) \

@@ -1,0 +1,258 @@
+"""gradient-swamping judged where a loss acts: per-layer blocks of the Gram matrix recorded by
+the probe (checked against torch.autograd.grad per loss and per layer), the rule on them
+(checked against numpy on synthetic runs), a loss at its floor, and a ratio whose spread
+straddles the threshold (info, and no static-loss-weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradprobe
+from gradprobe.diagnose import Thresholds, diagnose
+from gradprobe.diagnose.rules.layers import layer_ratios
+from gradprobe.probe import per_loss
+from gradprobe.probe.layer_blocks import MODEL_BLOCK, block_names
+from gradprobe.record import RunWriter, load_run, run_from_state
+
+STEPS = 40
+TH = Thresholds()
+
+
+# -- synthetic runs: per-layer Jacobian rows drawn at random, written as a probe would --------
+
+def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True):
+    """``scales[layer]``: per step, per loss, the size of that loss's gradient rows on the
+    layer (0: the loss does not reach it). Returns the rows J[step][layer] [K, P]."""
+    w = RunWriter(path)
+    w.set_meta(losses=list(names), task=names[0],
+               roles={n: "task" if i == 0 else "other" for i, n in enumerate(names)},
+               every=1, expect_groups_per_batch=None)
+    rows = []
+    for s in range(STEPS):
+        per_layer = {layer: rng.normal(size=(len(names), size)) * scales[layer][s][:, None]
+                     for layer, size in layers.items()}
+        rows.append(per_layer)
+        grams = {layer: j @ j.T for layer, j in per_layer.items()}
+        gram = sum(grams.values())
+        scalars, arrays = {}, {("grad_gram", "shared"): gram}
+        if with_blocks:
+            arrays |= {("grad_gram_layer", layer): g for layer, g in grams.items()}
+        for k, name in enumerate(names):
+            norm = float(np.sqrt(gram[k, k]))
+            scalars |= {("loss", name): float(losses[k][s]), ("grad_norm", name): norm,
+                        ("weighted_grad_norm", name): abs(weights[k]) * norm,
+                        ("weight", name): weights[k]}
+        w.write_step(s, scalars, arrays)
+    w.close()
+    return rows
+
+
+def _numpy_ratio(rows, weights, loss):
+    """Independently, from the rows: per step, the median over the layers that ``loss`` and
+    another loss both reach of |w_k| |J_l,k| / max_j |w_j| |J_l,j|."""
+    out = []
+    for per_layer in rows:
+        ratios = []
+        for j in per_layer.values():
+            norms = np.abs(weights) * np.linalg.norm(j, axis=1)
+            if norms[loss] > 0 and (np.delete(norms, loss) > 0).any():
+                ratios.append(norms[loss] / norms.max())
+        out.append(np.median(ratios) if ratios else np.nan)
+    return np.array(out)
+
+
+def _falling(start, end):
+    return np.geomspace(start, end, STEPS)
+
+
+def _router_case(tmp_path, balance_weight, with_blocks=True):
+    """A task and a balancing loss: the task dominates a large embedding by construction, the
+    balancing loss acts on a small router (its gradient there ~40x the task's)."""
+    rng = np.random.default_rng(0)
+    ones = np.ones(STEPS)
+    scales = {"embed": [np.array([10.0, 0.5]) for _ in ones],
+              "router": [np.array([1.0, 40.0]) for _ in ones]}
+    weights = [1.0, balance_weight]
+    path = tmp_path / f"router-{balance_weight}-{with_blocks}.gprobe"
+    rows = _write(path, ("task", "balance"), weights, {"embed": 200, "router": 16},
+                  [_falling(2.0, 0.5), 1.5 * ones], scales, rng, with_blocks)
+    return load_run(path), rows, np.array(weights)
+
+
+def _swamping(run):
+    return [f for f in diagnose(run) if f.id in ("gradient-swamping", "static-loss-weights")]
+
+
+def test_a_loss_that_holds_its_own_where_it_acts_is_not_swamped(tmp_path):
+    run, rows, weights = _router_case(tmp_path, 1e-2)
+    expected = _numpy_ratio(rows, weights, 1)
+    # The median of its two layers' ratios (~0.4 on the router, ~5e-4 on the embedding)...
+    assert np.median(expected) > 2 * TH.swamping_ratio
+    whole = np.array([abs(weights[1]) * np.linalg.norm(np.hstack(list(r.values()))[1]) /
+                      np.linalg.norm(np.hstack(list(r.values()))[0]) for r in rows])
+    assert np.median(whole) < 0.02  # ...while the whole-norm ratio is far below the threshold
+    blocks = np.array([[run.arrays("grad_gram_layer", layer)[1][s] for layer in
+                        ("embed", "router")] for s in range(STEPS)])
+    ratio, _, _ = layer_ratios(blocks, np.tile(weights[:, None], STEPS), np.ones(2, bool))
+    assert np.allclose(ratio[1], expected, rtol=1e-9)
+    assert _swamping(run) == []
+    # The same run without blocks (an older run file) is judged on the whole norm, as before.
+    old, _, _ = _router_case(tmp_path, 1e-2, with_blocks=False)
+    found = {f.id: f for f in _swamping(old)}
+    assert set(found) == {"gradient-swamping", "static-loss-weights"}
+    assert found["gradient-swamping"].evidence["judged_on"] == "whole shared set"
+    assert found["gradient-swamping"].evidence["median_ratio"] == pytest.approx(
+        np.median(whole), rel=1e-6)
+
+
+def test_a_loss_swamped_on_every_layer_it_shares_is_found_with_its_layers(tmp_path):
+    run, rows, weights = _router_case(tmp_path, 1e-5)
+    found = {f.id: f for f in _swamping(run)}
+    assert set(found) == {"gradient-swamping", "static-loss-weights"}
+    f = found["gradient-swamping"]
+    assert f.subject == "balance" and f.severity == "error" and f.evidence["dominant"] == "task"
+    expected = _numpy_ratio(rows, weights, 1)
+    assert f.evidence["median_ratio"] == pytest.approx(np.median(expected), rel=1e-9)
+    router = [abs(weights[1]) * np.linalg.norm(r["router"][1]) /
+              max(np.abs(weights) * np.linalg.norm(r["router"], axis=1)) for r in rows]
+    assert f.evidence["layer_ratios"]["router"] == pytest.approx(np.median(router), rel=1e-9)
+    assert f.evidence["judged_on"] == "layers it shares"
+
+
+def test_a_ratio_whose_spread_straddles_the_threshold_is_info(tmp_path):
+    # The second loss's ratio alternates between 0.05 and 0.25 of the first's (60% of the
+    # steps below the threshold 0.1): persistent, but its quartiles over the end window of
+    # the judged steps straddle the threshold.
+    rng = np.random.default_rng(1)
+    low = (np.arange(STEPS) % 5) < 3
+    scales = {"trunk": [np.array([1.0, 0.05 if b else 0.25]) for b in low]}
+    ones = np.ones(STEPS)
+    rows = _write(tmp_path / "s.gprobe", ("task", "aux"), [1.0, 1.0], {"trunk": 4000},
+                  [_falling(2.0, 0.5), 1.5 * ones], scales, rng)
+    found = _swamping(load_run(tmp_path / "s.gprobe"))
+    assert [f.id for f in found] == ["gradient-swamping"]  # no static-loss-weights
+    f = found[0]
+    ratio = _numpy_ratio(rows, np.ones(2), 1)
+    end_window = np.arange(STEPS) >= (STEPS - 1) * (1 - 0.2)  # window_share of the steps
+    smooth = np.array([np.median(ratio[max(0, i - 1):i + 2]) for i in range(STEPS)])
+    quartiles = np.quantile(smooth[end_window], [0.25, 0.75])
+    assert quartiles[0] < TH.swamping_ratio < quartiles[1]
+    assert f.severity == "info" and f.evidence["straddles_threshold"]
+    assert f.evidence["ratio_quartiles"] == pytest.approx(quartiles, rel=1e-9)
+
+
+def test_a_loss_at_its_floor_is_satisfied_not_swamped(tmp_path):
+    # A term that rises from 0.01 to 1, then falls to 1e-6 (the covariance term after a
+    # collapse to the origin): swamped by the ratio, but at its floor.
+    rng = np.random.default_rng(2)
+    ones = np.ones(STEPS)
+    cov = np.concatenate([np.linspace(0.01, 1.0, 8), np.geomspace(1.0, 1e-6, 12),
+                          1e-6 * ones[:STEPS - 20]])
+    scales = {"encoder": [np.array([1.0, 1e-3]) for _ in ones]}
+    path = tmp_path / "f.gprobe"
+    _write(path, ("invariance", "covariance"), [1.0, 1.0], {"encoder": 300},
+           [_falling(2.0, 0.5), cov], scales, rng)
+    assert _swamping(load_run(path)) == []
+    # Independently: its end window (the last 20% of the steps) is at most
+    # swamping_floor_fraction of its initial level (the median of its first 3 values).
+    assert np.median(cov[-int(0.2 * STEPS):]) <= TH.swamping_floor_fraction * np.median(cov[:3])
+    # Without the floor rule it is found: before it fell, it was swamped, and its low start
+    # keeps it "to learn" under learned_fraction alone.
+    found = [f for f in diagnose(load_run(path), Thresholds(swamping_floor_fraction=0.0))
+             if f.id == "gradient-swamping"]
+    assert [f.subject for f in found] == ["covariance"]
+
+
+# -- the probe records the blocks -------------------------------------------------------------
+
+class Gated(nn.Module):
+    """A trunk, a gate over three outputs (read by the task and by a balancing loss) and a
+    task head."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(6, 12)
+        self.gate = nn.Linear(12, 3)
+        self.head = nn.Linear(12, 3)
+
+    def losses(self, x, y):
+        h = torch.tanh(self.trunk(x))
+        p = torch.softmax(self.gate(h), dim=-1)
+        task = F.mse_loss((self.head(h) * p).sum(-1), y)
+        balance = p.mean(0).pow(2).sum() * 3
+        return {"task": task, "balance": balance}
+
+
+def _independent_blocks(model, losses):
+    """Per layer: the K x K Gram matrix of the per-loss gradients on its parameters, from one
+    torch.autograd.grad per loss and layer, in numpy."""
+    out = {}
+    for layer in ("trunk", "gate"):
+        params = list(getattr(model, layer).parameters())
+        rows = []
+        for loss in losses.values():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(np.concatenate([g.detach().double().numpy().ravel() for g in grads]))
+        j = np.vstack(rows)
+        out[layer] = j @ j.T
+    return out
+
+
+@pytest.mark.parametrize("assemble", [False, True])
+def test_the_probe_records_each_shared_layers_block(assemble):
+    torch.manual_seed(0)
+    model = Gated()
+    probe = gradprobe.Probe(model, every=1, assemble=assemble)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = []
+    for _ in range(5):
+        x, y = torch.randn(32, 6), torch.randn(32)
+        losses = model.losses(x, y)
+        expected.append(_independent_blocks(model, losses))
+        probe.backward(losses, {"balance": 0.5})
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+    run = run_from_state(probe.state_dict(), "gated")
+    assert "per-layer blocks of the whole shared set" in run.events("shared_set")[0]["message"]
+    # The Gram matrix stays on the nearest layer every path crosses (the trunk); the blocks
+    # cover every layer the task and the balancing loss both reach (the head is the task's).
+    assert run.meta["shared_parameters"] == ["trunk.bias", "trunk.weight"]
+    assert run.array_names("grad_gram_layer") == ["gate", "trunk"]
+    _, gram = run.arrays("grad_gram", "shared")
+    for layer in ("trunk", "gate"):
+        steps, blocks = run.arrays("grad_gram_layer", layer)
+        assert list(steps) == [0, 1, 2, 3, 4]
+        for got, want in zip(blocks, expected):
+            assert np.allclose(got, want[layer], rtol=1e-5, atol=1e-12)
+    for got, want in zip(gram, expected):
+        assert np.allclose(got, want["trunk"], rtol=1e-5, atol=1e-12)
+
+
+def test_over_the_budget_only_the_nearest_layers_block_is_recorded_and_said(monkeypatch):
+    monkeypatch.setattr(per_loss, "WHOLE_SET_ENTRIES", 100)
+    torch.manual_seed(0)
+    model = Gated()
+    probe = gradprobe.Probe(model, every=1)
+    probe.backward(model.losses(torch.randn(8, 6), torch.randn(8)))
+    probe.close()
+    run = run_from_state(probe.state_dict(), "gated")
+    message = run.events("shared_set")[0]["message"]
+    numel = sum(p.numel() for p in (*model.trunk.parameters(), *model.gate.parameters()))
+    assert "per-layer blocks of it alone" in message and f"2 x {numel} " in message
+    assert run.meta["shared_parameters"] == ["trunk.bias", "trunk.weight"]
+    assert run.array_names("grad_gram_layer") == ["trunk"]
+
+
+def test_blocks_beyond_the_cap_merge_into_their_parents():
+    names = [f"blocks.{i}.{part}.weight" for i in range(3) for part in ("attn", "mlp")] + \
+        ["embed.weight", "scale"]
+    assert block_names(names, cap=8) == [n.rpartition(".")[0] for n in names[:-1]] + [MODEL_BLOCK]
+    assert block_names(names, cap=5) == [f"blocks.{i}" for i in range(3) for _ in (0, 1)] + \
+        ["embed", MODEL_BLOCK]
+    assert block_names(names, cap=3) == ["blocks"] * 6 + ["embed", MODEL_BLOCK]
+    assert block_names(names, cap=2) == [MODEL_BLOCK] * 8
