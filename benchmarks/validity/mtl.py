@@ -35,7 +35,7 @@ Variants (truth by construction):
   9 - (left digit) instead of the right digit: two-task-conflict's opposing label maps
   (issue 21's row, after Yu et al. 2020, section 2) on MultiMNIST's LeNet, with its conv
   trunk, dropout and Adam lr 5e-4. The label maps are opposite on every image, so the
-  optimum of the sum splits each output between y and 9 - y: both losses settle near ln 2
+  optimum of the sum splits each output between y and 9 - y: both losses converge on ln 2
   and each accuracy falls to about a half. Measured as ``shared-head``. Expected:
   ``gradient-conflict`` on ``left|right``; allowed ``static-loss-weights`` on both.
 - ``detached-right-head``: the right head reads the trunk's features through ``.detach()``
@@ -62,7 +62,15 @@ compromise's floor being ln 2 = 0.69). gradprobe misses it at the defaults: the 
 set is the shared head's layer nearest the losses, where the recorded cosine's median is only
 -0.07 to -0.10 (negative on 59-71% of the probe steps; the rule needs <= -0.2), and neither
 loss stalls or plateaus, so no harm is seen in the loss curves (issue 21: "where the user logs a per-task metric, use its trend"); kept as a true
-failure the rules do not yet find. ``detached-right-head``: the right loss's gradient on the
+failure the rules do not yet find. ``shared-head-mirror``: accuracies 0.47-0.51 and
+0.46-0.51, losses 0.85-0.90 over the last 50 steps; the cosine over every parameter is
+positive (median +0.09 to +0.17: both tasks need the left digit, so the trunk is pulled the
+same way) and the conflict sits in the shared head, where the recorded cosine's median is
+-0.43 to -0.49 (negative on 82-87% of the probe steps). gradprobe raises it only as ``info``:
+the harm test's compromise plateau needs each loss's descent undone >= 0.5 and its end >= 0.7
+of its level after the start window; measured 0.43-0.50 and 0.66-0.73 (seeds 0, 1): the
+losses are still converging on the compromise after 1,000 steps. Missed at the defaults,
+kept as a true failure. ``detached-right-head``: the right loss's gradient on the
 trunk exactly 0 at every measurement, right accuracy 0.29-0.45 (left 0.93-0.95).
 ``train-64-pairs``: validation NLL rises from its minimum (1.19-1.43 left, 1.12-1.37 right) by
 25-48% (left) and 18-54% (right) by the end, while the training losses end at 0.07-0.22;
@@ -249,8 +257,9 @@ FAMILY = Family(
                 must_not=("gradient-swamping",)),
         Variant("shared-head-mirror", False,
                 "one head reused for both tasks, the right task reading the left digit's mirror "
-                "9 - y: the label maps are opposite on every image, both losses settle near "
-                "ln 2 and each accuracy falls to about a half (healthy: ~0.91)",
+                "9 - y: the label maps are opposite on every image, both losses converge on "
+                "ln 2 (0.85-0.90 at the end) and each accuracy falls to about a half "
+                "(healthy: ~0.91)",
                 expected=(Expect("gradient-conflict", "left|right"),),
                 allowed=(Expect("static-loss-weights", "left"), Expect("static-loss-weights", "right")),
                 must_not=("gradient-swamping",)),
