@@ -4,6 +4,7 @@ independent implementation."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from benchmarks.validity.common import knn_accuracy
@@ -18,3 +19,24 @@ def test_knn_accuracy_matches_scikit_learn_cosine_vote():
     expected = float((ref.predict(f[300:]) == y[300:]).mean())
     assert 0.5 < expected < 1.0
     assert knn_accuracy(f[:300], y[:300], f[300:], y[300:], k=20) == expected
+
+
+def test_naive_cross_entropy_matches_the_formula_until_float32_rounds_the_sigmoid_to_one():
+    """sigmoid-mse's naive-cross-entropy variant rests on network2.py's cost written on the
+    probabilities: equal to the stable cost on moderate logits, NaN once sigmoid(z) == 1.0."""
+    import torch
+
+    from benchmarks.validity.sigmoid_mse import cross_entropy
+
+    z = np.array([[-3.0, 0.5, 2.0], [1.5, -1.0, 0.2]])
+    y = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    a = 1 / (1 + np.exp(-z))
+    expected = float((-(y * np.log(a) + (1 - y) * np.log(1 - a))).sum(1).mean())
+    logits, target = torch.tensor(z, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    assert float(cross_entropy(logits, target, naive=False)) == pytest.approx(expected, rel=1e-5)
+    assert float(cross_entropy(logits, target, naive=True)) == pytest.approx(expected, rel=1e-5)
+    saturated = torch.tensor([[20.0, -1.0, 1.0]])  # float32: sigmoid(20) rounds to exactly 1
+    assert float(torch.sigmoid(saturated)[0, 0]) == 1.0
+    one_hot = torch.tensor([[1.0, 0.0, 0.0]])
+    assert np.isnan(float(cross_entropy(saturated, one_hot, naive=True)))
+    assert np.isfinite(float(cross_entropy(saturated, one_hot, naive=False)))
