@@ -18,3 +18,23 @@ def test_knn_accuracy_matches_scikit_learn_cosine_vote():
     expected = float((ref.predict(f[300:]) == y[300:]).mean())
     assert 0.5 < expected < 1.0
     assert knn_accuracy(f[:300], y[:300], f[300:], y[300:], k=20) == expected
+
+
+def test_identity_sampler_gives_p_classes_of_k_distinct_items_each():
+    """center_loss's P x K sampler (the ``pk-sampler`` variants' declared composition), checked
+    by counting with numpy: every batch holds exactly P classes, K distinct items of each."""
+    import torch
+
+    from benchmarks.validity.center_loss import BATCH, K_PER_CLASS, P_CLASSES, identity_batches
+
+    labels = torch.from_numpy(np.repeat(np.arange(10), 40))
+    sampler = identity_batches(labels, torch.Generator().manual_seed(0))
+    seen_classes = set()
+    for _ in range(20):
+        idx = next(sampler).numpy()
+        classes, counts = np.unique(labels.numpy()[idx], return_counts=True)
+        assert len(idx) == P_CLASSES * K_PER_CLASS == BATCH
+        assert len(np.unique(idx)) == len(idx)
+        assert len(classes) == P_CLASSES and (counts == K_PER_CLASS).all()
+        seen_classes.update(classes.tolist())
+    assert seen_classes == set(range(10))  # the classes are drawn anew for each batch
