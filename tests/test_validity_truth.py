@@ -40,3 +40,23 @@ def test_naive_cross_entropy_matches_the_formula_until_float32_rounds_the_sigmoi
     one_hot = torch.tensor([[1.0, 0.0, 0.0]])
     assert np.isnan(float(cross_entropy(saturated, one_hot, naive=True)))
     assert np.isfinite(float(cross_entropy(saturated, one_hot, naive=False)))
+
+
+def test_identity_sampler_gives_p_classes_of_k_distinct_items_each():
+    """center_loss's P x K sampler (the ``pk-sampler`` variants' declared composition), checked
+    by counting with numpy: every batch holds exactly P classes, K distinct items of each."""
+    import torch
+
+    from benchmarks.validity.center_loss import BATCH, K_PER_CLASS, P_CLASSES, identity_batches
+
+    labels = torch.from_numpy(np.repeat(np.arange(10), 40))
+    sampler = identity_batches(labels, torch.Generator().manual_seed(0))
+    seen_classes = set()
+    for _ in range(20):
+        idx = next(sampler).numpy()
+        classes, counts = np.unique(labels.numpy()[idx], return_counts=True)
+        assert len(idx) == P_CLASSES * K_PER_CLASS == BATCH
+        assert len(np.unique(idx)) == len(idx)
+        assert len(classes) == P_CLASSES and (counts == K_PER_CLASS).all()
+        seen_classes.update(classes.tolist())
+    assert seen_classes == set(range(10))  # the classes are drawn anew for each batch

@@ -32,6 +32,32 @@ the class means'; and the test accuracy). The centers start at zero (facenet) un
 - ``unmasked-update``: eq. 4 with the class indicator [y_i = j] dropped (every center is moved
   towards every feature of the batch): every center follows the batch's mean feature, one
   point for ten classes. Expected: ``prototype-collapse`` on ``centers``.
+- ``pk-sampler``: healthy, the paper's update with the identity (P x K) sampler of the re-ID
+  setups that train softmax + triplet + center loss (Hermans et al. 2017, "In Defense of the
+  Triplet Loss"; Luo et al. 2019, michuanhaohao/reid-strong-baseline,
+  ``RandomIdentitySampler``): every batch holds P = 4 classes x K = 32 digits, and the probe
+  is told so (``Probe(..., expect_groups_per_batch=4)``).
+- ``pk-sampler-ignored``: the same declaration, but the loader is the plain shuffled one
+  (reid-strong-baseline's ``DATALOADER.SAMPLER: 'softmax'`` branch builds
+  ``DataLoader(..., shuffle=True)`` instead of the identity sampler): the sampler did not
+  take effect. Measured in the loop without gradprobe: ``groups_per_batch``, the mean
+  number of classes in a batch (4 with the sampler, ~10 without). Expected:
+  ``batch-composition-mismatch`` on ``batch``. Measured (seeds 0-3): ``groups_per_batch``
+  4 with the sampler, 10 without; gradprobe: quiet on ``pk-sampler``, ``warning
+  batch-composition-mismatch`` ("10 groups/batch vs 4 declared") on every ignored one.
+- ``lambda-0``: the joint loss with lambda = 0 (the paper's softmax-only baseline, Fig. 3(a)):
+  L_C is still computed, logged and its centers updated, but nothing pulls the features
+  to them. The softmax loss falls towards 0 while the center loss rises: the features grow
+  and spread within their classes, separable but not discriminative (sec. 3.1-3.2).
+  Measured without gradprobe: ``center_loss_ratio``, L_C over the last 50 steps' batches
+  over its first step's, and ``intra_over_inter``, the features' within-class RMS distance
+  to their class mean over the mean distance between class means (training split).
+  The probe is told the center loss's role (``roles={"center": "prototype"}``, as
+  docs/findings.md advises): undeclared, its name reads as a task loss (the name hint "ce"
+  matches its start), and a task loss is no constraint. Expected: ``constraint-neglect`` on
+  ``center``. Measured (seeds 0-3): ``center_loss_ratio`` 1.3e4-4.3e4, ``intra_over_inter``
+  0.18-0.22 against 0.027-0.030 for ``paper``, test accuracy 0.93-0.94; gradprobe: ``error
+  constraint-neglect`` on every seed (softmax x0.003-0.015, center x1.1e3-1.6e3 of its start).
 Allowed on both broken variants, true by construction: ``prototype-collapse`` on
 ``no-update`` (its ten centers are one point, zero), ``gradient-conflict`` on
 ``softmax|center`` (L_C pulls every feature towards one point the softmax loss must separate
@@ -54,6 +80,8 @@ from .common import batches, digits_split
 from .harness import Expect, Family, Variant
 
 CLASSES, FEATURE_DIM = 10, 2
+P_CLASSES, K_PER_CLASS = 4, 32  # the identity sampler's batch: P classes x K digits = BATCH
+LATE_STEPS = 50  # the end of the run, for the center loss's end level
 STEPS, BATCH, LR = 600, 128, 0.05
 LAMBDA, ALPHA = 0.1, 0.5
 
@@ -107,7 +135,17 @@ def center_truth(model: FeatureNet, centers: torch.Tensor) -> dict:
     within = float((f_tr - means[y_tr]).pow(2).sum(1).mean().sqrt())
     lag = float((centers - means).norm(dim=1).mean()) / within
     spread = float(torch.pdist(centers).mean() / torch.pdist(means).mean())
-    return {"acc": acc, "center_lag": lag, "center_spread": spread}
+    return {"acc": acc, "center_lag": lag, "center_spread": spread,
+            "intra_over_inter": within / float(torch.pdist(means).mean())}
+
+
+def identity_batches(labels: torch.Tensor, gen: torch.Generator):
+    """Endless P x K batches (reid-strong-baseline's ``RandomIdentitySampler``): P classes
+    drawn without replacement, K of each class's items drawn without replacement."""
+    while True:
+        chosen = torch.randperm(CLASSES, generator=gen)[:P_CLASSES]
+        yield torch.cat([members[torch.randperm(len(members), generator=gen)[:K_PER_CLASS]]
+                         for members in (torch.nonzero(labels == c).squeeze(1) for c in chosen)])
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
@@ -117,20 +155,34 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model, criterion = FeatureNet(), Centers(random_start=variant == "paper-random-start")
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     alpha = 0.0 if variant == "no-update" else ALPHA
-    probe = gradprobe.Probe(model, run_file=log)
+    declared_pk = variant.startswith("pk-sampler")
+    probe = gradprobe.Probe(model, run_file=log,
+                            expect_groups_per_batch=P_CLASSES if declared_pk else None,
+                            roles={"center": "prototype"} if variant == "lambda-0" else None)
     probe.watch_latent("feature", labels="groups")
     probe.watch_prototypes("centers", criterion.centers, latent="feature")
+    sampler = identity_batches(y_tr, gen) if variant == "pk-sampler" else \
+        batches(len(x_tr), BATCH, gen)
+    groups_seen, center_losses = [], []
     with probe:
-        for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
+        for _, idx in zip(range(STEPS), sampler):
             y = y_tr[idx]
             feature, logits = model(x_tr[idx])
             probe.observe(feature=feature, groups=y)
             losses = {"softmax": F.cross_entropy(logits, y), "center": criterion.loss(feature, y)}
-            probe.backward(losses, weights={"center": LAMBDA})
+            probe.backward(losses, weights={"center": 0.0 if variant == "lambda-0" else LAMBDA})
             opt.step()
             opt.zero_grad()
             criterion.update(feature.detach(), y, alpha, masked=variant != "unmasked-update")
-    return center_truth(model, criterion.centers)
+            groups_seen.append(len(y.unique()))
+            center_losses.append(float(losses["center"]))
+    truth = center_truth(model, criterion.centers)
+    if declared_pk:
+        truth["groups_per_batch"] = sum(groups_seen) / len(groups_seen)
+    if variant == "lambda-0":
+        late = center_losses[-LATE_STEPS:]
+        truth["center_loss_ratio"] = sum(late) / len(late) / center_losses[0]
+    return truth
 
 
 _PROTOTYPE_IDS = ("prototype-stale", "prototype-collapse")
@@ -160,6 +212,20 @@ FAMILY = Family(
                 expected=(Expect("prototype-collapse", "centers"),),
                 allowed=_CENTER_FIGHTS_SOFTMAX,
                 must_not=("prototype-stale", "representation-collapse")),
+        Variant("pk-sampler", True,
+                "the paper's update with the identity sampler (P = 4 classes x K = 32), declared "
+                "to the probe",
+                must_not=_HEALTHY_MUST_NOT + ("batch-composition-mismatch",)),
+        Variant("pk-sampler-ignored", False,
+                "P x K declared, but the loader is the plain shuffled one: ~10 classes a batch "
+                "(groups_per_batch), not 4",
+                expected=(Expect("batch-composition-mismatch", "batch"),),
+                must_not=_HEALTHY_MUST_NOT),
+        Variant("lambda-0", False,
+                "lambda 0, the softmax-only baseline: the center loss rises while the softmax "
+                "loss falls (center_loss_ratio > 1, intra_over_inter above the paper's)",
+                expected=(Expect("constraint-neglect", "center"),),
+                must_not=("representation-collapse", "prototype-stale", "prototype-collapse")),
     ),
     seeds=(0, 1, 2, 3),
     quick=(("paper", 1), ("paper-random-start", 1), ("no-update", 1), ("unmasked-update", 1)),

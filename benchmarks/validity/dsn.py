@@ -47,6 +47,15 @@ Variants:
 - ``no-difference``: the difference loss at weight 0 (still recorded): nothing keeps the two
   codes apart. Expected: ``latent-dependence`` on ``shared|private`` (a warning: the run has
   an adversarial and an orthogonality loss).
+- ``no-recon``: the public implementations' normalised difference loss, but the
+  reconstruction loss at weight 0 (still recorded; alpha = 0, DSN without its
+  reconstruction term): the task is driven to ~0 while nothing trains the decoder and the
+  reconstruction error of the codes stays at its start or rises. Measured without
+  gradprobe: ``recon_loss_ratio``, the training batches' reconstruction loss over the last
+  50 steps over its first step's, and ``recon_mse`` on the test images (healthy: ~0.014).
+  Expected: ``constraint-neglect`` on ``recon``. Measured (seeds 0-3): ``recon_loss_ratio``
+  2.0-2.5, ``recon_mse`` 0.42-0.59 (``healthy``: 0.013-0.015); gradprobe: ``error
+  constraint-neglect`` on every seed (task x0.018-0.025, recon x2.0-2.3 of its start).
 Allowed on the unnormalised variants: rule (b) of ``orthogonality-vanishing`` on
 ``difference`` (true by construction: the loss follows the codes' scale).
 """
@@ -72,6 +81,7 @@ WEIGHTS = {"recon": 10.0, "difference": 3.0, "adv": 0.25}
 ROLES = {"task": "task", "recon": "reconstruction", "difference": "orthogonality",
          "adv": "adversarial"}
 EARLY_STEP = 50  # the private code's reference norm: after the first steps' transient
+LATE_STEPS = 50  # the end of the run, for the reconstruction loss's end level
 
 
 def _encoder() -> nn.Sequential:
@@ -160,7 +170,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     model = DSN()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     weights = dict(WEIGHTS)
-    if variant == "unnormalised-no-recon":
+    if variant in ("unnormalised-no-recon", "no-recon"):
         weights["recon"] = 0.0
     if variant == "no-difference":
         weights["difference"] = 0.0
@@ -171,6 +181,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     domain_labels = torch.cat([torch.zeros(BATCH), torch.ones(BATCH)]).long()
     src_batches, tgt_batches = batches(len(src_x), BATCH, gen), batches(len(tgt_x), BATCH, gen)
     early_private_norm = float("nan")
+    recon_losses = []
     with probe:
         for step in range(STEPS):
             if step == EARLY_STEP:
@@ -189,8 +200,13 @@ def train(variant: str, seed: int, log: Path) -> dict:
             probe.backward(losses, weights=weights)
             opt.step()
             opt.zero_grad()
+            recon_losses.append(float(losses["recon"]))
     model.eval()
-    return dsn_truth(model, test_src, test_tgt, test_y, early_private_norm)
+    truth = dsn_truth(model, test_src, test_tgt, test_y, early_private_norm)
+    if variant == "no-recon":
+        late = recon_losses[-LATE_STEPS:]
+        truth["recon_loss_ratio"] = sum(late) / len(late) / recon_losses[0]
+    return truth
 
 
 _HEALTHY_MUST_NOT = ("orthogonality-vanishing", "latent-dependence", "representation-collapse")
@@ -218,6 +234,11 @@ FAMILY = Family(
                 "difference loss at weight 0: nothing keeps the shared and private codes apart",
                 expected=(Expect("latent-dependence", "shared|private"),),
                 must_not=("orthogonality-vanishing",)),
+        Variant("no-recon", False,
+                "reconstruction loss at weight 0: the task falls to ~0 while the reconstruction "
+                "error stays at its start or rises (recon_loss_ratio >= 1)",
+                expected=(Expect("constraint-neglect", "recon"),),
+                must_not=("orthogonality-vanishing", "latent-dependence")),
     ),
     seeds=(0, 1, 2, 3),
     quick=(("healthy", 1), ("unnormalised", 1)),

@@ -23,6 +23,26 @@ Variants (truth by construction):
   (false negatives, Chuang et al. 2020). Checked by ``same_class_negatives``.
   Expected: ``weak-contrastive-signal`` on the watch ``cont``. Must not:
   ``representation-collapse``.
+- ``shuffled-declared``: healthy, ``shuffled`` with the published sampling declared to the
+  probe: ``Probe(..., expect_groups_per_batch=10)``, every batch of 128 uniformly drawn
+  digits holds all ten classes (a class is missing from one with probability ~1e-5).
+- ``one-class-batches-declared``: the same declaration, but the batches come from a class
+  (group) sampler left in the loader, as in ``one-class-batches``: the declared sampling did
+  not take effect. Measured in the loop without gradprobe: ``groups_per_batch``, the mean
+  number of classes in a batch (1 against 10 declared), and ``same_class_negatives``.
+  Expected: ``batch-composition-mismatch`` on ``batch`` and ``weak-contrastive-signal`` on
+  ``cont``. Measured (seeds 0-3): ``groups_per_batch`` 10 on ``shuffled-declared`` (quiet),
+  1 here (``same_class_negatives`` 1); gradprobe: both expected warnings on every seed.
+- ``class-sorted-declared``: the same declaration, but the loader walks a class-sorted
+  dataset in order (``DataLoader(..., shuffle=False)`` over torchvision's ``ImageFolder``,
+  whose samples are sorted by class): each batch of 128 holds the end of one class and the
+  start of the next (``groups_per_batch`` ~1.9 against 10 declared, ``same_class_negatives``
+  0.68). Expected: ``batch-composition-mismatch`` on ``batch``; allowed:
+  ``weak-contrastive-signal`` on ``cont`` (true: most negatives share the anchor's class).
+  Measured (seeds 0-3): ``groups_per_batch`` 1.9, ``same_class_negatives`` 0.68, backbone
+  linear-probe accuracy 0.96-0.98. Missed on every seed when added (only the allowed
+  ``weak-contrastive-signal`` is raised): the rule counts a batch as mismatched only when it
+  holds a single group or more groups than declared, and 2 of 10 is neither.
 """
 
 from __future__ import annotations
@@ -39,6 +59,7 @@ from .common import DigitEncoder, augment, batches, digits_split, representation
 from .harness import Expect, Family, Variant
 
 BATCH, STEPS = 128, 500
+CLASSES = 10
 TEMPERATURE = 0.07
 DIM = 64
 
@@ -82,12 +103,19 @@ def train(variant: str, seed: int, log: Path) -> dict:
     x_tr, y_tr, _, _ = digits_split()
     model = SimCLR()
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
-    sampler = batches(len(x_tr), BATCH, gen) if variant == "shuffled" else \
-        one_class_batches(y_tr, BATCH, gen)
-    probe = gradprobe.Probe(model, run_file=log)
+    if variant.startswith("shuffled"):
+        sampler = batches(len(x_tr), BATCH, gen)
+    elif variant == "class-sorted-declared":
+        by_class = torch.argsort(y_tr, stable=True)
+        sampler = (by_class[idx] for idx in batches(len(x_tr), BATCH, gen, shuffle=False))
+    else:
+        sampler = one_class_batches(y_tr, BATCH, gen)
+    declared = variant.endswith("-declared")
+    probe = gradprobe.Probe(model, run_file=log,
+                            expect_groups_per_batch=CLASSES if declared else None)
     probe.watch_latent("z")
     probe.watch_contrastive("cont", temperature=TEMPERATURE)
-    same_class = []
+    same_class, groups_seen = [], []
     with probe:
         for _, idx in zip(range(STEPS), sampler):
             labels = y_tr[idx]
@@ -98,8 +126,12 @@ def train(variant: str, seed: int, log: Path) -> dict:
             opt.zero_grad()
             same = (labels[:, None] == labels[None, :]).float()
             same_class.append(float((same.sum() - len(idx)) / (len(idx) * (len(idx) - 1))))
-    return representation_truth(model.encoder, model.head) | \
+            groups_seen.append(len(labels.unique()))
+    truth = representation_truth(model.encoder, model.head) | \
         {"same_class_negatives": sum(same_class) / len(same_class)}
+    if declared:
+        truth["groups_per_batch"] = sum(groups_seen) / len(groups_seen)
+    return truth
 
 
 FAMILY = Family(
@@ -113,6 +145,22 @@ FAMILY = Family(
                 "every batch holds one digit class, so every negative is a same-class "
                 "negative and the loss never separates classes",
                 expected=(Expect("weak-contrastive-signal", "cont"),),
+                must_not=("representation-collapse",)),
+        Variant("shuffled-declared", True,
+                "uniformly shuffled batches, declared to the probe as 10 classes a batch",
+                must_not=("weak-contrastive-signal", "representation-collapse",
+                          "batch-composition-mismatch")),
+        Variant("one-class-batches-declared", False,
+                "10 classes a batch declared, but a class sampler gives one (groups_per_batch "
+                "1): the declared sampling did not take effect",
+                expected=(Expect("batch-composition-mismatch", "batch"),
+                          Expect("weak-contrastive-signal", "cont")),
+                must_not=("representation-collapse",)),
+        Variant("class-sorted-declared", False,
+                "10 classes a batch declared, but the loader walks a class-sorted dataset in "
+                "order: ~2 classes a batch (groups_per_batch)",
+                expected=(Expect("batch-composition-mismatch", "batch"),),
+                allowed=(Expect("weak-contrastive-signal", "cont"),),
                 must_not=("representation-collapse",)),
     ),
     seeds=(0, 1, 2, 3),
