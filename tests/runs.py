@@ -221,7 +221,8 @@ def shrinking_latent(mode: str, steps: int = 120, seed: int = 0) -> Run:
 def contrastive_batches(batches: str, expect: int | None, steps: int = 100,
                         seed: int = 0) -> Run:
     """InfoNCE between two noisy views of 4 groups of data. ``batches="single"``: each batch
-    holds one group (the record's CellBatchSampler); ``"mixed"``: random batches."""
+    holds one group (the record's CellBatchSampler); ``"mixed"``: random batches; ``"pairs"``:
+    each batch holds two of the four groups (a class-sorted loader read in order)."""
     gen = _setup(seed)
     n, groups = 512, 4
     grp = torch.randint(0, groups, (n,), generator=gen)
@@ -236,8 +237,9 @@ def contrastive_batches(batches: str, expect: int | None, steps: int = 100,
     probe.watch_contrastive("cont", temperature=0.1)
     by_group = [torch.nonzero(grp == k).squeeze(1) for k in range(groups)]
     for step in range(steps):
-        if batches == "single":
-            pool = by_group[step % groups]
+        if batches in ("single", "pairs"):
+            held = [step % groups] + ([(step + 1) % groups] if batches == "pairs" else [])
+            pool = torch.cat([by_group[k] for k in held])
             idx = pool[torch.randint(0, len(pool), (32,), generator=gen)]
         else:
             idx = torch.randint(0, n, (32,), generator=gen)

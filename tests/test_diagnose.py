@@ -488,3 +488,17 @@ def test_the_plot_hint_is_typed_and_left_out_of_the_json():
     assert "plot" not in f.to_dict() and json.loads(json.dumps(f.to_dict()))["steps"] == [0, 5]
     assert list(SEVERITY_ORDER) == list(SEVERITIES) == ["error", "warning", "info"]
     assert sorted(SEVERITY_ORDER.values()) == [0, 1, 2]
+
+
+def test_batches_holding_few_of_the_declared_groups_mismatch():
+    """Two of four declared groups per batch (a class-sorted loader read in order) is a
+    mismatch; random batches that hold all four are not."""
+    pairs = runs.contrastive_batches("pairs", 4)
+    _, gpb = pairs.series("groups_per_batch", "batch")
+    assert np.median(gpb) <= 0.5 * 4 < 4 and np.max(gpb) <= 4  # neither of the older tests
+    f = _one(pairs, "batch-composition-mismatch")
+    assert f.evidence["declared"] == 4 and f.severity == "warning"
+    assert f.evidence["median_observed"] == pytest.approx(np.median(gpb))
+    _, mixed = runs.contrastive_batches("mixed", 4).series("groups_per_batch", "batch")
+    assert np.min(mixed) > 0.5 * 4
+    assert "batch-composition-mismatch" not in _ids(runs.contrastive_batches("mixed", 4))

@@ -300,3 +300,16 @@ def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(reco
     result = cli("analyze", old, "--json", "-")
     assert result.returncode == 0, result.stderr
     assert [r["name"] for r in json.loads(result.stdout)["roles"]] == run.losses
+
+
+@pytest.mark.parametrize("name, role, hint", [
+    ("center", "prototype", "center"),       # starts with the task hint "ce": the longer wins
+    ("ce", "task", "ce"),
+    ("domain_cls", "adversarial", "domain"),
+    ("recon_loss", "reconstruction", "recon"),
+    ("cont", "contrastive", "cont"),
+    ("weird", "other", None),
+])
+def test_name_hint_takes_the_longest_matching_hint(name, role, hint):
+    from gradprobe.probe.checks import name_hint
+    assert name_hint(name) == (role, hint)

@@ -114,6 +114,9 @@ class Thresholds:
                                                    "least this")
     contrastive_loss_ratio: float = _f(0.8, "end InfoNCE loss / log(K+1) at least this ...")
     contrastive_gap: float = _f(0.0, "... and end positive-minus-hardest-negative gap at most this")
+    # -- batch-composition-mismatch ----------------------------------------------------------
+    composition_fewer_fraction: float = _f(0.5, "a batch holding at most this fraction of the "
+                                                "declared groups mismatches")
     # -- prototype-stale ---------------------------------------------------------------------
     stale_drift: float = _f(1e-6, "relative prototype change at most this: did not move")
     stale_min_target_shift: float = _f(1e-3, "relative movement of the group feature means at "

@@ -37,11 +37,15 @@ RESERVED_OBSERVE = ("groups",)
 def name_hint(name: str) -> tuple[str, str | None]:
     """The role a loss's name hints at, and the hint (the substring it matched; None: "other")."""
     lowered = name.lower()
-    for role, hints in _ROLE_HINTS:
-        for h in hints:
-            if lowered == h or lowered.startswith(h) or h in lowered.split("_"):
-                return role, h
-    return "other", None
+    words = lowered.split("_")
+    # The longest hint that the name is, has as a word, or starts with: "center" is a prototype
+    # loss although it starts with "ce"; ties keep the table's order.
+    matches = [(len(h), -order, role, h) for order, (role, hints) in enumerate(_ROLE_HINTS)
+               for h in hints if h in words or lowered.startswith(h)]
+    if not matches:
+        return "other", None
+    _, _, role, hint = max(matches)
+    return role, hint
 
 
 def guess_role(name: str) -> str:
