@@ -9,6 +9,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 from .._series import g
+from ..findings import REMEDY
 
 ADAPTIVE_WEIGHTS = (
     "weights that follow the gradients as they change: gradprobe.remedies.GradNormBalancer "
@@ -97,9 +98,10 @@ def static_weights_remedy(swamping_evidence: Iterable[Mapping[str, Any]],
 
 def prototype_collapse_remedy(usage_collapsed: bool, own_losses: list[str]) -> str | None:
     """A collapse of usage (one prototype takes the assignments) is cured by the method's own
-    means: a codebook where a loss trains only parameters of its own (VQ-VAE's codebook loss),
-    else a codebook or a clustering head (the graph does not tell them apart), both named.
-    Prototypes that close in on each other keep the generic remedy (None)."""
+    means: a codebook's where a loss trains only parameters of its own (VQ-VAE's codebook
+    loss); else centres averaged per group, a codebook or a clustering head, which the graph
+    does not tell apart, all named. Prototypes that close in on each other keep the generic
+    remedy (None)."""
     if not usage_collapsed:
         return None
     if own_losses:
@@ -107,8 +109,10 @@ def prototype_collapse_remedy(usage_collapsed: bool, own_losses: list[str]) -> s
         verb = "trains" if len(own_losses) == 1 else "train"
         return (f"{names} {verb} only parameters of {'its' if len(own_losses) == 1 else 'their'} "
                 f"own, as a codebook's loss does: {CODEBOOK_CURE}.")
-    return ("The graph does not tell a codebook from a clustering head: " + CODEBOOK + "; "
-            + CLUSTERING + ".")
+    generic = REMEDY["prototype-collapse"]
+    return ("The graph does not tell which method the prototypes serve: for centres updated "
+            "as averages of their groups (center loss): " + generic[0].lower() + generic[1:-1]
+            + "; " + CODEBOOK + "; " + CLUSTERING + ".")
 
 
 def intent_remedy(keep: str, cut: str) -> str:
