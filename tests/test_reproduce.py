@@ -43,6 +43,17 @@ def test_ranges_overlap_when_neither_lies_wholly_beyond_the_other():
     assert RangeComparison("f", "v", "x", (1.0, 2.0, 2), (0.5, 1.0, 1)).overlap is True
 
 
+def test_one_seed_figures_that_differ_by_rounding_overlap_and_larger_gaps_do_not():
+    # Two threads sum in another order: cos_median -0.65357602 against -0.65357608 (measured,
+    # two-task-conflict s0 at 1 and 2 threads). The slack is rtol x the largest magnitude.
+    one, two = (-0.6535760164, -0.6535760164, 1), (-0.6535760760, -0.6535760760, 1)
+    assert RangeComparison("f", "v", "cos", one, two).overlap  # default rtol 1e-3
+    assert not RangeComparison("f", "v", "cos", one, two, rtol=0.0).overlap
+    # 0.50 against 0.51: apart at 1e-3 (slack 0.00051), together at 0.05 (slack 0.0255).
+    assert not RangeComparison("f", "v", "acc", (0.5, 0.5, 1), (0.51, 0.51, 1)).overlap
+    assert RangeComparison("f", "v", "acc", (0.5, 0.5, 1), (0.51, 0.51, 1), rtol=0.05).overlap
+
+
 def test_verdict_differences_name_what_only_one_side_raised():
     swamp = ("gradient-swamping", "aux", "warning")
     conflict = ("gradient-conflict", "a|b", "error")
@@ -101,7 +112,7 @@ def test_two_folders_with_the_same_alarms_and_overlapping_ranges_agree(tmp_path)
     assert "same toy/broken/s0: " in out and "gradient-swamping [aux]" in out
     assert "same toy/healthy/s0: none" in out
     assert "overlap toy/broken acc: A 0.5 to 0.56 (2 seeds), B 0.55 to 0.6 (2 seeds)" in out
-    assert "2 of 2 seed ranges overlap" in out and "agree" in out.splitlines()[-1]
+    assert "2 of 2 seed ranges overlap (relative tolerance 0.001)" in out and "agree" in out.splitlines()[-1]
 
 
 def test_a_changed_verdict_and_ranges_apart_make_the_folders_disagree(tmp_path):

@@ -13,7 +13,8 @@ default thresholds. Printed:
 - per run in both folders, its verdict: the alarms (finding id, subject, severity at warning
   or error); every run whose alarms differ, with what only one side raised;
 - per variant and numeric outcome, the range over the seeds in each folder and whether the
-  two ranges overlap;
+  two ranges overlap, up to a relative tolerance (``--rtol``, default 1e-3: float rounding,
+  which differs with the thread count, must not part two runs of one seed);
 - the runs that only one folder holds.
 
 Exit status 0 when every shared run has the same alarms and every range overlaps, 1 otherwise,
@@ -40,6 +41,9 @@ from gradprobe.diagnose import diagnose  # noqa: E402
 
 RunKey = tuple[str, str, int]  # family, variant, seed
 Alarm = tuple[str, str, str]  # finding id, subject, severity
+
+
+RTOL = 1e-3
 
 
 class NotARunFolder(Exception):
@@ -116,22 +120,26 @@ class RangeComparison:
     outcome: str
     a: tuple[float, float, int] | None  # lowest, highest, seeds; None: this side lacks it
     b: tuple[float, float, int] | None
+    rtol: float = RTOL
 
     @property
     def overlap(self) -> bool:
+        """The ranges meet, once each is widened by ``rtol`` of the largest magnitude in either."""
         if self.a is None or self.b is None:
             return False
-        return self.a[0] <= self.b[1] and self.b[0] <= self.a[1]
+        slack = self.rtol * max(abs(v) for v in (*self.a[:2], *self.b[:2]))
+        return self.a[0] <= self.b[1] + slack and self.b[0] <= self.a[1] + slack
 
 
-def range_comparisons(a: dict[RunKey, dict], b: dict[RunKey, dict]) -> list[RangeComparison]:
+def range_comparisons(a: dict[RunKey, dict], b: dict[RunKey, dict], rtol: float = RTOL
+                      ) -> list[RangeComparison]:
     """Per variant either side holds, per numeric outcome: the seed range on each side."""
     ra, rb = outcome_ranges(a), outcome_ranges(b)
     rows = []
     for variant in sorted(ra.keys() | rb.keys()):
         keys_a, keys_b = ra.get(variant, {}), rb.get(variant, {})
         for key in list(keys_a) + [k for k in keys_b if k not in keys_a]:
-            rows.append(RangeComparison(*variant, key, keys_a.get(key), keys_b.get(key)))
+            rows.append(RangeComparison(*variant, key, keys_a.get(key), keys_b.get(key), rtol))
     return rows
 
 
@@ -148,7 +156,7 @@ def _alarms_text(alarms: frozenset[Alarm]) -> str:
 
 
 def report(a: Folder, b: Folder, alarms_a: dict[RunKey, frozenset[Alarm]],
-           alarms_b: dict[RunKey, frozenset[Alarm]]) -> tuple[list[str], bool]:
+           alarms_b: dict[RunKey, frozenset[Alarm]], rtol: float = RTOL) -> tuple[list[str], bool]:
     """The printed comparison and whether the two folders agree."""
     lines = [f"A: {a.path} ({len(a.outcomes)} runs, {a.threads or '?'} torch threads a run)",
              f"B: {b.path} ({len(b.outcomes)} runs, {b.threads or '?'} torch threads a run)"]
@@ -162,9 +170,10 @@ def report(a: Folder, b: Folder, alarms_a: dict[RunKey, frozenset[Alarm]],
     for d in differences:
         lines.append(f"   DIFF {_label(d.run)}: only in A: {_alarms_text(d.only_a)}; "
                      f"only in B: {_alarms_text(d.only_b)}")
-    rows = range_comparisons(a.outcomes, b.outcomes)
+    rows = range_comparisons(a.outcomes, b.outcomes, rtol)
     apart = [r for r in rows if not r.overlap]
-    lines += ["", f"== outcomes: {len(rows) - len(apart)} of {len(rows)} seed ranges overlap"]
+    lines += ["", f"== outcomes: {len(rows) - len(apart)} of {len(rows)} seed ranges overlap "
+                  f"(relative tolerance {rtol:g})"]
     for r in rows:
         lines.append(f"   {'overlap' if r.overlap else 'APART  '} {r.family}/{r.variant} {r.outcome}: "
                      f"A {_range_cell(r.a)}, B {_range_cell(r.b)}")
@@ -179,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_a", type=Path, help="an output folder of run.py (--out)")
     parser.add_argument("runs_b", type=Path, help="another one, e.g. a rerun at another thread count")
+    parser.add_argument("--rtol", type=float, default=RTOL,
+                        help=f"relative tolerance of the overlap of two ranges (default {RTOL:g})")
     args = parser.parse_args(argv)
+    if not args.rtol >= 0:
+        parser.error("--rtol takes a number of at least 0")
     try:
         a, b = read_folder(args.runs_a), read_folder(args.runs_b)
         shared = a.outcomes.keys() & b.outcomes.keys()
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, gradprobe.RunFileError) as exc:
         print(f"reproduce.py: a run file could not be read: {exc}", file=sys.stderr)
         return 2
-    lines, agree = report(a, b, alarms_a, alarms_b)
+    lines, agree = report(a, b, alarms_a, alarms_b, args.rtol)
     print("\n".join(lines))
     print("\n" + ("the two folders agree" if agree else "the two folders DISAGREE"))
     return 0 if agree else 1
