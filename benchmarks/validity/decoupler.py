@@ -10,10 +10,16 @@ Variants (truth by construction, docs/demo.md):
 - ``failing``: fixed weights 0.05-0.1 on the contrastive, prototype and adversarial losses
   (their weighted gradients are a few percent of the task's) and single-cell-line batches
   (every contrastive negative shares the anchor's cell line). Expected:
-  ``gradient-swamping`` on ``cont``, ``proto`` and ``adv``; ``weak-contrastive-signal`` on
-  ``cont``; ``static-loss-weights`` on ``cont``, ``proto`` and ``adv``. Allowed (true, and
-  left by both variants, docs/demo.md): ``constraint-neglect``, ``overfitting``,
-  ``sigmoid-saturation``, ``representation-collapse``, ``prototype-collapse``.
+  ``gradient-swamping``, ``static-loss-weights`` and ``weak-contrastive-signal`` on ``cont``.
+  Allowed (true, and left by both variants, docs/demo.md): ``constraint-neglect``,
+  ``overfitting``, ``sigmoid-saturation``, ``representation-collapse``,
+  ``prototype-collapse``; and swamping / static weights of ``proto`` and ``adv``. Judged on
+  the layers each loss shares with the task (rule change 8, benchmarks/validity/
+  rule-changes.md), ``proto`` holds 34-59 % of the task's gradient on the environment
+  stream it acts on (it was "swamped" only against the task's gradient on the invariant
+  stream, which it never reaches), and ``adv`` sits at 4-6 % with a spread that straddles
+  the threshold on some seeds (``info``). Both were expected by construction before the
+  per-layer measure; neither has a measured truth that they are held back.
 - ``fixed``: not healthy (it still memorises its training cell lines), but the three
   mechanisms its remedies address are gone by construction: balanced weights (no swamping,
   no static weights) and memory-bank negatives from other cell lines. Must not:
@@ -56,10 +62,12 @@ FAMILY = Family(
         Variant("failing", False,
                 "fixed small weights swamp cont/proto/adv; single-cell-line batches give "
                 "same-line negatives",
-                expected=tuple(Expect("gradient-swamping", a) for a in _AUX)
-                + (Expect("weak-contrastive-signal", "cont"),)
-                + tuple(Expect("static-loss-weights", a) for a in _AUX),
-                allowed=_LEFT_BY_BOTH),
+                expected=(Expect("gradient-swamping", "cont"),
+                          Expect("weak-contrastive-signal", "cont"),
+                          Expect("static-loss-weights", "cont")),
+                allowed=_LEFT_BY_BOTH + tuple(
+                    Expect(fid, a) for fid in ("gradient-swamping", "static-loss-weights")
+                    for a in ("proto", "adv"))),
         Variant("fixed", False,
                 "balanced weights and memory-bank negatives remove swamping, static weights and "
                 "same-line negatives; memorisation remains",
