@@ -92,7 +92,7 @@ def test_the_swamping_and_static_weight_remedies_print_the_balancing_weight(tmp_
     # Independently: the weight that makes cls's median weighted norm equal reg's.
     balanced = 1.0 * np.median(reg_norm) / np.median(cls_norm)
     for finding in (swamping, static):
-        numbers = re.search(r"weight 'cls' 1 -> ([0-9.e+]+) \(or 'reg''s weight x([0-9.e-]+)\)",
+        numbers = re.search(r"weight 'cls' 1 -> ([0-9.e+]+) \(or the weight of 'reg' x([0-9.e-]+)\)",
                             finding.remedy)
         assert numbers, finding.remedy
         assert float(numbers.group(1)) == pytest.approx(balanced, rel=5e-3)

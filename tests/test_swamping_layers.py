@@ -121,6 +121,14 @@ def test_a_loss_swamped_on_every_layer_it_shares_is_found_with_its_layers(tmp_pa
               max(np.abs(weights) * np.linalg.norm(r["router"], axis=1)) for r in rows]
     assert f.evidence["layer_ratios"]["router"] == pytest.approx(np.median(router), rel=1e-9)
     assert f.evidence["judged_on"] == "layers it shares"
+    # The title shows the per-layer spread; the remedy balances the ratio judged there.
+    spread = sorted(f.evidence["layer_ratios"].values())
+    assert f"{100 * spread[0]:.2g}" in f.title.replace("%", "") or len(spread) == 1
+    assert f"on its {len(spread)} layers" in f.title
+    balanced = 1e-5 / np.median(expected)
+    import re
+    number = re.search(r"weight 'balance' 1e-05 -> ([0-9.e+]+)", f.remedy)
+    assert number and float(number.group(1)) == pytest.approx(balanced, rel=5e-3), f.remedy
 
 
 def test_a_ratio_whose_spread_straddles_the_threshold_is_info(tmp_path):

@@ -115,7 +115,12 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                 layer: median(by_layer["per_layer"][k][i][judged])
                 for i, layer in enumerate(by_layer["layers"])
                 if np.isfinite(by_layer["per_layer"][k][i][judged]).any()}
-        where = "" if by_layer is None else " on the layers they share"
+        where = ""
+        if by_layer is not None:
+            spread = sorted(evidence["layer_ratios"].values())
+            where = " on the layers they share" + (
+                f" ({pct(spread[0])} to {pct(spread[-1])} on its {len(spread)} layers)"
+                if len(spread) > 1 else "")
         out.append(make_finding(
             "gradient-swamping", severity,
             f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'"

@@ -57,17 +57,27 @@ def balancing_weight(weight: float | None, weighted_norm: float,
 
 
 def balancing_weight_text(evidence: Mapping[str, Any]) -> str | None:
-    """``weight 'cls' 1 -> 37 (or 'reg''s x0.027)`` from a swamping finding's evidence; None
-    where its norms give no number."""
+    """``weight 'cls' 1 -> 37 (or the weight of 'reg' x0.027)`` from a swamping finding's
+    evidence; None where its numbers give none. Where the finding was judged on the layers the
+    losses share, the balance is that of the ratio it judged there (its median over the judged
+    steps), so that the remedy and the finding read the same numbers."""
     name, dominant = evidence["loss"], evidence["dominant"]
     own = evidence["median_weighted_grad_norm"]
     other = evidence["median_dominant_weighted_grad_norm"]
+    if evidence.get("judged_on") == "layers it shares":
+        own, other = evidence["median_ratio_judged"], 1.0
     weight = evidence.get("median_weight")
     balanced = balancing_weight(weight, own, other)
     if not math.isfinite(balanced):
         return None
     before = g(1.0 if weight is None else weight)
-    return f"weight '{name}' {before} -> {g(balanced)} (or '{dominant}''s weight x{g(own / other)})"
+    return (f"weight '{name}' {before} -> {g(balanced)} "
+            f"(or the weight of '{dominant}' x{g(own / other)})")
+
+
+def _where(evidence: Mapping[str, Any]) -> str:
+    return "on the layers they share" if evidence.get("judged_on") == "layers it shares" \
+        else "on the shared parameters"
 
 
 def swamping_remedy(evidence: Mapping[str, Any]) -> str | None:
@@ -75,8 +85,8 @@ def swamping_remedy(evidence: Mapping[str, Any]) -> str | None:
     numbers = balancing_weight_text(evidence)
     if numbers is None:
         return None
-    return (f"Fixed weights that balance the median weighted gradient norms recorded on the "
-            f"shared parameters: {numbers}. They hold while the norms keep their ratio; for "
+    return (f"Fixed weights that balance the median weighted gradient norms recorded "
+            f"{_where(evidence)}: {numbers}. They hold while the norms keep their ratio; for "
             f"norms that change during training use {ADAPTIVE_WEIGHTS}; or normalise each "
             "loss's gradient on the shared parameters.")
 
@@ -85,11 +95,12 @@ def static_weights_remedy(swamping_evidence: Iterable[Mapping[str, Any]],
                           conflict: bool) -> str | None:
     """The balancing weights of the swamped losses and, after a harmful conflict, the task
     conflict's remedies; None where neither applies."""
+    swamping_evidence = list(swamping_evidence)
     numbers = [t for t in map(balancing_weight_text, swamping_evidence) if t]
     parts = []
     if numbers:
         parts.append("Fixed weights that balance the median weighted gradient norms recorded "
-                     "on the shared parameters: " + "; ".join(numbers) + ". They hold while "
+                     f"{_where(swamping_evidence[0])}: " + "; ".join(numbers) + ". They hold while "
                      f"the norms keep their ratio; otherwise use {ADAPTIVE_WEIGHTS}.")
     if conflict:
         parts.append(TASK_CONFLICT)
