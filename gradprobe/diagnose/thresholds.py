@@ -87,6 +87,11 @@ class Thresholds:
     conflict_plateau_fraction: float = _f(0.7, "plateau harm: each loss ends at least this "
                                                "fraction of its level after the start window "
                                                "(neither still falls)")
+    conflict_metric_progress: float = _f(0.1, "metric harm: a per-task metric logged for a "
+                                              "loss (probe.log, a name holding the loss's "
+                                              "name) improved over the second half of the "
+                                              "judged steps by at most this fraction of its "
+                                              "first half's improvement: stopped improving")
     # -- representation-collapse -------------------------------------------------------------
     collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std, total variance) at "
                                              "most this fraction of its own peak")
