@@ -247,3 +247,31 @@ def test_a_real_shared_head_run_is_judged_on_its_blocks(tmp_path):
              np.median([r[layer][0] @ r[layer][1] / np.linalg.norm(r[layer], axis=1).prod()
                         for r in grams]) <= TH.conflict_median_cosine]
     assert sorted(f.evidence["layers"]) == sorted(fight) and fight
+
+
+def test_a_swamped_loss_that_stalls_is_no_evidence_of_a_conflict(tmp_path):
+    """Three losses, no blocks: 'aux' is swamped by 'task' (ratio 0.02, gradient-swamping) and
+    stays flat while 'other', at its own scale, falls against it (cos -0.8): the stall is the
+    swamping's, named there, not the conflict's (without the exemption: a stall warning)."""
+    names, norms = ("task", "aux", "other"), (1.0, 0.02, 0.02)
+    flat = np.full(STEPS, 1.0)
+    path = tmp_path / "swamped.gprobe"
+    w = RunWriter(path)
+    w.set_meta(losses=list(names), task="task", roles={n: "task" for n in names}, every=1,
+               expect_groups_per_batch=None)
+    for s in range(STEPS):
+        scalars = {("grad_cosine", pair_name("aux", "other")): -0.8,
+                   ("grad_cosine", pair_name("task", "aux")): 0.0,
+                   ("grad_cosine", pair_name("task", "other")): 0.0}
+        for name, loss, norm in zip(names, (STILL_FALLING, flat, STILL_FALLING), norms):
+            scalars |= {("loss", name): float(loss[s]), ("grad_norm", name): norm,
+                        ("weighted_grad_norm", name): norm, ("weight", name): 1.0}
+        w.write_step(s, scalars)
+    w.close()
+    findings = diagnose(load_run(path))
+    swamped = [f for f in findings if f.id == "gradient-swamping"]
+    assert "aux" in [f.subject for f in swamped if f.severity != "info"]
+    f = next(f for f in findings if f.id == "gradient-conflict")
+    ratios = f.evidence["loss_ratios"]
+    assert ratios["aux"] == pytest.approx(1.0) and ratios["other"] < TH.conflict_stall_fraction
+    assert f.evidence["stalled"] == [] and f.severity == "info"

@@ -91,7 +91,8 @@ class Thresholds:
                                               "loss (probe.log, a name holding the loss's "
                                               "name) improved over the second half of the "
                                               "judged steps by at most this fraction of its "
-                                              "first half's improvement: stopped improving")
+                                              "first half's improvement, and fell back by no "
+                                              "more: stopped improving")
     # -- representation-collapse -------------------------------------------------------------
     collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std, total variance) at "
                                              "most this fraction of its own peak")

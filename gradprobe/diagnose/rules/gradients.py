@@ -169,6 +169,9 @@ def _left_to_learn(run: Run, name: str, steps: np.ndarray, th: Thresholds) -> np
 def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
     role, exempt, blocks = roles(run), exempt_losses(run, th), layer_blocks(run)
+    # A swamped loss that stalls is held back by the loss that swamps it, named by
+    # gradient-swamping: its stall is no evidence of this conflict.
+    swamped = {f.subject for f in earlier if f.id == "gradient-swamping" and f.severity != "info"}
     for pair, steps, cos in recorded_series(run, GRAD_COSINE, th.min_points):
         a, b = pair_parts(pair)
         if a in exempt or b in exempt:
@@ -225,7 +228,7 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             undone = {a: median(descent_undone(c, wn[0][judged], wn[1][judged])),
                       b: median(descent_undone(c, wn[1][judged], wn[0][judged]))}
         harm = _conflict_harm(run, th, (a, b), steps[judged], role,
-                              {n: undone.get(n, math.nan) for n in (a, b)})
+                              {n: undone.get(n, math.nan) for n in (a, b)}, swamped)
         # A regulariser or KL term known only from its name is judged (a name never exempts),
         # but its trade-off against the other loss is the design: noted, as the issue's
         # "loss against a regulariser" (the quantity it protects is judged by its own rule).
@@ -309,7 +312,8 @@ def _fraction(end: float, reference: float) -> float:
 
 
 def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
-                   role: dict[str, str], undone: dict[str, float]) -> dict:
+                   role: dict[str, str], undone: dict[str, float],
+                   swamped: set[str] = frozenset()) -> dict:
     """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
     both settle together on a compromise plateau where each undoes most of the other's
     descent. A loss that rose from near its floor to an equilibrium during its start window
@@ -322,7 +326,7 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
             if lv["settled"] >= th.conflict_rise_ratio * lv["start_low"]]
     stalled = []
     for name, other in (pair, pair[::-1]):
-        if name in rose:
+        if name in rose or name in swamped:
             continue
         # An adversary that does not fall is doing its job (the features defeat it).
         if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
@@ -345,8 +349,10 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
     # the task is held back whatever its loss curve shows.
     metrics = {n: {m: metric_progress(run, m, lo, hi, th) for m in linked_metrics(run, n)}
                for n in pair}
+    # A metric that turned back (a validation loss rising while its training loss falls) is
+    # memorisation, the overfitting rule's; held back is a metric that stopped.
     metric_stalled = [n for n in pair if role.get(n) != "adversarial" and metrics[n] and all(
-        p <= th.conflict_metric_progress for p in metrics[n].values())]
+        abs(p) <= th.conflict_metric_progress for p in metrics[n].values())]
     held = all(undone[n] >= th.conflict_undone_fraction for n in pair)
     plateau = held and not rose and "adversarial" not in (role.get(a) for a in pair) and \
         all(settled[n] >= th.conflict_plateau_fraction for n in pair)
