@@ -275,3 +275,20 @@ def test_a_swamped_loss_that_stalls_is_no_evidence_of_a_conflict(tmp_path):
     ratios = f.evidence["loss_ratios"]
     assert ratios["aux"] == pytest.approx(1.0) and ratios["other"] < TH.conflict_stall_fraction
     assert f.evidence["stalled"] == [] and f.severity == "info"
+
+
+def test_two_tasks_still_converging_on_their_compromise_are_held_back(tmp_path):
+    """Opposite label maps on one output layer (the MultiMNIST mirror): each loss's descent is
+    about half undone there and both are still converging on the compromise after the run,
+    each ending at ~0.62 of its level after the start window: harm."""
+    converging = np.where(t < 8, 2.3 - 1.5 * t / 8, 0.4 + 0.4 * np.exp(-(t - 8) / 10))
+    rows = _write(tmp_path / "converging.gprobe", {"head": (-0.45, (1.0, 1.0))},
+                  (converging, converging), -0.45)
+    f = _conflict(tmp_path / "converging.gprobe")
+    settled = np.median(converging[32:]) / np.median(converging[8:16])
+    _, undone = _numpy_where_they_fight(rows, ["head"])
+    assert f.evidence["settled_ratios"]["task"] == pytest.approx(settled)
+    assert f.evidence["descent_undone"]["task"] == pytest.approx(np.median(undone[:, 0]))
+    assert TH.conflict_plateau_fraction <= settled < 0.7
+    assert TH.conflict_undone_fraction <= np.median(undone, axis=0).min() < 0.5
+    assert f.evidence["plateau"] and f.severity in ("warning", "error")

@@ -81,10 +81,10 @@ class Thresholds:
                                          "least this multiple of its start-window low rose "
                                          "from near its floor to an equilibrium: never "
                                          "stalled or stuck")
-    conflict_undone_fraction: float = _f(0.5, "plateau harm: median share of each loss's "
+    conflict_undone_fraction: float = _f(0.36, "plateau harm: median share of each loss's "
                                               "first-order descent that the other's weighted "
                                               "gradient undoes at least this, for both")
-    conflict_plateau_fraction: float = _f(0.7, "plateau harm: each loss ends at least this "
+    conflict_plateau_fraction: float = _f(0.58, "plateau harm: each loss ends at least this "
                                                "fraction of its level after the start window "
                                                "(neither still falls)")
     conflict_metric_progress: float = _f(0.1, "metric harm: a per-task metric logged for a "
