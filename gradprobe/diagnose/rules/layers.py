@@ -1,5 +1,6 @@
 """Each loss's weighted gradient where it acts: per shared layer, from the recorded per-layer
-blocks of the Gram matrix (``grad_gram_layer``), for ``gradient-swamping``.
+blocks of the Gram matrix (``grad_gram_layer``), for ``gradient-swamping`` and, pair by pair
+(``layer_pair``, ``pair_on_layers``), for ``gradient-conflict``.
 
 On layer l at a probe step, loss k's weighted gradient norm is ``|w_k| sqrt(G_l[k, k])``. Its
 ratio on the layer is that norm over the largest competing loss's on the same layer (itself
@@ -10,6 +11,11 @@ of the layers it shares, each layer one vote. Neither the largest layer (a norm 
 whole set: an embedding that the task dominates by construction hides what the loss holds
 on a router above it) nor one layer alone (a maximum: a PINN's boundary term holds a third
 of the output layer while drowned on every hidden layer, and is harmed) decides.
+
+A pair of losses is judged where it fights: on the layers both reach whose own cosine is
+persistently negative, their blocks summed. Unlike swamping's vote, no aggregate over every
+shared layer: two tasks fighting over a shared output layer agree on the trunk below it, and
+two tasks fighting over a trunk can look orthogonal on the head above it.
 """
 
 from __future__ import annotations
