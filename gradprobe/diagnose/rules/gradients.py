@@ -233,6 +233,8 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         # but its trade-off against the other loss is the design: noted, as the issue's
         # "loss against a regulariser" (the quantity it protects is judged by its own rule).
         trade_off = [n for n in (a, b) if role.get(n) in th.exempt_roles]
+        if layered is not None and not layered["everywhere"] and not harm["suffering"]:
+            continue  # an opposition on some of the shared layers that holds nothing back
         severity = ("error" if tragic else "warning") if harm["suffering"] and not trade_off \
             else "info"
         held = np.zeros(len(steps), dtype=bool)

@@ -90,7 +90,8 @@ def layer_pair(blocks: np.ndarray, weights: np.ndarray, a: int, b: int) -> dict[
     ``undone_a`` / ``undone_b`` [L, T], the share of one loss's own first-order descent on the
     layer that the other's weighted gradient undoes, -w_b G_l[a, b] / (w_a G_l[a, a]) for a,
     clipped to [0, 1] (``_series.descent_undone`` on the layer alone); ``magnitude`` [L, T],
-    PCGrad's magnitude similarity 2 |w_a g_a| |w_b g_b| / (|w_a g_a|^2 + |w_b g_b|^2);
+    PCGrad's magnitude similarity 2 |g_a| |g_b| / (|g_a|^2 + |g_b|^2) (of the unweighted
+    gradients, as the recorded ``magnitude_similarity``);
     ``shared`` [L, T] marks the layers both reach."""
     gram = blocks[:, :, [a, b]][:, :, :, [a, b]]  # [T, L, 2, 2]
     own_a, own_b, cross = gram[..., 0, 0], gram[..., 1, 1], gram[..., 0, 1]
@@ -100,9 +101,7 @@ def layer_pair(blocks: np.ndarray, weights: np.ndarray, a: int, b: int) -> dict[
         cosine = np.where(shared, cross / np.sqrt(own_a * own_b), np.nan)
         undone_a = np.where(shared, np.clip(-w_b * cross / (w_a * own_a), 0.0, 1.0), np.nan)
         undone_b = np.where(shared, np.clip(-w_a * cross / (w_b * own_b), 0.0, 1.0), np.nan)
-        energy_a, energy_b = np.square(w_a) * own_a, np.square(w_b) * own_b
-        magnitude = np.where(shared, 2 * np.sqrt(energy_a * energy_b) / (energy_a + energy_b),
-                             np.nan)
+        magnitude = np.where(shared, 2 * np.sqrt(own_a * own_b) / (own_a + own_b), np.nan)
     return {"cosine": cosine.T, "undone_a": undone_a.T, "undone_b": undone_b.T,
             "magnitude": magnitude.T, "shared": shared.T}
 
@@ -121,7 +120,8 @@ def pair_on_layers(run: Run, blocks: tuple | None, pair: tuple[str, str], steps:
     summed: the Gram matrix of the gradients restricted to their parameters) per step the
     cosine, each loss's descent undone (keyed by loss name) and "tragic" (cos <= -magnitude
     similarity), NaN at steps without blocks. None where the run holds no blocks or they
-    miss a judged step; ``layers`` empty where the pair fights on no layer."""
+    miss a judged step; ``layers`` empty where the pair fights on no layer, ``everywhere``
+    where it fights on every layer both reach."""
     if blocks is None or not set(pair) <= set(run.losses):
         return None
     block_steps, layers, grams = blocks
@@ -141,4 +141,5 @@ def pair_on_layers(run: Run, blocks: tuple | None, pair: tuple[str, str], steps:
     return {"cosine": together["cosine"][0], pair[0]: together["undone_a"][0],
             pair[1]: together["undone_b"][0],
             "tragic": together["cosine"][0] <= -together["magnitude"][0],
-            "layers": [layers[i] for i in fight], "layer_cosines": medians}
+            "layers": [layers[i] for i in fight], "layer_cosines": medians,
+            "everywhere": len(fight) == sum(np.isfinite(m) for m in medians.values())}
