@@ -81,7 +81,7 @@ class Thresholds:
                                          "least this multiple of its start-window low rose "
                                          "from near its floor to an equilibrium: never "
                                          "stalled or stuck")
-    conflict_undone_fraction: float = _f(0.36, "plateau harm: median share of each loss's "
+    conflict_undone_fraction: float = _f(0.38, "plateau harm: median share of each loss's "
                                               "first-order descent that the other's weighted "
                                               "gradient undoes at least this, for both")
     conflict_plateau_fraction: float = _f(0.58, "plateau harm: each loss ends at least this "
