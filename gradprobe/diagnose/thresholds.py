@@ -81,12 +81,18 @@ class Thresholds:
                                          "least this multiple of its start-window low rose "
                                          "from near its floor to an equilibrium: never "
                                          "stalled or stuck")
-    conflict_undone_fraction: float = _f(0.5, "plateau harm: median share of each loss's "
+    conflict_undone_fraction: float = _f(0.38, "plateau harm: median share of each loss's "
                                               "first-order descent that the other's weighted "
                                               "gradient undoes at least this, for both")
-    conflict_plateau_fraction: float = _f(0.7, "plateau harm: each loss ends at least this "
+    conflict_plateau_fraction: float = _f(0.58, "plateau harm: each loss ends at least this "
                                                "fraction of its level after the start window "
                                                "(neither still falls)")
+    conflict_metric_progress: float = _f(0.1, "metric harm: a per-task metric logged for a "
+                                              "loss (probe.log, a name holding the loss's "
+                                              "name) improved over the second half of the "
+                                              "judged steps by at most this fraction of its "
+                                              "first half's improvement, and fell back by no "
+                                              "more: stopped improving")
     # -- representation-collapse -------------------------------------------------------------
     collapse_peak_fraction: float = _f(0.5, "end rank (or normalised std, total variance) at "
                                              "most this fraction of its own peak")

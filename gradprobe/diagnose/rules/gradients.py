@@ -19,7 +19,8 @@ from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, fini
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
-from .layers import layer_blocks, layer_ratios
+from .layers import layer_blocks, layer_ratios, pair_on_layers
+from .task_metrics import linked_metrics, metric_progress
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
@@ -172,7 +173,10 @@ def _left_to_learn(run: Run, name: str, steps: np.ndarray, th: Thresholds) -> np
 
 def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     out = []
-    role, exempt = roles(run), exempt_losses(run, th)
+    role, exempt, blocks = roles(run), exempt_losses(run, th), layer_blocks(run)
+    # A swamped loss that stalls is held back by the loss that swamps it, named by
+    # gradient-swamping: its stall is no evidence of this conflict.
+    swamped = {f.subject for f in earlier if f.id == "gradient-swamping" and f.severity != "info"}
     for pair, steps, cos in recorded_series(run, GRAD_COSINE, th.min_points):
         a, b = pair_parts(pair)
         if a in exempt or b in exempt:
@@ -195,6 +199,17 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 balance = np.minimum(wn[0], wn[1]) / np.maximum(wn[0], wn[1])
             judged &= np.nan_to_num(balance) >= th.swamping_ratio
+        # Where the run holds per-layer blocks the pair is judged where it fights: on the
+        # layers both reach whose cosine is persistently negative (layers.py), not on the
+        # nearest shared layer alone (two digits fighting over a shared trunk look
+        # orthogonal on the shared head's output layer), nor on the whole shared set (two
+        # tasks fighting over a shared output layer agree on the trunk below it).
+        layered = pair_on_layers(run, blocks, (a, b), steps, judged,
+                                 th.conflict_median_cosine, th.conflict_share)
+        if layered is not None:
+            if not layered["layers"]:
+                continue
+            cos = layered["cosine"]
         if judged.sum() < th.min_points:
             continue
         c = cos[judged]
@@ -205,20 +220,26 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             continue
         mag = get(run, MAGNITUDE_SIMILARITY, pair)
         tragic_share = None
-        if mag is not None:
+        if layered is not None:
+            tragic_share = held_share(steps[judged], layered["tragic"][judged])
+        elif mag is not None:
             m = np.interp(steps[judged], mag[0], mag[1])
             tragic_share = held_share(steps[judged], c <= -m)
         tragic = tragic_share is not None and tragic_share >= th.conflict_tragic_share
         undone = {}
-        if len(wn) == 2:
+        if layered is not None:
+            undone = {n: median(layered[n][judged]) for n in (a, b)}
+        elif len(wn) == 2:
             undone = {a: median(descent_undone(c, wn[0][judged], wn[1][judged])),
                       b: median(descent_undone(c, wn[1][judged], wn[0][judged]))}
         harm = _conflict_harm(run, th, (a, b), steps[judged], role,
-                              {n: undone.get(n, math.nan) for n in (a, b)})
+                              {n: undone.get(n, math.nan) for n in (a, b)}, swamped)
         # A regulariser or KL term known only from its name is judged (a name never exempts),
         # but its trade-off against the other loss is the design: noted, as the issue's
         # "loss against a regulariser" (the quantity it protects is judged by its own rule).
         trade_off = [n for n in (a, b) if role.get(n) in th.exempt_roles]
+        if layered is not None and not layered["everywhere"] and not harm["suffering"]:
+            continue  # an opposition on some of the shared layers that holds nothing back
         severity = ("error" if tragic else "warning") if harm["suffering"] and not trade_off \
             else "info"
         held = np.zeros(len(steps), dtype=bool)
@@ -226,6 +247,9 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         evidence = {
             "pair": pair, "median_cosine": med, "negative_share": share,
             "tragic_share": tragic_share, "judged_steps": int(judged.sum()), **harm,
+            "judged_on": "nearest shared layer" if layered is None else "layers where they fight",
+            "layers": None if layered is None else layered["layers"],
+            "layer_cosines": None if layered is None else layered["layer_cosines"],
             "trade_off_by_name": trade_off,
             "thresholds": {"median_cosine": th.conflict_median_cosine,
                            "share": th.conflict_share, "tragic_share": th.conflict_tragic_share,
@@ -244,6 +268,10 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         if harm["plateau"]:
             what += "; both settled on a compromise plateau, each undoing " + " and ".join(
                 f"{pct(harm['descent_undone'][n])} of '{n}'s" for n in (a, b)) + " descent"
+        if harm["metric_stalled"]:
+            what += "; " + " and ".join(
+                f"'{n}'s logged {', '.join(repr(m) for m in harm['metric_progress'][n])}"
+                for n in harm["metric_stalled"]) + " stopped improving"
         if harm["cancelled"]:
             what += f"; the weighted gradients cancel (combined norm {pct(harm['cancel_ratio'])}" \
                 " of their sum)"
@@ -291,7 +319,8 @@ def _fraction(end: float, reference: float) -> float:
 
 
 def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
-                   role: dict[str, str], undone: dict[str, float]) -> dict:
+                   role: dict[str, str], undone: dict[str, float],
+                   swamped: set[str] = frozenset()) -> dict:
     """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
     both settle together on a compromise plateau where each undoes most of the other's
     descent. A loss that rose from near its floor to an equilibrium during its start window
@@ -304,7 +333,7 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
             if lv["settled"] >= th.conflict_rise_ratio * lv["start_low"]]
     stalled = []
     for name, other in (pair, pair[::-1]):
-        if name in rose:
+        if name in rose or name in swamped:
             continue
         # An adversary that does not fall is doing its job (the features defeat it).
         if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
@@ -323,13 +352,23 @@ def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.n
     # still falling after its start window nor settled there by design. Terms of one objective
     # at their equilibrium differ by outcome: one of them is barely held or still falls. A
     # min-max game's equilibrium is its design.
+    # A per-task metric the user logged that stopped improving while the conflict holds:
+    # the task is held back whatever its loss curve shows.
+    metrics = {n: {m: metric_progress(run, m, lo, hi, th) for m in linked_metrics(run, n)}
+               for n in pair}
+    # A metric that turned back (a validation loss rising while its training loss falls) is
+    # memorisation, the overfitting rule's; held back is a metric that stopped.
+    metric_stalled = [n for n in pair if role.get(n) != "adversarial" and metrics[n] and all(
+        abs(p) <= th.conflict_metric_progress for p in metrics[n].values())]
     held = all(undone[n] >= th.conflict_undone_fraction for n in pair)
     plateau = held and not rose and "adversarial" not in (role.get(a) for a in pair) and \
         all(settled[n] >= th.conflict_plateau_fraction for n in pair)
     return {"loss_ratios": ratios, "settled_ratios": settled, "rose_to_equilibrium": rose,
             "stalled": stalled, "descent_undone": undone, "cancel_ratio": cancel,
-            "cancelled": cancelled, "plateau": plateau,
-            "suffering": list(pair) if plateau else stalled}
+            "cancelled": cancelled, "plateau": plateau, "metric_progress": metrics,
+            "metric_stalled": metric_stalled,
+            "suffering": list(pair) if plateau else sorted(set(stalled) | set(metric_stalled),
+                                                           key=pair.index)}
 
 
 def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -> Finding | None:
