@@ -58,19 +58,16 @@ Measured (seeds 0-3, one thread): ``healthy`` accuracies 0.91-0.92 (left) and 0.
 (right). ``shared-head``: 0.50-0.51 and 0.52-0.53; gradient cosine over every parameter,
 median -0.41 to -0.48, below -0.5 on 21-44% of the measured steps; the losses still fall
 slowly at the end (1.32-1.40 over the last 50 steps; 1.06 after 2,750 steps on seed 0, the
-compromise's floor being ln 2 = 0.69). gradprobe misses it at the defaults: the default shared
-set is the shared head's layer nearest the losses, where the recorded cosine's median is only
--0.07 to -0.10 (negative on 59-71% of the probe steps; the rule needs <= -0.2), and neither
-loss stalls or plateaus, so no harm is seen in the loss curves (issue 21: "where the user logs a per-task metric, use its trend"); kept as a true
-failure the rules do not yet find. ``shared-head-mirror``: accuracies 0.47-0.51 and
+compromise's floor being ln 2 = 0.69). Before rule change 9 (benchmarks/validity/rule-changes.md) gradprobe missed it: the
+default shared set is the shared head's layer nearest the losses, where the recorded
+cosine's median is only -0.07 to -0.10; with the per-layer blocks the conflict is judged on
+the trunk's conv layers, where it fights (-0.62 to -0.74), and found as a warning on every
+seed. ``shared-head-mirror``: accuracies 0.47-0.51 and
 0.46-0.51, losses 0.85-0.90 over the last 50 steps; the cosine over every parameter is
 positive (median +0.09 to +0.17: both tasks need the left digit, so the trunk is pulled the
 same way) and the conflict sits in the shared head, where the recorded cosine's median is
--0.43 to -0.49 (negative on 82-87% of the probe steps). gradprobe raises it only as ``info``:
-the harm test's compromise plateau needs each loss's descent undone >= 0.5 and its end >= 0.7
-of its level after the start window; measured 0.43-0.50 and 0.66-0.73 (seeds 0, 1): the
-losses are still converging on the compromise after 1,000 steps. Missed at the defaults,
-kept as a true failure. ``detached-right-head``: the right loss's gradient on the
+-0.43 to -0.49 (negative on 82-87% of the probe steps). Before rule change 9 gradprobe raised it only as ``info`` (descent undone 0.43-0.50 and
+settled 0.66-0.73 against the old 0.5 and 0.7); now a warning on every seed. ``detached-right-head``: the right loss's gradient on the
 trunk exactly 0 at every measurement, right accuracy 0.29-0.45 (left 0.93-0.95).
 ``train-64-pairs``: validation NLL rises from its minimum (1.19-1.43 left, 1.12-1.37 right) by
 25-48% (left) and 18-54% (right) by the end, while the training losses end at 0.07-0.22;
