@@ -37,9 +37,9 @@ the port's normalised loss 0.1: at 1 it cost task ``b`` 10 accuracy points (0.72
 at 0.1 the features are decorrelated at no cost. Losses ``task_a``, ``task_b``, ``adv``,
 ``diff``, ASP-MTL's own names. A new user keeps the paper's ``diff``, whose name hints at
 nothing, and declares it (``roles={"diff": "orthogonality"}``, as docs/findings.md says
-to); the other roles come from the names. The probe watches task ``a``'s pair ``shared`` and ``private`` (the pair
-L_diff constrains; with both tasks pooled, the two private encoders' offsets would add a
-between-task correlation no loss is meant to remove).
+to); the other roles come from the names. The probe watches task ``a``'s pair ``shared``
+and ``private`` (the pair L_diff constrains; with both tasks pooled, the two private
+encoders' offsets would add a between-task correlation no loss is meant to remove).
 
 Truth, measured on the test images without gradprobe (the dependence per task, averaged):
 ``private_norm_ratio`` (``shared_norm_ratio``), the private (shared) feature's mean row norm
