@@ -60,3 +60,39 @@ def test_identity_sampler_gives_p_classes_of_k_distinct_items_each():
         assert len(classes) == P_CLASSES and (counts == K_PER_CLASS).all()
         seen_classes.update(classes.tolist())
     assert seen_classes == set(range(10))  # the classes are drawn anew for each batch
+
+
+def test_asp_mtl_difference_loss_and_dependence_measures_match_numpy():
+    """asp-mtl's L_diff (eq. 16 raw, and the port's normalised form) and the dependence
+    measures of its truth, against direct numpy formulas."""
+    import torch
+
+    from benchmarks.validity.asp_mtl import diff_loss, task_discriminability
+    from benchmarks.validity.dsn import linear_cka, max_abs_correlation
+
+    rng = np.random.default_rng(0)
+    s, h = rng.normal(size=(40, 5)), rng.normal(size=(40, 3))
+    h[:, 0] += 2 * s[:, 1]  # one dependent pair
+    raw = float(diff_loss(torch.tensor(s), torch.tensor(h), normalised=False))
+    assert raw == pytest.approx(sum((s[:, i] @ h[:, j]) ** 2 for i in range(5) for j in range(3)))
+    sc, hc = s - s.mean(0), h - h.mean(0)
+    sn = sc / np.linalg.norm(sc, axis=1, keepdims=True)
+    hn = hc / np.linalg.norm(hc, axis=1, keepdims=True)
+    normalised = float(diff_loss(torch.tensor(s), torch.tensor(h), normalised=True))
+    assert normalised == pytest.approx(np.mean((hn.T @ sn) ** 2))
+    # the normalised loss ignores the features' scale; the raw one grows with its square
+    h_scaled = 7.0 * h
+    s_t, h_scaled_t = torch.tensor(s), torch.tensor(h_scaled)
+    assert float(diff_loss(s_t, h_scaled_t, normalised=True)) == pytest.approx(normalised)
+    assert float(diff_loss(s_t, h_scaled_t, normalised=False)) == pytest.approx(49 * raw)
+    corr = np.corrcoef(s.T, h.T)[:5, 5:]
+    assert max_abs_correlation(s, h) == pytest.approx(np.abs(corr).max())
+    kernel = lambda x: (x - x.mean(0)) @ (x - x.mean(0)).T  # noqa: E731
+    ks, kh = kernel(s), kernel(h)
+    hsic = np.sum(ks * kh)  # tr(K_s K_h), linear kernels on centred features
+    assert linear_cka(s, h) == pytest.approx(hsic / np.sqrt(np.sum(ks * ks) * np.sum(kh * kh)))
+    # tasks told apart from shared features: separated means near 1, identical ones near chance
+    apart = [(rng.normal(size=(200, 4)), None), (rng.normal(size=(200, 4)) + 3.0, None)]
+    alike = [(rng.normal(size=(200, 4)), None), (rng.normal(size=(200, 4)), None)]
+    assert task_discriminability(apart) > 0.97
+    assert abs(task_discriminability(alike) - 0.5) < 0.1
