@@ -187,8 +187,12 @@ def train(variant: str, seed: int, log: Path) -> dict:
 
 _PROTOTYPE_IDS = ("prototype-stale", "prototype-collapse")
 _HEALTHY_MUST_NOT = _PROTOTYPE_IDS + ("representation-collapse", "gradient-conflict")
+# With the centres stuck (no update) or dragged to the batch mean (unmasked), the center
+# loss stays at the level it rose to while the softmax loss falls: constraint-neglect is true
+# there too (measured: end 0.82-0.94 of the level after the start window, seeds 0-3).
 _CENTER_FIGHTS_SOFTMAX = (Expect("gradient-conflict", "softmax|center"),
-                          Expect("static-loss-weights", "center"))
+                          Expect("static-loss-weights", "center"),
+                          Expect("constraint-neglect", "center"))
 
 FAMILY = Family(
     name="center_loss",
