@@ -124,6 +124,8 @@ class Terminal:
         return ANSI.sub("", self.raw.decode("utf-8", "replace"))
 
 
+# The swamping title's where (per-layer blocks recorded) and per-layer spread, when shown.
+ON_LAYERS = r"(?: on the layers they share(?: \([0-9.]+% to [0-9.]+% on its \d+ layers\))?)?"
 SWAMPING_ROW = (r"^error\s+gradient-swamping\s+'b'\s+ratio ([0-9.e-]+) \(median\)\s+"
                 r"seen (\d+), held (\d+)-(\d+)$")
 
@@ -162,7 +164,7 @@ def test_watch_at_80x24_shows_swamping_appear_while_another_process_trains(tmp_p
     assert any(row.startswith("training  step") for row in rows[1:at])
     title = " ".join(row.strip() for row in rows[at + 1:] if row.startswith("        "))
     percent = float(re.fullmatch(r"'b' is swamped: its weighted gradient is ([0-9.]+)% of "
-                                 r"that of 'a'", title).group(1))
+                                 r"that of 'a'" + ON_LAYERS, title).group(1))
     assert percent == pytest.approx(100 * float(ratio), rel=0.5)
     # The frame fits: no row cut off by rich's overflow marker, the losses table above.
     assert not any(row.strip() == "..." for row in rows)
@@ -229,13 +231,13 @@ def test_watch_plain_in_a_pipe_prints_one_line_per_change_as_it_happens(tmp_path
     # Line by line: waiting, training progress, the finding as it appeared, the ending, then
     # exactly analyze's lines.
     assert lines[0] == f"gradprobe watch {run_file}: waiting for the run file to appear"
-    assert re.fullmatch(r"step (\d+|-): training, \d+ probe steps", lines[1]), lines
+    assert re.fullmatch(r"step (\d+|-): training, \d+ probe steps?", lines[1]), lines
     appeared = lines.index(next(line for line in lines if "gradient-swamping" in line))
-    assert all(re.fullmatch(r"step \d+: training, \d+ probe steps(, [0-9.]+ steps/s)?", line)
+    assert all(re.fullmatch(r"step \d+: training, \d+ probe steps?(, [0-9.]+ steps/s)?", line)
                for line in lines[2:appeared]), lines
     match = re.fullmatch(r"step (\d+): error  gradient-swamping 'b'  \[ratio [0-9.e-]+ "
                          r"\(median\)\]  'b' is swamped: its weighted gradient is [0-9.]+% of "
-                         r"that of 'a' \(held (\d+)-(\d+)\)", lines[appeared])
+                         r"that of 'a'" + ON_LAYERS + r" \(held (\d+)-(\d+)\)", lines[appeared])
     assert match, lines[appeared]
     trained = int(re.search(r"trained (\d+) steps", out).group(1))
     assert live_run.ONSET < int(match.group(1)) < trained
