@@ -46,12 +46,21 @@ def test_a_constraint_that_rose_to_its_equilibrium_and_fell_from_it_is_not_negle
     assert _neglect(_run(tmp_path, rise)) == []
 
 
-def test_a_constraint_that_rose_and_stays_there_is_neglected_against_that_level(tmp_path):
+def test_a_constraint_that_rose_and_stays_there_is_neglected(tmp_path):
     rise = np.r_[np.full(8, 0.01), np.geomspace(0.01, 1.0, 6), np.full(STEPS - 14, 1.0)]
     (f,) = _neglect(_run(tmp_path, rise))
     start, end = _windows()
-    after = rise[start.stop:]  # the level after the start window
-    assert f.evidence["judged_against"] == "level after its start window"
     assert f.evidence["constraint_ratio"] == pytest.approx(
-        np.median(rise[end]) / np.median(after[:start.stop]), rel=0.05)
-    assert f.evidence["constraint_ratio"] >= TH.neglect_constraint_fraction
+        np.median(rise[end]) / np.median(rise[start]))
+    assert f.severity == "error"  # it rose from its start
+    assert f.evidence["settled_ratio"] >= TH.neglect_settled_fraction
+
+
+def test_a_constraint_that_rose_and_decays_slowly_is_still_neglected(tmp_path):
+    # Up to 1, then only down to 0.6 of it: not satisfied (the failure theorem's rising
+    # constraint; tests/runs.memorising_decoupler's orthogonality loss ends at 0.7 of its level).
+    rise = np.r_[np.full(8, 0.01), np.geomspace(0.01, 1.0, 6), np.geomspace(1.0, 0.6, STEPS - 14)]
+    (f,) = _neglect(_run(tmp_path, rise))
+    assert f.evidence["settled_ratio"] == pytest.approx(
+        np.median(rise[_windows()[1]]) / f.evidence["constraint_settled"])
+    assert TH.neglect_settled_fraction <= f.evidence["settled_ratio"] < 1

@@ -67,6 +67,9 @@ class Thresholds:
     constraint_roles: tuple[str, ...] = _roles(
         ("contrastive", "prototype", "orthogonality", "decorrelation", "reconstruction"),
         "roles counted as geometric constraints")
+    neglect_settled_fraction: float = _f(0.5, "a constraint that rose to an equilibrium in its "
+                                              "start window and ends below this fraction of "
+                                              "that level is being satisfied")
     # -- gradient-conflict -------------------------------------------------------------------
     conflict_median_cosine: float = _f(-0.2, "median cosine of a pair at most this")
     conflict_share: float = _f(0.6, "share of probe steps with cosine < 0 at least this")

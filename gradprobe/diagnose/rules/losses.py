@@ -39,22 +39,24 @@ def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         c = start_end(*series, th)
         if not c["start"] > 0:
             continue  # a relative judgement needs a positive start
+        ratio = c["end"] / c["start"]
+        if not ratio >= th.neglect_constraint_fraction:
+            continue
         # A constraint that rose from near its floor to an equilibrium during its start window
-        # (a center loss whose centres start at the features' origin) is judged against that
-        # level, not its first value (the rise test of gradient-conflict).
+        # (a center loss whose centres start at the features' origin) and then fell well below
+        # that level is being satisfied, whatever its first value (the rise test of
+        # gradient-conflict).
         settled = level_after_start(*series, th)
         rose_early = settled >= th.conflict_rise_ratio * start_low(*series, th)
-        reference = settled if rose_early else c["start"]
-        ratio = c["end"] / reference
-        if not ratio >= th.neglect_constraint_fraction:
+        if rose_early and c["end"] < th.neglect_settled_fraction * settled:
             continue
         rose = ratio > 1.0
         evidence = {
             "task": task, "constraint": name, "role": role,
             "task_start": t["start"], "task_end": t["end"], "task_ratio": t["end"] / t["start"],
             "constraint_start": c["start"], "constraint_end": c["end"],
-            "constraint_ratio": ratio, "judged_against": "level after its start window"
-            if rose_early else "its start", "constraint_settled": settled,
+            "constraint_ratio": ratio, "constraint_settled": settled,
+            "settled_ratio": c["end"] / settled if settled > 0 else None,
             "start_steps": c["start_steps"], "end_steps": c["end_steps"],
             "task_near_zero_from": near_zero_from,
             "thresholds": {"task": th.neglect_task_fraction,
@@ -65,7 +67,7 @@ def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         out.append(make_finding(
             "constraint-neglect", "error" if rose else "warning",
             f"'{task}' fell to {pct(t['end'] / t['start'])} of its start while '{name}' {verb} "
-            f"({pct(ratio)} of {evidence['judged_against']})",
+            f"({pct(ratio)} of its start)",
             name, f"task x{g(t['end'] / t['start'])}, {name} x{g(ratio)}", evidence,
             (near_zero_from, int(series[0][-1])),
             plot=PlotHint(LOSS, names=[task, name])))
