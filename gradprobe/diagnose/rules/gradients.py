@@ -19,7 +19,7 @@ from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, fini
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, satisfied_constraints
-from .layers import layer_blocks, layer_ratios, pair_on_layers
+from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
 from .task_metrics import linked_metrics, metric_progress
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
@@ -143,9 +143,7 @@ def _where_they_act(run: Run, names: list[str], steps: np.ndarray,
     if not np.isin(steps, block_steps).all():
         return None
     blocks = blocks[np.searchsorted(block_steps, steps)]
-    weights = np.vstack([np.interp(steps, *get(run, WEIGHT, n)) if run.has(WEIGHT, n)
-                         else np.ones(len(steps)) for n in names])
-    ratio, per_layer, dominant = layer_ratios(blocks, weights, competing)
+    ratio, per_layer, dominant = layer_ratios(blocks, layer_weights(run, steps), competing)
     return {"ratio": ratio, "per_layer": per_layer, "dominant": dominant, "layers": layers}
 
 
