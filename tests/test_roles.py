@@ -313,3 +313,43 @@ def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(reco
 def test_name_hint_takes_the_longest_matching_hint(name, role, hint):
     from gradprobe.probe.checks import name_hint
     assert name_hint(name) == (role, hint)
+
+
+def test_prototypes_reached_are_those_autograd_gives_a_gradient(tmp_path):
+    """The watched prototype tables each loss reaches, recorded at the first probe step: a
+    table that is a Parameter (the codebook) and one computed in the forward (the
+    l2-normalised codebook the model keeps for its classifier), against
+    ``torch.autograd.grad`` on the same losses."""
+    torch.manual_seed(0)
+    model = VQ()
+    x, y = data()
+    kept: dict[str, torch.Tensor] = {}
+
+    def losses_of(m: VQ) -> dict[str, torch.Tensor]:
+        out = vq_losses(m, x, y)
+        kept["unit"] = F.normalize(m.codebook, dim=1)
+        out["spread"] = (kept["unit"] @ kept["unit"].T).pow(2).mean()
+        return out
+
+    path = tmp_path / "tables.gprobe"
+    probe = gradprobe.Probe(model, run_file=path, every=1)
+    probe.watch_prototypes("codebook", model.codebook)
+    probe.watch_prototypes("unit", lambda: kept["unit"])
+    probe.watch_prototypes("frozen", torch.randn(8, 4))  # requires no grad: reached by none
+    losses = losses_of(model)
+    expected = {}
+    for name, loss in losses.items():
+        found = []
+        for table_name, table in (("codebook", model.codebook), ("unit", kept["unit"])):
+            grad, = torch.autograd.grad(loss, table, retain_graph=True, allow_unused=True) \
+                if loss.requires_grad else (None,)
+            if grad is not None:
+                found.append(table_name)
+        expected[name] = found
+    probe.backward(losses, vq_weights(model))
+    probe.close()
+    records = {r["name"]: r for r in gradprobe.load_run(path).meta["role_records"]}
+    assert {n: r["prototypes_reached"] for n, r in records.items()} == expected
+    assert expected["codebook"] == ["codebook"] and expected["spread"] == ["codebook", "unit"]
+    assert expected["recon"] == []  # straight-through: the codebook is reached by index only
+    assert "reaches prototypes 'unit'" in records["spread"]["reach_summary"]

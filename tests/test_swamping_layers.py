@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,13 +25,15 @@ TH = Thresholds()
 
 # -- synthetic runs: per-layer Jacobian rows drawn at random, written as a probe would --------
 
-def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True):
+def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True, meta=None,
+           arrays_at=None):
     """``scales[layer]``: per step, per loss, the size of that loss's gradient rows on the
-    layer (0: the loss does not reach it). Returns the rows J[step][layer] [K, P]."""
+    layer (0: the loss does not reach it); ``meta``, ``arrays_at(step)``: more metadata and
+    arrays to record. Returns the rows J[step][layer] [K, P]."""
     w = RunWriter(path)
     w.set_meta(losses=list(names), task=names[0],
                roles={n: "task" if i == 0 else "other" for i, n in enumerate(names)},
-               every=1, expect_groups_per_batch=None)
+               every=1, expect_groups_per_batch=None, **(meta or {}))
     rows = []
     for s in range(STEPS):
         per_layer = {layer: rng.normal(size=(len(names), size)) * scales[layer][s][:, None]
@@ -41,6 +44,8 @@ def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True):
         scalars, arrays = {}, {("grad_gram", "shared"): gram}
         if with_blocks:
             arrays |= {("grad_gram_layer", layer): g for layer, g in grams.items()}
+        if arrays_at is not None:
+            arrays |= arrays_at(s)
         for k, name in enumerate(names):
             norm = float(np.sqrt(gram[k, k]))
             scalars |= {("loss", name): float(losses[k][s]), ("grad_norm", name): norm,
@@ -69,7 +74,8 @@ def _falling(start, end):
     return np.geomspace(start, end, STEPS)
 
 
-def _router_case(tmp_path, balance_weight, with_blocks=True):
+def _router_case(tmp_path, balance_weight, with_blocks=True, meta=None, arrays_at=None,
+                 tag=""):
     """A task and a balancing loss: the task dominates a large embedding by construction, the
     balancing loss acts on a small router (its gradient there ~40x the task's)."""
     rng = np.random.default_rng(0)
@@ -77,9 +83,9 @@ def _router_case(tmp_path, balance_weight, with_blocks=True):
     scales = {"embed": [np.array([10.0, 0.5]) for _ in ones],
               "router": [np.array([1.0, 40.0]) for _ in ones]}
     weights = [1.0, balance_weight]
-    path = tmp_path / f"router-{balance_weight}-{with_blocks}.gprobe"
+    path = tmp_path / f"router-{balance_weight}-{with_blocks}{tag}.gprobe"
     rows = _write(path, ("task", "balance"), weights, {"embed": 200, "router": 16},
-                  [_falling(2.0, 0.5), 1.5 * ones], scales, rng, with_blocks)
+                  [_falling(2.0, 0.5), 1.5 * ones], scales, rng, with_blocks, meta, arrays_at)
     return load_run(path), rows, np.array(weights)
 
 
@@ -129,6 +135,52 @@ def test_a_loss_swamped_on_every_layer_it_shares_is_found_with_its_layers(tmp_pa
     import re
     number = re.search(r"weight 'balance' 1e-05 -> ([0-9.e+]+)", f.remedy)
     assert number and float(number.group(1)) == pytest.approx(balanced, rel=5e-3), f.remedy
+
+
+def _routing(tmp_path, shares, reached_by):
+    """The swamped router case, its router watched as prototypes: each probe step's top-1
+    counts drawn from ``shares`` (1,024 tokens), and the losses whose graph reaches the
+    router (a role record's ``prototypes_reached``)."""
+    rng = np.random.default_rng(1)
+    counts = [rng.multinomial(1024, shares).astype(float) for _ in range(STEPS)]
+    records = [{"name": n, "role": "task" if n == "task" else "other",
+                "source": "first" if n == "task" else "name", "hint": None, "reach": "shared",
+                "prototypes_reached": ["router"] if n in reached_by else []}
+               for n in ("task", "balance")]
+    run, _, _ = _router_case(tmp_path, 1e-5, meta={"role_records": records,
+                                                   "prototypes": {"router": None}},
+                             arrays_at=lambda s: {("prototype_assignments", "router"): counts[s]},
+                             tag=f"-{shares[0]:.3f}-{'-'.join(reached_by)}")
+    last = int(np.ceil(TH.window_share * STEPS))
+    pooled = np.sum(counts[-last:], axis=0)
+    return run, scipy.stats.entropy(pooled) / np.log(len(shares))
+
+
+@pytest.mark.parametrize("reached_by", [("task", "balance"), ("balance",)])
+def test_a_swamped_loss_whose_prototypes_keep_their_usage_is_info(tmp_path, reached_by):
+    run, usage = _routing(tmp_path, np.full(8, 1 / 8), reached_by)
+    assert usage >= TH.usage_held_fraction
+    found = {f.id: f for f in _swamping(run)}
+    assert set(found) == {"gradient-swamping"}  # static-loss-weights reads no info finding
+    f = found["gradient-swamping"]
+    assert f.severity == "info" and f.subject == "balance"
+    assert f.evidence["prototype_usage_kept"]["router"] == pytest.approx(usage, rel=1e-9)
+    assert "the prototypes 'router' it reaches keep their usage" in f.title
+
+
+def test_a_swamped_loss_whose_prototypes_lose_their_usage_keeps_its_alarm(tmp_path):
+    skewed = np.array([0.55, 0.3, 0.1, 0.02, 0.01, 0.01, 0.005, 0.005])
+    run, usage = _routing(tmp_path, skewed, ("task", "balance"))
+    assert usage < TH.usage_held_fraction
+    found = {f.id: f for f in _swamping(run)}
+    assert set(found) == {"gradient-swamping", "static-loss-weights"}
+    assert found["gradient-swamping"].severity == "error"
+    assert found["gradient-swamping"].evidence["prototype_usage_kept"] is None
+    # Kept usage that only the task reaches is not the balancing loss's to claim.
+    run, usage = _routing(tmp_path, np.full(8, 1 / 8), ("task",))
+    assert usage >= TH.usage_held_fraction
+    assert {f.id: f.severity for f in _swamping(run)} == {
+        "gradient-swamping": "error", "static-loss-weights": "warning"}
 
 
 def test_a_ratio_whose_spread_straddles_the_threshold_is_info(tmp_path):

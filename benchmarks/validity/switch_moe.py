@@ -35,8 +35,10 @@ router weight over the task's, by ``torch.autograd.grad``):
 - ``alpha-1e-2``: healthy, as published. Must raise no warning or error.
 - ``alpha-1e-5``: the balancing loss 1,000 times too weak: top-1 routing's rich-get-richer
   loop is left alone and a few experts take most tokens (router collapse in the MoE sense).
-  Expected: ``prototype-collapse`` on ``router``; ``gradient-swamping`` of ``balance`` (its
-  weighted gradient is a negligible share of the task's).
+  Expected: ``gradient-swamping`` of ``balance`` (its weighted gradient is a negligible
+  share of the task's) and ``static-loss-weights`` on ``balance`` (the weight is fixed at
+  1e-5 for the whole run: that fixed weight is the cause); allowed: ``prototype-collapse``
+  on ``router`` (below).
 - ``no-balance``: no balancing loss at all (one loss). Expected: ``prototype-collapse`` on
   ``router``.
 
@@ -60,7 +62,13 @@ smaller share of their codes (normalised entropy falls as log K grows). The caus
 balancing loss held back, is what ``gradient-swamping`` on ``balance`` finds (alpha 1e-5);
 without a balancing loss nothing in the gradients tells, so ``no-balance`` is a known limit.
 The quick run is ``alpha-1e-5`` at seed 1, which carries the expected alarm.
-gradprobe today (the baseline): ``alpha-1e-2``: a false ``error gradient-swamping`` of
+Healthy by outcome at a small gradient share (rule change 13, benchmarks/validity/
+rule-changes.md): the healthy balancing loss is 1-3% of the task's gradient on the router,
+measured above without gradprobe, and still keeps 7-8 experts in use. gradprobe reads from
+the graph that ``balance`` reaches the watched ``router`` prototypes, and its swamping is
+``info`` while their pooled usage keeps at least ``usage_held_fraction`` (0.8) of log 8:
+0.889-0.958 healthy, 0.61-0.69 at alpha 1e-5 (which keeps its alarm).
+Before that change (the baseline): ``alpha-1e-2``: a false ``error gradient-swamping`` of
 ``balance`` (ratio 0.006 / 0.010 on the default shared set) and ``warning
 static-loss-weights``, as in the issue; ``alpha-1e-5``: ``error gradient-swamping`` of
 ``balance``, ``warning static-loss-weights``, and ``warning prototype-collapse`` on
@@ -202,7 +210,8 @@ FAMILY = Family(
                 must_not=("prototype-collapse", "gradient-swamping", "static-loss-weights")),
         Variant("alpha-1e-5", False,
                 "the balancing loss 1,000 times too weak: a few experts take most tokens",
-                expected=(Expect("gradient-swamping", "balance"),),
+                expected=(Expect("gradient-swamping", "balance"),
+                          Expect("static-loss-weights", "balance")),
                 allowed=(Expect("prototype-collapse", "router"),)),
         Variant("no-balance", False,
                 "no balancing loss: a few experts take most tokens (a partial collapse that "

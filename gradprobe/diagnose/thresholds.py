@@ -60,6 +60,9 @@ class Thresholds:
     exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
                                            "roles never reported as swamped or conflicting, "
                                            "nor for missing the shared parameters")
+    usage_held_fraction: float = _f(0.8, "a swamped loss that reaches watched prototypes whose "
+                                         "pooled usage entropy / log P is at least this "
+                                         "does its job: info, not an alarm")
     # -- constraint-neglect ------------------------------------------------------------------
     neglect_task_fraction: float = _f(0.1, "task loss end/start at most this: driven towards 0")
     neglect_constraint_fraction: float = _f(0.8, "constraint loss end/start at least this: stays "
@@ -171,7 +174,7 @@ class Thresholds:
             object.__setattr__(self, f.name, _check(f, value))
         for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
                      "contrastive_same_group_share", "memorised_fraction", "learned_fraction",
-                     "swamping_floor_fraction",
+                     "swamping_floor_fraction", "usage_held_fraction",
                      "saturation_wrong_fraction", "conflict_undone_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -311,8 +311,8 @@ class Probe(WatchMethods):
             if self._shared is not None:
                 self._shared = self._sharded.unsharded(self._shared)
         if not self._role_reader.read:  # the first probe step: what each loss reaches
-            self._role_reader.read_graph(self.roles, names, self.task,
-                                         [losses[k] for k in names], weights, self._names)
+            self._role_reader.read_graph(self.roles, names, self.task, [losses[k] for k in names],
+                                         weights, self._names, self._watches.prototype_tables())
         if self._shared is None:
             self._shared, core, why = shared_set(
                 [losses[k] for k in names], self._role_reader.parameter_names(self._names),

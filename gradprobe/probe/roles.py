@@ -62,12 +62,24 @@ def _input_dependent(nodes: Mapping[Any, int]) -> bool:
     return False
 
 
+def prototypes_reached(graph: Mapping[Any, int], leaf_ids: Collection[int],
+                       tables: Mapping[str, torch.Tensor]) -> list[str]:
+    """The watched prototype tables a loss's graph reaches: a table that is a leaf (a
+    Parameter) among its leaves, a computed one by its autograd node."""
+    return sorted(name for name, table in tables.items()
+                  if (id(table) in leaf_ids if table.grad_fn is None else table.grad_fn in graph))
+
+
 def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
-               parameters: Collection[int]) -> list[dict]:
+               parameters: Collection[int],
+               prototypes: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
     """Each loss's reach: ``{"kind": its kind (module docstring), "shared": n, "own": n,
-    "loss_weights": n}`` (numbers of parameter tensors). ``parameters``: the ids of the
-    model's parameters; another leaf a loss reaches (a PINN's collocation points, an input
-    that requires grad) is data."""
+    "loss_weights": n, "prototypes": the watched prototype tables it reaches}`` (numbers of
+    parameter tensors). ``parameters``: the ids of the model's parameters; another leaf a
+    loss reaches (a PINN's collocation points, an input that requires grad) is data.
+    ``prototypes``: the watched tables that require grad, by name: a loss that reaches one
+    acts on the assignments it makes (a balancing or codebook loss on a router or
+    codebook), the quantity the diagnosis then judges it by."""
     weight_ids = set(loss_weight_leaves(weights))
     graphs = [reachable_nodes(loss) for loss in losses]
     leaves = [set(leaves_of(graph)) for graph in graphs]
@@ -82,7 +94,8 @@ def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
         kind = ("none" if not reached[k] else "loss-weights" if not found
                 else "penalty" if penalty[k] else "shared" if shared else "own")
         reaches.append({"kind": kind, "shared": len(shared), "own": len(found - shared),
-                        "loss_weights": len(reached[k] & weight_ids)})
+                        "loss_weights": len(reached[k] & weight_ids),
+                        "prototypes": prototypes_reached(graphs[k], leaves[k], prototypes or {})})
     return reaches
 
 
@@ -91,8 +104,9 @@ def reach_summary(reach: dict | None) -> str:
         return "not read"
     parts = [f"{reach[key]} {label}" for key, label in
              (("shared", "shared"), ("own", "own"), ("loss_weights", "loss-weight")) if reach[key]]
-    return ("parameter tensors reached: " + ", ".join(parts)) if parts \
-        else "no trainable parameter reached"
+    acts_on = "".join(f"; reaches prototypes {name!r}" for name in reach.get("prototypes", ()))
+    return (("parameter tensors reached: " + ", ".join(parts)) if parts
+            else "no trainable parameter reached") + acts_on
 
 
 def role_records(names: list[str], task: str, declared: Mapping[str, str], task_declared: bool,
@@ -125,6 +139,7 @@ def role_records(names: list[str], task: str, declared: Mapping[str, str], task_
                         "reach_summary": reach_summary(reach),
                         "counts": {key: reach[key] for key in ("shared", "own", "loss_weights")}
                         if reach else None,
+                        "prototypes_reached": reach.get("prototypes", []) if reach else None,
                         "override": role_declaration(loss_name, role if source == "declared"
                                                 else alternative),
                         "ambiguity": ambiguity})
@@ -148,10 +163,10 @@ class RoleReader:
 
     def read_graph(self, roles: dict[str, str], names: list[str], task: str,
                    losses: Sequence[torch.Tensor], weights: Sequence[Any],
-                   parameters: Collection[int]) -> None:
+                   parameters: Collection[int], prototypes: Mapping[str, torch.Tensor]) -> None:
         self.weight_ids = set(loss_weight_leaves(weights))
         self.records = role_records(names, task, self.declared, self.task_declared,
-                                    read_reach(losses, weights, parameters))
+                                    read_reach(losses, weights, parameters, prototypes))
         roles.update((r["name"], r["role"]) for r in self.records)
         self.read = True
 

@@ -58,6 +58,19 @@ class WatchSet:
                                   f"zero-argument callable, got {type(source).__name__}")
         self.prototypes[name] = PrototypeWatch(name, source, latent, every)
 
+    def prototype_tables(self) -> dict[str, torch.Tensor]:
+        """The watched prototype tables that a loss can reach (they require grad), by name; a
+        callable source is called once here, and one that fails is left to its watch."""
+        tables = {}
+        for name, watch in self.prototypes.items():
+            try:
+                table = watch.source() if callable(watch.source) else watch.source
+            except Exception:  # noqa: BLE001 - the watch reports it when it records
+                continue
+            if isinstance(table, torch.Tensor) and table.requires_grad and watch.disabled is None:
+                tables[name] = table
+        return tables
+
     def add_saturation(self, name: str, module: torch.nn.Module | None, temperature: Any,
                        threshold: float, terms: tuple[str, str] | None, target: str | None,
                        every: int | None) -> None:

@@ -18,7 +18,7 @@ from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, fini
                        rolling_median, start_end, start_low, task_learning, thin, window_counts)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
-from .common import Earlier, loss_start, make_finding, satisfied_constraints
+from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
 from .task_metrics import linked_metrics, metric_progress
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
@@ -93,7 +93,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         settled = rolling_median(ratio[judged], th.smooth_points)[-last:]
         quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
         close = quartiles[0] < th.swamping_ratio < quartiles[1]
-        severity = "info" if close else \
+        protected = _usage_it_keeps(run, name, th)
+        severity = "info" if close or protected else \
             "error" if med < th.swamping_error_ratio else "warning"
         first, last = held_range(steps, held)
         evidence = {
@@ -110,6 +111,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             else None,
             "task_memorised_at": int(steps[~learning][0]) if (~learning).any() else None,
             "ratio": thin(steps[judged], ratio[judged]),
+            "prototype_usage_kept": protected,
         }
         if by_layer is not None:
             evidence["layer_ratios"] = {
@@ -125,11 +127,30 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         out.append(make_finding(
             "gradient-swamping", severity,
             f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'"
-            + where + (" (its spread straddles the threshold)" if close else ""),
+            + where + (" (its spread straddles the threshold)" if close else "")
+            + "".join(f"; the prototypes '{p}' it reaches keep their usage (pooled entropy "
+                      f"{g(u)} of its maximum)" for p, u in (protected or {}).items()),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant), remedy=swamping_remedy(evidence)))
     return out
+
+
+def _usage_it_keeps(run: Run, name: str, th: Thresholds) -> dict[str, float] | None:
+    """For a loss other than the task that reaches watched prototypes (a balancing loss on a
+    router, a commitment or codebook loss on a codebook: read from its graph at the first
+    probe step), the pooled usage of each, when every one keeps at least
+    ``usage_held_fraction`` of its maximum entropy: the quantity the loss is for holds, so a
+    small gradient share is not harm (a Switch Transformer balancing loss at alpha 1e-2
+    keeps 8 experts in use at 1-3% of the task's gradient on the router). None otherwise."""
+    if name == run.task:
+        return None
+    reached = role_record(run, name).get("prototypes_reached") or []
+    usage = {p: pooled_usage(run, p, th) for p in reached}
+    if not usage or any(u is None or u["usage"] < th.usage_held_fraction
+                        for u in usage.values()):
+        return None
+    return {p: u["usage"] for p, u in usage.items()}
 
 
 def _where_they_act(run: Run, names: list[str], steps: np.ndarray,
