@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 import runs
 from gradprobe.diagnose import (FINDING_IDS, SEVERITY_ORDER, ConfigError, DiagnoseWarning,
@@ -502,3 +503,33 @@ def test_batches_holding_few_of_the_declared_groups_mismatch():
     _, mixed = runs.contrastive_batches("mixed", 4).series("groups_per_batch", "batch")
     assert np.min(mixed) > 0.5 * 4
     assert "batch-composition-mismatch" not in _ids(runs.contrastive_batches("mixed", 4))
+
+
+def test_a_normalised_loss_that_only_correlates_with_the_norms_is_not_called_unnormalised(tmp_path):
+    """Rule (b) of orthogonality-vanishing needs the loss proportional to |z_a|^2 |z_b|^2,
+    not only correlated with it: the least-squares slope, checked against scipy."""
+    steps = np.arange(60)
+    norm_a = np.geomspace(1.0, 6.0, len(steps))  # the latents grow: the product spans 1,296x
+    norm_b = np.geomspace(1.0, 6.0, len(steps))
+    scale = (norm_a * norm_b) ** 2
+    found = {}
+    for kind, loss in (("normalised", 0.02 * scale ** 0.15),  # rises with the dependence
+                       ("raw", 0.02 * scale)):
+        path = tmp_path / f"{kind}.gprobe"
+        writer = RunWriter(path)
+        writer.set_meta(losses=["task", "orth"], task="task",
+                        roles={"task": "task", "orth": "orthogonality"}, every=1,
+                        expect_groups_per_batch=None)
+        for s in steps:
+            writer.write_step(int(s), {("loss", "task"): 1.0 / (1 + s), ("loss", "orth"): loss[s],
+                                       ("latent_norm", "a"): norm_a[s],
+                                       ("latent_norm", "b"): norm_b[s]}, {})
+        writer.close()
+        slope = scipy.stats.linregress(np.log(scale), np.log(loss)).slope
+        found[kind] = ([f for f in diagnose(load_run(path)) if f.id == "orthogonality-vanishing"
+                        and f.subject == "orth"], slope)
+    (normalised, slope_n), (raw, slope_r) = found["normalised"], found["raw"]
+    assert slope_n == pytest.approx(0.15) and normalised == []
+    assert slope_r == pytest.approx(1.0) and len(raw) == 1
+    assert raw[0].evidence["log_slope"] == pytest.approx(slope_r, rel=1e-9)
+    assert raw[0].evidence["log_correlation"] == pytest.approx(1.0)

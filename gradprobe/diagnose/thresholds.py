@@ -145,6 +145,9 @@ class Thresholds:
     vanishing_norm_fraction: float = _f(0.1, "end latent norm at most this fraction of its peak")
     unnormalised_correlation: float = _f(0.9, "correlation of log orthogonality loss with "
                                               "log(|z_a|^2 |z_b|^2) at least this ...")
+    unnormalised_slope: float = _f(0.5, "... and the least-squares slope of log loss on log("
+                                        "|z_a|^2 |z_b|^2) at least this (1 when the loss is "
+                                        "proportional to it)")
     unnormalised_norm_range: float = _f(10.0, "... while |z_a|^2 |z_b|^2 varies by at least "
                                               "this factor")
     # -- latent-dependence -------------------------------------------------------------------

@@ -308,18 +308,25 @@ def _unnormalised_orthogonality(run: Run, th: Thresholds, orth: list[str]) -> li
             spread = float(scale[keep].max() / scale[keep].min())
             if spread < th.unnormalised_norm_range:
                 continue
-            corr = float(np.corrcoef(np.log(lv[keep]), np.log(scale[keep]))[0, 1])
-            if not corr >= th.unnormalised_correlation:
+            log_loss, log_scale = np.log(lv[keep]), np.log(scale[keep])
+            corr = float(np.corrcoef(log_loss, log_scale)[0, 1])
+            # Proportional, not only correlated: a normalised loss that rises with the
+            # dependence while the norms grow correlates too, at a slope near 0 (ASP-MTL's
+            # unweighted difference loss: 0.09-0.17); a loss that is |z_a|^2 |z_b|^2 times
+            # an angle term has slope 1.
+            slope = float(np.polyfit(log_scale, log_loss, 1)[0])
+            if not (corr >= th.unnormalised_correlation and slope >= th.unnormalised_slope):
                 continue
             evidence = {"loss": name, "latents": [a, b], "log_correlation": corr,
-                        "norm_product_range": spread,
+                        "log_slope": slope, "norm_product_range": spread,
                         "thresholds": {"correlation": th.unnormalised_correlation,
+                                       "slope": th.unnormalised_slope,
                                        "range": th.unnormalised_norm_range},
                         "loss_values": thin(steps[keep], lv[keep])}
             out.append(make_finding(
                 "orthogonality-vanishing", "warning",
                 f"orthogonality loss '{name}' is not normalised: it follows |{a}|^2 |{b}|^2 "
-                f"(log correlation {g(corr)}) over a {g(spread)}x range",
+                f"(log correlation {g(corr)}, slope {g(slope)}) over a {g(spread)}x range",
                 name, f"log corr {g(corr, 2)}", evidence,
                 (int(steps[keep][0]), int(steps[keep][-1])),
                 plot=PlotHint(LOSS, names=[name])))
