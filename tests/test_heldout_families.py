@@ -10,9 +10,10 @@ import importlib
 from pathlib import Path
 
 from benchmarks.validity.harness import RunRecord
-from benchmarks.validity.heldout import HELDOUT_MODULES
+import pytest
+
 from benchmarks.validity.report import acceptance, heldout_markdown
-from benchmarks.validity.run import load_families
+from benchmarks.validity.run import HELDOUT_SETS, load_families
 from gradprobe.diagnose import Finding
 
 
@@ -21,13 +22,21 @@ NO_HEALTHY_VARIANT = {"gradnorm-digits": "GradNorm, the published remedy, rescue
                       "but drives the ink weight to its floor: ink RMSE 4-5x single-task"}
 
 
-def test_heldout_families_are_apart_from_the_corpus_and_declare_their_truth():
-    heldout = load_families(heldout=True)
+def test_heldout_sets_are_apart_from_the_corpus_and_each_other():
     corpus = load_families()
-    assert len(heldout) == len(HELDOUT_MODULES)
-    assert not set(heldout) & set(corpus)
-    for module, family in heldout.values():
-        assert module.startswith("benchmarks.validity.heldout.")
+    sets = {name: load_families(heldout=name) for name in HELDOUT_SETS}
+    assert all(len(sets[name]) == len(spec[1]) for name, spec in HELDOUT_SETS.items())
+    names = [set(corpus)] + [set(families) for families in sets.values()]
+    assert sum(map(len, names)) == len(set().union(*names))
+    sources = [fam.source for families in [corpus, *sets.values()]
+               for _, fam in families.values()]
+    assert len(sources) == len(set(sources))
+
+
+@pytest.mark.parametrize("heldout", list(HELDOUT_SETS))
+def test_heldout_families_declare_their_truth(heldout):
+    for module, family in load_families(heldout=heldout).values():
+        assert module.startswith(HELDOUT_SETS[heldout][0] + ".")
         assert family.source and family.seeds
         assert any(v.healthy for v in family.variants) or family.name in NO_HEALTHY_VARIANT
         for v in family.variants:
@@ -36,14 +45,16 @@ def test_heldout_families_are_apart_from_the_corpus_and_declare_their_truth():
 
 
 def _probe_calls(module: str) -> list[ast.Call]:
-    tree = ast.parse(inspect.getsource(importlib.import_module(f"benchmarks.validity.heldout.{module}")))
+    tree = ast.parse(inspect.getsource(importlib.import_module(module)))
     return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute) and node.func.attr == "Probe"]
 
 
-def test_heldout_families_probe_at_the_documented_defaults():
+@pytest.mark.parametrize("heldout", list(HELDOUT_SETS))
+def test_heldout_families_probe_at_the_documented_defaults(heldout):
     """Issue 21: no held-out family passes roles= or shared= (positionally or by name)."""
-    for module in HELDOUT_MODULES:
+    package, modules = HELDOUT_SETS[heldout][:2]
+    for module in (f"{package}.{m}" for m in modules):
         calls = _probe_calls(module)
         assert calls, module
         for call in calls:
@@ -63,7 +74,7 @@ def _finding(fid: str, severity: str, subject: str) -> Finding:
 def test_heldout_acceptance_counts_every_seed():
     """The corpus's acceptance reads odd seeds only; the held-out families' reads them all: a
     false alarm on an even seed counts there, and the page lists every run."""
-    families = {name: fam for name, (_, fam) in load_families(heldout=True).items()}
+    families = {name: fam for name, (_, fam) in load_families(heldout="first").items()}
     fam = families["shazeer-moe"]
     records = [_record(fam.name, "balanced", 0, [_finding("gradient-swamping", "warning", "load")]),
                _record(fam.name, "weight-1e-5", 1, [_finding("prototype-collapse", "error", "router"),
@@ -74,7 +85,8 @@ def test_heldout_acceptance_counts_every_seed():
     assert every[f"{fam.name}/balanced/s0 (healthy): no warning or error"] is False
     # gradient-swamping: 1 hit (load, s1), 1 miss (importance, s1), 1 false alarm (s0)
     assert every["gradient-swamping: precision >= 0.95, recall >= 0.9"] is False
-    page = heldout_markdown(records, families, {"wall_seconds": 60.0, "workers": 2}, "cmd")
+    page = heldout_markdown(records, families, {"wall_seconds": 60.0, "workers": 2}, "cmd",
+                            HELDOUT_SETS["first"][0])
     assert "| `gradient-swamping` | 1 | 1 | 1 | 0.50 | 0.50 |" in page
     assert "| `prototype-collapse` | 1 | 0 | 0 | 1.00 | 1.00 |" in page
     assert all(r.label in page for r in records)

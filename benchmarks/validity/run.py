@@ -9,6 +9,7 @@ Usage:
     python benchmarks/validity/run.py --reuse    # re-diagnose the run files of a previous run
     python benchmarks/validity/run.py --heldout  # only the families held out by source, apart
                                                  # (issue 21: run once, at the end of the rule work)
+    python benchmarks/validity/run.py --heldout second  # the second held-out set, likewise
     python benchmarks/validity/run.py --threads 2 --out /tmp/runs-t2  # 2 torch threads a run
     python benchmarks/validity/reproduce.py benchmarks/validity/runs /tmp/runs-t2
                                                  # same verdicts, overlapping seed ranges?
@@ -32,6 +33,7 @@ from benchmarks.validity.calibrate import Calibrator  # noqa: E402
 from benchmarks.validity.harness import (Family, RunRecord, Runs, default_workers,  # noqa: E402
                                          train_runs)
 from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
+from benchmarks.validity.heldout2 import HELDOUT2_MODULES  # noqa: E402
 from benchmarks.validity.report import (Check, acceptance, finding_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
@@ -49,11 +51,21 @@ MODULES += ("two_task_conflict", "vqvae", "uncertainty_weights", "helmholtz_pinn
 RULE_WORK_TARGETS = ("switch-moe", "asp-mtl")
 
 
-def load_families(names: list[str] | None = None, heldout: bool = False) -> dict[str, tuple[str, Family]]:
-    """The corpus's families, or with ``heldout`` only those held out by source."""
+# The sets of families held out by source: package, modules, default output folder, page.
+HELDOUT_SETS = {
+    "first": ("benchmarks.validity.heldout", HELDOUT_MODULES, "runs-heldout",
+              "validity-heldout.md"),
+    "second": ("benchmarks.validity.heldout2", HELDOUT2_MODULES, "runs-heldout2",
+               "validity-heldout2.md"),
+}
+
+
+def load_families(names: list[str] | None = None, heldout: str | None = None
+                  ) -> dict[str, tuple[str, Family]]:
+    """The corpus's families, or with ``heldout`` (a key of :data:`HELDOUT_SETS`) only that
+    set of families held out by source."""
     out = {}
-    package, modules = ("benchmarks.validity.heldout", HELDOUT_MODULES) if heldout else \
-        ("benchmarks.validity", MODULES)
+    package, modules = HELDOUT_SETS[heldout][:2] if heldout else ("benchmarks.validity", MODULES)
     for module in modules:
         qualified = f"{package}.{module}"
         family = importlib.import_module(qualified).FAMILY
@@ -99,17 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="held-out runs of a representative subset")
     parser.add_argument("--families", nargs="*", help="only these families (by name)")
-    parser.add_argument("--heldout", action="store_true",
-                        help="only the families held out by source (every variant and seed), "
-                             "reported apart, never calibrated; writes a page only with --doc "
-                             "(docs/validity-heldout.md)")
+    parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
+                        help="only a set of families held out by source (every variant and "
+                             "seed): 'first' (the default; benchmarks/validity/heldout/) or "
+                             "'second' (heldout2/); reported apart, never calibrated; writes a "
+                             "page only with --doc (docs/validity-heldout.md, "
+                             "docs/validity-heldout2.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout with --heldout)")
+                             "runs-heldout or runs-heldout2 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
@@ -118,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1 or args.workers < 1:
         parser.error("--threads and --workers take a whole number of at least 1")
     if args.out is None:
-        args.out = ROOT / "benchmarks" / "validity" / ("runs-heldout" if args.heldout else "runs")
+        args.out = ROOT / "benchmarks" / "validity" / (
+            HELDOUT_SETS[args.heldout][2] if args.heldout else "runs")
     if args.heldout:
         return heldout_main(args)
 
     started = time.perf_counter()
-    records, training, runs, by_name = train_and_diagnose(args, "validity corpus", heldout=False)
+    records, training, runs, by_name = train_and_diagnose(args, "validity corpus", heldout=None)
     for split in ("held-out", "calibration"):
         if any(r.split == split for r in records):
             print(f"\n== precision / recall per finding id, {split} half, default thresholds")
@@ -158,19 +173,21 @@ def heldout_main(args: argparse.Namespace) -> int:
     """The held-out families alone: trained, diagnosed at the defaults, scored over every run
     (all their seeds), with no calibration; their table is printed apart from the corpus's."""
     started = time.perf_counter()
-    records, training, runs, by_name = train_and_diagnose(args, "held-out families", heldout=True)
+    records, training, runs, by_name = train_and_diagnose(
+        args, f"held-out families ({args.heldout} set)", heldout=args.heldout)
     runs.close()
     print("\n== held-out families: precision / recall per finding id, every run, default thresholds")
     print("\n".join(score_text(scores(records, by_name, None))))
     checks = print_acceptance(acceptance(records, by_name, None), "held-out families: acceptance")
     if args.doc is not None:
-        args.doc.write_text(heldout_markdown(records, by_name, training, command_line(args)))
+        args.doc.write_text(heldout_markdown(records, by_name, training, command_line(args),
+                                             HELDOUT_SETS[args.heldout][0]))
         print(f"\nwrote {args.doc}")
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     return 0 if all(c.passed for c in checks) else 1
 
 
-def train_and_diagnose(args: argparse.Namespace, title: str, heldout: bool
+def train_and_diagnose(args: argparse.Namespace, title: str, heldout: str | None
                        ) -> tuple[list[RunRecord], dict, Runs, dict[str, Family]]:
     """Train (or reuse) the chosen families' runs, diagnose them at the default thresholds and
     print each run's findings. The runs stay loaded for calibration: the caller closes them."""
@@ -202,7 +219,8 @@ def print_acceptance(checks: list[Check], title: str) -> list[Check]:
 def command_line(args: argparse.Namespace) -> str:
     """The command that wrote a page, as the page states it."""
     return "python benchmarks/validity/run.py" + "".join(
-        option for option, given in ((" --heldout", args.heldout), (" --quick", args.quick),
+        option for option, given in ((f" --heldout {args.heldout}", args.heldout),
+                                     (" --quick", args.quick),
                                      (" --reuse", args.reuse),
                                      (f" --threads {args.threads}", args.threads != 1)) if given)
 

@@ -316,7 +316,7 @@ class Probe(WatchMethods):
         if self._shared is None:
             self._shared, core, why = shared_set(
                 [losses[k] for k in names], self._role_reader.parameter_names(self._names),
-                [self.roles[n] for n in names], names.index(self.task), self._shared_spec,
+                self._role_reader.settled_roles(names), names.index(self.task), self._shared_spec,
                 widen=self._sharded is None)
             self._jacobian.blocks.core = {id(p) for p in core}
             self._notices.event(self.step, "shared_set", "shared", why, warn=False)

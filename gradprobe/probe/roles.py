@@ -170,6 +170,14 @@ class RoleReader:
         roles.update((r["name"], r["role"]) for r in self.records)
         self.read = True
 
+    def settled_roles(self, names: Sequence[str]) -> list[str]:
+        """Each loss's role where it was declared or read from the graph, else ``"other"``: a
+        role from the name never changes what the probe measures (a loss named ``reg`` may
+        be a regression as well as a regulariser)."""
+        settled = {r["name"]: r["role"] for r in self.records
+                   if r["source"] in ("declared", "first", "graph")}
+        return [settled.get(name, "other") for name in names]
+
     def parameter_names(self, names: Mapping[int, str]) -> dict[int, str]:
         """The model's parameter names less the loss weights (never in the shared set)."""
         return {k: v for k, v in names.items() if k not in self.weight_ids}
