@@ -7,7 +7,7 @@ traceback); 3 an unexpected internal error (one line, no traceback: a bug to rep
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -155,10 +155,24 @@ def _summary(run_summary: dict, findings: list, brief: bool, err: bool = False) 
     from gradprobe.report import summary_lines
 
     stream = sys.stderr if err else sys.stdout
-    terminal = stream.isatty()
-    for line in summary_lines(run_summary, findings, color=terminal, remedies=not brief,
-                              width=shutil.get_terminal_size().columns if terminal else None):
+    for line in summary_lines(run_summary, findings, color=stream.isatty(), remedies=not brief,
+                              width=_columns(stream)):
         click.echo(line, err=err)
+
+
+def _columns(stream) -> int | None:
+    """The width to wrap ``stream``'s lines to: COLUMNS where set (also in a pipe: ``COLUMNS=80
+    gradprobe analyze RUN | less``), else the terminal's (80 where it reports none); None for a
+    pipe or a file, where each finding stays one greppable line."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if not stream.isatty():
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError):
+        return 80
 
 
 def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str | None,

@@ -4,7 +4,12 @@ remedy on the line below it (`--brief`: without)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +21,9 @@ from torch import nn
 import gradprobe
 from gradprobe.cli import main
 from gradprobe.diagnose import diagnose
+from gradprobe.report.terminal import REMEDY_INDENT
+
+from screen import run_on_terminal
 
 NAN_FROM = 30
 
@@ -80,8 +88,10 @@ def test_a_nan_loss_is_the_first_finding_and_names_the_loss_and_the_step(run_fil
 def test_every_finding_in_the_terminal_has_its_remedy_line_and_brief_drops_them(run_file):
     found = diagnose(gradprobe.load_run(run_file))
     assert len(found) >= 3
-    full = CliRunner().invoke(main, ["analyze", str(run_file)])
-    brief = CliRunner().invoke(main, ["analyze", str(run_file), "--brief"])
+    # A pipe with no COLUMNS set: one line each.
+    runner = CliRunner(env={"COLUMNS": None})
+    full = runner.invoke(main, ["analyze", str(run_file)])
+    brief = runner.invoke(main, ["analyze", str(run_file), "--brief"])
     assert full.exit_code == brief.exit_code == 0
     lines, brief_lines = full.output.splitlines(), brief.output.splitlines()
     assert lines[0] == "run nan: 30 probe steps (every 2, last step 58); losses: a, b"
@@ -113,6 +123,69 @@ def test_on_a_terminal_the_summary_wraps_to_its_width_under_the_title(run_file):
     assert words(wrapped) == words(one_per_line)
     remedy_rows = [i for i, line in enumerate(wrapped) if line.startswith("          remedy: ")]
     assert len(remedy_rows) == len(found)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _analyze_env(columns: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env.update(OMP_NUM_THREADS="1", TERM="xterm-256color",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    return {**env, "COLUMNS": columns} if columns else env
+
+
+def _words(lines: list[str]) -> list[str]:
+    return " ".join(lines).split()
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("where", ["terminal", "COLUMNS"])
+def test_analyze_wraps_to_the_width_and_loses_no_word(run_file, tmp_path, where, columns):
+    """``gradprobe analyze`` as a real process: on a pseudo-terminal ``columns`` wide (no
+    COLUMNS: the window's size) or in a pipe with COLUMNS set, no line runs past the width, and
+    the wrapped lines join back into the one-line form a pipe without COLUMNS gets."""
+    command = [sys.executable, "-m", "gradprobe.cli", "analyze", str(run_file)]
+    one_line = subprocess.run(command, capture_output=True, text=True, env=_analyze_env(None),
+                              timeout=300)
+    assert one_line.returncode == 0, one_line.stderr
+    flat = one_line.stdout.splitlines()
+    assert max(map(len, flat)) > columns  # there is something to wrap
+    if where == "terminal":
+        # Standard error (the progress bar drawn while the rules run) to a file: the
+        # findings alone on the terminal.
+        with open(tmp_path / "stderr", "w") as errors:
+            raw = run_on_terminal(command, _analyze_env(None), timeout=300, columns=columns,
+                                  stderr=errors)
+        assert "\x1b[31" in raw  # coloured: it was written to a terminal
+        wrapped = ANSI.sub("", raw).replace("\r", "").splitlines()
+    else:
+        piped = subprocess.run(command, capture_output=True, text=True,
+                               env=_analyze_env(str(columns)), timeout=300)
+        assert piped.returncode == 0, piped.stderr
+        wrapped = piped.stdout.splitlines()
+    assert max(map(len, wrapped)) <= columns < max(map(len, flat))
+    assert _words(wrapped) == _words(flat)
+    # Each finding's title runs on under its first column and its remedy under the id column:
+    # every row is a finding's first row, a remedy's first row or indented under one of them.
+    found = diagnose(gradprobe.load_run(run_file))
+    id_width = max(len(f.id) for f in found)
+    heads = [f"  {f.severity:<7} {f.id:<{id_width}}  " for f in found]
+    text_column = " " * len(heads[0])
+    body = wrapped[wrapped.index(next(r for r in wrapped if r.startswith(heads[0]))):-1]
+    starts = [i for i, row in enumerate(body) if any(row.startswith(h) for h in heads)]
+    assert len(starts) == len(found)
+    for row in body:
+        assert row.startswith((*heads, text_column, REMEDY_INDENT)), row
+    # The title and key number of each finding, joined back, are its text (no word lost).
+    for start, end, finding in zip(starts, starts[1:] + [len(body)], found):
+        title_end = next((k for k in range(start + 1, end)
+                          if not body[k].startswith(text_column)), end)
+        assert _words(body[start:title_end])[2:] == \
+            f"{finding.title}  [{finding.key_number}]".split()
+        assert body[title_end].startswith(REMEDY_INDENT + "remedy: ")
+        assert _words(body[title_end:end]) == ["remedy:", *finding.remedy.split()]
 
 
 def test_a_gradient_that_turns_nan_before_any_loss_is_named_first(tmp_path):
