@@ -161,17 +161,18 @@ def _summary(run_summary: dict, findings: list, brief: bool, err: bool = False) 
 
 
 def _columns(stream) -> int | None:
-    """The width to wrap ``stream``'s lines to: COLUMNS where set (also in a pipe: ``COLUMNS=80
-    gradprobe analyze RUN | less``), else the terminal's (80 where it reports none); None for a
-    pipe or a file, where each finding stays one greppable line."""
+    """The width to wrap ``stream``'s lines to: on a terminal COLUMNS where set, else the
+    terminal's own width (80 where it reports none); None for a pipe or a file, where each
+    finding stays one greppable line (COLUMNS is no sign of a terminal there: GNU readline
+    exports it in any process that loads it, and every child inherits it)."""
+    if not stream.isatty():
+        return None
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and int(columns) > 0:
         return int(columns)
-    if not stream.isatty():
-        return None
     try:
         return os.get_terminal_size(stream.fileno()).columns or 80
-    except (OSError, ValueError):
+    except OSError:
         return 80
 
 

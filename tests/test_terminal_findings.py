@@ -88,10 +88,8 @@ def test_a_nan_loss_is_the_first_finding_and_names_the_loss_and_the_step(run_fil
 def test_every_finding_in_the_terminal_has_its_remedy_line_and_brief_drops_them(run_file):
     found = diagnose(gradprobe.load_run(run_file))
     assert len(found) >= 3
-    # A pipe with no COLUMNS set: one line each.
-    runner = CliRunner(env={"COLUMNS": None})
-    full = runner.invoke(main, ["analyze", str(run_file)])
-    brief = runner.invoke(main, ["analyze", str(run_file), "--brief"])
+    full = CliRunner().invoke(main, ["analyze", str(run_file)])
+    brief = CliRunner().invoke(main, ["analyze", str(run_file), "--brief"])
     assert full.exit_code == brief.exit_code == 0
     lines, brief_lines = full.output.splitlines(), brief.output.splitlines()
     assert lines[0] == "run nan: 30 probe steps (every 2, last step 58); losses: a, b"
@@ -141,30 +139,25 @@ def _words(lines: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("columns", [80, 120])
-@pytest.mark.parametrize("where", ["terminal", "COLUMNS"])
-def test_analyze_wraps_to_the_width_and_loses_no_word(run_file, tmp_path, where, columns):
-    """``gradprobe analyze`` as a real process: on a pseudo-terminal ``columns`` wide (no
-    COLUMNS: the window's size) or in a pipe with COLUMNS set, no line runs past the width, and
-    the wrapped lines join back into the one-line form a pipe without COLUMNS gets."""
+@pytest.mark.parametrize("sized_by", ["window", "COLUMNS"])
+def test_analyze_wraps_to_the_terminal_and_loses_no_word(run_file, tmp_path, sized_by, columns):
+    """``gradprobe analyze`` as a real process on a pseudo-terminal ``columns`` wide (its
+    window's size), or 200 wide with COLUMNS set to ``columns``: no line runs past the width,
+    and the wrapped lines join back into the one-line form a pipe gets (test above)."""
     command = [sys.executable, "-m", "gradprobe.cli", "analyze", str(run_file)]
-    one_line = subprocess.run(command, capture_output=True, text=True, env=_analyze_env(None),
+    # A pipe keeps one line per finding, COLUMNS or not (a parent that loaded readline sets it).
+    one_line = subprocess.run(command, capture_output=True, text=True, env=_analyze_env("40"),
                               timeout=300)
     assert one_line.returncode == 0, one_line.stderr
     flat = one_line.stdout.splitlines()
-    assert max(map(len, flat)) > columns  # there is something to wrap
-    if where == "terminal":
-        # Standard error (the progress bar drawn while the rules run) to a file: the
-        # findings alone on the terminal.
-        with open(tmp_path / "stderr", "w") as errors:
-            raw = run_on_terminal(command, _analyze_env(None), timeout=300, columns=columns,
-                                  stderr=errors)
-        assert "\x1b[31" in raw  # coloured: it was written to a terminal
-        wrapped = ANSI.sub("", raw).replace("\r", "").splitlines()
-    else:
-        piped = subprocess.run(command, capture_output=True, text=True,
-                               env=_analyze_env(str(columns)), timeout=300)
-        assert piped.returncode == 0, piped.stderr
-        wrapped = piped.stdout.splitlines()
+    by_window = sized_by == "window"
+    # Standard error (the progress bar drawn while the rules run) to a file: the findings
+    # alone on the terminal.
+    with open(tmp_path / "stderr", "w") as errors:
+        raw = run_on_terminal(command, _analyze_env(None if by_window else str(columns)),
+                              timeout=300, columns=columns if by_window else 200, stderr=errors)
+    assert "\x1b[31" in raw  # coloured: it was written to a terminal
+    wrapped = ANSI.sub("", raw).replace("\r", "").splitlines()
     assert max(map(len, wrapped)) <= columns < max(map(len, flat))
     assert _words(wrapped) == _words(flat)
     # Each finding's title runs on under its first column and its remedy under the id column:
