@@ -7,7 +7,7 @@ traceback); 3 an unexpected internal error (one line, no traceback: a bug to rep
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -155,10 +155,25 @@ def _summary(run_summary: dict, findings: list, brief: bool, err: bool = False) 
     from gradprobe.report import summary_lines
 
     stream = sys.stderr if err else sys.stdout
-    terminal = stream.isatty()
-    for line in summary_lines(run_summary, findings, color=terminal, remedies=not brief,
-                              width=shutil.get_terminal_size().columns if terminal else None):
+    for line in summary_lines(run_summary, findings, color=stream.isatty(), remedies=not brief,
+                              width=_columns(stream)):
         click.echo(line, err=err)
+
+
+def _columns(stream) -> int | None:
+    """The width to wrap ``stream``'s lines to: on a terminal COLUMNS where set, else the
+    terminal's own width (80 where it reports none); None for a pipe or a file, where each
+    finding stays one greppable line (COLUMNS is no sign of a terminal there: GNU readline
+    exports it in any process that loads it, and every child inherits it)."""
+    if not stream.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except OSError:
+        return 80
 
 
 def _report(run, thresholds, pdf: str | None, json_out: str | None, fail_on: str | None,

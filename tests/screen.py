@@ -5,12 +5,20 @@ sequences a redrawing view sends: cursor up/down/column, erase in line/display; 
 modes are ignored).
 
 A test reads the rows a user would see, so a line longer than the terminal is checked as
-the two rows it becomes, not as the one line the program wrote.
+the two rows it becomes, not as the one line the program wrote. ``run_on_terminal`` runs a
+command on a pseudo-terminal and returns what it wrote.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import select
+import struct
+import subprocess
+import termios
+import time
 
 CSI = re.compile(r"\x1b\[([?0-9;]*)([@-~])|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 
@@ -89,3 +97,39 @@ class Screen:
                 self.grid[r] = [" "] * self.width
             if n == 0:
                 self.grid[self.row][self.column:] = [" "] * (self.width - self.column)
+
+
+def run_on_terminal(command: list[str], env: dict, timeout: float,
+                    columns: int | None = None, stderr=None) -> str:
+    """All that ``command`` writes to a pseudo-terminal (``columns`` wide where given, as a
+    user's window is: TIOCSWINSZ), read until it exits (killed, and the test failed, past
+    ``timeout`` seconds). ``stderr``: where standard error goes instead of the terminal (a
+    file), to read standard output alone."""
+    master, slave = os.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen(command, stdin=slave, stdout=slave,
+                               stderr=slave if stderr is None else stderr, env=env, close_fds=True)
+    os.close(slave)
+    raw, deadline = b"", time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{command} ran past {timeout} s: {raw[-2000:]!r}"
+            ready, _, _ = select.select([master], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            raw += chunk
+        assert process.wait(timeout=30) == 0, raw[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        os.close(master)
+    return raw.decode("utf-8", "replace")

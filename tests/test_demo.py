@@ -4,10 +4,8 @@ demo's length; ~1.5 min on 2 idle CPU cores)."""
 
 import os
 import re
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ import pytest
 from gradprobe import load_run
 from gradprobe.demo import DEFAULT_STEPS, train
 from gradprobe.diagnose import diagnose
+
+from screen import run_on_terminal
 
 # The demo's length: the failing run memorises its training set (task loss in the last 20% of
 # probe steps <= 10% of its start, so constraint-neglect can show) only near its end.
@@ -107,39 +107,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm-256color", "COLUMNS"
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def run_on_terminal(command: list[str], timeout: float) -> str:
-    """All that ``command`` writes to a pseudo-terminal, read until it exits (killed, and the
-    test failed, past ``timeout`` seconds)."""
-    master, slave = os.openpty()
-    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=ENV,
-                               close_fds=True)
-    os.close(slave)
-    raw, deadline = b"", time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{command} ran past {timeout} s: {raw[-2000:]!r}"
-            ready, _, _ = select.select([master], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            raw += chunk
-        assert process.wait(timeout=30) == 0, raw[-2000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-        os.close(master)
-    return raw.decode("utf-8", "replace")
-
-
 def test_demo_draws_a_progress_bar_on_a_terminal(tmp_path):
-    screen = run_on_terminal([*DEMO, "--out", str(tmp_path)], timeout=300)
+    screen = run_on_terminal([*DEMO, "--out", str(tmp_path)], ENV, timeout=300)
     # rich redraws the bar in place (carriage returns, cursor moves); its last drawing:
     drawings = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", d) for d in re.split(r"\r|\x1b\[2K", screen)]
     bars = [d for d in drawings if "training failing" in d and "━" in d]

@@ -4,7 +4,12 @@ remedy on the line below it (`--brief`: without)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +21,9 @@ from torch import nn
 import gradprobe
 from gradprobe.cli import main
 from gradprobe.diagnose import diagnose
+from gradprobe.report.terminal import REMEDY_INDENT
+
+from screen import run_on_terminal
 
 NAN_FROM = 30
 
@@ -113,6 +121,64 @@ def test_on_a_terminal_the_summary_wraps_to_its_width_under_the_title(run_file):
     assert words(wrapped) == words(one_per_line)
     remedy_rows = [i for i, line in enumerate(wrapped) if line.startswith("          remedy: ")]
     assert len(remedy_rows) == len(found)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _analyze_env(columns: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env.update(OMP_NUM_THREADS="1", TERM="xterm-256color",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    return {**env, "COLUMNS": columns} if columns else env
+
+
+def _words(lines: list[str]) -> list[str]:
+    return " ".join(lines).split()
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("sized_by", ["window", "COLUMNS"])
+def test_analyze_wraps_to_the_terminal_and_loses_no_word(run_file, tmp_path, sized_by, columns):
+    """``gradprobe analyze`` as a real process on a pseudo-terminal ``columns`` wide (its
+    window's size), or 200 wide with COLUMNS set to ``columns``: no line runs past the width,
+    and the wrapped lines join back into the one-line form a pipe gets (test above)."""
+    command = [sys.executable, "-m", "gradprobe.cli", "analyze", str(run_file)]
+    # A pipe keeps one line per finding, COLUMNS or not (a parent that loaded readline sets it).
+    one_line = subprocess.run(command, capture_output=True, text=True, env=_analyze_env("40"),
+                              timeout=300)
+    assert one_line.returncode == 0, one_line.stderr
+    flat = one_line.stdout.splitlines()
+    by_window = sized_by == "window"
+    # Standard error (the progress bar drawn while the rules run) to a file: the findings
+    # alone on the terminal.
+    with open(tmp_path / "stderr", "w") as errors:
+        raw = run_on_terminal(command, _analyze_env(None if by_window else str(columns)),
+                              timeout=300, columns=columns if by_window else 200, stderr=errors)
+    assert "\x1b[31" in raw  # coloured: it was written to a terminal
+    wrapped = ANSI.sub("", raw).replace("\r", "").splitlines()
+    assert max(map(len, wrapped)) <= columns < max(map(len, flat))
+    assert _words(wrapped) == _words(flat)
+    # Each finding's title runs on under its first column and its remedy under the id column:
+    # every row is a finding's first row, a remedy's first row or indented under one of them.
+    found = diagnose(gradprobe.load_run(run_file))
+    id_width = max(len(f.id) for f in found)
+    heads = [f"  {f.severity:<7} {f.id:<{id_width}}  " for f in found]
+    text_column = " " * len(heads[0])
+    body = wrapped[wrapped.index(next(r for r in wrapped if r.startswith(heads[0]))):-1]
+    starts = [i for i, row in enumerate(body) if any(row.startswith(h) for h in heads)]
+    assert len(starts) == len(found)
+    for row in body:
+        assert row.startswith((*heads, text_column, REMEDY_INDENT)), row
+    # The title and key number of each finding, joined back, are its text (no word lost).
+    for start, end, finding in zip(starts, starts[1:] + [len(body)], found):
+        title_end = next((k for k in range(start + 1, end)
+                          if not body[k].startswith(text_column)), end)
+        assert _words(body[start:title_end])[2:] == \
+            f"{finding.title}  [{finding.key_number}]".split()
+        assert body[title_end].startswith(REMEDY_INDENT + "remedy: ")
+        assert _words(body[title_end:end]) == ["remedy:", *finding.remedy.split()]
 
 
 def test_a_gradient_that_turns_nan_before_any_loss_is_named_first(tmp_path):

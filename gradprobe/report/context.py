@@ -16,7 +16,7 @@ import numpy as np
 from gradprobe.record import Run
 
 from .axes import DASHED, dashed_level, headroom, step_axis
-from .data import RunData, finding_value
+from .data import RunData, finding_value, judged_ratio
 from .diagnosis import sorted_findings, unique
 from .frames import Frame
 from .style import REFERENCE_COLOUR, SEVERITY_COLOURS, Palette
@@ -196,7 +196,10 @@ def look_sentence(f: Any) -> str:
     names = [n for n in plot.get("names") or [] if n != plot.get("ratio_to")]
     what = ", ".join(names[:4]) + (" …" if len(names) > 4 else "") if names else \
         plot.get("quantity", "the marked series")
-    if plot.get("ratio_to"):
+    judged = judged_ratio(f) if plot.get("ratio_to") else None
+    if judged:
+        what = f"the ratio it judged for {judged.loss} ({judged.over}; the thick line)"
+    elif plot.get("ratio_to"):
         what = f"{what} relative to {plot['ratio_to']}"
     steps = finding_value(f, "steps")
     where = f" in the shaded steps {step_label(steps[0])}–{step_label(steps[1])}" if steps else ""

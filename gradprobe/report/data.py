@@ -7,6 +7,7 @@ Plotting never computes a metric again: it reads the recorded series and arrays 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -189,3 +190,34 @@ def finding_value(finding: Any, field: str, default: Any = None) -> Any:
         return finding.get(field, default)
     value = getattr(finding, field, default)
     return value.to_dict() if isinstance(value, PlotHint) else value
+
+
+@dataclass(frozen=True)
+class JudgedRatio:
+    """The ratio a gradient-swamping finding judged: ``loss``'s weighted gradient norm over the
+    largest competing one at each judged step (evidence ``ratio``, thinned); ``over``: where
+    (the median of its ratios on the layers it shares, or the whole shared set)."""
+
+    loss: str
+    steps: np.ndarray
+    values: np.ndarray
+    over: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.loss}: judged ratio ({self.over})"
+
+
+def judged_ratio(finding: Any) -> JudgedRatio | None:
+    """The ratio series ``finding``'s rule judged, read from its evidence; None where the
+    evidence carries none (a finding of another rule, or one read from an older JSON report):
+    the report then draws the ratio of the recorded norms instead."""
+    evidence = finding_value(finding, "evidence")
+    series = evidence.get("ratio") if isinstance(evidence, dict) else None
+    if not (isinstance(series, dict) and series.get("steps") and evidence.get("loss")):
+        return None
+    over = "median over shared layers" if evidence.get("layer_ratios") else \
+        "whole shared set"
+    return JudgedRatio(str(evidence["loss"]), np.asarray(series["steps"], dtype=np.float64),
+                       np.array([np.nan if v is None else v for v in series["values"]],
+                                dtype=np.float64), over)

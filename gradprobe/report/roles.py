@@ -4,10 +4,11 @@ Shown by every view of the findings (terminal, JSON, the PDF's run page)."""
 
 from __future__ import annotations
 
-import textwrap
 from typing import Any
 
 from gradprobe.diagnose._series import role_records
+
+from .columns import NO_BREAK, hanging
 
 # How each source reads in the views.
 _SOURCES = {"declared": "declared", "first": "the first loss (task= picks another)",
@@ -44,15 +45,12 @@ def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
         text = f"{r['name']:<{name_w}} {r['role']:<{role_w}} {source_text(r)}"
         if r.get("reach") and r["source"] != "graph":
             text += f"; reach {r['reach']}"
-        # A no-break space keeps a declaration on one line (textwrap splits ASCII spaces only).
-        declaration = _short(r["override"]).replace(" ", "\xa0")
+        declaration = _short(r["override"]).replace(" ", NO_BREAK)
         if r.get("ambiguity"):
             text += f"; {_AMBIGUOUS}{declaration}"
         elif r["source"] in ("graph", "name"):
             text += f"; override: {declaration}"
-        wrapped = textwrap.wrap(text, width, initial_indent="  ", break_on_hyphens=False,
-                                subsequent_indent=" " * (name_w + 3)) if width else ["  " + text]
-        lines += [line.replace("\xa0", " ") for line in wrapped]
+        lines += hanging(text, width, "  ", " " * (name_w + 3))
     return lines
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import textwrap
 from typing import Any
 
 import click
 
+from .columns import NO_BREAK, hanging
 from .diagnosis import severity_counts, worst_severity
 from .roles import roles_lines
 
@@ -14,7 +14,6 @@ SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 
 REMEDY_INDENT = " " * 10  # under the finding id, past the severity column
-NO_BREAK = "\u00a0"
 
 
 def summary_header(run_summary: dict[str, Any]) -> str:
@@ -39,7 +38,7 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
     ``width``: wrap both to this many columns with a hanging indent (a terminal); None keeps
     each on one line (a pipe or log, where a finding is one greppable line)."""
     header = summary_header(run_summary)
-    lines = textwrap.wrap(header, width, subsequent_indent="    ") if width else [header]
+    lines = hanging(header, width, "", "    ")
     lines += roles_lines(run_summary, width)
     if not findings:
         lines.append("no failure modes found")
@@ -48,9 +47,8 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
     for finding in findings:
         head = f"  {finding.severity:<7} {finding.id:<{id_width}}  "
         # The key number is kept on one row (textwrap does not break at a no-break space).
-        key = f"[{finding.key_number}]".replace(" ", NO_BREAK if width else " ")
-        body = [line.replace(NO_BREAK, " ")
-                for line in _wrapped(f"{finding.title}  {key}", head, width)]
+        key = f"[{finding.key_number}]".replace(" ", NO_BREAK)
+        body = _wrapped(f"{finding.title}  {key}", head, width)
         if color:
             styled = click.style(f"{finding.severity:<7}", fg=SEVERITY_STYLE.get(finding.severity),
                                  bold=True)
@@ -65,11 +63,8 @@ def summary_lines(run_summary: dict[str, Any], findings: list, *, color: bool = 
 def _wrapped(text: str, head: str, width: int | None) -> list[str]:
     """``head + text`` as one line, or wrapped to ``width`` under the text's first column
     (under ``REMEDY_INDENT`` where that leaves less than 30 columns)."""
-    if width is None:
-        return [head + text]
-    indent = " " * len(head) if width - len(head) >= 30 else REMEDY_INDENT
-    return textwrap.wrap(text, width, initial_indent=head, subsequent_indent=indent,
-                         break_on_hyphens=False) or [head]
+    indent = " " * len(head) if width is None or width - len(head) >= 30 else REMEDY_INDENT
+    return hanging(text, width, head, indent)
 
 
 def comparison_lines(labels: list[str], findings_per_run: list[list]) -> list[str]:

@@ -12,10 +12,10 @@ from matplotlib.figure import Figure
 
 from ..axes import dashed_level, has_positive, plot_series
 from ..context import PAGE_TITLES, ReportContext
-from ..data import decimate, finding_value, moment_indices
+from ..data import decimate, finding_value, judged_ratio, moment_indices
 from ..diagnosis import DEFAULT_THRESHOLDS
-from ..style import REFERENCE_COLOUR
-from ..text import clip, plain, step_label
+from ..style import PAGE_SIZE, REFERENCE_COLOUR
+from ..text import clip, fit, plain, step_label
 
 PAIR_COLOURS = ["#222222", "#7f3c8d", "#3969ac"]  # flagged loss pairs not involving the task
 
@@ -124,14 +124,26 @@ def _ratio_panel(ctx: ReportContext, ax, norms: list[str], task: str | None) -> 
     ratio_hits = ctx.matching("weighted_grad_norm", ratio=True)
     to = finding_value(ratio_hits[0], "plot").get("ratio_to") if ratio_hits else None
     flagged = ctx.flagged_names("weighted_grad_norm", ratio=True)
+    # A finding's own ratio, where its evidence has it, in place of the recorded norms' ratio:
+    # the rule judges per layer, which the ratio of the norms on the whole set can hide.
+    judged = {j.loss: j for j in map(judged_ratio, ratio_hits) if j}
     values = []
     if to and data.has("weighted_grad_norm", to):
-        for name in [n for n in norms if n != to]:
+        for name in [n for n in norms if n != to and n not in judged]:
             x, y = decimate(*data.ratio("weighted_grad_norm", name, to))
             values.append(y)
             plot_series(ax, x, y, pal.loss(name), emphasis=name in flagged)
+        for j in judged.values():
+            values.append(j.values)
+            plot_series(ax, j.steps, j.values, pal.loss(j.loss), label=plain(j.label),
+                        emphasis=True)
         ax.set_ylabel(f"‖w·g‖ / ‖w·g‖ of {clip(to, 14)} (ratio)")
         ax.set_title(f"Each loss's weighted gradient norm relative to {to}")
+        if judged:
+            overs = " / ".join(dict.fromkeys(j.over for j in judged.values()))
+            ax.set_title(fit(f"thick: the ratio judged ({overs})",
+                             0.4 * ax.get_position().width * PAGE_SIZE[0], 7),
+                         loc="right", fontsize=7, color=REFERENCE_COLOUR)
     else:
         ratios = data.ratio_to_largest("weighted_grad_norm", norms)
         for name in [n for n in norms if n != task] or norms:
