@@ -43,12 +43,6 @@ MODULES = ("mtl", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
 # issue 21's table, ported for the rule work
 MODULES += ("two_task_conflict", "vqvae", "uncertainty_weights", "helmholtz_pinn",
             "barlow_split", "swav", "vicreg", "switch_moe", "asp_mtl")
-# Families whose declared verdicts the current rules do not give yet on their quick runs: the
-# rule work's targets. They train and are scored like every family (docs/validity.md shows
-# their failures); the quick acceptance test judges them apart until the rules meet them.
-# switch-moe: the healthy balancing loss is swamped by ratio (0.035 on the router); asp-mtl:
-# rule (b) of orthogonality-vanishing fires on no-diff's normalised L_diff (seed 1).
-RULE_WORK_TARGETS = ("switch-moe", "asp-mtl")
 
 
 # The sets of families held out by source: package, modules, default output folder, page.
