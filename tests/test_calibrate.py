@@ -231,3 +231,40 @@ def test_a_default_outside_the_held_out_fewest_error_run_is_at_an_edge(tmp_path)
     assert held.fewest_range is None and held.at_edge
     # The calibration half alone decides: the default stays.
     assert chosen == DEFAULTS
+
+
+# ------------------------------------------------- which runs flip at a neighbouring value
+
+def test_flips_name_the_runs_whose_alarms_change_at_a_value_and_their_errors(tmp_path):
+    broken, healthy = (0.02, 0.09), (0.12, 0.3)
+    ratios = {("broken", 2 * i): r for i, r in enumerate(broken)} | \
+        {("healthy", 2 * i): r for i, r in enumerate(healthy)}
+    records = [_record(tmp_path, variant, seed, r) for (variant, seed), r in ratios.items()]
+    runs = Runs(records)
+    try:
+        calibrator = Calibrator(runs, records, {FAMILY.name: FAMILY})
+        for value in (0.1 / SQRT2, 0.1 * SQRT2, 0.05, 0.2):
+            flips = calibrator.flips("swamping_ratio", value)
+            # A run flips where its constant ratio lies between the default and the value.
+            assert {(f.record.variant, f.record.seed) for f in flips} == \
+                {k for k, r in ratios.items() if (r < value) != (r < 0.1)}
+            for f in flips:
+                variant, ratio = f.record.variant, ratios[(f.record.variant, f.record.seed)]
+                gained = ratio < value
+                changed, unchanged = (f.appeared, f.vanished) if gained else (f.vanished, f.appeared)
+                assert [(x.id, x.subject) for x in changed] == [("gradient-swamping", "aux")]
+                assert unchanged == []
+                assert changed[0].evidence["median_ratio"] == pytest.approx(ratio)
+                # A broken run errs (a miss) without the alarm, a healthy one (a false alarm) with it.
+                assert (f.errors_base, f.errors_value) == \
+                    ((0, 1) if gained else (1, 0)) if variant == "healthy" else ((1, 0) if gained else (0, 1))
+                assert f.record.label in f.describe() and "gradient-swamping[aux]" in f.describe()
+        # One step down, the broken run at 0.09 is missed; one step up, the healthy 0.12 alarms.
+        assert [(f.record.label, f.errors_value) for f in calibrator.flips("swamping_ratio", 0.1 / SQRT2)] \
+            == [("synthetic-swamping/broken/s2", 1)]
+        assert [(f.record.label, f.errors_value) for f in calibrator.flips("swamping_ratio", 0.1 * SQRT2)] \
+            == [("synthetic-swamping/healthy/s0", 1)]
+        # A key no rule reads on these runs flips nothing.
+        assert calibrator.flips("proto_usage", 0.7) == []
+    finally:
+        runs.close()

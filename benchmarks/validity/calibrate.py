@@ -35,9 +35,9 @@ import math
 import warnings
 from dataclasses import dataclass, fields
 
-from gradprobe.diagnose import RULES, Thresholds
+from gradprobe.diagnose import RULES, Finding, Thresholds
 
-from .harness import Family, RunRecord, Runs, judge
+from .harness import Family, RunRecord, Runs, alarms, judge
 
 GRID_STEPS = 6
 INT_GRID = tuple(range(1, 9))
@@ -170,6 +170,24 @@ def _call(rule, run, th, earlier):
     return rule(run, th)
 
 
+@dataclass
+class Flip:
+    """One run whose alarms change when one key moves from its value in the base thresholds:
+    what the reason for an edge names."""
+
+    record: RunRecord
+    appeared: list[Finding]  # alarms at the new value that the base thresholds do not raise
+    vanished: list[Finding]  # alarms at the base thresholds that the new value does not raise
+    errors_base: int  # false alarms plus misses on this run at the base thresholds
+    errors_value: int
+
+    def describe(self) -> str:
+        def listed(sign, found):
+            return [f"{sign}{f.id}[{f.subject}] {f.key_number}" for f in found]
+        return (f"{self.record.label} errors {self.errors_base}->{self.errors_value}: "
+                + "; ".join(listed("+", self.appeared) + listed("-", self.vanished)))
+
+
 class Calibrator:
     """Re-diagnoses calibration runs with one threshold changed at a time. Rules run in
     ``RULES`` order and may read the findings of the rules before them, so a change re-runs
@@ -206,12 +224,34 @@ class Calibrator:
         return out
 
     def errors(self, cache: dict, records: list[RunRecord] | None = None) -> int:
-        total = 0
+        return sum(self._run_errors(r, cache[id(r)]) for r in (self.records if records is None else records))
+
+    def _run_errors(self, r: RunRecord, per_rule: list) -> int:
+        j = judge(self.families[r.family].variant(r.variant), [f for found in per_rule for f in found])
+        return len(j.false_alarms) + len(j.misses)
+
+    def flips(self, key: str, value: float, th: Thresholds | None = None,
+              records: list[RunRecord] | None = None, cache: dict | None = None) -> list[Flip]:
+        """The runs of ``records`` (default: the calibration runs) whose alarms change when
+        ``key`` goes from its value in ``th`` (default: the defaults) to ``value``. ``cache``:
+        this class's per-rule findings of ``records`` at ``th``, when already diagnosed."""
+        th = th or Thresholds()
+        if cache is None or key not in self.rules_reading:
+            cache = self._diagnose(th, records=records)
+        if key not in self.rules_reading:
+            return []  # no rule reads it on these runs
+        first = self.order.index(min(self.rules_reading[key], key=self.order.index))
+        moved = self._diagnose(th.replace(**{key: value}), cache, first, records)
+        out = []
         for r in self.records if records is None else records:
-            findings = [f for found in cache[id(r)] for f in found]
-            j = judge(self.families[r.family].variant(r.variant), findings)
-            total += len(j.false_alarms) + len(j.misses)
-        return total
+            before = [f for found in cache[id(r)] for f in found]
+            after = [f for found in moved[id(r)] for f in found]
+            raised_before, raised_after = alarms(before), alarms(after)
+            if raised_before != raised_after:
+                out.append(Flip(r, [f for f in after if alarms([f]) - raised_before],
+                                [f for f in before if alarms([f]) - raised_after],
+                                self._run_errors(r, cache[id(r)]), self._run_errors(r, moved[id(r)])))
+        return out
 
     def _scan(self, key: str, th: Thresholds, default: Thresholds, cache: dict,
               records: list[RunRecord] | None = None) -> dict[float, int]:
