@@ -45,6 +45,10 @@ def test_integer_keys_and_a_zero_default_have_their_own_grids():
     assert grid("contrastive_gap", 0.0) == [0.0, -0.001, 0.001, -0.01, 0.01, -0.1, 0.1, -1.0, 1.0]
 
 
+def test_every_edge_reason_names_a_numeric_threshold():
+    assert EDGE_REASONS and set(EDGE_REASONS) <= set(numeric_keys())
+
+
 def test_keys_every_rule_reads_come_last():
     keys = numeric_keys()
     assert keys[-len(GLOBAL_KEYS):] == list(GLOBAL_KEYS)
@@ -198,7 +202,9 @@ def test_the_margin_is_counted_in_grid_steps_to_each_end_of_the_run_holding_the_
     assert h.fewest_range is None and h.steps_below is None and h.at_edge
 
 
-def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_is_flagged(tmp_path):
+def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_is_flagged(
+        tmp_path, monkeypatch):
+    monkeypatch.delitem(EDGE_REASONS, "swamping_ratio", raising=False)  # the corpus's reason
     broken, healthy = (0.02, 0.04), (0.15, 0.3)
     heldout_broken, heldout_healthy = (0.03, 0.09), (0.12, 0.5)
     chosen, results = _calibrate(tmp_path, broken, healthy, heldout_broken, heldout_healthy)
@@ -218,6 +224,11 @@ def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_i
     assert "swamping_ratio" not in EDGE_REASONS and k.flagged
     (line,) = [line for line in margin_lines(results) if "swamping_ratio" in line]
     assert "margin 2 / 1" in line and "margin 0 / 0" in line and "FLAGGED" in line
+    # A stated reason keeps the edge but lifts the flag.
+    monkeypatch.setitem(EDGE_REASONS, "swamping_ratio", "the held-out runs at 0.09 and 0.12")
+    assert k.at_edge and not k.flagged
+    (line,) = [line for line in margin_lines(results) if "swamping_ratio" in line]
+    assert "AT AN EDGE, reason stated" in line and "FLAGGED" not in line
     # Keys these runs leave unconstrained on both halves are not at an edge.
     assert not _key(results, "learned_fraction").at_edge
 
