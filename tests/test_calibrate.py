@@ -11,8 +11,8 @@ import pytest
 
 from benchmarks.validity.calibrate import (EDGE_REASONS, GLOBAL_KEYS, INT_GRID, Calibrator,
                                            _middle, _run_at, _widest_run, grid, half_range,
-                                           numeric_keys)
-from benchmarks.validity.report import margin_lines
+                                           neighbours, numeric_keys)
+from benchmarks.validity.report import flip_lines, margin_lines
 from benchmarks.validity.harness import Expect, Family, RunRecord, Runs, Variant
 from gradprobe.diagnose import Thresholds, diagnose
 from test_diagnose import _synthetic
@@ -47,6 +47,13 @@ def test_integer_keys_and_a_zero_default_have_their_own_grids():
 
 def test_every_edge_reason_names_a_numeric_threshold():
     assert EDGE_REASONS and set(EDGE_REASONS) <= set(numeric_keys())
+
+
+def test_the_neighbours_of_a_default_are_one_grid_step_each_way():
+    assert neighbours("swamping_ratio", 0.1) == pytest.approx([0.1 / SQRT2, 0.1 * SQRT2])
+    assert neighbours("smooth_points", 3) == [2, 4]
+    assert neighbours("min_points", 1) == [2]  # the grid's lowest value has no lower neighbour
+    assert neighbours("collapse_peak_fraction", 0.8) == pytest.approx([0.8 / SQRT2, 1.0])
 
 
 def test_keys_every_rule_reads_come_last():
@@ -279,3 +286,38 @@ def test_flips_name_the_runs_whose_alarms_change_at_a_value_and_their_errors(tmp
         assert calibrator.flips("proto_usage", 0.7) == []
     finally:
         runs.close()
+
+
+def test_edge_flips_name_the_runs_one_grid_step_from_a_default_at_an_edge_on_each_half(tmp_path):
+    # Calibration ratios leave 0.1 two steps below and one above (no edge); the held-out half
+    # has a broken run at 0.09 and a healthy one at 0.12, one grid step either side of 0.1.
+    cal = {("broken", 0): 0.02, ("broken", 2): 0.04, ("healthy", 0): 0.15, ("healthy", 2): 0.3}
+    held = {("broken", 1): 0.03, ("broken", 3): 0.09, ("healthy", 1): 0.12, ("healthy", 3): 0.5}
+    records = [_record(tmp_path, variant, seed, r) for (variant, seed), r in cal.items()]
+    heldout = [_record(tmp_path, variant, seed, r) for (variant, seed), r in held.items()]
+    runs = Runs(records + heldout)
+    try:
+        calibrator = Calibrator(runs, records, {FAMILY.name: FAMILY}, heldout)
+        chosen, results = calibrator.calibrate()
+        found = calibrator.edge_flips(results, chosen)
+    finally:
+        runs.close()
+    assert {key for key, *_ in found} == {"swamping_ratio"}  # the only key at an edge
+    by_place = {(half, round(value, 4)): flips for _, half, value, flips in found}
+    below, above = round(0.1 / SQRT2, 4), round(0.1 * SQRT2, 4)
+    assert set(by_place) == {("calibration", below), ("calibration", above),
+                             ("held-out", below), ("held-out", above)}
+    # No calibration ratio lies between 0.0707 and 0.141: nothing flips there.
+    assert by_place[("calibration", below)] == [] == by_place[("calibration", above)]
+    (missed,) = by_place[("held-out", below)]
+    (false_alarm,) = by_place[("held-out", above)]
+    assert (missed.record.label, missed.errors_base, missed.errors_value) == \
+        ("synthetic-swamping/broken/s3", 0, 1)
+    assert (false_alarm.record.label, false_alarm.errors_base, false_alarm.errors_value) == \
+        ("synthetic-swamping/healthy/s1", 0, 1)
+    assert missed.vanished[0].evidence["median_ratio"] == pytest.approx(0.09)
+    assert false_alarm.appeared[0].evidence["median_ratio"] == pytest.approx(0.12)
+    lines = flip_lines(found)
+    assert "swamping_ratio at 0.0707, held-out half: 1 run(s) change, errors +1" in lines
+    assert any("synthetic-swamping/healthy/s1 errors 0->1: +gradient-swamping[aux]" in line
+               for line in lines)

@@ -235,6 +235,13 @@ def grid(key: str, value: float) -> list[float]:
     return sorted(values)
 
 
+def neighbours(key: str, value: float) -> list[float]:
+    """The grid values one step below and above ``value``, a key's default (those that exist)."""
+    values = grid(key, value)
+    i = values.index(value)
+    return [values[j] for j in (i - 1, i + 1) if 0 <= j < len(values)]
+
+
 def _call(rule, run, th, earlier):
     """A rule of either signature: (run, th) or (run, th, earlier findings)."""
     if len(inspect.signature(rule).parameters) >= 3:
@@ -323,6 +330,27 @@ class Calibrator:
                 out.append(Flip(r, [f for f in after if alarms([f]) - raised_before],
                                 [f for f in before if alarms([f]) - raised_after],
                                 self._run_errors(r, cache[id(r)]), self._run_errors(r, moved[id(r)])))
+        return out
+
+    def edge_flips(self, results: list[KeyResult], th: Thresholds
+                   ) -> list[tuple[str, str, float, list[Flip]]]:
+        """For each key at an edge (``results`` as ``calibrate`` returned them, every other key
+        as in ``th``): per half and per grid neighbour of the key's default, the runs that
+        change verdict there, which an edge reason names. Tuples of (key, half, neighbour
+        value, flips)."""
+        halves = {"calibration": self.records} | ({"held-out": self.heldout} if self.heldout else {})
+        caches = {half: self._diagnose(th, records=records) for half, records in halves.items()}
+        out = []
+        for k in (k for k in results if k.at_edge):
+            base = th.replace(**{k.key: k.default})
+            for half, records in halves.items():
+                cache = caches[half] if base == th else self._diagnose(base, records=records)
+                for value in neighbours(k.key, k.default):
+                    try:
+                        base.replace(**{k.key: value})
+                    except ValueError:
+                        continue  # a value Thresholds refuses
+                    out.append((k.key, half, value, self.flips(k.key, value, base, records, cache)))
         return out
 
     def _scan(self, key: str, th: Thresholds, default: Thresholds, cache: dict,
