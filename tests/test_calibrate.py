@@ -11,8 +11,8 @@ import pytest
 
 from benchmarks.validity.calibrate import (EDGE_REASONS, GLOBAL_KEYS, INT_GRID, Calibrator,
                                            _middle, _run_at, _widest_run, grid, half_range,
-                                           numeric_keys)
-from benchmarks.validity.report import margin_lines
+                                           neighbours, numeric_keys)
+from benchmarks.validity.report import flip_lines, margin_lines
 from benchmarks.validity.harness import Expect, Family, RunRecord, Runs, Variant
 from gradprobe.diagnose import Thresholds, diagnose
 from test_diagnose import _synthetic
@@ -43,6 +43,17 @@ def test_a_fraction_or_share_stays_within_one():
 def test_integer_keys_and_a_zero_default_have_their_own_grids():
     assert grid("min_points", 3) == grid("smooth_points", 3) == list(INT_GRID) == list(range(1, 9))
     assert grid("contrastive_gap", 0.0) == [0.0, -0.001, 0.001, -0.01, 0.01, -0.1, 0.1, -1.0, 1.0]
+
+
+def test_every_edge_reason_names_a_numeric_threshold():
+    assert EDGE_REASONS and set(EDGE_REASONS) <= set(numeric_keys())
+
+
+def test_the_neighbours_of_a_default_are_one_grid_step_each_way():
+    assert neighbours("swamping_ratio", 0.1) == pytest.approx([0.1 / SQRT2, 0.1 * SQRT2])
+    assert neighbours("smooth_points", 3) == [2, 4]
+    assert neighbours("min_points", 1) == [2]  # the grid's lowest value has no lower neighbour
+    assert neighbours("collapse_peak_fraction", 0.8) == pytest.approx([0.8 / SQRT2, 1.0])
 
 
 def test_keys_every_rule_reads_come_last():
@@ -198,7 +209,9 @@ def test_the_margin_is_counted_in_grid_steps_to_each_end_of_the_run_holding_the_
     assert h.fewest_range is None and h.steps_below is None and h.at_edge
 
 
-def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_is_flagged(tmp_path):
+def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_is_flagged(
+        tmp_path, monkeypatch):
+    monkeypatch.delitem(EDGE_REASONS, "swamping_ratio", raising=False)  # the corpus's reason
     broken, healthy = (0.02, 0.04), (0.15, 0.3)
     heldout_broken, heldout_healthy = (0.03, 0.09), (0.12, 0.5)
     chosen, results = _calibrate(tmp_path, broken, healthy, heldout_broken, heldout_healthy)
@@ -218,6 +231,11 @@ def test_both_halves_are_scanned_and_a_default_at_an_edge_of_the_held_out_half_i
     assert "swamping_ratio" not in EDGE_REASONS and k.flagged
     (line,) = [line for line in margin_lines(results) if "swamping_ratio" in line]
     assert "margin 2 / 1" in line and "margin 0 / 0" in line and "FLAGGED" in line
+    # A stated reason keeps the edge but lifts the flag.
+    monkeypatch.setitem(EDGE_REASONS, "swamping_ratio", "the held-out runs at 0.09 and 0.12")
+    assert k.at_edge and not k.flagged
+    (line,) = [line for line in margin_lines(results) if "swamping_ratio" in line]
+    assert "AT AN EDGE, reason stated" in line and "FLAGGED" not in line
     # Keys these runs leave unconstrained on both halves are not at an edge.
     assert not _key(results, "learned_fraction").at_edge
 
@@ -231,3 +249,75 @@ def test_a_default_outside_the_held_out_fewest_error_run_is_at_an_edge(tmp_path)
     assert held.fewest_range is None and held.at_edge
     # The calibration half alone decides: the default stays.
     assert chosen == DEFAULTS
+
+
+# ------------------------------------------------- which runs flip at a neighbouring value
+
+def test_flips_name_the_runs_whose_alarms_change_at_a_value_and_their_errors(tmp_path):
+    broken, healthy = (0.02, 0.09), (0.12, 0.3)
+    ratios = {("broken", 2 * i): r for i, r in enumerate(broken)} | \
+        {("healthy", 2 * i): r for i, r in enumerate(healthy)}
+    records = [_record(tmp_path, variant, seed, r) for (variant, seed), r in ratios.items()]
+    runs = Runs(records)
+    try:
+        calibrator = Calibrator(runs, records, {FAMILY.name: FAMILY})
+        for value in (0.1 / SQRT2, 0.1 * SQRT2, 0.05, 0.2):
+            flips = calibrator.flips("swamping_ratio", value)
+            # A run flips where its constant ratio lies between the default and the value.
+            assert {(f.record.variant, f.record.seed) for f in flips} == \
+                {k for k, r in ratios.items() if (r < value) != (r < 0.1)}
+            for f in flips:
+                variant, ratio = f.record.variant, ratios[(f.record.variant, f.record.seed)]
+                gained = ratio < value
+                changed, unchanged = (f.appeared, f.vanished) if gained else (f.vanished, f.appeared)
+                assert [(x.id, x.subject) for x in changed] == [("gradient-swamping", "aux")]
+                assert unchanged == []
+                assert changed[0].evidence["median_ratio"] == pytest.approx(ratio)
+                # A broken run errs (a miss) without the alarm, a healthy one (a false alarm) with it.
+                assert (f.errors_base, f.errors_value) == \
+                    ((0, 1) if gained else (1, 0)) if variant == "healthy" else ((1, 0) if gained else (0, 1))
+                assert f.record.label in f.describe() and "gradient-swamping[aux]" in f.describe()
+        # One step down, the broken run at 0.09 is missed; one step up, the healthy 0.12 alarms.
+        assert [(f.record.label, f.errors_value) for f in calibrator.flips("swamping_ratio", 0.1 / SQRT2)] \
+            == [("synthetic-swamping/broken/s2", 1)]
+        assert [(f.record.label, f.errors_value) for f in calibrator.flips("swamping_ratio", 0.1 * SQRT2)] \
+            == [("synthetic-swamping/healthy/s0", 1)]
+        # A key no rule reads on these runs flips nothing.
+        assert calibrator.flips("proto_usage", 0.7) == []
+    finally:
+        runs.close()
+
+
+def test_edge_flips_name_the_runs_one_grid_step_from_a_default_at_an_edge_on_each_half(tmp_path):
+    # Calibration ratios leave 0.1 two steps below and one above (no edge); the held-out half
+    # has a broken run at 0.09 and a healthy one at 0.12, one grid step either side of 0.1.
+    cal = {("broken", 0): 0.02, ("broken", 2): 0.04, ("healthy", 0): 0.15, ("healthy", 2): 0.3}
+    held = {("broken", 1): 0.03, ("broken", 3): 0.09, ("healthy", 1): 0.12, ("healthy", 3): 0.5}
+    records = [_record(tmp_path, variant, seed, r) for (variant, seed), r in cal.items()]
+    heldout = [_record(tmp_path, variant, seed, r) for (variant, seed), r in held.items()]
+    runs = Runs(records + heldout)
+    try:
+        calibrator = Calibrator(runs, records, {FAMILY.name: FAMILY}, heldout)
+        chosen, results = calibrator.calibrate()
+        found = calibrator.edge_flips(results, chosen)
+    finally:
+        runs.close()
+    assert {key for key, *_ in found} == {"swamping_ratio"}  # the only key at an edge
+    by_place = {(half, round(value, 4)): flips for _, half, value, flips in found}
+    below, above = round(0.1 / SQRT2, 4), round(0.1 * SQRT2, 4)
+    assert set(by_place) == {("calibration", below), ("calibration", above),
+                             ("held-out", below), ("held-out", above)}
+    # No calibration ratio lies between 0.0707 and 0.141: nothing flips there.
+    assert by_place[("calibration", below)] == [] == by_place[("calibration", above)]
+    (missed,) = by_place[("held-out", below)]
+    (false_alarm,) = by_place[("held-out", above)]
+    assert (missed.record.label, missed.errors_base, missed.errors_value) == \
+        ("synthetic-swamping/broken/s3", 0, 1)
+    assert (false_alarm.record.label, false_alarm.errors_base, false_alarm.errors_value) == \
+        ("synthetic-swamping/healthy/s1", 0, 1)
+    assert missed.vanished[0].evidence["median_ratio"] == pytest.approx(0.09)
+    assert false_alarm.appeared[0].evidence["median_ratio"] == pytest.approx(0.12)
+    lines = flip_lines(found)
+    assert "swamping_ratio at 0.0707, held-out half: 1 run(s) change, errors +1" in lines
+    assert any("synthetic-swamping/healthy/s1 errors 0->1: +gradient-swamping[aux]" in line
+               for line in lines)

@@ -35,9 +35,9 @@ import math
 import warnings
 from dataclasses import dataclass, fields
 
-from gradprobe.diagnose import RULES, Thresholds
+from gradprobe.diagnose import RULES, Finding, Thresholds
 
-from .harness import Family, RunRecord, Runs, judge
+from .harness import Family, RunRecord, Runs, alarms, judge
 
 GRID_STEPS = 6
 INT_GRID = tuple(range(1, 9))
@@ -101,13 +101,85 @@ def half_range(scored: dict[float, int], default: float) -> HalfRange:
 # edge without an entry here is a finding of the calibration, shown as such on
 # docs/validity.md; an entry states the evidence that keeps the default where it is.
 EDGE_REASONS: dict[str, str] = {
+    "neglect_constraint_fraction":
+        "one grid step below (0.57), DSN no-difference's difference loss (weight 0, so never "
+        "trained) ends at 0.59-0.68 of its start on all four seeds while the task falls to "
+        "0.02 of its own, and would read as a neglected constraint, which that variant does not "
+        "declare (ASP-MTL's weight-0 variant allows it); above, 1.0 only counts constraints "
+        "that did not fall at all",
     "conflict_stall_fraction":
         "one grid step below (0.64), healthy Barlow Twins' invariance/redundancy pair, both "
         "ending at 0.53-0.72 of their start, would read as a stalled conflict; above, 1.0 only "
         "counts losses that did not fall at all",
+    "conflict_undone_fraction":
+        "the corpus's healthy and broken pairs are closer than two grid steps here: healthy "
+        "VICReg (25-25-1, s0 and s1) has 0.33-0.34 of its variance term's descent undone by the "
+        "invariance term, so one step below (0.27) it reads as a plateau conflict; the lesser "
+        "loss of each broken shared-head MTL pair (both variants, s0-s3) has 0.41-0.50 undone, "
+        "so one step above (0.54) all eight are missed",
+    "collapse_peak_fraction":
+        "the corpus's healthy and collapsed runs are closer than two grid steps here: SimSiam "
+        "without stop-gradient (s1) ends at 0.37 of its peak scaled std, so one step below "
+        "(0.35) its complete collapse is missed (SwAV without Sinkhorn, s0, at 0.38); SimCLR's "
+        "one-class-batch variants (s0, s2, s3, declared or not), broken by batch composition "
+        "and declaring no collapse (end rank 42-43 of 59), end at 0.61-0.66 and "
+        "class-sorted-declared s3 at 0.68, so one step above (0.71) each reads as a collapse",
     "collapse_rank_fraction":
         "the corpus's healthy and collapsed runs are closer than two grid steps here: healthy "
         "Barlow Twins ends at 0.19-0.21 of the isotropic rank, its lambda = 0 variant at 0.10",
+    "contrastive_loss_ratio":
+        "one grid step below (0.57), healthy SimCLR with shuffled batches (all four seeds, "
+        "declared or not) ends with its InfoNCE loss at 0.61-0.63 of log(K+1) and would read as "
+        "a weak signal; above, no declared alarm depends on it (at 1.13 only the allowed "
+        "finding of class-sorted-declared, end ratio 0.86-0.88, goes), and a ratio above 1 "
+        "asks for a loss worse than chance",
+    "vanishing_norm_fraction":
+        "the corpus's healthy and broken runs are closer than two grid steps here: healthy "
+        "ASP-MTL raw-diff s0's shared features end at 0.124 of their peak norm, so one step "
+        "above (0.14) they read as vanishing; the private codes of DSN unnormalised s3 and "
+        "unnormalised-no-recon s3 end at 0.087 and 0.079, so one step below (0.071) both are "
+        "missed",
+    "unnormalised_correlation":
+        "a correlation is at most 1, so every grid value above 1 switches this test off; no "
+        "corpus run needs it (every expected orthogonality-vanishing is found by the norm "
+        "test) and on the held-out half it raises the one false alarm ASP-MTL no-diff s1 "
+        "(difference loss at weight 0, log correlation 0.92); one step below (0.64), no-diff "
+        "s0, s2, s3 (0.67-0.89) and raw-diff s1, s3 (0.66-0.70) would add five more",
+    "swamping_ratio":
+        "the corpus's healthy and broken runs are closer than two grid steps here: one step "
+        "below (0.071), the broken PINN equal-weights s0, s1, s3 (boundary ratio 0.049-0.069 "
+        "median over the judged steps, end-window quartiles 0.038-0.082) and decoupler failing "
+        "s0 (cont 0.075, 0.033-0.094) straddle it or are held on under half the judged steps, "
+        "so they are missed; one step above (0.14), healthy DANN s0, s1, s3's domain losses "
+        "(0.062-0.080 median over the held steps, held on 0.59-0.65 of the judged steps) and "
+        "ASP-MTL's undeclared task_b (raw-diff s1, s2) and adv (no-diff s0) at 0.076-0.105 "
+        "read as swamped, and PINN equal-weights s2 (end-window quartiles 0.125-0.155) is missed",
+    "min_share":
+        "a persistence share: 0.5 means held on most of the judged steps. One grid step below "
+        "(0.35), healthy DANN s0 and s1's domain losses, under 0.1 of the label loss on "
+        "0.40-0.44 of the judged steps (early; end-window ratio 0.21-0.32), read as swamped; "
+        "one step above (0.71), the broken PINN equal-weights s1-s3 (boundary held on "
+        "0.59-0.67) and decoupler failing s0, s1 (cont held on 0.63-0.65) are missed",
+    "window_share":
+        "the start and end windows every rule reads: moving them changes what start and end "
+        "mean for all rules at once. One grid step below (0.14), nine runs change on the two "
+        "halves (healthy DANN s0's domain losses and ASP-MTL raw-diff s2's task_b read as "
+        "swamped, the broken PINN equal-weights s1, decoupler failing s0 and MTL "
+        "shared-head-mirror s1, s2 are missed, DSN unnormalised s0 gets a false collapse; only "
+        "ASP-MTL raw-diff s1's false adv alarm goes); one step above (0.28), healthy ASP-MTL "
+        "raw-diff s2's task_b reads as swamped and DSN unnormalised s1 gets a false "
+        "task/difference conflict",
+    "smooth_points":
+        "3 is the narrowest rolling median that removes a one-step spike; one step above (4), "
+        "healthy ASP-MTL raw-diff s2's task_b ratio, whose end-window quartiles straddle 0.1 at "
+        "width 3 (0.090-0.106, info), smooths to 0.082-0.098 and reads as swamped; at 2 no run "
+        "changes",
+    "memorised_fraction":
+        "one grid step above (0.071), healthy DANN s0's label loss counts as memorised at step "
+        "192 instead of 256, and its domain losses, judged only before that, read as swamped "
+        "(held on 0.54-0.58 of the judged steps); the broken PINN equal-weights s2's swamping is "
+        "missed, and healthy PINN annealing s3 gets a residual/boundary conflict; one step "
+        "below (0.035) no run changes",
 }
 
 
@@ -163,11 +235,36 @@ def grid(key: str, value: float) -> list[float]:
     return sorted(values)
 
 
+def neighbours(key: str, value: float) -> list[float]:
+    """The grid values one step below and above ``value``, a key's default (those that exist)."""
+    values = grid(key, value)
+    i = values.index(value)
+    return [values[j] for j in (i - 1, i + 1) if 0 <= j < len(values)]
+
+
 def _call(rule, run, th, earlier):
     """A rule of either signature: (run, th) or (run, th, earlier findings)."""
     if len(inspect.signature(rule).parameters) >= 3:
         return rule(run, th, tuple(earlier))
     return rule(run, th)
+
+
+@dataclass
+class Flip:
+    """One run whose alarms change when one key moves from its value in the base thresholds:
+    what the reason for an edge names."""
+
+    record: RunRecord
+    appeared: list[Finding]  # alarms at the new value that the base thresholds do not raise
+    vanished: list[Finding]  # alarms at the base thresholds that the new value does not raise
+    errors_base: int  # false alarms plus misses on this run at the base thresholds
+    errors_value: int
+
+    def describe(self) -> str:
+        def listed(sign, found):
+            return [f"{sign}{f.id}[{f.subject}] {f.key_number}" for f in found]
+        return (f"{self.record.label} errors {self.errors_base}->{self.errors_value}: "
+                + "; ".join(listed("+", self.appeared) + listed("-", self.vanished)))
 
 
 class Calibrator:
@@ -206,12 +303,55 @@ class Calibrator:
         return out
 
     def errors(self, cache: dict, records: list[RunRecord] | None = None) -> int:
-        total = 0
+        return sum(self._run_errors(r, cache[id(r)]) for r in (self.records if records is None else records))
+
+    def _run_errors(self, r: RunRecord, per_rule: list) -> int:
+        j = judge(self.families[r.family].variant(r.variant), [f for found in per_rule for f in found])
+        return len(j.false_alarms) + len(j.misses)
+
+    def flips(self, key: str, value: float, th: Thresholds | None = None,
+              records: list[RunRecord] | None = None, cache: dict | None = None) -> list[Flip]:
+        """The runs of ``records`` (default: the calibration runs) whose alarms change when
+        ``key`` goes from its value in ``th`` (default: the defaults) to ``value``. ``cache``:
+        this class's per-rule findings of ``records`` at ``th``, when already diagnosed."""
+        th = th or Thresholds()
+        if cache is None or key not in self.rules_reading:
+            cache = self._diagnose(th, records=records)
+        if key not in self.rules_reading:
+            return []  # no rule reads it on these runs
+        first = self.order.index(min(self.rules_reading[key], key=self.order.index))
+        moved = self._diagnose(th.replace(**{key: value}), cache, first, records)
+        out = []
         for r in self.records if records is None else records:
-            findings = [f for found in cache[id(r)] for f in found]
-            j = judge(self.families[r.family].variant(r.variant), findings)
-            total += len(j.false_alarms) + len(j.misses)
-        return total
+            before = [f for found in cache[id(r)] for f in found]
+            after = [f for found in moved[id(r)] for f in found]
+            raised_before, raised_after = alarms(before), alarms(after)
+            if raised_before != raised_after:
+                out.append(Flip(r, [f for f in after if alarms([f]) - raised_before],
+                                [f for f in before if alarms([f]) - raised_after],
+                                self._run_errors(r, cache[id(r)]), self._run_errors(r, moved[id(r)])))
+        return out
+
+    def edge_flips(self, results: list[KeyResult], th: Thresholds
+                   ) -> list[tuple[str, str, float, list[Flip]]]:
+        """For each key at an edge (``results`` as ``calibrate`` returned them, every other key
+        as in ``th``): per half and per grid neighbour of the key's default, the runs that
+        change verdict there, which an edge reason names. Tuples of (key, half, neighbour
+        value, flips)."""
+        halves = {"calibration": self.records} | ({"held-out": self.heldout} if self.heldout else {})
+        caches = {half: self._diagnose(th, records=records) for half, records in halves.items()}
+        out = []
+        for k in (k for k in results if k.at_edge):
+            base = th.replace(**{k.key: k.default})
+            for half, records in halves.items():
+                cache = caches[half] if base == th else self._diagnose(base, records=records)
+                for value in neighbours(k.key, k.default):
+                    try:
+                        base.replace(**{k.key: value})
+                    except ValueError:
+                        continue  # a value Thresholds refuses
+                    out.append((k.key, half, value, self.flips(k.key, value, base, records, cache)))
+        return out
 
     def _scan(self, key: str, th: Thresholds, default: Thresholds, cache: dict,
               records: list[RunRecord] | None = None) -> dict[float, int]:

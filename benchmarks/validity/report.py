@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from dataclasses import dataclass
 
-from .calibrate import HalfRange, KeyResult, numeric_keys
+from .calibrate import Flip, HalfRange, KeyResult, numeric_keys
 from .harness import ALARM_SEVERITIES, Family, RunRecord, Score, judge, score, subject_units
 
 PRECISION_MIN, RECALL_MIN = 0.95, 0.9
@@ -348,6 +348,18 @@ def margin_lines(key_results: list[KeyResult]) -> list[str]:
     return lines
 
 
+def flip_lines(edge_flips: list[tuple[str, str, float, list[Flip]]]) -> list[str]:
+    """Calibrator.edge_flips as terminal lines: per key at an edge, half and grid neighbour,
+    the runs whose alarms change there (what the key's reason in EDGE_REASONS names)."""
+    lines = []
+    for key, half, value, flips in edge_flips:
+        change = sum(f.errors_value - f.errors_base for f in flips)
+        lines.append(f"{key} at {_value(value)}, {half} half: {len(flips)} run(s) change, "
+                     f"errors {change:+d}")
+        lines += ["    " + f.describe() for f in flips]
+    return lines
+
+
 MARGIN_TEXT = [
     "The table below shows each key the errors depend on (on either half), scanned on both",
     "halves with every other key at its chosen value: the errors at the default (the fewest on",
@@ -356,7 +368,10 @@ MARGIN_TEXT = [
     "a factor sqrt(2); `>=` where the run reaches the end of the grid tried). The held-out half",
     "is only scanned, never used to choose. A default with no margin on a side where a value",
     "with more errors lies next to it, or with more than the fewest errors, is at an *edge*; an",
-    "edge needs a stated reason (`EDGE_REASONS` in benchmarks/validity/calibrate.py).",
+    "edge needs a stated reason (`EDGE_REASONS` in benchmarks/validity/calibrate.py): the runs",
+    "that change verdict one grid step below and above the default, with their measured",
+    "numbers, or a structural fact. run.py prints those runs for every default at an edge",
+    "(`Calibrator.edge_flips`).",
 ]
 
 

@@ -34,7 +34,7 @@ from benchmarks.validity.harness import (Family, RunRecord, Runs, default_worker
                                          train_runs)
 from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
 from benchmarks.validity.heldout2 import HELDOUT2_MODULES  # noqa: E402
-from benchmarks.validity.report import (Check, acceptance, finding_lines,  # noqa: E402
+from benchmarks.validity.report import (Check, acceptance, finding_lines, flip_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
 
@@ -144,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if calibration:
         print("\n== calibration on the calibration half", flush=True)
         heldout_half = [r for r in records if r.split == "held-out"]
-        chosen, key_results = Calibrator(runs, calibration, by_name, heldout_half).calibrate()
+        calibrator = Calibrator(runs, calibration, by_name, heldout_half)
+        chosen, key_results = calibrator.calibrate()
         for line in margin_lines(key_results):
+            print("   " + line)
+        print("\n== runs that change verdict one grid step from each default at an edge")
+        for line in flip_lines(calibrator.edge_flips(key_results, chosen)):
             print("   " + line)
         after = [dataclasses.replace(r) for r in records]
         found = runs.diagnose(chosen)
