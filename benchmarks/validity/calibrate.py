@@ -174,6 +174,38 @@ EDGE_REASONS: dict[str, str] = {
         "healthy ASP-MTL raw-diff s2's task_b ratio, whose end-window quartiles straddle 0.1 at "
         "width 3 (0.090-0.106, info), smooths to 0.082-0.098 and reads as swamped; at 2 no run "
         "changes",
+    "conflict_median_cosine":
+        "a design edge: -0.2 is where the rule starts to call a pair's gradients opposed; one "
+        "grid step above (-0.14), on the held-out half, the broken-by-construction decoupler "
+        "fixed s1 (which declares no conflict) gains a task/proto conflict at cos -0.169; "
+        "below (-0.28, -0.4) no corpus run changes, so no measured pair sits between -0.4 and "
+        "-0.2 and the default stays at the weakest opposition the rule is meant to judge",
+    "conflict_plateau_fraction":
+        "a design edge: a compromise plateau means both losses kept most of their level; one "
+        "grid step above (0.82), the broken MTL shared-head-mirror s0-s3 (settled at 0.65-0.73 "
+        "of their level), shared-head s0-s2 (0.78-0.79) and two-task-conflict mirror s1 "
+        "(0.82) are missed; below, down to 0.07, no corpus run changes, because no healthy "
+        "pair undoes over conflict_undone_fraction of its descent: moving to the middle of that "
+        "unbounded range (0.2) would call a pair that fell to a fifth of its level a plateau",
+    "collapse_shrink_fraction":
+        "a design edge: a complete collapse by shrinking is a total variance down two orders "
+        "of magnitude from its peak (issue 21: 'falls by orders of magnitude'); one grid step "
+        "above (0.014), DSN unnormalised(-no-recon) s0's private code, which shrinks to "
+        "0.0104-0.0125 of its peak variance under the unnormalised difference loss (that run's "
+        "orthogonality-vanishing), also reads as a collapse; below, down to 0.0013, no corpus "
+        "run changes",
+    "overfit_val_rise":
+        "a design edge: overfitting is a validation loss 10% above its minimum; one grid step "
+        "above (0.14), on the held-out half, MTL train-64-pairs s3 (+12.4%) and sigmoid-mse "
+        "train-27-images s3 (+13.6%), memorising by construction, are missed; below, down to "
+        "0.035, no corpus run changes (no healthy run's validation loss rises more than "
+        "3.5%), so the default keeps the documented definition rather than the range's middle",
+    "usage_held_fraction":
+        "one grid step below (0.57), switch-moe alpha-1e-5's router, which its own measure "
+        "shows skewed (usage entropy 0.65-0.72 of log 8 on the test digits), pools at "
+        "0.61-0.69 and its swamped balancing loss would read as doing its job (missed); one "
+        "step above is over 1, the largest usage entropy there is, so every swamped loss "
+        "would keep its alarm and the healthy alpha 1e-2 (0.889-0.958) would be flagged",
     "memorised_fraction":
         "one grid step above (0.071), healthy DANN s0's label loss counts as memorised at step "
         "192 instead of 256, and its domain losses, judged only before that, read as swamped "
