@@ -6,22 +6,23 @@ and its widely used PyTorch implementation lucidrains/vector-quantize-pytorch
 ``expire_codes_``).
 
 Published setup: N_q quantisers in a row; quantiser i quantises the residual r_i left by the
-ones before it (r_0 = the encoder output, r_{i+1} = r_i - Q_i(r_i)) and the decoder reads
-the sum of the Q_i(r_i) (Algorithm 1). Each codebook is learnt by exponential moving averages
-as in VQ-VAE-2 (EMA of the per-code counts and sums, Laplace smoothing eps 1e-5, code = sum /
+ones before it (r_0 = the encoder output, r_{i+1} = r_i - Q_i(r_i)) and the decoder reads the
+sum of the Q_i(r_i) (Algorithm 1). Each codebook is learnt by exponential moving averages as
+in VQ-VAE-2 (EMA of the per-code counts and sums, Laplace smoothing eps 1e-5, code = sum /
 count; the PyTorch implementation starts the counts at 0, no zero-debiasing); each codebook is
-initialised by the k-means centroids of its residual on the first batch (lucidrains: 10
-Lloyd iterations from a random sample of the batch, ``kmeans_init=True``), and "when a
-codebook vector has not been assigned any input frame for several batches, we replace it with
-an input frame randomly sampled within the current batch" (lucidrains: a code whose EMA count
-falls below ``threshold_ema_dead_code = 2`` restarts at a random vector of the batch with
-count 2). Straight-through estimator per quantiser (lucidrains: the residual chain is
-detached, so the encoder receives N_q times the decoder's gradient). Losses: the
-reconstruction and the commitment loss ``commit_loss`` = sum over quantisers of
-mse(r_i, sg(Q_i(r_i))) with lucidrains' ``commitment_weight = 1`` (the README's
-``loss = ... + commit_loss.sum()``). EMA decay 0.99 (SoundStream follows VQ-VAE-2; also
-facebookresearch/encodec ``core_vq.py``; lucidrains' default is 0.8). Without k-means the
-codebook starts at lucidrains' ``uniform_init`` (``kaiming_uniform_`` of the (1, K, D) table).
+initialised by the k-means centroids of its residual on the first batch (lucidrains: 10 Lloyd
+iterations from a random sample of the batch, ``kmeans_init=True``), and a code that no input
+has been assigned to for several batches is replaced by an input vector drawn at random from
+the current batch (lucidrains: a code whose EMA count falls below ``threshold_ema_dead_code =
+2`` restarts at a random vector of the batch with count 2). Straight-through estimator per
+quantiser (lucidrains: the residual chain is detached, so the encoder receives N_q times the
+decoder's gradient). Losses: the reconstruction and the commitment loss ``commit_loss`` = sum
+over quantisers of mse(r_i, sg(Q_i(r_i))) with lucidrains' ``commitment_weight = 1``
+(``ResidualVQ`` returns one commitment loss per quantiser; the user sums them). EMA decay 0.99
+(SoundStream follows VQ-VAE-2's EMA; the EnCodec-derived ``ResidualVectorQuantizer`` of
+espnet2 ``gan_codec`` defaults to decay 0.99, k-means init and dead-code threshold 2;
+lucidrains' default decay is 0.8). Without k-means the codebook starts at lucidrains'
+``uniform_init`` (``kaiming_uniform_`` of the (1, K, D) table).
 
 Here (CPU): scikit-learn's 8x8 digits; encoder conv 3x3 x32 -> conv 4x4 stride 2 x32 ->
 conv 1x1 to D = 8 (a 4x4 grid of 8-dim vectors per image, 1,024 vectors a batch), N_q = 3
