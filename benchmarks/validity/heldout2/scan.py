@@ -44,7 +44,7 @@ Variants (truth by construction):
   the consistency term is trained; it is minimised by putting every anchor and its
   neighbours in the same cluster with certainty, and one cluster for all is the easiest way
   (the trivial solution the entropy term exists to rule out).
-Measured (seeds 0 / 1, one thread, CPU 5-6 s a run):
+Measured (seeds 0 / 1, one thread, CPU 4-8 s a run):
   published:  10 / 10 of 10 clusters used, usage entropy 0.996 / 0.990 of log 10, largest
               cluster 0.14 / 0.15, clustering accuracy 0.831 / 0.689, NMI 0.800 / 0.720;
               features rank 68.3 / 68.5 (67.7 / 66.7 at initialisation), normalised std 0.76
