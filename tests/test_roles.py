@@ -353,3 +353,9 @@ def test_prototypes_reached_are_those_autograd_gives_a_gradient(tmp_path):
     assert expected["codebook"] == ["codebook"] and expected["spread"] == ["codebook", "unit"]
     assert expected["recon"] == []  # straight-through: the codebook is reached by index only
     assert "reaches prototypes 'unit'" in records["spread"]["reach_summary"]
+    lines = roles_lines(gradprobe.load_run(path).summary(), None)
+    spread = next(line for line in lines if line.strip().startswith("spread"))
+    assert spread.endswith("; reaches prototypes 'codebook'; reaches prototypes 'unit'") or \
+        "; reaches prototypes 'codebook'; reaches prototypes 'unit'" in spread
+    assert [r["prototypes_reached"] for r in role_records(gradprobe.load_run(path).summary())
+            if r["name"] == "spread"] == [["codebook", "unit"]]

@@ -166,6 +166,7 @@ def test_a_swamped_loss_whose_prototypes_keep_their_usage_is_info(tmp_path, reac
     assert f.severity == "info" and f.subject == "balance"
     assert f.evidence["prototype_usage_kept"]["router"] == pytest.approx(usage, rel=1e-9)
     assert "the prototypes 'router' it reaches keep their usage" in f.title
+    assert f.remedy.startswith("None needed")  # nothing to rebalance: what it is for holds
 
 
 def test_a_swamped_loss_whose_prototypes_lose_their_usage_keeps_its_alarm(tmp_path):

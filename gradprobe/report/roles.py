@@ -45,6 +45,7 @@ def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
         text = f"{r['name']:<{name_w}} {r['role']:<{role_w}} {source_text(r)}"
         if r.get("reach") and r["source"] != "graph":
             text += f"; reach {r['reach']}"
+        text += "".join(f"; reaches prototypes '{p}'" for p in r.get("prototypes_reached") or ())
         declaration = _short(r["override"]).replace(" ", NO_BREAK)
         if r.get("ambiguity"):
             text += f"; {_AMBIGUOUS}{declaration}"
@@ -56,7 +57,8 @@ def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
 
 def roles_json(run_summary: dict[str, Any]) -> list[dict]:
     return [{key: r.get(key) for key in ("name", "role", "source", "hint", "reach",
-                                          "reach_summary", "counts", "override", "ambiguity")}
+                                          "reach_summary", "counts", "prototypes_reached",
+                                          "override", "ambiguity")}
             for r in role_records(run_summary)]
 
 
@@ -74,6 +76,7 @@ def roles_table(flow: Any, run_summary: dict[str, Any]) -> None:
         counts = ", ".join(f"{n} {key.replace('_', '-')}"
                            for key, n in (r.get("counts") or {}).items() if n)
         reach = f"{r['reach']} ({counts})" if counts else r.get("reach") or "not recorded"
+        reach += "".join(f"; prototypes '{p}'" for p in r.get("prototypes_reached") or ())
         cells = (r["name"], r["role"], source_text(r), reach)
         for (x, _), (x_next, _), cell in zip(columns, columns[1:] + ((flow.X1, ""),), cells):
             flow.text(flow.fit(cell, x, x_next - 0.08, 7.5), x=x, size=7.5, gap=0)

@@ -132,8 +132,14 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                       f"{g(u)} of its maximum)" for p, u in (protected or {}).items()),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
-                          ratio_to=dominant), remedy=swamping_remedy(evidence)))
+                          ratio_to=dominant),
+            remedy=_KEPT_REMEDY if protected else swamping_remedy(evidence)))
     return out
+
+
+_KEPT_REMEDY = ("None needed while the prototypes it reaches keep their usage: a small "
+                "gradient share that does its job (a balancing loss keeping the experts in use) "
+                "is the design; prototype-collapse reports them if their usage goes.")
 
 
 def _usage_it_keeps(run: Run, name: str, th: Thresholds) -> dict[str, float] | None:
