@@ -139,3 +139,11 @@ def knn_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray,
     votes = np.zeros((len(f_test), int(y_train.max()) + 1))
     np.add.at(votes, (np.arange(len(f_test))[:, None], np.asarray(y_train)[nearest]), 1.0)
     return float((votes.argmax(1) == np.asarray(y_test)).mean())
+
+
+def perplexity(codes: torch.Tensor, size: int) -> float:
+    """exp of the entropy of the code usage: the number of equally used codes it equals
+    (codebook perplexity, van den Oord et al. 2017)."""
+    p = torch.bincount(codes, minlength=size).double() / len(codes)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))

@@ -159,8 +159,6 @@ def fit(variant: str, seed: int, probe_file: Path | None) -> tuple[TwoTaskNet, d
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     _, _, x_te, y_te = digits_split()
     model, extra = fit(variant, seed, log)
     acc, rmse = evaluate(model, x_te, y_te)

@@ -109,8 +109,6 @@ def test_mse(model: SharedBottom, x: torch.Tensor, y: torch.Tensor) -> list[floa
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     x, y = synthetic(CORRELATION[variant], seed)
     x_tr, y_tr, x_te, y_te = x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
     torch.manual_seed(seed)

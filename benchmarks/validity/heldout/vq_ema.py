@@ -59,7 +59,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split
+from ..common import batches, digits_split, perplexity
 from ..harness import Expect, Family, Variant
 
 STEPS, BATCH, LR = 600, 64, 1e-3
@@ -129,15 +129,7 @@ class VQVAE(nn.Module):
         return self.decoder(z).view(-1, 64)
 
 
-def perplexity(codes: torch.Tensor) -> float:
-    p = torch.bincount(codes, minlength=CODES).double() / len(codes)
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, _, x_te, _ = digits_split()
@@ -176,7 +168,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
         quantized, codes, _ = model.vq(z_e)
         mse = float((model.decode(quantized) - x_te).pow(2).mean())
     return {"codes_used": int(codes.unique().numel()), "codes": CODES,
-            "perplexity": perplexity(codes), "test_mse": mse}
+            "perplexity": perplexity(codes, CODES), "test_mse": mse}
 
 
 _MUST_NOT = ("gradient-conflict", "inert-loss", "static-loss-weights")

@@ -82,7 +82,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split
+from ..common import batches, digits_split, perplexity
 from ..harness import Expect, Family, Variant
 
 STEPS, BATCH, LR = 500, 64, 1e-3
@@ -191,15 +191,7 @@ class RVQAutoencoder(nn.Module):
         return recon, residuals, codes, commits
 
 
-def perplexity(codes: torch.Tensor) -> float:
-    p = torch.bincount(codes, minlength=CODES).double() / len(codes)
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, _, x_te, _ = digits_split()
@@ -235,7 +227,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
              "encoder_variance_end_over_peak": end_spread / max(spread)}
     for i, c in enumerate(codes):
         truth[f"codes_used{i}"] = int(c.unique().numel())
-        truth[f"perplexity{i}"] = perplexity(c)
+        truth[f"perplexity{i}"] = perplexity(c, CODES)
     return truth
 
 
