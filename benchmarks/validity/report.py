@@ -116,10 +116,7 @@ def markdown(records: list[RunRecord], families: dict[str, Family], key_results:
         "(`Probe(model, run_file=...)`, shared set and cadence at their defaults), diagnoses it at the",
         "documented default thresholds, and counts hits, misses and false alarms.",
         "",
-        f"This page was written by `{command}`. Training the {len(records)} runs took "
-        f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
-        f"({sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes, {_threads(training)}, "
-        "on a 2-core machine shared with other jobs).",
+        _written_by(command, records, training),
         "",
         "## How the numbers are counted",
         "",
@@ -200,9 +197,7 @@ def heldout_markdown(records: list[RunRecord], families: dict[str, Family], trai
         "Each is probed at the documented defaults (no `roles=`, no `shared=`) and diagnosed at",
         "the default thresholds; nothing is calibrated on them.",
         "",
-        f"This page was written by `{command}`. Training the {len(records)} runs took "
-        f"{training['wall_seconds'] / 60:.1f} min with {training['workers']} worker processes "
-        f"({_threads(training)}).",
+        _written_by(command, records, training),
         "",
         "## Families",
         "",
@@ -213,6 +208,15 @@ def heldout_markdown(records: list[RunRecord], families: dict[str, Family], trai
     out += ["", "## Acceptance, every held-out run (default thresholds)", ""]
     out += _acceptance_md(acceptance(records, families, None))
     return "\n".join(out) + "\n"
+
+
+def _written_by(command: str, records: list[RunRecord], training: dict) -> str:
+    """Which command wrote the page and what training its runs cost: CPU time summed over the
+    runs, which holds however many calls trained them (a folder reused with ``--reuse`` may
+    hold runs of several)."""
+    return (f"This page was written by `{command}`. Training its {len(records)} runs took "
+            f"{sum(r.cpu_seconds for r in records) / 60:.1f} CPU-minutes in all "
+            f"({_threads(training)}, on a 2-core machine shared with other jobs).")
 
 
 def _family_rows(families: dict[str, Family]) -> list[str]:
