@@ -7,9 +7,9 @@ r_k(t-1) = L_k(t-1) / L_k(t-2), L_k the task's training loss averaged over an ep
 K the number of tasks; w_k = 1 for the first two epochs. The weights are floats fixed within
 an epoch and multiply the raw losses, whose sum is backpropagated (``lambda_weight[i, index]
 * train_loss[i]`` in ``multi_task_trainer``). The trainer tracks each task's training and
-test metrics every epoch; the ``equal`` option of the same trainer keeps w_k = 1. The paper
-notes (sec. 3.3) that DWA "only requires the numerical task loss" and balances the *rate* at
-which each loss falls: it does not compare the losses' scales.
+test metrics every epoch; the ``equal`` option of the same trainer keeps w_k = 1. DWA reads
+only the losses' values (no gradients, unlike GradNorm) and balances the *rate* at which each
+loss falls (r_k is a ratio of one loss to itself): it never compares the losses' scales.
 
 Here (no download): scikit-learn's 8x8 digits (``common.digits_split``), one trunk
 (64-128-ReLU-128-ReLU) and a linear head per task: ``digit``, the 10-class label
