@@ -1,5 +1,5 @@
 """Dynamic Weight Average on two digit tasks of very different loss scales, after Liu, Johns &
-Davison 2019 ("End-to-End Multi-Task Learning with Attention", CVPR, sec. 3.3, eq. 7;
+Davison 2019 ("End-to-End Multi-Task Learning with Attention", CVPR, eq. 7;
 lorenmt/mtan, im2im_pred/utils.py ``multi_task_trainer``).
 
 Published method (eq. 7): w_k(t) = K exp(r_k(t-1)/T) / sum_i exp(r_i(t-1)/T) with
