@@ -50,7 +50,7 @@ Variants (truth by construction, labelled by what was measured):
   regression's gradient on the trunk and loses nothing); w_digit 0.885-1.10 / 0.855-1.08.
   Must not: ``gradient-swamping``, ``static-loss-weights``, ``gradient-conflict``.
 
-One run (the variant and its two single-task references) takes 5-6 CPU-seconds.
+One run (the variant and its two single-task references) takes 4-7 CPU-seconds.
 """
 
 from __future__ import annotations
