@@ -172,8 +172,6 @@ def fit(variant: str, seed: int, probe_file: Path | None, standardise: bool
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     _, _, x_te, y_te = digits_split()
     standardise = variant == "dwa-standardised"
     model, target, extra = fit(variant, seed, log, standardise)
