@@ -2,7 +2,71 @@
 Representations for Multimodal Sentiment Analysis", ACM Multimedia) and its public code
 declare-lab/MISA (src/models.py, src/solver.py, src/utils/functions.py, src/config.py).
 
-DOCSTRING: to be written with the measurements.
+Published setup (CMU-MOSI/MOSEI, UR-FUNNY; read in the code): per modality an utterance
+feature projected by Linear + ReLU + LayerNorm to hidden_size 128 (``project_t/v/a``); per
+modality a private encoder Linear + Sigmoid; one shared encoder Linear + Sigmoid for every
+modality; per modality a linear reconstruction of the projected feature from private +
+shared (``reconstruct``, target the projection itself); a transformer layer and a fusion MLP
+on the six codes. solver.py: loss = cls + diff_weight * diff + sim_weight * cmd +
+recon_weight * recon, with ``get_diff_loss`` = DiffLoss(private_m, shared_m) per modality +
+DiffLoss between every two privates, ``get_cmd_loss`` the central moment discrepancy (5
+moments) between the modalities' shared codes, ``get_recon_loss`` the mean MSE; config.py:
+diff 0.3, sim 1.0, recon 1.0, Adam lr 1e-4, batch 64 (MOSI), ``clip_grad_value_`` 1.0.
+functions.py's DiffLoss (adapted from fungtion/DSN, like dsn.py's source) centres each code
+over the batch and divides every row by its detached l2 norm before the mean of the squared
+entries of A^T B: a measure of angle only.
+
+Here: scikit-learn digits (the common 75/25 split); two "modalities", the image's left and
+right four columns (32 pixels each), in place of text, audio and video; the classifier on the
+concatenated codes is cross-entropy over the ten digits (the code's UR-FUNNY criterion);
+the code's hidden size 128, batch 64, weights and value clipping; no transformer layer, no
+dropout (a Linear-ReLU-Linear fusion); 1200 Adam steps at lr 1e-3, ten times the code's (see
+below); 13-17 CPU-seconds a run. Losses ``cls``, ``diff``, ``cmd``, ``recon``, the code's
+names; ``diff`` hints at nothing, so it is declared (``roles={"diff": "orthogonality"}``, as
+asp_mtl.py does); ``cmd`` keeps the role read from the graph. The probe watches modality
+one's ``shared`` and ``private`` codes (the pair its DiffLoss term constrains).
+Scale choices, measured (seed 0 unless said): at hidden size 32 the task never learnt
+(accuracy 0.10 at diff weight 0.3 and 0.1): DiffLoss is not divided by the batch, and the
+mean over 32 x 32 entries weighs it four times more than over 128 x 128. At the code's lr
+1e-4, 1200 steps are too few for DiffLoss to act: CKA 0.60-0.68 between the codes (0.79-0.82
+with diff weight 0; seeds 0, 1), the diff loss x1.07 of its start while cls falls to x0.09
+(gradprobe rightly: ``latent-dependence``, ``gradient-swamping`` of ``diff``, ratio 0.033);
+at 3e-4 the raw-diff shrink reaches x0.12 only. So lr 1e-3 for every variant.
+
+Truth, measured on the test images without gradprobe (averaged over the two modalities):
+``private_norm`` and ``private_peak_ratio`` (``shared_...``), a code's mean row norm at the
+end and over its largest value on the test images (checked every 25 steps from step 0);
+``shared_variance_ratio``, the shared code's total variance at the end over its value at
+step 0, and ``shared_saturated``, the fraction of its sigmoid outputs below 0.01 or above
+0.99; ``cka`` (linear CKA) and ``corr_excess`` (max |corr| less its value with the private
+rows shuffled) between each modality's shared and private codes, ``cka_privates`` between
+the two privates; ``recon_mse``; the test accuracy ``acc``.
+
+Variants (seeds 0 and 1), neither healthy: at this scale the published objective does not
+train a healthy model (below), so the family has no healthy variant.
+- ``published``: the code's losses and weights. The private codes keep their norm (x0.97 of
+  peak) and are decorrelated from the shared ones (CKA 0.024-0.035, corr_excess 0.21-0.29),
+  accuracy 0.97, recon_mse 0.014; but the shared code becomes one constant point: total
+  variance x2.0e-6 to x6.3e-6 of its start, every sigmoid saturated (its norm steady, 6.4-7.3):
+  CMD is zero for two constant codes, and only a task that the privates already solve reads
+  it (with the cmd weight at 0.1 or 0.3 it still collapses, x0.003 and x3.5e-5; at 0 it keeps
+  x0.27). Expected: ``representation-collapse`` on ``shared``; gradprobe: found on both seeds
+  (spread x2.8e-5 to x4.3e-5 of peak). Also raised, false alarms by outcome: warning
+  ``gradient-swamping`` of ``recon`` (ratio 0.069-0.071) with ``static-loss-weights``: the
+  reconstruction loss fell from ~1.3 to its floor (recon_mse 0.014, the lowest of the
+  variants), satisfied, not held back.
+- ``raw-diff``: DiffLoss without its centring and normalisation (the squared entries of the
+  raw P^T S: DSN's eq. 4 as printed, which DiffLoss was adapted from). The sigmoid codes
+  are non-negative, so no direction of them is orthogonal to another's on the same inputs:
+  the loss (877 at step 0 against cls 2.3) can only be zeroed by shrinking them, and the
+  private code, which only the fusion and the reconstruction read, shrinks to x0.058-0.071 of
+  its peak (mean row norm 0.34-0.42 against 6.1-6.2 in ``published``; the shared code to
+  x0.18-0.21), while the loss looks satisfied and the codes stay dependent (CKA 0.67-0.73,
+  corr_excess 0.77); accuracy 0.96-0.97, recon_mse 0.057-0.063. Expected:
+  ``orthogonality-vanishing`` on ``private`` and ``latent-dependence`` on ``shared|private``;
+  allowed: rule (b) of ``orthogonality-vanishing`` on ``diff`` (true by construction: the raw
+  loss follows the codes' scale). gradprobe: all three on both seeds (``error`` on
+  ``private``, norm x0.063-0.071 of peak; CKA 0.65-0.86), nothing else above info.
 """
 
 from __future__ import annotations
@@ -21,11 +85,10 @@ from .dsn import linear_cka, max_abs_correlation
 from .harness import Expect, Family, Variant
 
 STEPS, BATCH, HIDDEN, CLASSES, CLIP = 1200, 64, 128, 10, 1.0
-LR = {"code": 1e-4, "fast": 1e-3}  # src/config.py's learning rate, and ten times it
+LR = 1e-3  # ten times src/config.py's: see the docstring
 WEIGHTS = {"diff": 0.3, "cmd": 1.0, "recon": 1.0}  # src/config.py: diff, sim, recon weights
 CMD_MOMENTS = 5  # src/solver.py get_cmd_loss
 ROLES = {"diff": "orthogonality"}  # the code's name hints at nothing
-CODE_LR = ("healthy", "no-diff")  # the others run at ten times the code's learning rate
 NORM_EVERY = 25  # the latents' norm on the test images, every so many steps, for their peak
 
 
@@ -139,10 +202,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr, x_te, y_te = digits_split()
     model = MISA()
-    opt = torch.optim.Adam(model.parameters(), lr=LR["code" if variant in CODE_LR else "fast"])
-    weights = dict(WEIGHTS)
-    if variant == "no-diff":
-        weights["diff"] = 0.0
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
     normalised = variant != "raw-diff"
     probe = gradprobe.Probe(model, run_file=log, roles=ROLES)
     probe.watch_latent("shared")
@@ -157,7 +217,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
             idx = next(stream)
             out = model(x_tr[idx])
             probe.observe(shared=out["shared"][0], private=out["private"][0])
-            probe.backward(losses_of(out, y_tr[idx], normalised), weights=weights)
+            probe.backward(losses_of(out, y_tr[idx], normalised), weights=WEIGHTS)
             nn.utils.clip_grad_value_(model.parameters(), CLIP)
             opt.step()
             opt.zero_grad()
@@ -170,17 +230,19 @@ FAMILY = Family(
     source="Hazarika, Zimmermann & Poria 2020 (MISA); declare-lab/MISA",
     train=train,
     variants=(
-        Variant("healthy", True, "the code's normalised DiffLoss, CMD, reconstruction, task",
-                must_not=("orthogonality-vanishing", "latent-dependence",
-                          "representation-collapse")),
-        Variant("raw-diff", False, "DiffLoss on the raw sigmoid features",
+        Variant("published", False,
+                "the code's losses and weights: CMD is satisfied by a constant shared code, "
+                "and the shared sigmoids saturate (total variance x2e-6 to x6e-6)",
+                expected=(Expect("representation-collapse", "shared"),),
+                must_not=("orthogonality-vanishing", "latent-dependence")),
+        Variant("raw-diff", False,
+                "DiffLoss without its centring and normalisation: zeroed by shrinking the "
+                "private code, which stays dependent on the shared code",
                 expected=(Expect("orthogonality-vanishing", "private"),
                           Expect("latent-dependence", "shared|private")),
-                allowed=(Expect("orthogonality-vanishing", "diff"),)),
-        Variant("lr-1e-3", False, "the code's losses at lr 1e-3: shared code constant",
-                expected=(Expect("representation-collapse", "shared"),)),
-        Variant("no-diff", False, "diff weight 0",
-                expected=(Expect("latent-dependence", "shared|private"),)),
+                allowed=(Expect("orthogonality-vanishing", "diff"),),
+                must_not=("representation-collapse",)),
     ),
     seeds=(0, 1),
+    quick=(("raw-diff", 1),),
 )
