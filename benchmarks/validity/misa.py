@@ -145,6 +145,11 @@ def cmd(x1: torch.Tensor, x2: torch.Tensor, moments: int = CMD_MOMENTS) -> torch
     return out
 
 
+def recon_loss(out: dict) -> torch.Tensor:
+    """get_recon_loss: the MSE of each modality's reconstruction of its projection, averaged."""
+    return sum(F.mse_loss(r, o) for r, o in zip(out["recon"], out["orig"])) / len(out["orig"])
+
+
 def losses_of(out: dict, y: torch.Tensor, normalised: bool) -> dict[str, torch.Tensor]:
     """solver.py's four losses: cls (cross-entropy, its ur_funny criterion), diff (private vs
     shared per modality, and across the privates), cmd (shared features across modalities),
@@ -154,7 +159,7 @@ def losses_of(out: dict, y: torch.Tensor, normalised: bool) -> dict[str, torch.T
             "diff": diff_loss(p1, s1, normalised) + diff_loss(p2, s2, normalised)
             + diff_loss(p1, p2, normalised),
             "cmd": cmd(s1, s2),
-            "recon": sum(F.mse_loss(r, o) for r, o in zip(out["recon"], out["orig"])) / 2}
+            "recon": recon_loss(out)}
 
 
 def _mean_norms(model: MISA, x: torch.Tensor) -> dict[str, float]:
@@ -190,9 +195,10 @@ def misa_truth(model: MISA, x: torch.Tensor, y: torch.Tensor, peaks: dict,
     truth["cka"] = float(np.mean([linear_cka(a, b) for a, b in pairs[:2]]))
     truth["cka_privates"] = linear_cka(*pairs[2])
     perm = np.random.default_rng(0).permutation(len(x))
-    truth["corr_excess"] = float(np.mean([max_abs_correlation(a, b) - max_abs_correlation(a, b[perm])
+    truth["corr_excess"] = float(np.mean([max_abs_correlation(a, b)
+                                          - max_abs_correlation(a, b[perm])
                                           for a, b in pairs[:2]]))
-    truth["recon_mse"] = float(sum(F.mse_loss(r, o) for r, o in zip(out["recon"], out["orig"])) / 2)
+    truth["recon_mse"] = float(recon_loss(out))
     truth["acc"] = float((out["logits"].argmax(1) == y).float().mean())
     return truth
 
