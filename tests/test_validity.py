@@ -54,6 +54,10 @@ def test_broken_variants_are_broken_by_independent_measurement(quick):
     assert out[("dsn", "unnormalised")]["private_norm_ratio"] < 0.4 < 0.8 < \
         out[("dsn", "healthy")]["private_norm_ratio"]
     assert out[("dsn", "healthy")]["cka"] < 0.1
+    # MISA's DiffLoss on the raw sigmoid codes: the private code shrinks to x0.058-0.071 of its
+    # peak (x0.97 with the code's normalised loss, seeds 0 and 1), still dependent on the shared
+    assert out[("misa", "raw-diff")]["private_peak_ratio"] < 0.1
+    assert out[("misa", "raw-diff")]["cka"] > 0.5
     # ASP-MTL without L_diff: shared and private features dependent (CKA 0.22-0.48 on seeds
     # 0-3); with the normalised L_diff decorrelated (0.009-0.014)
     assert out[("asp-mtl", "no-diff")]["cka"] > 0.2 > 0.05 > out[("asp-mtl", "healthy")]["cka"]

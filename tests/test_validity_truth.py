@@ -96,3 +96,37 @@ def test_asp_mtl_difference_loss_and_dependence_measures_match_numpy():
     alike = [(rng.normal(size=(200, 4)), None), (rng.normal(size=(200, 4)), None)]
     assert task_discriminability(apart) > 0.97
     assert abs(task_discriminability(alike) - 0.5) < 0.1
+
+
+def test_misa_difference_and_cmd_losses_match_numpy():
+    """misa's DiffLoss (the code's normalised form and the raw one) and CMD, against direct
+    numpy formulas; the two modalities are the image's left and right columns."""
+    import torch
+
+    from benchmarks.validity.misa import cmd, diff_loss, modalities
+
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(size=(30, 6)), rng.uniform(size=(30, 4))
+    raw = float(diff_loss(torch.tensor(a), torch.tensor(b), normalised=False))
+    assert raw == pytest.approx(np.mean((a.T @ b) ** 2))
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    an = ac / (np.linalg.norm(ac, axis=1, keepdims=True) + 1e-6)
+    bn = bc / (np.linalg.norm(bc, axis=1, keepdims=True) + 1e-6)
+    assert float(diff_loss(torch.tensor(a), torch.tensor(b), normalised=True)) == \
+        pytest.approx(np.mean((an.T @ bn) ** 2))
+    # the raw loss falls with the square of each code's scale; the normalised one does not
+    assert float(diff_loss(torch.tensor(a), torch.tensor(0.1 * b), normalised=False)) == \
+        pytest.approx(0.01 * raw)
+    assert float(diff_loss(torch.tensor(a), torch.tensor(0.1 * b), normalised=True)) == \
+        pytest.approx(np.mean((an.T @ bn) ** 2), rel=1e-4)
+    x1, x2 = rng.normal(size=(50, 3)), rng.normal(size=(50, 3)) * 2 + 1
+    moments = [np.linalg.norm(x1.mean(0) - x2.mean(0))]
+    moments += [np.linalg.norm(((x1 - x1.mean(0)) ** k).mean(0) - ((x2 - x2.mean(0)) ** k).mean(0))
+                 for k in range(2, 6)]
+    assert float(cmd(torch.tensor(x1), torch.tensor(x2), 5)) == pytest.approx(sum(moments))
+    constant = torch.full((50, 3), 0.7, dtype=torch.float64)
+    assert float(cmd(constant, constant.clone(), 5)) == 0.0  # two constant codes: CMD is zero
+    image = torch.arange(64.0).view(1, 64)
+    left, right = modalities(image)
+    assert left.view(8, 4)[:, 0].tolist() == list(range(0, 64, 8))
+    assert right.view(8, 4)[:, -1].tolist() == list(range(7, 64, 8))

@@ -43,6 +43,7 @@ MODULES = ("mtl", "simsiam", "byol", "barlow", "simclr", "dann", "vae", "pinn",
 # issue 21's table, ported for the rule work
 MODULES += ("two_task_conflict", "vqvae", "uncertainty_weights", "helmholtz_pinn",
             "barlow_split", "swav", "vicreg", "switch_moe", "asp_mtl")
+MODULES += ("misa",)  # a second public source with a true orthogonality-vanishing
 
 
 # The sets of families held out by source: package, modules, default output folder, page.
