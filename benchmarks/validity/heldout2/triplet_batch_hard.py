@@ -29,7 +29,8 @@ test image's identity) and the 5-nearest-neighbour accuracy by cosine
 each (``recall_at_1_views``, ``knn_acc_views``; the same views for every run), with the
 untrained network's recall@1 on those views beside them (``untrained_recall_at_1_views``):
 on the clean test images both variants reach recall@1 0.94, so what the loss teaches is read
-on the views, where the embedding must have learnt the invariance the augmentations ask for. For collapse: the embedding's centred effective rank (``common.centred_effective_rank``,
+on the views, where the embedding must have learnt the invariance the augmentations ask
+for. For collapse: the embedding's centred effective rank (``common.centred_effective_rank``,
 out of 32), normalised std (``common.normalised_std``) and total variance on the clean test
 split, and the ratio of the mean distance between class means to the mean distance of a
 test point to its class mean (``class_separation``).
