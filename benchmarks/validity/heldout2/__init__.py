@@ -5,4 +5,5 @@ Written by people who never ran the diagnosis on them, probed at the documented 
 ``roles=``, no ``shared=``), run only by ``run.py --heldout2``, once, at the end, and
 reported apart (docs/validity-heldout2.md)."""
 
-HELDOUT2_MODULES = ("rvq", "gshard_moe", "scan", "tico", "dwa", "pareto_multidigit")
+HELDOUT2_MODULES = ("rvq", "gshard_moe", "scan", "tico", "dwa", "pareto_multidigit",
+                    "ntk_wave_pinn", "triplet_batch_hard")

@@ -167,8 +167,6 @@ def gradient_truth(model: nn.Module, losses: dict, weights: dict) -> dict[str, f
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
