@@ -2,7 +2,7 @@
 set (benchmarks/validity/heldout/) had been run once and so could no longer judge the rules.
 Each ports a public setup that no family of the corpus or of the first held-out set ports.
 Written by people who never ran the diagnosis on them, probed at the documented defaults (no
-``roles=``, no ``shared=``), run only by ``run.py --heldout2``, once, at the end, and
+``roles=``, no ``shared=``), run only by ``run.py --heldout second``, once, at the end, and
 reported apart (docs/validity-heldout2.md)."""
 
 HELDOUT2_MODULES = ("rvq", "gshard_moe", "scan", "tico", "dwa", "pareto_multidigit",
