@@ -62,12 +62,10 @@ def _input_dependent(nodes: Mapping[Any, int]) -> bool:
     return False
 
 
-def prototypes_reached(graph: Mapping[Any, int], leaf_ids: Collection[int],
-                       tables: Mapping[str, torch.Tensor]) -> list[str]:
-    """The watched prototype tables a loss's graph reaches: a table that is a leaf (a
-    Parameter) among its leaves, a computed one by its autograd node."""
-    return sorted(name for name, table in tables.items()
-                  if (id(table) in leaf_ids if table.grad_fn is None else table.grad_fn in graph))
+def prototypes_reached(leaf_ids: Collection[int], tables: Mapping[str, torch.Tensor]
+                       ) -> list[str]:
+    """The watched prototype tables (Parameters, leaves of the graph) among a loss's leaves."""
+    return sorted(name for name, table in tables.items() if id(table) in leaf_ids)
 
 
 def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
@@ -77,9 +75,9 @@ def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
     "loss_weights": n, "prototypes": the watched prototype tables it reaches}`` (numbers of
     parameter tensors). ``parameters``: the ids of the model's parameters; another leaf a
     loss reaches (a PINN's collocation points, an input that requires grad) is data.
-    ``prototypes``: the watched tables that require grad, by name: a loss that reaches one
-    acts on the assignments it makes (a balancing or codebook loss on a router or
-    codebook), the quantity the diagnosis then judges it by."""
+    ``prototypes``: the watched tables given as Parameters (leaves), by name: a loss
+    that reaches one acts on the assignments it makes (a balancing or codebook loss on a
+    router or codebook), the quantity the diagnosis then judges it by."""
     weight_ids = set(loss_weight_leaves(weights))
     graphs = [reachable_nodes(loss) for loss in losses]
     leaves = [set(leaves_of(graph)) for graph in graphs]
@@ -95,7 +93,7 @@ def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
                 else "penalty" if penalty[k] else "shared" if shared else "own")
         reaches.append({"kind": kind, "shared": len(shared), "own": len(found - shared),
                         "loss_weights": len(reached[k] & weight_ids),
-                        "prototypes": prototypes_reached(graphs[k], leaves[k], prototypes or {})})
+                        "prototypes": prototypes_reached(leaves[k], prototypes or {})})
     return reaches
 
 

@@ -59,17 +59,13 @@ class WatchSet:
         self.prototypes[name] = PrototypeWatch(name, source, latent, every)
 
     def prototype_tables(self) -> dict[str, torch.Tensor]:
-        """The watched prototype tables that a loss can reach (they require grad), by name; a
-        callable source is called once here, and one that fails is left to its watch."""
-        tables = {}
-        for name, watch in self.prototypes.items():
-            try:
-                table = watch.source() if callable(watch.source) else watch.source
-            except Exception:  # noqa: BLE001 - the watch reports it when it records
-                continue
-            if isinstance(table, torch.Tensor) and table.requires_grad and watch.disabled is None:
-                tables[name] = table
-        return tables
+        """The watched prototype tables that a loss can reach, by name: those given as a
+        leaf tensor that requires grad (a Parameter). A callable source is not called here:
+        the probe calls user code only where it records (on a probe step's watches), never
+        once more for itself."""
+        return {name: watch.source for name, watch in self.prototypes.items()
+                if isinstance(watch.source, torch.Tensor) and watch.source.requires_grad
+                and watch.source.grad_fn is None and watch.disabled is None}
 
     def add_saturation(self, name: str, module: torch.nn.Module | None, temperature: Any,
                        threshold: float, terms: tuple[str, str] | None, target: str | None,
