@@ -112,7 +112,8 @@ def test_two_folders_with_the_same_alarms_and_overlapping_ranges_agree(tmp_path)
     assert "same toy/broken/s0: " in out and "gradient-swamping [aux]" in out
     assert "same toy/healthy/s0: none" in out
     assert "overlap toy/broken acc: A 0.5 to 0.56 (2 seeds), B 0.55 to 0.6 (2 seeds)" in out
-    assert "2 of 2 seed ranges overlap (relative tolerance 0.001)" in out and "agree" in out.splitlines()[-1]
+    assert "2 of 2 seed ranges both folders hold overlap (relative tolerance 0.001)" in out
+    assert "agree" in out.splitlines()[-1]
 
 
 def test_a_changed_verdict_and_ranges_apart_make_the_folders_disagree(tmp_path):
@@ -130,6 +131,19 @@ def test_a_changed_verdict_and_ranges_apart_make_the_folders_disagree(tmp_path):
     assert "APART   toy/broken acc: A 0.5 to 0.52 (2 seeds), B 0.7 to 0.71 (2 seeds)" in out
     assert "A only: toy/broken/s1" in out and "B only: toy/broken/s2" in out
     assert "DISAGREE" in out.splitlines()[-1]
+
+
+def test_ranges_one_folder_alone_holds_are_counted_apart_from_the_compared(tmp_path):
+    """A rerun of part of the corpus: the variants only the first folder holds are listed as
+    one-sided, not counted among the compared ranges (and the folders still disagree)."""
+    a = _folder(tmp_path, "a", {("toy", "broken", 0): (0.05, {"acc": 0.50}),
+                                ("toy", "healthy", 0): (0.30, {"acc": 0.90})}, threads=1)
+    b = _folder(tmp_path, "b", {("toy", "broken", 0): (0.05, {"acc": 0.50})}, threads=2)
+    out = _compare(a, b).stdout
+    assert "1 of 1 seed ranges both folders hold overlap (relative tolerance 0.001); " \
+        "1 held by one folder only" in out
+    assert "one     toy/healthy acc: A 0.9 (1 seed), B -" in out
+    assert "A only: toy/healthy/s0" in out and "DISAGREE" in out.splitlines()[-1]
 
 
 def test_a_folder_that_is_not_a_run_output_is_one_line_and_exit_2(tmp_path):

@@ -171,11 +171,15 @@ def report(a: Folder, b: Folder, alarms_a: dict[RunKey, frozenset[Alarm]],
         lines.append(f"   DIFF {_label(d.run)}: only in A: {_alarms_text(d.only_a)}; "
                      f"only in B: {_alarms_text(d.only_b)}")
     rows = range_comparisons(a.outcomes, b.outcomes, rtol)
-    apart = [r for r in rows if not r.overlap]
-    lines += ["", f"== outcomes: {len(rows) - len(apart)} of {len(rows)} seed ranges overlap "
-                  f"(relative tolerance {rtol:g})"]
+    both = [r for r in rows if r.a is not None and r.b is not None]
+    apart = [r for r in both if not r.overlap]
+    lines += ["", f"== outcomes: {len(both) - len(apart)} of {len(both)} seed ranges both folders "
+                  f"hold overlap (relative tolerance {rtol:g})"
+              + (f"; {len(rows) - len(both)} held by one folder only" if len(rows) > len(both)
+                 else "")]
     for r in rows:
-        lines.append(f"   {'overlap' if r.overlap else 'APART  '} {r.family}/{r.variant} {r.outcome}: "
+        state = ("overlap" if r.overlap else "APART  ") if r in both else "one    "
+        lines.append(f"   {state} {r.family}/{r.variant} {r.outcome}: "
                      f"A {_range_cell(r.a)}, B {_range_cell(r.b)}")
     one_sided = sorted(a.outcomes.keys() ^ b.outcomes.keys())
     if one_sided:
