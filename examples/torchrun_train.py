@@ -67,6 +67,9 @@ def main() -> None:
     if rank == 0:
         print("grad_cosine task|reg:", gradprobe.load_run(args.out).series("grad_cosine",
                                                                           "task|reg")[1])
+    # Leave together: once in CI, under load, rank 1 aborted at exit ("terminate called
+    # without an active exception") while rank 0 was still reading the run file.
+    dist.barrier()
     dist.destroy_process_group()
 
 
