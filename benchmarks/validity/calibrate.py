@@ -200,6 +200,17 @@ EDGE_REASONS: dict[str, str] = {
         "train-27-images s3 (+13.6%), memorising by construction, are missed; below, down to "
         "0.035, no corpus run changes (no healthy run's validation loss rises more than "
         "3.5%), so the default keeps the documented definition rather than the range's middle",
+    "conflict_share":
+        "one grid step below (0.42), on the calibration half, misa raw-diff s0 gains a "
+        "diff/cmd conflict (cos -0.24) that the variant does not declare: its two constraint "
+        "terms oppose each other on 42-60% of the steps; above (0.85), no corpus run changes, "
+        "and 0.6 is the design's 'most of the run' (above min_share) for a persistent sign",
+    "dependence_corr_excess":
+        "one grid step below (0.18), misa published s0 and s1 gain a shared/private "
+        "latent-dependence (CKA 0.18-0.22) that the run does not have by its own measure (CKA "
+        "0.024-0.035 on the test images: the shared code is a constant point there, so "
+        "dependence is undefined); above, to 2, no corpus run changes: 0.25 is a max |corr| "
+        "a quarter above its shuffled null, the design's 'clearly dependent'",
     "usage_held_fraction":
         "one grid step below (0.57), switch-moe alpha-1e-5's router, which its own measure "
         "shows skewed (usage entropy 0.65-0.72 of log 8 on the test digits), pools at "
