@@ -147,3 +147,10 @@ def perplexity(codes: torch.Tensor, size: int) -> float:
     p = torch.bincount(codes, minlength=size).double() / len(codes)
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def loss_end_over_start(series: dict[str, list[float]]) -> dict[str, float]:
+    """For each ``*_loss`` series sampled during training: the median of its last 10 samples
+    over the median of samples 1-5 (the first sample, before any step, left out)."""
+    return {f"{name}_end_over_start": float(np.median(v[-10:]) / np.median(v[1:6]))
+            for name, v in series.items() if name.endswith("_loss")}

@@ -66,6 +66,7 @@ from torch import nn
 
 import gradprobe
 
+from ..common import loss_end_over_start
 from ..harness import Expect, Family, Variant
 
 NU = 0.01 / math.pi
@@ -169,8 +170,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
             "boundary_max_abs": float(max(np.abs(u[0]).max(), np.abs(u[-1]).max()))} | \
         {name: float(np.median(v)) for name, v in series.items() if not name.endswith("_loss")} | \
         {"cos_negative_share": float(np.mean(np.array(series["cos_residual_initial"]) < 0))} | \
-        {f"{name}_end_over_start": float(np.median(v[-10:]) / np.median(v[1:6]))
-         for name, v in series.items() if name.endswith("_loss")}
+        loss_end_over_start(series)
 
 
 FAMILY = Family(

@@ -82,6 +82,7 @@ from torch.func import functional_call, grad, hessian, vmap
 
 import gradprobe
 
+from ..common import loss_end_over_start
 from ..harness import Expect, Family, Variant
 
 C, A = 4.0, 0.0
@@ -224,8 +225,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
          if name.startswith("cos_")} | \
         {name: float(np.median(v[-10:])) for name, v in series.items()
          if name.endswith("_weight")} | \
-        {f"{name}_end_over_start": float(np.median(v[-10:]) / np.median(v[1:6]))
-         for name, v in series.items() if name.endswith("_loss")}
+        loss_end_over_start(series)
 
 
 FAMILY = Family(
