@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 import torch
+from torch import nn
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -154,3 +155,39 @@ def loss_end_over_start(series: dict[str, list[float]]) -> dict[str, float]:
     over the median of samples 1-5 (the first sample, before any step, left out)."""
     return {f"{name}_end_over_start": float(np.median(v[-10:]) / np.median(v[1:6]))
             for name, v in series.items() if name.endswith("_loss")}
+
+
+# The 0-1 pixels of digits_split back to the stored 0-16 grey levels.
+INK_SCALE = 16.0
+
+
+def ink_of(x: torch.Tensor) -> torch.Tensor:
+    """The ink of each digit image: the sum of its pixels in grey levels (about 313 on
+    average), a regression target on a far larger scale than a 10-class cross entropy."""
+    return x.sum(1) * INK_SCALE
+
+
+class DigitInkNet(nn.Module):
+    """A shared two-layer trunk with a digit-class head and an ink-regression head."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width),
+                                   nn.ReLU())
+        self.digit_head, self.ink_head = nn.Linear(width, 10), nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.digit_head(h), self.ink_head(h).squeeze(1)
+
+
+def digit_over_ink_trunk_ratio(model: DigitInkNet, losses: dict, weights: dict) -> float:
+    """|w_digit grad_trunk L_digit| / |w_ink grad_trunk L_ink| by ``torch.autograd.grad``, the
+    weights floats or tensors (1 where absent)."""
+    params = list(model.trunk.parameters())
+    norms = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        weight = float(torch.as_tensor(weights.get(name, 1.0)).detach())
+        norms[name] = weight * float(torch.cat([g.flatten() for g in grads]).norm())
+    return norms["digit"] / norms["ink"]

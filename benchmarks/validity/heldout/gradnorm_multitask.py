@@ -55,51 +55,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split
+from ..common import DigitInkNet, batches, digit_over_ink_trunk_ratio, digits_split, ink_of
 from ..harness import Expect, Family, Variant
 
 STEPS, BATCH, LR = 1500, 128, 1e-3
 ALPHA, WEIGHT_LR = 1.5, 0.025
-INK_SCALE = 16.0  # the 0-1 pixels of common.digits_split back to the stored 0-16 grey levels
 TRUTH_EVERY = 50
 TASKS = ("digit", "ink")
 
 
-class TwoTaskNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
-        self.digit_head, self.ink_head = nn.Linear(256, 10), nn.Linear(256, 1)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        return self.digit_head(h), self.ink_head(h).squeeze(1)
-
-
-def task_losses(model: TwoTaskNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def task_losses(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     digit_logits, ink = model(x)
     return {"digit": F.cross_entropy(digit_logits, y), "ink": F.mse_loss(ink, ink_of(x))}
 
 
-def ink_of(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(1) * INK_SCALE
-
-
-def trunk_ratio(model: TwoTaskNet, losses: dict, weights: dict) -> float:
-    params = list(model.trunk.parameters())
-    norms = {}
-    for name, loss in losses.items():
-        grads = torch.autograd.grad(loss, params, retain_graph=True)
-        weight = float(torch.as_tensor(weights.get(name, 1.0)).detach())
-        norms[name] = weight * float(torch.cat([g.flatten() for g in grads]).norm())
-    return norms["digit"] / norms["ink"]
-
-
-def gradnorm_gradient(model: TwoTaskNet, losses: dict, w: torch.Tensor,
+def gradnorm_gradient(model: DigitInkNet, losses: dict, w: torch.Tensor,
                       initial: torch.Tensor) -> torch.Tensor:
     """d L_grad / d w (Algorithm 1), on the last shared layer's weight."""
     last_shared = model.trunk[2].weight
@@ -112,7 +85,7 @@ def gradnorm_gradient(model: TwoTaskNet, losses: dict, w: torch.Tensor,
     return grad
 
 
-def evaluate(model: TwoTaskNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
         logits, ink = model(x)
@@ -120,12 +93,12 @@ def evaluate(model: TwoTaskNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return float((logits.argmax(1) == y).float().mean()), float((ink - ink_of(x)).pow(2).mean().sqrt())
 
 
-def fit(variant: str, seed: int, probe_file: Path | None) -> tuple[TwoTaskNet, dict]:
+def fit(variant: str, seed: int, probe_file: Path | None) -> tuple[DigitInkNet, dict]:
     """Train on ``variant`` (also "digit-only" / "ink-only", the single-task baselines)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr, _, _ = digits_split()
-    model = TwoTaskNet()
+    model = DigitInkNet(256)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     w = torch.ones(len(TASKS), requires_grad=True)
     weight_opt = torch.optim.Adam([w], lr=WEIGHT_LR)
@@ -138,7 +111,7 @@ def fit(variant: str, seed: int, probe_file: Path | None) -> tuple[TwoTaskNet, d
         else:
             weights = dict(zip(TASKS, w)) if variant == "gradnorm" else {}
             if step % TRUTH_EVERY == 0:
-                ratios.append(trunk_ratio(model, losses, weights))
+                ratios.append(digit_over_ink_trunk_ratio(model, losses, weights))
             if variant == "gradnorm":
                 initial = torch.stack([losses[t].detach() for t in TASKS]) if initial is None else initial
                 w_grad = gradnorm_gradient(model, losses, w, initial)

@@ -61,40 +61,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split
+from ..common import DigitInkNet, batches, digit_over_ink_trunk_ratio, digits_split, ink_of
 from ..harness import Expect, Family, Variant
 
 EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
 TEMPERATURE = 2.0  # MTAN's default --temp
-INK_SCALE = 16.0  # the 0-1 pixels of common.digits_split back to the stored 0-16 grey levels
 RATIO_EVERY = 20
 TASKS = ("digit", "ink")
-
-
-class TwoTaskNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU())
-        self.digit_head, self.ink_head = nn.Linear(WIDTH, 10), nn.Linear(WIDTH, 1)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        return self.digit_head(h), self.ink_head(h).squeeze(1)
 
 
 class InkTarget:
     """The ink regression's target: grey levels, or their z-score on the training split."""
 
     def __init__(self, x_train: torch.Tensor, standardise: bool):
-        ink = x_train.sum(1) * INK_SCALE
+        ink = ink_of(x_train)
         self.mean, self.std = (float(ink.mean()), float(ink.std())) if standardise else (0.0, 1.0)
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.sum(1) * INK_SCALE - self.mean) / self.std
+        return (ink_of(x) - self.mean) / self.std
 
     def in_grey_levels(self, prediction: torch.Tensor) -> torch.Tensor:
         return prediction * self.std + self.mean
@@ -109,33 +96,24 @@ def dwa_weights(history: list[list[float]]) -> list[float]:
     return [len(TASKS) * e / sum(exps) for e in exps]
 
 
-def trunk_ratio(model: TwoTaskNet, losses: dict, weights: dict) -> float:
-    params = list(model.trunk.parameters())
-    norms = {}
-    for name, loss in losses.items():
-        grads = torch.autograd.grad(loss, params, retain_graph=True)
-        norms[name] = weights[name] * float(torch.cat([g.flatten() for g in grads]).norm())
-    return norms["digit"] / norms["ink"]
-
-
-def evaluate(model: TwoTaskNet, target: InkTarget, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: DigitInkNet, target: InkTarget, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
         logits, ink = model(x)
     model.train()
-    rmse = (target.in_grey_levels(ink) - x.sum(1) * INK_SCALE).pow(2).mean().sqrt()
+    rmse = (target.in_grey_levels(ink) - ink_of(x)).pow(2).mean().sqrt()
     return float((logits.argmax(1) == y).float().mean()), float(rmse)
 
 
 def fit(variant: str, seed: int, probe_file: Path | None, standardise: bool
-        ) -> tuple[TwoTaskNet, InkTarget, dict]:
+        ) -> tuple[DigitInkNet, InkTarget, dict]:
     """Train on ``variant`` (also "digit-only" / "ink-only", the single-task references, on
     the variant's ink target)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr, x_te, y_te = digits_split()
     target = InkTarget(x_tr, standardise)
-    model = TwoTaskNet()
+    model = DigitInkNet(WIDTH)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     steps_per_epoch = len(x_tr) // BATCH
     loader = batches(len(x_tr), BATCH, gen)
@@ -154,7 +132,7 @@ def fit(variant: str, seed: int, probe_file: Path | None, standardise: bool
                 losses[variant.removesuffix("-only")].backward()
             else:
                 if (epoch * steps_per_epoch + batch) % RATIO_EVERY == 0:
-                    ratios.append(trunk_ratio(model, losses, weights))
+                    ratios.append(digit_over_ink_trunk_ratio(model, losses, weights))
                 probe.backward(losses, weights=weights)
             opt.step()
             opt.zero_grad()
