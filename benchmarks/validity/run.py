@@ -10,6 +10,7 @@ Usage:
     python benchmarks/validity/run.py --heldout  # only the families held out by source, apart
                                                  # (issue 21: run once, at the end of the rule work)
     python benchmarks/validity/run.py --heldout second  # the second held-out set, likewise
+    python benchmarks/validity/run.py --heldout third  # the third held-out set, likewise
     python benchmarks/validity/run.py --threads 2 --out /tmp/runs-t2  # 2 torch threads a run
     python benchmarks/validity/reproduce.py benchmarks/validity/runs /tmp/runs-t2
                                                  # same verdicts, overlapping seed ranges?
@@ -34,6 +35,7 @@ from benchmarks.validity.harness import (Family, RunRecord, Runs, default_worker
                                          train_runs)
 from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
 from benchmarks.validity.heldout2 import HELDOUT2_MODULES  # noqa: E402
+from benchmarks.validity.heldout3 import HELDOUT3_MODULES  # noqa: E402
 from benchmarks.validity.report import (Check, acceptance, finding_lines, flip_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
@@ -52,6 +54,8 @@ HELDOUT_SETS = {
               "validity-heldout.md"),
     "second": ("benchmarks.validity.heldout2", HELDOUT2_MODULES, "runs-heldout2",
                "validity-heldout2.md"),
+    "third": ("benchmarks.validity.heldout3", HELDOUT3_MODULES, "runs-heldout3",
+              "validity-heldout3.md"),
 }
 
 
@@ -109,16 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
                         help="only a set of families held out by source (every variant and "
                              "seed): 'first' (the default; benchmarks/validity/heldout/) or "
-                             "'second' (heldout2/); reported apart, never calibrated; writes a "
-                             "page only with --doc (docs/validity-heldout.md, "
-                             "docs/validity-heldout2.md)")
+                             "'second' (heldout2/) or 'third' (heldout3/); reported apart, never "
+                             "calibrated; writes a page only with --doc "
+                             "(docs/validity-heldout.md, -heldout2.md, -heldout3.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout or runs-heldout2 with --heldout)")
+                             "runs-heldout, runs-heldout2 or runs-heldout3 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
