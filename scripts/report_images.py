@@ -1,8 +1,9 @@
 """Regenerate docs/images/report-*.png: every page of the report of the demo's failing run.
 
-    python scripts/report_images.py [--steps 600] [--dpi 110] [--run PATH]
+    python scripts/report_images.py [--steps N] [--dpi 110] [--run PATH]
 
-Trains ``gradprobe.demo.train("failing")`` (the record-22 reproduction) unless ``--run`` names
+Trains ``gradprobe.demo.train("failing")`` (the record-22 reproduction, at the demo's own
+length ``gradprobe.demo.DEFAULT_STEPS`` unless ``--steps`` says otherwise) unless ``--run`` names
 an existing run file, diagnoses it with ``gradprobe.diagnose.diagnose`` and saves each page of
 ``gradprobe.report.report_figures`` (the same figures the PDF holds) as a PNG.
 """
@@ -14,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 from gradprobe import load_run
+from gradprobe.demo import DEFAULT_STEPS, train
+from gradprobe.diagnose import diagnose
 from gradprobe.report import report_figures, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,19 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=None, help="an existing run file")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="training steps (default: the demo's, %(default)s)")
     parser.add_argument("--dpi", type=int, default=110)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
     if args.run is None:
-        from gradprobe.demo import train
-
         work = Path(tempfile.mkdtemp(prefix="gradprobe-report-images-"))
         result = train("failing", steps=args.steps, out_dir=work, progress=False)
         run_path = Path(result["run_path"])
     else:
         run_path = args.run
-    from gradprobe.diagnose import diagnose
 
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("report-*.png"):

@@ -59,6 +59,9 @@ def test_failing_model_shows_the_record_failure(runs):
     assert "cont" in swamped and swamped["cont"].evidence["median_ratio"] < 0.1
     assert swamped["cont"].evidence["judged_on"] == "layers it shares"
     assert set(swamped["cont"].evidence["layer_ratios"]) == {"f_E.net.0", "f_E.net.2"}
+    # the title's per-layer spread is read over the same steps as its median: it brackets it
+    spread = swamped["cont"].evidence["layer_ratios"].values()
+    assert min(spread) <= swamped["cont"].evidence["median_ratio"] <= max(spread)
     assert "proto" not in swamped
     # all InfoNCE negatives come from the anchor's own cell line
     weak = by_id["weak-contrastive-signal"][0]

@@ -114,10 +114,11 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "prototype_usage_kept": protected,
         }
         if by_layer is not None:
+            # Over the held steps, as the headline median: its spread reads the same steps.
             evidence["layer_ratios"] = {
-                layer: median(by_layer["per_layer"][k][i][judged])
+                layer: median(by_layer["per_layer"][k][i][held])
                 for i, layer in enumerate(by_layer["layers"])
-                if np.isfinite(by_layer["per_layer"][k][i][judged]).any()}
+                if np.isfinite(by_layer["per_layer"][k][i][held]).any()}
         where = ""
         if by_layer is not None:
             spread = sorted(evidence["layer_ratios"].values())
