@@ -8,13 +8,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import entropy
 from torch import nn
 
-from gradprobe import Probe
+from gradprobe import Probe, load_run
 from gradprobe.diagnose import diagnose
+from gradprobe.probe import ProbeUsageError
 from gradprobe.diagnose.thresholds import Thresholds
 from gradprobe.metrics import prototype_assignments, prototype_usage, usage_entropy
 from gradprobe.record import run_from_state
@@ -101,3 +103,51 @@ def test_one_prototype_taking_every_row_is_collapse_even_with_assignments_as_gro
     assert math.isclose(f.evidence["pooled_usage"]["largest_share"], largest, rel_tol=1e-9)
     # The prototypes never moved apart or together: the usage alone raised it.
     assert "pooled" in f.key_number
+
+
+def _numpy_lag(p: np.ndarray, e: np.ndarray, groups: np.ndarray) -> float:
+    """metrics.prototype_lag's formula, with every group holding several distinct rows."""
+    lags = [np.linalg.norm(p[g] - e[groups == g].mean(0))
+            / np.sqrt(e[groups == g].var(0, ddof=1).mean()) for g in np.unique(groups)]
+    return float(np.mean(lags))
+
+
+def test_each_table_reads_its_own_assignments_where_a_model_has_several(tmp_path):
+    """Residual codebooks: each stage's rows belong to its own table's codes, so one shared
+    ``groups`` cannot serve both; ``watch_prototypes(groups=NAME)`` names each table's own."""
+    gen = torch.Generator().manual_seed(0)
+    trunk = nn.Linear(DIM, DIM)
+    tables = [torch.randn(GROUPS, DIM, generator=gen) for _ in range(2)]
+    probe = Probe(trunk, every=1, run_file=tmp_path / "rvq.gprobe")
+    for stage in range(2):
+        probe.watch_latent(f"residual_{stage}")
+        probe.watch_prototypes(f"codebook_{stage}", tables[stage], latent=f"residual_{stage}",
+                               groups=f"codes_{stage}")
+    expected = {0: [], 1: []}
+    for _ in range(3):
+        x = torch.randn(64, DIM, generator=gen)
+        z = trunk(x)
+        residual, observed = z.detach(), {}
+        for stage in range(2):
+            codes = torch.randint(0, GROUPS, (64,), generator=gen)  # each code holds rows
+            observed[f"residual_{stage}"], observed[f"codes_{stage}"] = residual, codes
+            expected[stage].append(_numpy_lag(tables[stage].numpy(), residual.numpy(),
+                                              codes.numpy()))
+            residual = residual - tables[stage][codes]
+        probe.observe(**observed)
+        probe.backward({"task": z.pow(2).mean(), "commit": (z - 1).pow(2).mean()})
+    probe.close()
+    run = load_run(tmp_path / "rvq.gprobe")
+    for stage in range(2):
+        got = run.series("prototype_lag", f"codebook_{stage}")[1]
+        assert np.allclose(got, expected[stage], rtol=1e-5), (stage, got, expected[stage])
+    # the two stages' assignments differ, so one groups tensor would have given one of them
+    # the other's lag
+    assert not np.allclose(expected[0], expected[1], rtol=1e-2)
+
+
+def test_a_table_s_groups_must_name_an_observed_tensor_not_a_watch(tmp_path):
+    probe = Probe(nn.Linear(DIM, DIM), run_file=tmp_path / "x.gprobe")
+    probe.watch_latent("z")
+    with pytest.raises(ProbeUsageError, match="groups must name a tensor passed to observe"):
+        probe.watch_prototypes("codebook", torch.randn(GROUPS, DIM), latent="z", groups="z")

@@ -157,6 +157,8 @@ class StepRecorder:
             if source is not None and source.disabled is None and watch.latent in observed \
                     and key not in pieces:
                 pieces[key] = as_matrix(watch.latent, observed[watch.latent], self.max_rows)
+            if watch.groups in observed and watch.groups_key not in pieces:
+                pieces[watch.groups_key] = torch.as_tensor(observed[watch.groups]).reshape(-1)
         for name, watch in w.saturations.items():
             if name in observed and due(watch) and \
                     self._prepared(watch, pieces, watch.prepare, observed[name], observed):

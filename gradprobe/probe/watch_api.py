@@ -38,13 +38,16 @@ class WatchMethods:
         self._watches.add_latent(name, module, labels, select, every)
 
     def watch_prototypes(self, name: str, source: Any, *, latent: str | None = None,
-                         every: int | None = None) -> None:
+                         groups: str = "groups", every: int | None = None) -> None:
         """Record a prototype matrix (tensor, Parameter, buffer or zero-argument callable).
 
-        ``latent``: the watched latent the prototypes summarise (rows indexed by the group
-        ids passed as ``observe(groups=...)``), for usage and lag.
+        ``latent``: the watched latent the prototypes summarise, for usage and lag.
+        ``groups``: the name of the observed tensor holding each latent row's prototype id
+        (the row of the table it belongs to), for lag: ``observe(groups=...)`` by default;
+        a model with several tables (residual codebooks, one router per layer) names each
+        table's own, e.g. ``groups="codes_0"`` with ``observe(codes_0=...)``.
         """
-        self._watches.add_prototypes(name, source, latent, every)
+        self._watches.add_prototypes(name, source, latent, groups, every)
 
     def watch_saturation(self, name: str, module: torch.nn.Module | None = None, *,
                          temperature: Any = None, threshold: float = metrics.SATURATION_THRESHOLD,

@@ -211,12 +211,17 @@ def latent_pair(a: str, za: torch.Tensor, b: str, zb: torch.Tensor) -> Scalars:
 
 
 class PrototypeWatch(Watch):
-    """A set of prototypes (rows indexed by group id): drift, staleness, spread, usage, lag."""
+    """A set of prototypes (rows indexed by group id): drift, staleness, spread, usage, lag.
+    ``groups``: the name of the observed tensor of each latent row's prototype id."""
 
-    def __init__(self, name: str, source: Any, latent: str | None, every: int | None):
+    def __init__(self, name: str, source: Any, latent: str | None, groups: str,
+                 every: int | None):
         super().__init__(name, every)
         self.source = source
         self.latent = latent
+        self.groups = groups
+        # Where the step's transfer carries them: the batch's groups travel as "groups".
+        self.groups_key = groups if groups == "groups" else f"groups:{groups}"
         self.previous: torch.Tensor | None = None
         self.last_moved: torch.Tensor | None = None  # probe step at which each row last moved
         self.group_means: dict[int, torch.Tensor] = {}
@@ -236,10 +241,10 @@ class PrototypeWatch(Watch):
 
     def record(self, step: int, values: Mapping[str, torch.Tensor]) -> tuple[Scalars, Arrays]:
         """On the host (the table's history lives there): ``values`` holds the table, the
-        rows of its latent (when recorded) and the batch's ``groups`` (when observed)."""
+        rows of its latent (when recorded) and its rows' prototype ids (when observed)."""
         now = values[f"prototypes:{self.name}"]
         latent = values.get(f"latent:{self.latent}") if self.latent else None
-        groups = values.get("groups")
+        groups = values.get(self.groups_key)
         key = self.name
         scalars: Scalars = {}
         arrays: Arrays = {}

@@ -50,13 +50,14 @@ class WatchSet:
             watch.handle = module.register_forward_hook(self._capture_output(name))
         self.latents[name] = watch
 
-    def add_prototypes(self, name: str, source: Any, latent: str | None,
+    def add_prototypes(self, name: str, source: Any, latent: str | None, groups: str,
                        every: int | None) -> None:
         self.check_new_name(name)
         if not (isinstance(source, torch.Tensor) or callable(source)):
             raise ProbeUsageError(f"prototypes {name!r}: pass a tensor, Parameter, buffer or a "
                                   f"zero-argument callable, got {type(source).__name__}")
-        self.prototypes[name] = PrototypeWatch(name, source, latent, every)
+        self.check_observed_name(f"prototypes {name!r}: groups", groups, name)
+        self.prototypes[name] = PrototypeWatch(name, source, latent, groups, every)
 
     def prototype_tables(self) -> dict[str, torch.Tensor]:
         """The watched prototype tables that a loss can reach, by name: those given as a
@@ -108,6 +109,7 @@ class WatchSet:
         for watch in self.saturations.values():
             names.update(watch.observed_names())
         names.update(w.labels for w in self.latents.values() if w.labels)
+        names.update(w.groups for w in self.prototypes.values())
         return names
 
     def gathered_names(self) -> list[str]:
