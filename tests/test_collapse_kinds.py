@@ -62,6 +62,27 @@ def test_a_shrink_to_the_origin_is_complete_collapse_while_the_normalised_std_ho
     assert f.evidence["variance_end"] <= Thresholds().collapse_shrink_fraction * \
         f.evidence["variance_peak"]
     assert not f.evidence["rank_condition"]  # the shape is kept: only the spread tells
+    # the report draws the line the run crossed: the shrink limit on the total variance
+    assert f.plot.quantity == "total_variance"
+    assert f.plot.threshold == Thresholds().collapse_shrink_fraction * \
+        f.evidence["variance_peak"]
+
+
+def test_directions_and_spread_lost_together_draw_the_directions_limit(tmp_path):
+    # Every row moves onto one point off the origin: the directions concentrate and the
+    # spread falls 40x, which is less than the shrink limit asks.
+    run, (f,) = _run(tmp_path, lambda t: BASE * 10 ** (-0.8 * t) + 3 * DIRECTION)
+    th = Thresholds()
+    _, variance = run.series("total_variance", "z")
+    assert th.collapse_shrink_fraction < variance[-1] / variance.max() <= \
+        th.collapse_peak_fraction
+    assert f.evidence["kind"] == "complete" and f.severity == "error"
+    assert f.plot.quantity == "normalized_std"
+    _, std = run.series("normalized_std", "z")
+    peak = np.sqrt(D) * np.max(std)  # the scaled std peaks at the start, as rows shrink
+    limit = min(th.collapse_peak_fraction * peak, th.collapse_std_fraction) / np.sqrt(D)
+    assert np.isclose(f.plot.threshold, limit, rtol=0.05)
+    assert np.median(std[-6:]) <= f.plot.threshold
 
 
 def _one_direction(t):

@@ -110,8 +110,10 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
                 f"std is {g(spread['normalized_std_end'])} (healthy " \
                 f"{g(spread['healthy_normalized_std'])}): all inputs map to one point"
             key = f"spread x{g(kept)} of peak"
-            plot = PlotHint(TOTAL_VARIANCE, names=[z],
-                            threshold=th.collapse_shrink_fraction * spread["variance_peak"])
+            # The line the run crossed: the shrink limit, else the directions' limit.
+            plot = PlotHint(TOTAL_VARIANCE, names=[z], threshold=spread["shrink_limit"]) \
+                if spread["variance_end"] <= spread["shrink_limit"] else \
+                PlotHint(NORMALIZED_STD, names=[z], threshold=spread["std_limit"] / math.sqrt(d))
         elif kind == "dimensional":
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
