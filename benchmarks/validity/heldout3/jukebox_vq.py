@@ -19,8 +19,8 @@ spectral terms are for audio); Adam lr 3e-4.
 Here: scikit-learn's 8x8 digits, read as sequences of T = 8 rows of 8 channels (NCT, as
 Jukebox's 1-D convolutions read audio); encoder Conv1d 8 -> 32 (3), Conv1d 32 -> 32 (4,
 stride 2), Conv1d 32 -> 16 (1), so w = 16 and T = 4 vectors per image; decoder the mirror
-(ConvTranspose1d to T = 8); K = 64 codes; batch 64, Adam lr 1e-3 (3e-4 was too slow for 800
-CPU steps), 800 steps; ``recons_loss`` = MSE / var(x) (the source's l2 loss divided by the
+(ConvTranspose1d to T = 8); K = 64 codes; batch 64, Adam lr 1e-3 (in place of the source's
+3e-4 over far more steps; not tried at 3e-4), 800 steps; ``recons_loss`` = MSE / var(x) (the source's l2 loss divided by the
 data's bandwidth), ``commit_loss`` weight 0.02. Watched as docs/probe.md says a prototype
 table is watched: the encoder output ``z_e`` as a latent, the codebook k (K x w, a row per
 code) as prototypes ``codebook`` of ``z_e``, each vector's code index observed as its group.
