@@ -9,13 +9,14 @@ repository tools.
 Published objective: a trunk and softmax heads; for each pair (x, g(x)) of an image and a
 transformed copy, the joint P (K x K) of the two cluster assignments is the batch mean of
 outer products of the two heads' softmax outputs, symmetrised and normalised; marginals P_i,
-P_j are its row and column sums; entries below float epsilon are clamped;
-``IID_loss = -sum P_ij (log P_ij - lamb log P_j - lamb log P_i)``, which at lamb = 1 is
-minus the mutual information I(z; z') = H(z) - H(z | z'). The paper (sec. 3.1) keeps the
-marginal entropy H(z) to rule out the degenerate solution where every image goes to one
-cluster. Two heads on one trunk: head B with K = the number of classes, head A
-overclustering with 5x more clusters (the MNIST setup: 10 and 50), each trained with its
-own IIC loss (averaged over 5 sub-heads); Adam.
+P_j are its row and column sums; entries below float epsilon are clamped; ``IID_loss = -sum
+P_ij (log P_ij - lamb log P_j - lamb log P_i)``, which at lamb = 1 is minus the mutual
+information I(z; z') = H(z) - H(z | z'). The paper (sec. 3.1, "Why degenerate solutions are
+avoided", read as quoted on hackmd.io/@vinsis/BywJsfk_s; also its introduction) keeps the
+marginal entropy H(z), whose maximum needs every cluster used, so that assigning all images
+to one class does not minimise the loss. Two heads on one trunk: head B with K = the number
+of classes, head A overclustering with 5x more clusters (the MNIST setup: 10 and 50), each
+trained with its own IIC loss (averaged over 5 sub-heads); Adam.
 
 Here: scikit-learn's 8x8 digits; trunk ``DigitEncoder`` of common.py (64 -> 128 -> 128,
 batch norm, ReLU) in place of the VGG/ResNet trunk; head B Linear(128, 10), head A
@@ -25,11 +26,11 @@ g(x) in two forward passes; here one forward of both, where x against g(x) measu
 usage entropy 0.85 of log 10 and clustering accuracy 0.49 against 0.91 and 0.71, seed 0,
 same steps); batch 256 pairs, Adam lr 3e-3, 1000 steps. The source alternates epochs of head
 B and head A; here both losses are summed each step (one optimiser step per batch). Losses
-``head_A`` and ``head_B`` (weight 1 each), after the source's head names. Watched as a user would: the trunk output
-``features`` as a latent; head B's weight rows (one per cluster, the logits being their dot
-products with the features, as a router's keys are in docs/probe.md) as prototypes
-``clusters_B`` of ``features``, with head B's cluster assignment (argmax) observed as each
-row's group.
+``head_A`` and ``head_B`` (weight 1 each), after the source's head names. Watched as a user
+would: the trunk output ``features`` as a latent; head B's weight rows (one per cluster, the
+logits being their dot products with the features, as a router's keys are in docs/probe.md)
+as prototypes ``clusters_B`` of ``features``, with head B's cluster assignment (argmax)
+observed as each row's group.
 
 Variants (truth by construction):
 - ``published``: healthy, lamb = 1 (the source's default): the mutual information.

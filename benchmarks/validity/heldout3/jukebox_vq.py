@@ -1,29 +1,30 @@
 """A VQ-VAE bottleneck with random restarts of dead codes, after Dhariwal et al. 2020
-("Jukebox: A Generative Model for Music", sec. 2.2 and 3.1: the VQ-VAE objective with an
-EMA codebook, and random restarts against codebook collapse, "where all encodings get mapped
-to a single or few embedding vectors while the other embedding vectors in the codebook are
-not used"), the official code openai/jukebox ``jukebox/vqvae/bottleneck.py``
+("Jukebox: A Generative Model for Music", arXiv 2005.00341: the VQ-VAE with an EMA codebook
+and "random restarts for embeddings" against codebook collapse, where a few codes take every
+encoding; the paper's wording and section number are from memory, not re-read here: what is
+ported is the code), the official code openai/jukebox ``jukebox/vqvae/bottleneck.py``
 (``BottleneckBlock``) and ``jukebox/hparams.py`` (``l_mu = 0.99``, ``commit = 0.02``,
 ``revival_threshold = 1.0``), read with the repository tools.
 
-Published bottleneck (``BottleneckBlock``): encoder outputs NCT flattened to (N*T, w);
-on the first training forward the codebook k is set to random encoder outputs of the batch
+Published bottleneck (``BottleneckBlock``): encoder outputs NCT flattened to (N*T, w); on
+the first training forward the codebook k is set to random encoder outputs of the batch
 (``init_k``, tiled with noise when the batch has fewer vectors than codes) with EMA sums
 k_sum = k and counts k_elem = 1; nearest-code quantisation; ``update_k``: k_sum and k_elem
 are EMAs (mu 0.99) of the per-code sums and counts of the batch, and a code whose k_elem is
 below the threshold 1.0 restarts at a random encoder output of the batch, the others become
-k_sum / k_elem (no smoothing); ``commit_loss = ||sg(x_d) - x||^2 / numel``; straight-through;
-the codebook has no loss. The model's loss is ``recons_loss + commit * commit_loss`` (the
-spectral terms are for audio); Adam lr 3e-4.
+k_sum / k_elem (no smoothing); ``commit_loss = ||sg(x_d) - x||^2 / numel``; straight-
+through; the codebook has no loss. The model's loss is ``recons_loss + commit *
+commit_loss`` (the spectral terms are for audio); Adam lr 3e-4.
 
 Here: scikit-learn's 8x8 digits, read as sequences of T = 8 rows of 8 channels (NCT, as
 Jukebox's 1-D convolutions read audio); encoder Conv1d 8 -> 32 (3), Conv1d 32 -> 32 (4,
 stride 2), Conv1d 32 -> 16 (1), so w = 16 and T = 4 vectors per image; decoder the mirror
 (ConvTranspose1d to T = 8); K = 64 codes; batch 64, Adam lr 1e-3 (in place of the source's
-3e-4 over far more steps; not tried at 3e-4), 800 steps; ``recons_loss`` = MSE / var(x) (the source's l2 loss divided by the
-data's bandwidth), ``commit_loss`` weight 0.02. Watched as docs/probe.md says a prototype
-table is watched: the encoder output ``z_e`` as a latent, the codebook k (K x w, a row per
-code) as prototypes ``codebook`` of ``z_e``, each vector's code index observed as its group.
+3e-4 over far more steps; not tried at 3e-4), 800 steps; ``recons_loss`` = MSE / var(x) (the
+source's l2 loss divided by the data's bandwidth), ``commit_loss`` weight 0.02. Watched as
+docs/probe.md says a prototype table is watched: the encoder output ``z_e`` as a latent, the
+codebook k (K x w, a row per code) as prototypes ``codebook`` of ``z_e``, each vector's code
+index observed as its group.
 
 Variants (truth by construction):
 - ``restarts``: healthy, the source's bottleneck (data init, EMA, restarts below 1.0).
@@ -31,7 +32,7 @@ Variants (truth by construction):
   codebook (random encoder outputs, as ``init_k``) shifted by +4 in every dimension, far
   from all encoder outputs. On the first step the vectors go to the few codes nearest the
   data; those move to the data, while an unused code's k_sum and k_elem decay together, so
-  it stays where it started and never wins: the codebook collapse of sec. 2.2.
+  it stays where it started and never wins: codebook collapse.
 Measured on the test split (450 digits, 1800 vectors), independently of gradprobe (seeds 0
 and 1): distinct codes used of 64, codebook perplexity (exp of the usage entropy), MSE:
   restarts:             63 and 62 codes used, perplexity 45.9 and 43.9, MSE 0.025 and 0.022;
