@@ -9,8 +9,8 @@ repository tools.
 Published objective: a trunk and softmax heads; for each pair (x, g(x)) of an image and a
 transformed copy, the joint P (K x K) of the two cluster assignments is the batch mean of
 outer products of the two heads' softmax outputs, symmetrised and normalised; marginals P_i,
-P_j are its row and column sums; entries below float epsilon are clamped; ``IID_loss = -sum
-P_ij (log P_ij - lamb log P_j - lamb log P_i)``, which at lamb = 1 is minus the mutual
+P_j are its row and column sums; entries below float epsilon are clamped;
+``IID_loss = -sum P_ij (log P_ij - lamb log P_j - lamb log P_i)``, which at lamb = 1 is minus the mutual
 information I(z; z') = H(z) - H(z | z'). The paper (sec. 3.1, "Why degenerate solutions are
 avoided", read as quoted on hackmd.io/@vinsis/BywJsfk_s; also its introduction) keeps the
 marginal entropy H(z), whose maximum needs every cluster used, so that assigning all images

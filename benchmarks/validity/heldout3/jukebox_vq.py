@@ -12,9 +12,9 @@ the first training forward the codebook k is set to random encoder outputs of th
 k_sum = k and counts k_elem = 1; nearest-code quantisation; ``update_k``: k_sum and k_elem
 are EMAs (mu 0.99) of the per-code sums and counts of the batch, and a code whose k_elem is
 below the threshold 1.0 restarts at a random encoder output of the batch, the others become
-k_sum / k_elem (no smoothing); ``commit_loss = ||sg(x_d) - x||^2 / numel``; straight-
-through; the codebook has no loss. The model's loss is ``recons_loss + commit *
-commit_loss`` (the spectral terms are for audio); Adam lr 3e-4.
+k_sum / k_elem (no smoothing); ``commit_loss = ||sg(x_d) - x||^2 / numel``;
+straight-through; the codebook has no loss. The model's loss is
+``recons_loss + commit * commit_loss`` (the spectral terms are for audio); Adam lr 3e-4.
 
 Here: scikit-learn's 8x8 digits, read as sequences of T = 8 rows of 8 channels (NCT, as
 Jukebox's 1-D convolutions read audio); encoder Conv1d 8 -> 32 (3), Conv1d 32 -> 32 (4,
