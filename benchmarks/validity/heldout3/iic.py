@@ -10,13 +10,14 @@ Published objective: a trunk and softmax heads; for each pair (x, g(x)) of an im
 transformed copy, the joint P (K x K) of the two cluster assignments is the batch mean of
 outer products of the two heads' softmax outputs, symmetrised and normalised; marginals P_i,
 P_j are its row and column sums; entries below float epsilon are clamped;
-``IID_loss = -sum P_ij (log P_ij - lamb log P_j - lamb log P_i)``, which at lamb = 1 is minus the mutual
-information I(z; z') = H(z) - H(z | z'). The paper (sec. 3.1, "Why degenerate solutions are
-avoided", read as quoted on hackmd.io/@vinsis/BywJsfk_s; also its introduction) keeps the
-marginal entropy H(z), whose maximum needs every cluster used, so that assigning all images
-to one class does not minimise the loss. Two heads on one trunk: head B with K = the number
-of classes, head A overclustering with 5x more clusters (the MNIST setup: 10 and 50), each
-trained with its own IIC loss (averaged over 5 sub-heads); Adam.
+``IID_loss = -sum P_ij (log P_ij - lamb log P_j - lamb log P_i)``,
+which at lamb = 1 is minus the mutual information I(z; z') = H(z) - H(z | z'). The paper
+(sec. 3.1, "Why degenerate solutions are avoided", read as quoted on
+hackmd.io/@vinsis/BywJsfk_s; also its introduction) keeps the marginal entropy H(z), whose
+maximum needs every cluster used, so that assigning all images to one class does not
+minimise the loss. Two heads on one trunk: head B with K = the number of classes, head A
+overclustering with 5x more clusters (the MNIST setup: 10 and 50), each trained with its own
+IIC loss (averaged over 5 sub-heads); Adam.
 
 Here: scikit-learn's 8x8 digits; trunk ``DigitEncoder`` of common.py (64 -> 128 -> 128,
 batch norm, ReLU) in place of the VGG/ResNet trunk; head B Linear(128, 10), head A
