@@ -17,9 +17,9 @@ Here (CPU): each 8x8 digit is 16 tokens (its 2x2 patches, ``patches`` of
 heldout2/gshard_moe.py) embedded 4 -> 32 plus a learned position embedding; one pre-LN block
 x + MoE(LN(x)) with E = 8 experts (FFN 32-64-32, ReLU), capacity factor 1.25 (ST-MoE's train
 capacity) per batch of 32 digits (S = 512 tokens, 80 per expert), mean pooling and a linear
-head to 10 classes; Adam lr 3e-3, 800 steps. No router jitter (ST-MoE sec. 3 found input
-jitter hurt quality). Losses ``task`` (cross-entropy), ``balancing`` (weight c_B) and
-``z_loss`` (weight c_z), passed under those names. The router is watched as docs/probe.md
+head to 10 classes; Adam lr 3e-3, 800 steps. No router jitter (ST-MoE's comparison of
+stability techniques reports input jitter costing quality). Losses ``task`` (cross-entropy),
+``balancing`` (weight c_B) and ``z_loss`` (weight c_z), passed under those names. The router is watched as docs/probe.md
 shows: the layer-normed tokens as the latent ``tokens``, ``watch_prototypes("router",
 gate.weight, latent="tokens")`` and each token's digit class as ``groups`` (mixed batches;
 docs/probe.md says not to pass the expert assignments as groups).
@@ -52,7 +52,9 @@ published c_B); accuracy barely moves on a task this small. The collapse is part
 experts keep >= 1% of the tokens), not to one or two experts as the brief had hoped, so
 ``prototype-collapse`` on the router is allowed, not expected (docs/findings.md: a skewed set
 whose members are mostly in use is not a collapsed one). ``static-loss-weights`` on
-``balancing`` is allowed: the fixed coefficient is the cause.
+``balancing`` is allowed: the fixed coefficient is the cause. The z-loss at its published 1e-3
+acts although its gradient is small: it holds the z-loss at 10 against 26-33 without it, so
+a swamped ``z_loss`` would be a false alarm.
 Expected on ``balancing-1e-5``: ``gradient-swamping`` of ``balancing``. Must not (all):
 ``inert-loss``, ``gradient-conflict``; on the healthy ones also ``gradient-swamping``,
 ``prototype-collapse``, ``static-loss-weights``, ``representation-collapse``, ``non-finite``.
