@@ -19,8 +19,8 @@ x + MoE(LN(x)) with E = 8 experts (FFN 32-64-32, ReLU), capacity factor 1.25 (ST
 capacity) per batch of 32 digits (S = 512 tokens, 80 per expert), mean pooling and a linear
 head to 10 classes; Adam lr 3e-3, 800 steps. No router jitter (ST-MoE's comparison of
 stability techniques reports input jitter costing quality). Losses ``task`` (cross-entropy),
-``balancing`` (weight c_B) and ``z_loss`` (weight c_z), passed under those names. The router is watched as docs/probe.md
-shows: the layer-normed tokens as the latent ``tokens``, ``watch_prototypes("router",
+``balancing`` (weight c_B) and ``z_loss`` (weight c_z), passed under those names. The router
+is watched as docs/probe.md shows: the layer-normed tokens as the latent ``tokens``, ``watch_prototypes("router",
 gate.weight, latent="tokens")`` and each token's digit class as ``groups`` (mixed batches;
 docs/probe.md says not to pass the expert assignments as groups).
 
@@ -36,15 +36,18 @@ Variants (truth by construction):
 Measured without gradprobe (test digits, the trained router's top-1 choices without capacity:
 experts used >= 1% of the tokens, usage entropy / log E, largest expert's share, test
 accuracy; in training, the share of tokens dropped over capacity and the mean router z-loss
-over the last tenth of the steps), seeds 0 / 1:
+over the last tenth of the steps; every 10 steps, the norm of c_B grad(balancing) over that of
+grad(task) on the router weight, ``router_ratio`` of gshard_moe.py, median of the second
+half), seeds 0 / 1:
   published:      8 / 8 experts used, usage entropy 0.99 / 0.93 of log 8, largest expert 18% /
                   22%, test accuracy 0.956 / 0.964, tokens dropped 1.9% / 9.8%, z-loss 10.2 /
-                  10.3, largest |router logit| 8.9 / 8.2;
+                  10.3, largest |router logit| 8.9 / 8.2, router gradient ratio 0.011 / 0.013;
   balancing-1e-5: 7 / 6 experts used, usage entropy 0.79 / 0.76, largest expert 29% / 29%,
-                  test accuracy 0.960 / 0.967, tokens dropped 29% / 32%, z-loss 8.9 / 7.3;
+                  test accuracy 0.960 / 0.967, tokens dropped 29% / 32%, z-loss 8.9 / 7.3,
+                  router gradient ratio 4.5e-5 / 2.2e-5;
   z-loss-off:     8 / 8 experts used, usage entropy 0.97 / 0.97, largest 19% / 21%, test
                   accuracy 0.969 / 0.958, tokens dropped 6.1% / 7.3%, z-loss 32.5 / 25.8,
-                  largest |router logit| 10.5 / 11.0.
+                  largest |router logit| 10.5 / 11.0, router gradient ratio 0.012 / 0.017.
 (With c_B = 0 the routing is the same as at 1e-5: 6 / 6 experts, entropy 0.73 / 0.76, 35% /
 34% dropped.) The harm of the weak balancing loss is the routing: the usage skews and about a
 third of the tokens overflow their expert's capacity and pass no expert (2-10% with the
@@ -75,7 +78,7 @@ import gradprobe
 
 from ..common import batches, digits_split
 from ..harness import Expect, Family, Variant
-from ..heldout2.gshard_moe import patches
+from ..heldout2.gshard_moe import RATIO_EVERY, patches, router_ratio
 
 STEPS, BATCH, LR = 800, 32, 3e-3
 EXPERTS, WIDTH, HIDDEN, PATCHES, CAPACITY_FACTOR = 8, 32, 64, 16, 1.25
@@ -145,13 +148,15 @@ def train(variant: str, seed: int, log: Path) -> dict:
     probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("tokens")
     probe.watch_prototypes("router", model.moe.gate.weight, latent="tokens")
-    dropped, z_values, logit_max = [], [], []
+    dropped, z_values, logit_max, ratios = [], [], [], []
     with probe:
         for step, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
             logits, normed, router_logits, probs, expert_index, keep = model(x_tr[idx])
             task = F.cross_entropy(logits, y_tr[idx])
             balancing = load_balancing_loss(probs, expert_index)
             z_loss = router_z_loss(router_logits)
+            if step % RATIO_EVERY == 0:
+                ratios.append(router_ratio(model, task, balancing, c_b))
             dropped.append(float(1 - keep.double().mean()))
             z_values.append(float(z_loss))
             logit_max.append(float(router_logits.detach().abs().max()))
@@ -172,7 +177,8 @@ def train(variant: str, seed: int, log: Path) -> dict:
             "test_acc": float((logits.argmax(1) == y_te).float().mean()),
             "dropped_tokens_end": float(np.mean(dropped[-tail:])),
             "z_loss_end": float(np.mean(z_values[-tail:])),
-            "router_logit_max_end": float(np.max(logit_max[-tail:]))}
+            "router_logit_max_end": float(np.max(logit_max[-tail:])),
+            "router_ratio_median": float(np.median(ratios[len(ratios) // 2:]))}
 
 
 _MUST_NOT = ("inert-loss", "gradient-conflict")
