@@ -20,9 +20,9 @@ capacity) per batch of 32 digits (S = 512 tokens, 80 per expert), mean pooling a
 head to 10 classes; Adam lr 3e-3, 800 steps. No router jitter (ST-MoE's comparison of
 stability techniques reports input jitter costing quality). Losses ``task`` (cross-entropy),
 ``balancing`` (weight c_B) and ``z_loss`` (weight c_z), passed under those names. The router
-is watched as docs/probe.md shows: the layer-normed tokens as the latent ``tokens``, ``watch_prototypes("router",
-gate.weight, latent="tokens")`` and each token's digit class as ``groups`` (mixed batches;
-docs/probe.md says not to pass the expert assignments as groups).
+is watched as docs/probe.md shows: the layer-normed tokens as the latent ``tokens``,
+``watch_prototypes("router", gate.weight, latent="tokens")`` and each token's digit class as
+``groups`` (mixed batches; docs/probe.md says not to pass the expert assignments as groups).
 
 Variants (truth by construction):
 - ``published``: healthy, c_B 1e-2, c_z 1e-3.
@@ -52,7 +52,7 @@ half), seeds 0 / 1:
 34% dropped.) The harm of the weak balancing loss is the routing: the usage skews and about a
 third of the tokens overflow their expert's capacity and pass no expert (2-10% with the
 published c_B); accuracy barely moves on a task this small. The collapse is partial (6-7 of 8
-experts keep >= 1% of the tokens), not to one or two experts as the brief had hoped, so
+experts keep >= 1% of the tokens), not to one or two experts, so
 ``prototype-collapse`` on the router is allowed, not expected (docs/findings.md: a skewed set
 whose members are mostly in use is not a collapsed one). ``static-loss-weights`` on
 ``balancing`` is allowed: the fixed coefficient is the cause. The z-loss at its published 1e-3
