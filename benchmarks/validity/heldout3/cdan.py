@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradprobe
+from gradprobe.demo.decoupling import GradReverse
 
 from ..common import batches
 from ..dann import domains
@@ -64,17 +65,6 @@ STEPS, BATCH, LR, FEATURES, CLASSES, HIDDEN = 600, 64, 1e-3, 48 * 2 * 2, 10, 100
 def calc_coeff(step: int, alpha: float = 10.0) -> float:
     """thuml/CDAN's reversal coefficient, 0 -> 1 over the run."""
     return 2.0 / (1.0 + math.exp(-alpha * step / STEPS)) - 1.0
-
-
-class GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, coeff):
-        ctx.coeff = coeff
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.coeff * grad, None
 
 
 class CDANNet(nn.Module):
