@@ -1,8 +1,8 @@
 """Self-adaptive physics-informed network on the 2-D Helmholtz equation, after McClenny &
 Braga-Neto 2023 ("Self-adaptive physics-informed neural networks", J. Comput. Phys. 474,
-111722; arXiv:2009.04544, sec. 2 and the Helmholtz example) and levimcclenny/SA-PINNs
-(Helmholtz/helmholtz.py; Allen-Cahn/AC.py for the weights on a second loss term; both read
-with the read_file tool).
+111722; arXiv:2009.04544; the paper itself was not read here, the method is taken from the
+code) and levimcclenny/SA-PINNs (Helmholtz/helmholtz.py; Allen-Cahn/AC.py for the weights on
+a second loss term; both read with the read_file tool).
 
 Method: every training point gets a trainable weight, lambda_r,i on the residual points and
 lambda_b,j on the boundary points, inside its squared error:
@@ -17,14 +17,14 @@ gradient (``apply_gradients(zip([-grads_col], [col_weights]))``; here Adam's
 uniform in (0, 1) (``tf.random.uniform``). Problem (helmholtz.py): u_xx + u_yy + k^2 u = q on
 [-1, 1]^2, k = 1, u = 0 on the boundary, exact u = sin(a1 pi x) sin(a2 pi y), a1 = 1, a2 = 4
 (``helmholtz_pinn.exact``/``residual``/``edges``, shared with the corpus's Helmholtz family).
-Published: a tanh MLP [2, 50, 50, 50, 50, 1], 100,000 fixed Latin-hypercube residual points
-and 100 per edge, full batch, 10,000 Adam steps then 10,000 L-BFGS (relative L2 error
-~3e-3 in the paper).
+Published (helmholtz.py): a tanh MLP [2, 50, 50, 50, 50, 1] (Glorot normal), 100,000 fixed
+Latin-hypercube residual points and 100 per edge, full batch, 10,000 Adam steps then
+10,000 L-BFGS.
 
 Here (CPU): a tanh MLP [2, 50, 50, 50, 1] on inputs scaled to unit variance (``pinn.MLP``),
 1,000 fixed uniform residual points and 50 per edge, full batch, 2,000 Adam steps, no L-BFGS.
-helmholtz.py weighs only its residual points; the boundary points get weights too (the
-paper's general form, sec. 2; AC.py's second weighted term), started uniform in (0, 1) like
+helmholtz.py weighs only its residual points; the boundary points get weights too (as
+AC.py weighs its second term, the initial condition), started uniform in (0, 1) like
 the residual's (AC.py's 100x start for its initial-condition weights was tried: seed 0 / 1
 relative L2 error 0.57 / 0.78, the interior fitted worse; a weight learning rate of 5e-3 as
 in AC.py: 0.33 / 0.62 with boundary weights in (0, 1), 1.55 on seed 1 with the 100x start).
@@ -32,8 +32,8 @@ The losses are passed to the probe as ``residual`` and ``boundary`` with the per
 weights inside them: docs/probe.md's learned loss weights are one scalar per loss, which
 per-point weights are not. The weights are plain tensors outside the model.
 
-Truth, measured without gradprobe on a 100 x 100 grid: the relative L2 error of u (the
-paper's figure of merit) and the largest error on 400 boundary points. Every 50 steps, with
+Truth, measured without gradprobe on a 100 x 100 grid: the relative L2 error of u (helmholtz.py's
+``error_u``) and the largest error on 400 boundary points. Every 50 steps, with
 torch.autograd.grad on the losses as trained (per-point weights inside): the ratio of the
 boundary loss's gradient norm to the residual loss's over every weight and bias
 (``helmholtz_pinn.gradient_ratio``), and per weight matrix, reported as the median over the
@@ -41,15 +41,15 @@ hidden layers (input and hidden weight matrices) for the whole run and for its f
 steps, and on the output layer; each loss's end/start (``common.loss_end_over_start``).
 
 Variants (truth by construction):
-- ``self-adaptive``: healthy, as published (at this budget not converged to the paper's
-  accuracy, but 3-8x better than equal weights on every seed). Measured, seeds 0 / 1:
+- ``self-adaptive``: healthy, as published (at this budget far from converged: no L-BFGS,
+  2,000 Adam steps; but 3-8x better than equal weights on every seed). Measured, seeds 0 / 1:
   relative L2 error 0.357 / 0.344, boundary error 0.89 / 0.80; hidden-layer gradient ratio
   boundary/residual 0.11 / 0.074 over the first 500 steps, 0.37 / 0.35 over the run (output
   layer 0.75 / 0.69); residual end/start 0.0009 / 0.0010, boundary 18 / 39 (it starts near 0:
   the initial network is near 0 everywhere); mean lambda_r 1.10 / 1.15 and lambda_b
   1.61 / 1.77 at the end (from 0.5). Must not: ``gradient-swamping``,
   ``static-loss-weights``, ``gradient-conflict``.
-- ``equal-weights``: every weight fixed at 1 (the plain PINN the paper compares with). The
+- ``equal-weights``: every weight fixed at 1 (the plain PINN). The
   residual's scale ((a2 pi)^2 ~ 158) holds the boundary term's gradient to a small fraction of
   the residual's while the interior is being fitted; the network settles in a solution that
   violates the boundary values. Measured, seeds 0 / 1: relative L2 error 1.08 / 2.74,
