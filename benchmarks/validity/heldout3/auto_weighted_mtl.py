@@ -2,7 +2,7 @@
 scales, after Liebel & Körner 2018 ("Auxiliary Tasks in Multi-Task Learning",
 arXiv:1805.06334, their modified uncertainty weighting; the paper itself was not read here,
 its loss is taken from the implementation) as implemented in
-Mikoto10032/AutomaticWeightedLoss (AutomaticWeightedLoss.py, read with the read_file tool;
+Mikoto10032/AutomaticWeightedLoss (AutomaticWeightedLoss.py and README.md, read with the read_file tool;
 the same class copied in e.g. IcedWatermelonJuice/FS-SEI PSPD/models/AutomaticWeightedLoss.py).
 
 Published method: one learned c_i per task, initialised to 1, and
