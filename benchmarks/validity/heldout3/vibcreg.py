@@ -1,9 +1,11 @@
 """VIbCReg, after Lee & Aune 2021 ("VIbCReg: Variance-Invariance-better-Covariance
 Regularization for Self-Supervised Learning on Time Series", arXiv 2109.00783, sec. 3), as
-implemented by danelee2601 (loss functions ``vibcreg_invariance_loss``, ``vibcreg_var_loss``,
-``vibcreg_cov_loss``, ``VIbCRegLoss``, defaults lambda 25, mu 25, nu 200, read through the
-code search of this session) and by vturrisi/solo-learn (``solo/methods/vibcreg.py``: the
-projector Linear-BN-GELU x 2 -> Linear -> IterNorm(num_groups 64, T 5)).
+implemented in the first author's (danelee2601) code: ``vibcreg_invariance_loss``,
+``vibcreg_var_loss``, ``vibcreg_cov_loss``, ``VIbCRegLoss``, defaults lambda 25, mu 25, nu 200
+(read as files found by code search, their repository path not shown to us), and by vturrisi/solo-learn (``solo/methods/vibcreg.py``: the
+projector Linear-BN-GELU x 2 -> Linear -> IterNorm(num_groups 64, T 5), whose IterNorm
+(``solo/utils/whitening.py``, after huangleiBuaa/IterNorm-pytorch) whitens groups of
+2048 / 64 = 32 dimensions).
 
 Published objective, on the projector outputs z_1, z_2 of two augmented views:
   sim = mean((z_1 - z_2)^2)                                    (invariance, weight lambda 25)
@@ -174,7 +176,8 @@ _MUST_NOT = ("gradient-swamping", "static-loss-weights", "inert-loss")
 FAMILY = Family(
     name="vibcreg",
     source="Lee & Aune 2021, VIbCReg (arXiv 2109.00783) sec. 3; danelee2601 VIbCRegLoss "
-           "(lambda 25, mu 25, nu 200); vturrisi/solo-learn solo/methods/vibcreg.py (IterNorm projector)",
+           "(lambda 25, mu 25, nu 200); vturrisi/solo-learn solo/methods/vibcreg.py "
+           "(IterNorm projector)",
     train=train,
     variants=(
         Variant("published", True, "invariance, variance and normalised covariance at the "
