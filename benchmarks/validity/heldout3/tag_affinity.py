@@ -125,7 +125,7 @@ def lookahead_affinity(model: TwoTaskNet, losses: dict[str, torch.Tensor], batch
             after = losses_of(model, *batch, variant, trunk=stepped)
         for j in losses:
             if j != i:
-                out[f"{i}->{j}"] = (1 - float(after[j]) / float(losses[j])) / LOOKAHEAD_LR
+                out[f"{i}->{j}"] = (1 - float(after[j]) / losses[j].item()) / LOOKAHEAD_LR
     flat = [torch.cat([g.flatten() for g in grads[n]]) for n in losses]
     out["trunk_cosine"] = float(F.cosine_similarity(flat[0], flat[1], dim=0))
     return out
