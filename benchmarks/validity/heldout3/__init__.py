@@ -5,4 +5,5 @@ two held-out sets ports. Written by people who never ran the diagnosis on them, 
 documented defaults (no ``roles=``, no ``shared=``), run only by ``run.py --heldout third``,
 once, at the end, and reported apart (docs/validity-heldout3.md)."""
 
-HELDOUT3_MODULES: tuple[str, ...] = ()
+HELDOUT3_MODULES = ("iic", "jukebox_vq", "st_moe", "cdan", "sa_pinn", "auto_weighted_mtl",
+                    "vibcreg", "spectral_cl", "protonet", "tag_affinity")
