@@ -53,10 +53,15 @@ class Thresholds:
     swamping_error_ratio: float = _f(0.01, "median ratio below this: severity error")
     learned_fraction: float = _f(0.05, "a loss below this fraction of its start has nothing "
                                         "left to learn (not judged for swamping)")
-    swamping_floor_fraction: float = _f(1e-3, "a loss whose end window is at most this "
+    swamping_floor_fraction: float = _f(0.025, "a loss whose end window is at most this "
                                                "fraction of its initial level (its first "
                                                "min_points values) ended at its floor: "
                                                "satisfied, not judged for swamping")
+    adversary_chance_fraction: float = _f(0.95, "an adversarial loss whose end window is at "
+                                                 "least this fraction of its start window: its "
+                                                 "discriminator is at chance (recovers at most "
+                                                 "1 - this of the label entropy), a swamping "
+                                                 "finding on it is info")
     exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
                                            "roles never reported as swamped or conflicting, "
                                            "nor for missing the shared parameters")
@@ -177,7 +182,7 @@ class Thresholds:
             object.__setattr__(self, f.name, _check(f, value))
         for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
                      "contrastive_same_group_share", "memorised_fraction", "learned_fraction",
-                     "swamping_floor_fraction", "usage_held_fraction",
+                     "swamping_floor_fraction", "usage_held_fraction", "adversary_chance_fraction",
                      "saturation_wrong_fraction", "conflict_undone_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -19,6 +19,7 @@ from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, fini
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
+from .purpose import adversary_at_chance
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
 from .task_metrics import linked_metrics, metric_progress
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
@@ -94,7 +95,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
         close = quartiles[0] < th.swamping_ratio < quartiles[1]
         protected = _usage_it_keeps(run, name, th)
-        severity = "info" if close or protected else \
+        at_chance = adversary_at_chance(run, name, th)
+        severity = "info" if close or protected or at_chance else \
             "error" if med < th.swamping_error_ratio else "warning"
         first, last = held_range(steps, held)
         evidence = {
@@ -111,7 +113,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             else None,
             "task_memorised_at": int(steps[~learning][0]) if (~learning).any() else None,
             "ratio": thin(steps[judged], ratio[judged]),
-            "prototype_usage_kept": protected,
+            "prototype_usage_kept": protected, "adversary_at_chance": at_chance,
         }
         if by_layer is not None:
             # Over the held steps, as the headline median: its spread reads the same steps.
@@ -130,17 +132,26 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             f"'{name}' is swamped: its weighted gradient is {pct(med)} of that of '{dominant}'"
             + where + (" (its spread straddles the threshold)" if close else "")
             + "".join(f"; the prototypes '{p}' it reaches keep their usage (pooled entropy "
-                      f"{g(u)} of its maximum)" for p, u in (protected or {}).items()),
+                      f"{g(u)} of its maximum)" for p, u in (protected or {}).items())
+            + (f"; its discriminator is at chance (its loss ends at {g(at_chance['end'])}, "
+               f"{pct(at_chance['end_fraction'])} of its start; adversarial "
+               f"{at_chance['role']})" if at_chance else ""),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant),
-            remedy=_KEPT_REMEDY if protected else swamping_remedy(evidence)))
+            remedy=_KEPT_REMEDY if protected else _AT_CHANCE_REMEDY if at_chance
+            else swamping_remedy(evidence)))
     return out
 
 
 _KEPT_REMEDY = ("None needed while the prototypes it reaches keep their usage: a small "
                 "gradient share that does its job (a balancing loss keeping the experts in use) "
                 "is the design; prototype-collapse reports them if their usage goes.")
+
+
+_AT_CHANCE_REMEDY = ("None needed while its discriminator stays at chance: the shared features "
+                     "carry nothing it can read, which is what an adversarial loss is for; if "
+                     "the loss is not adversarial, declare its role.")
 
 
 def _usage_it_keeps(run: Run, name: str, th: Thresholds) -> dict[str, float] | None:
