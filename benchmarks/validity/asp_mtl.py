@@ -71,7 +71,9 @@ Variants (measured on seeds 0-3):
   (the rule stays quiet on ``private``). gradprobe raises ``gradient-swamping`` on ``adv``
   (ratio 0.028-0.055) with ``static-loss-weights`` on every seed: a false alarm by outcome,
   as the adversarial loss acts more here than in ``healthy`` (task_discriminability
-  0.72-0.83 against 0.97-1.0).
+  0.72-0.83 against 0.97-1.0). Since rule change 15 (benchmarks/validity/rule-changes.md)
+  the finding is ``info`` and ``static-loss-weights`` is gone: the discriminator ends at
+  0.97-1.0 of its start window (at chance, log 2), at or above ``adversary_chance_fraction``.
   What does shrink is the shared features, penalised by every task's term: run 1500 steps,
   they reach 0.12 (seed 0) and 2.6 (seed 1); with four tasks (quarters of the training
   images: raw, blended, inverted, mirrored) and 1500 steps, 0.056-0.083 on seeds 0-2 but

@@ -101,6 +101,13 @@ def half_range(scored: dict[float, int], default: float) -> HalfRange:
 # edge without an entry here is a finding of the calibration, shown as such on
 # docs/validity.md; an entry states the evidence that keeps the default where it is.
 EDGE_REASONS: dict[str, str] = {
+    "adversary_chance_fraction":
+        "its grid ends one step above (1.34 is no fraction); below, the record-22 decoupler's "
+        "failing seed 1 ends its adversarial loss at 0.944 of its start (its discriminator "
+        "recovers 5.6% of the line entropy) and keeps the swamping warning its construction "
+        "expects only while the default stays above 0.944; above, ASP-MTL raw-diff s3's "
+        "discriminator at chance ends at 0.969 and would read as swamped again: 0.95 says "
+        "at most 5% of the label entropy recovered",
     "neglect_constraint_fraction":
         "one grid step below (0.57), DSN no-difference's difference loss (weight 0, so never "
         "trained) ends at 0.59-0.68 of its start on all four seeds while the task falls to "

@@ -56,7 +56,9 @@ train a healthy model (below), so the family has no healthy variant.
   (spread x2.8e-5 to x4.3e-5 of peak). Also raised, false alarms by outcome: warning
   ``gradient-swamping`` of ``recon`` (ratio 0.069-0.071) with ``static-loss-weights``: the
   reconstruction loss fell from ~1.3 to its floor (recon_mse 0.014, the lowest of the
-  variants), satisfied, not held back.
+  variants), satisfied, not held back. Since rule change 15 (benchmarks/validity/
+  rule-changes.md) its end window is 1.4-1.5% of its initial level, within
+  ``swamping_floor_fraction`` (0.025): at its floor, not judged; both are gone.
 - ``raw-diff``: DiffLoss without its centring and normalisation (the squared entries of the
   raw P^T S: DSN's eq. 4 as printed, which DiffLoss was adapted from). The sigmoid codes
   are non-negative, so no direction of them is orthogonal to another's on the same inputs:
