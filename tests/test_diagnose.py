@@ -372,11 +372,13 @@ def test_finding_validates_its_id():
 # ------------------------------------- threshold roles: each number does its own job
 
 def test_swamping_skips_a_loss_that_has_learned_what_it_can(tmp_path):
-    # 'aux' falls to 1% of its start by step 10 and its gradient to 1% of the task's: it has
-    # nothing left to learn, so a small ratio is no swamping (learned_fraction 5%).
+    # 'aux' falls to 3% of its start by step 10 and its gradient to 3% of the task's: it has
+    # nothing left to learn, so a small ratio is no swamping (learned_fraction 5%); 3% is
+    # above swamping_floor_fraction, so the floor alone does not settle it.
+    assert Thresholds().swamping_floor_fraction < 0.03 < Thresholds().learned_fraction
     rows = []
     for s in range(40):
-        aux = 1.0 if s < 10 else 0.01
+        aux = 1.0 if s < 10 else 0.03
         rows.append((s, {("loss", "task"): 1.0 - 0.01 * s, ("loss", "aux"): aux,
                          ("grad_norm", "task"): 1.0, ("grad_norm", "aux"): aux,
                          ("weighted_grad_norm", "task"): 1.0, ("weighted_grad_norm", "aux"): aux,
