@@ -143,6 +143,7 @@ def test_a_pair_that_rose_together_from_where_it_began_is_no_compromise(tmp_path
     assert e["descent_undone"] == {"task": pytest.approx(0.8), "aux": pytest.approx(0.8)}
     assert e["rose_together"] and e["rose_to_equilibrium"] == ["task", "aux"]
     assert not e["plateau"] and e["stalled"] == [] and f.severity == "info"
+    assert "both rose from where they began" in f.title
 
 
 def test_a_pair_where_one_loss_descended_is_judged_for_a_plateau(tmp_path):

@@ -291,6 +291,9 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         }
         what = f"'{a}' and '{b}' pull against each other: gradient cosine < 0 over " \
             f"{pct(share)} of the run"
+        if harm["rose_together"]:
+            what += "; both rose from where they began and settled, as the terms of one " \
+                "objective do at their equilibrium"
         if harm["stalled"]:
             what += f"; {' and '.join(repr(n) for n in harm['stalled'])} stalled while the " \
                 "other fell"
