@@ -24,15 +24,19 @@ RISES_TO_EQUILIBRIUM = np.where(t < 8, 0.01 + 0.1 * t / 8, 0.11)
 
 
 def _run(tmp_path, first, second, cosine=-0.8, norms=(1.0, 1.0), names=("task", "aux"),
-         roles=None):
+         roles=None, records=None, latent_reach=None):
+    """One conflicting pair; ``records`` (role records) and ``latent_reach`` ({loss:
+    latent_grad_norm on the watched latent 'z'}) for the graph's reading of the pair."""
     pair = pair_name(*names)
     path = tmp_path / f"c{len(list(tmp_path.glob('c*.gprobe')))}.gprobe"
     w = RunWriter(path)
     w.set_meta(losses=list(names), task=names[0],
                roles=roles or {names[0]: "task", names[1]: "other"}, every=1,
-               expect_groups_per_batch=None)
+               expect_groups_per_batch=None, **({"role_records": records} if records else {}))
     for s in range(STEPS):
         scalars = {("grad_cosine", pair): cosine}
+        scalars |= {("latent_grad_norm", pair_name("z", n)): v
+                    for n, v in (latent_reach or {}).items()}
         for name, loss, norm in zip(names, (first, second), norms):
             scalars |= {("loss", name): float(loss[s]), ("grad_norm", name): norm,
                         ("weighted_grad_norm", name): norm, ("weight", name): 1.0}
@@ -118,3 +122,72 @@ def test_an_adversary_at_its_equilibrium_is_no_plateau(tmp_path):
              roles={"task": "task", "domain": "adversarial"})
     assert f.evidence["descent_undone"]["task"] == pytest.approx(0.8)
     assert not f.evidence["plateau"] and f.severity == "info"
+
+
+# A 1 - cos invariance term (floor 0, far from it) and a covariance term: both rise from their
+# first values as the embedding leaves its initial common direction, then settle (TiCo).
+INVARIANCE_RISES = np.where(t < 8, 0.65 + 0.1 * t / 8, 0.75 - 0.05 * (t - 8) / (STEPS - 9))
+COVARIANCE_RISES = np.where(t < 8, 0.02 + 0.014 * t / 8, 0.034)
+
+
+def test_a_pair_that_rose_together_from_where_it_began_is_no_compromise(tmp_path):
+    f = _run(tmp_path, INVARIANCE_RISES, COVARIANCE_RISES)
+    e = f.evidence
+    for values in (INVARIANCE_RISES, COVARIANCE_RISES):
+        began, settled = np.max(values[:DEFAULTS.min_points]), np.median(values[8:16])
+        assert settled > began
+        # Neither rise is the 3-fold one from a start-window low that a floor-0 test sees...
+        assert settled < DEFAULTS.conflict_rise_ratio * start_low(t, values, DEFAULTS)
+        # ...and each would sit on the plateau: held, not still falling.
+        assert np.median(values[32:]) / settled >= DEFAULTS.conflict_plateau_fraction
+    assert e["descent_undone"] == {"task": pytest.approx(0.8), "aux": pytest.approx(0.8)}
+    assert e["rose_together"] and e["rose_to_equilibrium"] == ["task", "aux"]
+    assert not e["plateau"] and e["stalled"] == [] and f.severity == "info"
+    assert "both rose from where they began" in f.title
+
+
+def test_a_pair_where_one_loss_descended_is_judged_for_a_plateau(tmp_path):
+    f = _run(tmp_path, COMPROMISE, COVARIANCE_RISES)
+    assert np.median(COMPROMISE[8:16]) < np.max(COMPROMISE[:DEFAULTS.min_points])
+    assert not f.evidence["rose_together"] and f.evidence["plateau"]
+    assert f.severity in ("warning", "error")
+
+
+def test_a_loss_below_zero_is_never_read_by_a_ratio_to_its_start_low(tmp_path):
+    # Falls from -0.5 to -0.9 (a log-likelihood, a -cos term): its settled level is 3 times
+    # its start-window low "by ratio" (-0.9 >= 3 x -0.9), which means nothing below 0.
+    falling_below_zero = np.where(t < 8, -0.5 - 0.4 * t / 8, -0.9 - 0.01 * (t - 8) / (STEPS - 9))
+    low = start_low(t, falling_below_zero, DEFAULTS)
+    assert np.median(falling_below_zero[8:16]) >= DEFAULTS.conflict_rise_ratio * low
+    f = _run(tmp_path, COMPROMISE, falling_below_zero)
+    assert f.evidence["rose_to_equilibrium"] == []
+
+
+def _reach(own_task, own_aux, aux_source="name", aux_role="other"):
+    counts = [{"shared": 4, "own": own, "loss_weights": 0} for own in (own_task, own_aux)]
+    return [{"name": "task", "role": "task", "source": "first", "hint": None,
+             "reach": "shared", "counts": counts[0]},
+            {"name": "aux", "role": aux_role, "source": aux_source, "hint": None,
+             "reach": "shared", "counts": counts[1]}]
+
+
+def test_a_term_on_a_latent_the_other_loss_reads_its_output_from_is_a_trade_off(tmp_path):
+    # 'task' has a decoder of its own (2 tensors); 'aux' reaches only what 'task' reaches, and
+    # both reach the watched latent z: a commitment-like term on z, harm worded but info.
+    f = _run(tmp_path, COMPROMISE, COMPROMISE, records=_reach(2, 0),
+             latent_reach={"task": 0.5, "aux": 0.2})
+    assert f.evidence["term_on_representation"] == {"aux": ["z"]}
+    assert f.evidence["suffering"] == ["task", "aux"] and f.severity == "info"
+    assert "a term on that representation" in f.title and 'roles={"aux": "task"}' in f.title
+
+
+@pytest.mark.parametrize("records, reach", [
+    (_reach(2, 0), {"task": 0.5, "aux": 0.0}),  # aux never reaches z (a PINN's output bias)
+    (_reach(0, 0), {"task": 0.5, "aux": 0.2}),  # the same reach: two tasks on one head
+    (_reach(2, 0, aux_source="declared", aux_role="task"), {"task": 0.5, "aux": 0.2}),
+])
+def test_without_a_latent_both_reach_or_an_output_of_its_own_the_plateau_is_harm(
+        tmp_path, records, reach):
+    f = _run(tmp_path, COMPROMISE, COMPROMISE, records=records, latent_reach=reach)
+    assert f.evidence["term_on_representation"] == {}
+    assert f.evidence["plateau"] and f.severity in ("warning", "error")

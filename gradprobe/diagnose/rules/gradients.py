@@ -9,19 +9,19 @@ from collections import Counter
 import numpy as np
 
 from gradprobe.record import Run, pair_parts, role_declaration
-from gradprobe.record.quantities import (COMBINED_GRAD_NORM, GRAD_COSINE, GRAD_NORM, LOSS,
-                                         MAGNITUDE_SIMILARITY, SHARED, WEIGHT, WEIGHTED_GRAD_NORM)
+from gradprobe.record.quantities import (GRAD_COSINE, GRAD_NORM, LOSS, MAGNITUDE_SIMILARITY,
+                                         WEIGHT, WEIGHTED_GRAD_NORM)
 
 from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, finite, g, get,
-                       held_range, held_share, level_after_start, median, nanmax, pct,
+                       held_range, held_share, median, nanmax, pct,
                        persistent, recorded_series, role_origin, role_record, roles,
-                       rolling_median, start_end, start_low, task_learning, thin, window_counts)
+                       rolling_median, start_end, task_learning, thin, window_counts)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
-from .purpose import adversary_at_chance
+from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .task_metrics import linked_metrics, metric_progress
+from .purpose import adversary_at_chance
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
@@ -269,16 +269,19 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         elif len(wn) == 2:
             undone = {a: median(descent_undone(c, wn[0][judged], wn[1][judged])),
                       b: median(descent_undone(c, wn[1][judged], wn[0][judged]))}
-        harm = _conflict_harm(run, th, (a, b), steps[judged], role,
-                              {n: undone.get(n, math.nan) for n in (a, b)}, swamped)
+        harm = conflict_harm(run, th, (a, b), steps[judged], role,
+                             {n: undone.get(n, math.nan) for n in (a, b)}, swamped)
         # A regulariser or KL term known only from its name is judged (a name never exempts),
         # but its trade-off against the other loss is the design: noted, as the issue's
         # "loss against a regulariser" (the quantity it protects is judged by its own rule).
         trade_off = [n for n in (a, b) if role.get(n) in th.exempt_roles]
+        # So is a term that the graph reads as acting on the other loss's representation.
+        on_representation = {n: latents for n, latents in
+                             terms_on_representation(run, (a, b)).items() if n not in trade_off}
         if layered is not None and not layered["everywhere"] and not harm["suffering"]:
             continue  # an opposition on some of the shared layers that holds nothing back
-        severity = ("error" if tragic else "warning") if harm["suffering"] and not trade_off \
-            else "info"
+        severity = ("error" if tragic else "warning") if harm["suffering"] and not (
+            trade_off or on_representation) else "info"
         held = np.zeros(len(steps), dtype=bool)
         held[np.flatnonzero(judged)[negative]] = True
         evidence = {
@@ -287,7 +290,7 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "judged_on": "nearest shared layer" if layered is None else "layers where they fight",
             "layers": None if layered is None else layered["layers"],
             "layer_cosines": None if layered is None else layered["layer_cosines"],
-            "trade_off_by_name": trade_off,
+            "trade_off_by_name": trade_off, "term_on_representation": on_representation,
             "thresholds": {"median_cosine": th.conflict_median_cosine,
                            "share": th.conflict_share, "tragic_share": th.conflict_tragic_share,
                            "stall_fraction": th.conflict_stall_fraction,
@@ -299,6 +302,9 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         }
         what = f"'{a}' and '{b}' pull against each other: gradient cosine < 0 over " \
             f"{pct(share)} of the run"
+        if harm["rose_together"]:
+            what += "; both rose from where they began and settled, as the terms of one " \
+                "objective do at their equilibrium"
         if harm["stalled"]:
             what += f"; {' and '.join(repr(n) for n in harm['stalled'])} stalled while the " \
                 "other fell"
@@ -319,6 +325,13 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                 f"'{n}' is a {role[n]} term {role_origin(role_record(run, n))}, whose trade-off "
                 f"is the design (judge it as a task: {role_declaration(n, 'task')})"
                 for n in trade_off)
+        elif on_representation:
+            what += "; " + ", ".join(
+                f"'{n}' reaches no parameter of its own while the other does, and acts on the "
+                f"watched {', '.join(repr(z) for z in latents)} that both reach (from the "
+                "graph): a term on that representation, whose trade-off is the design and "
+                "whose purpose is judged there by its own rules (judge it as a task: "
+                f"{role_declaration(n, 'task')})" for n, latents in on_representation.items())
         elif tragic:
             what += " (tragic: cos <= -magnitude similarity)"
         out.append(make_finding(
@@ -327,85 +340,6 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             plot=PlotHint(GRAD_COSINE, names=[pair], threshold=0.0),
             remedy=conflict_remedy(role.get(n) for n in (a, b)) if severity != "info" else None))
     return out
-
-
-def _loss_ratio(run: Run, name: str, lo: int, hi: int, th: Thresholds) -> float:
-    """A loss's end / start (medians of its windows) between steps ``lo`` and ``hi``."""
-    series = finite(get(run, LOSS, name))
-    if series is None:
-        return math.nan
-    keep = (series[0] >= lo) & (series[0] <= hi)
-    if keep.sum() < 2 * th.min_points:
-        return math.nan
-    ends = start_end(series[0][keep], series[1][keep], th)
-    return ends["end"] / ends["start"] if ends["start"] > 0 else math.nan
-
-
-def _loss_levels(run: Run, name: str, th: Thresholds) -> dict:
-    """A loss's lowest level in its start window, its level after the start window and its end,
-    over the whole run."""
-    series = finite(get(run, LOSS, name))
-    if series is None or len(series[0]) < 2 * th.min_points:
-        return {"start_low": math.nan, "settled": math.nan, "end": math.nan}
-    return {"start_low": start_low(*series, th), "settled": level_after_start(*series, th),
-            "end": start_end(*series, th)["end"]}
-
-
-def _fraction(end: float, reference: float) -> float:
-    return end / reference if reference > 0 else math.nan
-
-
-def _conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
-                   role: dict[str, str], undone: dict[str, float],
-                   swamped: set[str] = frozenset()) -> dict:
-    """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
-    both settle together on a compromise plateau where each undoes most of the other's
-    descent. A loss that rose from near its floor to an equilibrium during its start window
-    (a commitment, redundancy or KL term) is settled by design, neither stalled nor stuck."""
-    lo, hi = int(judged[0]), int(judged[-1])
-    ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
-    levels = {name: _loss_levels(run, name, th) for name in pair}
-    settled = {name: _fraction(lv["end"], lv["settled"]) for name, lv in levels.items()}
-    rose = [name for name, lv in levels.items()
-            if lv["settled"] >= th.conflict_rise_ratio * lv["start_low"]]
-    stalled = []
-    for name, other in (pair, pair[::-1]):
-        if name in rose or name in swamped:
-            continue
-        # An adversary that does not fall is doing its job (the features defeat it).
-        if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
-                ratios[other] < th.conflict_stall_fraction:
-            stalled.append(name)
-    cancel = math.nan
-    parts = [get(run, WEIGHTED_GRAD_NORM, n) for n in run.losses]
-    combined = get(run, COMBINED_GRAD_NORM, SHARED)
-    if combined is not None and all(p is not None for p in parts):
-        steps, (total, *norms) = align(combined, *parts)
-        at = np.isin(steps, judged)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cancel = median((total / np.sum(norms, axis=0))[at])
-    cancelled = bool(cancel <= th.conflict_cancel_ratio)
-    # A compromise plateau: each loss's descent is mostly undone by the other, and neither is
-    # still falling after its start window nor settled there by design. Terms of one objective
-    # at their equilibrium differ by outcome: one of them is barely held or still falls. A
-    # min-max game's equilibrium is its design.
-    # A per-task metric the user logged that stopped improving while the conflict holds:
-    # the task is held back whatever its loss curve shows.
-    metrics = {n: {m: metric_progress(run, m, lo, hi, th) for m in linked_metrics(run, n)}
-               for n in pair}
-    # A metric that turned back (a validation loss rising while its training loss falls) is
-    # memorisation, the overfitting rule's; held back is a metric that stopped.
-    metric_stalled = [n for n in pair if role.get(n) != "adversarial" and metrics[n] and all(
-        abs(p) <= th.conflict_metric_progress for p in metrics[n].values())]
-    held = all(undone[n] >= th.conflict_undone_fraction for n in pair)
-    plateau = held and not rose and "adversarial" not in (role.get(a) for a in pair) and \
-        all(settled[n] >= th.conflict_plateau_fraction for n in pair)
-    return {"loss_ratios": ratios, "settled_ratios": settled, "rose_to_equilibrium": rose,
-            "stalled": stalled, "descent_undone": undone, "cancel_ratio": cancel,
-            "cancelled": cancelled, "plateau": plateau, "metric_progress": metrics,
-            "metric_stalled": metric_stalled,
-            "suffering": list(pair) if plateau else sorted(set(stalled) | set(metric_stalled),
-                                                           key=pair.index)}
 
 
 def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -> Finding | None:
