@@ -6,6 +6,7 @@ generated step by step, written as a run file and diagnosed."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gradprobe.diagnose import Thresholds, diagnose
 from test_diagnose import _synthetic
@@ -34,14 +35,16 @@ ISOTROPIC = _entropy_rank(np.linalg.svd(np.random.default_rng(1).standard_normal
                                         compute_uv=False))
 
 
-def _run(tmp_path, latent_at):
+def _run(tmp_path, latent_at, gradients=None):
+    """``gradients(z)``: the scalars the losses' gradients at the latent add to a step."""
     rows = []
     for step in range(STEPS):
-        q = _quantities(latent_at(min(1.0, step / (0.7 * STEPS))))  # then held
+        z = latent_at(min(1.0, step / (0.7 * STEPS)))  # then held
         rows.append((step, {("loss", "task"): 1.0, ("loss", "aux"): 1.0,
                             ("effective_rank_isotropic", "z"): ISOTROPIC,
                             ("latent_dim", "z"): float(D),
-                            **{(name, "z"): v for name, v in q.items()}}))
+                            **{(name, "z"): v for name, v in _quantities(z).items()},
+                            **(gradients(z) if gradients else {})}))
     run = _synthetic(tmp_path, rows)
     return run, [f for f in diagnose(run) if f.id == "representation-collapse"]
 
@@ -129,3 +132,61 @@ def test_a_mean_that_dominates_the_normalised_rows_is_a_note_with_both_numbers(t
     assert np.isclose(f.evidence["variance_end"], np.median(variance[-6:]))
     assert "normalised std" in f.title and "total variance" in f.title
     assert "centre the output" in f.remedy
+
+
+def _squared_norm_gradient(z: np.ndarray) -> float:
+    """|dL/dz| of L = sum ||z_i||^2 / N, degree 2 in the scale (an MSE or covariance term):
+    2 z / N, by numpy."""
+    return float(np.linalg.norm(2 * z / len(z)))
+
+
+def _distance_gradient(z: np.ndarray) -> float:
+    """|dL/dz| of L = mean ||z_i||, degree 1 in the scale (a distance, as a triplet's):
+    rows z_i / (N ||z_i||), by numpy."""
+    return float(np.linalg.norm(z / (len(z) * np.linalg.norm(z, axis=1, keepdims=True))))
+
+
+def _shrinking(t):
+    return (BASE + 3 * DIRECTION) * 10 ** (-3 * t)
+
+
+def _elasticity(run) -> float:
+    """log(gradient kept) / log(std kept): the series are monotone and held at the end."""
+    _, variance = run.series("total_variance", "z")
+    _, grad = run.series("latent_grad_norm", "z|task")
+    return float(np.log(grad[-1] / grad[0]) / np.log(np.sqrt(variance[-1] / variance[0])))
+
+
+def test_a_shrink_that_a_quadratic_loss_is_satisfied_by_is_complete_collapse(tmp_path):
+    # VICReg without its variance term: the invariance and covariance terms are minimised by
+    # the origin, and their gradient at the latent fades with its scale.
+    run, (f,) = _run(tmp_path, _shrinking,
+                     lambda z: {("latent_grad_norm", "z|task"): _squared_norm_gradient(z)})
+    assert abs(_elasticity(run) - 1) < 1e-6  # a degree-2 loss: the gradient ~ scale
+    # the rule reads both peaks smoothed over smooth_points (the first steps, both falling)
+    assert f.evidence["shrink_gradient_elasticity"] == pytest.approx(_elasticity(run), rel=0.01)
+    assert f.evidence["kind"] == "complete" and f.severity == "error"
+    assert f.plot.quantity == "total_variance"
+
+
+def test_a_shrink_under_a_loss_that_keeps_pushing_is_a_change_of_scale(tmp_path):
+    # A distance loss (batch-hard triplet on an unnormalised embedding) sends the same
+    # gradient at any scale: the spread fell 1e6x, the directions and the rank are kept.
+    run, found = _run(tmp_path, _shrinking,
+                      lambda z: {("latent_grad_norm", "z|task"): _distance_gradient(z)})
+    _, variance = run.series("total_variance", "z")
+    assert variance[-1] / variance[0] < 1e-5
+    assert abs(_elasticity(run)) < 1e-6 < Thresholds().collapse_shrink_elasticity
+    assert found == []
+
+
+def test_a_gradient_weighted_zero_does_not_keep_a_shrink_alive(tmp_path):
+    # The distance loss is recorded but weighted 0 (VICReg's variance term at weight 0); the
+    # quadratic loss that acts fades with the scale: the weighted sum is what the latent gets.
+    run, (f,) = _run(tmp_path, _shrinking,
+                     lambda z: {("latent_grad_norm", "z|aux"): _distance_gradient(z),
+                                ("weight", "aux"): 0.0, ("weight", "task"): 25.0,
+                                ("latent_grad_norm", "z|task"): _squared_norm_gradient(z)})
+    assert f.evidence["kind"] == "complete"
+    assert f.evidence["shrink_gradient_end"] == pytest.approx(
+        25 * _squared_norm_gradient(_shrinking(1.0)), rel=1e-6)

@@ -196,11 +196,12 @@ EDGE_REASONS: dict[str, str] = {
         "unbounded range (0.2) would call a pair that fell to a fifth of its level a plateau",
     "collapse_shrink_fraction":
         "a design edge: a complete collapse by shrinking is a total variance down two orders "
-        "of magnitude from its peak (issue 21: 'falls by orders of magnitude'); one grid step "
-        "above (0.014), DSN unnormalised(-no-recon) s0's private code, which shrinks to "
-        "0.0104-0.0125 of its peak variance under the unnormalised difference loss (that run's "
-        "orthogonality-vanishing), also reads as a collapse; below, down to 0.0013, no corpus "
-        "run changes",
+        "of magnitude from its peak (issue 21: 'falls by orders of magnitude'); two grid steps "
+        "above (0.02), DSN unnormalised-no-recon s2's private code, which shrinks to 0.0189 of "
+        "its peak variance under the unnormalised difference loss (that run's "
+        "orthogonality-vanishing) while its gradient fades with it (elasticity 0.61), reads "
+        "as a collapse (one step above, s0's codes at 0.0104-0.0125 keep their gradient, "
+        "elasticity 0.35-0.45); below, down to 0.0013, no corpus run changes",
     "overfit_val_rise":
         "a design edge: overfitting is a validation loss 10% above its minimum; one grid step "
         "above (0.14), on the held-out half, MTL train-64-pairs s3 (+12.4%) and sigmoid-mse "

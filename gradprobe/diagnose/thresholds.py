@@ -121,6 +121,12 @@ class Thresholds:
     collapse_shrink_fraction: float = _f(0.01, "end total variance at most this fraction of "
                                                "its peak: a shrink to the origin (complete "
                                                "collapse even while the normalised std holds)")
+    collapse_shrink_elasticity: float = _f(0.5, "... and the gradient the losses send to the "
+                                                "latent (sum of w * |dL/dz|) fell with its "
+                                                "scale: log(end/peak gradient) / log(end/peak "
+                                                "std) at least this (a loss of degree p in the "
+                                                "latent's scale gives p - 1: 1 quadratic, 0 a "
+                                                "distance, -1 on normalised rows)")
     collapse_error_rank: float = _f(1.5, "end effective rank at most this: severity error")
     collapse_class_fraction: float = _f(0.5, "with class labels: ... and end rank at most this "
                                               "fraction of classes - 1 (neural collapse)")

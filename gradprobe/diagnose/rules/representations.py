@@ -12,7 +12,7 @@ from gradprobe.record.quantities import (ACTIVE_UNITS, CKA, EFFECTIVE_RANK_ISOTR
                                          LATENT_CLASSES, LATENT_DIM, LATENT_GRAD_NORM, LATENT_NORM,
                                          LOSS, MAX_ABS_CORRELATION, MAX_ABS_CORRELATION_NULL,
                                          NORMALIZED_STD, PARTICIPATION_RATIO, RANKME_CENTRED,
-                                         TOTAL_VARIANCE)
+                                         TOTAL_VARIANCE, WEIGHT)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax, pct,
                        persistent, recorded_series, roles, rolling_median, start_end, thin,
@@ -91,6 +91,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
                            "class_fraction": th.collapse_class_fraction,
                            "std_fraction": th.collapse_std_fraction,
                            "shrink_fraction": th.collapse_shrink_fraction,
+                           "shrink_elasticity": th.collapse_shrink_elasticity,
                            "participation": th.collapse_participation,
                            "participation_rank": th.collapse_participation_rank,
                            "active_fraction": th.collapse_active_fraction},
@@ -112,7 +113,8 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             key = f"spread x{g(kept)} of peak"
             # The line the run crossed: the shrink limit, else the directions' limit.
             plot = PlotHint(TOTAL_VARIANCE, names=[z], threshold=spread["shrink_limit"]) \
-                if spread["variance_end"] <= spread["shrink_limit"] else \
+                if spread["variance_end"] <= spread["shrink_limit"] and \
+                spread["shrink_gradient_faded"] else \
                 PlotHint(NORMALIZED_STD, names=[z], threshold=spread["std_limit"] / math.sqrt(d))
         elif kind == "dimensional":
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
@@ -181,14 +183,50 @@ def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> di
     std_held = np.interp(steps, std_s[0], scaled) <= std_limit
     var_at = np.interp(steps, var_s[0], var_s[1])
     directions_lost, spread_lost = s_end <= std_limit, v_end <= var_limit
-    return {"complete": bool(directions_lost and spread_lost or v_end <= shrink_limit),
+    signal = _shrink_gradient(run, z, v_end / v_peak if v_peak > 0 else math.nan, th)
+    shrunk = bool(v_end <= shrink_limit and signal["shrink_gradient_faded"])
+    return {"complete": bool(directions_lost and spread_lost or shrunk),
             "mean_dominated": bool(directions_lost and not spread_lost),
-            "complete_held": (std_held & (var_at <= var_limit)) | (var_at <= shrink_limit),
+            "complete_held": (std_held & (var_at <= var_limit)) |
+            ((var_at <= shrink_limit) & shrunk),
             "mean_dominated_held": std_held & (var_at > var_limit),
             "std_limit": std_limit, "std_scaled_peak": s_peak, "std_scaled_end": s_end,
             "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
             "variance_peak": v_peak, "variance_end": v_end, "shrink_limit": shrink_limit,
-            "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s)}
+            "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s),
+            **signal}
+
+
+def _shrink_gradient(run: Run, z: str, variance_kept: float, th: Thresholds) -> dict:
+    """Whether the losses that read the latent are satisfied by its shrink. A loss of degree p
+    in the latent's scale s sends it a gradient ~ s^(p-1): a quadratic one (an MSE between
+    views, a covariance or KL penalty) is minimised by the origin, and its gradient fades with
+    the shrink; a distance (triplet, margin) or a loss on normalised rows keeps pushing at
+    any scale, so the latent only changed its scale and (a), (b), (d) judge what it kept.
+    The elasticity log(gradient kept) / log(std kept) estimates p - 1 from the run. Without a
+    recorded gradient the shrink counts, as before."""
+    total, steps = None, None
+    for name in run.names(LOSS):
+        grad = finite(get(run, LATENT_GRAD_NORM, pair_name(z, name)))
+        if grad is None:
+            continue
+        weight = np.abs(np.interp(grad[0], *get(run, WEIGHT, name))) \
+            if run.has(WEIGHT, name) else 1.0
+        if total is None:
+            steps, total = grad[0], weight * grad[1]
+        else:
+            total = total + np.interp(steps, grad[0], weight * grad[1])
+    if total is None or len(steps) < th.min_points or not 0 < variance_kept < 1:
+        return {"shrink_gradient_faded": True, "shrink_gradient_elasticity": None}
+    peak = nanmax(rolling_median(total, th.smooth_points))
+    end = series_end((steps, total), th)
+    if not peak > 0:
+        return {"shrink_gradient_faded": True, "shrink_gradient_elasticity": None}
+    elasticity = math.log(end / peak) / math.log(math.sqrt(variance_kept)) if end > 0 \
+        else math.inf
+    return {"shrink_gradient_faded": bool(elasticity >= th.collapse_shrink_elasticity),
+            "shrink_gradient_elasticity": elasticity, "shrink_gradient_peak": peak,
+            "shrink_gradient_end": end, "latent_gradient": thin(steps, total)}
 
 
 def _inactive_units(run: Run, z: str, d: float, kl_losses: list[str], steps: np.ndarray,
