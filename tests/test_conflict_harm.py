@@ -191,3 +191,48 @@ def test_without_a_latent_both_reach_or_an_output_of_its_own_the_plateau_is_harm
     f = _run(tmp_path, COMPROMISE, COMPROMISE, records=records, latent_reach=reach)
     assert f.evidence["term_on_representation"] == {}
     assert f.evidence["plateau"] and f.severity in ("warning", "error")
+
+
+# Falls over its start window, then flat: satisfied at its balance (VIbCReg's invariance term).
+FELL_THEN_FLAT = np.where(t < 8, 2.3 - 1.5 * t / 8, 0.8)
+# Falls a little, then climbs back above where it began (VIbCReg's covariance term while its
+# variance term, a third loss, falls).
+FELL_THEN_CLIMBED = np.where(t < 8, 1.0 - 0.4 * t / 8, 0.6 + 0.5 * (t - 8) / (STEPS - 9))
+RISING = 1.0 + 0.5 * t / (STEPS - 1)
+
+
+@pytest.mark.parametrize("other, stalls", [(FELL_THEN_FLAT, False), (STILL_FALLING, True)])
+def test_a_stall_needs_the_other_loss_still_falling_after_its_start_window(tmp_path, other,
+                                                                           stalls):
+    # |g_aux| = 0.375 |g_task|, cos -0.8: the task undoes all of aux's descent (2.13, clipped),
+    # aux 30% of the task's: no plateau, so a stall is the only harm left to read.
+    f = _run(tmp_path, other, FELL_THEN_CLIMBED, norms=(1.0, 0.375))
+    e = f.evidence
+    assert e["descent_undone"] == {"task": pytest.approx(0.3), "aux": pytest.approx(1.0)}
+    # aux ended above 0.9 of its start and the task below it, over the judged steps...
+    assert np.median(FELL_THEN_CLIMBED[32:]) / np.median(FELL_THEN_CLIMBED[:8]) >= \
+        DEFAULTS.conflict_stall_fraction
+    assert e["loss_ratios"]["task"] == pytest.approx(np.median(other[32:]) / np.median(other[:8]))
+    assert e["loss_ratios"]["task"] < DEFAULTS.conflict_stall_fraction
+    # ...but only a task still falling after its start window took the descent from it.
+    settled = np.median(other[32:]) / np.median(other[8:16])
+    assert e["settled_ratios"]["task"] == pytest.approx(settled)
+    assert (settled < DEFAULTS.conflict_stall_fraction) == stalls
+    assert e["stalled"] == (["aux"] if stalls else []) and not e["plateau"]
+    assert f.severity == ("warning" if stalls else "info")
+
+
+@pytest.mark.parametrize("norms, held", [((0.375, 1.0), False), ((1.0, 1.0), True)])
+def test_a_stall_is_harm_only_where_the_other_undoes_the_stalled_loss_descent(tmp_path, norms,
+                                                                              held):
+    # aux rises while the task falls (CDAN's transfer loss against its classifier). With
+    # |g_task| = 0.375 |g_aux| the task undoes 0.8 x 0.375 = 30% of aux's descent: aux keeps
+    # most of its descent on the shared layers, so its rise has another cause (a reversed
+    # gradient), not this conflict.
+    f = _run(tmp_path, STILL_FALLING, RISING, norms=norms)
+    undone_aux = min(1.0, 0.8 * norms[0] / norms[1])
+    assert f.evidence["descent_undone"]["aux"] == pytest.approx(undone_aux)
+    assert (undone_aux >= DEFAULTS.conflict_undone_fraction) == held
+    assert f.evidence["loss_ratios"]["aux"] >= DEFAULTS.conflict_stall_fraction
+    assert f.evidence["stalled"] == (["aux"] if held else [])
+    assert f.severity == ("warning" if held else "info")

@@ -85,7 +85,8 @@ class Thresholds:
                                             "least this: severity error (with harm)")
     conflict_stall_fraction: float = _f(0.9, "harm: a loss ends at least this fraction of its "
                                               "start (stalled or rose) while the other ends "
-                                              "below it")
+                                              "below it, of its start and of its level after "
+                                              "its start window (still falls)")
     conflict_cancel_ratio: float = _f(0.2, "harm: median combined gradient norm / sum of the "
                                             "weighted norms at most this (they cancel)")
     conflict_rise_ratio: float = _f(3.0, "a loss whose level after its start window is at "
@@ -94,7 +95,8 @@ class Thresholds:
                                          "stalled or stuck")
     conflict_undone_fraction: float = _f(0.38, "plateau harm: median share of each loss's "
                                               "first-order descent that the other's weighted "
-                                              "gradient undoes at least this, for both")
+                                              "gradient undoes at least this, for both; stall "
+                                              "harm: for the stalled loss (held by the other)")
     conflict_plateau_fraction: float = _f(0.58, "plateau harm: each loss ends at least this "
                                                "fraction of its level after the start window "
                                                "(neither still falls)")

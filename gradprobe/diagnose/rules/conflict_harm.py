@@ -52,14 +52,29 @@ def _fraction(end: float, reference: float) -> float:
     return end / reference if reference > 0 else math.nan
 
 
+def _took_the_descent(name: str, ratios: dict, settled: dict, th: Thresholds) -> bool:
+    """Whether ``name`` fell over the judged steps and still falls after its start window:
+    a stall is harm only where the other loss keeps descending in the phase the run settled
+    into. A loss that fell in its start window and has been flat since sits at its balance
+    with the stalled one; what rose meanwhile was pushed by something else (VIbCReg's
+    covariance term climbs back while its variance term, a third loss, falls and the
+    invariance term stays flat). Unmeasured after the start window (NaN): as before."""
+    return ratios[name] < th.conflict_stall_fraction and \
+        not settled[name] >= th.conflict_stall_fraction
+
+
 def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.ndarray,
                   role: dict[str, str], undone: dict[str, float],
                   swamped: set[str] = frozenset()) -> dict:
-    """Whether a conflict holds a loss back: it stalls (or rises) while the other falls, or
-    both settle together on a compromise plateau where each undoes most of the other's
-    descent. A loss that rose from near its floor to an equilibrium during its start window
-    (a commitment, redundancy or KL term) is settled by design, neither stalled nor stuck; so
-    is a pair that rose together: both settled above every one of their first values."""
+    """Whether a conflict holds a loss back: it stalls (or rises) while the other falls,
+    both over the judged steps and after the other's start window, with at least
+    ``conflict_undone_fraction`` of its own descent undone by the other (held by this
+    conflict: with more of its descent left, its stall has another cause, such as a
+    reversed gradient), or both settle together on a compromise plateau where each undoes
+    most of the other's descent. A loss that rose from near its floor to an equilibrium
+    during its start window (a commitment, redundancy or KL term) is settled by design,
+    neither stalled nor stuck; so is a pair that rose together: both settled above every one
+    of their first values."""
     lo, hi = int(judged[0]), int(judged[-1])
     ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
     levels = {name: _loss_levels(run, name, th) for name in pair}
@@ -81,7 +96,8 @@ def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.nd
             continue
         # An adversary that does not fall is doing its job (the features defeat it).
         if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \
-                ratios[other] < th.conflict_stall_fraction:
+                _took_the_descent(other, ratios, settled, th) and \
+                not undone[name] < th.conflict_undone_fraction:
             stalled.append(name)
     cancel = math.nan
     parts = [get(run, WEIGHTED_GRAD_NORM, n) for n in run.losses]
