@@ -199,7 +199,6 @@ class Thresholds:
         for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
                      "contrastive_same_group_share", "memorised_fraction", "learned_fraction",
                      "swamping_floor_fraction", "usage_held_fraction", "adversary_chance_fraction",
-                     "swamping_stall_fraction",
                      "saturation_wrong_fraction", "conflict_undone_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
