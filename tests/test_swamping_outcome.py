@@ -22,13 +22,14 @@ def _swamping(run, th=TH):
             if f.id in ("gradient-swamping", "static-loss-weights")}
 
 
-def _rewrite_aligned(tmp_path, mix):
+def _rewrite_aligned(tmp_path, mix, with_blocks=True):
     """A task and a compactness term at 5% of the task's gradient on one shared layer, its
     gradient rows ``mix`` of the task's direction plus independent noise (0: orthogonal).
-    Returns the run and the per-step cosine of the two rows."""
+    Returns the run and the per-step cosine of the two rows. Without blocks the rule reads
+    the recorded pair cosine."""
     from gradprobe.record import RunWriter
     rng = np.random.default_rng(7)
-    path = tmp_path / f"aligned-{mix}.gprobe"
+    path = tmp_path / f"aligned-{mix}-{with_blocks}.gprobe"
     w = RunWriter(path)
     w.set_meta(losses=["proto", "center"], task="proto", roles={"proto": "task", "center": "other"},
                every=1, expect_groups_per_batch=None)
@@ -41,19 +42,22 @@ def _rewrite_aligned(tmp_path, mix):
         j = np.vstack([task, center])
         gram = j @ j.T
         cosines.append(gram[0, 1] / np.sqrt(gram[0, 0] * gram[1, 1]))
-        scalars = {}
+        scalars = {("grad_cosine", "proto|center"): float(cosines[-1])}
         for k, name in enumerate(("proto", "center")):
             norm = float(np.sqrt(gram[k, k]))
             scalars |= {("loss", name): float(losses[k][s]), ("grad_norm", name): norm,
                         ("weighted_grad_norm", name): norm, ("weight", name): 1.0}
-        w.write_step(s, scalars, {("grad_gram", "shared"): gram,
-                                  ("grad_gram_layer", "encoder"): gram})
+        arrays = {("grad_gram", "shared"): gram}
+        if with_blocks:
+            arrays[("grad_gram_layer", "encoder")] = gram
+        w.write_step(s, scalars, arrays)
     w.close()
     return load_run(path), np.array(cosines)
 
 
-def test_a_swamped_loss_carried_by_the_dominant_descent_is_info(tmp_path):
-    run, cosines = _rewrite_aligned(tmp_path, 0.45)
+@pytest.mark.parametrize("with_blocks", [True, False])
+def test_a_swamped_loss_carried_by_the_dominant_descent_is_info(tmp_path, with_blocks):
+    run, cosines = _rewrite_aligned(tmp_path, 0.45, with_blocks)
     found = _swamping(run)
     assert set(found) == {"gradient-swamping"}  # static-loss-weights reads no info finding
     f = found["gradient-swamping"]
@@ -64,14 +68,15 @@ def test_a_swamped_loss_carried_by_the_dominant_descent_is_info(tmp_path):
     assert f.evidence["carried_cosine"] == pytest.approx(np.median(cosines), rel=1e-9)
     assert "carries it" in f.title and f.remedy.startswith("None needed")
     # The same share pointing elsewhere (orthogonal rows) is held back: the alarm stands.
-    run, cosines = _rewrite_aligned(tmp_path, 0.0)
+    assert f.evidence["judged_on"] == ("layers it shares" if with_blocks else "whole shared set")
+    run, cosines = _rewrite_aligned(tmp_path, 0.0, with_blocks)
     assert abs(np.median(cosines)) < TH.swamping_carried_cosine
     found = _swamping(run)
     assert {i: f.severity for i, f in found.items()} == {
         "gradient-swamping": "warning", "static-loss-weights": "warning"}
     assert found["gradient-swamping"].evidence["carried_cosine"] is None
     # Without the rule (a cosine threshold above 1) the aligned term is a warning too.
-    run, _ = _rewrite_aligned(tmp_path, 0.45)
+    run, _ = _rewrite_aligned(tmp_path, 0.45, with_blocks)
     assert _swamping(run, Thresholds(swamping_carried_cosine=1.01))[
         "gradient-swamping"].severity == "warning"
 
