@@ -1,5 +1,7 @@
-"""What a swamped loss is for, and whether it already holds by its own measure: read by
-``gradient-swamping`` (gradients.py), which keeps such a finding at ``info``."""
+"""What a swamped loss is for, and whether it holds by its own measure: read by
+``gradient-swamping`` (gradients.py). An adversary at chance or a loss carried by the
+dominant's descent keeps the finding at ``info``; a loss that never recovered its fit keeps
+a straddling ratio an alarm."""
 
 from __future__ import annotations
 
