@@ -62,6 +62,16 @@ class Thresholds:
                                                  "discriminator is at chance (recovers at most "
                                                  "1 - this of the label entropy), a swamping "
                                                  "finding on it is info")
+    swamping_carried_cosine: float = _f(0.2, "a swamped loss whose gradient has at least this "
+                                             "median cosine with the dominant loss's (over "
+                                             "the steps it is swamped, on the layers both "
+                                             "reach) is carried by the dominant's descent: "
+                                             "info, not an alarm")
+    swamping_stall_fraction: float = _f(0.9, "a swamped loss whose end window is at least "
+                                             "this fraction of its start window while the "
+                                             "dominant's ends below it never recovered its "
+                                             "fit: a ratio straddling swamping_ratio no "
+                                             "longer makes the finding info")
     exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
                                            "roles never reported as swamped or conflicting, "
                                            "nor for missing the shared parameters")

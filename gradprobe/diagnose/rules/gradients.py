@@ -21,7 +21,7 @@ from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .purpose import adversary_at_chance
+from .purpose import adversary_at_chance, carried_by, held_back
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
@@ -93,10 +93,15 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         last = window_counts(judged_steps, th)[1]
         settled = rolling_median(ratio[judged], th.smooth_points)[-last:]
         quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
-        close = quartiles[0] < th.swamping_ratio < quartiles[1]
+        # Too close to call, unless the outcome calls it: a loss that never recovered its fit
+        # while the dominant learned was held back whatever its ratio's spread.
+        stalled = held_back(run, name, dominant, th)
+        close = quartiles[0] < th.swamping_ratio < quartiles[1] and not stalled
         protected = _usage_it_keeps(run, name, th)
         at_chance = adversary_at_chance(run, name, th)
-        severity = "info" if close or protected or at_chance else \
+        carried = None if stalled else carried_by(
+            run, name, dominant, steps, held, None if by_layer is None else by_layer["blocks"], th)
+        severity = "info" if close or protected or at_chance or carried is not None else \
             "error" if med < th.swamping_error_ratio else "warning"
         first, last = held_range(steps, held)
         evidence = {
@@ -114,6 +119,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "task_memorised_at": int(steps[~learning][0]) if (~learning).any() else None,
             "ratio": thin(steps[judged], ratio[judged]),
             "prototype_usage_kept": protected, "adversary_at_chance": at_chance,
+            "held_back": stalled, "carried_cosine": carried,
         }
         if by_layer is not None:
             # Over the held steps, as the headline median: its spread reads the same steps.
@@ -135,18 +141,28 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                       f"{g(u)} of its maximum)" for p, u in (protected or {}).items())
             + (f"; its discriminator is at chance (its loss ends at {g(at_chance['end'])}, "
                f"{pct(at_chance['end_fraction'])} of its start; adversarial "
-               f"{at_chance['role']})" if at_chance else ""),
+               f"{at_chance['role']})" if at_chance else "")
+            + (f"; its gradient points with that of '{dominant}' (cosine {g(carried)}): the "
+               f"descent of '{dominant}' carries it" if carried is not None else "")
+            + (f"; it never recovered its fit (it ends at {g(stalled['end_fraction'])} of its "
+               f"start, '{dominant}' at {g(stalled['dominant_end_fraction'])})"
+               if stalled and quartiles[0] < th.swamping_ratio < quartiles[1] else ""),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant),
             remedy=_KEPT_REMEDY if protected else _AT_CHANCE_REMEDY if at_chance
-            else swamping_remedy(evidence)))
+            else _CARRIED_REMEDY if carried is not None else swamping_remedy(evidence)))
     return out
 
 
 _KEPT_REMEDY = ("None needed while the prototypes it reaches keep their usage: a small "
                 "gradient share that does its job (a balancing loss keeping the experts in use) "
                 "is the design; prototype-collapse reports them if their usage goes.")
+
+
+_CARRIED_REMEDY = ("None needed while the dominant loss's descent is its descent too: a "
+                   "small share of the gradient pointing the same way does its job (a center "
+                   "loss beside a prototype loss that also pulls each embedding to its class).")
 
 
 _AT_CHANCE_REMEDY = ("None needed while its discriminator stays at chance: the shared features "
@@ -183,7 +199,8 @@ def _where_they_act(run: Run, names: list[str], steps: np.ndarray,
         return None
     blocks = blocks[np.searchsorted(block_steps, steps)]
     ratio, per_layer, dominant = layer_ratios(blocks, layer_weights(run, steps), competing)
-    return {"ratio": ratio, "per_layer": per_layer, "dominant": dominant, "layers": layers}
+    return {"ratio": ratio, "per_layer": per_layer, "dominant": dominant, "layers": layers,
+            "blocks": blocks}
 
 
 def _left_to_learn(run: Run, name: str, steps: np.ndarray, th: Thresholds) -> np.ndarray | None:

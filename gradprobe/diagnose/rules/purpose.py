@@ -1,13 +1,18 @@
-"""What a swamped loss is for, and whether it already holds by its own measure: read by
-``gradient-swamping`` (gradients.py), which keeps such a finding at ``info``."""
+"""What a swamped loss is for, and whether it holds by its own measure: read by
+``gradient-swamping`` (gradients.py). An adversary at chance or a loss carried by the
+dominant's descent keeps the finding at ``info``; a loss that never recovered its fit keeps
+a straddling ratio an alarm."""
 
 from __future__ import annotations
 
-from gradprobe.record import Run
-from gradprobe.record.quantities import LOSS
+import numpy as np
 
-from .._series import finite, get, role_origin, role_record, roles, start_end
+from gradprobe.record import Run
+from gradprobe.record.quantities import GRAD_COSINE, LOSS, pair_name
+
+from .._series import finite, get, median, role_origin, role_record, roles, start_end
 from ..thresholds import Thresholds
+from .layers import layer_pair
 
 
 def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
@@ -31,3 +36,50 @@ def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
     return {"start": levels["start"], "end": levels["end"],
             "end_fraction": levels["end"] / levels["start"],
             "role": role_origin(role_record(run, name))}
+
+
+def held_back(run: Run, name: str, dominant: str, th: Thresholds) -> dict | None:
+    """The end fractions (end window / start window) of a swamped loss and of the loss that
+    swamps it, when the swamped one ends the run at least ``swamping_stall_fraction`` of its
+    start window while the dominant ends below that fraction of its own: the dominant
+    learned, the swamped loss never recovered its fit, even after the judged window (an equal-weight PINN's boundary
+    term ends at 1.2-4.6 times its start while the residual falls a hundredfold or more). The
+    outcome calls what a ratio straddling its threshold leaves open. None otherwise."""
+    levels = {}
+    for loss in (name, dominant):
+        series = finite(get(run, LOSS, loss))
+        if series is None or len(series[0]) < 2 * th.min_points:
+            return None
+        levels[loss] = start_end(*series, th)
+        if not levels[loss]["start"] > 0:
+            return None
+    fraction = {loss: levels[loss]["end"] / levels[loss]["start"] for loss in levels}
+    if not fraction[name] >= th.swamping_stall_fraction > fraction[dominant]:
+        return None
+    return {"end_fraction": fraction[name], "dominant_end_fraction": fraction[dominant]}
+
+
+def carried_by(run: Run, name: str, dominant: str, steps: np.ndarray, held: np.ndarray,
+               blocks: np.ndarray | None, th: Thresholds) -> float | None:
+    """The median cosine, over the steps a loss is held swamped, between its gradient and
+    that of the loss that swamps it, on the layers both reach (their per-layer blocks
+    ``blocks`` [T, L, K, K] at ``steps`` summed: the Gram matrix of the two gradients on
+    those parameters), else on the recorded pair cosine (the nearest shared layer); returned
+    when it is at least ``swamping_carried_cosine``. The dominant loss's step then descends
+    the swamped loss too, at that share of its steepest rate per unit step (a center loss
+    whose compactness the prototype loss also pulls for: 0.42-0.43): carried, not held back.
+    None otherwise."""
+    if blocks is not None:
+        k, d = run.losses.index(name), run.losses.index(dominant)
+        pair = blocks[:, :, [k, d]][:, :, :, [k, d]]
+        both = (pair[..., 0, 0] > 0) & (pair[..., 1, 1] > 0)
+        summed = np.where(both[..., None, None], pair, 0.0).sum(axis=1, keepdims=True)
+        cosine = layer_pair(summed, np.ones((2, len(steps))), 0, 1)["cosine"][0]
+    else:
+        series = next((get(run, GRAD_COSINE, p) for p in (pair_name(name, dominant),
+                      pair_name(dominant, name)) if run.has(GRAD_COSINE, p)), None)
+        if series is None:
+            return None
+        cosine = np.interp(steps, *series)
+    value = median(cosine[held])
+    return value if value >= th.swamping_carried_cosine else None

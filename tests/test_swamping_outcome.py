@@ -1,0 +1,121 @@
+"""gradient-swamping judged by the outcome where the ratio alone does not decide: a swamped
+loss whose gradient points with the dominant's is carried by its descent (info), and a
+ratio straddling the threshold stays an alarm when the swamped loss never recovered its fit
+while the dominant learned. Synthetic runs written as a probe would (test_swamping_layers),
+checked against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradprobe.diagnose import Thresholds, diagnose
+from gradprobe.record import load_run
+
+from test_swamping_layers import STEPS, _falling, _numpy_ratio, _write
+
+TH = Thresholds()
+
+
+def _swamping(run, th=TH):
+    return {f.id: f for f in diagnose(run, th)
+            if f.id in ("gradient-swamping", "static-loss-weights")}
+
+
+def _rewrite_aligned(tmp_path, mix, with_blocks=True):
+    """A task and a compactness term at 5% of the task's gradient on one shared layer, its
+    gradient rows ``mix`` of the task's direction plus independent noise (0: orthogonal).
+    Returns the run and the per-step cosine of the two rows. Without blocks the rule reads
+    the recorded pair cosine."""
+    from gradprobe.record import RunWriter
+    rng = np.random.default_rng(7)
+    path = tmp_path / f"aligned-{mix}-{with_blocks}.gprobe"
+    w = RunWriter(path)
+    w.set_meta(losses=["proto", "center"], task="proto", roles={"proto": "task", "center": "other"},
+               every=1, expect_groups_per_batch=None)
+    losses = [_falling(2.0, 0.4), _falling(4.0, 0.9)]
+    cosines = []
+    for s in range(STEPS):
+        task = rng.normal(size=500)
+        noise = rng.normal(size=500)
+        center = 0.05 * (mix * task + np.sqrt(1 - mix ** 2) * noise)
+        j = np.vstack([task, center])
+        gram = j @ j.T
+        cosines.append(gram[0, 1] / np.sqrt(gram[0, 0] * gram[1, 1]))
+        scalars = {("grad_cosine", "proto|center"): float(cosines[-1])}
+        for k, name in enumerate(("proto", "center")):
+            norm = float(np.sqrt(gram[k, k]))
+            scalars |= {("loss", name): float(losses[k][s]), ("grad_norm", name): norm,
+                        ("weighted_grad_norm", name): norm, ("weight", name): 1.0}
+        arrays = {("grad_gram", "shared"): gram}
+        if with_blocks:
+            arrays[("grad_gram_layer", "encoder")] = gram
+        w.write_step(s, scalars, arrays)
+    w.close()
+    return load_run(path), np.array(cosines)
+
+
+@pytest.mark.parametrize("with_blocks", [True, False])
+def test_a_swamped_loss_carried_by_the_dominant_descent_is_info(tmp_path, with_blocks):
+    run, cosines = _rewrite_aligned(tmp_path, 0.45, with_blocks)
+    found = _swamping(run)
+    assert set(found) == {"gradient-swamping"}  # static-loss-weights reads no info finding
+    f = found["gradient-swamping"]
+    held = np.array(f.evidence["ratio"]["values"]) < TH.swamping_ratio
+    assert held.all()  # 5% of the task's gradient at every step
+    assert np.median(cosines) >= TH.swamping_carried_cosine
+    assert f.severity == "info"
+    assert f.evidence["carried_cosine"] == pytest.approx(np.median(cosines), rel=1e-9)
+    assert "carries it" in f.title and f.remedy.startswith("None needed")
+    # The same share pointing elsewhere (orthogonal rows) is held back: the alarm stands.
+    assert f.evidence["judged_on"] == ("layers it shares" if with_blocks else "whole shared set")
+    run, cosines = _rewrite_aligned(tmp_path, 0.0, with_blocks)
+    assert abs(np.median(cosines)) < TH.swamping_carried_cosine
+    found = _swamping(run)
+    assert {i: f.severity for i, f in found.items()} == {
+        "gradient-swamping": "warning", "static-loss-weights": "warning"}
+    assert found["gradient-swamping"].evidence["carried_cosine"] is None
+    # Without the rule (a cosine threshold above 1) the aligned term is a warning too.
+    run, _ = _rewrite_aligned(tmp_path, 0.45, with_blocks)
+    assert _swamping(run, Thresholds(swamping_carried_cosine=1.01))[
+        "gradient-swamping"].severity == "warning"
+
+
+def _straddling(tmp_path, boundary):
+    """test_swamping_layers' straddling ratio (0.05 on 3 of 5 steps, 0.25 on the rest), the
+    task falling tenfold and the swamped loss following ``boundary``."""
+    rng = np.random.default_rng(1)
+    low = (np.arange(STEPS) % 5) < 3
+    scales = {"trunk": [np.array([1.0, 0.05 if b else 0.25]) for b in low]}
+    path = tmp_path / f"straddle-{boundary[-1]:.2f}.gprobe"
+    rows = _write(path, ("residual", "boundary"), [1.0, 1.0], {"trunk": 4000},
+                  [_falling(2.0, 0.2), boundary], scales, rng)
+    return load_run(path), _numpy_ratio(rows, np.ones(2), 1)
+
+
+def test_a_straddling_ratio_stays_an_alarm_when_the_loss_never_recovered_its_fit(tmp_path):
+    # The boundary term rises fivefold while the residual is fitted and falls back to 1.5
+    # times where it began (the equal-weight SA-PINN's ends at 1.2-4.6 times its start).
+    rise = np.concatenate([np.geomspace(1.0, 5.0, STEPS // 2), np.geomspace(5.0, 1.5, STEPS // 2)])
+    run, ratio = _straddling(tmp_path, rise)
+    window = int(0.2 * (STEPS - 1)) + 1  # window_share of the training steps 0..STEPS-1
+    end_fraction = np.median(rise[-window:]) / np.median(rise[:window])
+    task = _falling(2.0, 0.2)
+    assert end_fraction >= TH.swamping_stall_fraction > \
+        np.median(task[-window:]) / np.median(task[:window])
+    found = _swamping(run)
+    f = found["gradient-swamping"]
+    assert f.severity == "warning" and "static-loss-weights" in found
+    assert f.evidence["held_back"]["end_fraction"] == pytest.approx(end_fraction, rel=1e-9)
+    assert not f.evidence["straddles_threshold"] and "never recovered its fit" in f.title
+    # Its quartiles do straddle.
+    lo, hi = f.evidence["ratio_quartiles"]
+    assert lo < TH.swamping_ratio < hi
+    # Without the rule (a stall fraction above its end fraction) it is info, as before.
+    assert _swamping(run, Thresholds(swamping_stall_fraction=100.0))[
+        "gradient-swamping"].severity == "info"
+    # A swamped loss that falls (to 30% of its start) keeps the straddle's info.
+    run, _ = _straddling(tmp_path, _falling(1.5, 0.3))
+    f = _swamping(run)["gradient-swamping"]
+    assert f.severity == "info" and f.evidence["straddles_threshold"] and \
+        f.evidence["held_back"] is None
