@@ -355,3 +355,38 @@ def test_prototypes_reached_are_those_autograd_gives_a_gradient(tmp_path):
     assert "; reaches prototypes 'codebook'" in spread
     assert [r["prototypes_reached"] for r in role_records(gradprobe.load_run(path).summary())
             if r["name"] == "spread"] == [["codebook"]]
+
+
+def test_a_task_that_shares_nothing_is_not_asked_whether_it_is_a_codebook(tmp_path):
+    """A domain head fed detached features shares nothing with the task: the head is what
+    the graph cannot read (a codebook or a cut-off head), never the task itself."""
+    torch.manual_seed(0)
+    features, classifier, discriminator = nn.Linear(12, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+    model = nn.ModuleDict({"f": features, "c": classifier, "d": discriminator})
+    x, y = data()
+    h = features(x)
+    losses = {"classifier_loss": F.cross_entropy(classifier(h), y),
+              "transfer_loss": F.cross_entropy(discriminator(h.detach()),
+                                               torch.arange(len(x)) % 2)}
+    # both reach only their own parameters, as autograd says
+    for name, module in (("classifier_loss", classifier), ("transfer_loss", discriminator)):
+        grads = torch.autograd.grad(losses[name], list(model.parameters()), retain_graph=True,
+                                    allow_unused=True)
+        reached = {id(p) for p, g in zip(model.parameters(), grads) if g is not None}
+        others = {id(p) for n, m in (("classifier_loss", classifier),
+                                     ("transfer_loss", discriminator)) if n != name
+                  for p in m.parameters()}
+        assert reached and not reached & others
+    probe = gradprobe.Probe(model, run_file=tmp_path / "r.gprobe")
+    with pytest.warns(gradprobe.GradprobeWarning):
+        probe.backward(losses)
+    probe.close()
+    records = {r["name"]: r for r in gradprobe.load_run(tmp_path / "r.gprobe").meta["role_records"]}
+    assert records["classifier_loss"]["reach"] == records["transfer_loss"]["reach"] == "own"
+    assert records["classifier_loss"]["role"] == "task"
+    assert records["classifier_loss"]["ambiguity"] is None
+    assert records["classifier_loss"]["override"] == \
+        'Probe(..., roles={"classifier_loss": "other"})'
+    assert records["transfer_loss"]["ambiguity"]
+    assert records["transfer_loss"]["override"] == \
+        'Probe(..., roles={"transfer_loss": "prototype"})'

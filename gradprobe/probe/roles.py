@@ -126,11 +126,13 @@ def role_records(names: list[str], task: str, declared: Mapping[str, str], task_
         else:
             source = "name"
         ambiguity = None
-        if kind == "own" and source != "declared":
+        # The task is what the other losses serve: sharing nothing with them says nothing of
+        # its own intent (it is the others that may be cut off).
+        if kind == "own" and source not in ("declared", "first"):
             ambiguity = ("reaches only parameters no other loss reaches: a codebook or prototype "
                          "loss (fine) or a head cut off from the shared layers (inert); the graph "
                          "looks the same; declare its role to settle it")
-        alternative = ("prototype" if role != "prototype" else "adversarial") if kind == "own" \
+        alternative = ("prototype" if role != "prototype" else "adversarial") if ambiguity \
             else "task" if role != "task" else "other"
         records.append({"name": loss_name, "role": role, "source": source,
                         "hint": hint if source == "name" else None, "reach": kind,
