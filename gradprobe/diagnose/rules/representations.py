@@ -306,14 +306,14 @@ def _collapse_remedy(role: dict[str, str], posterior: bool, kind: str = "complet
                      "stop-gradient on the target branch and the predictor head (SimSiam, "
                      "Chen & He 2021; BYOL's momentum target, Grill et al. 2020), or add a "
                      "variance and covariance term (VICReg, Bardes et al. 2022)")
-    if kind == "dimensional":
+    if spread_shed:
+        parts.insert(0, "hold each dimension's spread: a variance term (VICReg's hinge on the "
+                        "per-dimension std, Bardes et al. 2022), which neither a correlation "
+                        "term, blind to scale, nor a loss pulling views together provides")
+    elif kind == "dimensional":
         parts.insert(0, "decorrelate the dimensions: a redundancy or covariance term (Barlow "
                         "Twins' off-diagonal term, Zbontar et al. 2021; VICReg's covariance "
                         "term), or a wider projector (dimensional collapse, Jing et al. 2022)")
-    if spread_shed:
-        parts.insert(0, "hold each dimension's spread: a variance term (VICReg's hinge on the "
-                        "per-dimension std, Bardes et al. 2022): neither a correlation term, "
-                        "blind to scale, nor a loss that pulls views together holds it")
     parts.append("balance the losses so that no contracting loss dominates "
                  "(gradprobe.remedies.GradNormBalancer)")
     text = "; ".join(parts)
