@@ -190,3 +190,78 @@ def test_a_gradient_weighted_zero_does_not_keep_a_shrink_alive(tmp_path):
     assert f.evidence["kind"] == "complete"
     assert f.evidence["shrink_gradient_end"] == pytest.approx(
         25 * _squared_norm_gradient(_shrinking(1.0)), rel=1e-6)
+
+
+def _shedding(t, rest=0.08):
+    # Three directions keep their spread; every other one shrinks to `rest` of its scale and
+    # takes its variance with it (VIbCReg without its variance term).
+    scale = np.full(D, 1 - (1 - rest) * t)
+    scale[:3] = 1.0
+    return BASE * scale
+
+
+def test_directions_lost_with_their_variance_are_dimensional_collapse(tmp_path):
+    run, (f,) = _run(tmp_path, _shedding)
+    th = Thresholds()
+    start, end = _quantities(_shedding(0.0)), _quantities(_shedding(1.0))
+    # numpy: the participation ratio fell to 0.12 of its start and the total variance to
+    # 0.09, while every other test stays quiet: the ratio is above collapse_participation,
+    # the RankMe above both isotropic fractions, the scaled normalised std above its limit
+    # and the variance far above the shrink limit.
+    assert end["participation_ratio"] <= th.collapse_participation_lost * \
+        start["participation_ratio"]
+    assert end["total_variance"] <= th.collapse_peak_fraction * start["total_variance"]
+    assert end["participation_ratio"] > th.collapse_participation
+    assert end["rankme_centred"] > th.collapse_participation_rank * ISOTROPIC
+    assert end["normalized_std"] * np.sqrt(D) > th.collapse_peak_fraction
+    assert end["total_variance"] > 5 * th.collapse_shrink_fraction * start["total_variance"]
+    assert f.severity == "warning" and f.evidence["kind"] == "dimensional"
+    assert f.evidence["directions_lost_condition"]
+    assert not f.evidence["participation_condition"] and not f.evidence["point_condition"]
+    assert np.isclose(f.evidence["participation_end"], end["participation_ratio"], rtol=1e-6)
+    assert np.isclose(f.evidence["participation_lost_limit"],
+                      th.collapse_participation_lost * start["participation_ratio"], rtol=0.02)
+    # the title's share: the end-window median over the peak of the centred 3-step rolling
+    # median, whose window shrinks to 2 values at the edges
+    _, variance = run.series("total_variance", "z")
+    peak = max(np.median(variance[max(0, i - 1):i + 2]) for i in range(len(variance)))
+    assert f"to {np.median(variance[-6:]) / peak:.3g} of its peak" in f.title
+    assert f.remedy.startswith("Hold each dimension's spread: a variance term")
+
+
+def test_a_spectrum_that_sharpens_and_keeps_its_variance_is_no_collapse(tmp_path):
+    # The same directions fade, but the three that stay grow to keep the total variance:
+    # what healthy self-supervised runs do (participation ratio 0.14-0.25 of its peak).
+    def sharpening(t):
+        z = _shedding(t)
+        lost = BASE.var(0, ddof=1).sum() - z.var(0, ddof=1).sum()
+        kept = z[:, :3].var(0, ddof=1).sum()
+        z[:, :3] *= np.sqrt(1 + lost / kept)
+        return z
+    start, end = _quantities(sharpening(0.0)), _quantities(sharpening(1.0))
+    th = Thresholds()
+    assert end["participation_ratio"] <= th.collapse_participation_lost * \
+        start["participation_ratio"]
+    assert np.isclose(end["total_variance"], start["total_variance"])
+    _, found = _run(tmp_path, sharpening)
+    # Only the l2-normalised rows concentrate (three directions hold them): the info note.
+    assert [(f.severity, f.evidence["kind"]) for f in found] in ([], [("info", "mean-dominated")])
+    assert all(not f.evidence["directions_lost_condition"] for f in found)
+
+
+def test_a_partial_shrink_that_keeps_the_shape_is_no_collapse(tmp_path):
+    # The whole latent shrinks to 5% of its variance, every direction alike (a change of
+    # scale, orthogonality-vanishing's case): the participation ratio does not move.
+    run, found = _run(tmp_path, lambda t: BASE * np.sqrt(1 - 0.95 * t))
+    start, end = _quantities(BASE), _quantities(BASE * np.sqrt(0.05))
+    assert np.isclose(end["participation_ratio"], start["participation_ratio"])
+    assert np.isclose(end["total_variance"] / start["total_variance"], 0.05)
+    assert found == []
+
+
+def test_a_supervised_latent_shedding_to_its_classes_is_neural_collapse(tmp_path):
+    # With 4 classes the class means span 3 directions: the shedding latent settles there.
+    _, found = _run(tmp_path, _shedding, lambda z: {("latent_classes", "z"): 4.0})
+    end = _quantities(_shedding(1.0))
+    assert end["participation_ratio"] > Thresholds().collapse_class_fraction * (4 - 1)
+    assert found == []

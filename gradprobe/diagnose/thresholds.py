@@ -130,6 +130,12 @@ class Thresholds:
     collapse_participation_rank: float = _f(0.25, "... and end rank at most this fraction of "
                                                   "the isotropic rank (a latent read along one "
                                                   "direction keeps a wider spectrum)")
+    collapse_participation_lost: float = _f(0.15, "... or end participation ratio at most "
+                                                  "this fraction of its peak while the total "
+                                                  "variance ends at most collapse_peak_fraction "
+                                                  "of its own: the directions lost took their "
+                                                  "variance with them (a sharpening spectrum "
+                                                  "keeps it; dimensional collapse)")
     collapse_shrink_fraction: float = _f(0.01, "end total variance at most this fraction of "
                                                "its peak: a shrink to the origin (complete "
                                                "collapse even while the normalised std holds)")

@@ -25,8 +25,9 @@ from .common import Earlier, make_finding, series_end
 def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
     """One finding per latent, of one kind: ``complete`` (every input maps to one point:
     directions and spread gone, a shrink to the origin, or posterior collapse), ``dimensional``
-    (the centred rank fell) or ``mean-dominated`` (the l2-normalised rows concentrate while the
-    centred spread is kept: ``info``)."""
+    (the centred rank fell, or the directions lost took their variance with them) or
+    ``mean-dominated`` (the l2-normalised rows concentrate while the centred spread is kept:
+    ``info``)."""
     out = []
     role = roles(run)
     kl_losses = [n for n, r in role.items() if r == "kl"]
@@ -55,6 +56,10 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             rank_held = rank_held | lines["held"] if rank_cond else lines["held"]
             rank_cond = True
         spread = _spread(run, z, d, steps, th)
+        lost = _directions_lost(lines, spread, steps)
+        if lost["condition"]:
+            rank_held = rank_held | lost["held"] if rank_cond else lost["held"]
+            rank_cond = True
         active = _inactive_units(run, z, d, kl_losses, steps, th)
         if spread["complete"] or active["condition"]:
             kind = "complete"
@@ -85,6 +90,8 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             end <= th.collapse_participation_rank * iso,
             "participation_peak": lines.get("peak"), "participation_end": lines.get("end"),
             "participation_limit": lines.get("limit"),
+            "directions_lost_condition": lost["condition"],
+            "participation_lost_limit": lines.get("lost_limit"),
             "end_steps": [int(steps[-k]), int(steps[-1])],
             "thresholds": {"peak_fraction": th.collapse_peak_fraction,
                            "rank_fraction": th.collapse_rank_fraction,
@@ -94,11 +101,12 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
                            "shrink_elasticity": th.collapse_shrink_elasticity,
                            "participation": th.collapse_participation,
                            "participation_rank": th.collapse_participation_rank,
+                           "participation_lost": th.collapse_participation_lost,
                            "active_fraction": th.collapse_active_fraction},
             "rankme_centred": thin(steps, r),
             **{key: v for key, v in {**spread, **active}.items()
                if key not in ("held", "condition", "complete", "mean_dominated",
-                              "complete_held", "mean_dominated_held")},
+                              "complete_held", "mean_dominated_held", "spread_lost_held")},
         }
         if active["condition"]:
             what = f"{g(active['active_end'])} of {g(d)} units active (posterior collapse under " \
@@ -119,9 +127,12 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         elif kind == "dimensional":
             what = f"centred RankMe fell from {g(peak)} to {g(end)} (isotropic {g(iso)}, " \
                 f"dim {g(d)}" + (f", {g(classes)} classes" if classes >= 2 else "") + ")"
-            if evidence["participation_condition"]:
+            if evidence["participation_condition"] or lost["condition"]:
                 what += f"; its variance sits in {g(lines['end'])} directions (participation " \
                     f"ratio, from {g(lines['peak'])})"
+            if lost["condition"]:
+                what += f" and its total variance fell with the directions it lost, to " \
+                    f"{g(spread['variance_end'] / spread['variance_peak'])} of its peak"
             key = f"rank {g(end)} of {g(d)}"
             plot = PlotHint(RANKME_CENTRED, names=[z], threshold=rank_limit)
         else:
@@ -136,7 +147,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         out.append(make_finding(
             "representation-collapse", severity, f"latent '{z}' collapsed (kind: {kind}): {what}",
             z, key, evidence, trailing_range(steps, held), plot=plot,
-            remedy=_collapse_remedy(role, active["condition"], kind)))
+            remedy=_collapse_remedy(role, active["condition"], kind, lost["condition"])))
     return out
 
 
@@ -153,11 +164,28 @@ def _one_direction(run: Run, z: str, steps: np.ndarray, classes: float,
         return {"condition": False}
     peak = nanmax(rolling_median(ratio[1], th.smooth_points))
     limit = min(th.collapse_participation, th.collapse_peak_fraction * peak)
+    lost_limit = th.collapse_participation_lost * peak
     if classes >= 2:
         limit = min(limit, th.collapse_class_fraction * (classes - 1))
+        lost_limit = min(lost_limit, th.collapse_class_fraction * (classes - 1))
     end = series_end(ratio, th)
-    return {"condition": bool(end <= limit), "held": np.interp(steps, *ratio) <= limit,
-            "peak": peak, "end": end, "limit": limit}
+    at = np.interp(steps, *ratio)
+    return {"condition": bool(end <= limit), "held": at <= limit, "peak": peak, "end": end,
+            "limit": limit, "lost_limit": lost_limit, "lost_held": at <= lost_limit}
+
+
+def _directions_lost(lines: dict, spread: dict, steps: np.ndarray) -> dict:
+    """Dimensional collapse of a shrinking latent: the participation ratio fell to
+    ``collapse_participation_lost`` of its peak and the total variance to
+    ``collapse_peak_fraction`` of its own. A healthy spectrum that sharpens moves the variance
+    into the directions it keeps (self-supervised runs end at 0.14-0.25 of their peak
+    participation with their total variance kept); here the directions lost took their
+    variance with them, while a latent that only changes its scale keeps its participation
+    ratio (``orthogonality-vanishing`` judges that shrink)."""
+    if "lost_limit" not in lines or "spread_lost" not in spread:
+        return {"condition": False, "held": None}
+    return {"condition": bool(lines["end"] <= lines["lost_limit"] and spread["spread_lost"]),
+            "held": lines["lost_held"] & spread["spread_lost_held"]}
 
 
 def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> dict:
@@ -190,6 +218,7 @@ def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> di
             "complete_held": (std_held & (var_at <= var_limit)) |
             ((var_at <= shrink_limit) & shrunk),
             "mean_dominated_held": std_held & (var_at > var_limit),
+            "spread_lost": bool(spread_lost), "spread_lost_held": var_at <= var_limit,
             "std_limit": std_limit, "std_scaled_peak": s_peak, "std_scaled_end": s_end,
             "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
             "variance_peak": v_peak, "variance_end": v_end, "shrink_limit": shrink_limit,
@@ -249,7 +278,8 @@ def _inactive_units(run: Run, z: str, d: float, kl_losses: list[str], steps: np.
             "kl_losses": reached, "active_units": thin(*units)}
 
 
-def _collapse_remedy(role: dict[str, str], posterior: bool, kind: str = "complete") -> str:
+def _collapse_remedy(role: dict[str, str], posterior: bool, kind: str = "complete",
+                     spread_shed: bool = False) -> str:
     """What prevents collapse depends on its kind and on the losses the model has."""
     present = set(role.values())
     if kind == "mean-dominated":
@@ -276,7 +306,11 @@ def _collapse_remedy(role: dict[str, str], posterior: bool, kind: str = "complet
                      "stop-gradient on the target branch and the predictor head (SimSiam, "
                      "Chen & He 2021; BYOL's momentum target, Grill et al. 2020), or add a "
                      "variance and covariance term (VICReg, Bardes et al. 2022)")
-    if kind == "dimensional":
+    if spread_shed:
+        parts.insert(0, "hold each dimension's spread: a variance term (VICReg's hinge on the "
+                        "per-dimension std, Bardes et al. 2022), which neither a correlation "
+                        "term, blind to scale, nor a loss pulling views together provides")
+    elif kind == "dimensional":
         parts.insert(0, "decorrelate the dimensions: a redundancy or covariance term (Barlow "
                         "Twins' off-diagonal term, Zbontar et al. 2021; VICReg's covariance "
                         "term), or a wider projector (dimensional collapse, Jing et al. 2022)")
