@@ -11,6 +11,7 @@ Usage:
                                                  # (issue 21: run once, at the end of the rule work)
     python benchmarks/validity/run.py --heldout second  # the second held-out set, likewise
     python benchmarks/validity/run.py --heldout third  # the third held-out set, likewise
+    python benchmarks/validity/run.py --heldout fourth  # the fourth held-out set, likewise
     python benchmarks/validity/run.py --threads 2 --out /tmp/runs-t2  # 2 torch threads a run
     python benchmarks/validity/reproduce.py benchmarks/validity/runs /tmp/runs-t2
                                                  # same verdicts, overlapping seed ranges?
@@ -36,6 +37,7 @@ from benchmarks.validity.harness import (Family, RunRecord, Runs, default_worker
 from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
 from benchmarks.validity.heldout2 import HELDOUT2_MODULES  # noqa: E402
 from benchmarks.validity.heldout3 import HELDOUT3_MODULES  # noqa: E402
+from benchmarks.validity.heldout4 import HELDOUT4_MODULES  # noqa: E402
 from benchmarks.validity.report import (Check, acceptance, finding_lines, flip_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
@@ -56,6 +58,8 @@ HELDOUT_SETS = {
                "validity-heldout2.md"),
     "third": ("benchmarks.validity.heldout3", HELDOUT3_MODULES, "runs-heldout3",
               "validity-heldout3.md"),
+    "fourth": ("benchmarks.validity.heldout4", HELDOUT4_MODULES, "runs-heldout4",
+               "validity-heldout4.md"),
 }
 
 
@@ -113,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
                         help="only a set of families held out by source (every variant and "
                              "seed): 'first' (the default; benchmarks/validity/heldout/) or "
-                             "'second' (heldout2/) or 'third' (heldout3/); reported apart, never "
-                             "calibrated; writes a page only with --doc "
-                             "(docs/validity-heldout.md, -heldout2.md, -heldout3.md)")
+                             "'second', 'third' or 'fourth' (heldout2/ to heldout4/); reported "
+                             "apart, never calibrated; writes a page only with --doc "
+                             "(docs/validity-heldout.md, -heldout2.md ... -heldout4.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout, runs-heldout2 or runs-heldout3 with --heldout)")
+                             "runs-heldout, runs-heldout2 ... runs-heldout4 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
