@@ -56,9 +56,9 @@ from torch import nn
 
 import gradprobe
 
-from ..common import (DigitEncoder, augment, batches, centred_effective_rank, digits_split,
-                      knn_accuracy, normalised_std)
+from ..common import DigitEncoder, centred_effective_rank, digits_split, normalised_std
 from ..harness import Expect, Family, Variant
+from .vibcreg import train_two_views
 
 STEPS, BATCH, LR, DIM, MU = 1200, 256, 1e-3, 64, 1.0
 WEIGHTS = {"published": {"attraction": 1.0, "repulsion": 1.0},
@@ -73,8 +73,11 @@ class Embedder(nn.Module):
         self.head = nn.Sequential(nn.Linear(w, 2 * w), nn.BatchNorm1d(2 * w), nn.ReLU(),
                                   nn.Linear(2 * w, DIM), nn.BatchNorm1d(DIM))
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return clip_norm(self.head(features))
+
     def forward(self, x):
-        return clip_norm(self.head(self.backbone(x)))
+        return self.embed(self.backbone(x))
 
 
 def clip_norm(z: torch.Tensor) -> torch.Tensor:
@@ -92,16 +95,6 @@ def spectral_terms(z_1: torch.Tensor, z_2: torch.Tensor) -> dict[str, torch.Tens
             "repulsion": off_diagonal.mean() * n / (n - 1) / MU}
 
 
-@torch.no_grad()
-def _eval(model: Embedder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    was = model.training
-    model.eval()
-    features = model.backbone(x)
-    z = clip_norm(model.head(features))
-    model.train(was)
-    return features, z
-
-
 def embedding_truth(z: torch.Tensor) -> dict:
     z = z.double().numpy()
     return {"z_norm_std": normalised_std(z), "z_total_var": float(z.var(0).sum()),
@@ -111,25 +104,13 @@ def embedding_truth(z: torch.Tensor) -> dict:
 def train(variant: str, seed: int, log: Path) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = digits_split()
+    split = digits_split()
     model = Embedder()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
     probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("z")
-    with probe:
-        for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
-            z_1 = model(augment(x_tr[idx], gen))
-            z_2 = model(augment(x_tr[idx], gen))
-            probe.observe(z=z_1)
-            probe.backward(spectral_terms(z_1, z_2), weights=WEIGHTS[variant])
-            opt.step()
-            opt.zero_grad()
-    f_tr, z_tr = _eval(model, x_tr)
-    f_te, z_te = _eval(model, x_te)
-    y_tr, y_te = y_tr.numpy(), y_te.numpy()
-    return embedding_truth(z_te) | {
-        "knn_acc": knn_accuracy(f_tr.numpy(), y_tr, f_te.numpy(), y_te),
-        "z_knn_acc": knn_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te)}
+    z_te, knn = train_two_views(model, probe, spectral_terms, WEIGHTS[variant], gen, split,
+                                STEPS, BATCH, LR)
+    return embedding_truth(z_te) | knn
 
 
 _MUST_NOT = ("gradient-swamping", "static-loss-weights", "inert-loss")

@@ -112,8 +112,11 @@ class Embedder(nn.Module):
             nn.Linear(w, w), nn.BatchNorm1d(w), nn.GELU(),
             nn.Linear(w, w), nn.BatchNorm1d(w), nn.GELU(), nn.Linear(w, DIM), IterNorm(DIM))
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projector(features)
+
     def forward(self, x):
-        return self.projector(self.backbone(x))
+        return self.embed(self.backbone(x))
 
 
 def _correlation_off_diagonal(z: torch.Tensor) -> torch.Tensor:
@@ -132,11 +135,12 @@ def vibcreg_terms(z_1: torch.Tensor, z_2: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def _eval(model: Embedder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def _eval(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     was = model.training
     model.eval()
     features = model.backbone(x)
-    z = model.projector(features)
+    z = model.embed(features)
     model.train(was)
     return features, z
 
@@ -147,28 +151,40 @@ def embedding_truth(z: torch.Tensor) -> dict:
             "z_rank": centred_effective_rank(z), "z_norm_std": normalised_std(z)}
 
 
-def train(variant: str, seed: int, log: Path) -> dict:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = digits_split()
-    model = Embedder()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    probe = gradprobe.Probe(model, run_file=log)
-    probe.watch_latent("z")
+def train_two_views(model: nn.Module, probe, terms, weights: dict, gen: torch.Generator,
+                    split: tuple, steps: int, batch: int, lr: float
+                    ) -> tuple[torch.Tensor, dict]:
+    """Two augmented views of the digits through ``model`` (``backbone``, then ``embed``),
+    the terms of ``terms(z_1, z_2)`` back-propagated by ``probe`` with the latent ``z`` (the
+    first view) observed; returns the test embeddings and the kNN accuracies of the backbone
+    and of the embedding. Shared with spectral_cl.py."""
+    x_tr, y_tr, x_te, y_te = split
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     with probe:
-        for _, idx in zip(range(STEPS), batches(len(x_tr), BATCH, gen)):
+        for _, idx in zip(range(steps), batches(len(x_tr), batch, gen)):
             z_1 = model(augment(x_tr[idx], gen))
             z_2 = model(augment(x_tr[idx], gen))
             probe.observe(z=z_1)
-            probe.backward(vibcreg_terms(z_1, z_2), weights=WEIGHTS[variant])
+            probe.backward(terms(z_1, z_2), weights=weights)
             opt.step()
             opt.zero_grad()
     f_tr, z_tr = _eval(model, x_tr)
     f_te, z_te = _eval(model, x_te)
     y_tr, y_te = y_tr.numpy(), y_te.numpy()
-    return embedding_truth(z_te) | {
-        "knn_acc": knn_accuracy(f_tr.numpy(), y_tr, f_te.numpy(), y_te),
-        "z_knn_acc": knn_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te)}
+    return z_te, {"knn_acc": knn_accuracy(f_tr.numpy(), y_tr, f_te.numpy(), y_te),
+                  "z_knn_acc": knn_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te)}
+
+
+def train(variant: str, seed: int, log: Path) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    split = digits_split()
+    model = Embedder()
+    probe = gradprobe.Probe(model, run_file=log)
+    probe.watch_latent("z")
+    z_te, knn = train_two_views(model, probe, vibcreg_terms, WEIGHTS[variant], gen, split,
+                                STEPS, BATCH, LR)
+    return embedding_truth(z_te) | knn
 
 
 _MUST_NOT = ("gradient-swamping", "static-loss-weights", "inert-loss")
