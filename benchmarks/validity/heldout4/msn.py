@@ -145,7 +145,8 @@ def train(variant: str, seed: int, log: Path) -> dict:
         assigned = snn(target(augment(x_te, gen)), model.prototypes).argmax(1)
     return {"prototypes_used": int(assigned.unique().numel()), "prototypes": PROTOTYPES,
             "perplexity": perplexity(assigned, PROTOTYPES),
-            "clean_used": int(clean.unique().numel()), "clean_perplexity": perplexity(clean, PROTOTYPES),
+            "clean_used": int(clean.unique().numel()),
+            "clean_perplexity": perplexity(clean, PROTOTYPES),
             "knn_acc": knn_accuracy(f_tr.numpy(), y_tr.numpy(), f_te.numpy(), y_te.numpy()),
             "projection_rank": centred_effective_rank(z_te.numpy())}
 
