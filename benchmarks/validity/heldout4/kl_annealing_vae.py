@@ -12,12 +12,12 @@ grows from 0 to 1 during training, a sigmoid schedule) and word dropout (a share
 decoder's previous-word inputs replaced by UNK, so that it must rely on z).
 
 Here (CPU), read as sequences: each 8x8 digit of scikit-learn's digits (``common.digits_split``,
-grey levels in [0, 1]) is a sequence of 8 rows of 8 pixels. Encoder: a GRU (hidden 128) over
+grey levels in [0, 1]) is a sequence of 8 rows of 8 pixels. Encoder: a GRU (hidden 64) over
 the rows, its last state -> mean ``mu`` and log-variance of a 16-dimensional z. Decoder: a GRU
-(hidden 256) whose initial state is a linear map of z and whose input at row t is row t - 1
+(hidden 128) whose initial state is a linear map of z and whose input at row t is row t - 1
 (zeros at t = 0, teacher forcing); a linear head gives 8 logits per row, Bernoulli
 cross-entropy summed over the pixels (as pytorch/examples' VAE does on grey levels). Batch 128,
-Adam lr 1e-3, STEPS steps. Losses passed under the names ``recon`` and ``kl`` (per digit,
+Adam lr 1e-3, 500 steps (widths and steps cut to keep a run near 30 CPU-seconds). Losses passed under the names ``recon`` and ``kl`` (per digit,
 averaged over the batch), the posterior mean watched as the latent ``mu`` (docs/probe.md:
 ``watch_latent("mu", model.fc_mu)``).
 
@@ -29,12 +29,30 @@ collapsed ``mu`` may keep some label information).
 
 Variants (truth by construction):
 - ``annealed``: healthy, Bowman's recipe: the KL weight rises linearly from 0 to 1 over the
-  first ANNEAL steps (the paper's schedule is a sigmoid; linear is its common variant), and
-  each previous row fed to the decoder is replaced by zeros with probability ROW_DROP.
+  first 300 steps (the paper's schedule is a sigmoid; linear is its common variant), and
+  each previous row fed to the decoder is replaced by zeros with probability 0.75.
 - ``plain``: the ELBO as is, weight 1 from the start, no row dropout: the decoder predicts
   each row from the rows before and the KL drives the posterior onto the prior.
-Measured (seeds 0 / 1, one thread, ~CPU_S CPU-seconds a run):
-MEASURED
+Measured (seeds 0 / 1, one thread, 12-15 CPU-seconds a run):
+  annealed: 8 / 12 of 16 units active, test KL 0.27 / 0.25 nats a digit, reconstruction
+            24.65 / 24.67 nats a digit, probe of mu 0.789 / 0.729.
+  plain:    0 / 0 units active, test KL 0.0023 / 0.0020 nats (the posterior is the prior),
+            reconstruction 22.78 / 22.86 (the decoder alone models the rows better than the
+            annealed model with its dropped context), probe of mu 0.844 / 0.849.
+The probe of mu does not separate the variants: it standardises mu, and a collapsed encoder's
+mean still varies (by less than 0.01, below the active-unit threshold) with the digit; the
+decoder ignores it (KL ~0). Active units and the KL are the truth here.
+Construction changed while measuring: with row dropout 0.5 the annealed model collapsed too
+(1 / 8 units active, KL 0.02 / 0.10 nats: the row decoder is strong); dropout 0.75 keeps
+units active on both seeds (1.0, no context at all, did as well: 8 / 11 units, KL 0.36 /
+0.34). The annealed latent stays weak (a fraction of a nat), as Bowman et al. report for
+their language model; it is used, the plain one is not.
+Expected on ``plain``: ``representation-collapse`` on ``mu`` (no unit of the posterior mean
+varies with the input). Must not (both): ``gradient-conflict`` (reconstruction and KL oppose
+each other by the ELBO's design), ``inert-loss``; on ``annealed`` also
+``representation-collapse``, ``gradient-swamping``, ``static-loss-weights`` (its KL weight is
+annealed, not fixed). A fixed KL weight of 1 is what annealing fixes, so
+``static-loss-weights`` is not forbidden on ``plain``.
 """
 
 from __future__ import annotations
@@ -50,7 +68,7 @@ import gradprobe
 from ..common import batches, digits_split, linear_probe_accuracy
 from ..harness import Expect, Family, Variant
 
-STEPS, BATCH, LR, LATENT, ANNEAL, ROW_DROP = 500, 128, 1e-3, 16, 300, 0.5
+STEPS, BATCH, LR, LATENT, ANNEAL, ROW_DROP = 500, 128, 1e-3, 16, 300, 0.75
 ENC, DEC = 64, 128  # GRU widths
 ROWS = COLS = 8
 
@@ -122,8 +140,9 @@ def train(variant: str, seed: int, log: Path) -> dict:
                                                   y_te.numpy())}
 
 
-MUST_NOT = ("gradient-conflict", "static-loss-weights", "gradient-swamping")
-MUST_NOT_HEALTHY = MUST_NOT + ("representation-collapse",)
+MUST_NOT = ("gradient-conflict", "inert-loss")
+MUST_NOT_HEALTHY = MUST_NOT + ("representation-collapse", "gradient-swamping",
+                               "static-loss-weights")
 
 FAMILY = Family(
     name="kl_annealing_vae",
@@ -131,7 +150,7 @@ FAMILY = Family(
            "1511.06349) sec. 3.1: KL cost annealing and word dropout against posterior collapse",
     train=train,
     variants=(
-        Variant("annealed", True, "KL weight annealed 0 -> 1 and half of the decoder's "
+        Variant("annealed", True, "KL weight annealed 0 -> 1 and 3/4 of the decoder's "
                 "previous rows dropped: the latent stays in use",
                 must_not=MUST_NOT_HEALTHY),
         Variant("plain", False,
