@@ -17,9 +17,10 @@ the rows, its last state -> mean ``mu`` and log-variance of a 16-dimensional z. 
 (hidden 128) whose initial state is a linear map of z and whose input at row t is row t - 1
 (zeros at t = 0, teacher forcing); a linear head gives 8 logits per row, Bernoulli
 cross-entropy summed over the pixels (as pytorch/examples' VAE does on grey levels). Batch 128,
-Adam lr 1e-3, 500 steps (widths and steps cut to keep a run near 30 CPU-seconds). Losses passed under the names ``recon`` and ``kl`` (per digit,
-averaged over the batch), the posterior mean watched as the latent ``mu`` (docs/probe.md:
-``watch_latent("mu", model.fc_mu)``).
+Adam lr 1e-3, 500 steps (widths and steps cut to keep a run under 30 CPU-seconds). Losses
+passed under the names ``recon`` and ``kl`` (per digit, averaged over the batch), the
+posterior mean watched as the latent ``mu`` (docs/probe.md: ``watch_latent("mu",
+model.fc_mu)``).
 
 Truth, measured on the test split without gradprobe: active units (Burda, Grosse &
 Salakhutdinov 2016: Var_x(E_q[z_u]) > 0.01, of 16), the mean KL per digit, the reconstruction
