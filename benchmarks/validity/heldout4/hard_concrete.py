@@ -68,6 +68,11 @@ LAMBDA = {"published": 20.0, "l0-weight-too-large": 1000.0}
 EARLY_STEPS = 50
 
 
+def stretch(s: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: stretch to (gamma, zeta) and clip to [0, 1], so gates can be exactly 0 or 1."""
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
 class L0Dense(nn.Module):
     """A linear layer whose input units are gated by hard-concrete gates (l0_layers.py)."""
 
@@ -83,12 +88,12 @@ class L0Dense(nn.Module):
         return (u.log() - (1 - u).log() + self.log_alpha) / BETA
 
     def mode(self) -> torch.Tensor:
-        return (torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+        return stretch(torch.sigmoid(self.log_alpha))
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         if not self.gated:
             return self.linear(x)
-        gate = self.mode() if logits is None else (torch.sigmoid(logits) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+        gate = self.mode() if logits is None else stretch(torch.sigmoid(logits))
         return self.linear(x * gate)
 
     def expected_l0(self) -> torch.Tensor:
@@ -103,7 +108,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, sample: bool = True):
         """Class logits and, when sampling, the gate logits of both layers."""
-        logits = [self.fc1.gate_logits(len(x)), self.fc2.gate_logits(len(x))] if sample else [None, None]
+        logits = [layer.gate_logits(len(x)) if sample else None for layer in (self.fc1, self.fc2)]
         out = self.fc2(F.relu(self.fc1(x, logits[0])), logits[1])
         return out, (torch.cat(logits, 1) if sample else None)
 

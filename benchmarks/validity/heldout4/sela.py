@@ -1,29 +1,35 @@
-"""Self-labelling (SeLa), after Asano, Rupprecht & Vedaldi 2020 ("Self-labelling via
-simultaneous clustering and representation learning", ICLR; sec. 3, eq. 1-8: pseudo-labels
-from an optimal-transport problem with the equipartition constraint, solved by Sinkhorn-Knopp
-on the softmax outputs raised to the power lambda; sec. 3.2 multiple clustering heads) and the
-official code yukimasano/self-label ``sinkhornknopp.py`` (``cpu_sk``, ``optimize_L_sk``: P^lamb,
-alternating r = (1/K) / (P c), c = (1/N) / (r^T P) until the change of c is below 0.1, labels the
-argmax of diag(r) P diag(c)) and ``main.py`` (``top_layer0``, ``top_layer1``... one per head, each
-trained by cross-entropy to its own labels, labels re-optimised at scheduled epochs), read with
-the repository tools.
+"""Self-labelling (SeLa), after Asano, Rupprecht & Vedaldi 2020 ("Self-labelling via simultaneous
+clustering and representation learning", ICLR; arXiv 1911.05371, read as stored text: sec. 3,
+the cross-entropy to pseudo-labels that must split the N images equally among the K labels, an
+optimal-transport problem solved by Sinkhorn-Knopp on the softmax outputs raised to the power
+lambda, and its multi-head variant; without the constraint every image in one label is a
+degenerate minimiser) and the official code yukimasano/self-label ``sinkhornknopp.py``
+(``cpu_sk``, ``optimize_L_sk``: P^lamb, alternating r = (1/K) / (P c), c = (1/N) / (r^T P)
+until the change of c is below 0.1, labels the argmax of diag(r) P diag(c)) and ``main.py``
+(``Optimizer``: heads ``top_layer{h}``, the loss the mean over the heads of the cross-entropy
+of each head's logits to its own labels, the labels of the whole training set re-optimised
+``nopts`` = 100 times, the first at iteration 0, spread quadratically over the epochs), read
+with the repository tools.
 
-Published setup: AlexNet / ResNet trunk, ``hc`` heads of K clusters (ImageNet: 10 heads of
-3000), lamb 25, SGD; the labels of the whole training set are re-optimised about 80 times in
-400 epochs. Here: scikit-learn's 8x8 digits, trunk ``DigitEncoder`` of common.py, two heads
-``top_layer0`` and ``top_layer1`` of K = 10 clusters, each its own cross-entropy loss to its
-own labels (the repo averages the heads into one; here each is a loss, weight 1), inputs seen
-through common.py's ``augment``, Adam lr 1e-3, batch 128, 1200 steps; the labels of all 1347
-training digits re-optimised every 100 steps (and at step 0) from the softmax outputs on the
-clean images (eval mode), lamb 25 as in the repo. Watched as a user would (docs/probe.md): the
-trunk output ``features`` as a latent, and head 0's weight rows (one per cluster, its logits
-their dot products with the features) as prototypes ``clusters`` of ``features``, each
-row's head-0 pseudo-label observed as its group.
+Published setup (main.py defaults): AlexNet or ResNet trunk, ``ncl`` = 3000 clusters per
+head, ``hc`` heads (1 by default; the paper's multi-head models use several), ``lamb`` 25,
+SGD lr 0.05, 200 epochs.
+
+Here: scikit-learn's 8x8 digits, trunk ``DigitEncoder`` of common.py, two heads ``top_layer0``
+and ``top_layer1`` of K = 10 clusters, each its own cross-entropy loss to its own labels (the
+repo averages the heads into one; here each is a loss, weight 1), inputs seen through
+common.py's ``augment``, Adam lr 1e-3, batch 128, 1200 steps; the labels of all 1347 training
+digits re-optimised every 100 steps from step 0 (12 times, evenly spaced: the repo notes that
+linear spacing also works) from the softmax outputs on the clean images (eval mode), lamb 25 as
+in the repo. Watched as a user would (docs/probe.md): the trunk output ``features`` as a
+latent, and head 0's weight rows (one per cluster, its logits their dot products with the
+features) as prototypes ``clusters`` of ``features``, each row's head-0 pseudo-label observed
+as its group.
 
 Variants (truth by construction):
 - ``published``: healthy, Sinkhorn-Knopp equipartition of the labels (sec. 3).
 - ``argmax-labels``: broken, the labels are the argmax of each head's own predictions, no
-  equipartition: the degenerate solution sec. 3 warns of (every image in one cluster
+  equipartition: the degenerate solution the paper's sec. 3 warns of (every image in one cluster
   minimises the cross-entropy), reached as the self-training feeds the largest cluster.
 Measured on the test split (450 digits), without gradprobe, head 0's argmax: clusters used,
 usage entropy / log 10, clustering accuracy (Hungarian matching, scipy), training-label
