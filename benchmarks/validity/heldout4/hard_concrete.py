@@ -13,8 +13,8 @@ log_alpha initialised at log(1 - p) - log p for a drop rate p = 0.5 (std 1e-2) a
 [log 1e-2, log 1e2] after each step (``constrain_parameters``). The expected L0 norm is
 sum_j sigmoid(log_alpha_j - beta log(-gamma / zeta)) (eq. 12; ``1 - cdf_qz(0)``), weighted by
 lambda (``lamba``) and scaled by the training-set size N the model receives, added to the task's
-cross-entropy; at test time
-the gate is its deterministic mode min(1, max(0, sigmoid(log_alpha)(zeta - gamma) + gamma)).
+cross-entropy; at test time the gate is its deterministic mode
+min(1, max(0, sigmoid(log_alpha)(zeta - gamma) + gamma)).
 The MLP of the paper (784-300-100, gates on every layer's inputs) on MNIST.
 
 Here: scikit-learn's 8x8 digits, an MLP 64-128-10 of two ``L0Dense``-like layers, gates on the
