@@ -17,8 +17,9 @@ Here (CPU): st_moe.py's token setup (each 8x8 digit is 16 tokens, its 2x2 patche
 linear head to 10 classes). The MoE is DeepSeekMoE's at small scale: N_r = 16 fine-grained
 routed experts (FFN 32-16-32, a quarter of st_moe.py's 64-wide expert: segmentation m = 4),
 K_r = 4 of them per token, 1 shared expert of the same width; no token dropping (the
-DeepSeek modeling code has none). Batch 32 digits (T = 512 tokens), Adam lr 3e-3, 1,500 steps (at 600 the published run
-had not spread yet: entropy 0.91 / 0.86 against 0.83 / 0.81 with alpha_1 1e-5).
+DeepSeek modeling code has none). Batch 32 digits (T = 512 tokens), Adam lr 3e-3, 1,500
+steps (at 600 the published run had not spread yet: usage entropy 0.91 / 0.86 against
+0.83 / 0.81 with alpha_1 1e-5).
 Losses ``task`` (cross-entropy) and ``aux_loss`` (sum_i f_i P_i, weight alpha_1, the name of
 the modeling code). The router is watched as docs/probe.md shows: the layer-normed tokens as
 the latent ``tokens``, ``watch_prototypes("router", gate.weight, latent="tokens")`` and each
