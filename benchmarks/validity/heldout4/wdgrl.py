@@ -23,8 +23,9 @@ extractor's is scaled by lambda at its input (it descends lambda L_wd), and
 as in the port. Losses ``classification``, ``wasserstein`` (the distance estimate L_wd) and
 ``gradient_penalty``. lambda is 0.1: the port's ``wd_clf`` 1 (it starts from a source-trained
 model) lowered the target accuracy here (seed 0: 0.607 against 0.636 source-only; lambda 0.3:
-0.651; 0.1: 0.696; measured with the interpolation drawn from the global stream). The reference is a source-only run: the same model, seed and batches, the
-classification loss alone; the interpolation coefficients draw from their own generator so
+0.651; 0.1: 0.696; measured with the interpolation drawn from the global stream). The
+reference is a source-only run: the same model, seed and batches, the classification loss
+alone; the interpolation coefficients draw from their own generator so
 that the extractor's dropout masks are the reference's.
 
 Variants (truth by construction):
