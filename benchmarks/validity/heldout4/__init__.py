@@ -5,4 +5,5 @@ or of the first three held-out sets ports, probed at the documented defaults (no
 no ``shared=``), run only by ``run.py --heldout fourth``, once, and reported apart
 (docs/validity-heldout4.md)."""
 
-HELDOUT4_MODULES: tuple[str, ...] = ()
+HELDOUT4_MODULES = ("gumbel_dvae", "msn", "deepseek_moe", "wdgrl", "imtl_l", "corinfomax",
+                    "kl_annealing_vae", "hard_concrete", "sela")
