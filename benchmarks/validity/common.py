@@ -181,13 +181,14 @@ class DigitInkNet(nn.Module):
         return self.digit_head(h), self.ink_head(h).squeeze(1)
 
 
-def digit_over_ink_trunk_ratio(model: DigitInkNet, losses: dict, weights: dict) -> float:
-    """|w_digit grad_trunk L_digit| / |w_ink grad_trunk L_ink| by ``torch.autograd.grad``, the
-    weights floats or tensors (1 where absent)."""
+def trunk_grad_ratio(model: nn.Module, losses: dict, weights: dict, numerator: str,
+                     denominator: str) -> float:
+    """|w_a grad_trunk L_a| / |w_b grad_trunk L_b| over ``model.trunk``'s parameters by
+    ``torch.autograd.grad``, the weights floats or tensors (1 where absent)."""
     params = list(model.trunk.parameters())
     norms = {}
-    for name, loss in losses.items():
-        grads = torch.autograd.grad(loss, params, retain_graph=True)
+    for name in (numerator, denominator):
+        grads = torch.autograd.grad(losses[name], params, retain_graph=True)
         weight = float(torch.as_tensor(weights.get(name, 1.0)).detach())
         norms[name] = weight * float(torch.cat([g.flatten() for g in grads]).norm())
-    return norms["digit"] / norms["ink"]
+    return norms[numerator] / norms[denominator]

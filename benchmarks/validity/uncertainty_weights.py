@@ -50,7 +50,7 @@ from torch import nn
 
 import gradprobe
 
-from .common import batches, digits_split
+from .common import batches, digits_split, trunk_grad_ratio
 from .harness import Expect, Family, Variant
 
 STEPS, BATCH, LR, LOG_VARIANCE_LR = 1000, 128, 1e-3, 5e-2
@@ -74,17 +74,6 @@ def noisy_ink(x: torch.Tensor, mean: float, seed: int) -> torch.Tensor:
     measured with a fixed Gaussian noise (std INK_NOISE) drawn once per image."""
     noise = INK_NOISE * torch.randn(len(x), generator=torch.Generator().manual_seed(seed))
     return INK_SCALE * (x.mean(1) - mean + noise)
-
-
-def trunk_ratio(model: TwoTaskNet, losses: dict, weights: dict) -> float:
-    """||w_cls grad L_cls|| / ||w_reg grad L_reg|| over the trunk's parameters."""
-    params = list(model.trunk.parameters())
-    norms = []
-    for name in ("cls", "reg"):
-        grads = torch.autograd.grad(losses[name], params, retain_graph=True)
-        weight = float(torch.as_tensor(weights[name]).detach())
-        norms.append(weight * float(torch.cat([g.flatten() for g in grads]).norm()))
-    return norms[0] / norms[1]
 
 
 def single_task_accuracy(seed: int) -> float:
@@ -128,7 +117,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
             else:
                 weights = {"cls": 1.0, "reg": 1.0}
             if step % RATIO_EVERY == 0:
-                ratios.append(trunk_ratio(model, losses, weights))
+                ratios.append(trunk_grad_ratio(model, losses, weights, "cls", "reg"))
             probe.backward(losses, weights=weights)
             opt.step()
             opt.zero_grad()

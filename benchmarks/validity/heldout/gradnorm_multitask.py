@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 import gradprobe
 
-from ..common import DigitInkNet, batches, digit_over_ink_trunk_ratio, digits_split, ink_of
+from ..common import DigitInkNet, batches, digits_split, ink_of, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
 
 STEPS, BATCH, LR = 1500, 128, 1e-3
@@ -111,7 +111,7 @@ def fit(variant: str, seed: int, probe_file: Path | None) -> tuple[DigitInkNet, 
         else:
             weights = dict(zip(TASKS, w)) if variant == "gradnorm" else {}
             if step % TRUTH_EVERY == 0:
-                ratios.append(digit_over_ink_trunk_ratio(model, losses, weights))
+                ratios.append(trunk_grad_ratio(model, losses, weights, "digit", "ink"))
             if variant == "gradnorm":
                 initial = torch.stack([losses[t].detach() for t in TASKS]) if initial is None else initial
                 w_grad = gradnorm_gradient(model, losses, w, initial)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 import gradprobe
 
-from ..common import DigitInkNet, batches, digit_over_ink_trunk_ratio, digits_split, ink_of
+from ..common import DigitInkNet, batches, digits_split, ink_of, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
 
 EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
@@ -132,7 +132,7 @@ def fit(variant: str, seed: int, probe_file: Path | None, standardise: bool
                 losses[variant.removesuffix("-only")].backward()
             else:
                 if (epoch * steps_per_epoch + batch) % RATIO_EVERY == 0:
-                    ratios.append(digit_over_ink_trunk_ratio(model, losses, weights))
+                    ratios.append(trunk_grad_ratio(model, losses, weights, "digit", "ink"))
                 probe.backward(losses, weights=weights)
             opt.step()
             opt.zero_grad()

@@ -36,7 +36,7 @@ is left out.)
 Truth, measured without gradprobe on the test split: digit accuracy and ink RMSE (grey
 levels) against the same network trained on that task alone for the same steps and seed
 (``single_*``); ``trunk_grad_ratio``, the median over the run of the digit loss's weighted
-gradient norm over the ink loss's on the whole trunk (``common.digit_over_ink_trunk_ratio``,
+gradient norm over the ink loss's on the whole trunk (``common.trunk_grad_ratio``,
 every 20 steps); the learned c's at the end.
 
 Variants (truth by construction):
@@ -66,7 +66,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import DigitInkNet, batches, digit_over_ink_trunk_ratio, digits_split, ink_of
+from ..common import DigitInkNet, batches, digits_split, ink_of, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
 
 EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
@@ -116,7 +116,7 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[DigitInkNet, list[fl
             else:
                 weights, losses = {"digit": 1.0, "ink": 1.0}, tasks
             if step % RATIO_EVERY == 0:
-                ratios.append(digit_over_ink_trunk_ratio(model, tasks, weights))
+                ratios.append(trunk_grad_ratio(model, tasks, weights, "digit", "ink"))
             probe.backward(losses, weights=weights)
         opt.step()
         opt.zero_grad()

@@ -63,7 +63,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import INK_SCALE, batches, digits_split
+from ..common import INK_SCALE, batches, digits_split, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
 
 EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
@@ -93,17 +93,6 @@ def asymmetry(x: torch.Tensor) -> torch.Tensor:
 
 def asymmetry_loss(pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (pred - asymmetry(x)).pow(2).mean()
-
-
-def trunk_ratio(model: DigitAsymmetryNet, losses: dict, weights: dict) -> float:
-    """|w_digit grad_trunk L_digit| / |w_asym grad_trunk L_asym| by ``torch.autograd.grad``."""
-    params = list(model.trunk.parameters())
-    norms = {}
-    for name in ("digit", "asymmetry"):
-        grads = torch.autograd.grad(losses[name], params, retain_graph=True)
-        norms[name] = float(torch.as_tensor(weights[name]).detach()) * float(
-            torch.cat([g.flatten() for g in grads]).norm())
-    return norms["digit"] / norms["asymmetry"]
 
 
 def evaluate(model: DigitAsymmetryNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -143,7 +132,7 @@ def fit(variant: str, seed: int, log: Path | None):
             else:
                 weights, losses = {"digit": 1.0, "asymmetry": 1.0}, tasks
             if step % RATIO_EVERY == 0:
-                ratios.append(trunk_ratio(model, tasks, weights))
+                ratios.append(trunk_grad_ratio(model, tasks, weights, "digit", "asymmetry"))
             probe.backward(losses, weights=weights)
         opt.step()
         opt.zero_grad()
