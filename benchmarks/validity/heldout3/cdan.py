@@ -67,14 +67,20 @@ def calc_coeff(step: int, alpha: float = 10.0) -> float:
     return 2.0 / (1.0 + math.exp(-alpha * step / STEPS)) - 1.0
 
 
+def digit_extractor() -> nn.Sequential:
+    """benchmarks/validity/dann.py's convolutional extractor, on flat 8 x 8 digits; shared with
+    heldout4/wdgrl.py."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(32, 48, 3, padding=1), nn.BatchNorm2d(48), nn.Dropout2d(), nn.MaxPool2d(2),
+        nn.ReLU(), nn.Flatten())
+
+
 class CDANNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.feature = nn.Sequential(  # benchmarks/validity/dann.py's extractor
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(32, 48, 3, padding=1), nn.BatchNorm2d(48), nn.Dropout2d(), nn.MaxPool2d(2),
-            nn.ReLU(), nn.Flatten())
+        self.feature = digit_extractor()
         self.classifier = nn.Linear(FEATURES, CLASSES)
         self.ad_net = nn.Sequential(  # thuml's AdversarialNetwork, sigmoid folded into the loss
             nn.Linear(FEATURES * CLASSES, HIDDEN), nn.ReLU(), nn.Dropout(0.5),

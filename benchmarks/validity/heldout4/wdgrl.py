@@ -66,7 +66,7 @@ from gradprobe.demo.decoupling import GradReverse
 from ..common import batches
 from ..dann import domains
 from ..harness import Expect, Family, Variant
-from ..heldout3.cdan import accuracies
+from ..heldout3.cdan import accuracies, digit_extractor
 
 STEPS, BATCH, LR, FEATURES, CLASSES, GAMMA, CRITIC_STEPS = 600, 64, 1e-3, 48 * 2 * 2, 10, 10.0, 5
 LAMBDA = {"published": 0.1, "lambda-zero": 0.0}
@@ -75,11 +75,7 @@ LAMBDA = {"published": 0.1, "lambda-zero": 0.0}
 class WDGRLNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.feature = nn.Sequential(  # benchmarks/validity/dann.py's extractor
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(32, 48, 3, padding=1), nn.BatchNorm2d(48), nn.Dropout2d(), nn.MaxPool2d(2),
-            nn.ReLU(), nn.Flatten())
+        self.feature = digit_extractor()
         self.classifier = nn.Linear(FEATURES, CLASSES)
         self.critic = nn.Sequential(nn.Linear(FEATURES, 50), nn.ReLU(), nn.Linear(50, 20),
                                     nn.ReLU(), nn.Linear(20, 1))
