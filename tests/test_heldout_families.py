@@ -45,9 +45,17 @@ def test_heldout_families_declare_their_truth(heldout):
 
 
 def _probe_calls(module: str) -> list[ast.Call]:
+    """The ``Probe(...)`` calls of ``module`` or, for a family that trains with another
+    family's loop, of the held-out modules it imports from."""
     tree = ast.parse(inspect.getsource(importlib.import_module(module)))
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute) and node.func.attr == "Probe"]
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "Probe"]
+    package = module.rsplit(".", 2)[0]
+    for node in ast.walk(tree):
+        if not calls and isinstance(node, ast.ImportFrom) and node.level == 2 and \
+                node.module and node.module.startswith("heldout"):
+            calls = _probe_calls(f"{package}.{node.module}")
+    return calls
 
 
 @pytest.mark.parametrize("heldout", list(HELDOUT_SETS))

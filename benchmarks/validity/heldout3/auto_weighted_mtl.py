@@ -57,7 +57,9 @@ One run (the variant and its two single-task references) takes 6-10 CPU-seconds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,41 +90,74 @@ def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
             float((ink - ink_target(x)).pow(2).mean().sqrt()))
 
 
-def fit(variant: str, seed: int, log: Path | None) -> tuple[DigitInkNet, list[float], torch.Tensor]:
-    """Train on ``variant`` (also "digit-only" / "ink-only", the single-task references)."""
+@dataclass(frozen=True)
+class LearnedLossWeights:
+    """A learned loss-weighting scheme on a parameter of one entry per task: its start value,
+    its own Adam learning rate, the weights it gives (``{task: tensor}``) and the regulariser
+    passed as a loss of its own, ``regulariser``."""
+
+    start: torch.Tensor
+    lr: float
+    weights: Callable[[torch.Tensor], dict]
+    regulariser: Callable[[torch.Tensor], torch.Tensor]
+
+
+def fit_two_digit_tasks(model_of: Callable[[], nn.Module], tasks_of: Callable, variant: str,
+                        seed: int, log: Path | None, scheme: LearnedLossWeights, learned: bool
+                        ) -> tuple[nn.Module, list[float], torch.Tensor]:
+    """Train a two-head network on the digits' training split with Adam (lr ``LR``, batch
+    ``BATCH``, ``EPOCHS`` epochs): ``tasks_of(outputs, x, y)`` gives the two task losses, the
+    first the one ``trunk_grad_ratio`` puts on top. ``variant`` "<task>-only" trains that
+    task alone (a single-task reference, no probe); otherwise both, probed into ``log``, with
+    fixed weights 1 or, ``learned``, the weights of ``scheme``. Returns the model, the trunk
+    gradient ratios taken every ``RATIO_EVERY`` steps and the scheme's parameter (its start
+    value where not learned)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr, _, _ = digits_split()
-    model = DigitInkNet(WIDTH)
-    c = nn.Parameter(torch.ones(2))  # c_digit, c_ink
-    learned = variant == "learned-weights"
+    model = model_of()
+    learned_weights = nn.Parameter(scheme.start.clone())
     groups = [{"params": model.parameters()}]
     if learned:
-        groups.append({"params": [c], "weight_decay": 0, "lr": AWL_LR})
+        groups.append({"params": [learned_weights], "lr": scheme.lr})
     opt = torch.optim.Adam(groups, lr=LR)
     loader = batches(len(x_tr), BATCH, gen)
     ratios = []
     probe = gradprobe.Probe(model, run_file=log) if log else None
     for step in range(EPOCHS * (len(x_tr) // BATCH)):
         idx = next(loader)
-        logits, ink = model(x_tr[idx])
-        tasks = {"digit": F.cross_entropy(logits, y_tr[idx]), "ink": F.mse_loss(ink, ink_target(x_tr[idx]))}
+        tasks = tasks_of(model(x_tr[idx]), x_tr[idx], y_tr[idx])
         if variant.endswith("-only"):
             tasks[variant.removesuffix("-only")].backward()
         else:
             if learned:
-                weights = {"digit": 0.5 / c[0] ** 2, "ink": 0.5 / c[1] ** 2}
-                losses = tasks | {"regulariser": torch.log(1 + c ** 2).sum()}
+                weights = scheme.weights(learned_weights)
+                losses = tasks | {"regulariser": scheme.regulariser(learned_weights)}
             else:
-                weights, losses = {"digit": 1.0, "ink": 1.0}, tasks
+                weights, losses = {name: 1.0 for name in tasks}, tasks
             if step % RATIO_EVERY == 0:
-                ratios.append(trunk_grad_ratio(model, tasks, weights, "digit", "ink"))
+                ratios.append(trunk_grad_ratio(model, tasks, weights, *tasks))
             probe.backward(losses, weights=weights)
         opt.step()
         opt.zero_grad()
     if probe:
         probe.close()
-    return model, ratios, c.detach()
+    return model, ratios, learned_weights.detach()
+
+
+# Liebel & Koerner's scheme: weights 1 / (2 c^2), regulariser ln(1 + c^2), c started at 1.
+AUTOMATIC_WEIGHTS = LearnedLossWeights(
+    torch.ones(2), AWL_LR, lambda c: {"digit": 0.5 / c[0] ** 2, "ink": 0.5 / c[1] ** 2},
+    lambda c: torch.log(1 + c ** 2).sum())
+
+
+def fit(variant: str, seed: int, log: Path | None) -> tuple[DigitInkNet, list[float], torch.Tensor]:
+    """Train on ``variant`` (also "digit-only" / "ink-only", the single-task references)."""
+    return fit_two_digit_tasks(
+        lambda: DigitInkNet(WIDTH),
+        lambda out, x, y: {"digit": F.cross_entropy(out[0], y),
+                           "ink": F.mse_loss(out[1], ink_target(x))},
+        variant, seed, log, AUTOMATIC_WEIGHTS, variant == "learned-weights")
 
 
 def train(variant: str, seed: int, log: Path) -> dict:

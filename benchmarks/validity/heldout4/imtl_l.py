@@ -61,14 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradprobe
-
-from ..common import INK_SCALE, batches, digits_split, trunk_grad_ratio
+from ..common import INK_SCALE, digits_split
 from ..harness import Expect, Family, Variant
+from ..heldout3.auto_weighted_mtl import LearnedLossWeights, fit_two_digit_tasks
 
-EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
+# Trained by auto_weighted_mtl's loop (the same epochs, batch and learning rate).
+WIDTH = 128
 SCALE_LR = 0.2
-RATIO_EVERY = 20
 
 
 class DigitAsymmetryNet(nn.Module):
@@ -103,42 +102,19 @@ def evaluate(model: DigitAsymmetryNet, x: torch.Tensor, y: torch.Tensor) -> tupl
     return float((logits.argmax(1) == y).float().mean()), float(asymmetry_loss(pred, x))
 
 
+# IMTL-L: weights e^s, regulariser -sum s, s started at 0.
+LEARNED_SCALES = LearnedLossWeights(
+    torch.zeros(2), SCALE_LR, lambda s: {"digit": s[0].exp(), "asymmetry": s[1].exp()},
+    lambda s: -s.sum())
+
+
 def fit(variant: str, seed: int, log: Path | None):
     """Train on ``variant`` (also "digit-only" / "asymmetry-only", the single-task references)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_tr, y_tr, _, _ = digits_split()
-    model = DigitAsymmetryNet(WIDTH)
-    scales = nn.Parameter(torch.zeros(2))  # s_digit, s_asymmetry
-    learned = variant == "imtl-l"
-    groups = [{"params": model.parameters()}]
-    if learned:
-        groups.append({"params": [scales], "lr": SCALE_LR})
-    opt = torch.optim.Adam(groups, lr=LR)
-    loader = batches(len(x_tr), BATCH, gen)
-    ratios = []
-    probe = gradprobe.Probe(model, run_file=log) if log else None
-    for step in range(EPOCHS * (len(x_tr) // BATCH)):
-        idx = next(loader)
-        logits, pred = model(x_tr[idx])
-        tasks = {"digit": F.cross_entropy(logits, y_tr[idx]),
-                 "asymmetry": asymmetry_loss(pred, x_tr[idx])}
-        if variant.endswith("-only"):
-            tasks[variant.removesuffix("-only")].backward()
-        else:
-            if learned:
-                weights = {"digit": scales[0].exp(), "asymmetry": scales[1].exp()}
-                losses = tasks | {"regulariser": -scales.sum()}
-            else:
-                weights, losses = {"digit": 1.0, "asymmetry": 1.0}, tasks
-            if step % RATIO_EVERY == 0:
-                ratios.append(trunk_grad_ratio(model, tasks, weights, "digit", "asymmetry"))
-            probe.backward(losses, weights=weights)
-        opt.step()
-        opt.zero_grad()
-    if probe:
-        probe.close()
-    return model, ratios, scales.detach()
+    return fit_two_digit_tasks(
+        lambda: DigitAsymmetryNet(WIDTH),
+        lambda out, x, y: {"digit": F.cross_entropy(out[0], y),
+                           "asymmetry": asymmetry_loss(out[1], x)},
+        variant, seed, log, LEARNED_SCALES, variant == "imtl-l")
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
