@@ -1,5 +1,5 @@
-"""TWIST, twin class distributions, after Wang, Lin, Xu, Chen & Wang 2021 ("Self-Supervised
-Learning by Estimating Twin Class Distributions", arXiv 2110.07402, sec. 3, eq. 1-4) and the
+"""TWIST, twin class distributions, after Wang, Kong, Zhang, Liu & Li 2021 ("Self-Supervised
+Learning by Estimating Twin Class Distributions", arXiv 2110.07402, abstract and sec. 3) and the
 official bytedance/TWIST (``loss.py``: ``EntLoss``, ``KL``, ``EH``, ``HE``; read through the
 port in openvinotoolkit/training_extensions' mmcls ``TwistLoss``, "code adapted from
 bytedance/TWIST", same terms and defaults).
@@ -7,18 +7,19 @@ bytedance/TWIST", same terms and defaults).
 Published setup: two augmented views of each image through one network (backbone +
 projection MLP whose last layer is followed by a non-affine batch norm) giving K-way logits;
 p = softmax(logits). The loss is the sum of three terms, each symmetrised over the views:
-  ``kl`` (consistency, eq. 2): 0.5 (KL(p1 || p2) + KL(p2 || p1)), averaged over the batch;
-  ``eh`` (sharpness, eq. 3): the mean over the batch of each sample's entropy H(p_i);
-  ``he`` (diversity, eq. 4): the entropy H(mean_i p_i) of the batch-mean distribution;
+  ``kl`` (consistency): 0.5 (KL(p1 || p2) + KL(p2 || p1)), averaged over the batch;
+  ``eh`` (sharpness): the mean over the batch of each sample's entropy H(p_i);
+  ``he`` (diversity): the entropy H(mean_i p_i) of the batch-mean distribution;
 and the repository trains ``final = kl + (1 + lam1) eh - lam2 he`` with lam1 = 0, lam2 = 1,
 tau = 1 (p sharpened by softmax(logits / tau) in eh and he), eps 1e-5 inside every log. The
-paper: without the diversity term "all samples are assigned to the same class" (sec. 3).
+abstract: minimising the divergence alone collapses to the same class distribution for all
+images; the entropy of the mean distribution is maximised to make the predictions diverse.
 
 Here (CPU): scikit-learn's digits with the corpus's augmentations (``common.augment``), two
 views; backbone ``common.DigitEncoder`` (width 128, standing in for the ResNet-50), head
 Linear 128 -> 256, batch norm, ReLU, Linear 256 -> K = 32 classes (4096 published for
-ImageNet's 1000 classes: 3x the 10 digits), then ``BatchNorm1d(K, affine=False)`` as
-published; batch 128, Adam lr 1e-3 (LARS published), 400 steps. The three terms are passed to
+ImageNet's 1000 classes; here about 3x the 10 digits), then ``BatchNorm1d(K, affine=False)``
+(the projector's last layer in the ports that credit bytedance/TWIST); batch 128, Adam lr 1e-3 (LARS published), 400 steps. The three terms are passed to
 the probe with the repository's names and signs: ``kl``, ``eh`` (weight 1 + lam1) and ``he``
 (weight -lam2). Watched as docs/probe.md says a user would: the backbone's features
 (``features``), the class-probability output p of the first view (``probs``), and the head's
@@ -31,7 +32,7 @@ Variants (truth by construction):
   0) on a head without the final batch norm (logits straight from the last Linear, as a
   user writing TWIST's loss over a plain classifier would): consistency and sharpness alone
   are minimised by one confident class for every input, the collapse the diversity term
-  exists to rule out (sec. 3).
+  exists to rule out.
 Dropped: lam2 = 0 with the published batch norm. The non-affine batch norm keeps every
 logit at unit variance over the batch, which by itself prevents the one-class collapse
 here: 20 / 22 classes used, mean-prediction entropy 0.985 / 0.988 of log K against 26 / 25
@@ -155,7 +156,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
 
 FAMILY = Family(
     name="twist",
-    source="Wang et al. 2021 (TWIST, arXiv 2110.07402, sec. 3 eq. 1-4); bytedance/TWIST "
+    source="Wang et al. 2021 (TWIST, arXiv 2110.07402, sec. 3); bytedance/TWIST "
            "loss.py EntLoss (KL, EH, HE)",
     train=train,
     variants=(
