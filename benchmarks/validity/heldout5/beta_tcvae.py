@@ -37,8 +37,10 @@ mean against the MSE of the mean training image (0.0740):
 The healthy latent is informative (it halves the mean image's error) in few units: these 8x8
 digits need about 2 nats (beta = 1, the plain ELBO, keeps 6 of 10 units active at the same KL,
 seed 0, 800 steps), and the total-correlation penalty concentrates them in fewer dimensions;
-a few active units at an unchanged reconstruction is the method working, not a collapse.
+a few active units at a comparable reconstruction is the method working, not a collapse.
 Expected on ``kl-weight-100``: ``representation-collapse`` on ``mu`` (posterior collapse).
+Allowed there: ``gradient-swamping`` on ``recon`` with ``static-loss-weights`` on ``recon``
+(the fixed 100-fold KL weights drown the reconstruction while it is still at the mean image).
 Must not (both): ``inert-loss``, ``non-finite``; on the healthy variant also
 ``representation-collapse``, ``gradient-swamping``.
 """
@@ -145,7 +147,10 @@ FAMILY = Family(
         Variant("kl-weight-100", False,
                 "every KL term weighted 100 times over (beta 600): the posterior collapses "
                 "onto the prior, no active unit, reconstruction no better than the mean image",
-                expected=(Expect("representation-collapse", "mu"),), must_not=_MUST_NOT),
+                expected=(Expect("representation-collapse", "mu"),),
+                allowed=(Expect("gradient-swamping", "recon"),
+                         Expect("static-loss-weights", "recon")),
+                must_not=_MUST_NOT),
     ),
     seeds=(0, 1),
     quick=(("beta-6", 1), ("kl-weight-100", 1)),
