@@ -11,8 +11,8 @@ W_dec z_aux, and L_aux = ||e - e_hat||^2 normalised (sec. 2.4, the code's
 ``normalized_mse`` of ``decode_sparse(auxk_inds, auxk_vals)`` against
 ``x - recons.detach() + pre_bias``); a latent is dead when it has not fired for
 ``dead_toks_threshold`` tokens (``stats_last_nonzero``); k_aux a power of two near d_model / 2
-(sec. 2.4; 256 for k = 32 in ``Config``). Initialisation (sec. 2.4, ``init_from_data_``):
-b_pre at the geometric median of the activations, encoder tied to the decoder's transpose,
+(sec. 2.4; 256 for k = 32 in ``Config``). Initialisation: b_pre at the geometric median of
+the activations (``init_from_data_``), encoder tied to the decoder's transpose (sec. 2.4),
 decoder columns of unit norm (kept so after every step, with the gradient parallel to them
 projected out); Adam with eps 6.25e-10. The code names the two terms ``train_recons`` and
 ``train_maxk_recons``; they are passed here as ``recons`` and ``auxk`` (weight 1/32).
@@ -40,8 +40,8 @@ over the 1797 unaugmented digits, 14.4k latent slots) and the normalised MSE on 
 With the published initialisation and AuxK weighted 0 instead: 155 and 157 dead (30% and 31%),
 NMSE 0.163 and 0.161: AuxK revives some latents, the initialisation decides most of the harm.
 24-29 CPU-seconds a run.
-Expected on ``no-auxk-zero-bias``: ``prototype-collapse`` on ``dictionary`` (36 of 512
-directions ever used, as a VQ codebook whose codes in use collapse to a few). Allowed there:
+Expected on ``no-auxk-zero-bias``: ``prototype-collapse`` on ``dictionary`` (35 and 36 of
+512 directions ever fire, as a VQ codebook whose codes in use collapse to a few). Allowed there:
 ``representation-collapse`` on ``latents`` (the codes live in the few live dimensions) and
 ``prototype-stale`` on ``dictionary`` (the dead directions get no gradient and never move).
 Must not (both): ``inert-loss``, ``non-finite``; on the healthy variant also
