@@ -24,8 +24,8 @@ hidden layer (d_model = 64, all non-negative: a mean far from 0) on augmented 8x
 Adam lr 1e-3 (1e-4 published for far larger models), 1500 steps. b_pre starts at the
 coordinate-wise median (a cheap stand-in for the geometric median). Watched as docs/probe.md
 says: the sparse codes as a latent (``latents``) and the decoder's dictionary (one row per
-latent) as prototypes of the centred activation x - b_pre, each token's strongest latent
-observed as its group.
+latent) as prototypes of the centred activation x - b_pre (watched as ``centred``), each
+token's strongest latent observed as its group.
 
 Variants (truth by construction):
 - ``auxk``: healthy, as published (tied init, b_pre at the median, AuxK on).
