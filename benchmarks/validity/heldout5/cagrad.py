@@ -63,7 +63,7 @@ from scipy.optimize import minimize
 
 import gradprobe
 
-from ..common import DigitInkNet, INK_SCALE, batches, digits_split, trunk_grad_ratio
+from ..common import DigitInkNet, batches, digits_split, ink_of, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
 
 EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
@@ -74,7 +74,7 @@ EARLY = 10  # the measurements of the first 200 steps
 
 
 def ink_target(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(1) * INK_SCALE / INK_UNIT
+    return ink_of(x) / INK_UNIT
 
 
 def cagrad_direction(grads: torch.Tensor, c: float = C) -> torch.Tensor:
