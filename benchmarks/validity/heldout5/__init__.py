@@ -5,4 +5,5 @@ probed at the documented defaults (no ``roles=``, no ``shared=``), run only by
 ``run.py --heldout fifth``, once, after the session's rule changes, and reported apart
 (docs/validity-heldout5.md)."""
 
-HELDOUT5_MODULES = ()
+HELDOUT5_MODULES = ("twist", "lfq", "beta_tcvae", "topk_sae", "fader", "kd_hinton", "cagrad",
+                    "gpinn", "npair", "lossfree_moe")
