@@ -625,17 +625,18 @@ def classifier(observe_labels: bool, steps: int = 300, seed: int = 0) -> Run:
 # --------------------------------------------------- a conflict that harms (and static weights)
 
 @_cached
-def opposed_targets(steps: int = 120, seed: int = 0) -> Run:
+def opposed_targets(steps: int = 120, seed: int = 0, declared: bool = True) -> Run:
     """One shared output h asked by 'task' to equal y and by 'aux' (weight 3) to equal -y: the
     gradients oppose exactly; the heavier 'aux' wins, so 'aux' falls while 'task' rises (a
-    conflict that harms the task, tragic: cos = -1 with unequal magnitudes)."""
+    conflict that harms the task, tragic: cos = -1 with unequal magnitudes). ``declared``:
+    the task's role is declared (``roles={"task": "task"}``), else it is the first loss."""
     gen = _setup(seed)
     n = 512
     x = torch.randn(n, 8, generator=gen)
     y = torch.tanh(x @ torch.randn(8, generator=gen))
     trunk = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.SGD(trunk.parameters(), lr=0.05)
-    probe = Probe(trunk, every=2)
+    probe = Probe(trunk, every=2, **({"roles": {"task": "task"}} if declared else {}))
     for step in range(steps):
         idx = torch.randint(0, n, (64,), generator=gen)
         h = trunk(x[idx]).squeeze(1)

@@ -146,10 +146,37 @@ def test_a_pair_that_rose_together_from_where_it_began_is_no_compromise(tmp_path
     assert "both rose from where they began" in f.title
 
 
-def test_a_pair_where_one_loss_descended_is_judged_for_a_plateau(tmp_path):
+def test_a_term_that_settled_above_where_it_began_is_no_compromise(tmp_path):
+    # One term descends to its balance while the other, satisfied at the start, rises to it
+    # (CorInfoMax's log-det covariance term against its invariance term): no plateau.
     f = _run(tmp_path, COMPROMISE, COVARIANCE_RISES)
-    assert np.median(COMPROMISE[8:16]) < np.max(COMPROMISE[:DEFAULTS.min_points])
-    assert not f.evidence["rose_together"] and f.evidence["plateau"]
+    began = {name: np.max(v[:DEFAULTS.min_points]) for name, v in
+             (("task", COMPROMISE), ("aux", COVARIANCE_RISES))}
+    assert np.median(COMPROMISE[8:16]) < began["task"]
+    assert np.median(COVARIANCE_RISES[8:16]) > began["aux"]
+    # ...held by each other and neither still falling: the plateau's other conditions hold.
+    assert min(f.evidence["descent_undone"].values()) >= DEFAULTS.conflict_undone_fraction
+    assert np.median(COVARIANCE_RISES[32:]) / np.median(COVARIANCE_RISES[8:16]) >= \
+        DEFAULTS.conflict_plateau_fraction
+    e = f.evidence
+    assert not e["rose_together"] and e["settled_above_start"] == ["aux"]
+    assert not e["plateau"] and e["stalled"] == [] and f.severity == "info"
+    assert "'aux' settled above where it began" in f.title
+
+
+def test_a_pair_that_both_descended_is_judged_for_a_plateau(tmp_path):
+    f = _run(tmp_path, COMPROMISE, 0.5 * COMPROMISE)
+    assert f.evidence["settled_above_start"] == [] and f.evidence["plateau"]
+    assert f.severity in ("warning", "error")
+
+
+def test_a_declared_task_that_settled_above_where_it_began_is_held_back(tmp_path):
+    records = [{"name": "task", "role": "task", "source": "declared", "hint": None,
+                "reach": "shared", "counts": None},
+               {"name": "aux", "role": "other", "source": "name", "hint": None,
+                "reach": "shared", "counts": None}]
+    f = _run(tmp_path, COVARIANCE_RISES, COMPROMISE, records=records)
+    assert f.evidence["settled_above_start"] == [] and f.evidence["plateau"]
     assert f.severity in ("warning", "error")
 
 

@@ -45,7 +45,8 @@ def test_a_conflict_that_holds_a_loss_back_is_an_error_when_tragic():
     assert f.evidence["loss_ratios"]["task"] > 1.0 > f.evidence["loss_ratios"]["aux"]
     # ...within the start window (60 probe steps: 12 a window); after it 'aux' no longer
     # falls, so the task is no stall but held with 'aux' at their balance, each undoing most
-    # of the other's descent: a compromise plateau.
+    # of the other's descent: a compromise plateau, the task (declared) settled above where
+    # it began.
     k = math.ceil(0.2 * len(task))
     for name, values in (("task", task), ("aux", aux)):
         settled = float(np.median(values[-k:]) / np.median(values[k:2 * k]))
@@ -67,6 +68,21 @@ def test_a_conflict_that_holds_a_loss_back_is_an_error_when_tragic():
     (w,) = [g for g in diagnose(run, Thresholds(conflict_tragic_share=1.0))
             if g.id == "gradient-conflict"]
     assert w.severity == "warning"
+
+
+def test_a_first_loss_pushed_above_where_it_began_needs_its_declaration():
+    """The same training, the task only the first loss: a loss that settled above where it
+    began while the other fell is a task held back or a term of one objective at its
+    equilibrium (CorInfoMax's log-det term), which the run cannot tell: info, with the line
+    that judges it as a task."""
+    run = runs.opposed_targets(declared=False)
+    (f,) = _by_id(run, "gradient-conflict")
+    _, task = run.series("loss", "task")
+    k = math.ceil(0.2 * len(task))
+    assert np.median(task[k:2 * k]) > np.max(task[:Thresholds().min_points])
+    assert f.evidence["settled_above_start"] == ["task"] and not f.evidence["plateau"]
+    assert f.severity == "info"
+    assert 'judge it as a task: Probe(..., roles={"task": "task"})' in f.title
 
 
 # --------------------------------------------------------------------- static-loss-weights

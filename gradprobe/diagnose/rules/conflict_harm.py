@@ -71,7 +71,7 @@ def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.nd
     ``conflict_undone_fraction`` of its own descent undone by the other (held by this
     conflict: with more of its descent left, its stall has another cause, such as a
     reversed gradient), or both settle together on a compromise plateau where each undoes
-    most of the other's descent. A loss that rose from near its floor to an equilibrium
+    most of the other's descent, neither above where it began unless declared a task. A loss that rose from near its floor to an equilibrium
     during its start window (a commitment, redundancy or KL term) is settled by design,
     neither stalled nor stuck; so is a pair that rose together: both settled above every one
     of their first values."""
@@ -121,15 +121,29 @@ def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.nd
     metric_stalled = [n for n in pair if role.get(n) != "adversarial" and metrics[n] and all(
         abs(p) <= th.conflict_metric_progress for p in metrics[n].values())]
     held = all(undone[n] >= th.conflict_undone_fraction for n in pair)
-    plateau = held and not rose and "adversarial" not in (role.get(a) for a in pair) and \
+    # A compromise is reached by descending to it: two tasks on one output both fall from
+    # where they began (ln 10) and stop together above their floors. A term that settled
+    # above where it began never descended: it was satisfied at the start (a decorrelation
+    # or log-det term on a random embedding) and rose as its partner fell, the outcome of
+    # the terms of one objective at their equilibrium (CorInfoMax's covariance term). A task
+    # pushed above where it began looks the same; only a declaration tells it apart.
+    above_start = [name for name, lv in levels.items() if lv["settled"] > lv["began"] and
+                   not _declared_task(run, name)]
+    plateau = held and not above_start and not rose and \
+        "adversarial" not in (role.get(a) for a in pair) and \
         all(settled[n] >= th.conflict_plateau_fraction for n in pair)
     return {"loss_ratios": ratios, "settled_ratios": settled, "rose_to_equilibrium": rose,
-            "rose_together": rose_together,
+            "rose_together": rose_together, "settled_above_start": above_start,
             "stalled": stalled, "descent_undone": undone, "cancel_ratio": cancel,
             "cancelled": cancelled, "plateau": plateau, "metric_progress": metrics,
             "metric_stalled": metric_stalled,
             "suffering": list(pair) if plateau else sorted(set(stalled) | set(metric_stalled),
                                                            key=pair.index)}
+
+
+def _declared_task(run: Run, name: str) -> bool:
+    record = role_record(run, name)
+    return record["role"] == "task" and record["source"] == "declared"
 
 
 def terms_on_representation(run: Run, pair: tuple[str, str]) -> dict[str, list[str]]:

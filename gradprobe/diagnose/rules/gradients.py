@@ -323,6 +323,12 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         if harm["rose_together"]:
             what += "; both rose from where they began and settled, as the terms of one " \
                 "objective do at their equilibrium"
+        elif harm["settled_above_start"] and all(
+                harm["descent_undone"][n] >= th.conflict_undone_fraction for n in (a, b)):
+            risen = harm["settled_above_start"][0]
+            what += f"; '{risen}' settled above where it began while the other fell, as the " \
+                "terms of one objective do at their equilibrium (judge it as a task: " \
+                f"{role_declaration(risen, 'task')})"
         if harm["stalled"]:
             what += f"; {' and '.join(repr(n) for n in harm['stalled'])} stalled while the " \
                 "other fell"
