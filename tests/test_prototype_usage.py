@@ -151,3 +151,48 @@ def test_a_table_s_groups_must_name_an_observed_tensor_not_a_watch(tmp_path):
     probe.watch_latent("z")
     with pytest.raises(ProbeUsageError, match="groups must name a tensor passed to observe"):
         probe.watch_prototypes("codebook", torch.randn(GROUPS, DIM), latent="z", groups="z")
+
+
+def _even_usage_run(used: int, prototypes: int = 32, rows: int = 120, steps: int = 40):
+    """Every batch spreads its rows evenly (cyclically) over the first ``used`` of
+    ``prototypes`` fixed, well-separated rows, each latent row a small offset from its own:
+    the pooled usage is exactly log(used) / log(prototypes)."""
+    gen = torch.Generator().manual_seed(used)
+    protos = 10.0 * torch.randn(prototypes, DIM, generator=gen)
+    head = nn.Linear(DIM, DIM)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(DIM))
+        head.bias.zero_()
+    probe = Probe(head, shared=head, every=1)
+    probe.watch_latent("z")
+    probe.watch_prototypes("protos", lambda: protos, latent="z")
+    for _ in range(steps):
+        own = torch.arange(rows) % used
+        z = head(protos[own] + 0.01 * torch.randn(rows, DIM, generator=gen))
+        probe.observe(z=z)
+        probe.backward({"pull": (z ** 2).mean()})  # no optimiser step: the table stays put
+        head.zero_grad()
+    probe.close()
+    return run_from_state(probe.state_dict(), f"even_usage_{used}")
+
+
+@pytest.mark.parametrize("used, collapsed", [(4, True), (5, True), (6, False), (8, False)])
+def test_collapse_is_a_pooled_perplexity_at_most_the_square_root_of_the_set_size(used, collapsed):
+    """The usage threshold read as a perplexity: exp(H) of the pooled counts at most sqrt(P).
+    5 of 32 evenly used (perplexity 5 < 5.66, entropy 0.464 of log 32, as a Gumbel dVAE
+    codebook left on 5-6 codes: 0.37) is collapse; 6 of 32 (0.517) and 8 of 32 are not (a
+    router without balancing keeps 3-6 of 8 experts, 0.57-0.71)."""
+    run = _even_usage_run(used)
+    th = Thresholds()
+    pooled, largest = _pooled_by_numpy(run, th)
+    assert math.isclose(pooled, math.log(used) / math.log(32), rel_tol=1e-9)
+    assert math.isclose(largest, 1 / used, rel_tol=1e-9)
+    assert (math.exp(pooled * math.log(32)) <= math.sqrt(32)) is collapsed
+    found = [f for f in diagnose(run) if f.id == "prototype-collapse"]
+    if collapsed:
+        (f,) = found
+        assert f.key_number.startswith("pooled usage entropy")
+        assert f.evidence["pooled_usage"]["used"] == used
+        assert math.isclose(f.evidence["pooled_usage"]["usage"], pooled, rel_tol=1e-9)
+    else:
+        assert found == []

@@ -168,8 +168,9 @@ class Thresholds:
                                               "recorded)")
     proto_merge_fraction: float = _f(0.05, "end min / mean pairwise distance at most this: two "
                                             "prototypes merged")
-    proto_usage: float = _f(0.35, "usage entropy / log P of the assignments pooled over "
-                                     "the end window at most this")
+    proto_usage: float = _f(0.5, "usage entropy / log P of the assignments pooled over "
+                                    "the end window at most this: at 0.5 the pooled perplexity "
+                                    "exp(H) is at most sqrt(P) of the P prototypes")
     # -- orthogonality-vanishing -------------------------------------------------------------
     vanishing_norm_fraction: float = _f(0.1, "end latent norm at most this fraction of its peak")
     unnormalised_correlation: float = _f(0.9, "correlation of log orthogonality loss with "
