@@ -71,7 +71,8 @@ class Thresholds:
                                              "this fraction of its start window while the "
                                              "dominant's ends below it never recovered its "
                                              "fit: a ratio straddling swamping_ratio no "
-                                             "longer makes the finding info")
+                                             "longer makes the finding info, and a loss in "
+                                             "exempt_roles that held it back competes with it")
     exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
                                            "roles never reported as swamped or conflicting, "
                                            "nor for missing the shared parameters")
