@@ -67,7 +67,7 @@ class Thresholds:
                                              "the steps it is swamped, on the layers both "
                                              "reach) is carried by the dominant's descent: "
                                              "info, not an alarm")
-    swamping_stall_fraction: float = _f(0.9, "a swamped loss whose end window is at least "
+    swamping_stall_fraction: float = _f(0.6, "a swamped loss whose end window is at least "
                                              "this fraction of its start window while the "
                                              "dominant's ends below it never recovered its "
                                              "fit: a ratio straddling swamping_ratio no "
