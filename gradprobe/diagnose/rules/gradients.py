@@ -174,7 +174,7 @@ def _rivals(run: Run, names: list[str], exempt: set[str], name: str,
     ended at or above it). A penalty against a loss is a trade-off by design, until the loss
     it trades against fails by its own measure: an L0 penalty at 100 times its published
     weight falls to 8% of its start while the task rises back to 1.8 times its start window
-    (to chance), where healthy weight decay and L0 leave the task at 2-16% of its start."""
+    (to chance); at the published weight the task ends at 12-16% of its start."""
     return np.array([n not in exempt or held_back(run, name, n, th) is not None
                      for n in names])
 
