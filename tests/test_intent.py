@@ -82,6 +82,50 @@ def test_a_role_from_the_name_never_exempts_from_swamping(tmp_path, source, swam
         assert found[0].evidence["median_ratio"] == pytest.approx(ratio)
 
 
+def _windows(values, th):
+    """Start and end window medians as the rules read them, recomputed with numpy: the
+    probe steps within window_share of the span from either end, at least min_points."""
+    steps = np.arange(len(values))
+    reach = th.window_share * (steps[-1] - steps[0])
+    first = max(th.min_points, int(np.sum(steps <= reach)))
+    last = max(th.min_points, int(np.sum(steps >= steps[-1] - reach)))
+    return np.median(values[:first]), np.median(values[-last:])
+
+
+@pytest.mark.parametrize("task_ends_at", [1.0, 0.25])
+def test_a_penalty_counts_as_a_competitor_only_of_a_loss_it_held_back(tmp_path, task_ends_at):
+    """A regulariser from the graph that falls to a tenth of its start while the task, at
+    1/200 of its gradient, falls and then rises back to ``task_ends_at`` of where it began:
+    back at its start the task never recovered its fit (swamped, static weights); at a
+    quarter of it the trade-off is healthy and the penalty stays out of the balance."""
+    th = Thresholds()
+    rows, cls_norm, reg_norm = _swamped_rows()
+    steps = len(rows)
+    cls_loss = 2.0 - 2.0 * (1 - task_ends_at) * np.arange(steps) / (steps - 1)
+    cls_loss[: steps // 2] -= 0.5 * np.sin(np.linspace(0, np.pi, steps // 2))
+    reg_loss = np.linspace(1000.0, 100.0, steps)
+    for s, scalars in rows:
+        scalars[("loss", "cls")], scalars[("loss", "reg")] = cls_loss[s], reg_loss[s]
+    run = _write(tmp_path, ["cls", "reg"], {"cls": "task", "reg": "regularization"}, rows,
+                 [_record("cls", "task", "first"), _record("reg", "regularization", "graph")])
+    assert exempt_losses(run, th) == {"reg"}
+    (cls_start, cls_end), (reg_start, reg_end) = _windows(cls_loss, th), _windows(reg_loss, th)
+    assert reg_end / reg_start < th.swamping_stall_fraction
+    held = cls_end / cls_start >= th.swamping_stall_fraction
+    assert held == (task_ends_at == 1.0)
+    swamping, static = _found(run, "gradient-swamping"), _found(run, "static-loss-weights")
+    assert [f.subject for f in swamping] == (["cls"] if held else [])
+    assert [f.subject for f in static] == (["cls"] if held else [])
+    if held:
+        f = swamping[0]
+        assert f.evidence["dominant"] == "reg" and f.severity == "error"  # 0.5% < 1%
+        assert "it never recovered its fit" in f.title  # why a penalty is named
+        assert f.evidence["median_ratio"] == pytest.approx(np.median(cls_norm / reg_norm))
+        assert f.evidence["held_back"]["end_fraction"] == pytest.approx(cls_end / cls_start)
+        assert f.evidence["held_back"]["dominant_end_fraction"] == pytest.approx(
+            reg_end / reg_start)
+
+
 def test_the_swamping_and_static_weight_remedies_print_the_balancing_weight(tmp_path):
     rows, cls_norm, reg_norm = _swamped_rows()
     run = _write(tmp_path, ["cls", "reg"], {"cls": "task", "reg": "regularization"}, rows,

@@ -119,3 +119,27 @@ def test_a_straddling_ratio_stays_an_alarm_when_the_loss_never_recovered_its_fit
     f = _swamping(run)["gradient-swamping"]
     assert f.severity == "info" and f.evidence["straddles_threshold"] and \
         f.evidence["held_back"] is None
+
+
+@pytest.mark.parametrize("ends_at, alarm", [(0.85, True), (0.4, False)])
+def test_a_straddling_loss_that_kept_most_of_its_start_is_held_back(tmp_path, ends_at, alarm):
+    """A swamped loss that falls only by a fifth to a quarter while the task falls tenfold
+    (IMTL-L's equal-weight digit classifier ends at 0.78 / 0.83 of its start beside an
+    asymmetry loss at 1e-4 of its own) never recovered its fit: the straddle's info does not
+    apply. One that falls to about a third (the healthy straddles of the seen runs: 0.34-0.39)
+    keeps it."""
+    boundary = _falling(1.5, 1.5 * ends_at)
+    run, _ = _straddling(tmp_path, boundary)
+    window = int(0.2 * (STEPS - 1)) + 1
+    end_fraction = np.median(boundary[-window:]) / np.median(boundary[:window])
+    assert (end_fraction >= TH.swamping_stall_fraction) == alarm
+    f = _swamping(run)["gradient-swamping"]
+    lo, hi = f.evidence["ratio_quartiles"]
+    assert lo < TH.swamping_ratio < hi
+    assert f.severity == ("warning" if alarm else "info")
+    if alarm:
+        assert f.evidence["held_back"]["end_fraction"] == pytest.approx(end_fraction, rel=1e-9)
+        # At change 20's stall fraction (0.9) the same loss read as too close to call.
+        assert end_fraction < 0.9
+        assert _swamping(run, Thresholds(swamping_stall_fraction=0.9))[
+            "gradient-swamping"].severity == "info"

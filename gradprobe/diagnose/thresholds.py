@@ -67,11 +67,12 @@ class Thresholds:
                                              "the steps it is swamped, on the layers both "
                                              "reach) is carried by the dominant's descent: "
                                              "info, not an alarm")
-    swamping_stall_fraction: float = _f(0.9, "a swamped loss whose end window is at least "
+    swamping_stall_fraction: float = _f(0.6, "a swamped loss whose end window is at least "
                                              "this fraction of its start window while the "
                                              "dominant's ends below it never recovered its "
                                              "fit: a ratio straddling swamping_ratio no "
-                                             "longer makes the finding info")
+                                             "longer makes the finding info, and a loss in "
+                                             "exempt_roles that held it back competes with it")
     exempt_roles: tuple[str, ...] = _roles(("regularization", "kl"),
                                            "roles never reported as swamped or conflicting, "
                                            "nor for missing the shared parameters")

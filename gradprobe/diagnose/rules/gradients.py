@@ -40,18 +40,9 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         run.has(GRAD_NORM, n) for n in names) else (None, [W[k] for k in range(len(names))])
     exempt = exempt_losses(run, th)
     # A regulariser's pull (weight decay) is not a loss competing for the shared layers: the
-    # swamping ratio is taken against the largest of the others.
-    competing = np.array([n not in exempt for n in names])
-    by_layer = _where_they_act(run, names, steps, competing)
-    if by_layer is None:
-        candidates = np.where(np.isfinite(W) & competing[:, None], W, -np.inf)
-        with np.errstate(invalid="ignore"):
-            largest = np.max(candidates, axis=0)
-            dominant_idx = np.tile(np.argmax(candidates, axis=0), (len(names), 1))
-            ratios = W / largest
-        ratios[:, ~(largest > 0)] = np.nan
-    else:
-        ratios, dominant_idx = by_layer["ratio"], by_layer["dominant"]
+    # swamping ratio is taken against the largest of the others, unless the outcome shows the
+    # regulariser held that loss back (``_rivals``).
+    balance = {}
     learning = task_learning(run, steps, th)
     satisfied = satisfied_constraints(run, th)
     out = []
@@ -61,6 +52,10 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         raw_k = np.asarray(raw[k])
         if not np.any(np.isfinite(raw_k) & (raw_k > 0)):
             continue  # no gradient at all on the shared parameters: that is inert-loss
+        competing = _rivals(run, names, exempt, name, th)
+        if competing.tobytes() not in balance:
+            balance[competing.tobytes()] = _balance(run, names, steps, W, competing)
+        ratios, dominant_idx, by_layer = balance[competing.tobytes()]
         ratio = ratios[k]
         to_learn = _left_to_learn(run, name, steps, th)
         if to_learn is None:
@@ -146,8 +141,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                f"descent of '{dominant}' carries it" if carried is not None else "")
             + (f"; it never recovered its fit (it ends at {g(stalled['end_fraction'])} of its "
                f"start, '{dominant}' at {g(stalled['dominant_end_fraction'])})"
-               if stalled and quartiles[0] < th.swamping_ratio < quartiles[1]
-               and not (protected or at_chance) else ""),
+               if stalled and (quartiles[0] < th.swamping_ratio < quartiles[1]
+                               or dominant in exempt) and not (protected or at_chance) else ""),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant),
@@ -169,6 +164,36 @@ _CARRIED_REMEDY = ("None needed while the dominant loss's descent is its descent
 _AT_CHANCE_REMEDY = ("None needed while its discriminator stays at chance: the shared features "
                      "carry nothing it can read, which is what an adversarial loss is for; if "
                      "the loss is not adversarial, declare its role.")
+
+
+def _rivals(run: Run, names: list[str], exempt: set[str], name: str,
+            th: Thresholds) -> np.ndarray:
+    """Which losses count as competitors of ``name`` [K]: every loss that is not exempt, and an
+    exempt one (a penalty, a regulariser) only where the outcome shows it held ``name`` back
+    (``purpose.held_back``: it fell below swamping_stall_fraction of its start while ``name``
+    ended at or above it). A penalty against a loss is a trade-off by design, until the loss
+    it trades against fails by its own measure: an L0 penalty at 100 times its published
+    weight falls to 8% of its start while the task rises back to 1.8 times its start window
+    (to chance); at the published weight the task ends at 12-16% of its start."""
+    return np.array([n not in exempt or held_back(run, name, n, th) is not None
+                     for n in names])
+
+
+def _balance(run: Run, names: list[str], steps: np.ndarray, W: np.ndarray,
+             competing: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """Per loss and step, its weighted gradient's ratio to the largest competing loss's and
+    which loss that is [K, T] each, on the layers they share (``_where_they_act``, returned
+    third) where the run holds per-layer blocks, else on the whole shared set (None)."""
+    by_layer = _where_they_act(run, names, steps, competing)
+    if by_layer is not None:
+        return by_layer["ratio"], by_layer["dominant"], by_layer
+    candidates = np.where(np.isfinite(W) & competing[:, None], W, -np.inf)
+    with np.errstate(invalid="ignore"):
+        largest = np.max(candidates, axis=0)
+        dominant_idx = np.tile(np.argmax(candidates, axis=0), (len(names), 1))
+        ratios = W / largest
+    ratios[:, ~(largest > 0)] = np.nan
+    return ratios, dominant_idx, None
 
 
 def _usage_it_keeps(run: Run, name: str, th: Thresholds) -> dict[str, float] | None:
