@@ -119,7 +119,7 @@ def test_a_penalty_counts_as_a_competitor_only_of_a_loss_it_held_back(tmp_path, 
     if held:
         f = swamping[0]
         assert f.evidence["dominant"] == "reg" and f.severity == "error"  # 0.5% < 1%
-        assert "it never recovered its fit" in f.title  # why a penalty is named
+        assert "it is held back: it ends at" in f.title  # why a penalty is named
         assert f.evidence["median_ratio"] == pytest.approx(np.median(cls_norm / reg_norm))
         assert f.evidence["held_back"]["end_fraction"] == pytest.approx(cls_end / cls_start)
         assert f.evidence["held_back"]["dominant_end_fraction"] == pytest.approx(

@@ -139,8 +139,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                f"{at_chance['role']})" if at_chance else "")
             + (f"; its gradient points with that of '{dominant}' (cosine {g(carried)}): the "
                f"descent of '{dominant}' carries it" if carried is not None else "")
-            + (f"; it never recovered its fit (it ends at {g(stalled['end_fraction'])} of its "
-               f"start, '{dominant}' at {g(stalled['dominant_end_fraction'])})"
+            + (f"; it is held back: it ends at {g(stalled['end_fraction'])} of its start, "
+               f"'{dominant}' at {g(stalled['dominant_end_fraction'])}"
                if stalled and (quartiles[0] < th.swamping_ratio < quartiles[1]
                                or dominant in exempt) and not (protected or at_chance) else ""),
             name, f"ratio {g(med)} (median)", evidence, (first, last),
