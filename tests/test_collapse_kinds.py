@@ -294,7 +294,7 @@ def test_unit_rows_that_concentrate_and_keep_their_centred_rank_are_mean_dominat
         start["normalized_std"] * np.sqrt(D)
     assert end["participation_ratio"] > th.collapse_participation  # the centred rank is kept
     assert (f.severity, f.evidence["kind"]) == ("info", "mean-dominated")
-    assert f.evidence["constant_norm"] and "rows of one norm" in f.title
+    assert f.evidence["constant_norm"] and "rank is kept" in f.title and "rows of one norm" in f.title
     assert np.isclose(f.evidence["variance_end"] / f.evidence["variance_peak"], kept, rtol=0.05)
     # The same rows at a norm that moves over the run are judged by (b) as before.
     _, (moving,) = _run(tmp_path, lambda t: _concentrating(20.0)(t) * (1 + t),

@@ -141,9 +141,11 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             kept = spread["variance_end"] / spread["variance_peak"]
             what = f"its l2-normalised rows concentrate (normalised std " \
                 f"{g(spread['normalized_std_end'])}, healthy " \
-                f"{g(spread['healthy_normalized_std'])}) while its centred spread is kept " \
-                f"(total variance {g(kept)} of its peak, centred RankMe {g(end)} of {g(d)}" + \
-                (", rows of one norm" if spread["constant_norm"] else "") + ")"
+                f"{g(spread['healthy_normalized_std'])}) while its centred " + \
+                (f"rank is kept (centred RankMe {g(end)} of {g(d)}; rows of one norm, total "
+                 f"variance {g(kept)} of its peak)" if spread["constant_norm"] else
+                 f"spread is kept (total variance {g(kept)} of its peak, centred RankMe "
+                 f"{g(end)} of {g(d)})")
             key = f"normalised std {g(spread['normalized_std_end'])}"
             plot = PlotHint(NORMALIZED_STD, names=[z],
                             threshold=spread["std_limit"] / math.sqrt(d))
