@@ -265,3 +265,71 @@ def test_a_supervised_latent_shedding_to_its_classes_is_neural_collapse(tmp_path
     end = _quantities(_shedding(1.0))
     assert end["participation_ratio"] > Thresholds().collapse_class_fraction * (4 - 1)
     assert found == []
+
+
+def _on_sphere(z: np.ndarray) -> np.ndarray:
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def _row_norm(z: np.ndarray) -> dict:
+    return {("latent_norm", "z"): float(np.linalg.norm(z, axis=1).mean())}
+
+
+def _concentrating(offset: float):
+    """l2-normalised rows drawn towards one direction: at unit norm the total variance is
+    1 - |mean|^2, so the spread falls exactly as the directions concentrate."""
+    return lambda t: _on_sphere(BASE + offset * t * DIRECTION)
+
+
+def test_unit_rows_that_concentrate_and_keep_their_centred_rank_are_mean_dominated(tmp_path):
+    # MSN's anchor (fourth held-out set): spread x0.07-0.09 of its peak, centred rank kept.
+    run, (f,) = _run(tmp_path, _concentrating(20.0), _row_norm)
+    th = Thresholds()
+    start, end = _quantities(_on_sphere(BASE)), _quantities(_concentrating(20.0)(1.0))
+    kept = end["total_variance"] / start["total_variance"]
+    assert np.allclose(np.linalg.norm(_concentrating(20.0)(1.0), axis=1), 1)
+    # Without the one-norm rule this is (b): directions and spread both at most half their peak.
+    assert th.collapse_sphere_fraction < kept <= th.collapse_peak_fraction
+    assert end["normalized_std"] * np.sqrt(D) <= th.collapse_peak_fraction * \
+        start["normalized_std"] * np.sqrt(D)
+    assert end["participation_ratio"] > th.collapse_participation  # the centred rank is kept
+    assert (f.severity, f.evidence["kind"]) == ("info", "mean-dominated")
+    assert f.evidence["constant_norm"] and "rank is kept" in f.title and "rows of one norm" in f.title
+    assert np.isclose(f.evidence["variance_end"] / f.evidence["variance_peak"], kept, rtol=0.05)
+    # The same rows at a norm that moves over the run are judged by (b) as before.
+    _, (moving,) = _run(tmp_path, lambda t: _concentrating(20.0)(t) * (1 + t),
+                        lambda z: _row_norm(z))
+    assert not moving.evidence["constant_norm"]
+    assert (moving.severity, moving.evidence["kind"]) == ("error", "complete")
+
+
+def test_unit_rows_whose_spread_is_nearly_gone_collapse_to_a_point(tmp_path):
+    # BYOL without predictor, CorInfoMax without log-det: x0.0008-0.012 of the peak spread
+    # while the faint rest keeps a high centred rank.
+    run, (f,) = _run(tmp_path, _concentrating(100.0), _row_norm)
+    th = Thresholds()
+    end = _quantities(_concentrating(100.0)(1.0))
+    kept = end["total_variance"] / _quantities(_on_sphere(BASE))["total_variance"]
+    assert kept <= th.collapse_sphere_fraction
+    assert end["participation_ratio"] > th.collapse_participation
+    assert (f.severity, f.evidence["kind"]) == ("error", "complete")
+    assert np.isclose(f.evidence["point_limit"],
+                      th.collapse_sphere_fraction * f.evidence["variance_peak"])
+
+
+def test_unit_rows_whose_centred_variance_takes_one_direction_collapse_to_a_point(tmp_path):
+    # SimSiam without stop-gradient: spread x0.11-0.15, but the centred variance sits in
+    # 1.1-1.4 directions (the participation test), so the concentration is a collapse.
+    def one_line(t):
+        return _on_sphere(BASE * (1 - 0.97 * t) + (8 * t * DIRECTION)
+                          + 2.5 * t * BASE[:, 1:2] * np.eye(D)[1])
+    run, (f,) = _run(tmp_path, one_line, _row_norm)
+    th = Thresholds()
+    start, end = _quantities(one_line(0.0)), _quantities(one_line(1.0))
+    kept = end["total_variance"] / start["total_variance"]
+    assert th.collapse_sphere_fraction < kept <= th.collapse_peak_fraction
+    assert end["participation_ratio"] <= th.collapse_participation
+    assert (f.severity, f.evidence["kind"]) == ("error", "complete")
+    assert f.evidence["participation_condition"] or f.evidence["point_condition"]
+    assert np.isclose(f.evidence["point_limit"],
+                      th.collapse_peak_fraction * f.evidence["variance_peak"])

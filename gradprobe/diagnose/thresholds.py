@@ -140,6 +140,15 @@ class Thresholds:
     collapse_shrink_fraction: float = _f(0.01, "end total variance at most this fraction of "
                                                "its peak: a shrink to the origin (complete "
                                                "collapse even while the normalised std holds)")
+    collapse_sphere_fraction: float = _f(0.03, "rows of one norm (see collapse_constant_norm): "
+                                               "the normalised-std test of a collapse to a "
+                                               "point also needs the end total variance at "
+                                               "most this fraction of its peak, unless the "
+                                               "participation test holds (else: "
+                                               "mean-dominated)")
+    collapse_constant_norm: float = _f(0.01, "the rows have one norm when the mean row norm "
+                                             "ranges over at most this fraction of its "
+                                             "largest value over the run")
     collapse_shrink_elasticity: float = _f(0.5, "... and the gradient the losses send to the "
                                                 "latent (sum of w * |dL/dz|) fell with its "
                                                 "scale: log(end/peak gradient) / log(end/peak "

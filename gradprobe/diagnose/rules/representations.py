@@ -55,7 +55,7 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
         if lines["condition"] and end <= th.collapse_participation_rank * iso:
             rank_held = rank_held | lines["held"] if rank_cond else lines["held"]
             rank_cond = True
-        spread = _spread(run, z, d, steps, th)
+        spread = _spread(run, z, d, steps, th, lines["condition"])
         lost = _directions_lost(lines, spread, steps)
         if lost["condition"]:
             rank_held = rank_held | lost["held"] if rank_cond else lost["held"]
@@ -98,6 +98,8 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
                            "class_fraction": th.collapse_class_fraction,
                            "std_fraction": th.collapse_std_fraction,
                            "shrink_fraction": th.collapse_shrink_fraction,
+                           "sphere_fraction": th.collapse_sphere_fraction,
+                           "constant_norm": th.collapse_constant_norm,
                            "shrink_elasticity": th.collapse_shrink_elasticity,
                            "participation": th.collapse_participation,
                            "participation_rank": th.collapse_participation_rank,
@@ -139,8 +141,11 @@ def representation_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[
             kept = spread["variance_end"] / spread["variance_peak"]
             what = f"its l2-normalised rows concentrate (normalised std " \
                 f"{g(spread['normalized_std_end'])}, healthy " \
-                f"{g(spread['healthy_normalized_std'])}) while its centred spread is kept " \
-                f"(total variance {g(kept)} of its peak, centred RankMe {g(end)} of {g(d)})"
+                f"{g(spread['healthy_normalized_std'])}) while its centred " + \
+                (f"rank is kept (centred RankMe {g(end)} of {g(d)}; rows of one norm, total "
+                 f"variance {g(kept)} of its peak)" if spread["constant_norm"] else
+                 f"spread is kept (total variance {g(kept)} of its peak, centred RankMe "
+                 f"{g(end)} of {g(d)})")
             key = f"normalised std {g(spread['normalized_std_end'])}"
             plot = PlotHint(NORMALIZED_STD, names=[z],
                             threshold=spread["std_limit"] / math.sqrt(d))
@@ -188,13 +193,20 @@ def _directions_lost(lines: dict, spread: dict, steps: np.ndarray) -> dict:
             "held": lines["lost_held"] & spread["spread_lost_held"]}
 
 
-def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> dict:
+def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds,
+            centred_lost: bool) -> dict:
     """The rows' directions (SimSiam's normalised std) against their centred spread (total
     variance). Complete collapse: the directions concentrate and the spread shrinks, or the
     spread falls by orders of magnitude whatever the directions do (a shrink to the origin,
     where the normalised std of what is left can hold). Mean-dominated: the directions
     concentrate around a mean while the spread stays (Chen & He 2021's indicator reads it
-    as collapse; the centred information is kept)."""
+    as collapse; the centred information is kept).
+    Rows of one norm (an l2-normalised output) make the two one measurement: there the total
+    variance is |z|^2 - |mean|^2, so it falls exactly as the directions concentrate. Such a
+    latent collapsed to a point when the centred variance also left its directions
+    (``centred_lost``, the participation test) or when its spread fell to
+    ``collapse_sphere_fraction`` of its peak; a concentration that keeps the centred rank is
+    mean-dominated."""
     std_s = finite(get(run, NORMALIZED_STD, z))
     var_s = finite(get(run, TOTAL_VARIANCE, z))
     if std_s is None or var_s is None or not (math.isfinite(d) and d > 0) or \
@@ -206,24 +218,38 @@ def _spread(run: Run, z: str, d: float, steps: np.ndarray, th: Thresholds) -> di
     v_peak = nanmax(rolling_median(var_s[1], th.smooth_points))
     std_limit = min(th.collapse_peak_fraction * s_peak, th.collapse_std_fraction)
     var_limit = th.collapse_peak_fraction * v_peak
+    one_norm = _constant_norm(run, z, th)
+    point_limit = th.collapse_sphere_fraction * v_peak if one_norm and not centred_lost \
+        else var_limit
     shrink_limit = th.collapse_shrink_fraction * v_peak
     s_end, v_end = series_end((std_s[0], scaled), th), series_end(var_s, th)
     std_held = np.interp(steps, std_s[0], scaled) <= std_limit
     var_at = np.interp(steps, var_s[0], var_s[1])
-    directions_lost, spread_lost = s_end <= std_limit, v_end <= var_limit
+    directions_lost, point = s_end <= std_limit, v_end <= point_limit
     signal = _shrink_gradient(run, z, v_end / v_peak if v_peak > 0 else math.nan, th)
     shrunk = bool(v_end <= shrink_limit and signal["shrink_gradient_faded"])
-    return {"complete": bool(directions_lost and spread_lost or shrunk),
-            "mean_dominated": bool(directions_lost and not spread_lost),
-            "complete_held": (std_held & (var_at <= var_limit)) |
+    return {"complete": bool(directions_lost and point or shrunk),
+            "mean_dominated": bool(directions_lost and not point),
+            "complete_held": (std_held & (var_at <= point_limit)) |
             ((var_at <= shrink_limit) & shrunk),
-            "mean_dominated_held": std_held & (var_at > var_limit),
-            "spread_lost": bool(spread_lost), "spread_lost_held": var_at <= var_limit,
+            "mean_dominated_held": std_held & (var_at > point_limit),
+            "spread_lost": bool(v_end <= var_limit), "spread_lost_held": var_at <= var_limit,
+            "constant_norm": one_norm, "point_limit": point_limit,
             "std_limit": std_limit, "std_scaled_peak": s_peak, "std_scaled_end": s_end,
             "normalized_std_end": s_end / math.sqrt(d), "healthy_normalized_std": 1 / math.sqrt(d),
             "variance_peak": v_peak, "variance_end": v_end, "shrink_limit": shrink_limit,
             "normalized_std": thin(std_s[0], std_s[1]), "total_variance": thin(*var_s),
             **signal}
+
+
+def _constant_norm(run: Run, z: str, th: Thresholds) -> bool:
+    """Whether the rows keep one norm over the run: the mean row norm varies by at most
+    ``collapse_constant_norm`` of its largest value (an l2-normalised output: ~1e-8)."""
+    norm = finite(get(run, LATENT_NORM, z))
+    if norm is None or len(norm[0]) < th.min_points:
+        return False
+    top = float(np.max(np.abs(norm[1])))
+    return bool(top > 0 and np.ptp(norm[1]) <= th.collapse_constant_norm * top)
 
 
 def _shrink_gradient(run: Run, z: str, variance_kept: float, th: Thresholds) -> dict:
