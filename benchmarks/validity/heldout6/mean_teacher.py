@@ -24,8 +24,8 @@ student and teacher; Adam lr 1e-3, 500 steps, ramp-up over the first 200 steps, 
 0.99 during ramp-up and 0.999 after; w_max 3 (scaled from 100 for 500 steps: measured test
 accuracy with w_max 1, 3, 10: 0.889/0.884, 0.878/0.891, 0.847/0.896 on seeds 0/1; at this
 scale the consistency cost brings no gain over the labels alone, see the reference below).
-Losses passed as ``class_cost`` and ``consistency_cost`` (the repository's names); the student's features
-are watched as latent ``features``.
+Losses passed as ``class_cost`` and ``consistency_cost`` (the repository's names); the
+student's features are watched as latent ``features``.
 
 Variants (truth by construction):
 - ``published``: healthy, as above.
