@@ -7,7 +7,9 @@ faiss k-means on the momentum encoder's features of the whole training set every
 centroids l2-normalised, phi of a single-point cluster set to the largest phi, phi clamped
 to its 10th-90th percentiles and rescaled to a mean equal to the temperature 0.2; ``train``:
 loss = CE(InfoNCE logits) + sum over clusterings of CE(prototype logits) / M) and
-``pcl/builder.py`` (MoCo v2 backbone: momentum key encoder, queue of negatives).
+``pcl/builder.py`` (``forward``: MoCo v2 logits of the query against its momentum key and
+the queue over T; prototype logits q . c / phi_c against the batch's own cluster centroids
+and r = 16000 sampled other centroids, the target the row's own centroid).
 
 Published setup: ResNet-50, 128-d l2-normalised embedding, MoCo v2 (queue 16384, momentum
 0.999, temperature 0.2), num_cluster 25000, 50000, 100000 on ImageNet's 1.28M images (about
@@ -18,7 +20,9 @@ augmentations, DigitEncoder + a linear head to a 32-d unit embedding, queue 512,
 momentum 0.99, temperature 0.2, K = 25, 50, 100 (54, 27 and 13 images a cluster, as
 published), scikit-learn k-means each epoch on the key encoder's features, 30 epochs of
 10 steps of 128, SGD lr 0.06 momentum 0.9. No warm-up: ProtoNCE is passed from the first
-step (k-means of the initial features), so both losses are present on every step.
+step (k-means of the initial features), so both losses are present on every step. The
+prototype logits use every centroid once (r exceeds K here; the source's columns repeat the
+positive centroid of each row of the batch).
 Losses ``InfoNCE`` and ``ProtoNCE`` (the names of the paper). Watched as docs/probe.md says:
 the query embedding ``embedding`` as a latent, the finest clustering's centroids as the
 prototypes ``prototypes`` of ``embedding`` with each row's cluster id as its group.
@@ -148,11 +152,9 @@ def train(variant: str, seed: int, log: Path) -> dict:
     query.eval()
     with torch.no_grad():
         z_tr, z_te = query(x_tr).numpy(), query(x_te).numpy()
-    used = KMeans(10, n_init=3, random_state=0).fit(z_te).labels_
     return {"knn_acc": knn_accuracy(z_tr, y_tr.numpy(), z_te, y_te.numpy()),
             "z_rank": centred_effective_rank(z_te), "z_dim": DIM,
-            "centroid_min_distance": float(torch.pdist(finest["centroids"]).min()),
-            "kmeans10_largest_share": float(np.bincount(used).max() / len(used))}
+            "centroid_min_distance": float(torch.pdist(finest["centroids"]).min())}
 
 
 _MUST_NOT = ("inert-loss", "non-finite", "weak-contrastive-signal")
