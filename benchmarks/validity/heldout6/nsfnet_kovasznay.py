@@ -25,11 +25,26 @@ divided by the largest loss's (``*_grad_share``, medians over the run), the cosi
 the momentum and boundary gradients (median, and share negative), and each loss's end over
 start value (``*_loss_end_over_start``).
 
-Variants (truth by construction):
-- ``published``: healthy, alpha = 1. Measured, seeds 0 / 1: see MEASURED below.
-- ``boundary-1e-4``: alpha = 1e-4, fixed. Without its boundary data the Navier-Stokes
-  residual has infinitely many solutions (any uniform flow with constant pressure is one),
-  so the net fits a wrong flow. Measured, seeds 0 / 1: see MEASURED below.
+Variants (truth by construction), measured on seeds 0 / 1 (~23 CPU-seconds a run):
+- ``published``: healthy, alpha = 1. rel_l2_u 0.10 / 0.085, rel_l2_v 0.45 / 0.33 (Adam
+  only, 1,500 steps of a small net: coarse, the paper's L-BFGS run reaches ~1e-3); boundary
+  loss end over start 0.65 / 0.63, continuity 0.45 / 0.58; boundary grad share 1.0 / 0.99
+  (momentum 0.59 / 0.79, continuity 0.48 / 0.59); momentum and boundary gradients opposed
+  (median cosine -0.93 / -0.25, negative on 80% / 73% of the checks): the equilibrium of
+  the published sum. Must not: ``gradient-swamping``, ``static-loss-weights``.
+- ``boundary-1e-4``: alpha = 1e-4, fixed. Without its boundary data the residuals admit
+  many flows (any uniform flow with constant pressure solves them), and the net fits a wrong
+  one: rel_l2_u 0.68 / 0.56, rel_l2_v 1.16 / 1.24 (6-7x and 3-4x the published errors).
+  Not swamped in norm: the boundary loss's weighted gradient is still the largest over all
+  parameters (share 1.0 / 1.0) and on most layers (median layer share 0.95 / 1.0), since
+  the residuals of a near-uniform flow are small; momentum-boundary cosine median
+  -0.07 / -0.35 (negative on 73% / 100% of the checks), weaker than the healthy run's on
+  seed 0. The construction meant swamping; the measurement shows a small-weighted data
+  term fitted too slowly, which no gradient statistic measured here separates from the
+  healthy run. Expected: nothing measured supports one (declared empty). Allowed:
+  ``gradient-conflict`` on ``momentum|boundary`` and ``static-loss-weights`` on ``boundary``
+  (the fixed weight is the cause of the harm). Must not: ``gradient-swamping`` (measured:
+  the boundary's gradient is the largest), ``inert-loss``.
 """
 
 from __future__ import annotations
@@ -166,11 +181,13 @@ FAMILY = Family(
     train=train,
     variants=(
         Variant("published", True, "the published boundary weight alpha = 1: the net fits the "
-                "boundary data and the residuals; u and v match Kovasznay's flow",
-                must_not=("gradient-swamping", "gradient-conflict", "static-loss-weights")),
+                "boundary data and the residuals; u and v approach Kovasznay's flow",
+                must_not=("gradient-swamping", "static-loss-weights")),
         Variant("boundary-1e-4", False, "boundary weight 1e-4, fixed: the residuals alone admit "
-                "many flows and the net fits a wrong one",
-                expected=(), must_not=()),
+                "many flows and the net fits a wrong one (u, v errors 3-7x the published)",
+                allowed=(Expect("gradient-conflict", "momentum|boundary"),
+                         Expect("static-loss-weights", "boundary")),
+                must_not=("gradient-swamping", "inert-loss")),
     ),
     seeds=(0, 1),
     quick=(("published", 1), ("boundary-1e-4", 1)),
