@@ -3,8 +3,12 @@
 Navier-Stokes equations", J. Comput. Phys. 426, 109951), section 3.1.1 (Kovasznay flow,
 VP-NSFnet) with the VP loss of section 2.1, L = L_e + alpha L_b.
 
-Source read: the paper as recalled from its text (the search tools returned no copy of it in
-this session, so the numbers below are the paper's as remembered, not re-read): steady 2-D
+Source read: the loss of the NSFnets port Alexzihaohu/NSFnets ``README.md`` (its
+``VP_NSFnets1.py`` is the Kovasznay case), L = L_e + alpha L_b + beta L_i with
+L_e = (1 / N_e) sum_i sum_n |e_VPi^n|^2 and L_b = (1 / N_b) sum_n |u^n - u_b^n|^2, and
+the Kovasznay setup of PaddleScience's port (Re = 40, r = Re / 2 - sqrt(Re^2 / 4 + 4 pi^2),
+domain from (-0.5, -0.5)); the paper's own text was not retrieved in this session, so its
+point counts and net size below are as remembered: steady 2-D
 incompressible Navier-Stokes in velocity-pressure form, Re = 40, domain [-0.5, 1] x
 [-0.5, 1.5]; exact solution (Kovasznay 1948) u = 1 - exp(lam x) cos(2 pi y),
 v = lam / (2 pi) exp(lam x) sin(2 pi y), p = (1 - exp(2 lam x)) / 2 with

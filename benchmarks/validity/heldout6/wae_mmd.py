@@ -20,7 +20,8 @@ Here (CPU budget): scikit-learn's 8x8 digits (0-1 pixels); encoder and decoder M
 64 -> 128 -> 128 -> 8 and 8 -> 128 -> 128 -> 64 (sigmoid out) instead of the DCGAN
 convolutions; batch 100, Adam lr 1e-3, 1,200 steps. Losses ``reconstruction`` (0.05 x
 summed squared error, batch mean) and ``mmd`` (weight lambda), by the code's names
-(``loss_reconstruct``, ``penalty``). The code ``z`` is watched as a latent.
+(``loss_reconstruct``, ``penalty``). The code ``z`` fed to the decoder is watched as a
+latent (``watch_latent("z")``, observed each step).
 
 Truth, measured on the test split without gradprobe: reconstruction MSE against the MSE of
 the training-set mean image (``recon_over_mean_image``: 1 means the decoder outputs the mean
