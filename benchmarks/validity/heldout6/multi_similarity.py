@@ -101,8 +101,7 @@ def ms_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def pk_batches(labels: torch.Tensor, gen: torch.Generator):
-    members = labels.view(CLASSES, PER_TRAIN)  # the training set is stored class by class
-    index = torch.arange(len(labels)).view(CLASSES, PER_TRAIN)
+    index = torch.arange(len(labels)).view(CLASSES, PER_TRAIN)  # stored class by class
     while True:
         chosen = torch.randperm(CLASSES, generator=gen)[:P]
         pick = torch.stack([torch.randperm(PER_TRAIN, generator=gen)[:K] for _ in range(P)])
