@@ -110,7 +110,8 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
                   "loss_s2": F.cross_entropy(model["C2"](feat_s), y_s[i_s])}
         if variant != "source-only":
             feat_t = model["G"](x_t[i_t])
-            feat_t = feat_t.detach() if variant == "detached-generator" else GradReverse.apply(feat_t)
+            detached = variant == "detached-generator"
+            feat_t = feat_t.detach() if detached else GradReverse.apply(feat_t)
             losses["loss_dis"] = -discrepancy(model["C1"](feat_t), model["C2"](feat_t))
         if probe is not None:
             probe.backward(losses)
@@ -126,7 +127,8 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
             return float((sum(model[h](feat) for h in heads).argmax(1) == y_te).float().mean())
         feat = model["G"](x_t_te)
         return {"source_acc": accuracy(x_te), "target_acc": accuracy(x_t_te),
-                "target_acc_c1": accuracy(x_t_te, ("C1",)), "target_acc_c2": accuracy(x_t_te, ("C2",)),
+                "target_acc_c1": accuracy(x_t_te, ("C1",)),
+                "target_acc_c2": accuracy(x_t_te, ("C2",)),
                 "target_discrepancy": float(discrepancy(model["C1"](feat), model["C2"](feat)))}
 
 
