@@ -5,4 +5,5 @@ of the first five held-out sets ports, probed at the documented defaults (no ``r
 ``shared=``), run only by ``run.py --heldout sixth``, once, and reported apart
 (docs/validity-heldout6.md)."""
 
-HELDOUT6_MODULES = ()
+HELDOUT6_MODULES = ("mean_teacher", "fixmatch", "pcl", "koleo", "famo", "deep_coral",
+                    "nsfnet_kovasznay", "wae_mmd", "multi_similarity", "mcd")
