@@ -302,3 +302,38 @@ def test_a_usage_collapse_gets_the_codebook_or_both_cures():
     unknown = prototype_collapse_remedy(True, [])
     assert CODEBOOK in unknown and CLUSTERING in unknown and "Sinkhorn" in unknown
     assert "update each prototype from its own group only" in unknown  # centre averages
+
+
+def test_a_loss_that_reaches_only_parameters_outside_the_probed_model_is_inert():
+    """A Fader-style latent discriminator kept outside the model given to Probe, reading the
+    encoder's output detached: its loss reaches the discriminator and nothing of the model."""
+    torch.manual_seed(0)
+    encoder, decoder = nn.Linear(6, 3), nn.Linear(3, 6)
+    model = nn.ModuleDict(dict(encoder=encoder, decoder=decoder))
+    discriminator = nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = gradprobe.Probe(model, every=1)
+    x, attribute = torch.randn(64, 6), (torch.rand(64) < 0.5).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe's live notice of the cut-off loss
+        for _ in range(12):
+            z = encoder(x)
+            losses = {"rec": F.mse_loss(decoder(z), x),
+                      "lat_dis": F.binary_cross_entropy_with_logits(
+                          discriminator(z.detach()).squeeze(1), 1 - attribute)}
+            probe.backward(losses)
+            opt.step()
+            opt.zero_grad()
+    # Independently: of the model's parameters, the loss reaches none.
+    z = encoder(x)
+    grads = torch.autograd.grad(
+        F.binary_cross_entropy_with_logits(discriminator(z.detach()).squeeze(1), attribute),
+        list(model.parameters()) + list(discriminator.parameters()), allow_unused=True)
+    assert [g is not None for g in grads] == [False] * 4 + [True, True]
+    probe.close()
+    run = run_from_state(probe.state_dict(), "fader")
+    record = next(r for r in role_records(run.meta) if r["name"] == "lat_dis")
+    assert record["reach"] == "none"
+    (f,) = _found(run, "inert-loss")
+    assert f.subject == "lat_dis" and f.severity == "warning"
+    assert "reaches no trainable parameter of the probed model" in f.title

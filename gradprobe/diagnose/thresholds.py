@@ -172,6 +172,9 @@ class Thresholds:
     stale_drift: float = _f(1e-6, "relative prototype change at most this: did not move")
     stale_min_target_shift: float = _f(1e-3, "relative movement of the group feature means at "
                                               "least this: the latent moved")
+    stale_lag_within: float = _f(4.0, "still prototypes whose end lag is at most this many "
+                                      "group std sit within their groups: the latent came to "
+                                      "them (a fixed table), not stale")
     # -- prototype-collapse ------------------------------------------------------------------
     proto_collapse_fraction: float = _f(0.2, "end mean pairwise distance at most this fraction of "
                                               "its peak (scale-free when the latent's norm is "

@@ -399,9 +399,18 @@ def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -
     record = role_record(run, name)
     role, settled = record["role"], record["source"] != "name"
     steps = (int(events[0]["step"]), int(events[-1]["step"]))
-    evidence.update(role=role, role_source=record["source"], role_hint=record.get("hint"))
+    evidence.update(role=role, role_source=record["source"], role_hint=record.get("hint"),
+                    reach=record.get("reach"))
     message = " ".join(str(events[0]["message"]).split())
     plot = PlotHint(GRAD_NORM, names=[name])
+    if record.get("reach") == "none":
+        # What it reaches lies outside the model given to Probe (a discriminator kept apart
+        # reading detached features): whatever it was meant for, it trains nothing here.
+        return make_finding(
+            "inert-loss", "warning",
+            f"'{name}' reaches no trainable parameter of the probed model (what its graph "
+            "reaches lies outside it): it trains nothing of the model", name,
+            f"{len(events)} probe steps", evidence, steps, plot=plot)
     if role in SHAPES_SHARED:
         return make_finding("inert-loss", "warning",
                             f"{message} (role {role}, {role_origin(record)})", name,

@@ -40,15 +40,21 @@ def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]
         never = bool(held[judged].all())
         since = get(run, PROTOTYPE_STEPS_SINCE_MOVED, p)
         lag = finite(get(run, PROTOTYPE_LAG, p))
+        lag_ends = start_end(*lag, th) if lag is not None else None
+        # Stale prototypes are left outside their groups by the latent (lag >> 1 group std);
+        # still ones that sit within their groups at the end are a target the latent came to
+        # (a fixed or implicit codebook, LFQ's, that a commitment term pulls the latent onto).
+        converged = lag_ends is not None and lag_ends["end"] <= th.stale_lag_within
         evidence = {
             "prototypes": p, "still_share": share, "judged_steps": int(judged.sum()),
             "never_moved": never, "median_drift": median(d[judged]),
             "median_target_shift": median(sv[judged]) if sv is not None else None,
             "latent_watched": sv is not None,
             "max_steps_since_moved": nanmax(since[1]) if since is not None else None,
-            "lag_start": start_end(*lag, th)["start"] if lag is not None else None,
-            "lag_end": start_end(*lag, th)["end"] if lag is not None else None,
-            "thresholds": {"drift": th.stale_drift, "target_shift": th.stale_min_target_shift},
+            "lag_start": lag_ends["start"] if lag_ends else None,
+            "lag_end": lag_ends["end"] if lag_ends else None, "latent_converged": converged,
+            "thresholds": {"drift": th.stale_drift, "target_shift": th.stale_min_target_shift,
+                           "lag_within": th.stale_lag_within},
             "drift": thin(steps, d),
         }
         if sv is not None:
@@ -56,12 +62,18 @@ def prototype_stale(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]
         moved = "the latent they summarise moved" if sv is not None else \
             "(their latent is not watched)"
         what = "never moved" if never else f"did not move over {pct(share)} of the run"
+        if converged:
+            moved = f"the latent came to them (each sits {g(lag_ends['end'])} group std from " \
+                f"its group's mean at the end, from {g(lag_ends['start'])}): a fixed table " \
+                "the latent converges to, not left behind"
         out.append(make_finding(
-            "prototype-stale", "error" if never else "warning",
-            f"prototypes '{p}' {what} while {moved}" if sv is not None else
+            "prototype-stale", "info" if converged else "error" if never else "warning",
+            f"prototypes '{p}' {what} while {moved}" if sv is not None or converged else
             f"prototypes '{p}' {what} {moved}",
             p, f"still {pct(share)} of steps", evidence, held_range(steps, held),
-            plot=PlotHint(PROTOTYPE_DRIFT, names=[p], threshold=th.stale_drift)))
+            plot=PlotHint(PROTOTYPE_DRIFT, names=[p], threshold=th.stale_drift),
+            remedy="Nothing to do for a table fixed by design; one meant to follow the latent "
+                   "is updated inside the training loop (momentum)." if converged else None))
     return out
 
 
