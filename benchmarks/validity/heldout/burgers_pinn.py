@@ -96,15 +96,19 @@ def latin_hypercube(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self):
+    """A tanh MLP of ``layers`` widths (Xavier init, zero biases) whose input is first mapped
+    from the box [low, high] to [-1, 1], as Raissi et al.'s PINNs do."""
+
+    def __init__(self, layers=LAYERS, low=LOW, high=HIGH):
         super().__init__()
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(LAYERS[:-1], LAYERS[1:]))
+        self.low, self.high = low, high
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
         for lin in self.linears:
             nn.init.xavier_normal_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, xt):
-        h = 2 * (xt - LOW) / (HIGH - LOW) - 1
+    def forward(self, points):
+        h = 2 * (points - self.low) / (self.high - self.low) - 1
         for lin in self.linears[:-1]:
             h = torch.tanh(lin(h))
         return self.linears[-1](h)

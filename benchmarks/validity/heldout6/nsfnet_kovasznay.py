@@ -65,6 +65,7 @@ import gradprobe
 
 from ..common import loss_end_over_start
 from ..harness import Expect, Family, Variant
+from ..heldout.burgers_pinn import MLP
 
 RE = 40.0
 LAM = RE / 2 - math.sqrt(RE ** 2 / 4 + 4 * math.pi ** 2)
@@ -83,21 +84,6 @@ def kovasznay(xy: torch.Tensor) -> torch.Tensor:
     return torch.cat([1 - e * torch.cos(2 * math.pi * y),
                       LAM / (2 * math.pi) * e * torch.sin(2 * math.pi * y),
                       (1 - e * e) / 2], 1)
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(LAYERS[:-1], LAYERS[1:]))
-        for lin in self.linears:
-            nn.init.xavier_normal_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, xy):
-        h = 2 * (xy - LOW) / (HIGH - LOW) - 1
-        for lin in self.linears[:-1]:
-            h = torch.tanh(lin(h))
-        return self.linears[-1](h)
 
 
 def residuals(model: nn.Module, xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +136,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     edge = boundary_points()
     edge_uv = kovasznay(edge)[:, :2]
     weights = {"boundary": ALPHA[variant]}
-    model = MLP()
+    model = MLP(LAYERS, LOW, HIGH)  # burgers_pinn's input-scaled tanh MLP on this box
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     series: dict[str, list[float]] = {}
     probe = gradprobe.Probe(model, run_file=log)
