@@ -249,6 +249,26 @@ def test_failure_when_flushing_logged_scalars_warns_once(tmp_path):
     assert steps and steps == list(range(len(steps)))
 
 
+def test_a_close_that_meets_the_failure_already_reported_does_not_warn_again(tmp_path):
+    """The writer thread can meet the same full disk as the training thread's flush: the
+    probe disabled itself with one warning, and the writer raises it again at close."""
+    def at_flush(writer):
+        writer.flush_seconds = 0.0
+        writer._conn = FailingConnection(writer._conn, fail_after_commits=6)
+        real_close = writer.close
+
+        def close():
+            real_close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writer.close = close
+
+    probe, warned, log = _train_with(tmp_path, at_flush, log_lr=True)
+    assert not probe.enabled
+    assert len(warned) == 1 and "disabled itself" in warned[0], warned
+    steps = load_run(log).probe_steps().tolist()
+    assert steps and steps == list(range(len(steps)))
+
+
 def test_failure_at_close_warns_once_and_the_run_stays_readable(tmp_path):
     def at_close(writer):
         writer._conn = FailingConnection(writer._conn, fail_sql="wal_checkpoint")

@@ -489,7 +489,10 @@ class Probe(WatchMethods):
             try:
                 self._writer.close()
             except Exception as exc:
-                warn_user(f"gradprobe: could not close the run file cleanly ({exc})")
+                # After the probe disabled itself the writer may still hold that failure (the
+                # writer thread met it too): it was reported once already.
+                if self._failure is None:
+                    warn_user(f"gradprobe: could not close the run file cleanly ({exc})")
         self._notices.run()
         self._closed = True
 
