@@ -473,9 +473,8 @@ class Probe(WatchMethods):
         self._resumed = True
 
     def close(self) -> None:
-        """Flush and close the run file and remove the hooks; safe to call twice. Warnings
-        about the last steps (found on the writer thread) come here at the latest, and one
-        when no backward reached the probe (the run records nothing)."""
+        """Flush and close the run file, remove the hooks (safe twice); the writer thread's
+        last warnings come here at the latest, and one when no backward reached the probe."""
         if not self._saw_backward and self._writes and not self._closed:
             warn_user("gradprobe: the probe is closed without having seen a backward, so the "
                       f"run {self._writer.path or '(in memory)'} records nothing: call "
@@ -488,9 +487,7 @@ class Probe(WatchMethods):
         if self._writer is not None:
             try:
                 self._writer.close()
-            except Exception as exc:
-                # After the probe disabled itself the writer may still hold that failure (the
-                # writer thread met it too): it was reported once already.
+            except Exception as exc:  # a failure already reported is not warned twice
                 if self._failure is None:
                     warn_user(f"gradprobe: could not close the run file cleanly ({exc})")
         self._notices.run()
