@@ -32,19 +32,25 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
             torch.from_numpy(y_te))
 
 
+def shift_one_pixel(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each flattened 8x8 digit of a batch shifted at random by up to one pixel in each
+    direction (zero padding), as (n, 8, 8)."""
+    n = x.shape[0]
+    padded = torch.nn.functional.pad(x.view(n, 8, 8), (1, 1, 1, 1))
+    dx = torch.randint(0, 3, (n,), generator=gen)
+    dy = torch.randint(0, 3, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(8)[None, :])[:, :, None].expand(n, 8, 8)
+    cols = (dx[:, None] + torch.arange(8)[None, :])[:, None, :].expand(n, 8, 8)
+    return padded[torch.arange(n)[:, None, None], rows, cols]
+
+
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A view of a batch of flattened 8x8 digits for self-supervised learning: a random shift
     of up to one pixel, a random intensity scale in [0.6, 1.4], a random 3x3 erased patch
     (half of the images) and Gaussian noise (std 0.1), the digit-sized analogue of SimCLR's
     crop + colour distortion + blur."""
     n = x.shape[0]
-    img = x.view(n, 8, 8)
-    padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
-    dx = torch.randint(0, 3, (n,), generator=gen)
-    dy = torch.randint(0, 3, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(8)[None, :])[:, :, None].expand(n, 8, 8)
-    cols = (dx[:, None] + torch.arange(8)[None, :])[:, None, :].expand(n, 8, 8)
-    view = padded[torch.arange(n)[:, None, None], rows, cols]
+    view = shift_one_pixel(x, gen)
     view = view * (0.6 + 0.8 * torch.rand(n, 1, 1, generator=gen))
     erase = torch.rand(n, generator=gen) < 0.5
     r0 = torch.randint(0, 6, (n,), generator=gen)

@@ -60,14 +60,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gradprobe
 
-from ..common import (DigitEncoder, augment, batches, centred_effective_rank, digits_split,
+from ..common import (augment, batches, centred_effective_rank, digits_split, shift_one_pixel,
                       trunk_grad_ratio)
 from ..harness import Expect, Family, Variant
-from .mean_teacher import CLASSES, LABELS_PER_CLASS, labelled_subset
+from .mean_teacher import CLASSES, LABELS_PER_CLASS, Classifier, labelled_subset
 
 STEPS, LABELLED_BATCH, MU, LR = 500, 16, 7, 1e-3
 RATIO_EVERY = 20  # steps between the independent gradient-ratio measurements
@@ -76,24 +75,7 @@ SETTINGS = {"published": (0.95, 1.0), "tau0-lambda100": (0.0, 100.0)}  # (tau, l
 
 def weak_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """FixMatch's weak augmentation on 8x8 digits: a random shift of up to one pixel."""
-    n = x.shape[0]
-    padded = F.pad(x.view(n, 8, 8), (1, 1, 1, 1))
-    dx = torch.randint(0, 3, (n,), generator=gen)
-    dy = torch.randint(0, 3, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(8)[None, :])[:, :, None].expand(n, 8, 8)
-    cols = (dx[:, None] + torch.arange(8)[None, :])[:, None, :].expand(n, 8, 8)
-    return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, 64)
-
-
-class Classifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = DigitEncoder()
-        self.head = nn.Linear(self.trunk.width, CLASSES)
-
-    def forward(self, x):
-        features = self.trunk(x)
-        return features, self.head(features)
+    return shift_one_pixel(x, gen).reshape(x.shape[0], 64)
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
