@@ -71,10 +71,10 @@ def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.nd
     ``conflict_undone_fraction`` of its own descent undone by the other (held by this
     conflict: with more of its descent left, its stall has another cause, such as a
     reversed gradient), or both settle together on a compromise plateau where each undoes
-    most of the other's descent, neither above where it began unless declared a task. A loss that rose from near its floor to an equilibrium
-    during its start window (a commitment, redundancy or KL term) is settled by design,
-    neither stalled nor stuck; so is a pair that rose together: both settled above every one
-    of their first values."""
+    most of the other's descent, neither above where it began unless declared a task. A loss
+    that rose from near its floor to an equilibrium during its start window (a commitment,
+    redundancy or KL term) is settled by design, neither stalled nor stuck; so is a pair that
+    rose together: both settled above every one of their first values."""
     lo, hi = int(judged[0]), int(judged[-1])
     ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
     levels = {name: _loss_levels(run, name, th) for name in pair}

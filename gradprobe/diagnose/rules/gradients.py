@@ -392,10 +392,11 @@ def gradient_conflict(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
 
 
 def _own_only_finding(run: Run, name: str, events: list[dict], evidence: dict) -> Finding | None:
-    """A loss that reaches parameters, none of them shared: inert only if it was meant to
-    shape the shared representation (declared, or hinted by its name and shown as such); a
-    codebook or prototype loss trains its own parameters by design. Where neither the user
-    nor the name tells, ``info`` with the declaration that settles it."""
+    """A loss that reaches parameters, none of them shared: inert when none of them is the
+    probed model's (reach ``none``), or when it was meant to shape the shared representation
+    (declared, or hinted by its name and shown as such); a codebook or prototype loss trains
+    its own parameters by design. Where neither the user nor the name tells, ``info`` with
+    the declaration that settles it."""
     record = role_record(run, name)
     role, settled = record["role"], record["source"] != "name"
     steps = (int(events[0]["step"]), int(events[-1]["step"]))

@@ -42,9 +42,10 @@ def held_back(run: Run, name: str, dominant: str, th: Thresholds) -> dict | None
     """The end fractions (end window / start window) of a swamped loss and of the loss that
     swamps it, when the swamped one ends the run at least ``swamping_stall_fraction`` of its
     start window while the dominant ends below that fraction of its own: the dominant
-    learned, the swamped loss never recovered its fit, even after the judged window (an equal-weight PINN's boundary
-    term ends at 1.2-4.6 times its start while the residual falls a hundredfold or more). The
-    outcome calls what a ratio straddling its threshold leaves open. None otherwise."""
+    learned, the swamped loss was held back, even after the judged window (an equal-weight
+    PINN's boundary term ends at 1.2-4.6 times its start while the residual falls a
+    hundredfold or more). The outcome calls what a ratio straddling its threshold leaves
+    open. None otherwise."""
     levels = {}
     for loss in (name, dominant):
         series = finite(get(run, LOSS, loss))
