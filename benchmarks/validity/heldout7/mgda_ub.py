@@ -40,7 +40,7 @@ Variants (truth by construction):
   w.r.t. Z, every step). The min-norm point leans on the task with the smaller gradient on
   Z: the digit's scale is 0.99 (median), the ink's 0.01, so the digit leads the trunk
   (digit/ink weighted ratio 9-13 over the first 200 steps, 2.6-3.5 over the run) while the
-  ink, a near-linear target, is still fitted to R^2 0.99.
+  ink, a linear function of the pixels, is still fitted to R^2 0.99.
 - ``fixed-scales``: the source's non-MGDA branch with equal fixed scales 1 and 1: the ink
   regression's gradient takes the trunk and the digit task is held back against its
   single-task run. Expected: ``gradient-swamping`` and ``static-loss-weights`` naming
