@@ -12,8 +12,9 @@ mean square per time slice L_t(t_i); the initial-condition loss L_0 = lambda_ic 
 mean((u(0, x) - u0(x))^2) with lambda_ic = 1e3; the causal weights
 w_i = stop_gradient(exp(-tol * (sum_{k<i} L_t(t_k) + L_0))) (the paper's weights, the
 initial condition as the zeroth slice, as the code adds L_0); total loss
-mean_i(w_i L_t(t_i)) + L_0; Adam lr 1e-3 decayed by 0.9 every 5,000 steps; the causality parameter tol annealed over
-[1e-2, 1e-1, 1, 10, 100], each value trained until min_i w_i > 0.99.
+mean_i(w_i L_t(t_i)) + L_0; Adam lr 1e-3 decayed by 0.9 every 5,000 steps; the causality
+parameter tol annealed over [1e-2, 1e-1, 1, 10, 100], each value trained until
+min_i w_i > 0.99.
 
 Here (CPU): the 1-D advection equation u_t + beta u_x = 0 on t in [0, 1], x in [0, 2 pi),
 beta = 2, u0 = sin(x), exact u = sin(x - beta t) (the convection benchmark of Krishnapriyan
