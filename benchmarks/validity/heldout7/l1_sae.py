@@ -23,7 +23,7 @@ cosine similarity (MMCS) of each ground-truth feature to its best dictionary col
 the dead neurons (features never active).
 
 Here (scaled to CPU): d = 32, n = 64 ground-truth features, num_nonzero 4 (3.0 present per
-sample on average), m = 128 (ratio 2), batch 256, 3,000 steps (7-9 CPU-seconds a run). The
+sample on average), m = 128 (ratio 2), batch 256, 3,000 steps (6-9 CPU-seconds a run). The
 loss is the code's, term for term. l1_alpha: the toy default 1e-3 belongs to d = 256 and
 n = 512; at this scale it leaves the code dense (seed 0, 1,500 steps: 100 of 128 features on
 per sample, MMCS 0.50, no ground-truth feature recovered), so alpha is set as the source
