@@ -21,9 +21,10 @@ epochs (800 steps). Losses ``nce`` (the cross-entropy of the non-parametric soft
 the instance index) and ``prox`` (the paper's sec. 3.4 term, lambda = 3: the paper's lambda
 weighs an NCE loss over 4096 noise samples; here, with the exact softmax and d = 32, lambda
 = 30 pinned the embedding to the bank and left the healthy bank's kNN at 0.64-0.70 on seed
-0). The memory entry is written after each step, as ``LinearAverageOp.backward`` does. Watched as docs/probe.md says a prototype table is: the
-embedding ``feature`` as a latent, the memory bank (one row per instance) as prototypes of
-``feature``, with each row's instance index observed as its group.
+0). The memory entry is written after each step, as ``LinearAverageOp.backward`` does.
+Watched as docs/probe.md says a prototype table is: the embedding ``feature`` as a latent,
+the memory bank (one row per instance) as prototypes of ``feature``, with each row's
+instance index observed as its group.
 
 Variants (truth by construction):
 - ``momentum-0.5``: healthy, as published.
@@ -45,8 +46,8 @@ random targets), so no harm to the backbone is claimed.
 Expected on ``memory-frozen``: ``prototype-stale`` on ``memory`` (the table never moves while
 the features it stands for do). Must not (both): ``inert-loss``, ``gradient-conflict`` (both
 losses pull each feature towards its own entry), ``static-loss-weights``,
-``prototype-collapse`` (the entries stay spread, at random); on the healthy variant also ``prototype-stale`` and
-``representation-collapse``.
+``prototype-collapse`` (the entries stay spread, at random); on the healthy variant also
+``prototype-stale`` and ``representation-collapse``.
 """
 
 from __future__ import annotations
