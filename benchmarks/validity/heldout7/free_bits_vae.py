@@ -192,8 +192,8 @@ FAMILY = Family(
                 "autoregressive decoder is made to use the latent",
                 must_not=_MUST_NOT + ("gradient-conflict", "representation-collapse")),
         Variant("plain-kl", False,
-                "plain KL with a decoder autoregressive over the pixels: the posterior collapses "
-                "to the prior, no active unit",
+                "plain KL with a decoder autoregressive over the pixels and given the previous "
+                "frame: the posterior collapses to the prior, no active unit",
                 expected=(Expect("representation-collapse", "mu"),),
                 allowed=(Expect("gradient-conflict", "recon|kl_obj"),), must_not=_MUST_NOT),
     ),
