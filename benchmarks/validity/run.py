@@ -14,6 +14,7 @@ Usage:
     python benchmarks/validity/run.py --heldout fourth  # the fourth held-out set, likewise
     python benchmarks/validity/run.py --heldout fifth   # the fifth, likewise
     python benchmarks/validity/run.py --heldout sixth   # the sixth, likewise
+    python benchmarks/validity/run.py --heldout seventh # the seventh, likewise
     python benchmarks/validity/run.py --threads 2 --out /tmp/runs-t2  # 2 torch threads a run
     python benchmarks/validity/reproduce.py benchmarks/validity/runs /tmp/runs-t2
                                                  # same verdicts, overlapping seed ranges?
@@ -42,6 +43,7 @@ from benchmarks.validity.heldout3 import HELDOUT3_MODULES  # noqa: E402
 from benchmarks.validity.heldout4 import HELDOUT4_MODULES  # noqa: E402
 from benchmarks.validity.heldout5 import HELDOUT5_MODULES  # noqa: E402
 from benchmarks.validity.heldout6 import HELDOUT6_MODULES  # noqa: E402
+from benchmarks.validity.heldout7 import HELDOUT7_MODULES  # noqa: E402
 from benchmarks.validity.report import (Check, acceptance, finding_lines, flip_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
@@ -68,6 +70,8 @@ HELDOUT_SETS = {
               "validity-heldout5.md"),
     "sixth": ("benchmarks.validity.heldout6", HELDOUT6_MODULES, "runs-heldout6",
               "validity-heldout6.md"),
+    "seventh": ("benchmarks.validity.heldout7", HELDOUT7_MODULES, "runs-heldout7",
+                "validity-heldout7.md"),
 }
 
 
@@ -125,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
                         help="only a set of families held out by source (every variant and "
                              "seed): 'first' (the default; benchmarks/validity/heldout/) or "
-                             "'second' to 'sixth' (heldout2/ to heldout6/); reported "
+                             "'second' to 'seventh' (heldout2/ to heldout7/); reported "
                              "apart, never calibrated; writes a page only with --doc "
-                             "(docs/validity-heldout.md, -heldout2.md ... -heldout6.md)")
+                             "(docs/validity-heldout.md, -heldout2.md ... -heldout7.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout, runs-heldout2 ... runs-heldout6 with --heldout)")
+                             "runs-heldout, runs-heldout2 ... runs-heldout7 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
