@@ -308,6 +308,10 @@ def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(reco
     ("domain_cls", "adversarial", "domain"),
     ("recon_loss", "reconstruction", "recon"),
     ("cont", "contrastive", "cont"),
+    ("contrastive_loss", "contrastive", "contrast"),
+    ("continuity", "other", None),           # "cont" and "dis" match only as whole words
+    ("loss_dis", "adversarial", "dis"),
+    ("distill", "other", None),
     ("weird", "other", None),
 ])
 def test_name_hint_takes_the_longest_matching_hint(name, role, hint):

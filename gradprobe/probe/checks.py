@@ -20,15 +20,19 @@ from .watches import ProbeUsageError
 # Substrings of common loss names, checked in this order, for roles the user did not give.
 _ROLE_HINTS = (
     ("task", ("task", "ce", "bce", "mse", "xent", "cls", "pred", "main", "sup")),
-    ("contrastive", ("cont", "nce", "clr", "simclr", "moco", "triplet")),
+    ("contrastive", ("cont", "contrast", "nce", "clr", "simclr", "moco", "triplet")),
     ("prototype", ("proto", "center", "centroid", "cluster")),
     ("orthogonality", ("orth",)),
     ("decorrelation", ("corr", "decor", "hsic", "mi")),
-    ("adversarial", ("adv", "domain", "grl", "disc", "gan")),
+    ("adversarial", ("adv", "domain", "grl", "disc", "dis", "gan")),
     ("reconstruction", ("rec", "recon", "ae")),
     ("kl", ("kl", "kld", "prior")),
     ("regularization", ("reg", "l1", "l2", "sparse", "wd", "entropy")),
 )
+
+# Hints that match only as a whole word of the name: as prefixes they begin unrelated words
+# (a PINN's "continuity" residual, a "distill" or "distance" loss).
+_WORD_ONLY_HINTS = frozenset({"cont", "dis"})
 
 # Names observe() accepts besides the watches' own.
 RESERVED_OBSERVE = ("groups",)
@@ -41,7 +45,8 @@ def name_hint(name: str) -> tuple[str, str | None]:
     # The longest hint that the name is, has as a word, or starts with: "center" is a prototype
     # loss although it starts with "ce"; ties keep the table's order.
     matches = [(len(h), -order, role, h) for order, (role, hints) in enumerate(_ROLE_HINTS)
-               for h in hints if h in words or lowered.startswith(h)]
+               for h in hints
+               if h in words or (h not in _WORD_ONLY_HINTS and lowered.startswith(h))]
     if not matches:
         return "other", None
     _, _, role, hint = max(matches)

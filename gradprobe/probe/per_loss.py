@@ -276,7 +276,10 @@ def graph_events(names: list[str], task: str, gradients: PerLossGradients,
                            f"{task!r} (computed from detached features?): it reaches none of "
                            "the shared parameters")
             else:
-                message = f"loss {loss_name!r} reaches none of the shared parameters"
+                # It shares parameters with the task (its reach reads "shared"), none of them
+                # in the set where the gradients are compared.
+                message = (f"loss {loss_name!r} reaches none of the parameters of the shared "
+                           "set, where the losses' gradients are compared")
             events.append(("no_shared_path", loss_name, message))
     return events
 
