@@ -263,3 +263,19 @@ def test_a_stall_is_harm_only_where_the_other_undoes_the_stalled_loss_descent(tm
     assert f.evidence["loss_ratios"]["aux"] >= DEFAULTS.conflict_stall_fraction
     assert f.evidence["stalled"] == (["aux"] if held else [])
     assert f.severity == ("warning" if held else "info")
+
+
+@pytest.mark.parametrize("floor, stalls", [(0.01, False), (0.05, True)])
+def test_a_loss_flat_at_its_floor_is_satisfied_not_stalled(tmp_path, floor, stalls):
+    # aux falls from 1 to ``floor`` in its first 3 steps and stays there while the task keeps
+    # falling (NSFnet's continuity residual beside its boundary loss): flat after its start,
+    # it reads as stalled unless its end is at most swamping_floor_fraction (0.025) of its
+    # initial level, the median of its first min_points (3) values.
+    aux = np.where(t < 3, 1.0 - (1.0 - floor) * t / 3, floor)
+    f = _run(tmp_path, STILL_FALLING, aux)
+    initial, end = np.median(aux[:3]), np.median(aux[32:])
+    assert (end <= DEFAULTS.swamping_floor_fraction * initial) == (not stalls)
+    assert f.evidence["loss_ratios"]["aux"] >= DEFAULTS.conflict_stall_fraction
+    assert f.evidence["descent_undone"]["aux"] == pytest.approx(0.8)
+    assert f.evidence["stalled"] == (["aux"] if stalls else [])
+    assert f.severity == ("warning" if stalls else "info")

@@ -143,3 +143,43 @@ def test_a_straddling_loss_that_kept_most_of_its_start_is_held_back(tmp_path, en
         assert end_fraction < 0.9
         assert _swamping(run, Thresholds(swamping_stall_fraction=0.9))[
             "gradient-swamping"].severity == "info"
+
+
+def _early_swamp(tmp_path, digit, swamped_steps):
+    """A task swamped (its gradient 1% of the other's on the one shared layer) on
+    ``swamped_steps`` only, level with it after: the equal-weight digit classifier beside an
+    ink regression whose squared error falls from ~1e3 within its first steps."""
+    from test_swamping_layers import _write
+    ink = np.where(np.isin(np.arange(STEPS), swamped_steps), 100.0, 1.0)
+    scales = {"trunk": [np.array([1.0, k]) for k in ink]}
+    path = tmp_path / f"early-{len(list(tmp_path.glob('early*')))}.gprobe"
+    rows = _write(path, ("digit", "ink"), [1.0, 1.0], {"trunk": 50},
+                  [digit, _falling(1e3, 1.0)], scales, np.random.default_rng(3))
+    return load_run(path), _numpy_ratio(rows, np.ones(2), 0)
+
+
+@pytest.mark.parametrize("digit_end, swamped, alarm", [
+    (0.9, range(0, 10), True),     # never learned, swamped over its start window
+    (0.2, range(0, 10), False),    # learned after the swamping ended
+    (0.9, range(6, 16), False),    # never learned, but its start window was mostly its own
+])
+def test_a_task_swamped_over_its_start_window_that_never_learned(tmp_path, digit_end, swamped,
+                                                                 alarm):
+    digit = _falling(2.3, 2.3 * digit_end)
+    run, ratio = _early_swamp(tmp_path, digit, list(swamped))
+    held = ratio < TH.swamping_ratio
+    start_window = np.arange(STEPS) <= 0.2 * (STEPS - 1)  # window_share of steps 0..39
+    # Too short a share of the whole run for the persistence rule (min_share of the steps).
+    assert held.mean() < TH.min_share
+    padded = np.concatenate([[np.nan], digit, [np.nan]])
+    smoothed = np.array([np.nanmedian(padded[i:i + 3]) for i in range(STEPS)])
+    lowest = smoothed.min() / np.median(digit[start_window])
+    over_start = held[start_window].mean() >= TH.min_share
+    assert (lowest >= TH.swamping_stall_fraction and over_start) == alarm
+    found = _swamping(run)
+    assert ("gradient-swamping" in found) == alarm
+    if alarm:
+        f = found["gradient-swamping"]
+        assert f.severity in ("warning", "error") and "static-loss-weights" in found
+        assert f.evidence["never_learned"] == pytest.approx(lowest, rel=1e-9)
+        assert "it never learned" in f.title

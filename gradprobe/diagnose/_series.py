@@ -129,6 +129,20 @@ def level_after_start(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> 
     return median(rest[:max(int(within.sum()), min(len(rest), th.min_points))])
 
 
+def at_floor(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> bool:
+    """Whether a loss ended at its floor: its end window at most ``swamping_floor_fraction``
+    of its initial level (the median of its first ``min_points`` values). A loss there fell
+    by orders of magnitude from where it began (a covariance term at 1e-6 after a collapse, a
+    PINN's continuity residual at 1.5% of its start): satisfied, neither swamped nor stalled."""
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if len(values) < 2 * th.min_points:
+        return False
+    initial = median(values[:th.min_points])
+    return bool(initial > 0 and
+                abs(start_end(steps, values, th)["end"]) <= th.swamping_floor_fraction * initial)
+
+
 def start_low(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> float:
     """Lowest ``smooth_points`` rolling median within a series' start window: where a loss that
     starts near its floor (or dips to it) sits before anything pushes it up."""

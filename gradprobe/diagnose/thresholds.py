@@ -56,7 +56,8 @@ class Thresholds:
     swamping_floor_fraction: float = _f(0.025, "a loss whose end window is at most this "
                                                "fraction of its initial level (its first "
                                                "min_points values) ended at its floor: "
-                                               "satisfied, not judged for swamping")
+                                               "satisfied, neither swamped nor stalled "
+                                               "by a conflict")
     adversary_chance_fraction: float = _f(0.95, "an adversarial loss whose end window is at "
                                                  "least this fraction of its start window: its "
                                                  "discriminator is at chance (recovers at most "

@@ -17,8 +17,8 @@ from gradprobe.record import Run, pair_parts
 from gradprobe.record.quantities import (COMBINED_GRAD_NORM, LATENT_GRAD_NORM, LOSS, SHARED,
                                          WEIGHTED_GRAD_NORM)
 
-from .._series import (SETTLED_SOURCES, align, finite, get, level_after_start, median,
-                       role_record, start_end, start_low)
+from .._series import (SETTLED_SOURCES, align, at_floor, finite, get, level_after_start,
+                       median, role_record, start_end, start_low)
 from ..thresholds import Thresholds
 from .task_metrics import linked_metrics, metric_progress
 
@@ -38,14 +38,15 @@ def _loss_ratio(run: Run, name: str, lo: int, hi: int, th: Thresholds) -> float:
 def _loss_levels(run: Run, name: str, th: Thresholds) -> dict:
     """A loss's lowest level in its start window, its level after the start window and its end,
     over the whole run; ``began``, the highest of its first ``min_points`` values (where it
-    began, above its noise), and ``negative``, whether any value is below 0."""
+    began, above its noise), ``negative``, whether any value is below 0, and ``at_floor``,
+    whether it ended at its floor (``_series.at_floor``)."""
     series = finite(get(run, LOSS, name))
     if series is None or len(series[0]) < 2 * th.min_points:
         return {"start_low": math.nan, "settled": math.nan, "end": math.nan, "began": math.nan,
-                "negative": False}
+                "negative": False, "at_floor": False}
     return {"start_low": start_low(*series, th), "settled": level_after_start(*series, th),
             "end": start_end(*series, th)["end"], "began": float(np.max(series[1][:th.min_points])),
-            "negative": bool((series[1] < 0).any())}
+            "negative": bool((series[1] < 0).any()), "at_floor": at_floor(*series, th)}
 
 
 def _fraction(end: float, reference: float) -> float:
@@ -74,7 +75,8 @@ def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.nd
     most of the other's descent, neither above where it began unless declared a task. A loss
     that rose from near its floor to an equilibrium during its start window (a commitment,
     redundancy or KL term) is settled by design, neither stalled nor stuck; so is a pair that
-    rose together: both settled above every one of their first values."""
+    rose together: both settled above every one of their first values. A loss that ended at
+    its floor is satisfied, never stalled."""
     lo, hi = int(judged[0]), int(judged[-1])
     ratios = {name: _loss_ratio(run, name, lo, hi, th) for name in pair}
     levels = {name: _loss_levels(run, name, th) for name in pair}
@@ -92,7 +94,9 @@ def conflict_harm(run: Run, th: Thresholds, pair: tuple[str, str], judged: np.nd
         rose = list(pair)
     stalled = []
     for name, other in (pair, pair[::-1]):
-        if name in rose or name in swamped:
+        # A loss at its floor is satisfied: flat there, it has nothing left to be held from
+        # (NSFnet's continuity residual at 1.5% of its start while the boundary loss falls).
+        if name in rose or name in swamped or levels[name]["at_floor"]:
             continue
         # An adversary that does not fall is doing its job (the features defeat it).
         if role.get(name) != "adversarial" and ratios[name] >= th.conflict_stall_fraction and \

@@ -12,16 +12,16 @@ from gradprobe.record import Run, pair_parts, role_declaration
 from gradprobe.record.quantities import (GRAD_COSINE, GRAD_NORM, LOSS, MAGNITUDE_SIMILARITY,
                                          WEIGHT, WEIGHTED_GRAD_NORM)
 
-from .._series import (SHAPES_SHARED, align, descent_undone, exempt_losses, finite, g, get,
-                       held_range, held_share, median, nanmax, pct,
-                       persistent, recorded_series, role_origin, role_record, roles,
-                       rolling_median, start_end, task_learning, thin, window_counts)
+from .._series import (SHAPES_SHARED, align, at_floor, descent_undone, exempt_losses, finite, g,
+                       get, held_range, held_share, median, nanmax, pct, persistent,
+                       recorded_series, role_origin, role_record, roles, rolling_median,
+                       task_learning, thin, window_counts)
 from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .purpose import adversary_at_chance, carried_by, held_back
+from .purpose import adversary_at_chance, carried_by, held_back, swamped_before_learning
 from .remedies import conflict_remedy, intent_remedy, swamping_remedy
 
 
@@ -53,9 +53,10 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         if not np.any(np.isfinite(raw_k) & (raw_k > 0)):
             continue  # no gradient at all on the shared parameters: that is inert-loss
         competing = _rivals(run, names, exempt, name, th)
-        if competing.tobytes() not in balance:
-            balance[competing.tobytes()] = _balance(run, names, steps, W, competing)
-        ratios, dominant_idx, by_layer = balance[competing.tobytes()]
+        key = tuple(bool(c) for c in competing)
+        if key not in balance:
+            balance[key] = _balance(run, names, steps, W, competing)
+        ratios, dominant_idx, by_layer = balance[key]
         ratio = ratios[k]
         to_learn = _left_to_learn(run, name, steps, th)
         if to_learn is None:
@@ -69,8 +70,11 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         judged = learning & to_learn & weight_on & np.isfinite(ratio) & \
             np.isfinite(raw_k) & (raw_k > 0)
         held = judged & (ratio < th.swamping_ratio)
+        unlearned = None
         if not persistent(steps, held, judged, th):
-            continue
+            unlearned = swamped_before_learning(run, name, steps, held, judged, th)
+            if unlearned is None:
+                continue
         # How swamped, read where it is swamped: over all judged steps the median sits at
         # the held/not-held boundary when the held share is near min_share.
         med = median(ratio[held])
@@ -114,7 +118,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "task_memorised_at": int(steps[~learning][0]) if (~learning).any() else None,
             "ratio": thin(steps[judged], ratio[judged]),
             "prototype_usage_kept": protected, "adversary_at_chance": at_chance,
-            "held_back": stalled, "carried_cosine": carried,
+            "held_back": stalled, "carried_cosine": carried, "never_learned": unlearned,
         }
         if by_layer is not None:
             # Over the held steps, as the headline median: its spread reads the same steps.
@@ -139,6 +143,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                f"{at_chance['role']})" if at_chance else "")
             + (f"; its gradient points with that of '{dominant}' (cosine {g(carried)}): the "
                f"descent of '{dominant}' carries it" if carried is not None else "")
+            + (f"; swamped from the start, it never learned (its loss stayed above "
+               f"{pct(unlearned)} of its start)" if unlearned is not None else "")
             + (f"; it is held back: it ends at {g(stalled['end_fraction'])} of its start, "
                f"'{dominant}' at {g(stalled['dominant_end_fraction'])}"
                if stalled and (quartiles[0] < th.swamping_ratio < quartiles[1]
@@ -231,17 +237,13 @@ def _where_they_act(run: Run, names: list[str], steps: np.ndarray,
 
 def _left_to_learn(run: Run, name: str, steps: np.ndarray, th: Thresholds) -> np.ndarray | None:
     """Per step: something left to learn (the smoothed loss above learned_fraction of its
-    start); None where the loss ends at its floor: its end window at most
-    ``swamping_floor_fraction`` of its initial level (the median of its first ``min_points``
-    values). A loss there fell by orders of magnitude from where it began (a covariance term
-    at 1e-6 after a collapse): satisfied, not held back."""
+    start); None where the loss ends at its floor (``at_floor``): satisfied, not held back."""
     to_learn = np.ones(len(steps), dtype=bool)
     series = finite(get(run, LOSS, name))
     if series is None or len(series[0]) < 2 * th.min_points:
         return to_learn
     ls, lv = series
-    initial = median(lv[:th.min_points])
-    if initial > 0 and abs(start_end(ls, lv, th)["end"]) <= th.swamping_floor_fraction * initial:
+    if at_floor(ls, lv, th):
         return None
     start = loss_start(run, name, th)
     if start > 0:

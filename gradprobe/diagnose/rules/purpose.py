@@ -1,7 +1,8 @@
 """What a swamped loss is for, and whether it holds by its own measure: read by
 ``gradient-swamping`` (gradients.py). An adversary at chance or a loss carried by the
 dominant's descent keeps the finding at ``info``; a loss that never recovered its fit keeps
-a straddling ratio an alarm."""
+a straddling ratio an alarm; a task that never learned was held back by a swamping over its
+start window, however short."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 from gradprobe.record import Run
 from gradprobe.record.quantities import GRAD_COSINE, LOSS, pair_name
 
-from .._series import finite, get, median, role_origin, role_record, roles, start_end
+from .._series import (finite, get, median, persistent, role_origin, role_record, roles,
+                       rolling_median, start_end, task_name, window_counts)
 from ..thresholds import Thresholds
 from .layers import layer_pair
 
@@ -84,3 +86,25 @@ def carried_by(run: Run, name: str, dominant: str, steps: np.ndarray, held: np.n
         cosine = np.interp(steps, *series)
     value = median(cosine[held])
     return value if value >= th.swamping_carried_cosine else None
+
+
+def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.ndarray,
+                            judged: np.ndarray, th: Thresholds) -> float | None:
+    """For the task (declared, or the first loss) that never learned (its smoothed loss never
+    fell below ``swamping_stall_fraction`` of its start window) and was swamped persistently
+    over the start window of its judged steps, where a loss first learns: its lowest smoothed
+    level as a fraction of its start. A swamping that shuts the task out of its start leaves
+    it unlearned after the other loss settles and the ratio recovers (an equal-weight digit
+    classifier beside an ink regression of squared error ~1e3: swamped over its first 13-40%
+    of training, the digit loss then never leaves 0.73-0.95 of ln 10), so it is the finding
+    whatever share of the whole run it holds. None otherwise."""
+    series = finite(get(run, LOSS, name))
+    if name != task_name(run) or series is None or len(series[0]) < 2 * th.min_points:
+        return None
+    start = start_end(*series, th)["start"]
+    lowest = float(np.nanmin(rolling_median(series[1], th.smooth_points))) / start \
+        if start > 0 else np.nan
+    if not lowest >= th.swamping_stall_fraction:
+        return None
+    first = window_counts(steps[judged], th)[0]
+    return lowest if persistent(steps[judged][:first], held[judged][:first], None, th) else None
