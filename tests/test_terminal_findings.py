@@ -211,3 +211,16 @@ def test_a_gradient_that_turns_nan_before_any_loss_is_named_first(tmp_path):
         ("non-finite", "b", "the gradient of loss 'b' on the shared parameters became NaN or Inf "
                             "at step 5"),
         ("non-finite", "a", "loss 'a' became NaN or Inf at step 6")]
+
+
+@pytest.mark.parametrize("width", [None, 40])
+def test_wrapping_keeps_the_no_break_spaces_a_name_holds(width):
+    """The wrap glues units with a character of its own and prints it back as a space; a
+    no-break space that is part of a loss's or a run's name is the user's and stays."""
+    from gradprobe.report.columns import hanging
+    text = "run a\u00a0b: 'val task' fell 0.01 -> 0.98 while 'cls\u00a0x' stalled for long"
+    lines = hanging(text, width, "", "  ")
+    joined = " ".join(line.strip() for line in lines)
+    assert joined == text
+    assert all(len(line) <= width for line in lines) if width else len(lines) == 1
+    assert "'val task'" in joined and "0.01 -> 0.98" in joined

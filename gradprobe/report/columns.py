@@ -7,8 +7,10 @@ from __future__ import annotations
 import re
 import textwrap
 
-# textwrap breaks at ASCII white space only: a no-break space holds a unit on one line.
-NO_BREAK = "\u00a0"
+# textwrap breaks at ASCII white space only: this character (of Unicode's private use area,
+# so never in a name the user gave, unlike a no-break space) holds a unit on one line and is
+# printed as a space.
+NO_BREAK = "\ue000"
 # Each read as one unit: a quoted name with spaces in it ('val task'; an apostrophe inside a
 # word opens none), an arrow between two numbers (0.01 -> 0.98), a difference (sigmoid(x) - y).
 _UNITS = re.compile(r"(?<!\w)'[^'\s](?:[^'\n]{0,38}[^'\s])?'(?!\w)|\S+ -> \S+|\S+ - \S+")

@@ -99,13 +99,15 @@ def _spectrum_panel(ctx: ReportContext, ax, name: str, ylabel: bool) -> None:
     for (label, step, s), colour, ls in zip(ctx.data.snapshots("singular_spectrum", name),
                                             MOMENT_COLOURS, MOMENT_STYLES):
         s = np.asarray(s, float)
-        if not len(s) or not s[0] > 0:
+        # An infinite σ₁ leaves no finite ratio to draw on a log scale.
+        if not len(s) or not np.isfinite(s[0]) or not s[0] > 0:
             continue
         with np.errstate(invalid="ignore", over="ignore"):  # inf singular values are no points
             relative = s / s[0]
         ax.plot(np.arange(1, len(s) + 1), relative, color=colour, linestyle=ls, marker="o",
                 markersize=2.5, linewidth=1.3, label=f"{label} (step {step_label(step)})")
-    ax.set_yscale("log")
+    if ax.lines:
+        ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     if ylabel:
         ax.set_ylabel("σᵢ / σ₁ (ratio)")
