@@ -312,6 +312,9 @@ def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(reco
     ("continuity", "other", None),           # "cont" and "dis" match only as whole words
     ("loss_dis", "adversarial", "dis"),
     ("distill", "other", None),
+    ("transfer_loss", "alignment", "transfer"),
+    ("cmd", "alignment", "cmd"),
+    ("cmdline_loss", "other", None),
     ("weird", "other", None),
 ])
 def test_name_hint_takes_the_longest_matching_hint(name, role, hint):

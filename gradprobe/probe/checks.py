@@ -25,14 +25,15 @@ _ROLE_HINTS = (
     ("orthogonality", ("orth",)),
     ("decorrelation", ("corr", "decor", "hsic", "mi")),
     ("adversarial", ("adv", "domain", "grl", "disc", "dis", "gan")),
+    ("alignment", ("transfer", "mmd", "coral", "cmd")),
     ("reconstruction", ("rec", "recon", "ae")),
     ("kl", ("kl", "kld", "prior")),
     ("regularization", ("reg", "l1", "l2", "sparse", "wd", "entropy")),
 )
 
 # Hints that match only as a whole word of the name: as prefixes they begin unrelated words
-# (a PINN's "continuity" residual, a "distill" or "distance" loss).
-_WORD_ONLY_HINTS = frozenset({"cont", "dis"})
+# (a PINN's "continuity" residual, a "distill" or "distance" loss, a "cmdline").
+_WORD_ONLY_HINTS = frozenset({"cont", "dis", "cmd"})
 
 # Names observe() accepts besides the watches' own.
 RESERVED_OBSERVE = ("groups",)

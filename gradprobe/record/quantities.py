@@ -24,7 +24,8 @@ from typing import Literal
 
 # What a loss is for (``Probe(..., roles={name: role})``); the diagnosis reads them.
 ROLES: tuple[str, ...] = ("task", "contrastive", "prototype", "orthogonality", "decorrelation",
-                          "adversarial", "reconstruction", "regularization", "kl", "other")
+                          "adversarial", "alignment", "reconstruction", "regularization", "kl",
+                          "other")
 
 
 def role_declaration(loss_name: str, role: str) -> str:
