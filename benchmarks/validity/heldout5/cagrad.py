@@ -119,12 +119,15 @@ def trunk_cosine(model: DigitInkNet, losses: dict) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor,
+             target=ink_target) -> tuple[float, float]:
+    """Digit accuracy and the ink's squared error against ``target`` (this module's ink
+    units unless given)."""
     model.eval()
     with torch.no_grad():
         logits, ink = model(x)
     model.train()
-    return float((logits.argmax(1) == y).float().mean()), float(F.mse_loss(ink, ink_target(x)))
+    return float((logits.argmax(1) == y).float().mean()), float(F.mse_loss(ink, target(x)))
 
 
 def fit(variant: str, seed: int, log: Path | None):

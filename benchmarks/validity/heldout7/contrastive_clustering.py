@@ -67,8 +67,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 import gradprobe
@@ -76,6 +74,7 @@ import gradprobe
 from ..common import (DigitEncoder, augment, batches, centred_effective_rank, digits_split,
                       knn_accuracy)
 from ..harness import Expect, Family, Variant
+from ..heldout2.scan import clustering_truth
 
 STEPS, BATCH, LR = 300, 128, 1e-3
 FEATURE_DIM, CLUSTERS = 32, 10
@@ -122,20 +121,6 @@ def cluster_loss(c_i: torch.Tensor, c_j: torch.Tensor) -> torch.Tensor:
     """ClusterLoss: the contrast of the 2M cluster columns plus both views' ne terms."""
     return (nt_xent(c_i.t(), c_j.t(), CLUSTER_TEMPERATURE) + negative_entropy(c_i)
             + negative_entropy(c_j))
-
-
-def clustering_truth(clusters: np.ndarray, labels: np.ndarray) -> dict:
-    """Clusters used (>= 1% of the digits), usage entropy / log M, the largest cluster's
-    share, Hungarian-matched accuracy and NMI against the labels."""
-    share = np.bincount(clusters, minlength=CLUSTERS) / len(clusters)
-    nz = share[share > 0]
-    counts = np.zeros((CLUSTERS, CLUSTERS))
-    np.add.at(counts, (clusters, labels), 1.0)
-    rows, cols = linear_sum_assignment(-counts)
-    return {"clusters_used": int((share >= 0.01).sum()), "top_share": float(share.max()),
-            "usage_entropy": float(-(nz * np.log(nz)).sum() / math.log(CLUSTERS)) + 0.0,
-            "cluster_acc": float(counts[rows, cols].sum() / len(clusters)),
-            "nmi": float(normalized_mutual_info_score(labels, clusters))}
 
 
 def nearest_row_usage(hidden: np.ndarray, rows: np.ndarray) -> float:

@@ -73,7 +73,7 @@ import gradprobe
 
 from ..common import DigitInkNet, batches, digits_split, ink_of, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
-from ..heldout5.cagrad import trunk_cosine
+from ..heldout5.cagrad import evaluate, trunk_cosine
 
 EPOCHS, BATCH, LR, WIDTH = 60, 64, 1e-3, 128
 INK_UNIT = 4.0  # the ink target in units of 4 grey levels
@@ -107,14 +107,6 @@ def mgda_ub_scales(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> dict
                       for loss in losses.values())
     c = min_norm_two(float(g_digit @ g_digit), float(g_digit @ g_ink), float(g_ink @ g_ink))
     return {"digit": c, "ink": 1.0 - c}
-
-
-def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits, ink = model(x)
-    model.train()
-    return float((logits.argmax(1) == y).float().mean()), float(F.mse_loss(ink, ink_target(x)))
 
 
 def fit(variant: str, seed: int, log: Path | None):
@@ -151,9 +143,9 @@ def fit(variant: str, seed: int, log: Path | None):
 def train(variant: str, seed: int, log: Path) -> dict:
     _, _, x_te, y_te = digits_split()
     model, ratios, cosines, digit_scales = fit(variant, seed, log)
-    acc, mse = evaluate(model, x_te, y_te)
-    single_acc, _ = evaluate(fit("digit-only", seed, None)[0], x_te, y_te)
-    _, single_mse = evaluate(fit("ink-only", seed, None)[0], x_te, y_te)
+    acc, mse = evaluate(model, x_te, y_te, ink_target)
+    single_acc, _ = evaluate(fit("digit-only", seed, None)[0], x_te, y_te, ink_target)
+    _, single_mse = evaluate(fit("ink-only", seed, None)[0], x_te, y_te, ink_target)
     ink_var = float(ink_target(x_te).var())
     return {"digit_acc": acc, "single_digit_acc": single_acc, "ink_mse": mse,
             "single_ink_mse": single_mse, "ink_r2": 1 - mse / ink_var,
