@@ -1,26 +1,29 @@
 """A physics-informed network whose loss weights follow ReLoBRaLo, after Bischof & Kraus 2021
-("Multi-Objective Loss Balancing for Physics-Informed Deep Learning", arXiv 2110.09813,
-sec. 3: Relative Loss Balancing with Random Lookback) and the official code
-rbischof/relative_balancing (read: src/update_rules.py ``relative`` and ``manual``,
-src/pdes/helmholtz.py ``calculate_loss`` with ``aggregate_boundaries``).
+("Multi-Objective Loss Balancing for Physics-Informed Deep Learning", arXiv 2110.09813: the
+method section, Relative Loss Balancing with Random Lookback; read here through its abstract
+and the official code) and the official code rbischof/relative_balancing (read:
+src/update_rules.py ``relative`` and ``manual``, src/pdes/helmholtz.py ``calculate_loss``
+with ``aggregate_boundaries``).
 
 ReLoBRaLo (weights outside autograd, the code's ``tf.stop_gradient``), for m losses L_i:
   bal_i(t, t') = m softmax_i(L_i(t) / (T L_i(t')))
   lambda_i(t) = alpha (rho lambda_i(t-1) + (1 - rho) bal_i(t, 0)) + (1 - alpha) bal_i(t, t-1)
-with rho ~ Bernoulli(E[rho]) drawn each step (the random lookback to the first step's losses);
-the total loss sum_i lambda_i L_i. Here alpha 0.999, T 0.1, E[rho] 0.999.
+with rho ~ Bernoulli(E[rho]) drawn each step (the random lookback to the first step's losses;
+the stored ``relative`` rule is this with rho = 1); the total loss sum_i lambda_i L_i. Here
+alpha 0.999 and T 0.1 (the defaults of the common PyTorch port) and E[rho] 0.999; the values
+of the paper's own hyperparameter table were not read.
 
 Published setup (the code's Helmholtz): u_xx + u_yy + k^2 u = q on [-1, 1]^2 with
 u = sin(a1 pi x) sin(a2 pi y), a1 = 1, a2 = 4, u = 0 on the boundary; every step a fresh batch
 of 2/3 interior and 1/3 boundary points; the residual loss ``f_loss`` and (with
 ``aggregate_boundaries``) one boundary loss ``b_loss`` = mean(u^2) on the boundary points;
-Adam, a tanh MLP, ~1e5 steps.
+Adam, a tanh MLP.
 
 Here (CPU): a2 = 1 (a1 = 1, k = 1), a tanh MLP of 2 hidden layers of 32, batches of 128
 interior + 64 boundary points, Adam lr 3e-3 for 4,000 steps. Why scaled (seed 0, relative L2
 error of the ReLoBRaLo run): a2 = 2, lr 1e-3, 2,500 steps: 0.42; a2 = 2, lr 3e-3, 3,000
-steps: 0.26; a2 = 1, lr 3e-3, 3,000 steps: 0.10; 5,000 steps: 0.07 (28 CPU-s). The losses are passed under the
-code's names ``f_loss`` and ``b_loss``, in its order.
+steps: 0.26; a2 = 1, lr 3e-3, 3,000 steps: 0.10; 5,000 steps: 0.07 (28 CPU-s). The losses
+are passed under the code's names ``f_loss`` and ``b_loss``, in its order.
 
 Truth, measured without gradprobe: the relative L2 error of u on a 101 x 101 grid
 (``rel_l2_error``), the RMS of u on 400 boundary points over the RMS of the exact u
@@ -182,7 +185,7 @@ _MUST_NOT = ("gradient-conflict", "inert-loss")
 
 FAMILY = Family(
     name="relobralo-pinn",
-    source="Bischof & Kraus 2021 (arXiv 2110.09813), sec. 3, ReLoBRaLo; rbischof/"
+    source="Bischof & Kraus 2021 (arXiv 2110.09813), ReLoBRaLo; rbischof/"
            "relative_balancing src/update_rules.py (relative, manual), src/pdes/helmholtz.py",
     train=train,
     variants=(
