@@ -14,16 +14,16 @@ Published setup: ImageNet, ResNet-50, projection 256-d, prediction MLP, 1000 epo
 
 Here (CPU): scikit-learn's 8x8 digits (``common.digits_split``), two views by
 ``common.augment``, ``common.DigitEncoder`` (width 128) under a projection head 128-128-32
-(batch norm, the last one too) and a prediction head 32-128-32, a support set of 512 rows
-(the last four batches; 98,304 of 1.28M images there), tau 0.1, batch 128 (67 of the 1347
-training images left out of each epoch, as a drop-last loader does; in class order always
-the same 67 nines), SGD lr 0.06, momentum 0.9, weight decay 1e-6, 400 steps. The two terms of the symmetric loss are passed to
-the probe as two losses named after lightly's calls, ``nn_z0_p1`` and ``nn_z1_p0``, weights
-0.5 and 0.5. Watched as docs/probe.md says: the projection ``projection`` as a latent, each
-term's InfoNCE batch (the neighbours against the other view's predictions, in-batch
-negatives) as a contrastive watch of the same name, each batch's digit classes as
-``groups`` with ``expect_groups_per_batch=10`` (a user checking that batches mix the
-classes).
+(batch norm, the last one too) and a prediction head 32-128-32, a support set of 512 rows (the
+last four batches; 98,304 of 1.28M images there), tau 0.1, batch 128 (67 of the 1347 training
+images left out of each epoch, as a drop-last loader does; in class order always the same 67
+nines), SGD lr 0.06, momentum 0.9, weight decay 1e-6, 400 steps. The two terms of the
+symmetric loss are passed to the probe as two losses named after lightly's calls, ``nn_z0_p1``
+and ``nn_z1_p0``, weights 0.5 and 0.5. Watched as docs/probe.md says: the projection
+``projection`` as a latent, each term's InfoNCE batch (the neighbours against the other view's
+predictions, in-batch negatives) as a contrastive watch of the same name, each batch's digit
+classes as ``groups`` with ``expect_groups_per_batch=10`` (a user checking that batches mix
+the classes).
 
 Variants (truth by construction):
 - ``shuffled``: healthy, the loader reshuffles every epoch, as published.

@@ -2,8 +2,8 @@
 Pre-Training", ICCV): sec. 3.2 and Algorithm 1 (the pairwise sigmoid loss: logits =
 dot(z_img, z_txt^T) * exp(t') + b over l2-normalised embeddings of the two towers, labels
 2 * eye(n) - 1, loss = -sum(log_sigmoid(labels * logits)) / n, with a learnable temperature
-t' started at log 10 and a learnable bias b started at -10, "so that training starts close
-to the prior and does not need massive over-correction"); sec. 3.3 (the chunked
+t' started at log 10 and a learnable bias b started at -10, so that training starts near
+the prior of few positives and needs no large early correction); sec. 3.3 (the chunked
 implementation: each device sums its own positives and the negatives of the other devices'
 chunks, so the loss is a positive term plus a negative term); the paper's ablation of the
 bias term (the init b = -10 against no bias). Official code google-research/big_vision
