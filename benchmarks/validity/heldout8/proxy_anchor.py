@@ -1,5 +1,5 @@
 """Proxy Anchor loss, after Kim, Kim, Cho & Kwak 2020 ("Proxy Anchor Loss for Deep Metric
-Learning", CVPR, sec. 3.3 eq. 4; tjddus9597/Proxy-Anchor-CVPR2020, code/losses.py
+Learning", CVPR, eq. 4; tjddus9597/Proxy-Anchor-CVPR2020, code/losses.py
 ``Proxy_Anchor`` and code/train.py), with a softmax classification head on the embedding as
 the second loss.
 
@@ -9,9 +9,8 @@ s(x, p) of the l2-normalised embeddings and proxies; eq. 4:
   l(X) = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x, p) - delta)))
        + 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x, p) + delta)))
 with alpha = 32, delta = 0.1; P+ the proxies with a positive in the batch. train.py adds the
-criterion's parameters to AdamW as their own group at ``lr * lr_mult`` (lr_mult 100: "the
-proxies ... learning rate scaled up 100 times", sec. 4.1), weight decay 1e-4. Recall@1 is the
-retrieval metric (sec. 4.2).
+criterion's parameters to AdamW as their own group at 100 times the learning rate, weight
+decay 1e-4. Recall@1 is the retrieval metric.
 
 Here: scikit-learn's 8x8 digits (``digits_split``; the 10 classes are trained and retrieved
 on the test split's unseen images: the unseen-class protocol does not transfer at this
