@@ -121,7 +121,8 @@ def train(variant: str, seed: int, log: Path) -> dict:
                                                + [guess] * AUGMENTATIONS), gen)
             features, logits = model(mixed_x)
             probe.observe(features=features)
-            losses = {"loss_xe": -(mixed_p[:BATCH] * F.log_softmax(logits[:BATCH], 1)).sum(1).mean(),
+            soft_xe = -(mixed_p[:BATCH] * F.log_softmax(logits[:BATCH], 1)).sum(1)
+            losses = {"loss_xe": soft_xe.mean(),
                       "loss_l2u": (mixed_p[BATCH:] - F.softmax(logits[BATCH:], 1)).pow(2).mean()}
             weight = w_match * (min(step / rampup, 1.0) if rampup else 1.0)
             if step % RATIO_EVERY == 0 and weight > 0:
@@ -144,8 +145,9 @@ _MUST_NOT = ("inert-loss", "non-finite")
 
 FAMILY = Family(
     name="mixmatch",
-    source="Berthelot et al. 2019 (MixMatch, NeurIPS, sec. 3, Algorithm 1); google-research/mixmatch "
-           "mixmatch.py (guess_label, loss_xe, loss_l2u, w_match, warmup_kimg)",
+    source="Berthelot et al. 2019 (MixMatch, NeurIPS, sec. 3, Algorithm 1); "
+           "google-research/mixmatch mixmatch.py (guess_label, loss_xe, loss_l2u, w_match, "
+           "warmup_kimg)",
     train=train,
     variants=(
         Variant("published", True,
