@@ -4,4 +4,5 @@ setup that no family of the corpus or of the first seven held-out sets ports, pr
 documented defaults (no ``roles=``, no ``shared=``), run only by ``run.py --heldout eighth``,
 once, and reported apart (docs/validity-heldout8.md)."""
 
-HELDOUT8_MODULES = ()
+HELDOUT8_MODULES = ("relobralo_pinn", "trades", "factor_vae", "adversarial_debiasing",
+                    "siglip", "nnclr", "proxy_anchor", "fitnets", "mixmatch", "deep_infomax")
