@@ -315,6 +315,9 @@ def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(reco
     ("transfer_loss", "alignment", "transfer"),
     ("cmd", "alignment", "cmd"),
     ("cmdline_loss", "other", None),
+    ("mi", "decorrelation", "mi"),           # mutual information, as a whole word only
+    ("mirror", "other", None),
+    ("mixup_loss", "other", None),
     ("weird", "other", None),
 ])
 def test_name_hint_takes_the_longest_matching_hint(name, role, hint):

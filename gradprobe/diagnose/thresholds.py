@@ -180,8 +180,10 @@ class Thresholds:
     proto_collapse_fraction: float = _f(0.2, "end mean pairwise distance at most this fraction of "
                                               "its peak (scale-free when the latent's norm is "
                                               "recorded)")
-    proto_merge_fraction: float = _f(0.05, "end min / mean pairwise distance at most this: two "
-                                            "prototypes merged")
+    proto_merge_fraction: float = _f(0.1, "end min / mean pairwise distance at most this "
+                                           "fraction of what chance gives the table's rows over "
+                                           "its rank (metrics.closest_pair_by_chance): two "
+                                           "prototypes merged")
     proto_usage: float = _f(0.5, "usage entropy / log P of the assignments pooled over "
                                     "the end window at most this: at 0.5 the pooled perplexity "
                                     "exp(H) is at most sqrt(P) of the P prototypes")

@@ -20,6 +20,7 @@ from gradprobe._lazy import lazy_names
 
 __all__, __getattr__, __dir__ = lazy_names(__name__, {
     ".batch": ("batch_summary", "group_diversity"),
+    ".chance": ("closest_pair_by_chance",),
     ".contrastive": ("contrastive_signal",),
     ".dependence": ("linear_cka", "max_abs_correlation", "max_abs_correlation_null"),
     ".gradients": ("gram_from_gradients", "gram_statistics", "gram_summary"),

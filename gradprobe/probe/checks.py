@@ -32,8 +32,9 @@ _ROLE_HINTS = (
 )
 
 # Hints that match only as a whole word of the name: as prefixes they begin unrelated words
-# (a PINN's "continuity" residual, a "distill" or "distance" loss, a "cmdline").
-_WORD_ONLY_HINTS = frozenset({"cont", "dis", "cmd"})
+# (a PINN's "continuity" residual, a "distill" or "distance" loss, a "cmdline", a "mirror"
+# task or a "mixup" loss).
+_WORD_ONLY_HINTS = frozenset({"cont", "dis", "cmd", "mi"})
 
 # Names observe() accepts besides the watches' own.
 RESERVED_OBSERVE = ("groups",)

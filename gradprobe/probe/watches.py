@@ -246,12 +246,12 @@ class PrototypeWatch(Watch):
         latent = values.get(f"latent:{self.latent}") if self.latent else None
         groups = values.get(self.groups_key)
         key = self.name
-        scalars: Scalars = {}
         arrays: Arrays = {}
         spread = metrics.prototype_spread(now)
-        scalars[("prototype_min_distance", key)] = spread["min_distance"]
-        scalars[("prototype_mean_distance", key)] = spread["mean_distance"]
-        scalars[("prototype_rank", key)] = spread["effective_rank"]
+        scalars: Scalars = {("prototype_min_distance", key): spread["min_distance"],
+                            ("prototype_mean_distance", key): spread["mean_distance"],
+                            ("prototype_rank", key): spread["effective_rank"],
+                            ("prototype_count", key): float(now.shape[0])}
         if self.previous is None or self.previous.shape != now.shape:
             self.last_moved = torch.full((now.shape[0],), step, dtype=torch.int64)
         else:

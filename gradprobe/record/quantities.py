@@ -202,6 +202,8 @@ PROTOTYPE_MIN_DISTANCE = _define("prototype_min_distance", "prototypes", "protot
 PROTOTYPE_MEAN_DISTANCE = _define("prototype_mean_distance", "prototypes", "prototype watch",
                                   "latent units", "mean pairwise distance", "higher",
                                   "the mean pairwise Euclidean distance between rows")
+PROTOTYPE_COUNT = _define("prototype_count", "prototypes", "prototype watch", "count",
+                          "prototypes", "neither", "the number of rows of the table")
 PROTOTYPE_RANK = _define("prototype_rank", "prototypes", "prototype watch", "dimensions",
                          "prototype RankMe", "higher", "RankMe of the prototype matrix")
 PROTOTYPE_USAGE = _define("prototype_usage", "prototypes", "prototype watch", "0 to 1",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradprobe.metrics.chance import closest_pair_by_chance
 from gradprobe.record import Run
-from gradprobe.record.quantities import (LATENT_NORM, PROTOTYPE_DRIFT, PROTOTYPE_LAG,
-                                         PROTOTYPE_MEAN_DISTANCE, PROTOTYPE_MIN_DISTANCE,
-                                         PROTOTYPE_RANK, PROTOTYPE_STEPS_SINCE_MOVED,
-                                         PROTOTYPE_TARGET_SHIFT, PROTOTYPE_USAGE)
+from gradprobe.record.quantities import (LATENT_NORM, PROTOTYPE_ASSIGNMENTS, PROTOTYPE_COUNT,
+                                         PROTOTYPE_DRIFT, PROTOTYPE_LAG, PROTOTYPE_MEAN_DISTANCE,
+                                         PROTOTYPE_MIN_DISTANCE, PROTOTYPE_RANK,
+                                         PROTOTYPE_STEPS_SINCE_MOVED, PROTOTYPE_TARGET_SHIFT,
+                                         PROTOTYPE_USAGE)
 
 from .._series import (align, finite, g, get, held_range, held_share, median, nanmax,
                        own_parameter_losses, pct, persistent, recorded_series, rolling_median,
@@ -117,18 +119,27 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             keys.append(f"mean distance x{g(end / peak)} of peak")
             severity = "error"
             held |= md <= th.proto_collapse_fraction * peak
+        rank = finite(get(run, PROTOTYPE_RANK, p))
+        rank_end = start_end(*rank, th)["end"] if rank is not None else None
+        evidence["rank_end"] = rank_end
         min_d = finite(get(run, PROTOTYPE_MIN_DISTANCE, p))
-        if min_d is not None:
+        size = _table_size(run, p)
+        if min_d is not None and size is not None and rank_end is not None:
             _, (mn, mean_raw) = align(min_d, get(run, PROTOTYPE_MEAN_DISTANCE, p))
             with np.errstate(divide="ignore", invalid="ignore"):
                 rel = np.where(mean_raw > 0, mn / mean_raw, np.nan)
             rel_end = median(rel[-window_size(len(rel), th):])
-            evidence["min_over_mean_distance_end"] = rel_end
-            if rel_end <= th.proto_merge_fraction:
+            # Judged against chance: the closest of many rows is close by chance alone (a
+            # memory bank with one row per training image holds near-duplicate images).
+            chance = closest_pair_by_chance(size, rank_end)
+            evidence.update(min_over_mean_distance_end=rel_end, closest_pair_by_chance=chance,
+                            table_rows=size)
+            if rel_end <= th.proto_merge_fraction * chance:
                 reasons.append(f"two of them merged (closest pair at {pct(rel_end)} of the mean "
-                               "distance)")
-                keys.append(f"closest pair x{g(rel_end)} of mean distance")
-                held |= np.interp(steps, min_d[0], rel) <= th.proto_merge_fraction
+                               f"distance, {g(rel_end / chance)} of the {pct(chance)} that chance "
+                               f"gives {size} rows over rank {g(rank_end)})")
+                keys.append(f"closest pair x{g(rel_end / chance)} of chance")
+                held |= np.interp(steps, min_d[0], rel) <= th.proto_merge_fraction * chance
         pooled = pooled_usage(run, p, th)
         usage = finite(get(run, PROTOTYPE_USAGE, p))
         if pooled is not None:
@@ -150,9 +161,6 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                 keys.append(f"usage entropy {g(u_end)}")
                 usage_collapsed = True
                 held |= np.interp(steps, usage[0], usage[1]) <= th.proto_usage
-        rank = finite(get(run, PROTOTYPE_RANK, p))
-        if rank is not None:
-            evidence["rank_end"] = start_end(*rank, th)["end"]
         if not reasons:
             continue
         evidence["mean_distance"] = thin(steps, md)
@@ -163,3 +171,14 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             plot=PlotHint(PROTOTYPE_MEAN_DISTANCE, names=[p]),
             remedy=prototype_collapse_remedy(usage_collapsed, own_parameter_losses(run))))
     return out
+
+
+def _table_size(run: Run, prototypes: str) -> int | None:
+    """The rows of a watched table: recorded, or (older run files) the width of its
+    assignment counts; None where neither was recorded."""
+    count = finite(get(run, PROTOTYPE_COUNT, prototypes))
+    if count is not None:
+        return int(count[1][-1])
+    if prototypes in run.array_names(PROTOTYPE_ASSIGNMENTS):
+        return int(run.arrays(PROTOTYPE_ASSIGNMENTS, prototypes)[1][-1].size)
+    return None
