@@ -1,6 +1,7 @@
 """beta-VAE with controlled capacity, after Burgess et al. 2018 ("Understanding disentangling
 in beta-VAE", arXiv 1804.03599, sec. 5, eq. 8), in the PyTorch port 1Konny/Beta-VAE
-(``solver.py``, objective 'B'; ``reconstruction_loss`` / ``kl_divergence``), the same loss as
+(``solver.py``, objective 'B'; ``reconstruction_loss`` / ``kl_divergence``; read as copied
+in public repositories), the same loss as
 AntixK/PyTorch-VAE ``models/beta_vae.py`` (``loss_type='B'``).
 
 Published setup: L = E_q[log p(x|z)] - gamma |KL(q(z|x) || p(z)) - C| (eq. 8), the capacity
@@ -8,10 +9,11 @@ C raised linearly from 0 to C_max during training so the KL is pinned to C and g
 gradually. The port: ``C = clamp(C_max / C_stop_iter * global_iter, 0, C_max)``,
 ``beta_vae_loss = recon_loss + gamma * (total_kld - C).abs()``, recon_loss the Bernoulli
 cross-entropy summed over pixels and averaged over the batch, total_kld the KL summed over
-latent dimensions and averaged over the batch; gamma 1000, C_max 25 nats, C_stop_iter 1e5
-(dSprites), latent 10, Adam lr 5e-4 betas (0.9, 0.999).
+latent dimensions and averaged over the batch. The paper's dSprites setting: gamma 1000, C
+raised to 25 nats over 1e5 iterations; the port's script ``run_dsprites_B_gamma100_z10.sh``:
+gamma 100, C_max 20, C_stop_iter 1e5, latent 10, batch 64, Adam lr 5e-4 betas (0.9, 0.999).
 
-Here: scikit-learn's 8x8 digits (64 pixels, not 4,096, so C_max scaled to 15 nats), MLP
+Here: scikit-learn's 8x8 digits (64 pixels, not 4,096; C_max 15 nats, not 25), MLP
 encoder 64 -> 128 -> 2 x 10, decoder 10 -> 128 -> 64 logits, batch 64, Adam lr 1e-3, 2,000
 steps with C reaching C_max at step 1,500 (not 1e5 iterations). gamma is scaled with the
 pixel count, 1000 x 64 / 4096 ~ 16, so that it weighs the summed reconstruction as the
