@@ -5,4 +5,5 @@ first eight held-out sets ports, probed at the documented defaults (no ``roles=`
 ``shared=``), run only by ``run.py --heldout ninth``, once, and reported apart
 (docs/validity-heldout9.md)."""
 
-HELDOUT9_MODULES = ()
+HELDOUT9_MODULES = ("rlw", "vat", "deep_svdd", "decov", "wmse", "clip", "arcface", "proxy_nca",
+                    "capacity_vae", "deep_ritz")
