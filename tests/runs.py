@@ -462,6 +462,36 @@ def sigmoid_head(loss: str, steps: int = 80, seed: int = 0) -> Run:
     return _finish(probe, f"sigmoid_head_{loss}")
 
 
+@_cached
+def pairwise_sigmoid(frozen: bool, steps: int = 120, seed: int = 0) -> Run:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, Algorithm 1) between two noisy views
+    of 128 points drawn from 16 clusters, one linear tower each: the positives are the 128
+    diagonal logits of 16,384. Published: t' = log 10 and bias -10, both learnt. ``frozen``:
+    the temperature fixed at 1000 and the bias at 0, so the n - 1 negatives of each row push
+    every pair below 0, the positives with them."""
+    gen = _setup(seed)
+    centres = 3.0 * torch.randn(16, 8, generator=gen)
+    towers = nn.ModuleList([nn.Linear(8, 16), nn.Linear(8, 16)])
+    t_prime = nn.Parameter(torch.tensor(math.log(1000.0 if frozen else 10.0)),
+                           requires_grad=not frozen)
+    bias = nn.Parameter(torch.tensor(0.0 if frozen else -10.0), requires_grad=not frozen)
+    opt = torch.optim.Adam([*towers.parameters(), t_prime, bias], lr=1e-2)
+    probe = Probe(towers, every=4)
+    probe.watch_saturation("logits", target="pairs", temperature=lambda: t_prime.exp())
+    eye = torch.eye(128)
+    for _ in range(steps):
+        x = centres[torch.randint(0, 16, (128,), generator=gen)]
+        za, zb = (F.normalize(tower(x + 0.5 * torch.randn(x.shape, generator=gen)), dim=1)
+                  for tower in towers)
+        logits = za @ zb.T * t_prime.exp() + bias
+        loss = -F.logsigmoid((2 * eye - 1) * logits).sum() / 128
+        probe.observe(logits=logits, pairs=eye)
+        probe.backward({"siglip": loss})
+        opt.step()
+        opt.zero_grad()
+    return _finish(probe, f"pairwise_sigmoid_{frozen}")
+
+
 # ------------------------------------------- the shared set at defaults (DANN, VAE)
 
 @_cached

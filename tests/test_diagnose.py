@@ -389,24 +389,32 @@ def test_swamping_skips_a_loss_that_has_learned_what_it_can(tmp_path):
     assert "gradient-swamping" in _ids(run, thresholds=Thresholds(learned_fraction=0.0))
 
 
-def _saturation_run(tmp_path, saturated, wrong):
+def _saturation_run(tmp_path, saturated, wrong, wrong_class=None):
     rows = [(s, {("loss", "task"): 1.0, ("saturated_fraction", "out"): saturated,
-                 **({("saturated_wrong_fraction", "out"): wrong} if wrong is not None else {})})
+                 **({("saturated_wrong_fraction", "out"): wrong} if wrong is not None else {}),
+                 **({("saturated_wrong_class_fraction", "out"): wrong_class}
+                    if wrong_class is not None else {})})
             for s in range(20)]
     return _synthetic(tmp_path, rows)
 
 
-@pytest.mark.parametrize("saturated,wrong,severity", [
-    (0.4, 0.1, "warning"),   # harmful, less than half saturated
-    (0.6, 0.1, "error"),     # harmful, most inputs saturated
-    (0.3, 0.0, "info"),      # saturated, but towards the targets
-    (0.3, None, "info"),     # no target observed: harm not judged
-    (0.2, 0.0, None),        # below saturation_fraction: nothing
+@pytest.mark.parametrize("saturated,wrong,wrong_class,severity", [
+    (0.4, 0.1, None, "warning"),   # harmful, less than half saturated
+    (0.6, 0.1, None, "error"),     # harmful, most inputs saturated
+    (0.3, 0.0, None, "info"),      # saturated, but towards the targets
+    (0.3, None, None, "info"),     # no target observed: harm not judged
+    (0.2, 0.0, None, None),        # below saturation_fraction: nothing
+    (0.9, 0.005, 0.9, "error"),    # a rare class (1/200 of the inputs) 90% wrong: harmful
+    (0.9, 0.005, 0.12, "info"),    # the hard eighth of a rare class wrong: towards targets
 ])
-def test_saturation_fractions_each_do_their_own_job(tmp_path, saturated, wrong, severity):
-    found = [f for f in _diagnose(_saturation_run(tmp_path, saturated, wrong))
+def test_saturation_fractions_each_do_their_own_job(tmp_path, saturated, wrong, wrong_class,
+                                                     severity):
+    found = [f for f in _diagnose(_saturation_run(tmp_path, saturated, wrong, wrong_class))
              if f.id == "sigmoid-saturation"]
     assert [f.severity for f in found] == ([severity] if severity else [])
+    if wrong_class is not None:
+        assert found[0].evidence["saturated_wrong_class_fraction_end"] == \
+            pytest.approx(wrong_class)
 
 
 def _rank_run(tmp_path, peak, end, isotropic, classes=None):

@@ -130,6 +130,31 @@ def test_saturation_towards_the_targets_under_cross_entropy_is_a_note():
     assert _by_id(runs.energy_logistic(50.0), "sigmoid-saturation")[0].severity == "info"
 
 
+def test_a_rare_class_saturated_on_the_wrong_side_is_harm_however_rare():
+    """A pairwise sigmoid loss with its temperature frozen at 1000: most positives end
+    saturated below 0, while the share over all 16,384 logits stays under 1%."""
+    run = runs.pairwise_sigmoid(frozen=True)
+    _, pooled = run.series("saturated_wrong_fraction", "logits")
+    _, by_class = run.series("saturated_wrong_class_fraction", "logits")
+    th = Thresholds()
+    # The end window: the last window_share of the probe steps, at least min_points.
+    k = max(th.min_points, math.ceil(th.window_share * len(by_class)))
+    assert np.median(pooled[-k:]) < th.saturation_wrong_fraction  # at most 1/128 = 0.8%
+    (f,) = _by_id(run, "sigmoid-saturation")
+    assert f.evidence["saturated_wrong_class_fraction_end"] == pytest.approx(
+        np.median(by_class[-k:]))
+    assert f.evidence["saturated_wrong_class_fraction_end"] >= th.saturation_wrong_class_fraction
+    assert f.severity == "error" and "one target class" in f.title
+
+
+def test_a_learnt_temperature_saturates_towards_its_targets():
+    run = runs.pairwise_sigmoid(frozen=False)
+    _, by_class = run.series("saturated_wrong_class_fraction", "logits")
+    assert by_class[-1] < Thresholds().saturation_wrong_class_fraction
+    (f,) = _by_id(run, "sigmoid-saturation")
+    assert f.severity == "info" and "towards its targets" in f.title
+
+
 # -------------------------------------------------------------- representation-collapse
 
 def test_a_drifting_mean_is_not_collapse():

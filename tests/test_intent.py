@@ -233,14 +233,18 @@ def test_a_loss_of_unknown_intent_on_its_own_parameters_is_info_with_the_settlin
     assert hinted.severity == "info"
 
 
-@pytest.mark.parametrize("source, origin", [("name", "from the name 'domain'"),
-                                            ("declared", "declared")])
-def test_a_loss_meant_to_shape_the_shared_layers_that_misses_them_warns(tmp_path, source,
-                                                                         origin):
-    record = _record("s_domain", "adversarial", source, hint="domain", reach="own")
-    (f,) = _found(_own_only_run(tmp_path, "s_domain", record), "inert-loss")
+@pytest.mark.parametrize("name, role, hint, source, origin", [
+    ("s_domain", "adversarial", "domain", "name", "from the name 'domain'"),
+    ("s_domain", "adversarial", "domain", "declared", "declared"),
+    # A FitNets hint read through a regressor from the detached student.
+    ("hint", "distillation", "hint", "name", "from the name 'hint'"),
+])
+def test_a_loss_meant_to_shape_the_shared_layers_that_misses_them_warns(tmp_path, name, role,
+                                                                         hint, source, origin):
+    record = _record(name, role, source, hint=hint, reach="own")
+    (f,) = _found(_own_only_run(tmp_path, name, record), "inert-loss")
     assert f.severity == "warning"
-    assert f.title.endswith(f"(role adversarial, {origin})")
+    assert f.title.endswith(f"(role {role}, {origin})")
     assert f.evidence["role_source"] == source
 
 

@@ -85,3 +85,24 @@ def test_saturated_wrong_fraction_matches_numpy():
     assert M.saturated_wrong_fraction(torch.tensor([10.0, -10.0]), torch.tensor([1.0, 0.0])) == 0.0
     with pytest.raises(ValueError, match="as many entries"):
         M.saturated_wrong_fraction(torch.zeros(3), torch.zeros(4))
+
+
+def test_saturated_wrong_class_fraction_is_the_worst_class_by_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 6, size=(40, 5))
+    y = rng.random((40, 5))
+    bad = (np.abs(x) > 4.6) & (np.abs(sig(x) - y) > 0.5)
+    expected = max(bad[y >= 0.5].mean(), bad[y < 0.5].mean())
+    assert M.saturated_wrong_class_fraction(torch.tensor(x), torch.tensor(y)) == \
+        pytest.approx(expected)
+    # A pairwise sigmoid loss over a batch of 128: every positive (the diagonal) saturated on
+    # the wrong side, every negative on the right side. Over all logits that is 1/128, under
+    # 1%; within the positives, all of them.
+    n = 128
+    logits, target = torch.full((n, n), -10.0), torch.eye(n)
+    assert M.saturated_wrong_fraction(logits, target) == pytest.approx(1 / n)
+    assert M.saturated_wrong_class_fraction(logits, target) == 1.0
+    # One class absent from the batch is not counted; nothing wrong reads 0.
+    assert M.saturated_wrong_class_fraction(torch.tensor([10.0, -10.0]),
+                                            torch.tensor([0.0, 0.0])) == 0.5
+    assert M.saturated_wrong_class_fraction(torch.tensor([10.0]), torch.tensor([1.0])) == 0.0

@@ -311,7 +311,10 @@ def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(reco
     ("contrastive_loss", "contrastive", "contrast"),
     ("continuity", "other", None),           # "cont" and "dis" match only as whole words
     ("loss_dis", "adversarial", "dis"),
-    ("distill", "other", None),
+    ("distill", "distillation", "distill"),
+    ("hint", "distillation", "hint"),
+    ("loss_kd", "distillation", "kd"),
+    ("kdtree_loss", "other", None),
     ("transfer_loss", "alignment", "transfer"),
     ("cmd", "alignment", "cmd"),
     ("cmdline_loss", "other", None),

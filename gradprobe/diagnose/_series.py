@@ -303,7 +303,7 @@ def exempt_losses(run: Run, th: Thresholds) -> set[str]:
 # Roles whose loss is meant to shape the shared representation: one that reaches only
 # parameters of its own is cut off from what it was meant to train.
 SHAPES_SHARED = ("task", "contrastive", "orthogonality", "decorrelation", "adversarial",
-                 "alignment", "reconstruction")
+                 "alignment", "distillation", "reconstruction")
 
 
 def own_parameter_losses(run: Run) -> list[str]:

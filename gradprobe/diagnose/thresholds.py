@@ -205,6 +205,10 @@ class Thresholds:
     saturation_wrong_fraction: float = _f(0.01, "end share of sigmoid inputs saturated on the "
                                                 "wrong side of their target at least this: "
                                                 "harmful")
+    saturation_wrong_class_fraction: float = _f(0.5, "end share of one target class's sigmoid "
+                                                      "inputs saturated on the wrong side at "
+                                                      "least this: harmful, however rare the "
+                                                      "class")
     saturation_error_fraction: float = _f(0.5, "median saturated share at least this, when "
                                                "harmful: error")
     saturation_energy_ratio: float = _f(10.0, "energy-term scale ratio at least this is reported")
@@ -224,7 +228,8 @@ class Thresholds:
         for name in ("min_share", "window_share", "conflict_share", "conflict_tragic_share",
                      "contrastive_same_group_share", "memorised_fraction", "learned_fraction",
                      "swamping_floor_fraction", "usage_held_fraction", "adversary_chance_fraction",
-                     "saturation_wrong_fraction", "conflict_undone_fraction"):
+                     "saturation_wrong_fraction", "conflict_undone_fraction",
+                     "saturation_wrong_class_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"threshold {name!r} must be within [0, 1], got {value}")

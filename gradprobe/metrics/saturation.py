@@ -11,6 +11,7 @@ from .saturation_grid import SATURATION_THRESHOLD, histogram_edges
 __all__ = [
     "saturated_fraction",
     "saturated_wrong_fraction",
+    "saturated_wrong_class_fraction",
     "mean_sigmoid_grad",
     "energy_scale_ratio",
     "saturation_histogram",
@@ -49,13 +50,39 @@ def saturated_wrong_fraction(x: Tensor, target: Tensor,
     "Efficient BackProp", 1998, on saturation and target values; cross-entropy keeps a
     gradient ``sigmoid(x) - y`` there instead). Null (standard-normal logits): ~4e-6 at most.
     """
+    wrong, _ = _saturated_wrong(x, target, threshold)
+    return float(wrong.double().mean())
+
+
+@torch.no_grad()
+def saturated_wrong_class_fraction(x: Tensor, target: Tensor,
+                                   threshold: float = SATURATION_THRESHOLD) -> float:
+    """The share saturated on the wrong side (as :func:`saturated_wrong_fraction`) within the
+    target class where it is largest: ``max_c mean(|x| > threshold and |sigmoid(x) - y| > 0.5
+    | class c)``, the classes being the entries trained towards 1 (``y >= 0.5``) and towards 0.
+
+    The share over all entries is bounded by the rarer class's frequency: a pairwise sigmoid
+    loss over a batch of n (SigLIP) holds n positives among n^2 logits, so with every positive
+    saturated on the wrong side that share is 1/n, under 1% from n = 100. Taken per class, as a
+    per-class error rate is (Brodersen et al., "The balanced accuracy and its posterior
+    distribution", ICPR 2010), a rare class that is all wrong reads 1. A class absent from the
+    batch is not counted; 0.0 when neither class is wrong. Null (standard-normal logits):
+    ~4e-6 at most, as the pooled share.
+    """
+    wrong, towards_one = _saturated_wrong(x, target, threshold)
+    shares = [wrong[members].double().mean() for members in (towards_one, ~towards_one)
+              if bool(members.any())]
+    return float(max(shares)) if shares else 0.0
+
+
+def _saturated_wrong(x: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Per entry: saturated on the wrong side of its target; trained towards 1."""
     threshold = check_positive_float(threshold, "threshold")
-    v = as_array(x, "x")
-    y = as_array(target, "target").to(v.device)
+    v = as_array(x, "x").reshape(-1)
+    y = as_array(target, "target").to(v.device).reshape(-1)
     if y.numel() != v.numel():
         raise ValueError(f"target must have as many entries as x ({v.numel()}), got {y.numel()}")
-    wrong = (torch.sigmoid(v) - y).abs() > 0.5
-    return float(((v.abs() > threshold) & wrong).double().mean())
+    return (v.abs() > threshold) & ((torch.sigmoid(v) - y).abs() > 0.5), y >= 0.5
 
 
 @torch.no_grad()

@@ -26,15 +26,16 @@ _ROLE_HINTS = (
     ("decorrelation", ("corr", "decor", "hsic", "mi")),
     ("adversarial", ("adv", "domain", "grl", "disc", "dis", "gan")),
     ("alignment", ("transfer", "mmd", "coral", "cmd")),
+    ("distillation", ("distill", "kd", "hint", "teacher")),
     ("reconstruction", ("rec", "recon", "ae")),
     ("kl", ("kl", "kld", "prior")),
     ("regularization", ("reg", "l1", "l2", "sparse", "wd", "entropy")),
 )
 
 # Hints that match only as a whole word of the name: as prefixes they begin unrelated words
-# (a PINN's "continuity" residual, a "distill" or "distance" loss, a "cmdline", a "mirror"
-# task or a "mixup" loss).
-_WORD_ONLY_HINTS = frozenset({"cont", "dis", "cmd", "mi"})
+# (a PINN's "continuity" residual, a "distance" loss, a "cmdline", a "mirror" task, a
+# "mixup" loss, a "kdtree").
+_WORD_ONLY_HINTS = frozenset({"cont", "dis", "cmd", "mi", "kd"})
 
 # Names observe() accepts besides the watches' own.
 RESERVED_OBSERVE = ("groups",)

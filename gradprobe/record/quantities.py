@@ -24,8 +24,8 @@ from typing import Literal
 
 # What a loss is for (``Probe(..., roles={name: role})``); the diagnosis reads them.
 ROLES: tuple[str, ...] = ("task", "contrastive", "prototype", "orthogonality", "decorrelation",
-                          "adversarial", "alignment", "reconstruction", "regularization", "kl",
-                          "other")
+                          "adversarial", "alignment", "distillation", "reconstruction",
+                          "regularization", "kl", "other")
 
 
 def role_declaration(loss_name: str, role: str) -> str:
@@ -234,6 +234,11 @@ SATURATED_WRONG_FRACTION = _define(
     "saturated on the wrong side", "lower",
     "share of inputs saturated and on the wrong side of their target (|sigmoid(x) − y| > 0.5), "
     "with `watch_saturation(..., target=...)`", healthy="0")
+SATURATED_WRONG_CLASS_FRACTION = _define(
+    "saturated_wrong_class_fraction", "saturation", "saturation watch", "share",
+    "saturated on the wrong side, worst class", "lower",
+    "the same share within the target class (trained towards 1, or towards 0) where it is "
+    "largest, so that a rare class all wrong reads 1", healthy="0")
 MEAN_SIGMOID_GRAD = _define("mean_sigmoid_grad", "saturation", "saturation watch", "0 to 0.25",
                             "mean sigmoid'", "neither", "mean of sigmoid'(x) = s(1 − s)")
 SATURATION_THRESHOLD_USED = _define("saturation_threshold", "saturation", "saturation watch",

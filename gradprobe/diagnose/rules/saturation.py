@@ -7,8 +7,8 @@ import numpy as np
 
 from gradprobe.record import Run
 from gradprobe.record.quantities import (ENERGY_SCALE_RATIO, MEAN_SIGMOID_GRAD, SATURATED_FRACTION,
-                                         SATURATED_WRONG_FRACTION, SATURATION_THRESHOLD_USED,
-                                         TEMPERATURE)
+                                         SATURATED_WRONG_CLASS_FRACTION, SATURATED_WRONG_FRACTION,
+                                         SATURATION_THRESHOLD_USED, TEMPERATURE)
 
 from .._series import (finite, g, get, held_range, held_share, median, pct, persistent,
                        recorded_series, thin, trailing_range)
@@ -26,6 +26,8 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                           "held_share": held_share(steps, held),
                           "thresholds": {"fraction": th.saturation_fraction,
                                          "wrong_fraction": th.saturation_wrong_fraction,
+                                         "wrong_class_fraction":
+                                             th.saturation_wrong_class_fraction,
                                          "error_fraction": th.saturation_error_fraction,
                                          "energy_ratio": th.saturation_energy_ratio},
                           "saturated_fraction": thin(steps, v)}
@@ -62,14 +64,28 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
             # Harm is what stays wrong: cross-entropy corrects a saturated start, so only the
             # end of the run counts.
             harmful = w_end >= th.saturation_wrong_fraction
+        # The share over all inputs cannot exceed the rarer class's frequency (n positives
+        # among a pairwise sigmoid loss's n^2 logits), so a rare class is judged on its own.
+        by_class = finite(get(run, SATURATED_WRONG_CLASS_FRACTION, s))
+        rare_class = None
+        if by_class is not None and len(by_class[0]) >= th.min_points and not harmful:
+            c_end = series_end(by_class, th)
+            evidence["saturated_wrong_class_fraction_end"] = c_end
+            if c_end >= th.saturation_wrong_class_fraction:
+                rare_class = c_end
+                w_steps, wrong_held = by_class[0], by_class[1] >= th.saturation_wrong_class_fraction
         plot = PlotHint(SATURATED_FRACTION, names=[s], threshold=th.saturation_fraction)
-        if harmful:
+        if harmful or rare_class is not None:
             severity = "error" if med >= th.saturation_error_fraction else "warning"
+            what = f"{pct(w_end)} of its inputs at the end" if harmful else \
+                f"{pct(rare_class)} of the inputs of one target class at the end, a class too " \
+                f"rare for the share over all inputs ({pct(w_end)}) to show it"
             out.append(make_finding(
                 "sigmoid-saturation", severity,
-                f"sigmoid '{s}' stays saturated on the wrong side of its targets: "
-                f"{pct(w_end)} of its inputs at the end ({pct(med)} saturated in all)"
-                + causes, s, f"wrong and saturated {pct(w_end)}", evidence,
+                f"sigmoid '{s}' stays saturated on the wrong side of its targets: {what} "
+                f"({pct(med)} saturated in all)" + causes, s,
+                f"wrong and saturated {pct(w_end)}" if harmful else
+                f"wrong and saturated {pct(rare_class)} of a class", evidence,
                 trailing_range(w_steps, wrong_held), plot=plot))
         elif persistent(steps, held, None, th):
             verdict = "towards its targets (harmless: their gradient has nothing left to do)" \
