@@ -1,14 +1,15 @@
 """MoCo v3, after Chen, Xie & He 2021 ("An Empirical Study of Training Self-Supervised Vision
-Transformers", ICCV; sec. 3, Algorithm 1: two augmented views x1, x2; queries q = predictor
+Transformers", ICCV; sec. 3, Algorithm 1, from memory, not re-read here: two augmented views x1, x2; queries q = predictor
 (projector(backbone(x))), keys k from a momentum encoder (backbone + projector, an EMA of the
 query encoder's); the symmetric loss ctr(q1, k2) + ctr(q2, k1), ctr(q, k) the InfoNCE of
 l2-normalised q against the batch's keys with temperature tau, times 2 tau) and the authors'
-facebookresearch/moco-v3 ``moco/builder.py`` (``MoCo.contrastive_loss``: ``logits =
-einsum('nc,mc->nm', q, k) / T``, cross-entropy against the diagonal, ``* (2 * T)``;
-``MoCo.forward``: the momentum update then ``k1, k2`` without gradient; ``_build_mlp`` with
-BatchNorm, the projector's last BN without affine) and ``main_moco.py``
-(``adjust_moco_momentum``: m rises from its base to 1 on a half-cosine), read with the
-fetch tool.
+facebookresearch/moco-v3 ``moco/builder.py`` (read with the read_file tool, the stored
+version: ``MoCo.ctr_loss``: ``logits = einsum('nc,mc->nm', q, k) / T``, cross-entropy against
+the diagonal, ``* (2 * T)``; ``MoCo.forward``: the momentum update then ``k1, k2`` without
+gradient, ``ctr_loss(q1, k2) + ctr_loss(q2, k1)``; ``_build_mlp`` with BatchNorm and an
+affine-free BN last; the predictor here keeps no last BN, a choice of this port) and ``main_moco.py``'s ``adjust_moco_momentum`` (m rises from its base to 1
+on a half-cosine; seen in find_string excerpts of ports that copy it, not in the repository
+itself).
 
 Published setup: ImageNet, ViT-S/B or ResNet-50, batch 4096, tau 0.2 for ViT, base momentum
 0.99 for ViT, projector 3 layers 4096-256, predictor 2 layers; AdamW (ViT) or LARS.
@@ -110,7 +111,7 @@ class MoCoV3(nn.Module):
         return q1, q2, k1, k2
 
 
-def contrastive_loss(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+def ctr_loss(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
     logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau
     return F.cross_entropy(logits, torch.arange(len(q))) * (2 * tau)
 
@@ -155,8 +156,8 @@ def train(variant: str, seed: int, log: Path) -> dict:
         x1, x2 = augment(x_tr[idx], gen), augment(x_tr[idx], gen)
         q1, q2, k1, k2 = model(x1, x2, momentum_at(step, BASE_MOMENTUM))
         probe.observe(loss_12=(q1, k2), loss_21=(q2, k1), groups=y_tr[idx])
-        losses = {"loss_12": contrastive_loss(q1, k2, TEMPERATURE),
-                  "loss_21": contrastive_loss(q2, k1, TEMPERATURE)}
+        losses = {"loss_12": ctr_loss(q1, k2, TEMPERATURE),
+                  "loss_21": ctr_loss(q2, k1, TEMPERATURE)}
         probe.backward(losses)
         opt.step()
         opt.zero_grad()
@@ -174,7 +175,7 @@ HEALTHY_MUST_NOT = ("representation-collapse", "weak-contrastive-signal", "gradi
 FAMILY = Family(
     name="moco-v3",
     source="Chen, Xie & He 2021 (ICCV), MoCo v3 Algorithm 1; facebookresearch/moco-v3 "
-           "moco/builder.py (contrastive_loss, forward)",
+           "moco/builder.py (ctr_loss, forward)",
     train=train,
     variants=(
         Variant("moco-v3", True, "MoCo v3 as published (tau 0.2, momentum 0.99 to 1, shuffled "
