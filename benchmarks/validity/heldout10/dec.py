@@ -36,7 +36,7 @@ labels), NMI, the number of clusters in use, the centres' smallest pairwise dist
                      0.002, 2 / 2 clusters used (float ties), smallest centre gap 0.
 Runs take 3-7 CPU-seconds.
 Expected (broken): ``prototype-collapse`` on ``centres``. Allowed: ``inert-loss`` on
-``kld`` and ``balance`` (with q uniform both losses are exactly zero with zero gradient, by
+``kld`` and ``balance`` (with q uniform both losses are zero with zero gradient up to rounding, by
 construction), ``prototype-stale`` on ``centres`` (they move only together, if at all).
 Must not (both): ``gradient-conflict``, ``non-finite``; healthy also ``prototype-collapse``,
 ``prototype-stale``, ``representation-collapse``, ``gradient-swamping``, ``inert-loss``.
