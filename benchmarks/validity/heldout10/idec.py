@@ -50,7 +50,8 @@ import torch
 
 from ..common import centred_effective_rank
 from ..harness import Expect, Family, Variant
-from ..heldout10.dec import Autoencoder, all_digits, clustering_truth, init_centres, pretrain, train_clustering
+from ..heldout10.dec import (Autoencoder, all_digits, clustering_truth, init_centres, pretrain,
+                             train_clustering)
 
 GAMMA, BROKEN_GAMMA = 0.1, 100.0
 
