@@ -46,6 +46,7 @@ from benchmarks.validity.heldout6 import HELDOUT6_MODULES  # noqa: E402
 from benchmarks.validity.heldout7 import HELDOUT7_MODULES  # noqa: E402
 from benchmarks.validity.heldout8 import HELDOUT8_MODULES  # noqa: E402
 from benchmarks.validity.heldout9 import HELDOUT9_MODULES  # noqa: E402
+from benchmarks.validity.heldout10 import HELDOUT10_MODULES  # noqa: E402
 from benchmarks.validity.report import (Check, acceptance, finding_lines, flip_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
@@ -78,6 +79,8 @@ HELDOUT_SETS = {
                "validity-heldout8.md"),
     "ninth": ("benchmarks.validity.heldout9", HELDOUT9_MODULES, "runs-heldout9",
               "validity-heldout9.md"),
+    "tenth": ("benchmarks.validity.heldout10", HELDOUT10_MODULES, "runs-heldout10",
+              "validity-heldout10.md"),
 }
 
 
@@ -135,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
                         help="only a set of families held out by source (every variant and "
                              "seed): 'first' (the default; benchmarks/validity/heldout/) or "
-                             "'second' to 'ninth' (heldout2/ to heldout9/); reported "
+                             "'second' to 'tenth' (heldout2/ to heldout10/); reported "
                              "apart, never calibrated; writes a page only with --doc "
-                             "(docs/validity-heldout.md, -heldout2.md ... -heldout9.md)")
+                             "(docs/validity-heldout.md, -heldout2.md ... -heldout10.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout, runs-heldout2 ... runs-heldout9 with --heldout)")
+                             "runs-heldout, runs-heldout2 ... runs-heldout10 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
