@@ -37,16 +37,6 @@ if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.validity`` i
 from benchmarks.validity.calibrate import Calibrator  # noqa: E402
 from benchmarks.validity.harness import (Family, RunRecord, Runs, default_workers,  # noqa: E402
                                          train_runs)
-from benchmarks.validity.heldout import HELDOUT_MODULES  # noqa: E402
-from benchmarks.validity.heldout2 import HELDOUT2_MODULES  # noqa: E402
-from benchmarks.validity.heldout3 import HELDOUT3_MODULES  # noqa: E402
-from benchmarks.validity.heldout4 import HELDOUT4_MODULES  # noqa: E402
-from benchmarks.validity.heldout5 import HELDOUT5_MODULES  # noqa: E402
-from benchmarks.validity.heldout6 import HELDOUT6_MODULES  # noqa: E402
-from benchmarks.validity.heldout7 import HELDOUT7_MODULES  # noqa: E402
-from benchmarks.validity.heldout8 import HELDOUT8_MODULES  # noqa: E402
-from benchmarks.validity.heldout9 import HELDOUT9_MODULES  # noqa: E402
-from benchmarks.validity.heldout10 import HELDOUT10_MODULES  # noqa: E402
 from benchmarks.validity.report import (Check, acceptance, finding_lines, flip_lines,  # noqa: E402
                                         heldout_markdown, margin_lines, markdown, scores,
                                         score_text)
@@ -59,29 +49,24 @@ MODULES += ("two_task_conflict", "vqvae", "uncertainty_weights", "helmholtz_pinn
 MODULES += ("misa",)  # a second public source with a true orthogonality-vanishing
 
 
-# The sets of families held out by source: package, modules, default output folder, page.
-HELDOUT_SETS = {
-    "first": ("benchmarks.validity.heldout", HELDOUT_MODULES, "runs-heldout",
-              "validity-heldout.md"),
-    "second": ("benchmarks.validity.heldout2", HELDOUT2_MODULES, "runs-heldout2",
-               "validity-heldout2.md"),
-    "third": ("benchmarks.validity.heldout3", HELDOUT3_MODULES, "runs-heldout3",
-              "validity-heldout3.md"),
-    "fourth": ("benchmarks.validity.heldout4", HELDOUT4_MODULES, "runs-heldout4",
-               "validity-heldout4.md"),
-    "fifth": ("benchmarks.validity.heldout5", HELDOUT5_MODULES, "runs-heldout5",
-              "validity-heldout5.md"),
-    "sixth": ("benchmarks.validity.heldout6", HELDOUT6_MODULES, "runs-heldout6",
-              "validity-heldout6.md"),
-    "seventh": ("benchmarks.validity.heldout7", HELDOUT7_MODULES, "runs-heldout7",
-                "validity-heldout7.md"),
-    "eighth": ("benchmarks.validity.heldout8", HELDOUT8_MODULES, "runs-heldout8",
-               "validity-heldout8.md"),
-    "ninth": ("benchmarks.validity.heldout9", HELDOUT9_MODULES, "runs-heldout9",
-              "validity-heldout9.md"),
-    "tenth": ("benchmarks.validity.heldout10", HELDOUT10_MODULES, "runs-heldout10",
-              "validity-heldout10.md"),
-}
+# The sets of families held out by source, in the order they were written: the first in
+# heldout/, the n-th in heldout<n>/, each listing its modules as HELDOUT<n>_MODULES.
+HELDOUT_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",
+                    "ninth", "tenth")
+
+
+def _heldout_sets() -> dict[str, tuple[str, tuple[str, ...], str, str]]:
+    """Per set: its package, modules, default output folder and page."""
+    sets = {}
+    for number, ordinal in enumerate(HELDOUT_ORDINALS, start=1):
+        suffix = "" if number == 1 else str(number)
+        package = f"benchmarks.validity.heldout{suffix}"
+        modules = getattr(importlib.import_module(package), f"HELDOUT{suffix}_MODULES")
+        sets[ordinal] = (package, modules, f"runs-heldout{suffix}", f"validity-heldout{suffix}.md")
+    return sets
+
+
+HELDOUT_SETS = _heldout_sets()
 
 
 def load_families(names: list[str] | None = None, heldout: str | None = None
