@@ -95,6 +95,8 @@ def test_saturated_wrong_class_fraction_is_the_worst_class_by_numpy():
     expected = max(bad[y >= 0.5].mean(), bad[y < 0.5].mean())
     assert M.saturated_wrong_class_fraction(torch.tensor(x), torch.tensor(y)) == \
         pytest.approx(expected)
+    assert M.saturated_wrong_shares(x, y) == pytest.approx(
+        {"saturated_wrong_fraction": bad.mean(), "saturated_wrong_class_fraction": expected})
     # A pairwise sigmoid loss over a batch of 128: every positive (the diagonal) saturated on
     # the wrong side, every negative on the right side. Over all logits that is 1/128, under
     # 1%; within the positives, all of them.

@@ -33,7 +33,8 @@ __all__, __getattr__, __dir__ = lazy_names(__name__, {
                         "latent_norm", "normalized_std", "participation_ratio",
                         "singular_spectrum", "total_variance", "uniformity"),
     ".saturation": ("energy_scale_ratio", "mean_sigmoid_grad", "saturated_fraction",
-                    "saturated_wrong_fraction", "saturated_wrong_class_fraction", "saturation_histogram",
+                    "saturated_wrong_fraction", "saturated_wrong_class_fraction",
+                    "saturated_wrong_shares", "saturation_histogram",
                     "saturation_histogram_edges", "saturation_summary"),
     ".saturation_grid": ("SATURATION_THRESHOLD",),
 })

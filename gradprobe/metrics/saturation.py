@@ -12,6 +12,7 @@ __all__ = [
     "saturated_fraction",
     "saturated_wrong_fraction",
     "saturated_wrong_class_fraction",
+    "saturated_wrong_shares",
     "mean_sigmoid_grad",
     "energy_scale_ratio",
     "saturation_histogram",
@@ -50,8 +51,7 @@ def saturated_wrong_fraction(x: Tensor, target: Tensor,
     "Efficient BackProp", 1998, on saturation and target values; cross-entropy keeps a
     gradient ``sigmoid(x) - y`` there instead). Null (standard-normal logits): ~4e-6 at most.
     """
-    wrong, _ = _saturated_wrong(x, target, threshold)
-    return float(wrong.double().mean())
+    return saturated_wrong_shares(x, target, threshold)["saturated_wrong_fraction"]
 
 
 @torch.no_grad()
@@ -69,20 +69,25 @@ def saturated_wrong_class_fraction(x: Tensor, target: Tensor,
     batch is not counted; 0.0 when neither class is wrong. Null (standard-normal logits):
     ~4e-6 at most, as the pooled share.
     """
-    wrong, towards_one = _saturated_wrong(x, target, threshold)
-    shares = [wrong[members].double().mean() for members in (towards_one, ~towards_one)
-              if bool(members.any())]
-    return float(max(shares)) if shares else 0.0
+    return saturated_wrong_shares(x, target, threshold)["saturated_wrong_class_fraction"]
 
 
-def _saturated_wrong(x: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """Per entry: saturated on the wrong side of its target; trained towards 1."""
+@torch.no_grad()
+def saturated_wrong_shares(x: Tensor, target: Tensor,
+                           threshold: float = SATURATION_THRESHOLD) -> dict[str, float]:
+    """:func:`saturated_wrong_fraction` and :func:`saturated_wrong_class_fraction` from one
+    pass over the entries, keyed by those names (the probe records both under them)."""
     threshold = check_positive_float(threshold, "threshold")
     v = as_array(x, "x").reshape(-1)
     y = as_array(target, "target").to(v.device).reshape(-1)
     if y.numel() != v.numel():
         raise ValueError(f"target must have as many entries as x ({v.numel()}), got {y.numel()}")
-    return (v.abs() > threshold) & ((torch.sigmoid(v) - y).abs() > 0.5), y >= 0.5
+    wrong = (v.abs() > threshold) & ((torch.sigmoid(v) - y).abs() > 0.5)
+    towards_one = y >= 0.5
+    by_class = [wrong[members].double().mean() for members in (towards_one, ~towards_one)
+                if bool(members.any())]
+    return {"saturated_wrong_fraction": float(wrong.double().mean()),
+            "saturated_wrong_class_fraction": float(max(by_class)) if by_class else 0.0}
 
 
 @torch.no_grad()

@@ -371,9 +371,9 @@ class SaturationWatch(Watch):
             ("saturation_threshold", key): float(self.threshold),
         }
         target = values.get(f"target:{key}")
-        if target is not None:  # each quantity is named after the metric that computes it
-            for name in ("saturated_wrong_fraction", "saturated_wrong_class_fraction"):
-                scalars[(name, key)] = getattr(metrics, name)(x, target, threshold=self.threshold)
+        if target is not None:
+            shares = metrics.saturated_wrong_shares(x, target, threshold=self.threshold)
+            scalars.update({(name, key): share for name, share in shares.items()})
         temperature = values.get(f"temperature:{key}")
         if temperature is not None:
             scalars[("temperature", key)] = float(temperature)
