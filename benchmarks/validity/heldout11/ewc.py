@@ -42,6 +42,17 @@ Variants (truth by construction):
   penalty gradient norm 0.0 at every check; task A 0.484 / 0.487 after B (forgetting 0.473 /
   0.482, against 0.209 / 0.040 for ``published``), task B 0.969 / 0.969: identical to plain
   fine-tuning on both seeds. Expected: ``inert-loss`` on ``penalty``.
+- ``sgd-lr-0.1``: broken. The port's importance 1000 with plain SGD at lr 0.1 on task B: the
+  penalty's curvature 2 * importance * F_i exceeds 2 / lr on the stiffest parameters (largest
+  Fisher entry 0.11, lr * 2 * 1000 * 0.11 = 22), so its pull towards theta*_A overshoots and
+  grows each step until it overflows. Measured, seeds 0 / 1: the penalty is Inf from step
+  24 / 16, cross_entropy NaN from step 30 / 33; both tasks end at chance, task A 0.100 / 0.100,
+  task B 0.100 / 0.100 (published 0.749 / 0.929 and 0.942 / 0.898). Before it overflows
+  (gradients checked every step) cross_entropy's weighted gradient norm is below 0.1 of the
+  penalty's on 91% / 71% of the finite steps (median 0.000 / 0.008). Expected:
+  ``non-finite`` on ``penalty`` (it goes first); allowed: ``non-finite`` on
+  ``cross_entropy`` (it follows), ``gradient-swamping`` and ``static-loss-weights`` on
+  ``cross_entropy`` (the fixed importance drowns it before the overflow).
 
 Not kept: an importance so large that task B never learns. Under Adam the step size does not
 grow with the importance, and task B is learnt anyway; measured on seed 0, importance 1e4 /
@@ -68,7 +79,8 @@ from ..common import batches, digits_split, loss_end_over_start
 from ..harness import Expect, Family, Variant
 
 TASK_A_STEPS, TASK_B_STEPS, BATCH, LR, FISHER_SAMPLES, TRUTH_EVERY = 400, 600, 64, 1e-3, 200, 25
-IMPORTANCE_OF = {"published": 1000.0, "aliased-means": 1000.0, "fine-tune": 0.0}
+IMPORTANCE_OF = {"published": 1000.0, "aliased-means": 1000.0, "sgd-lr-0.1": 1000.0,
+                 "fine-tune": 0.0}
 
 
 def tasks():
@@ -140,6 +152,11 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
         n: p.detach().clone() for n, p in model.named_parameters()}
     probe = gradprobe.Probe(model, run_file=log) if log is not None else None
     weights = {"penalty": IMPORTANCE_OF[variant]}
+    if variant == "sgd-lr-0.1":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first_non_finite: dict[str, int] = {}
+    # the diverging run is finite for only some 20 steps: its gradients are checked each step
+    truth_every = 1 if variant == "sgd-lr-0.1" else TRUTH_EVERY
     b_batches = batches(len(xb), BATCH, gen)
     series: dict[str, list[float]] = {}
     for step in range(TASK_B_STEPS):
@@ -147,10 +164,14 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
         cross_entropy = F.cross_entropy(model(xb[s]), yb[s])
         penalty = penalty_of(model, fisher, means)
         losses = {"cross_entropy": cross_entropy, "penalty": penalty}
-        if step % TRUTH_EVERY == TRUTH_EVERY - 1:  # the penalty's gradient is 0 at step 0
-            if weights["penalty"] > 0:
+        for name, loss in losses.items():
+            if not torch.isfinite(loss) and name not in first_non_finite:
+                first_non_finite[name] = step
+        if step % truth_every == truth_every - 1:  # at 25 steps, not step 0 (penalty gradient 0)
+            if weights["penalty"] > 0 and not first_non_finite:
                 for name, value in gradient_truth(model, losses, weights).items():
-                    series.setdefault(name, []).append(value)
+                    if np.isfinite(value):
+                        series.setdefault(name, []).append(value)
             for name, loss in (("cross_entropy_loss", cross_entropy), ("penalty_loss", penalty)):
                 series.setdefault(name, []).append(float(loss.detach()))
         if probe is None:
@@ -167,6 +188,7 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
     outcome = {"acc_a_after_a": acc_a_after_a, "acc_a": accuracy(model, xa_test, ya_test),
                "acc_b": accuracy(model, xb_test, yb_test)}
     outcome["forgetting"] = outcome["acc_a_after_a"] - outcome["acc_a"]
+    outcome |= {f"{name}_non_finite_from": step for name, step in first_non_finite.items()}
     return outcome, series
 
 
@@ -181,6 +203,8 @@ def train(variant: str, seed: int, log: Path) -> dict:
         truth |= {name: float(np.median(series[name]))
                   for name in ("ce_over_penalty", "cos_ce_penalty")}
         truth["cos_negative_share"] = float(np.mean(np.array(series["cos_ce_penalty"]) < 0))
+        truth["ce_over_penalty_below_0.1_share"] = float(np.mean(
+            np.array(series["ce_over_penalty"]) < 0.1))
     return truth | {name: ratio for name, ratio in loss_end_over_start(series).items()
                     if np.isfinite(ratio)}  # a penalty that is 0 throughout has no ratio
 
@@ -201,7 +225,15 @@ FAMILY = Family(
                 "every step, task A is forgotten as in plain fine-tuning (measured)",
                 expected=(Expect("inert-loss", "penalty"),),
                 must_not=("gradient-conflict", "gradient-swamping", "static-loss-weights")),
+        Variant("sgd-lr-0.1", False,
+                "importance 1000 under SGD lr 0.1: the penalty's stiffest directions overshoot "
+                "and overflow (Inf from step 16-24), both tasks end at chance (measured)",
+                expected=(Expect("non-finite", "penalty"),),
+                allowed=(Expect("non-finite", "cross_entropy"),
+                         Expect("gradient-swamping", "cross_entropy"),
+                         Expect("static-loss-weights", "cross_entropy")),
+                must_not=("inert-loss", "gradient-conflict")),
     ),
     seeds=(0, 1),
-    quick=(("published", 1), ("aliased-means", 1)),
+    quick=(("published", 1), ("aliased-means", 1), ("sgd-lr-0.1", 1)),
 )
