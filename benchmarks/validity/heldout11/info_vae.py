@@ -18,8 +18,8 @@ Here: scikit-learn's 8x8 digits (64 pixels, not MNIST's 784: lambda 1000 is scal
 lambda 1, 10 and 82 keep 9, 9 and 8 active units, lambda 300 keeps 8 but reconstructs at
 MSE 0.067 of the mean image's 0.074), MLP encoder 64 -> 128 -> 2 x 10, decoder
 10 -> 128 -> 64 logits, batch 64, Adam lr 1e-3, 1,500 steps. ``Reconstruction_Loss`` is the
-Bernoulli negative log-likelihood summed over pixels (the paper's E[log p(x|z)]; the port's
-pixel-mean MSE times beta is a rescaling of it), ``KLD`` summed over latents, ``MMD`` the
+Bernoulli negative log-likelihood summed over pixels (the paper's -E[log p(x|z)], where the
+port takes beta times the pixel-mean MSE), ``KLD`` summed over latents, ``MMD`` the
 port's kernel sums divided by n (n - 1) (its bias correction), weights 1 - alpha and
 alpha + lambda - 1 passed as loss weights. The posterior mean is watched (``mu``).
 
