@@ -64,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradprobe
@@ -133,7 +134,7 @@ def gradient_truth(model: MLP, losses: dict) -> dict:
     norms = {name: float(g[:hidden_size].norm()) for name, g in flat.items()}
     top = max(norms.values())
     return {f"{name}_hidden_share": norm / top for name, norm in norms.items()} | {
-        f"cos_loss_f_{name}": float(torch.nn.functional.cosine_similarity(flat["loss_f"], flat[name], dim=0))
+        f"cos_loss_f_{name}": float(F.cosine_similarity(flat["loss_f"], flat[name], dim=0))
         for name in ("loss_u", "loss_b")}
 
 

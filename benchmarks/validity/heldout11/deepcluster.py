@@ -11,8 +11,9 @@ k-means rerun every epoch; the classifier is re-initialised every epoch (the pse
 are permuted from one clustering to the next) and the network trained on the pseudo-labels
 with cross-entropy, SGD lr 0.05, momentum 0.9, weight decay 1e-5, batch 256. Sec. 3.3
 names two trivial solutions and their fixes: *empty clusters* (a centroid no point
-chooses; faiss, as the paper describes, re-seeds it from a random non-empty cluster's centroid (here the largest one's)
-with a small perturbation and splits that cluster's points) and *trivial
+chooses; faiss, as the paper describes, re-seeds it from a random non-empty cluster's
+centroid (here the largest one's) with a small perturbation and splits that cluster's
+points) and *trivial
 parametrisation* (a few clusters take most images and the network predicts them whatever
 the input; fixed by sampling images uniformly over the pseudo-classes,
 ``UnifLabelSampler``).
@@ -95,20 +96,19 @@ def all_digits() -> tuple[torch.Tensor, np.ndarray]:
     return torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]).numpy()
 
 
-def whitening(features: torch.Tensor):
-    """preprocess_features: PCA-whitening (eigen_power -0.5) then l2 normalisation, as a
-    function to apply to any batch of the same features."""
-    mean = features.mean(0)
-    u, s, vh = torch.linalg.svd(features - mean, full_matrices=False)
-    scale = s[:PCA_DIM] / (len(features) - 1) ** 0.5
-    projection = vh[:PCA_DIM].T / (scale + 1e-8)
-    return lambda f: F.normalize((f - mean) @ projection, dim=1)
+def preprocess_features(features: torch.Tensor) -> torch.Tensor:
+    """clustering.py: PCA-whitening (eigen_power -0.5) to PCA_DIM, then l2 normalisation."""
+    centred = features - features.mean(0)
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    scale = singular[:PCA_DIM] / (len(features) - 1) ** 0.5
+    return F.normalize(centred @ vh[:PCA_DIM].T / (scale + 1e-8), dim=1)
 
 
 def kmeans(codes: torch.Tensor, gen: torch.Generator, reassign_empty: bool):
-    """Lloyd's algorithm from k distinct random points, returning each point's cluster; with ``reassign_empty`` an empty
-    cluster takes the largest cluster's centroid plus a small perturbation (faiss's split,
-    sec. 3.3), otherwise its centroid stays put and the cluster stays empty."""
+    """Lloyd's algorithm from k distinct random points, returning each point's cluster; with
+    ``reassign_empty`` an empty cluster takes the largest cluster's centroid plus a small
+    perturbation (faiss's split, sec. 3.3), otherwise its centroid stays put and the cluster
+    stays empty."""
     centroids = codes[torch.randperm(len(codes), generator=gen)[:CLUSTERS]].clone()
     for _ in range(LLOYD_ITERS):
         assign = torch.cdist(codes, centroids).argmin(1)
@@ -174,8 +174,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
             with torch.no_grad():
                 features = model.features(x)
             model.train()
-            whiten = whitening(features)
-            labels = kmeans(whiten(features), gen, reassign_empty=safeguards)
+            labels = kmeans(preprocess_features(features), gen, reassign_empty=safeguards)
             history.append(cluster_truth(model, x, y, labels))
             if epoch == EPOCHS:
                 break
@@ -188,7 +187,8 @@ def train(variant: str, seed: int, log: Path) -> dict:
                 idx = order[step * BATCH:(step + 1) * BATCH]
                 f = model.features(x[idx])
                 head_input = f.detach() if variant == "detached-features" else f
-                losses = {"cross_entropy": F.cross_entropy(model.top_layer(head_input), labels[idx])}
+                logits = model.top_layer(head_input)
+                losses = {"cross_entropy": F.cross_entropy(logits, labels[idx])}
                 probe.observe(features=f, groups=labels[idx])
                 opt.zero_grad()
                 opt_top.zero_grad()
