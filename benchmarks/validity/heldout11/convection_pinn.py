@@ -54,7 +54,9 @@ Variants (truth by construction), measured seeds 0 / 1, 12-19 CPU-s a run:
   ``non-finite``.
 Not kept: the paper's curriculum regularisation (beta 1, 5, 10, 20, 30, 600 Adam steps
 each, warm-started) did not rescue beta 30 at this budget (rel_l2_error 0.97 / 1.01, seeds
-0 / 1), so it would not be a healthy variant here; the paper's reaches 1e-2 with L-BFGS.
+0 / 1; beta 10, 20, 30 at 1,000 steps each 0.96 / 0.97; beta 5 then 30 at 1,500 each
+1.26 / 1.20), so it would not be a healthy variant here; the paper's reaches ~1e-2 with
+L-BFGS.
 """
 
 from __future__ import annotations
