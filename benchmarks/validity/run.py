@@ -52,7 +52,7 @@ MODULES += ("misa",)  # a second public source with a true orthogonality-vanishi
 # The sets of families held out by source, in the order they were written: the first in
 # heldout/, the n-th in heldout<n>/, each listing its modules as HELDOUT<n>_MODULES.
 HELDOUT_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",
-                    "ninth", "tenth")
+                    "ninth", "tenth", "eleventh")
 
 
 def _heldout_sets() -> dict[str, tuple[str, tuple[str, ...], str, str]]:
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
                         help="only a set of families held out by source (every variant and "
                              "seed): 'first' (the default; benchmarks/validity/heldout/) or "
-                             "'second' to 'tenth' (heldout2/ to heldout10/); reported "
+                             "'second' to 'eleventh' (heldout2/ to heldout11/); reported "
                              "apart, never calibrated; writes a page only with --doc "
-                             "(docs/validity-heldout.md, -heldout2.md ... -heldout10.md)")
+                             "(docs/validity-heldout.md, -heldout2.md ... -heldout11.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "

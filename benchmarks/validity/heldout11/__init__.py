@@ -4,4 +4,5 @@ session 10. Each ports a public setup that no family of the corpus or of the fir
 held-out sets ports, probed at the documented defaults (no ``roles=``, no ``shared=``), run
 only by ``run.py --heldout eleventh``, once, and reported apart (docs/validity-heldout11.md)."""
 
-HELDOUT11_MODULES = ()
+HELDOUT11_MODULES = ("protopnet", "softtriple", "dan_mmd", "ewc", "capsnet", "dkd", "info_vae",
+                     "mcr2", "deepcluster", "convection_pinn")
