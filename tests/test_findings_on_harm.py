@@ -145,6 +145,12 @@ def test_a_rare_class_saturated_on_the_wrong_side_is_harm_however_rare():
         np.median(by_class[-k:]))
     assert f.evidence["saturated_wrong_class_fraction_end"] >= th.saturation_wrong_class_fraction
     assert f.severity == "error" and "one target class" in f.title
+    # A log-sigmoid loss already: the fixed temperature, as recorded, leads the remedy.
+    _, temperature = run.series("temperature", "logits")
+    assert np.ptp(temperature) == 0
+    assert f.remedy.startswith("Learn the temperature, fixed here at ")
+    stated = float(f.remedy.removeprefix("Learn the temperature, fixed here at ").split(",")[0])
+    assert stated == pytest.approx(temperature[0], rel=1e-3)
 
 
 def test_a_learnt_temperature_saturates_towards_its_targets():

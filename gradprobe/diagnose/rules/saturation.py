@@ -86,7 +86,9 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                 f"({pct(med)} saturated in all)" + causes, s,
                 f"wrong and saturated {pct(w_end)}" if harmful else
                 f"wrong and saturated {pct(rare_class)} of a class", evidence,
-                trailing_range(w_steps, wrong_held), plot=plot))
+                trailing_range(w_steps, wrong_held), plot=plot,
+                remedy=_FIXED_TEMPERATURE_REMEDY.format(g(float(temp[1][0]))) if fixed
+                else None))
         elif persistent(steps, held, None, th):
             verdict = "towards its targets (harmless: their gradient has nothing left to do)" \
                 if wrong is not None else \
@@ -105,3 +107,14 @@ def sigmoid_saturation(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                 (int(energy[0][0]), int(energy[0][-1])),
                 plot=PlotHint(ENERGY_SCALE_RATIO, names=[s], threshold=th.saturation_energy_ratio)))
     return out
+
+
+# Where the temperature is recorded fixed, it leads the remedy: a wrong saturation kept to the
+# end of the run is no longer corrected by cross-entropy's gradient alone (a pairwise sigmoid
+# loss is already a log-sigmoid on the logits).
+_FIXED_TEMPERATURE_REMEDY = (
+    "Learn the temperature, fixed here at {}, or start it lower "
+    "(gradprobe.remedies.LearnableTemperature; SigLIP learns t' and a bias, started at log 10 "
+    "and -10), so that wrong outputs leave the flat region; if the loss is not yet "
+    "cross-entropy on the logits (binary_cross_entropy_with_logits), make it so; bring energy "
+    "terms to one scale (gradprobe.remedies.interaction_energy).")
