@@ -281,8 +281,10 @@ def test_terminal_and_json_show_each_role_with_its_source(recorded):
     assert "weight_decay" in text and "from the graph (penalty)" in text
     assert "the first loss" in text
     assert 'settle: roles={"codebook": "prototype"}' in text
-    assert 'commit other no hint in the name; reach shared; override: roles={"commit": "task"}' \
-        in text
+    # The commitment term is computed from the encoder output of the reconstruction's pass.
+    assert ('commit other no hint in the name; reach shared; on another loss\'s forward pass; '
+            'override: roles={"commit": "task"}') in text
+    assert roles["commit"]["own_pass"] is False and roles["recon"]["own_pass"] is False
 
 
 def test_an_older_run_file_without_role_records_still_loads_and_shows_roles(recorded, tmp_path):

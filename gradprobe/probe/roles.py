@@ -11,6 +11,14 @@ The graph gives a loss's *reach*, one of
   penalty): a role the graph settles (``regularization``);
 - ``none``: it reaches no trainable parameter.
 
+A ``shared`` loss also has or lacks a *forward pass of its own*: a node of its graph that
+applies a shared parameter (a layer run on its inputs) and belongs to no other loss's graph.
+A PINN's boundary loss runs the network on the boundary points and a second task runs the
+trunk on its batch; a term computed from the activations another loss's forward pass made
+(a regulariser on the task's features, logits or latent) has none, and with no parameters
+of its own it serves that loss: whether its small gradient share is the design or harm
+depends on intent the graph does not show (docs/findings.md, "gradient-swamping").
+
 Input dependence is read from the graph: a leaf that is not a parameter of the model (a PINN's
 collocation points) or a tensor a node saved for its backward that requires no grad and is not
 a 0-dim constant (a batch, a target, an index) marks the loss as computed from the data. Its
@@ -62,6 +70,13 @@ def _input_dependent(nodes: Mapping[Any, int]) -> bool:
     return False
 
 
+def _applications(nodes: Collection[Any], parameters: Collection[int]) -> set[Any]:
+    """The nodes among ``nodes`` that apply one of ``parameters`` (ids): a layer run once."""
+    return {node for node in nodes
+            if any(id(getattr(child, "variable", None)) in parameters
+                   for child, _ in node.next_functions if child is not None)}
+
+
 def prototypes_reached(leaf_ids: Collection[int], tables: Mapping[str, torch.Tensor]
                        ) -> list[str]:
     """The watched prototype tables (Parameters, leaves of the graph) among a loss's leaves."""
@@ -72,8 +87,9 @@ def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
                parameters: Collection[int],
                prototypes: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
     """Each loss's reach: ``{"kind": its kind (module docstring), "shared": n, "own": n,
-    "loss_weights": n, "prototypes": the watched prototype tables it reaches}`` (numbers of
-    parameter tensors). ``parameters``: the ids of the model's parameters; another leaf a
+    "loss_weights": n, "prototypes": the watched prototype tables it reaches, "own_pass":
+    whether a ``shared`` loss runs the shared parameters on a forward pass of its own (module
+    docstring)}`` (numbers of parameter tensors). ``parameters``: the ids of the model's parameters; another leaf a
     loss reaches (a PINN's collocation points, an input that requires grad) is data.
     ``prototypes``: the watched tables given as Parameters (leaves), by name: a loss
     that reaches one acts on the assignments it makes (a balancing or codebook loss on a
@@ -87,13 +103,15 @@ def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
                for k, found in enumerate(trained)]
     reaches = []
     for k, found in enumerate(trained):
-        others = set().union(*(t for j, t in enumerate(trained) if j != k and not penalty[j]))
-        shared = found & others
+        rivals = [j for j in range(len(trained)) if j != k and not penalty[j]]
+        shared = found & set().union(*(trained[j] for j in rivals))
+        passes_of_others = set().union(*(graphs[j] for j in rivals))
         kind = ("none" if not reached[k] else "loss-weights" if not found
                 else "penalty" if penalty[k] else "shared" if shared else "own")
         reaches.append({"kind": kind, "shared": len(shared), "own": len(found - shared),
                         "loss_weights": len(reached[k] & weight_ids),
-                        "prototypes": prototypes_reached(leaves[k], prototypes or {})})
+                        "prototypes": prototypes_reached(leaves[k], prototypes or {}),
+                        "own_pass": bool(_applications(graphs[k], shared) - passes_of_others)})
     return reaches
 
 
@@ -103,6 +121,8 @@ def reach_summary(reach: dict | None) -> str:
     parts = [f"{reach[key]} {label}" for key, label in
              (("shared", "shared"), ("own", "own"), ("loss_weights", "loss-weight")) if reach[key]]
     acts_on = "".join(f"; reaches prototypes {name!r}" for name in reach.get("prototypes", ()))
+    if reach["kind"] == "shared" and reach.get("own_pass") is False:
+        acts_on += "; computed on another loss's forward pass"
     return (("parameter tensors reached: " + ", ".join(parts)) if parts
             else "no trainable parameter reached") + acts_on
 
@@ -140,6 +160,7 @@ def role_records(names: list[str], task: str, declared: Mapping[str, str], task_
                         "counts": {key: reach[key] for key in ("shared", "own", "loss_weights")}
                         if reach else None,
                         "prototypes_reached": reach.get("prototypes", []) if reach else None,
+                        "own_pass": reach.get("own_pass") if reach else None,
                         "override": role_declaration(loss_name, role if source == "declared"
                                                 else alternative),
                         "ambiguity": ambiguity})

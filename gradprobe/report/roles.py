@@ -27,6 +27,15 @@ def source_text(record: dict) -> str:
     return text + f" ({record['reach']})" if record["source"] == "graph" else text
 
 
+def reach_notes(record: dict) -> str:
+    """What the graph showed beyond the counts: the watched prototypes a loss reaches, and a
+    shared loss computed on another loss's forward pass (it serves that loss)."""
+    notes = "".join(f"; reaches prototypes '{p}'" for p in record.get("prototypes_reached") or ())
+    if record.get("reach") == "shared" and record.get("own_pass") is False:
+        notes += "; on another loss's forward pass"
+    return notes
+
+
 def _short(declaration: str) -> str:
     """``roles={...}`` of a ``Probe(..., roles={...})`` line (the header names the call)."""
     return declaration.removeprefix("Probe(..., ").removesuffix(")")
@@ -45,7 +54,7 @@ def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
         text = f"{r['name']:<{name_w}} {r['role']:<{role_w}} {source_text(r)}"
         if r.get("reach") and r["source"] != "graph":
             text += f"; reach {r['reach']}"
-        text += "".join(f"; reaches prototypes '{p}'" for p in r.get("prototypes_reached") or ())
+        text += reach_notes(r)
         declaration = _short(r["override"]).replace(" ", NO_BREAK)
         if r.get("ambiguity"):
             text += f"; {_AMBIGUOUS}{declaration}"
@@ -58,7 +67,7 @@ def roles_lines(run_summary: dict[str, Any], width: int | None) -> list[str]:
 def roles_json(run_summary: dict[str, Any]) -> list[dict]:
     return [{key: r.get(key) for key in ("name", "role", "source", "hint", "reach",
                                           "reach_summary", "counts", "prototypes_reached",
-                                          "override", "ambiguity")}
+                                          "own_pass", "override", "ambiguity")}
             for r in role_records(run_summary)]
 
 
@@ -76,7 +85,7 @@ def roles_table(flow: Any, run_summary: dict[str, Any]) -> None:
         counts = ", ".join(f"{n} {key.replace('_', '-')}"
                            for key, n in (r.get("counts") or {}).items() if n)
         reach = f"{r['reach']} ({counts})" if counts else r.get("reach") or "not recorded"
-        reach += "".join(f"; prototypes '{p}'" for p in r.get("prototypes_reached") or ())
+        reach += reach_notes(r)
         cells = (r["name"], r["role"], source_text(r), reach)
         for (x, _), (x_next, _), cell in zip(columns, columns[1:] + ((flow.X1, ""),), cells):
             flow.text(flow.fit(cell, x, x_next - 0.08, 7.5), x=x, size=7.5, gap=0)

@@ -21,8 +21,9 @@ from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .purpose import adversary_at_chance, carried_by, held_back, swamped_before_learning
-from .remedies import conflict_remedy, intent_remedy, swamping_remedy
+from .purpose import (adversary_at_chance, carried_by, held_back, reach_failing, serves_another,
+                      swamped_before_learning)
+from .remedies import conflict_remedy, intent_remedy, serving_remedy, swamping_remedy
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -100,8 +101,12 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         at_chance = adversary_at_chance(run, name, th)
         carried = None if stalled else carried_by(
             run, name, dominant, steps, held, None if by_layer is None else by_layer["blocks"], th)
-        severity = "info" if close or protected or at_chance or carried is not None else \
-            "error" if med < th.swamping_error_ratio else "warning"
+        # A term on another loss's forward pass: its small share is a regulariser's trade-off
+        # or an objective held back, as intended; only what it reaches failing says harm.
+        failing = reach_failing(run, name, th) if serves_another(run, name) else None
+        trade_off = failing == [] and not (protected or at_chance or carried is not None)
+        severity = "info" if close or protected or at_chance or carried is not None or \
+            trade_off else "error" if med < th.swamping_error_ratio else "warning"
         first, last = held_range(steps, held)
         evidence = {
             "loss": name, "dominant": dominant, "median_ratio": med,
@@ -119,6 +124,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "ratio": thin(steps[judged], ratio[judged]),
             "prototype_usage_kept": protected, "adversary_at_chance": at_chance,
             "held_back": stalled, "carried_cosine": carried, "never_learned": unlearned,
+            "serves_another_pass": failing is not None, "reach_failing": failing,
         }
         if by_layer is not None:
             # Over the held steps, as the headline median: its spread reads the same steps.
@@ -143,6 +149,12 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                f"{at_chance['role']})" if at_chance else "")
             + (f"; its gradient points with that of '{dominant}' (cosine {g(carried)}): the "
                f"descent of '{dominant}' carries it" if carried is not None else "")
+            + ("; it is computed on the other losses' forward pass with no parameters of its "
+               "own and nothing it reaches fails by its own measure: a regulariser's small "
+               "share is the design, an objective's is harm, and the graph looks the same"
+               if trade_off else "")
+            + (f"; what it reaches fails: {', '.join(repr(f) for f in failing)}"
+               if failing else "")
             + (f"; swamped from the start, it never learned (its loss stayed above "
                f"{pct(unlearned)} of its start)" if unlearned is not None else "")
             + (f"; it is held back: it ends at {g(stalled['end_fraction'])} of its start, "
@@ -153,7 +165,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             plot=PlotHint(WEIGHTED_GRAD_NORM, names=[name, dominant], threshold=th.swamping_ratio,
                           ratio_to=dominant),
             remedy=_KEPT_REMEDY if protected else _AT_CHANCE_REMEDY if at_chance
-            else _CARRIED_REMEDY if carried is not None else swamping_remedy(evidence)))
+            else _CARRIED_REMEDY if carried is not None else serving_remedy(name) if trade_off
+            else swamping_remedy(evidence)))
     return out
 
 

@@ -1,20 +1,29 @@
 """What a swamped loss is for, and whether it holds by its own measure: read by
-``gradient-swamping`` (gradients.py). An adversary at chance or a loss carried by the
-dominant's descent keeps the finding at ``info``; a loss that never recovered its fit keeps
-a straddling ratio an alarm; a task that never learned was held back by a swamping over its
-start window, however short."""
+``gradient-swamping`` (gradients.py). An adversary at chance, a loss carried by the
+dominant's descent, or a term serving another loss's forward pass whose reach keeps its
+health keeps the finding at ``info``; a loss that never recovered its fit keeps a straddling
+ratio an alarm; a task that never learned was held back by a swamping over its start window,
+however short."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from gradprobe.record import Run
-from gradprobe.record.quantities import GRAD_COSINE, LOSS, pair_name
+from gradprobe.record.quantities import GRAD_COSINE, LATENT_GRAD_NORM, LOSS, pair_name, pair_parts
 
 from .._series import (finite, get, median, persistent, role_origin, role_record, roles,
                        rolling_median, start_end, task_name, window_counts)
 from ..thresholds import Thresholds
+from .batches import weak_contrastive_signal
+from .common import pooled_usage
 from .layers import layer_pair
+from .representations import latent_dependence, orthogonality_vanishing, representation_collapse
+
+# The rules that judge a latent or a loss by its own measure: what a term serving another
+# loss's forward pass protects.
+_OWN_MEASURES = (representation_collapse, orthogonality_vanishing, latent_dependence,
+                 weak_contrastive_signal)
 
 
 def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
@@ -108,3 +117,47 @@ def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.nda
         return None
     first = window_counts(steps[judged], th)[0]
     return lowest if persistent(steps[judged][:first], held[judged][:first], None, th) else None
+
+
+def serves_another(run: Run, name: str) -> bool:
+    """Whether ``name`` is a term computed on another loss's forward pass with no parameters
+    of its own (read from its graph at the first probe step: probe/roles.py), neither the task
+    nor declared: a regulariser on the task's features, logits or latent (TWIST's entropy
+    term, a router z-loss, an embedding-norm penalty, DIP-VAE's KL) or an objective of its
+    own computed from a shared pass (a boundary term sliced out of one batch): intent the
+    graph does not show. A run file without the record reads as not serving."""
+    record = role_record(run, name)
+    return (name != task_name(run) and record.get("source") not in ("declared", "first")
+            and record.get("reach") == "shared" and record.get("own_pass") is False
+            and not (record.get("counts") or {}).get("own"))
+
+
+def reach_failing(run: Run, name: str, th: Thresholds) -> list[str]:
+    """What a loss reaches that fails by its own measure: the watched prototypes it reaches
+    (as graph leaves, or through the latent they assign) whose pooled usage entropy is below
+    ``usage_held_fraction`` of its maximum, the watched
+    latents its gradient reaches (a recorded ``latent_grad_norm`` above 0) with a
+    representation-collapse, orthogonality-vanishing or latent-dependence alarm, and its own
+    weak-contrastive-signal alarm. The quantity a term serving another loss protects is not
+    named by its graph, so a failure of any of them counts."""
+    latents = set()
+    for key in run.names(LATENT_GRAD_NORM):
+        latent, loss = pair_parts(key)
+        if loss == name and np.nanmax(get(run, LATENT_GRAD_NORM, key)[1], initial=0.0) > 0:
+            latents.add(latent)
+    failing = []
+    for prototypes in role_record(run, name).get("prototypes_reached") or ():
+        usage = pooled_usage(run, prototypes, th)
+        if usage is None or usage["usage"] < th.usage_held_fraction:
+            failing.append(prototypes)
+    # A table watched through a callable is not among the graph's leaves; the latent it
+    # assigns (watch_prototypes(..., latent=)) links it to the losses that reach that latent.
+    for prototypes, latent in (run.meta.get("prototypes") or {}).items():
+        usage = pooled_usage(run, prototypes, th) if latent in latents else None
+        if usage is not None and usage["usage"] < th.usage_held_fraction:
+            failing.append(prototypes)
+    subjects = latents | {name}
+    for rule in _OWN_MEASURES:
+        failing += [f.subject for f in rule(run, th, ()) if f.severity != "info"
+                    and set(pair_parts(f.subject)) & subjects]
+    return sorted(set(failing))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+from gradprobe.record import role_declaration
+
 from .._series import g
 from ..findings import REMEDY
 
@@ -124,6 +126,16 @@ def prototype_collapse_remedy(usage_collapsed: bool, own_losses: list[str]) -> s
     return ("The graph does not tell which method the prototypes serve: for centres updated "
             "as averages of their groups (center loss): " + generic[0].lower() + generic[1:-1]
             + "; " + CODEBOOK + "; " + CLUSTERING + ".")
+
+
+def serving_remedy(name: str) -> str:
+    """The remedy of a swamped term computed on another loss's forward pass whose intent is
+    unknown: the two declarations that settle it."""
+    return (f"Declare what '{name}' is for. A regulariser trades its level against the task by "
+            f"design, and nothing is to be fixed: {role_declaration(name, 'regularization')}. "
+            f"An objective that must be met is held back: declare it "
+            f"({role_declaration(name, 'task')}), and raise its weight until its weighted "
+            "gradient is a fair share of the dominant loss's.")
 
 
 def intent_remedy(keep: str, cut: str) -> str:
