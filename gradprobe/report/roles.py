@@ -29,9 +29,11 @@ def source_text(record: dict) -> str:
 
 def reach_notes(record: dict) -> str:
     """What the graph showed beyond the counts: the watched prototypes a loss reaches, and a
-    shared loss computed on another loss's forward pass (it serves that loss)."""
+    shared loss other than a task computed on another loss's forward pass (it serves that
+    loss; the task's pass is the one the others are computed on)."""
     notes = "".join(f"; reaches prototypes '{p}'" for p in record.get("prototypes_reached") or ())
-    if record.get("reach") == "shared" and record.get("own_pass") is False:
+    if record.get("reach") == "shared" and record.get("own_pass") is False \
+            and record["role"] != "task":
         notes += "; on another loss's forward pass"
     return notes
 

@@ -18,12 +18,13 @@ from ..thresholds import Thresholds
 from .batches import weak_contrastive_signal
 from .common import pooled_usage
 from .layers import layer_pair
+from .prototypes import prototype_collapse
 from .representations import latent_dependence, orthogonality_vanishing, representation_collapse
 
-# The rules that judge a latent or a loss by its own measure: what a term serving another
-# loss's forward pass protects.
+# The rules that judge a latent, a prototype set or a loss by its own measure: what a term
+# serving another loss's forward pass protects.
 _OWN_MEASURES = (representation_collapse, orthogonality_vanishing, latent_dependence,
-                 weak_contrastive_signal)
+                 weak_contrastive_signal, prototype_collapse)
 
 
 def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
@@ -133,12 +134,12 @@ def serves_another(run: Run, name: str) -> bool:
 
 
 def reach_failing(run: Run, name: str, th: Thresholds) -> list[str]:
-    """What a loss reaches that fails by its own measure: the watched prototypes it reaches
-    (as graph leaves, or through the latent they assign) whose pooled usage entropy is below
-    ``usage_held_fraction`` of its maximum, the watched
-    latents its gradient reaches (a recorded ``latent_grad_norm`` above 0) with a
-    representation-collapse, orthogonality-vanishing or latent-dependence alarm, and its own
-    weak-contrastive-signal alarm. The quantity a term serving another loss protects is not
+    """What a loss reaches that fails by its own measure: the watched prototypes it reaches as
+    graph leaves whose pooled usage entropy is below ``usage_held_fraction`` of its maximum
+    (as a balancing loss is judged), those that assign a latent it reaches with a
+    prototype-collapse alarm, the watched latents its gradient reaches (a recorded
+    ``latent_grad_norm`` above 0) with a representation-collapse, orthogonality-vanishing or
+    latent-dependence alarm, and its own weak-contrastive-signal alarm. The quantity a term serving another loss protects is not
     named by its graph, so a failure of any of them counts."""
     latents = set()
     for key in run.names(LATENT_GRAD_NORM):
@@ -151,12 +152,10 @@ def reach_failing(run: Run, name: str, th: Thresholds) -> list[str]:
         if usage is None or usage["usage"] < th.usage_held_fraction:
             failing.append(prototypes)
     # A table watched through a callable is not among the graph's leaves; the latent it
-    # assigns (watch_prototypes(..., latent=)) links it to the losses that reach that latent.
-    for prototypes, latent in (run.meta.get("prototypes") or {}).items():
-        usage = pooled_usage(run, prototypes, th) if latent in latents else None
-        if usage is not None and usage["usage"] < th.usage_held_fraction:
-            failing.append(prototypes)
-    subjects = latents | {name}
+    # assigns (watch_prototypes(..., latent=)) links it to the losses that reach that latent,
+    # a weaker link than a leaf: only its prototype-collapse alarm counts.
+    assigning = {p for p, latent in (run.meta.get("prototypes") or {}).items() if latent in latents}
+    subjects = latents | assigning | {name}
     for rule in _OWN_MEASURES:
         failing += [f.subject for f in rule(run, th, ()) if f.severity != "info"
                     and set(pair_parts(f.subject)) & subjects]
