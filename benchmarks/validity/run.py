@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout, runs-heldout2 ... runs-heldout10 with --heldout)")
+                             "runs-heldout, runs-heldout2 ... runs-heldout11 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
