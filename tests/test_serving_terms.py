@@ -130,3 +130,74 @@ def test_a_serving_term_whose_latent_collapses_stays_an_alarm(tmp_path, collapse
     assert finding.evidence["serves_another_pass"]
     assert finding.evidence["reach_failing"] == (["z"] if collapse else [])
     assert (finding.severity != "info") == collapse
+
+
+class _TopOneMoE(nn.Module):
+    """docs/probe.md's top-1 cosine router with the Switch balancing loss, on encoded tokens."""
+
+    def __init__(self, dim=8, experts=4, scale=5.0):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(experts))
+        self.scale = scale
+
+    def keys(self):
+        return nn.functional.normalize(self.router.weight, dim=1)
+
+    def forward(self, tokens):
+        gates = (self.scale * tokens @ self.keys().T).softmax(-1)
+        top = gates.argmax(-1)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            rows = top == e
+            out[rows] = gates[rows, e:e + 1] * expert(tokens[rows])
+        share = torch.bincount(top, minlength=len(self.experts)).float() / len(top)
+        return out, len(self.experts) * (share * gates.mean(0)).sum()
+
+
+def _router_run(tmp_path, observe_used: bool):
+    """The balancing loss at 1e-4: the router collapses to one expert (docs/probe.md: at weight
+    0 it does). The table is a callable (no graph leaf); the latent it assigns is the encoded
+    tokens the router reads (``observe_used``) or a copy of them no loss uses."""
+    torch.manual_seed(0)
+    enc, moe, head = nn.Linear(8, 8), _TopOneMoE(), nn.Linear(8, 1)
+    model = nn.ModuleDict({"enc": enc, "moe": moe, "head": head})
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    path = tmp_path / f"router-{observe_used}.gprobe"
+    probe = gradprobe.Probe(model, every=5, run_file=path)
+    probe.watch_latent("tokens")
+    probe.watch_prototypes("experts", moe.keys, latent="tokens")
+    a = torch.randn(8)
+    for _ in range(STEPS):
+        kinds = torch.randint(0, 4, (64,))
+        x = 1.0 + 0.3 * nn.functional.one_hot(kinds, 8) + torch.randn(64, 8)
+        tokens = nn.functional.normalize(enc(x), dim=1)
+        out, balance = moe(tokens)
+        probe.observe(tokens=tokens if observe_used else tokens.detach().clone().requires_grad_(),
+                      groups=kinds)
+        task = nn.functional.mse_loss(head(out), 3 * (x @ a)[:, None]) / 9
+        probe.backward({"task": task, "balance": balance}, weights={"balance": 1e-4})
+        opt.step()
+        opt.zero_grad()
+    probe.close()
+    return gradprobe.load_run(path)
+
+
+@pytest.mark.parametrize("observe_used", [True, False])
+def test_a_starved_balancing_loss_is_linked_to_its_collapsed_router_through_the_latent(
+        tmp_path, observe_used):
+    run = _router_run(tmp_path, observe_used)
+    findings = diagnose(run)
+    assert any(f.id == "prototype-collapse" and f.subject == "experts" and f.severity != "info"
+               for f in findings)
+    record = next(r for r in run.meta["role_records"] if r["name"] == "balance")
+    assert record["prototypes_reached"] == []  # a callable table is no leaf of the graph
+    assert run.meta["prototypes"] == {"experts": "tokens"}
+    _, reach = run.series("latent_grad_norm", "tokens|balance")
+    assert bool((reach > 0).any()) == observe_used
+    finding = next(f for f in findings if f.id == "gradient-swamping" and f.subject == "balance")
+    assert finding.evidence["serves_another_pass"]
+    # Linked only where the loss's gradient reaches the latent the table assigns (the limit
+    # docs/findings.md states: declare the balancing loss's role otherwise).
+    assert finding.evidence["reach_failing"] == (["experts"] if observe_used else [])
+    assert (finding.severity != "info") == observe_used
