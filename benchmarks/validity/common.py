@@ -101,6 +101,20 @@ def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True)
             yield order[start:start + batch_size]
 
 
+def fit_classifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, order,
+                   steps: int, optimizer: torch.optim.Optimizer, logits=lambda out: out
+                   ) -> torch.nn.Module:
+    """``steps`` steps of cross-entropy on (x, y) over the mini-batch indices ``order`` yields
+    (``batches``): a teacher before distillation, a source classifier before adaptation (whose
+    optimizer and batches then go on). ``logits`` picks the logits from the model's output."""
+    for _ in range(steps):
+        idx = next(order)
+        torch.nn.functional.cross_entropy(logits(model(x[idx])), y[idx]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
 class DigitEncoder(torch.nn.Module):
     """The backbone of the self-supervised families: a two-layer MLP with batch norm on the
     flattened 8x8 digits (the ResNet of the published setups, scaled to 64 inputs; width 128)."""

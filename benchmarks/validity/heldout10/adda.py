@@ -62,7 +62,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split
+from ..common import batches, digits_split, fit_classifier
 from ..harness import Expect, Family, Variant
 
 PRETRAIN_STEPS, ADAPT_STEPS, BATCH, LR, TRADE_OFF, ANGLE = 300, 600, 64, 1e-3, 1.0, 35.0
@@ -111,11 +111,8 @@ def fit(variant: str, seed: int, log: Path | None) -> Classifier:
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=LR)
     src_batches, tgt_batches = batches(len(src_x), BATCH, gen), batches(len(tgt_x), BATCH, gen)
-    for _ in range(PRETRAIN_STEPS):
-        s = next(src_batches)
-        F.cross_entropy(model(src_x[s])[0], src_y[s]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    fit_classifier(model, src_x, src_y, src_batches, PRETRAIN_STEPS, optimizer,
+                   logits=lambda out: out[0])
     probe = gradprobe.Probe(model, run_file=log) if log is not None else None
     for _ in range(ADAPT_STEPS):
         s, t = next(src_batches), next(tgt_batches)

@@ -59,7 +59,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, loss_end_over_start
+from ..common import batches, fit_classifier, loss_end_over_start
 from ..harness import Expect, Family, Variant
 from .adda import Classifier, domains, evaluate
 
@@ -117,11 +117,8 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[MDDNet, dict]:
     model = MDDNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     src_batches, tgt_batches = batches(len(src_x), BATCH, gen), batches(len(tgt_x), BATCH, gen)
-    for _ in range(PRETRAIN_STEPS):
-        s = next(src_batches)
-        F.cross_entropy(model(src_x[s])[0], src_y[s]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    fit_classifier(model, src_x, src_y, src_batches, PRETRAIN_STEPS, optimizer,
+                   logits=lambda out: out[0])
     probe = gradprobe.Probe(model, run_file=log) if log is not None else None
     trade_off = TRADE_OFF_OF[variant]
     series: dict[str, list[float]] = {}

@@ -64,7 +64,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split
+from ..common import batches, digits_split, fit_classifier
 from ..harness import Expect, Family, Variant
 
 TEACHER_STEPS, STEPS, BATCH = 600, 800, 64
@@ -87,15 +87,9 @@ class Student(nn.Module):
 def train_teacher(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> nn.Module:
     teacher = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                             nn.Linear(256, 10))
-    opt = torch.optim.Adam(teacher.parameters(), lr=1e-3)
-    order = batches(len(x), BATCH, gen)
-    for _ in range(TEACHER_STEPS):
-        idx = next(order)
-        loss = F.cross_entropy(teacher(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return teacher.eval()
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-3)
+    return fit_classifier(teacher, x, y, batches(len(x), BATCH, gen), TEACHER_STEPS,
+                          optimizer).eval()
 
 
 def tckd_nckd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -60,7 +60,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split, trunk_grad_ratio
+from ..common import batches, digits_split, fit_classifier, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
 
 TEACHER_STEPS, STEPS, BATCH = 600, 1500, 128
@@ -85,15 +85,9 @@ class Student(nn.Module):
 def train_teacher(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> nn.Module:
     teacher = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 256),
                             nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
-    opt = torch.optim.Adam(teacher.parameters(), lr=1e-3)
-    order = batches(len(x), BATCH, gen)
-    for _ in range(TEACHER_STEPS):
-        idx = next(order)
-        loss = F.cross_entropy(teacher(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return teacher.eval()
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-3)
+    return fit_classifier(teacher, x, y, batches(len(x), BATCH, gen), TEACHER_STEPS,
+                          optimizer).eval()
 
 
 def soft_target_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
