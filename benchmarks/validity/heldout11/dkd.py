@@ -66,22 +66,13 @@ import gradprobe
 
 from ..common import batches, digits_split, fit_classifier
 from ..harness import Expect, Family, Variant
+from ..heldout5.kd_hinton import Student
 
 TEACHER_STEPS, STEPS, BATCH = 600, 800, 64
 ALPHA, BETA, TEMPERATURE = 1.0, 8.0, 4.0
 WARMUP_STEPS = STEPS // 12
 LR, MOMENTUM, WEIGHT_DECAY, GRAD_EVERY = 0.01, 0.9, 5e-4, 25
 LABEL_SHIFT = {"dkd": 0, "shifted-teacher": 1}
-
-
-class Student(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
 
 
 def train_teacher(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> nn.Module:
