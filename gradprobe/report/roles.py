@@ -27,14 +27,16 @@ def source_text(record: dict) -> str:
     return text + f" ({record['reach']})" if record["source"] == "graph" else text
 
 
-def reach_notes(record: dict) -> str:
+def reach_notes(record: dict, short: bool = False) -> str:
     """What the graph showed beyond the counts: the watched prototypes a loss reaches, and a
     shared loss other than a task computed on another loss's forward pass (it serves that
-    loss; the task's pass is the one the others are computed on)."""
-    notes = "".join(f"; reaches prototypes '{p}'" for p in record.get("prototypes_reached") or ())
+    loss; the task's pass is the one the others are computed on). ``short``: for a table
+    cell."""
+    reaches = "prototypes" if short else "reaches prototypes"
+    notes = "".join(f"; {reaches} '{p}'" for p in record.get("prototypes_reached") or ())
     if record.get("reach") == "shared" and record.get("own_pass") is False \
             and record["role"] != "task":
-        notes += "; on another loss's forward pass"
+        notes += "; on another's pass" if short else "; on another loss's forward pass"
     return notes
 
 
@@ -87,7 +89,7 @@ def roles_table(flow: Any, run_summary: dict[str, Any]) -> None:
         counts = ", ".join(f"{n} {key.replace('_', '-')}"
                            for key, n in (r.get("counts") or {}).items() if n)
         reach = f"{r['reach']} ({counts})" if counts else r.get("reach") or "not recorded"
-        reach += reach_notes(r)
+        reach += reach_notes(r, short=True)
         cells = (r["name"], r["role"], source_text(r), reach)
         for (x, _), (x_next, _), cell in zip(columns, columns[1:] + ((flow.X1, ""),), cells):
             flow.text(flow.fit(cell, x, x_next - 0.08, 7.5), x=x, size=7.5, gap=0)
