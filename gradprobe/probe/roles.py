@@ -89,11 +89,11 @@ def read_reach(losses: Sequence[torch.Tensor], weights: Sequence[Any],
     """Each loss's reach: ``{"kind": its kind (module docstring), "shared": n, "own": n,
     "loss_weights": n, "prototypes": the watched prototype tables it reaches, "own_pass":
     whether a ``shared`` loss runs the shared parameters on a forward pass of its own (module
-    docstring)}`` (numbers of parameter tensors). ``parameters``: the ids of the model's parameters; another leaf a
-    loss reaches (a PINN's collocation points, an input that requires grad) is data.
-    ``prototypes``: the watched tables given as Parameters (leaves), by name: a loss
-    that reaches one acts on the assignments it makes (a balancing or codebook loss on a
-    router or codebook), the quantity the diagnosis then judges it by."""
+    docstring)}`` (numbers of parameter tensors). ``parameters``: the ids of the model's
+    parameters; another leaf a loss reaches (a PINN's collocation points, an input that
+    requires grad) is data. ``prototypes``: the watched tables given as Parameters (leaves),
+    by name: a loss that reaches one acts on the assignments it makes (a balancing or codebook
+    loss on a router or codebook), the quantity the diagnosis then judges it by."""
     weight_ids = set(loss_weight_leaves(weights))
     graphs = [reachable_nodes(loss) for loss in losses]
     leaves = [set(leaves_of(graph)) for graph in graphs]

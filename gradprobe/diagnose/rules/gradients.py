@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -21,8 +22,8 @@ from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .purpose import (adversary_at_chance, carried_by, held_back, reach_failing, serves_another,
-                      swamped_before_learning)
+from .purpose import (adversary_at_chance, carried_by, held_back, own_measure_alarms,
+                      reach_failing, serves_another, swamped_before_learning)
 from .remedies import conflict_remedy, intent_remedy, serving_remedy, swamping_remedy
 
 
@@ -46,6 +47,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     balance = {}
     learning = task_learning(run, steps, th)
     satisfied = satisfied_constraints(run, th)
+    alarms = functools.cache(lambda: own_measure_alarms(run, th))  # once a serving loss asks
     out = []
     for k, name in enumerate(names):
         if name in exempt or name in satisfied:
@@ -103,7 +105,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             run, name, dominant, steps, held, None if by_layer is None else by_layer["blocks"], th)
         # A term on another loss's forward pass: its small share is a regulariser's trade-off
         # or an objective held back, as intended; only what it reaches failing says harm.
-        failing = reach_failing(run, name, th) if serves_another(run, name) else None
+        failing = reach_failing(run, name, th, alarms()) if serves_another(run, name) else None
         trade_off = failing == [] and not (protected or at_chance or carried is not None)
         severity = "info" if close or protected or at_chance or carried is not None or \
             trade_off else "error" if med < th.swamping_error_ratio else "warning"

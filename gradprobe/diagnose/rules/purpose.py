@@ -128,18 +128,28 @@ def serves_another(run: Run, name: str) -> bool:
     own computed from a shared pass (a boundary term sliced out of one batch): intent the
     graph does not show. A run file without the record reads as not serving."""
     record = role_record(run, name)
-    return (name != task_name(run) and record.get("source") not in ("declared", "first")
-            and record.get("reach") == "shared" and record.get("own_pass") is False
-            and not (record.get("counts") or {}).get("own"))
+    # The task's source is "first" or "declared": the source test leaves it out too.
+    return (record.get("source") not in ("declared", "first") and record.get("reach") == "shared"
+            and record.get("own_pass") is False and not (record.get("counts") or {}).get("own"))
 
 
-def reach_failing(run: Run, name: str, th: Thresholds) -> list[str]:
+def own_measure_alarms(run: Run, th: Thresholds) -> set[str]:
+    """The subjects (latents, latent pairs, prototype sets, losses) of the run's alarms from
+    the rules that judge a latent, a prototype set or a loss by its own measure: what a term
+    serving another loss's forward pass protects. Computed once per swamping rule call and
+    read by :func:`reach_failing` for each serving loss."""
+    return {f.subject for rule in _OWN_MEASURES for f in rule(run, th, ())
+            if f.severity != "info"}
+
+
+def reach_failing(run: Run, name: str, th: Thresholds, alarms: set[str]) -> list[str]:
     """What a loss reaches that fails by its own measure: the watched prototypes it reaches as
     graph leaves whose pooled usage entropy is below ``usage_held_fraction`` of its maximum
     (as a balancing loss is judged), those that assign a latent it reaches with a
     prototype-collapse alarm, the watched latents its gradient reaches (a recorded
     ``latent_grad_norm`` above 0) with a representation-collapse, orthogonality-vanishing or
-    latent-dependence alarm, and its own weak-contrastive-signal alarm. The quantity a term serving another loss protects is not
+    latent-dependence alarm, and its own weak-contrastive-signal alarm (``alarms``:
+    :func:`own_measure_alarms`). The quantity a term serving another loss protects is not
     named by its graph, so a failure of any of them counts."""
     latents = set()
     for key in run.names(LATENT_GRAD_NORM):
@@ -156,7 +166,5 @@ def reach_failing(run: Run, name: str, th: Thresholds) -> list[str]:
     # a weaker link than a leaf: only its prototype-collapse alarm counts.
     assigning = {p for p, latent in (run.meta.get("prototypes") or {}).items() if latent in latents}
     subjects = latents | assigning | {name}
-    for rule in _OWN_MEASURES:
-        failing += [f.subject for f in rule(run, th, ()) if f.severity != "info"
-                    and set(pair_parts(f.subject)) & subjects]
+    failing += [subject for subject in alarms if set(pair_parts(subject)) & subjects]
     return sorted(set(failing))
