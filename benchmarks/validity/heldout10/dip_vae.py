@@ -42,29 +42,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gradprobe
 
 from ..common import batches, digits_split
 from ..harness import Expect, Family, Variant
+from ..heldout9.capacity_vae import VAE
 
-LATENT, HIDDEN = 10, 128
 STEPS, BATCH, LR = 1500, 64, 1e-3
 LAMBDA_OD, LAMBDA_D = 10.0, 100.0
 DIAGONAL_TARGET = {"published": 1.0, "zero-diagonal-target": 0.0}
-
-
-class VAE(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 2 * LATENT))
-        self.decoder = nn.Sequential(nn.Linear(LATENT, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 64))
-
-    def forward(self, x: torch.Tensor):
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        return self.decoder(z), mu, logvar
 
 
 def covariance_z_mean(mu: torch.Tensor) -> torch.Tensor:
