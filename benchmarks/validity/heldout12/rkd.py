@@ -10,8 +10,9 @@ distances in a batch, each normalised by its batch mean over the non-zero pairs)
 (eq. 6-7: the Huber loss between the cosines of the angles formed by every triplet of
 embeddings), the teacher's side under ``torch.no_grad``. For classification (sec. 4.2,
 CIFAR-100 / Tiny ImageNet) the task loss is the cross-entropy and the RKD weights are
-lambda_D 25 and lambda_A 50 on the final embeddings (the l2-normalised penultimate features,
-as the repository's classification script ``F.normalize(e_s), F.normalize(e_t)`` applies).
+lambda_D 25 and lambda_A 50 on the final embeddings; here the l2-normalised penultimate
+features, as public CIFAR re-implementations of RKD's classification setting feed them
+(``F.normalize(e_s)``, ``F.normalize(e_t)`` before ``dist_criterion`` / ``angle_criterion``).
 
 Here: scikit-learn's 8x8 digits (the fixed 75/25 split). Teacher: MLP 64 -> 256 -> 256 -> 10
 (ReLU), trained inside ``train()`` with Adam (lr 1e-3, 600 steps, batch 64) and fixed; its
@@ -31,8 +32,8 @@ Variants (truth by construction):
   ratios as weights once more (effective weights 625 and 2500), so these meaningless targets
   drown the cross-entropy. Either fault alone does little here (measured, seed 0 / 1):
   misaligned at the published 25 / 50 the student reached 0.956 (seed 0; CE-only 0.953), the
-  cross-entropy's gradient 1.4x / 0.7x the terms'; the correct teacher at 625 / 2500 reached
-  0.967 / 0.973 (the teacher's relations help even when they dominate). Together they cost
+  cross-entropy's gradient 1.4x RKD-D's and 0.7x RKD-A's; the correct teacher at 625 / 2500
+  (the product given as one weight) reached 0.967 / 0.973 (the teacher's relations help even when they dominate). Together they cost
   the student 6-8 points.
 Measured on the test split without gradprobe (seeds 0 / 1): student accuracy, the CE-only
 student's, the teacher's, and (every 25 steps, on the student's hidden layer) the medians of
