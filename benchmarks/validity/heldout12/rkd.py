@@ -33,8 +33,8 @@ Variants (truth by construction):
   drown the cross-entropy. Either fault alone does little here (measured, seed 0 / 1):
   misaligned at the published 25 / 50 the student reached 0.956 (seed 0; CE-only 0.953), the
   cross-entropy's gradient 1.4x RKD-D's and 0.7x RKD-A's; the correct teacher at 625 / 2500
-  (the product given as one weight) reached 0.967 / 0.973 (the teacher's relations help even when they dominate). Together they cost
-  the student 6-8 points.
+  (the product given as one weight) reached 0.967 / 0.973 (the teacher's relations help
+  even when they dominate). Together they cost the student 6-8 points.
 Measured on the test split without gradprobe (seeds 0 / 1): student accuracy, the CE-only
 student's, the teacher's, and (every 25 steps, on the student's hidden layer) the medians of
 the cosine between ``loss_ce``'s weighted gradient and each RKD term's and of ``loss_ce``'s
@@ -50,12 +50,13 @@ weighted gradient norm over each term's:
                       0.043 / 0.044.
 The healthy student beats the CE-only one by 0.7 / 1.1 points, as the paper's students beat
 their baselines (sec. 4.2).
-Runs (the teacher, the probed student and the CE-only student) take 10 CPU-seconds at 1 thread.
+Runs (the teacher, the probed student and the CE-only student) take 10 CPU-seconds at 1
+thread.
 Expected (broken): ``gradient-swamping`` on ``loss_ce`` (its weighted gradient on the hidden
 layer 1/23 of RKD-A's and 1/6 of RKD-D's for the whole run, the student 6-8 points below the
 CE-only one). Allowed: ``static-loss-weights`` on ``loss_ce`` (the fixed weights are half of
 the cause). Must not (both): ``inert-loss``, ``non-finite``, ``gradient-conflict`` (the
-cosines stay positive, +0.04 to +0.19: the harm is drowning, not opposition); healthy also
+cosines stay positive, +0.09 to +0.19: the harm is drowning, not opposition); healthy also
 ``gradient-swamping`` (the cross-entropy leads both terms by 2-6x) and ``static-loss-weights``.
 """
 
