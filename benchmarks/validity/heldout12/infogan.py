@@ -28,9 +28,9 @@ component. Categorical code of 8 values, noise z of 4 dimensions; generator MLP
 128 -> 1, Q head 128 -> 64 -> 8; Adam lr 1e-3, betas (0.5, 0.999) (the
 port's lr 2e-4 gave the same healthy outcome, seed 0: code_mode_match 1.000), batch 128,
 2000 steps; the information term in the G/Q step only, as the port has it (the official code
-also adds it to the discriminator's loss). Probed: ``Probe`` on the modules ``optimG`` trains (generator
-and Q head), the G/Q step's backward as ``probe.backward({"gen_loss": ..., "mi_loss": ...},
-weights={"gen_loss": 1, "mi_loss": 1})``; the D step is a plain backward of its own
+also adds it to the discriminator's loss). Probed: ``Probe`` on the modules ``optimG``
+trains (generator and Q head), the G/Q step's backward as ``probe.backward({"gen_loss": ...,
+"mi_loss": ...}, weights={"gen_loss": 1, "mi_loss": lambda})``; the D step is a plain backward of its own
 optimiser, as in the port.
 
 Truth, measured without gradprobe (seeds 0 / 1): for each code value 256 samples (fresh z)
