@@ -30,8 +30,8 @@ port's lr 2e-4 gave the same healthy outcome, seed 0: code_mode_match 1.000), ba
 2000 steps; the information term in the G/Q step only, as the port has it (the official code
 also adds it to the discriminator's loss). Probed: ``Probe`` on the modules ``optimG``
 trains (generator and Q head), the G/Q step's backward as ``probe.backward({"gen_loss": ...,
-"mi_loss": ...}, weights={"gen_loss": 1, "mi_loss": lambda})``; the D step is a plain backward of its own
-optimiser, as in the port.
+"mi_loss": ...}, weights={"gen_loss": 1, "mi_loss": lambda})``; the D step is a plain
+backward of its own optimiser, as in the port.
 
 Truth, measured without gradprobe (seeds 0 / 1): for each code value 256 samples (fresh z)
 are assigned to their nearest mixture component; ``code_mode_match`` is the share of samples
