@@ -22,8 +22,9 @@ from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .purpose import (adversary_at_chance, carried_by, held_back, own_measure_alarms,
-                      reach_failing, serves_another, swamped_before_learning)
+from .purpose import (adversary_at_chance, carried_by, head_on_another, held_back,
+                      own_measure_alarms, reach_failing, serves_another,
+                      swamped_before_learning)
 from .remedies import conflict_remedy, intent_remedy, serving_remedy, swamping_remedy
 
 
@@ -104,8 +105,11 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         carried = None if stalled else carried_by(
             run, name, dominant, steps, held, None if by_layer is None else by_layer["blocks"], th)
         # A term on another loss's forward pass: its small share is a regulariser's trade-off
-        # or an objective held back, as intended; only what it reaches failing says harm.
-        failing = reach_failing(run, name, th, alarms()) if serves_another(run, name) else None
+        # or an objective held back, as intended; only what it reaches failing says harm, and
+        # for one with a head of its own, its own loss failing to descend.
+        head = head_on_another(run, name, th)
+        failing = reach_failing(run, name, th, alarms()) if serves_another(run, name) or \
+            head is not None else None
         trade_off = failing == [] and not (protected or at_chance or carried is not None)
         severity = "info" if close or protected or at_chance or carried is not None or \
             trade_off else "error" if med < th.swamping_error_ratio else "warning"
@@ -126,7 +130,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             "ratio": thin(steps[judged], ratio[judged]),
             "prototype_usage_kept": protected, "adversary_at_chance": at_chance,
             "held_back": stalled, "carried_cosine": carried, "never_learned": unlearned,
-            "serves_another_pass": failing is not None, "reach_failing": failing,
+            "serves_another_pass": failing is not None, "own_head_end_fraction": head,
+            "reach_failing": failing,
         }
         if by_layer is not None:
             # Over the held steps, as the headline median: its spread reads the same steps.
@@ -154,7 +159,12 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             + ("; it is computed on the other losses' forward pass with no parameters of its "
                "own and nothing it reaches fails by its own measure: a regulariser's small "
                "share is the design, an objective's is harm, and the graph looks the same"
-               if trade_off else "")
+               if trade_off and head is None else "")
+            + (f"; it is computed on the other losses' forward pass through a head of its "
+               f"own, its loss still descends (it ends at {pct(head)} of its start) and "
+               "nothing it reaches fails by its own measure: an auxiliary term's small share "
+               "is the design, an objective's is harm, and the graph looks the same"
+               if trade_off and head is not None else "")
             + (f"; what it reaches fails: {', '.join(repr(f) for f in failing)}"
                if failing else "")
             + (f"; swamped from the start, it never learned (its loss stayed above "

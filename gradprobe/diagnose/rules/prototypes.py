@@ -163,14 +163,34 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                 held |= np.interp(steps, usage[0], usage[1]) <= th.proto_usage
         if not reasons:
             continue
+        # A merged pair in a table whose pooled usage holds is a redundancy, not a collapse:
+        # the table still tells the inputs apart (SoftTriple's regulariser merges the centers
+        # of a class by design while 33 of 50 centers stay in use, usage entropy 0.72).
+        redundant = len(reasons) == 1 and keys[0].startswith("closest pair") and \
+            pooled is not None
+        if redundant:
+            severity = "info"
+            reasons.append(f"their usage pooled over steps {pooled['steps'][0]}-"
+                           f"{pooled['steps'][1]} holds (entropy {g(pooled['usage'])}, "
+                           f"{pooled['used']} of {pooled['prototypes']} used): a redundant "
+                           "pair, not a collapse")
+        evidence["merged_pair_only"] = redundant
         evidence["mean_distance"] = thin(steps, md)
         out.append(make_finding(
-            "prototype-collapse", severity, f"prototypes '{p}' collapse: " + "; ".join(reasons),
+            "prototype-collapse", severity,
+            f"prototypes '{p}'{'' if redundant else ' collapse'}: " + "; ".join(reasons),
             p, keys[0], evidence,
             trailing_range(steps, held),
             plot=PlotHint(PROTOTYPE_MEAN_DISTANCE, names=[p]),
-            remedy=prototype_collapse_remedy(usage_collapsed, own_parameter_losses(run))))
+            remedy=_REDUNDANT_REMEDY if redundant else prototype_collapse_remedy(
+                usage_collapsed, own_parameter_losses(run))))
     return out
+
+
+_REDUNDANT_REMEDY = ("None needed while the table's usage holds: two rows that merged share "
+                     "their inputs (a regulariser that merges a class's centers does it by "
+                     "design); prototype-collapse reports the table as an alarm if its usage "
+                     "goes.")
 
 
 def _table_size(run: Run, prototypes: str) -> int | None:

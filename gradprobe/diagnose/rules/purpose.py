@@ -50,6 +50,16 @@ def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
             "role": role_origin(role_record(run, name))}
 
 
+def end_fraction(run: Run, name: str, th: Thresholds) -> float | None:
+    """A loss's end window over its start window (medians); None where it has too few
+    points or its start window is not above 0."""
+    series = finite(get(run, LOSS, name))
+    if series is None or len(series[0]) < 2 * th.min_points:
+        return None
+    levels = start_end(*series, th)
+    return levels["end"] / levels["start"] if levels["start"] > 0 else None
+
+
 def held_back(run: Run, name: str, dominant: str, th: Thresholds) -> dict | None:
     """The end fractions (end window / start window) of a swamped loss and of the loss that
     swamps it, when the swamped one ends the run at least ``swamping_stall_fraction`` of its
@@ -58,16 +68,9 @@ def held_back(run: Run, name: str, dominant: str, th: Thresholds) -> dict | None
     PINN's boundary term ends at 1.2-4.6 times its start while the residual falls a
     hundredfold or more). The outcome calls what a ratio straddling its threshold leaves
     open. None otherwise."""
-    levels = {}
-    for loss in (name, dominant):
-        series = finite(get(run, LOSS, loss))
-        if series is None or len(series[0]) < 2 * th.min_points:
-            return None
-        levels[loss] = start_end(*series, th)
-        if not levels[loss]["start"] > 0:
-            return None
-    fraction = {loss: levels[loss]["end"] / levels[loss]["start"] for loss in levels}
-    if not fraction[name] >= th.swamping_stall_fraction > fraction[dominant]:
+    fraction = {loss: end_fraction(run, loss, th) for loss in (name, dominant)}
+    if None in fraction.values() or \
+            not fraction[name] >= th.swamping_stall_fraction > fraction[dominant]:
         return None
     return {"end_fraction": fraction[name], "dominant_end_fraction": fraction[dominant]}
 
@@ -120,6 +123,15 @@ def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.nda
     return lowest if persistent(steps[judged][:first], held[judged][:first], None, th) else None
 
 
+def _on_another_pass(record: dict) -> bool:
+    """Whether a loss's role record reads it as computed on another loss's forward pass
+    (``own_pass`` False: no node of its graph applies a shared parameter that the other
+    losses' graphs do not), neither the task nor declared."""
+    # The task's source is "first" or "declared": the source test leaves it out too.
+    return (record.get("source") not in ("declared", "first") and record.get("reach") == "shared"
+            and record.get("own_pass") is False)
+
+
 def serves_another(run: Run, name: str) -> bool:
     """Whether ``name`` is a term computed on another loss's forward pass with no parameters
     of its own (read from its graph at the first probe step: probe/roles.py), neither the task
@@ -128,9 +140,27 @@ def serves_another(run: Run, name: str) -> bool:
     own computed from a shared pass (a boundary term sliced out of one batch): intent the
     graph does not show. A run file without the record reads as not serving."""
     record = role_record(run, name)
-    # The task's source is "first" or "declared": the source test leaves it out too.
-    return (record.get("source") not in ("declared", "first") and record.get("reach") == "shared"
-            and record.get("own_pass") is False and not (record.get("counts") or {}).get("own"))
+    return _on_another_pass(record) and not (record.get("counts") or {}).get("own")
+
+
+def head_on_another(run: Run, name: str, th: Thresholds) -> float | None:
+    """For a loss computed on another loss's forward pass through parameters of its own (a
+    decoder, an auxiliary classifier or projection head: CapsNet's masked reconstruction on
+    the digit capsules), neither the task nor declared, that still descends by its own
+    measure (its end window below ``swamping_stall_fraction`` of where it began, the highest
+    of its first ``min_points`` values: a head learns fast, within its start window): that
+    fraction. Its head fits what the shared pass gives it, so a small share of the gradient
+    on the shared layers is an auxiliary term's design or an objective held back, and the
+    graph looks the same; one that does not descend was held back. None otherwise."""
+    record = role_record(run, name)
+    if not (_on_another_pass(record) and (record.get("counts") or {}).get("own")):
+        return None
+    series = finite(get(run, LOSS, name))
+    if series is None or len(series[0]) < 2 * th.min_points:
+        return None
+    began = float(np.max(series[1][:th.min_points]))
+    fraction = start_end(*series, th)["end"] / began if began > 0 else np.nan
+    return fraction if fraction < th.swamping_stall_fraction else None
 
 
 def own_measure_alarms(run: Run, th: Thresholds) -> set[str]:
