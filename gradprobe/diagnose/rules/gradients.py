@@ -156,15 +156,13 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                f"{at_chance['role']})" if at_chance else "")
             + (f"; its gradient points with that of '{dominant}' (cosine {g(carried)}): the "
                f"descent of '{dominant}' carries it" if carried is not None else "")
-            + ("; it is computed on the other losses' forward pass with no parameters of its "
-               "own and nothing it reaches fails by its own measure: a regulariser's small "
-               "share is the design, an objective's is harm, and the graph looks the same"
-               if trade_off and head is None else "")
-            + (f"; it is computed on the other losses' forward pass through a head of its "
-               f"own, its loss still descends (it ends at {pct(head)} of its start) and "
-               "nothing it reaches fails by its own measure: an auxiliary term's small share "
+            + ("; it is computed on the other losses' forward pass " + (
+                "with no parameters of its own and" if head is None else "through a head of its "
+                f"own, its loss still descends (it ends at {pct(head)} of its start) and")
+               + " nothing it reaches fails by its own measure: "
+               + ("a regulariser's" if head is None else "an auxiliary term's") + " small share "
                "is the design, an objective's is harm, and the graph looks the same"
-               if trade_off and head is not None else "")
+               if trade_off else "")
             + (f"; what it reaches fails: {', '.join(repr(f) for f in failing)}"
                if failing else "")
             + (f"; swamped from the start, it never learned (its loss stayed above "
