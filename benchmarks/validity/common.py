@@ -101,6 +101,36 @@ def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True)
             yield order[start:start + batch_size]
 
 
+def weighted_backward(losses: dict, weights: dict, probe=None) -> None:
+    """The backward of the weighted sum of ``losses`` (a weight not given is 1): through
+    ``probe.backward`` when a probe records the run, else a plain backward (the unprobed
+    reference runs that train beside it)."""
+    if probe is not None:
+        probe.backward(losses, weights=weights)
+    else:
+        sum(weights.get(k, 1.0) * v for k, v in losses.items()).backward()
+
+
+def continual_outcome(acc_a_after_a: float, acc_a: float, acc_b: float, **more) -> dict:
+    """A run that learns task A then task B: A's accuracy after A and after B, B's, ``more``,
+    and the forgetting (A's accuracy lost while B was learnt)."""
+    return {"acc_a_after_a": acc_a_after_a, "acc_a": acc_a, "acc_b": acc_b, **more,
+            "forgetting": acc_a_after_a - acc_a}
+
+
+def log_task_accuracies(probe, step: int, every: int, accuracy_a, accuracy_b) -> None:
+    """Log a continual run's test accuracies on tasks A and B (callables, evaluated only then)
+    to ``probe`` on the last step of every ``every``, as a user watching forgetting would."""
+    if probe is not None and step % every == every - 1:
+        probe.log(acc_task_a=accuracy_a(), acc_task_b=accuracy_b())
+
+
+def with_fine_tune(outcome: dict, reference: dict) -> dict:
+    """A continual run's outcome beside its fine-tuning reference's (task B learnt alone
+    after A, no penalty): accuracies and forgetting, prefixed ``fine_tune_``."""
+    return outcome | {f"fine_tune_{k}": reference[k] for k in ("acc_a", "acc_b", "forgetting")}
+
+
 def fit_classifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, order,
                    steps: int, optimizer: torch.optim.Optimizer, logits=lambda out: out
                    ) -> torch.nn.Module:

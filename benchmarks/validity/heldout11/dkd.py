@@ -64,7 +64,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split, fit_classifier
+from ..common import batches, digits_split, fit_classifier, weighted_backward
 from ..harness import Expect, Family, Variant
 from ..heldout5.kd_hinton import Student
 
@@ -138,10 +138,7 @@ def fit_student(x, y, teacher, shift: int, seed: int, distil: bool,
                         measured[f"ce_over_{term}_grad"].append(
                             float(g["loss_ce"].norm() / g[term].norm()))
             opt.zero_grad()
-            if probe:
-                probe.backward(losses, weights=weights)
-            else:
-                sum(weights[k] * v for k, v in losses.items()).backward()
+            weighted_backward(losses, weights, probe)
             opt.step()
     grads = {k: float(np.median(v)) for k, v in measured.items()} if distil else {}
     return student.eval(), grads

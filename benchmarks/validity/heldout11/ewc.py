@@ -75,7 +75,8 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split, loss_end_over_start
+from ..common import (batches, continual_outcome, digits_split, log_task_accuracies,
+                      loss_end_over_start, weighted_backward, with_fine_tune)
 from ..harness import Expect, Family, Variant
 
 TASK_A_STEPS, TASK_B_STEPS, BATCH, LR, FISHER_SAMPLES, TRUTH_EVERY = 400, 600, 64, 1e-3, 200, 25
@@ -174,20 +175,15 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
                         series.setdefault(name, []).append(value)
             for name, loss in (("cross_entropy_loss", cross_entropy), ("penalty_loss", penalty)):
                 series.setdefault(name, []).append(float(loss.detach()))
-        if probe is None:
-            (cross_entropy + weights["penalty"] * penalty).backward()
-        else:
-            probe.backward(losses, weights=weights)
+        weighted_backward(losses, weights, probe)
         optimizer.step()
         optimizer.zero_grad()
-        if probe is not None and step % TRUTH_EVERY == TRUTH_EVERY - 1:
-            probe.log(acc_task_a=accuracy(model, xa_test, ya_test),
-                      acc_task_b=accuracy(model, xb_test, yb_test))
+        log_task_accuracies(probe, step, TRUTH_EVERY, lambda: accuracy(model, xa_test, ya_test),
+                            lambda: accuracy(model, xb_test, yb_test))
     if probe is not None:
         probe.close()
-    outcome = {"acc_a_after_a": acc_a_after_a, "acc_a": accuracy(model, xa_test, ya_test),
-               "acc_b": accuracy(model, xb_test, yb_test)}
-    outcome["forgetting"] = outcome["acc_a_after_a"] - outcome["acc_a"]
+    outcome = continual_outcome(acc_a_after_a, accuracy(model, xa_test, ya_test),
+                                accuracy(model, xb_test, yb_test))
     outcome |= {f"{name}_non_finite_from": step for name, step in first_non_finite.items()}
     return outcome, series
 
@@ -195,8 +191,7 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
 def train(variant: str, seed: int, log: Path) -> dict:
     outcome, series = fit(variant, seed, log)
     reference, _ = fit("fine-tune", seed, None)
-    truth = outcome | {f"fine_tune_{k}": v for k, v in reference.items()
-                       if k in ("acc_a", "acc_b", "forgetting")}
+    truth = with_fine_tune(outcome, reference)
     if "penalty_grad_norm" in series:
         truth["penalty_grad_norm_max"] = max(series["penalty_grad_norm"])
     if "cos_ce_penalty" in series:

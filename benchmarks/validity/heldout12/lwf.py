@@ -77,7 +77,8 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, loss_end_over_start
+from ..common import (batches, continual_outcome, log_task_accuracies, loss_end_over_start,
+                      weighted_backward, with_fine_tune)
 from ..harness import Expect, Family, Variant
 from .synaptic_intelligence import split_tasks
 
@@ -159,31 +160,26 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
         if step % TRUTH_EVERY == 0 or step == TASK_B_STEPS - 1:
             series.setdefault("cross_entropy_loss", []).append(float(cross_entropy.detach()))
             series.setdefault("distillation_loss", []).append(float(distillation.detach()))
-        if probe is None:
-            (cross_entropy + weights["distillation"] * distillation).backward()
-        else:
-            probe.backward(losses, weights=weights)
+        weighted_backward(losses, weights, probe)
         # head A is reached by the distillation alone: its gradient is that loss's, each step
         series.setdefault("head_a_grad_norm", []).append(float(torch.cat([
             p.grad.flatten() for p in model.head_a.parameters()]).norm()))
         optimizer.step()
         optimizer.zero_grad()
-        if probe is not None and step % TRUTH_EVERY == TRUTH_EVERY - 1:
-            probe.log(acc_task_a=head_accuracy(model, 0, xa_test, ya_test),
-                      acc_task_b=head_accuracy(model, 1, xb_test, yb_test))
+        log_task_accuracies(probe, step, TRUTH_EVERY,
+                            lambda: head_accuracy(model, 0, xa_test, ya_test),
+                            lambda: head_accuracy(model, 1, xb_test, yb_test))
     if probe is not None:
         probe.close()
-    outcome = {"acc_a_after_a": acc_a_after_a, "acc_a": head_accuracy(model, 0, xa_test, ya_test),
-               "acc_b": head_accuracy(model, 1, xb_test, yb_test)}
-    outcome["forgetting"] = outcome["acc_a_after_a"] - outcome["acc_a"]
+    outcome = continual_outcome(acc_a_after_a, head_accuracy(model, 0, xa_test, ya_test),
+                                head_accuracy(model, 1, xb_test, yb_test))
     return outcome, series
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
     outcome, series = fit(variant, seed, log)
     reference, _ = fit("fine-tune", seed, None)
-    truth = outcome | {f"fine_tune_{k}": v for k, v in reference.items()
-                       if k in ("acc_a", "acc_b", "forgetting")}
+    truth = with_fine_tune(outcome, reference)
     kd_norm = np.array(series["distillation_grad_norm"])
     ce_norm = np.array(series["cross_entropy_grad_norm"])
     head_a = np.array(series["head_a_grad_norm"])

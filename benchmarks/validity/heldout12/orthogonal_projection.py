@@ -61,7 +61,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, centred_effective_rank, digits_split
+from ..common import batches, centred_effective_rank, digits_split, weighted_backward
 from ..harness import Expect, Family, Variant
 from ..heldout11.dkd import trunk_grads
 
@@ -139,10 +139,7 @@ def fit(variant: str, seed: int, use_opl: bool, log: Path | None) -> tuple[OPLNe
                     measured["ce_over_opl_grad"].append(float(g["loss_ce"].norm()
                                                               / g["opl"].norm()))
             opt.zero_grad()
-            if probe:
-                probe.backward(losses, weights=weights)
-            else:
-                sum(weights[k] * v for k, v in losses.items()).backward()
+            weighted_backward(losses, weights, probe)
             opt.step()
     return model.eval(), {k: float(np.median(v)) for k, v in measured.items() if v}
 

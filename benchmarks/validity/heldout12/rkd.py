@@ -72,7 +72,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split, fit_classifier
+from ..common import batches, digits_split, fit_classifier, weighted_backward
 from ..harness import Expect, Family, Variant
 from ..heldout11.dkd import trunk_grads
 from ..heldout5.kd_hinton import Student
@@ -165,10 +165,7 @@ def fit_student(x, y, teacher: Teacher, misaligned: bool, ratio_twice: bool, see
                         measured[f"ce_{term}_over"].append(
                             float(g["loss_ce"].norm() / other.norm().clamp(min=1e-12)))
             opt.zero_grad()
-            if probe:
-                probe.backward(losses, weights=weights)
-            else:
-                sum(weights[k] * v for k, v in losses.items()).backward()
+            weighted_backward(losses, weights, probe)
             opt.step()
     grads = {k: float(np.median(v)) for k, v in measured.items()} if distil else {}
     return student.eval(), grads

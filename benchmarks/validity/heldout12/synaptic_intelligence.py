@@ -78,7 +78,8 @@ from torch import nn
 
 import gradprobe
 
-from ..common import batches, digits_split, loss_end_over_start
+from ..common import (batches, continual_outcome, digits_split, log_task_accuracies,
+                      loss_end_over_start, weighted_backward, with_fine_tune)
 from ..harness import Expect, Family, Variant
 from ..heldout11.ewc import accuracy
 
@@ -179,30 +180,24 @@ def fit(variant: str, seed: int, log: Path | None) -> tuple[dict, dict]:
                     float(F.cosine_similarity(ce_grad, surrogate_grad, dim=0)))
         if step % TRUTH_EVERY == 0 or step == STEPS_PER_TASK - 1:
             series.setdefault("cross_entropy_loss", []).append(float(cross_entropy.detach()))
-        if probe is None:
-            (cross_entropy + weights["surrogate_loss"] * surrogate).backward()
-        else:
-            probe.backward(losses, weights=weights)
+        weighted_backward(losses, weights, probe)
         optimizer.step()
         si.update_importance_estimates()
         optimizer.zero_grad()
-        if probe is not None and step % TRUTH_EVERY == TRUTH_EVERY - 1:
-            probe.log(acc_task_a=accuracy(model, xa_test, ya_test),
-                      acc_task_b=accuracy(model, xb_test, yb_test))
+        log_task_accuracies(probe, step, TRUTH_EVERY, lambda: accuracy(model, xa_test, ya_test),
+                            lambda: accuracy(model, xb_test, yb_test))
     if probe is not None:
         probe.close()
-    outcome = {"acc_a_after_a": acc_a_after_a, "acc_a": accuracy(model, xa_test, ya_test),
-               "acc_b": accuracy(model, xb_test, yb_test),
-               "omega_max": max(float(o.max()) for o in si.omega.values())}
-    outcome["forgetting"] = outcome["acc_a_after_a"] - outcome["acc_a"]
+    outcome = continual_outcome(acc_a_after_a, accuracy(model, xa_test, ya_test),
+                                accuracy(model, xb_test, yb_test),
+                                omega_max=max(float(o.max()) for o in si.omega.values()))
     return outcome, series
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
     outcome, series = fit(variant, seed, log)
     reference, _ = fit("fine-tune", seed, None)
-    truth = outcome | {f"fine_tune_{k}": v for k, v in reference.items()
-                       if k in ("acc_a", "acc_b", "forgetting")}
+    truth = with_fine_tune(outcome, reference)
     truth["surrogate_grad_norm_max"] = max(series["surrogate_grad_norm"])
     if "ce_over_surrogate" in series:
         ratio, cos = np.array(series["ce_over_surrogate"]), np.array(series["cos_ce_surrogate"])

@@ -75,7 +75,7 @@ from torch import nn
 
 import gradprobe
 
-from ..common import digits_split
+from ..common import digits_split, weighted_backward
 from ..harness import Expect, Family, Variant
 from ..heldout11.dkd import trunk_grads
 
@@ -173,10 +173,7 @@ def fit(variant: str, seed: int, consistency: bool, log: Path | None) -> tuple[T
                         g["loss_ce"].norm() / g["consistency"].norm().clamp_min(1e-12)))
                     measured["epoch"].append(epoch)
                 opt.zero_grad()
-                if probe:
-                    probe.backward(losses, weights=weights)
-                else:
-                    sum(weights[k] * v for k, v in losses.items()).backward()
+                weighted_backward(losses, weights, probe)
                 opt.step()
             # Algorithm 2: Z <- alpha Z + (1 - alpha) z, targets Z / (1 - alpha^t)
             ensemble = ALPHA * ensemble + (1.0 - ALPHA) * epoch_pred
