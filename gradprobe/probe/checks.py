@@ -210,3 +210,29 @@ def logged_values(scalars: Mapping[str, Any]) -> dict[tuple[str, str], float]:
                                       f"{list(value.shape)}")
         values[("logged", key)] = float(value)
     return values
+
+
+def non_finite_parameters(model: torch.nn.Module, names: Mapping[int, str]) -> str | None:
+    """When the probe closes: the model's parameters that hold NaN or Inf, as the message of a
+    ``non_finite`` event, or None. A run that diverges after its last probe step leaves no
+    other trace. One transfer to the host per device; a sharded parameter (DTensor) is read
+    through its local shard, so that no rank waits on another. A check that fails is
+    reported and reads as finite: closing must not raise."""
+    try:
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for p in model.parameters():
+            local = (p.to_local() if hasattr(p, "to_local") else p).detach()
+            if local.numel() and local.device.type != "meta":  # a meta tensor holds no values
+                by_device.setdefault(local.device, []).append((names.get(id(p), "?"), local))
+        bad = []
+        for entries in by_device.values():
+            finite = torch.stack([t.isfinite().all() for _, t in entries]).cpu().tolist()
+            bad += [name for (name, _), ok in zip(entries, finite) if not ok]
+    except Exception as exc:  # noqa: BLE001 - a check at close never stops the user's program
+        warn_user(f"gradprobe: could not check the parameters at close ({exc})")
+        return None
+    if not bad:
+        return None
+    shown = ", ".join(repr(n) for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3
+                                                   else "")
+    return f"the model's parameters ({shown}) hold NaN or Inf when the probe closes"

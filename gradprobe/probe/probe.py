@@ -375,8 +375,7 @@ class Probe(WatchMethods):
                        gradients: PerLossGradients) -> StepNumbers:
         observed = dict(self._watches.captured)
         if self._ranks is not None:
-            # Checked here, before the vote: a malformed tensor on one rank must not reach a
-            # collective whose shapes the other ranks expect to match.
+            # Checked before the vote: a malformed tensor must not reach another rank's collective.
             for name in self._watches.gathered_names():
                 if isinstance(observed.get(name), torch.Tensor) and name != "groups":
                     observed[name] = rows_matrix(name, observed[name],
@@ -389,8 +388,7 @@ class Probe(WatchMethods):
         names = self._losses
         for kind, loss_name, message in graph_events(names, self.task, gradients,
                                                      self._jacobian.blocks.core):
-            # A regulariser touching only its own parameters (an L2 penalty on one head) is
-            # that way by design: recorded, not warned.
+            # A regulariser on its own parameters only (L2 on one head): recorded, not warned.
             self._notices.event(step, kind, loss_name, message,
                         warn=kind == "inert_loss" or self.roles[loss_name] != "regularization")
         self._write_meta()
@@ -438,8 +436,7 @@ class Probe(WatchMethods):
         if not self._writes:
             return
         try:
-            # The metadata too, so that a run disabled before its first record still names
-            # its losses and watches.
+            # The metadata too: a run disabled before its first record still names its losses.
             self._write_meta()
             self._writer.add_event(self.step, "probe_disabled", "probe", message)
             self._writer.flush()
@@ -482,6 +479,9 @@ class Probe(WatchMethods):
                       "loss.backward() (or probe.before_backward(losses) and "
                       "probe.after_backward(pending) around a backward of your own)")
         self._check_skipped()
+        if self._saw_backward and self._failure is None and not self._closed and (
+                bad := checks.non_finite_parameters(self.model, self._names)):
+            self._notices.event(self.step - 1, "non_finite", "parameters", bad)
         self._watches.remove_hooks()
         self._layer_inputs.disarm()
         if self._writer is not None:

@@ -205,7 +205,8 @@ def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
         if name in run.losses:
             note(name, step, f"loss '{name}'", e["message"])
         elif name != "gradient":  # a per-loss gradient: told apart by the series below
-            note(name, step, e["message"].removesuffix(" holds NaN or Inf"), e["message"])
+            note(name, step, e["message"].removesuffix(" holds NaN or Inf").removesuffix(
+                " hold NaN or Inf when the probe closes"), e["message"])
     for quantity in (LOSS, GRAD_NORM, WEIGHTED_GRAD_NORM):
         for name in run.names(quantity):
             s, v = run.series(quantity, name)
@@ -220,6 +221,8 @@ def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
         note("gradient", int(gradient_events[0]["step"]),
              "a per-loss gradient on the shared parameters", gradient_events[0]["message"],
              len(gradient_events), int(gradient_events[-1]["step"]))
+    if len(found) > 1:  # what went first on a probe step tells it; the parameters follow
+        found.pop("parameters", None)
     disabled = run.events("probe_disabled")
     out = []
     for name, entry in found.items():
@@ -229,7 +232,9 @@ def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
             evidence["probe_disabled_message"] = disabled[0]["message"]
         first = entry["first_step"]
         out.append(make_finding(
-            "non-finite", "error", f"{entry['what']} became NaN or Inf at step {first}", name,
+            "non-finite", "error", f"{entry['what']} became NaN or Inf " + (
+                f"by step {first}, after the last probe step (found when the probe closed)"
+                if name == "parameters" else f"at step {first}"), name,
             f"first at step {first}", evidence, (first, entry["last_step"]),
             plot=PlotHint(LOSS, names=[name]) if entry["what"] == f"loss '{name}'" else
             PlotHint(GRAD_NORM, names=[name] if name in run.losses else run.losses)))
