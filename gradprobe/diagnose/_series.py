@@ -143,6 +143,11 @@ def at_floor(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> bool:
                 abs(start_end(steps, values, th)["end"]) <= th.swamping_floor_fraction * initial)
 
 
+def began(values: np.ndarray, th: Thresholds) -> float:
+    """Where a loss began, above its noise: the highest of its first ``min_points`` values."""
+    return float(np.max(values[:th.min_points]))
+
+
 def start_low(steps: np.ndarray, values: np.ndarray, th: Thresholds) -> float:
     """Lowest ``smooth_points`` rolling median within a series' start window: where a loss that
     starts near its floor (or dips to it) sits before anything pushes it up."""

@@ -17,8 +17,8 @@ from gradprobe.record import Run, pair_parts
 from gradprobe.record.quantities import (COMBINED_GRAD_NORM, LATENT_GRAD_NORM, LOSS, SHARED,
                                          WEIGHTED_GRAD_NORM)
 
-from .._series import (SETTLED_SOURCES, align, at_floor, finite, get, level_after_start,
-                       median, role_record, start_end, start_low)
+from .._series import (SETTLED_SOURCES, align, at_floor, began, finite, get,
+                       level_after_start, median, role_record, start_end, start_low)
 from ..thresholds import Thresholds
 from .task_metrics import linked_metrics, metric_progress
 
@@ -45,7 +45,7 @@ def _loss_levels(run: Run, name: str, th: Thresholds) -> dict:
         return {"start_low": math.nan, "settled": math.nan, "end": math.nan, "began": math.nan,
                 "negative": False, "at_floor": False}
     return {"start_low": start_low(*series, th), "settled": level_after_start(*series, th),
-            "end": start_end(*series, th)["end"], "began": float(np.max(series[1][:th.min_points])),
+            "end": start_end(*series, th)["end"], "began": began(series[1], th),
             "negative": bool((series[1] < 0).any()), "at_floor": at_floor(*series, th)}
 
 

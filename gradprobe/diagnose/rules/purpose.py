@@ -12,8 +12,8 @@ import numpy as np
 from gradprobe.record import Run
 from gradprobe.record.quantities import GRAD_COSINE, LATENT_GRAD_NORM, LOSS, pair_name, pair_parts
 
-from .._series import (finite, get, median, persistent, role_origin, role_record, roles,
-                       rolling_median, start_end, task_name, window_counts)
+from .._series import (began, finite, get, median, persistent, role_origin, role_record,
+                       roles, rolling_median, start_end, task_name, window_counts)
 from ..thresholds import Thresholds
 from .batches import weak_contrastive_signal
 from .common import pooled_usage
@@ -158,8 +158,8 @@ def head_on_another(run: Run, name: str, th: Thresholds) -> float | None:
     series = finite(get(run, LOSS, name))
     if series is None or len(series[0]) < 2 * th.min_points:
         return None
-    began = float(np.max(series[1][:th.min_points]))
-    fraction = start_end(*series, th)["end"] / began if began > 0 else np.nan
+    start = began(series[1], th)
+    fraction = start_end(*series, th)["end"] / start if start > 0 else np.nan
     return fraction if fraction < th.swamping_stall_fraction else None
 
 
