@@ -7,7 +7,8 @@ encoder features (sec. 3; the rule below as the official code writes it): an exp
 moving average N_k of each code's usage over the batches (decay gamma 0.99) gives a
 per-code factor alpha_k = exp(-N_k K 10 / (1 - gamma) - epsilon), and each code moves to
 (1 - alpha_k) e_k + alpha_k e_hat_k, e_hat_k the anchor, so that a code in use keeps its
-place (alpha ~ 0) and a dead one jumps to the features (alpha ~ 1). The paper's optional contrastive term is left out (off by default in the code).
+place (alpha ~ 0) and a dead one jumps to the features (alpha ~ 1). The paper's optional
+contrastive term is left out (off by default in the code).
 
 Official code, read with the repository tools: lyndonzheng/CVQ-VAE ``quantise.py``
 ``VectorQuantiser.forward`` (``distance='cos'``: the nearest code by the cosine of the
