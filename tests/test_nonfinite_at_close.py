@@ -1,5 +1,5 @@
 """A run that goes NaN or Inf after its last probe step (docs/findings.md, ``non-finite``): the
-probe checks the model's parameters once when it closes and records a ``non_finite`` event
+probe checks the model's parameters once when it closes and records a ``non_finite_at_close`` event
 for ``parameters``; the diagnosis reports it, unless a loss or gradient went non-finite first
 on a probe step. Real training runs; the parameters' finiteness is read independently."""
 
@@ -44,8 +44,9 @@ def test_parameters_that_went_non_finite_after_the_last_probe_step_are_reported(
     run, net = _run(tmp_path, blow_up_at=22)
     bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
     assert bad  # the overflow reached the parameters, read from the model itself
-    events = [e for e in run.events("non_finite") if e["name"] == "parameters"]
+    events = run.events("non_finite_at_close")
     assert len(events) == 1 and events[0]["step"] == STEPS - 1
+    assert events[0]["name"] == "parameters" and run.events("non_finite") == []
     assert all(repr(name) in events[0]["message"] for name in bad[:3])
     findings = [f for f in diagnose(run) if f.id == "non-finite"]
     assert [(f.subject, f.severity) for f in findings] == [("parameters", "error")]
@@ -56,14 +57,14 @@ def test_parameters_that_went_non_finite_after_the_last_probe_step_are_reported(
 def test_a_finite_run_records_no_parameter_event(tmp_path):
     run, net = _run(tmp_path, blow_up_at=None)
     assert all(torch.isfinite(p).all() for p in net.parameters())
-    assert run.events("non_finite") == []
+    assert run.events("non_finite") == [] and run.events("non_finite_at_close") == []
     assert not any(f.id == "non-finite" for f in diagnose(run))
 
 
 def test_a_loss_that_went_non_finite_first_is_the_finding(tmp_path):
     run, net = _run(tmp_path, blow_up_at=None, nan_loss_at=EVERY)
     assert not all(torch.isfinite(p).all() for p in net.parameters())
-    assert any(e["name"] == "parameters" for e in run.events("non_finite"))
+    assert len(run.events("non_finite_at_close")) == 1
     findings = {f.subject: f for f in diagnose(run) if f.id == "non-finite"}
     assert "parameters" not in findings  # the loss that went first tells it
     assert findings["fit"].evidence["first_step"] == EVERY

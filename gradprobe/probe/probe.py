@@ -481,7 +481,7 @@ class Probe(WatchMethods):
         self._check_skipped()
         if self._saw_backward and self._failure is None and not self._closed and (
                 bad := checks.non_finite_parameters(self.model, self._names)):
-            self._notices.event(self.step - 1, "non_finite", "parameters", bad)
+            self._notices.event(self.step - 1, "non_finite_at_close", "parameters", bad)
         self._watches.remove_hooks()
         self._layer_inputs.disarm()
         if self._writer is not None:

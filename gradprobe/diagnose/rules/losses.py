@@ -205,8 +205,7 @@ def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
         if name in run.losses:
             note(name, step, f"loss '{name}'", e["message"])
         elif name != "gradient":  # a per-loss gradient: told apart by the series below
-            note(name, step, e["message"].removesuffix(" holds NaN or Inf").removesuffix(
-                " hold NaN or Inf when the probe closes"), e["message"])
+            note(name, step, e["message"].removesuffix(" holds NaN or Inf"), e["message"])
     for quantity in (LOSS, GRAD_NORM, WEIGHTED_GRAD_NORM):
         for name in run.names(quantity):
             s, v = run.series(quantity, name)
@@ -221,21 +220,31 @@ def non_finite(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
         note("gradient", int(gradient_events[0]["step"]),
              "a per-loss gradient on the shared parameters", gradient_events[0]["message"],
              len(gradient_events), int(gradient_events[-1]["step"]))
-    if len(found) > 1:  # what went first on a probe step tells it; the parameters follow
-        found.pop("parameters", None)
     disabled = run.events("probe_disabled")
     out = []
     for name, entry in found.items():
-        evidence = {"name": name, **entry}
-        if disabled:
-            evidence["probe_disabled_at"] = int(disabled[0]["step"])
-            evidence["probe_disabled_message"] = disabled[0]["message"]
         first = entry["first_step"]
         out.append(make_finding(
-            "non-finite", "error", f"{entry['what']} became NaN or Inf " + (
-                f"by step {first}, after the last probe step (found when the probe closed)"
-                if name == "parameters" else f"at step {first}"), name,
-            f"first at step {first}", evidence, (first, entry["last_step"]),
+            "non-finite", "error", f"{entry['what']} became NaN or Inf at step {first}", name,
+            f"first at step {first}", _with_disabled({"name": name, **entry}, disabled),
+            (first, entry["last_step"]),
             plot=PlotHint(LOSS, names=[name]) if entry["what"] == f"loss '{name}'" else
             PlotHint(GRAD_NORM, names=[name] if name in run.losses else run.losses)))
+    at_close = run.events("non_finite_at_close")
+    if at_close and not found:  # what went first on a probe step tells it; the parameters follow
+        step, message = int(at_close[0]["step"]), at_close[0]["message"]
+        evidence = {"name": "parameters", "first_step": step, "last_step": step, "count": 1,
+                    "message": message, "what": "the model's parameters"}
+        out.append(make_finding(
+            "non-finite", "error",
+            f"{message} (by step {step}, after the last probe step)", "parameters",
+            f"by step {step}", _with_disabled(evidence, disabled), (step, step),
+            plot=PlotHint(LOSS, names=run.losses)))
     return out
+
+
+def _with_disabled(evidence: dict, disabled: list[dict]) -> dict:
+    if disabled:
+        evidence["probe_disabled_at"] = int(disabled[0]["step"])
+        evidence["probe_disabled_message"] = disabled[0]["message"]
+    return evidence

@@ -56,7 +56,7 @@ def _relative_panel(ctx: ReportContext, ax, names: list[str]) -> None:
     ax.set_ylabel("loss / its first value (ratio)")
     ax.set_title("Each loss relative to its first recorded value")
     for event in ctx.run.events():
-        if event["kind"] in ("non_finite", "inert_loss"):
+        if event["kind"] in ("non_finite", "non_finite_at_close", "inert_loss"):
             ax.axvline(event["step"], color=SEVERITY_COLOURS["error"], linewidth=0.8, alpha=0.6)
     ctx.mark(ax, "loss", PAGE_TITLES["losses"])
 
