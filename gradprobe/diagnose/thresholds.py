@@ -49,6 +49,11 @@ class Thresholds:
     memorised_fraction: float = _f(0.05, "the task has memorised its data once its smoothed loss "
                                           "is below this fraction of its start")
     # -- gradient-swamping -------------------------------------------------------------------
+    # -- inert-loss ---------------------------------------------------------------------------
+    inert_rounding_fraction: float = _f(1e-4, "a loss whose gradient and weighted gradient are "
+                                              "both at most this fraction of the largest other "
+                                              "loss's at every probe step moves nothing: its "
+                                              "gradient is rounding residue (inert-loss)")
     swamping_ratio: float = _f(0.1, "weighted gradient norm / largest loss's below this: swamped")
     swamping_error_ratio: float = _f(0.01, "median ratio below this: severity error")
     learned_fraction: float = _f(0.05, "a loss below this fraction of its start has nothing "

@@ -483,18 +483,59 @@ def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
                 f"{len(events)} probe steps", evidence,
                 (int(events[0]["step"]), int(events[-1]["step"])),
                 plot=PlotHint(GRAD_NORM, names=[name])))
+    residue = _rounding_residue(run, th)
     for name in run.losses:
         if name in seen:
             continue
         grad = finite(get(run, GRAD_NORM, name))
         if grad is None or len(grad[0]) < th.min_points:
             continue
+        steps = (int(grad[0][0]), int(grad[0][-1]))
+        plot = PlotHint(GRAD_NORM, names=[name])
         if float(np.abs(grad[1]).max()) == 0.0:
             evidence = {"loss": name, "event": None, "probe_steps": int(len(grad[0])),
                         "max_grad_norm": 0.0}
             out.append(make_finding(
                 "inert-loss", "warning",
                 f"loss '{name}' has a zero gradient on the shared parameters at every probe step",
-                name, "grad norm 0", evidence, (int(grad[0][0]), int(grad[0][-1])),
-                plot=PlotHint(GRAD_NORM, names=[name])))
+                name, "grad norm 0", evidence, steps, plot=plot))
+        elif name in residue:
+            evidence = {"loss": name, "event": None, "probe_steps": int(len(grad[0])),
+                        "max_grad_norm": nanmax(grad[1]), "max_share_of_largest": residue[name],
+                        "threshold": th.inert_rounding_fraction}
+            out.append(make_finding(
+                "inert-loss", "warning",
+                f"loss '{name}' has a gradient of at most {g(residue[name])} of the largest "
+                "other loss's on the shared parameters at every probe step, weighted or not: "
+                "rounding residue, it moves nothing (a target taken from the model's own "
+                "output, e.g. a teacher that is the live model?)",
+                name, f"grad <= {g(residue[name])} x largest", evidence, steps, plot=plot))
+    return out
+
+
+def _rounding_residue(run: Run, th: Thresholds) -> dict[str, float]:
+    """Losses whose gradient on the shared parameters is rounding residue: at every probe step
+    (at least ``min_points``), both its gradient norm and its weighted gradient norm are at
+    most ``inert_rounding_fraction`` of the largest other loss's. Weighted alone, a loss
+    scaled down by its weight (swamped) would pass; unweighted alone, a loss at its floor
+    whose weight scales it back up (a CORAL term at 1e5) would. A gradient that small from
+    the first probe step on comes from a loss whose value is an identity of the model's own
+    output: a KL or distillation target aliased to the live model, detached, gives
+    ``p - p`` up to float rounding. Maps each to its largest share over the steps."""
+    names = [n for n in run.losses if run.has(GRAD_NORM, n) and run.has(WEIGHTED_GRAD_NORM, n)]
+    if len(names) < 2:
+        return {}
+    steps, values = align(*[get(run, GRAD_NORM, n) for n in names],
+                          *[get(run, WEIGHTED_GRAD_NORM, n) for n in names])
+    if len(steps) < th.min_points:
+        return {}
+    raw, weighted = np.vstack(values[:len(names)]), np.abs(np.vstack(values[len(names):]))
+    out = {}
+    for k, name in enumerate(names):
+        others = [j for j in range(len(names)) if j != k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.maximum(raw[k] / raw[others].max(axis=0),
+                               weighted[k] / weighted[others].max(axis=0))
+        if np.all(np.isfinite(share)) and float(share.max()) <= th.inert_rounding_fraction:
+            out[name] = float(share.max())
     return out
