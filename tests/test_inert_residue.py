@@ -70,8 +70,12 @@ def test_a_teacher_aliased_to_the_live_model_is_inert(tmp_path):
     run, model, frozen = _run(tmp_path, "aliased")
     fit_norm, distill_norm = _gradient_norms(model, frozen)
     assert 0 < distill_norm < Thresholds().inert_rounding_fraction * fit_norm
-    finding = next(f for f in diagnose(run) if f.id == "inert-loss")
+    findings = diagnose(run)
+    finding = next(f for f in findings if f.id == "inert-loss")
     assert (finding.subject, finding.severity) == ("distillation", "warning")
+    assert "copy.deepcopy(model)" in finding.remedy
+    # Inert, so not also judged for its share of the gradient.
+    assert not [f for f in findings if f.id == "gradient-swamping" and f.subject == "distillation"]
     steps, recorded = run.series("grad_norm", "distillation")
     _, fit = run.series("grad_norm", "fit")
     assert recorded.max() > 0  # not the exact-zero case

@@ -25,7 +25,8 @@ from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
 from .purpose import (adversary_at_chance, carried_by, head_on_another, held_back,
                       own_measure_alarms, reach_failing, serves_another,
                       swamped_before_learning)
-from .remedies import conflict_remedy, intent_remedy, serving_remedy, swamping_remedy
+from .remedies import (ROUNDING_RESIDUE, conflict_remedy, intent_remedy, serving_remedy,
+                       swamping_remedy)
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -49,10 +50,11 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     learning = task_learning(run, steps, th)
     satisfied = satisfied_constraints(run, th)
     alarms = functools.cache(lambda: own_measure_alarms(run, th))  # once a serving loss asks
+    residue = _rounding_residue(run, th)
     out = []
     for k, name in enumerate(names):
-        if name in exempt or name in satisfied:
-            continue
+        if name in exempt or name in satisfied or name in residue:
+            continue  # a gradient that is rounding residue moves nothing: that is inert-loss
         raw_k = np.asarray(raw[k])
         if not np.any(np.isfinite(raw_k) & (raw_k > 0)):
             continue  # no gradient at all on the shared parameters: that is inert-loss
@@ -509,7 +511,8 @@ def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
                 "other loss's on the shared parameters at every probe step, weighted or not: "
                 "rounding residue, it moves nothing (a target taken from the model's own "
                 "output, e.g. a teacher that is the live model?)",
-                name, f"grad <= {g(residue[name])} x largest", evidence, steps, plot=plot))
+                name, f"grad <= {g(residue[name])} x largest", evidence, steps, plot=plot,
+                remedy=ROUNDING_RESIDUE))
     return out
 
 

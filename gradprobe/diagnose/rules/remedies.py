@@ -25,6 +25,12 @@ TASK_CONFLICT = (
     "2021), e.g. torchjd.aggregation.PCGrad or CAGrad (the torchjd package; gradprobe has "
     "none); tasks that cannot share an output need heads of their own.")
 
+ROUNDING_RESIDUE = (
+    "Take the loss's target from a network of its own, not from the live model: a frozen copy "
+    "taken before the new training starts (copy.deepcopy(model) with requires_grad_(False)), "
+    "or a teacher or moving-average model with parameters of its own; a target computed from the "
+    "model being trained matches its output up to float rounding, and its loss moves nothing.")
+
 CODEBOOK_CURE = (
     "reset the codes that no input chooses to recent encoder outputs (dead-code reset), or "
     "start the codebook from data (a sample of encoder outputs, or their k-means centres)")
