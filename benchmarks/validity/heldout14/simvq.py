@@ -36,9 +36,10 @@ Variants (truth by construction):
 - ``plain-vq-far-init``: broken. The codebook learned directly (a plain VQ-VAE nn.Embedding
   with the same losses and weights, no projection) and started far from the encoder outputs:
   the taming VectorQuantizer's initial rows, uniform(-1/K, 1/K), shifted by +1 in every
-  dimension, so that all 128 codes start nearly on one point, (1, ..., 1). The codes first chosen are pulled
-  to the features and win every later lookup; the others are never chosen, get no gradient and
-  never move: dead codes, the representation collapse SimVQ's linear layer removes.
+  dimension, so that all 128 codes start nearly on one point, (1, ..., 1). The codes first
+  chosen are pulled to the features and win every later lookup; the others are never chosen,
+  get no gradient and never move: dead codes, the representation collapse SimVQ's linear
+  layer removes.
 Measured on the test split (450 digits, 7,200 vectors), without gradprobe, seeds 0 / 1: codes
 used of 128 and codebook perplexity (exp of the usage entropy), test reconstruction MSE (on
 [-1, 1] pixels), share of codebook rows that moved less than 1e-3 of their start norm
@@ -187,8 +188,8 @@ FAMILY = Family(
         Variant("plain-vq-far-init", False,
                 "a plain VQ-VAE codebook learned directly, started around (1, ..., 1), far "
                 "from the features: the first codes chosen take every vector, the rest are "
-                "never chosen and never move (measured: 36-44 of 128 codes used, 65-73% of the rows "
-                "never moved, perplexity 23-32, reconstruction 1.3-1.6x worse)",
+                "never chosen and never move (measured: 36-44 of 128 codes used, 65-73% of "
+                "the rows never moved, perplexity 23-32, reconstruction 1.3-1.6x worse)",
                 expected=(Expect("prototype-collapse", "codebook"),),
                 allowed=(Expect("prototype-stale", "codebook"),
                          Expect("representation-collapse", "z_e")),
