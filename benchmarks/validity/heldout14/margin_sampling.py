@@ -70,8 +70,8 @@ chance about 0.0015):
   least 40 pulls against at most 20 pushes per batch and falls without bound (mean beta
   -2.96 / -2.96 at the end), every negative term goes to zero (beta - d_an + margin < 0 at
   any distance), the positive terms alone pull every image together and the embedding
-  collapses to a point: normalised std 0.0001 / 0.0001 (against 0.98), recall@1 0.0005 / 0.000 (chance; ``pk`` 0.373 / 0.380),
-  the same P x K batches as ``pk``.
+  collapses to a point: normalised std 0.0001 / 0.0001 (against 0.98), recall@1 0.0005 /
+  0.000 (chance; ``pk`` 0.373 / 0.380), on the same P x K batches as ``pk``.
 
 Alarms. ``pk``: expects nothing; must not: ``batch-composition-mismatch`` (16 of 16 declared
 classes in every batch), ``representation-collapse`` (std 0.98, rank 43), ``inert-loss``,
