@@ -42,6 +42,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
     W = np.vstack(wn)  # K x T
     _, raw = align(*[get(run, GRAD_NORM, n) for n in names]) if all(
         run.has(GRAD_NORM, n) for n in names) else (None, [W[k] for k in range(len(names))])
+    raw = _on_whole_set(run, names, steps, np.vstack(raw))
     exempt = exempt_losses(run, th)
     # A regulariser's pull (weight decay) is not a loss competing for the shared layers: the
     # swamping ratio is taken against the largest of the others, unless the outcome shows the
@@ -486,6 +487,7 @@ def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
                 (int(events[0]["step"]), int(events[-1]["step"])),
                 plot=PlotHint(GRAD_NORM, names=[name])))
     residue = _rounding_residue(run, th)
+    norms = _shared_set_norms(run, th)
     for name in run.losses:
         if name in seen:
             continue
@@ -494,7 +496,8 @@ def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
             continue
         steps = (int(grad[0][0]), int(grad[0][-1]))
         plot = PlotHint(GRAD_NORM, names=[name])
-        if float(np.abs(grad[1]).max()) == 0.0:
+        whole = norms[2][norms[0].index(name)] if norms and name in norms[0] else grad[1]
+        if float(np.nanmax(np.abs(whole))) == 0.0:
             evidence = {"loss": name, "event": None, "probe_steps": int(len(grad[0])),
                         "max_grad_norm": 0.0}
             out.append(make_finding(
@@ -525,14 +528,10 @@ def _rounding_residue(run: Run, th: Thresholds) -> dict[str, float]:
     the first probe step on comes from a loss whose value is an identity of the model's own
     output: a KL or distillation target aliased to the live model, detached, gives
     ``p - p`` up to float rounding. Maps each to its largest share over the steps."""
-    names = [n for n in run.losses if run.has(GRAD_NORM, n) and run.has(WEIGHTED_GRAD_NORM, n)]
-    if len(names) < 2:
+    norms = _shared_set_norms(run, th)
+    if norms is None:
         return {}
-    steps, values = align(*[get(run, GRAD_NORM, n) for n in names],
-                          *[get(run, WEIGHTED_GRAD_NORM, n) for n in names])
-    if len(steps) < th.min_points:
-        return {}
-    raw, weighted = np.vstack(values[:len(names)]), np.abs(np.vstack(values[len(names):]))
+    names, _, raw, weighted = norms
     out = {}
     for k, name in enumerate(names):
         others = [j for j in range(len(names)) if j != k]
@@ -541,4 +540,42 @@ def _rounding_residue(run: Run, th: Thresholds) -> dict[str, float]:
                                weighted[k] / weighted[others].max(axis=0))
         if np.all(np.isfinite(share)) and float(share.max()) <= th.inert_rounding_fraction:
             out[name] = float(share.max())
+    return out
+
+
+def _shared_set_norms(run: Run, th: Thresholds
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(names, steps, raw, weighted)``: each loss's gradient norm and weighted gradient
+    norm [K, T] on the whole shared set (``_on_whole_set``) at the probe steps every loss
+    was recorded at; None with fewer than two losses or ``min_points`` steps."""
+    names = [n for n in run.losses if run.has(GRAD_NORM, n)]
+    if len(names) < 2:
+        return None
+    steps, values = align(*[get(run, GRAD_NORM, n) for n in names])
+    if len(steps) < th.min_points:
+        return None
+    raw = _on_whole_set(run, names, steps, np.vstack(values))
+    weights = layer_weights(run, steps)[[run.losses.index(n) for n in names]]
+    return names, steps, raw, np.abs(weights) * raw
+
+
+def _on_whole_set(run: Run, names: list[str], steps: np.ndarray, gram_layer: np.ndarray
+                  ) -> np.ndarray:
+    """Each loss's gradient norm [K, T] on the whole shared set where the run holds its
+    per-layer blocks (the root of the summed squared norms over the layers), else on the
+    Gram matrix's layer (``gram_layer``). The Gram layer is the nearest layer every loss's
+    path crosses; a loss can cross it with a gradient of exactly 0 there (a task whose gate
+    is one of a mixture's, saturated, on the other task's routing) and move the experts
+    below it: neither inert nor out of the swamping test."""
+    blocks = layer_blocks(run)
+    if blocks is None:
+        return gram_layer
+    block_steps, _, grams = blocks
+    energy = np.clip(np.diagonal(grams, axis1=2, axis2=3), 0.0, None).sum(axis=1)  # [T_b, K]
+    at = {int(step): i for i, step in enumerate(block_steps)}
+    columns = [run.losses.index(n) for n in names]
+    out = np.array(gram_layer, dtype=np.float64)
+    for t, step in enumerate(steps):
+        if int(step) in at:
+            out[:, t] = np.sqrt(energy[at[int(step)], columns])
     return out
