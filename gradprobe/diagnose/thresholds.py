@@ -68,6 +68,12 @@ class Thresholds:
                                                  "discriminator is at chance (recovers at most "
                                                  "1 - this of the label entropy), a swamping "
                                                  "finding on it is info")
+    adversary_rise_ratio: float = _f(2.0, "an adversarial loss recorded from the side that "
+                                          "fools the discriminator (a generator's -log D) "
+                                          "whose end window is above this multiple of its "
+                                          "start window: the discriminator wins (its belief "
+                                          "in what it should be fooled by halved from 1/2 "
+                                          "to 1/4), not at chance")
     swamping_carried_cosine: float = _f(0.2, "a swamped loss whose gradient has at least this "
                                              "median cosine with the dominant loss's (over "
                                              "the steps it is swamped, on the layers both "

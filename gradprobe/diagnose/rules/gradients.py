@@ -22,8 +22,8 @@ from ..thresholds import Thresholds
 from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_constraints
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
-from .purpose import (adversary_at_chance, carried_by, head_on_another, held_back,
-                      own_measure_alarms, reach_failing, serves_another,
+from .purpose import (adversary_at_chance, carried_by, end_fraction, head_on_another,
+                      held_back, own_measure_alarms, reach_failing, serves_another,
                       swamped_before_learning)
 from .remedies import (ROUNDING_RESIDUE, conflict_remedy, intent_remedy, serving_remedy,
                        swamping_remedy)
@@ -166,8 +166,11 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                + ("a regulariser's" if head is None else "an auxiliary term's") + " small share "
                "is the design, an objective's is harm, and the graph looks the same"
                if trade_off else "")
-            + (f"; what it reaches fails: {', '.join(repr(f) for f in failing)}"
-               if failing else "")
+            + (f"; its discriminator wins (its loss ends at "
+               f"{pct(end_fraction(run, name, th))} of its start; adversarial "
+               f"{role_origin(role_record(run, name))})" if name in (failing or ()) else "")
+            + (f"; what it reaches fails: {', '.join(repr(f) for f in failing if f != name)}"
+               if set(failing or ()) - {name} else "")
             + (f"; swamped from the start, it never learned (its loss stayed above "
                f"{pct(unlearned)} of its start)" if unlearned is not None else "")
             + (f"; it is held back: it ends at {g(stalled['end_fraction'])} of its start, "

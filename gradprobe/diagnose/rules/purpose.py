@@ -35,7 +35,8 @@ def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
     (1 - end/start of it): the features carry no task or domain information it can read,
     which is what the loss is for; the game is at its equilibrium, whatever share of the
     gradient it holds. A discriminator that wins (its loss falls far below its start: a
-    detached or swamped reversal) keeps the alarm. None otherwise. The role may come from
+    detached or swamped reversal; or, recorded from the generator's side, rises above
+    ``adversary_rise_ratio`` times it) keeps the alarm. None otherwise. The role may come from
     the name: the finding says so and stays a finding, at info."""
     if roles(run).get(name) != "adversarial":
         return None
@@ -43,7 +44,14 @@ def adversary_at_chance(run: Run, name: str, th: Thresholds) -> dict | None:
     if series is None or len(series[0]) < 2 * th.min_points:
         return None
     levels = start_end(*series, th)
-    if not levels["start"] > 0 or levels["end"] < th.adversary_chance_fraction * levels["start"]:
+    # At chance both ways: a discriminator's loss that falls wins; one recorded from the other
+    # side (a generator's or encoder's -log D against the discriminator's verdict) that
+    # rises far above where it began loses to a discriminator that separates what it was
+    # meant not to (an adversarial autoencoder's latent that never matched its prior). A
+    # generator's loss rises a little at a healthy game's equilibrium (1.3-1.4x).
+    if not levels["start"] > 0 or \
+            not th.adversary_chance_fraction <= levels["end"] / levels["start"] <= \
+            th.adversary_rise_ratio:
         return None
     return {"start": levels["start"], "end": levels["end"],
             "end_fraction": levels["end"] / levels["start"],
@@ -197,4 +205,7 @@ def reach_failing(run: Run, name: str, th: Thresholds, alarms: set[str]) -> list
     assigning = {p for p, latent in (run.meta.get("prototypes") or {}).items() if latent in latents}
     subjects = latents | assigning | {name}
     failing += [subject for subject in alarms if set(pair_parts(subject)) & subjects]
+    if roles(run).get(name) == "adversarial" and adversary_at_chance(run, name, th) is None and \
+            end_fraction(run, name, th) is not None:
+        failing.append(name)  # its discriminator wins: it reads what the term was to hide
     return sorted(set(failing))
