@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .batches import batch_composition_mismatch, weak_contrastive_signal
 from .common import Earlier, Rule
-from .gradients import gradient_conflict, gradient_swamping, inert_loss
+from .gradients import gradient_conflict, gradient_swamping
+from .inert import inert_loss
 from .losses import constraint_neglect, non_finite, overfitting, static_loss_weights
 from .prototypes import prototype_collapse, prototype_stale
 from .recording import probe_incomplete
