@@ -120,6 +120,25 @@ def circle_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.softplus(torch.logsumexp(logit_n, 1) + torch.logsumexp(logit_p, 1)).mean()
 
 
+class BatchComposition:
+    """What the loader gave, batch by batch, measured in the loop without gradprobe: positive
+    pairs (two items of one class), the share of anchors with a positive, classes."""
+
+    def __init__(self) -> None:
+        self.positive_pairs, self.with_positive, self.classes = [], [], []
+
+    def add(self, labels: torch.Tensor) -> None:
+        same = labels[:, None] == labels[None, :]
+        self.positive_pairs.append(float(same.sum() - len(labels)) / 2)
+        self.with_positive.append(float((same.sum(1) > 1).float().mean()))
+        self.classes.append(len(torch.unique(labels)))
+
+    def means(self) -> dict[str, float]:
+        return {"positive_pairs_per_batch": float(np.mean(self.positive_pairs)),
+                "anchors_with_positive": float(np.mean(self.with_positive)),
+                "classes_per_batch": float(np.mean(self.classes))}
+
+
 def train(variant: str, seed: int, log: Path) -> dict:
     x_tr, y_tr, x_te, y_te = retrieval_set(seed)
     torch.manual_seed(seed)
@@ -129,7 +148,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     sampler = pk_batches(y_tr, gen) if variant == "pk" else random_batches(len(y_tr), gen)
     probe = gradprobe.Probe(model, run_file=log, expect_groups_per_batch=P)
     probe.watch_latent("embedding", labels="groups")
-    positive_pairs, with_positive, groups = [], [], []
+    composition = BatchComposition()
     with probe:
         for step, idx in zip(range(STEPS), sampler):
             labels = y_tr[idx]
@@ -141,20 +160,14 @@ def train(variant: str, seed: int, log: Path) -> dict:
                            weights={"cross_entropy": CE_WEIGHT})
             opt.step()
             opt.zero_grad()
-            same = labels[:, None] == labels[None, :]
-            positive_pairs.append(float(same.sum() - len(labels)) / 2)
-            with_positive.append(float((same.sum(1) > 1).float().mean()))
-            groups.append(len(torch.unique(labels)))
+            composition.add(labels)
             if step % 100 == 99:
                 with torch.no_grad():
                     probe.log(recall_at_1=recall_at_1(model.embed(x_te).numpy(), y_te.numpy()))
     with torch.no_grad():
         emb_te = model.embed(x_te).numpy()
         class_acc = float((model(x_te)[1].argmax(1) == y_te).float().mean())
-    return {"positive_pairs_per_batch": float(np.mean(positive_pairs)),
-            "anchors_with_positive": float(np.mean(with_positive)),
-            "classes_per_batch": float(np.mean(groups)),
-            "recall_at_1": recall_at_1(emb_te, y_te.numpy()),
+    return {**composition.means(), "recall_at_1": recall_at_1(emb_te, y_te.numpy()),
             "input_recall_at_1": recall_at_1(x_te.numpy(), y_te.numpy()),
             "test_class_acc": class_acc,
             "embedding_rank": centred_effective_rank(

@@ -156,18 +156,25 @@ class CVQVAE(nn.Module):
         return self.decoder(flat.view(-1, 4, 4, WIDTH).permute(0, 3, 1, 2)).reshape(-1, 64)
 
 
-def train(variant: str, seed: int, log: Path) -> dict:
+def vq_digits(seed: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, float]:
+    """Seeds torch; the batch generator, the training and test digits in [-1, 1], and the
+    training pixels' variance (the reconstruction loss's scale)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, _, x_te, _ = digits_split()
-    variance = float(x_tr.var())
-    x_tr, x_te = x_tr * 2 - 1, x_te * 2 - 1
-    model = CVQVAE(VectorQuantiser(*SETUP[variant]))
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    return gen, x_tr * 2 - 1, x_te * 2 - 1, float(x_tr.var())
+
+
+def fit_vq(model: CVQVAE, codebook, weights: dict[str, float], gen: torch.Generator,
+           x_tr: torch.Tensor, variance: float, log: Path) -> None:
+    """Train a VQ autoencoder whose quantiser returns ``(quantised, codes, codebook_loss,
+    commitment_loss)``, recorded as a user would: the probe at its defaults, ``z_e`` watched,
+    ``codebook()`` watched as its prototypes and each vector's code observed as its group."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
     order = batches(len(x_tr), BATCH, gen)
     probe = gradprobe.Probe(model, run_file=log)
     probe.watch_latent("z_e")
-    probe.watch_prototypes("codebook", lambda: model.quantiser.embedding.weight, latent="z_e")
+    probe.watch_prototypes("codebook", codebook, latent="z_e")
     with probe:
         for _ in range(STEPS):
             x = x_tr[next(order)]
@@ -176,22 +183,36 @@ def train(variant: str, seed: int, log: Path) -> dict:
             probe.observe(z_e=z_e, groups=codes)
             recons_loss = F.mse_loss(model.decode(quantised), x) / variance
             probe.backward({"recons_loss": recons_loss, "codebook_loss": codebook_loss,
-                            "commitment_loss": commitment_loss},
-                           weights={"commitment_loss": BETA})
+                            "commitment_loss": commitment_loss}, weights=weights)
             opt.step()
             opt.zero_grad()
+
+
+def test_vq(model: CVQVAE, code: torch.Tensor, x_te: torch.Tensor
+            ) -> tuple[dict, torch.Tensor]:
+    """The test split's code usage (of the quantiser's own lookup), reconstruction error and
+    norms against the codebook ``code``; and the test latents."""
     model.eval()
     with torch.no_grad():
         z_e = model.encode(x_te)
         quantised, codes, _, _ = model.quantiser(z_e)
         mse = float(F.mse_loss(model.decode(quantised), x_te))
-        code = model.quantiser.embedding.weight.detach()
-        euclid = torch.cdist(z_e, code).argmin(1)
-    return {"codes_used": int(codes.unique().numel()), "codes": CODES,
-            "perplexity": perplexity(codes, CODES), "test_mse": mse,
-            "euclid_codes_used": int(euclid.unique().numel()),
-            "euclid_perplexity": perplexity(euclid, CODES),
-            "z_norm": float(z_e.norm(dim=1).mean()), "code_norm": float(code.norm(dim=1).mean())}
+    return {"codes_used": int(codes.unique().numel()), "codes": len(code),
+            "perplexity": perplexity(codes, len(code)), "test_mse": mse,
+            "z_norm": float(z_e.norm(dim=1).mean()),
+            "code_norm": float(code.norm(dim=1).mean())}, z_e
+
+
+def train(variant: str, seed: int, log: Path) -> dict:
+    gen, x_tr, x_te, variance = vq_digits(seed)
+    model = CVQVAE(VectorQuantiser(*SETUP[variant]))
+    fit_vq(model, lambda: model.quantiser.embedding.weight, {"commitment_loss": BETA}, gen,
+           x_tr, variance, log)
+    code = model.quantiser.embedding.weight.detach()
+    outcome, z_e = test_vq(model, code, x_te)
+    euclid = torch.cdist(z_e, code).argmin(1)
+    return {**outcome, "euclid_codes_used": int(euclid.unique().numel()),
+            "euclid_perplexity": perplexity(euclid, CODES)}
 
 
 _MUST_NOT = ("inert-loss", "gradient-conflict", "static-loss-weights", "non-finite")

@@ -129,6 +129,28 @@ def kl_divergence_with_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) ->
     return (p * (F.log_softmax(p_logits, -1) - F.log_softmax(q_logits, -1))).sum(-1)
 
 
+def backward_and_step(probe, losses: dict, weights: dict, opt) -> None:
+    """The weighted sum's backward, through the probe where the run is recorded (the
+    unprobed reference runs without one), then the update."""
+    if probe is not None:
+        probe.backward(losses, weights=weights)
+    else:
+        sum(weights.get(name, 1.0) * loss for name, loss in losses.items()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def predictions(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Test accuracy, the classes predicted and their perplexity (exp of the entropy of the
+    predicted classes' shares: 10 for a balanced classifier, 1 for a constant one)."""
+    predicted = logits.argmax(1)
+    usage = torch.bincount(predicted, minlength=CLASSES).float() / len(predicted)
+    usage = usage[usage > 0]
+    return {"test_accuracy": float((predicted == labels).float().mean()),
+            "classes_predicted": int(predicted.unique().numel()),
+            "prediction_perplexity": float(torch.exp(-(usage * usage.log()).sum()))}
+
+
 def trunk_ratio_and_cosine(model, losses: dict, weights: dict) -> tuple[float, float]:
     """|grad sup_loss| / |w grad unsup_loss| over the shared trunk's parameters, and the cosine
     of the two gradients there, by ``torch.autograd.grad`` (independent of gradprobe)."""
@@ -197,12 +219,7 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
             ratios.append(ratio)
             first_measured = min(first_measured, step)
             cosines.append(cosine)
-        if probe is not None:
-            probe.backward(losses, weights=weights)
-        else:
-            (sup_loss + unsup_coeff * unsup_loss).backward()
-        opt.step()
-        opt.zero_grad()
+        backward_and_step(probe, losses, weights, opt)
     if probe is not None:
         probe.close()
     model.eval()
@@ -210,12 +227,7 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
         train_features = model(x_tr)[0]
         features, logits = model(x_te)
         probs = F.softmax(logits, -1)
-        predicted = logits.argmax(1)
-    usage = torch.bincount(predicted, minlength=CLASSES).float() / len(predicted)
-    usage = usage[usage > 0]
-    return {"test_accuracy": float((predicted == y_te).float().mean()),
-            "classes_predicted": int(predicted.unique().numel()),
-            "prediction_perplexity": float(torch.exp(-(usage * usage.log()).sum())),
+    return {**predictions(logits, y_te),
             "mean_max_prob": float(probs.max(1).values.mean()),
             "feature_effective_rank": centred_effective_rank(features.numpy()),
             "feature_linear_probe_acc": linear_probe_accuracy(

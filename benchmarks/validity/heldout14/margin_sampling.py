@@ -98,7 +98,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,6 +106,7 @@ import gradprobe
 
 from ..common import centred_effective_rank, normalised_std
 from ..harness import Expect, Family, Variant
+from ..heldout13.circle_loss import BatchComposition
 from ..heldout6.multi_similarity import (CLASSES, DIM_EMB, DIM_IN, K, P, pk_batches,
                                          random_batches, recall_at_1, retrieval_set)
 
@@ -183,7 +183,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
                else pk_batches(y_tr, gen))
     probe = gradprobe.Probe(model, run_file=log, expect_groups_per_batch=P)
     probe.watch_latent("embedding", labels="groups")
-    positive_pairs, with_positive, groups = [], [], []
+    composition = BatchComposition()
     with probe:
         for step, idx in zip(range(STEPS), sampler):
             labels = y_tr[idx]
@@ -196,19 +196,13 @@ def train(variant: str, seed: int, log: Path) -> dict:
             opt_beta.step()
             opt.zero_grad()
             opt_beta.zero_grad()
-            same = labels[:, None] == labels[None, :]
-            positive_pairs.append(float(same.sum() - len(labels)) / 2)
-            with_positive.append(float((same.sum(1) > 1).float().mean()))
-            groups.append(len(torch.unique(labels)))
+            composition.add(labels)
             if step % 100 == 99:
                 with torch.no_grad():
                     probe.log(recall_at_1=recall_at_1(model(x_te).numpy(), y_te.numpy()))
     with torch.no_grad():
         emb_te = model(x_te).numpy()
-    return {"positive_pairs_per_batch": float(np.mean(positive_pairs)),
-            "anchors_with_positive": float(np.mean(with_positive)),
-            "classes_per_batch": float(np.mean(groups)),
-            "recall_at_1": recall_at_1(emb_te, y_te.numpy()),
+    return {**composition.means(), "recall_at_1": recall_at_1(emb_te, y_te.numpy()),
             "input_recall_at_1": recall_at_1(x_te.numpy(), y_te.numpy()),
             "embedding_rank": centred_effective_rank(emb_te),
             "embedding_std": normalised_std(emb_te),

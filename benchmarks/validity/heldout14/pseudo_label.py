@@ -85,8 +85,9 @@ import gradprobe
 
 from ..common import batches, centred_effective_rank, digits_split
 from ..harness import Expect, Family, Variant
+from ..heldout13.uda import backward_and_step, predictions
 from ..heldout6.fixmatch import weak_augment
-from ..heldout6.mean_teacher import CLASSES, Classifier, labelled_subset
+from ..heldout6.mean_teacher import Classifier, labelled_subset
 
 STEPS, LABELLED_BATCH, UNLABELLED_BATCH, LR = 600, 16, 64, 1e-3
 LABELS_PER_CLASS = 4
@@ -162,23 +163,13 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
             for part in ("trunk", "head"):
                 params = list(getattr(model, part).parameters())
                 measured.append((step, part) + ratio_and_cosine(params, losses, weights))
-        if probe is not None:
-            probe.backward(losses, weights=weights)
-        else:
-            (sup_loss + weights["unsup_loss"] * unsup_loss).backward()
-        opt.step()
-        opt.zero_grad()
+        backward_and_step(probe, losses, weights, opt)
     if probe is not None:
         probe.close()
     model.eval()
     with torch.no_grad():
         features, logits = model(x_te)
-        predicted = logits.argmax(1)
-    usage = torch.bincount(predicted, minlength=CLASSES).float() / len(predicted)
-    usage = usage[usage > 0]
-    outcome = {"test_accuracy": float((predicted == y_te).float().mean()),
-            "classes_predicted": int(predicted.unique().numel()),
-            "prediction_perplexity": float(torch.exp(-(usage * usage.log()).sum())),
+    outcome = {**predictions(logits, y_te),
             "feature_effective_rank": centred_effective_rank(features.numpy()),
             "pseudo_label_accuracy_first100": float(np.mean(pseudo_correct[:100])),
             "pseudo_label_accuracy_last100": float(np.mean(pseudo_correct[-100:])),

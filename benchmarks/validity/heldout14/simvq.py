@@ -77,14 +77,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradprobe
-
-from ..common import batches, digits_split, perplexity
 from ..harness import Expect, Family, Variant
-from ..heldout13.cvq_vae import CVQVAE, WIDTH
+from ..heldout13.cvq_vae import CVQVAE, WIDTH, fit_vq, test_vq, vq_digits
 
-STEPS, BATCH, LR = 800, 64, 1e-3
-CODES, BETA = 128, 0.25
+CODES, BETA = 128, 0.25  # steps, batch and learning rate: cvq_vae's (800, 64, 1e-3)
 # variant -> (SimVQ's frozen basis and linear layer, shift added to the initial rows)
 SETUP = {"simvq": (True, 0.0), "plain-vq-far-init": (False, 1.0)}
 
@@ -126,47 +122,20 @@ class SimVQ(nn.Module):
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_tr, _, x_te, _ = digits_split()
-    variance = float(x_tr.var())
-    x_tr, x_te = x_tr * 2 - 1, x_te * 2 - 1
+    gen, x_tr, x_te, variance = vq_digits(seed)
     model = CVQVAE(SimVQ(*SETUP[variant]))
     with torch.no_grad():
         start = model.quantiser.codebook().clone()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
-    order = batches(len(x_tr), BATCH, gen)
 
     def effective_codebook() -> torch.Tensor:
         with torch.no_grad():
             return model.quantiser.codebook().detach()
 
-    probe = gradprobe.Probe(model, run_file=log)
-    probe.watch_latent("z_e")
-    probe.watch_prototypes("codebook", effective_codebook, latent="z_e")
-    with probe:
-        for _ in range(STEPS):
-            x = x_tr[next(order)]
-            z_e = model.encode(x)
-            quantised, codes, codebook_loss, commitment_loss = model.quantiser(z_e)
-            probe.observe(z_e=z_e, groups=codes)
-            recons_loss = F.mse_loss(model.decode(quantised), x) / variance
-            probe.backward({"recons_loss": recons_loss, "codebook_loss": codebook_loss,
-                            "commitment_loss": commitment_loss},
-                           weights={"codebook_loss": BETA})
-            opt.step()
-            opt.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        z_e = model.encode(x_te)
-        quantised, codes, _, _ = model.quantiser(z_e)
-        mse = float(F.mse_loss(model.decode(quantised), x_te))
-        code = effective_codebook()
-        moved = (code - start).norm(dim=1) / start.norm(dim=1)
-    return {"codes_used": int(codes.unique().numel()), "codes": CODES,
-            "perplexity": perplexity(codes, CODES), "test_mse": mse,
-            "frozen_code_share": float((moved < 1e-3).float().mean()),
-            "z_norm": float(z_e.norm(dim=1).mean()), "code_norm": float(code.norm(dim=1).mean())}
+    fit_vq(model, effective_codebook, {"codebook_loss": BETA}, gen, x_tr, variance, log)
+    code = effective_codebook()
+    outcome, _ = test_vq(model, code, x_te)
+    moved = (code - start).norm(dim=1) / start.norm(dim=1)
+    return {**outcome, "frozen_code_share": float((moved < 1e-3).float().mean())}
 
 
 _MUST_NOT = ("inert-loss", "gradient-conflict", "static-loss-weights", "non-finite")
