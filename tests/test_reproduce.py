@@ -54,6 +54,13 @@ def test_one_seed_figures_that_differ_by_rounding_overlap_and_larger_gaps_do_not
     assert RangeComparison("f", "v", "acc", (0.5, 0.5, 1), (0.51, 0.51, 1), rtol=0.05).overlap
 
 
+def test_an_outcome_unmeasured_on_both_sides_agrees_and_on_one_side_does_not():
+    nan = float("nan")
+    assert RangeComparison("f", "v", "ratio", (nan, nan, 2), (nan, nan, 2)).overlap
+    assert not RangeComparison("f", "v", "ratio", (nan, nan, 2), (0.2, 0.3, 2)).overlap
+    assert not RangeComparison("f", "v", "ratio", (0.2, 0.3, 2), (nan, nan, 2)).overlap
+
+
 def test_verdict_differences_name_what_only_one_side_raised():
     swamp = ("gradient-swamping", "aux", "warning")
     conflict = ("gradient-conflict", "a|b", "error")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -124,9 +125,15 @@ class RangeComparison:
 
     @property
     def overlap(self) -> bool:
-        """The ranges meet, once each is widened by ``rtol`` of the largest magnitude in either."""
+        """The ranges meet, once each is widened by ``rtol`` of the largest magnitude in either.
+        An outcome that is NaN on both sides (a figure that had nothing to measure, such as a
+        gradient ratio in a phase without the loss) agrees; NaN on one side only does not."""
         if self.a is None or self.b is None:
             return False
+        unmeasured_a, unmeasured_b = (any(math.isnan(v) for v in side[:2])
+                                      for side in (self.a, self.b))
+        if unmeasured_a or unmeasured_b:
+            return unmeasured_a and unmeasured_b
         slack = self.rtol * max(abs(v) for v in (*self.a[:2], *self.b[:2]))
         return self.a[0] <= self.b[1] + slack and self.b[0] <= self.a[1] + slack
 
