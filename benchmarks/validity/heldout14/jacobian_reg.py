@@ -35,9 +35,11 @@ Variants (truth by construction):
   (baseline 0.978 / 0.976: kept within 1.1-1.3 points), accuracy under noise std 0.3 0.889 /
   0.864 (baseline 0.773 / 0.800) and std 0.6 0.660 / 0.651 (baseline 0.502 / 0.509): more
   robust, as published. The penalty's value ends 1.3 / 2.1 times its early value while the
-  cross-entropy falls to 0.39 / 0.32 of it. Allowed: ``gradient-conflict`` on
-  ``cross_entropy|jacobian`` (the penalty does trade a little clean accuracy for smoothness).
-  Must not: ``inert-loss``, ``gradient-swamping``, ``static-loss-weights``, ``non-finite``.
+  cross-entropy falls to 0.39 / 0.32 of it. Must not: ``inert-loss``, ``gradient-swamping``,
+  ``static-loss-weights``, ``non-finite``. (The writer allowed ``gradient-conflict`` on
+  ``cross_entropy|jacobian``, the penalty trading a little clean accuracy for smoothness; a
+  healthy variant may raise nothing, so it was dropped after the set's run, on which it was
+  not raised.)
 - ``create-graph-false``: broken. The Jacobian-vector product is taken with
   create_graph=False (``_jacobian_vector_product``'s default, the mistake its docstring warns
   about): the penalty has its value but no gradient path to any parameter, so it trains
@@ -171,7 +173,6 @@ FAMILY = Family(
                 "lambda_JR 0.01, create_graph=True: Jacobian norm six times below the "
                 "baseline's, clean accuracy kept within 1.3 points, accuracy under input noise "
                 "higher (measured)",
-                allowed=(Expect("gradient-conflict", _PAIR),),
                 must_not=("inert-loss", "gradient-swamping", "static-loss-weights",
                           "non-finite")),
         Variant("create-graph-false", False,

@@ -75,8 +75,9 @@ chance about 0.0015):
 
 Alarms. ``pk``: expects nothing; must not: ``batch-composition-mismatch`` (16 of 16 declared
 classes in every batch), ``representation-collapse`` (std 0.98, rank 43), ``inert-loss``,
-``non-finite``; allowed: ``gradient-swamping`` on ``beta_reg`` (at nu 0.01 the regulariser's
-pull on beta is small beside the margin's by design). ``random-batches``: expected
+``non-finite`` (at nu 0.01 the regulariser's pull on beta is small beside the margin's by
+design; the writer allowed ``gradient-swamping`` on ``beta_reg``, which a healthy variant
+cannot, so it was dropped after the set's run, on which it was not raised). ``random-batches``: expected
 ``batch-composition-mismatch`` on ``batch`` (about 74 classes per batch where 16 were
 declared); allowed: ``representation-collapse`` on ``embedding`` (the embedding does contract,
 std 0.30), ``weak-contrastive-signal`` on ``margin`` (86% of anchors without a positive),
@@ -225,7 +226,6 @@ FAMILY = Family(
                 "P = 16 classes x K = 5 images per batch and nu 0.01 as published: 160 "
                 "positive pairs per batch; recall@1 0.373 / 0.380 (input 0.18 / 0.20), "
                 "normalised std 0.98 (measured)",
-                allowed=(Expect("gradient-swamping", "beta_reg"),),
                 must_not=_NEVER + ("batch-composition-mismatch", "representation-collapse",
                                    "inert-loss")),
         Variant("random-batches", False,
