@@ -108,6 +108,12 @@ EDGE_REASONS: dict[str, str] = {
         "expects only while the default stays above 0.944; above, ASP-MTL raw-diff s3's "
         "discriminator at chance ends at 0.969 and would read as swamped again: 0.95 says "
         "at most 5% of the label entropy recovered",
+    "neglect_settled_fraction":
+        "design: a constraint that fell to at most half the level it rose to is being "
+        "satisfied. One grid step below (0.35), the healthy center_loss pk-sampler runs (P x "
+        "K batches, 4 classes a batch; with the paper's learning-rate schedule since session "
+        "12) end at 0.27-0.50 of their settled level, s0 at 0.498, and s0-s2 would read as "
+        "neglected; above, nothing changes up to 1.0 on the grid. The margin to s0 is thin",
     "neglect_constraint_fraction":
         "one grid step below (0.57), DSN no-difference's difference loss (weight 0, so never "
         "trained) ends at 0.59-0.68 of its start on all four seeds while the task falls to "
