@@ -85,8 +85,8 @@ def inert_loss(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
                 f"{len(events)} probe steps", evidence,
                 (int(events[0]["step"]), int(events[-1]["step"])),
                 plot=PlotHint(GRAD_NORM, names=[name])))
-    residue = rounding_residue(run, th)
     norms = _shared_set_norms(run, th)
+    residue = _residue(norms, th)
     for name in run.losses:
         if name in seen:
             continue
@@ -127,7 +127,11 @@ def rounding_residue(run: Run, th: Thresholds) -> dict[str, float]:
     the first probe step on comes from a loss whose value is an identity of the model's own
     output: a KL or distillation target aliased to the live model, detached, gives
     ``p - p`` up to float rounding. Maps each to its largest share over the steps."""
-    norms = _shared_set_norms(run, th)
+    return _residue(_shared_set_norms(run, th), th)
+
+
+def _residue(norms: tuple | None, th: Thresholds) -> dict[str, float]:
+    """:func:`rounding_residue` from the norms ``_shared_set_norms`` read."""
     if norms is None:
         return {}
     names, _, raw, weighted = norms
