@@ -18,7 +18,7 @@ and ``scripts/train_100ep.sh`` (``--row-tau 0.1 --col-tau 0.05``, ``--cls-size 1
 Published setup: ResNet-50 on ImageNet, two global crops (plus six local ones), four
 classifiers of 1000-8000 classes trained at once by the mean of their losses; the 1000-way
 classifier is the one evaluated (unsupervised classification: NMI, adjusted NMI, ARI and
-Hungarian accuracy against the ImageNet labels), with every class in use.
+Hungarian accuracy against the ImageNet labels).
 
 Here (CPU): scikit-learn's 8x8 digits with the corpus's augmentations (``common.augment``), two
 views (no local crops, no nearest-neighbour queue); backbone ``common.DigitEncoder`` (width
