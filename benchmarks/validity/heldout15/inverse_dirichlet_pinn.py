@@ -9,8 +9,8 @@ text was not read here, the form is the code's) and the authors' code
 mosaic-group/inverse-dirichlet-pinn (read with the fetch tool): ``pinnutils.py``
 ``loss_grad_std_full(loss, net)`` (``torch.std`` of the concatenated weight and bias
 gradients of every ``nn.Linear``), ``PINNNoWN`` / ``LayerNoWN`` (tanh MLP on standardised
-inputs, Xavier-normal weights with gain 5/3, zero biases) and ``poisson/poisson_adam.py`` (``method == 0``, the inverse-Dirichlet run: every
-``mm = 5`` epochs ``lamb_hat = stdr / stdb``, ``lamb = (1 - alpha_ann) lamb + alpha_ann
+inputs, Xavier-normal weights with gain 5/3, zero biases) and ``poisson/poisson_adam.py``
+(``method == 0``, the inverse-Dirichlet run: every ``mm = 5`` epochs ``lamb_hat = stdr / stdb``, ``lamb = (1 - alpha_ann) lamb + alpha_ann
 lamb_hat`` with ``alpha_ann = 0.5``, ``loss = l_reg + lamb * l_bc``; ``method == 4``: the
 plain ``l_reg + l_bc``).
 
