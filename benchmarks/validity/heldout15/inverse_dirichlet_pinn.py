@@ -1,18 +1,18 @@
 """Inverse-Dirichlet weighting of PINN losses, after Maddu, Sturm, Mueller & Sbalzarini 2022
 ("Inverse Dirichlet weighting enables reliable training of physics informed neural
-networks", Mach. Learn.: Sci. Technol.; arXiv 2107.00940, sec. 2, eq. 10-12: each
-loss L_k gets the weight gamma_k = max_t std(grad L_t) / std(grad L_k), the standard
-deviation taken over all the network's parameter gradients, i.e. the square root of the
-gradients' "Dirichlet energy" variance, smoothed by a moving average lambda_k <- (1 - alpha)
-lambda_k + alpha gamma_k; the equation numbers as this port's brief gives them, the paper's
-text was not read here, the form is the code's) and the authors' code
+networks", Mach. Learn.: Sci. Technol.; arXiv 2107.00940, sec. 2, eq. 10-12: each loss L_k
+gets the weight gamma_k = max_t std(grad L_t) / std(grad L_k), the standard deviation taken
+over all the network's parameter gradients, i.e. the square root of the gradients'
+"Dirichlet energy" variance, smoothed by a moving average lambda_k <- (1 - alpha) lambda_k +
+alpha gamma_k; the equation numbers as this port's brief gives them, the paper's text was
+not read here, the form is the code's) and the authors' code
 mosaic-group/inverse-dirichlet-pinn (read with the fetch tool): ``pinnutils.py``
 ``loss_grad_std_full(loss, net)`` (``torch.std`` of the concatenated weight and bias
 gradients of every ``nn.Linear``), ``PINNNoWN`` / ``LayerNoWN`` (tanh MLP on standardised
 inputs, Xavier-normal weights with gain 5/3, zero biases) and ``poisson/poisson_adam.py``
-(``method == 0``, the inverse-Dirichlet run: every ``mm = 5`` epochs ``lamb_hat = stdr / stdb``, ``lamb = (1 - alpha_ann) lamb + alpha_ann
-lamb_hat`` with ``alpha_ann = 0.5``, ``loss = l_reg + lamb * l_bc``; ``method == 4``: the
-plain ``l_reg + l_bc``).
+(``method == 0``, the inverse-Dirichlet run: every ``mm = 5`` epochs ``lamb_hat = stdr /
+stdb``, ``lamb = (1 - alpha_ann) lamb + alpha_ann lamb_hat`` with ``alpha_ann = 0.5``,
+``loss = l_reg + lamb * l_bc``; ``method == 4``: the plain ``l_reg + l_bc``).
 
 Problem (poisson_adam.py): Delta u = -2 omega^2 cos(omega x) sin(omega y) on [0, 1]^2,
 u = cos(omega x) sin(omega y) on the four edges (Dirichlet data from the exact solution),
