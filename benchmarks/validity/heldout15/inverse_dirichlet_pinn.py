@@ -23,7 +23,7 @@ fails at omega = 4 pi here (measured below). Published: 2,500 residual points dr
 from a 100 x 100 grid, 100 points per edge, a tanh MLP [2, 50, 50, 50, 50, 50, 1], Adam lr
 1e-3 (decayed 10x at 10k, 20k), 30,001 epochs, full batch.
 
-Here (CPU budget, ~20 s a run): scale 4 (omega = 4 pi); 1,000 residual points drawn once from
+Here (CPU budget, ~15 s a run): scale 4 (omega = 4 pi); 1,000 residual points drawn once from
 the 100 x 100 grid, 50 points per edge; a tanh MLP [2, 40, 40, 40, 1] (the published
 initialisation and input standardisation by the training points' mean and std); Adam lr
 1e-3, 1,500 full-batch steps, no decay. The weights are computed as the code does (every 5
