@@ -181,5 +181,5 @@ def test_a_task_swamped_over_its_start_window_that_never_learned(tmp_path, digit
     if alarm:
         f = found["gradient-swamping"]
         assert f.severity in ("warning", "error") and "static-loss-weights" in found
-        assert f.evidence["never_learned"] == pytest.approx(lowest, rel=1e-9)
+        assert f.evidence["never_learned"]["lowest"] == pytest.approx(lowest, rel=1e-9)
         assert "it never learned" in f.title

@@ -139,6 +139,10 @@ FAMILY = Family(
                 "below the residual's, the boundary values are not fitted",
                 expected=(Expect("gradient-swamping", "boundary"),
                           Expect("static-loss-weights", "boundary")),
+                # True since rule change 41: the swamped boundary, an objective with a
+                # forward pass of its own, is pushed off its start level while the residual
+                # falls (largest boundary error measured above).
+                allowed=(Expect("constraint-neglect", "boundary"),),
                 must_not=("gradient-conflict",)),
     ),
     quick=(("equal-weights", 1),),

@@ -159,7 +159,14 @@ FAMILY = Family(
                 must_not=_MUST_NOT + ("sigmoid-saturation", "representation-collapse")),
         Variant("beta-50", False,
                 "KL weighted 50: the posterior is pushed onto the prior, few or no active units",
-                expected=(Expect("representation-collapse", "mu"),), must_not=_MUST_NOT),
+                expected=(Expect("representation-collapse", "mu"),),
+                # True beside the collapse since rule change 40: the KL term swamps the
+                # reconstruction from its first steps and then falls to 3% of its start,
+                # while the reconstruction ends at 97% of its own (test BCE 28 per image
+                # against 20 at beta 1).
+                allowed=(Expect("gradient-swamping", "bce"),
+                         Expect("static-loss-weights", "bce")),
+                must_not=("gradient-conflict",)),
         Variant("logits-x30", True,
                 "decoder logits x30: a quarter of the outputs saturate, but BCE's gradient with "
                 "respect to the logit is sigmoid(a) - y, so no saturated output stays wrong",

@@ -346,7 +346,11 @@ def task_learning(run: Run, steps: np.ndarray, th: Thresholds) -> np.ndarray:
     if not start > 0:
         return np.ones(len(steps), dtype=bool)
     smooth = rolling_median(v, th.smooth_points)
-    memorised_at = np.flatnonzero(smooth <= th.memorised_fraction * start)
+    low = smooth <= th.memorised_fraction * start
+    # Memorised once it has fallen there: a task that starts below (a pretrained classifier
+    # whose loss an overweighted penalty then drives up to chance) has not memorised anything.
+    above = np.flatnonzero(~low & np.isfinite(smooth))
+    memorised_at = np.flatnonzero(low[above[0]:]) + above[0] if len(above) else []
     if not len(memorised_at):
         return np.ones(len(steps), dtype=bool)
     return steps < s[memorised_at[0]]

@@ -198,6 +198,11 @@ class Thresholds:
     proto_usage: float = _f(0.5, "usage entropy / log P of the assignments pooled over "
                                     "the end window at most this: at 0.5 the pooled perplexity "
                                     "exp(H) is at most sqrt(P) of the P prototypes")
+    proto_used_fraction: float = _f(0.5, "at most this share of the prototypes assigned any row "
+                                         "over the end window (the others dead) ...")
+    proto_dead_rows: float = _f(20.0, "... with at least this many rows pooled per prototype: "
+                                      "under uniform usage a prototype then goes unassigned "
+                                      "with probability e^-20")
     # -- orthogonality-vanishing -------------------------------------------------------------
     vanishing_norm_fraction: float = _f(0.1, "end latent norm at most this fraction of its peak")
     unnormalised_correlation: float = _f(0.9, "correlation of log orthogonality loss with "

@@ -77,17 +77,19 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         judged = learning & to_learn & weight_on & np.isfinite(ratio) & \
             np.isfinite(raw_k) & (raw_k > 0)
         held = judged & (ratio < th.swamping_ratio)
+        # The losses that swamp it, the most frequent first.
+        rivals = [names[d] for d, _ in Counter(
+            dominant_idx[k][held & (dominant_idx[k] >= 0)].tolist()).most_common()]
         unlearned = None
         if not persistent(steps, held, judged, th):
-            unlearned = swamped_before_learning(run, name, steps, held, judged, th)
+            unlearned = swamped_before_learning(run, name, steps, held, judged, rivals, th)
             if unlearned is None:
                 continue
         # How swamped, read where it is swamped: over all judged steps the median sits at
         # the held/not-held boundary when the held share is near min_share.
         med = median(ratio[held])
-        dom = Counter(dominant_idx[k][held & (dominant_idx[k] >= 0)].tolist()).most_common(1)
-        dom = dom[0][0] if dom else int(np.argmax(np.nanmedian(W, axis=1)))
-        dominant = names[dom]
+        dominant = rivals[0] if rivals else names[int(np.argmax(np.nanmedian(W, axis=1)))]
+        dom = names.index(dominant)
         share = held_share(steps, held, judged)
         # A ratio whose own spread over the judged window straddles the threshold is too
         # close to call: info, so that one healthy setup cannot flip between seeds. The
@@ -100,8 +102,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         settled = rolling_median(ratio[judged], th.smooth_points)[-last:]
         quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
         # Too close to call, unless the outcome calls it: a loss that never recovered its fit
-        # while the dominant learned was held back whatever its ratio's spread.
-        stalled = held_back(run, name, dominant, th)
+        # while a loss that swamps it learned was held back whatever its ratio's spread.
+        stalled = next(filter(None, (held_back(run, name, rival, th) for rival in rivals)), None)
         close = quartiles[0] < th.swamping_ratio < quartiles[1] and not stalled
         protected = _usage_it_keeps(run, name, th)
         at_chance = adversary_at_chance(run, name, th)
@@ -172,9 +174,12 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
             + (f"; what it reaches fails: {', '.join(repr(f) for f in failing if f != name)}"
                if set(failing or ()) - {name} else "")
             + (f"; swamped from the start, it never learned (its loss stayed above "
-               f"{pct(unlearned)} of its start)" if unlearned is not None else "")
+               f"{pct(unlearned['lowest'])} of its start)" if unlearned and "lowest" in unlearned
+               else f"; swamped from its first steps by '{unlearned['by']}', which then fell to "
+               f"{pct(unlearned['dominant_end_fraction'])} of its start, it ends at "
+               f"{pct(unlearned['end_fraction'])} of its own" if unlearned else "")
             + (f"; it is held back: it ends at {g(stalled['end_fraction'])} of its start, "
-               f"'{dominant}' at {g(stalled['dominant_end_fraction'])}"
+               f"'{stalled['by']}' at {g(stalled['dominant_end_fraction'])}"
                if stalled and (quartiles[0] < th.swamping_ratio < quartiles[1]
                                or dominant in exempt) and not (protected or at_chance) else ""),
             name, f"ratio {g(med)} (median)", evidence, (first, last),

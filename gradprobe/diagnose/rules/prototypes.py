@@ -152,6 +152,16 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                 keys.append(f"pooled usage entropy {g(pooled['usage'])}")
                 usage_collapsed = True
                 held[steps >= pooled["steps"][0]] = True
+            elif _mostly_dead(pooled, th):
+                reasons.append(f"{pooled['prototypes'] - pooled['used']} of "
+                               f"{pooled['prototypes']} were assigned no row over steps "
+                               f"{pooled['steps'][0]}-{pooled['steps'][1]} ({pooled['rows']} "
+                               f"rows pooled, {g(pooled['rows'] / pooled['prototypes'])} per "
+                               f"prototype; usage entropy {g(pooled['usage'])} over the "
+                               f"{pooled['used']} used)")
+                keys.append(f"{pooled['used']} of {pooled['prototypes']} used")
+                usage_collapsed = True
+                held[steps >= pooled["steps"][0]] = True
         elif usage is not None and mixed and len(usage[0]) >= th.min_points:
             # A run file without assignment counts: judge each batch, on mixed batches only.
             u_end = start_end(*usage, th)["end"]
@@ -191,6 +201,16 @@ _REDUNDANT_REMEDY = ("None needed while the table's usage holds: two rows that m
                      "their inputs (a regulariser that merges a class's centers does it by "
                      "design); prototype-collapse reports the table as an alarm if its usage "
                      "goes.")
+
+
+def _mostly_dead(pooled: dict, th: Thresholds) -> bool:
+    """A partial collapse that the pooled entropy misses: most of the table dead. At most
+    ``proto_used_fraction`` of the prototypes assigned any row over the end window, with
+    ``proto_dead_rows`` rows or more pooled per prototype, so that a prototype left unassigned
+    is dead and not unlucky (a codebook started far from the encoder's outputs keeps 19-41 of
+    its 64-128 codes, pooled entropy 0.50-0.69 of log P; its published start keeps 58-125)."""
+    return pooled["rows"] >= th.proto_dead_rows * pooled["prototypes"] and \
+        pooled["used"] <= th.proto_used_fraction * pooled["prototypes"]
 
 
 def _table_size(run: Run, prototypes: str) -> int | None:

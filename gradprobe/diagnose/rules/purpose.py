@@ -80,7 +80,8 @@ def held_back(run: Run, name: str, dominant: str, th: Thresholds) -> dict | None
     if None in fraction.values() or \
             not fraction[name] >= th.swamping_stall_fraction > fraction[dominant]:
         return None
-    return {"end_fraction": fraction[name], "dominant_end_fraction": fraction[dominant]}
+    return {"end_fraction": fraction[name], "dominant_end_fraction": fraction[dominant],
+            "by": dominant}
 
 
 def carried_by(run: Run, name: str, dominant: str, steps: np.ndarray, held: np.ndarray,
@@ -110,25 +111,43 @@ def carried_by(run: Run, name: str, dominant: str, steps: np.ndarray, held: np.n
 
 
 def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.ndarray,
-                            judged: np.ndarray, th: Thresholds) -> float | None:
-    """For the task (declared, or the first loss) that never learned (its smoothed loss never
-    fell below ``swamping_stall_fraction`` of its start window) and was swamped persistently
-    over the start window of its judged steps, where a loss first learns: its lowest smoothed
-    level as a fraction of its start. A swamping that shuts the task out of its start leaves
-    it unlearned after the other loss settles and the ratio recovers (an equal-weight digit
-    classifier beside an ink regression of squared error ~1e3: swamped over its first 13-40%
-    of training, the digit loss then never leaves 0.73-0.95 of ln 10), so it is the finding
-    whatever share of the whole run it holds. None otherwise."""
+                            judged: np.ndarray, rivals: list[str], th: Thresholds
+                            ) -> dict | None:
+    """For the task (declared, or the first loss), swamped at the start of its judged steps,
+    where a loss first learns, and kept from its fit by it; a swamping that shuts the task out
+    of its start leaves it there after the other loss settles and the ratio recovers, so it is
+    the finding whatever share of the whole run it holds. Either
+    - it never learned (its smoothed loss never fell below ``swamping_stall_fraction`` of its
+      start window) and was swamped persistently over that start window: ``{"lowest": its
+      lowest smoothed level / its start}`` (an equal-weight digit classifier beside an ink
+      regression of squared error ~1e3: swamped over its first 13-40% of training, the digit
+      loss never leaves 0.73-0.95 of ln 10); or
+    - it never learned, or was undone (it ends at or above its start window), swamped from
+      its first judged step on (``min_points`` steps) by one of ``rivals`` (the losses that
+      swamp it, most frequent first) that went on to fall below that fraction of its own
+      start (``held_back``, whose figures are returned): a penalty that drives the network to
+      its own floor needs no more than a brief start (an input-Jacobian penalty at 1e4 its
+      weight flattens a classifier to a constant within 3% of training, the task then stays
+      at ln 10 while the penalty falls to 2% of its start; a spectral penalty at 300 its
+      weight drives a pretrained classifier from 0.09 back up to chance). A task that
+      learned part of its fit (a classifier that the penalty leaves right but unconfident,
+      its loss down to 0.57 of its start) is not held back by this alone.
+    None otherwise."""
     series = finite(get(run, LOSS, name))
     if name != task_name(run) or series is None or len(series[0]) < 2 * th.min_points:
         return None
     start = start_end(*series, th)["start"]
     lowest = float(np.nanmin(rolling_median(series[1], th.smooth_points))) / start \
         if start > 0 else np.nan
-    if not lowest >= th.swamping_stall_fraction:
-        return None
     first = window_counts(steps[judged], th)[0]
-    return lowest if persistent(steps[judged][:first], held[judged][:first], None, th) else None
+    at_start = held[judged][:first]
+    if lowest >= th.swamping_stall_fraction and \
+            persistent(steps[judged][:first], at_start, None, th):
+        return {"lowest": lowest}
+    held = next(filter(None, (held_back(run, name, rival, th) for rival in rivals)), None)
+    if held is None or len(at_start) < th.min_points or not at_start[:th.min_points].all():
+        return None
+    return held if lowest >= th.swamping_stall_fraction or held["end_fraction"] >= 1.0 else None
 
 
 def _on_another_pass(record: dict) -> bool:
@@ -138,6 +157,18 @@ def _on_another_pass(record: dict) -> bool:
     # The task's source is "first" or "declared": the source test leaves it out too.
     return (record.get("source") not in ("declared", "first") and record.get("reach") == "shared"
             and record.get("own_pass") is False)
+
+
+def objective_of_its_own(run: Run, name: str) -> bool:
+    """Whether ``name``, neither the task nor declared and with no role-specific hint (role
+    ``other``, or ``task`` from its name), runs the shared layers on inputs of its own (read
+    from its graph at the first probe step: a node applying a shared parameter that no other
+    loss's graph holds): a PINN's boundary or initial condition evaluated at its own points,
+    a second task on a batch of its own. Such a loss is an objective in its own right, to be
+    met, as a geometric constraint is, so ``constraint-neglect`` judges it."""
+    record = role_record(run, name)
+    return (record.get("source") == "name" and record.get("role") in ("other", "task")
+            and record.get("reach") == "shared" and record.get("own_pass") is True)
 
 
 def serves_another(run: Run, name: str) -> bool:
