@@ -144,22 +144,10 @@ def prototype_collapse(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
         usage = finite(get(run, PROTOTYPE_USAGE, p))
         if pooled is not None:
             evidence["pooled_usage"] = pooled
-            if pooled["usage"] <= th.proto_usage:
-                reasons.append(f"usage entropy pooled over steps {pooled['steps'][0]}-"
-                               f"{pooled['steps'][1]} is {g(pooled['usage'])} (one of "
-                               f"{pooled['prototypes']} takes {pct(pooled['largest_share'])} of "
-                               f"the rows, {pooled['used']} used)")
-                keys.append(f"pooled usage entropy {g(pooled['usage'])}")
-                usage_collapsed = True
-                held[steps >= pooled["steps"][0]] = True
-            elif _mostly_dead(pooled, th):
-                reasons.append(f"{pooled['prototypes'] - pooled['used']} of "
-                               f"{pooled['prototypes']} were assigned no row over steps "
-                               f"{pooled['steps'][0]}-{pooled['steps'][1]} ({pooled['rows']} "
-                               f"rows pooled, {g(pooled['rows'] / pooled['prototypes'])} per "
-                               f"prototype; usage entropy {g(pooled['usage'])} over the "
-                               f"{pooled['used']} used)")
-                keys.append(f"{pooled['used']} of {pooled['prototypes']} used")
+            collapsed = _pooled_collapse(pooled, th)
+            if collapsed is not None:
+                reasons.append(collapsed[0])
+                keys.append(collapsed[1])
                 usage_collapsed = True
                 held[steps >= pooled["steps"][0]] = True
         elif usage is not None and mixed and len(usage[0]) >= th.min_points:
@@ -203,14 +191,25 @@ _REDUNDANT_REMEDY = ("None needed while the table's usage holds: two rows that m
                      "goes.")
 
 
-def _mostly_dead(pooled: dict, th: Thresholds) -> bool:
-    """A partial collapse that the pooled entropy misses: most of the table dead. At most
-    ``proto_used_fraction`` of the prototypes assigned any row over the end window, with
-    ``proto_dead_rows`` rows or more pooled per prototype, so that a prototype left unassigned
-    is dead and not unlucky (a codebook started far from the encoder's outputs keeps 19-41 of
-    its 64-128 codes, pooled entropy 0.50-0.69 of log P; its published start keeps 58-125)."""
-    return pooled["rows"] >= th.proto_dead_rows * pooled["prototypes"] and \
-        pooled["used"] <= th.proto_used_fraction * pooled["prototypes"]
+def _pooled_collapse(pooled: dict, th: Thresholds) -> tuple[str, str] | None:
+    """The reason and key number of a collapse read from the usage pooled over the end window
+    (``pooled_usage``), or None: its entropy at most ``proto_usage``, or, where the entropy
+    holds, most of the set dead, a partial collapse the entropy misses: at most
+    ``proto_used_fraction`` of the prototypes assigned any row, with ``proto_dead_rows`` rows
+    or more pooled per prototype, so that a prototype left unassigned is dead and not
+    unlucky (a codebook started far from the encoder's outputs keeps 19-41 of its 64-128
+    codes, pooled entropy 0.50-0.69 of log P; its published start keeps 58-125)."""
+    window = f"over steps {pooled['steps'][0]}-{pooled['steps'][1]}"
+    size, used = pooled["prototypes"], pooled["used"]
+    if pooled["usage"] <= th.proto_usage:
+        return (f"usage entropy pooled {window} is {g(pooled['usage'])} (one of {size} takes "
+                f"{pct(pooled['largest_share'])} of the rows, {used} used)",
+                f"pooled usage entropy {g(pooled['usage'])}")
+    if pooled["rows"] >= th.proto_dead_rows * size and used <= th.proto_used_fraction * size:
+        return (f"{size - used} of {size} were assigned no row {window} ({pooled['rows']} rows "
+                f"pooled, {g(pooled['rows'] / size)} per prototype; usage entropy "
+                f"{g(pooled['usage'])} over the {used} used)", f"{used} of {size} used")
+    return None
 
 
 def _table_size(run: Run, prototypes: str) -> int | None:
