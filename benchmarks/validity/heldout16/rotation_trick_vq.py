@@ -44,14 +44,14 @@ Variants (truth by construction):
   gradient ratio on the encoder 7.1 / 7.8 at step 0 (codes start near 0), median 0.069 /
   0.060 late.
 - ``far-codebook``: broken. The codebook drawn N(0, 1) and shifted by +3 in every coordinate
-  (norm ~12 against encoder outputs of norm ~0.5-1): one code is nearest to every encoder
+  (norm ~12.6, far from the encoder's outputs): one code is nearest to every encoder
   output, only it is ever moved by the codebook loss, the other 127 never; the rotation cannot
   help a code that is never chosen. Measured seeds 0 / 1: 1 / 1 code used, perplexity 1.0 /
   1.0, reconstruction MSE 0.0742 / 0.0742 (the mean digit's error; published 0.020); the
   straight-through twin the same; the commitment/reconstruction gradient ratio on the
-  encoder 0.14 / 0.15 at step 0, median 1.23 / 1.02 late. Expected: ``prototype-collapse`` on ``codebook``. Allowed:
-  ``prototype-stale`` on ``codebook`` (127 rows never move), ``representation-collapse`` on
-  ``z_e`` (every latent pulled to the one code).
+  encoder 0.14 / 0.15 at step 0, median 1.23 / 1.02 late. Expected: ``prototype-collapse``
+  on ``codebook``. Allowed: ``prototype-stale`` on ``codebook`` (127 rows never move),
+  ``representation-collapse`` on ``z_e`` (every latent pulled to the one code).
 A heavier commitment weight was tried as a second broken variant and left out: with this
 start, beta 25 / 250 / 2,500 (100-10,000x) still used 116-119 / 108 / 95 codes (seed 0 /
 1, seed 0, seed 0) at reconstruction MSE 0.024-0.025 / 0.037 / 0.051: a slower
@@ -62,7 +62,7 @@ The healthy run must not raise ``prototype-collapse``, ``prototype-stale``,
 codebook loss reaches only the codebook (the probe's step-0 note on it is the VQ-VAE's
 structure, not a fault), and the large commitment share at step 0 is the near-zero start.
 
-CPU, one thread: 3.3-4.7 s a run (the probed run plus its unprobed straight-through twin).
+CPU, one thread: 3.3-4.8 s a run (the probed run plus its unprobed straight-through twin).
 """
 
 from __future__ import annotations
