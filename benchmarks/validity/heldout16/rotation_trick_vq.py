@@ -1,27 +1,27 @@
-"""The rotation trick for VQ-VAEs (Fifty, Junkins, Duan, Iyengar, Liu, Amid, Thrun & Re 2024,
-"Restructuring Vector Quantization with the Rotation Trick", arXiv 2410.06424, ICLR 2025),
-sec. 4: instead of the straight-through copy q = e + sg(q - e), the encoder output e is
-carried onto its code q by a rotation and rescaling treated as constants,
-q~ = sg(||q|| / ||e||) sg(R) e with R the rotation taking e/||e|| to q/||q|| (eq. 4-5), computed
-as two Householder reflections without forming R (sec. 4.2, eq. 8:
-R e = e - 2 (e.w) w + 2 (e.u) q^, u = e/||e||, q^ = q/||q||, w = (u + q^)/||u + q^||); the
-forward value is q, the decoder's gradient reaches e rotated by R^T and scaled, so codes
-whose neighbours' reconstructions are poor are pushed apart and more of the codebook is
-used (sec. 4.3, 5: higher codebook usage and lower reconstruction error than the STE). The
+"""The rotation trick for VQ-VAEs (Fifty et al. 2024, "Restructuring Vector Quantization with
+the Rotation Trick", arXiv 2410.06424), sec. 4: instead of the straight-through copy
+q = e + sg(q - e), the encoder output e is carried onto its code q by a rotation and
+rescaling treated as constants, q~ = sg(||q|| / ||e||) sg(R) e with R the rotation taking
+e/||e|| to q/||q||, computed as two Householder reflections without forming R:
+R e = e - 2 (e.w) w + 2 (e.u) q^, u = e/||e||, q^ = q/||q||, w = (u + q^)/||u + q^||. The
+forward value is q; the decoder's gradient reaches e rotated by R^T and scaled, so the
+angle between the gradient and the code is carried over to e, and points of one code region
+move apart or together by where they sit in it (sec. 4-5: higher codebook usage and lower reconstruction error than the STE). The
 losses are those of the VQ-VAE (van den Oord et al. 2017, eq. 3): reconstruction, the codebook
 loss ||sg(e) - q||^2 and the commitment loss beta ||e - sg(q)||^2, beta 0.25.
 
-Official code: cfifty/rotation_trick ``src/models/vq_vae.py``, ``VQVAE.get_very_efficient_rotation``
-(``w = ((u + q) / ||u + q||).detach()``, ``e - 2 (e w) w^T + 2 (e u.detach()) q.detach()^T``) and
+Official code: cfifty/rotation_trick ``src/models/vq_vae.py``,
+``VQVAE.get_very_efficient_rotation`` (``w = ((u + q) / ||u + q||).detach()``,
+``e - 2 (e w) w^T + 2 (e u.detach()) q.detach()^T``) and
 ``VQVAE.forward(rot=True)`` (the rotated vector times ``(||q|| / ||x||).detach()``, then the
 decoder and ``rec_loss = F.mse_loss``, plus the quantiser's ``commit_loss``,
 ``commitment_weight=args.commit_weight``). That release learns the codebook by EMA (the local
-copy of lucidrains' ``VectorQuantize``, decay 0.8); the paper's sec. 4 and the brief's VQ-VAE
-form learn it by the codebook loss, which is what is ported here (an EMA codebook is another
-family, vq-ema).
+copy of lucidrains' ``VectorQuantize``, decay 0.8); the paper's sec. 4 states the trick on
+the VQ-VAE objective, whose codebook loss learns the codebook here (an EMA codebook is
+another family, vq-ema).
 
-Published setup: convolutional VQ-VAEs / VQGANs on ImageNet (codebooks of 1,024-16,384
-entries), rotation trick against STE. Here (CPU): scikit-learn's 8x8 digits, the MLP VQ-VAE of
+Published setup: convolutional VQ-VAEs and VQGANs on ImageNet (the release's taming
+``Encoder`` / ``Decoder``), rotation trick against the STE. Here (CPU): scikit-learn's 8x8 digits, the MLP VQ-VAE of
 benchmarks/validity/vqvae.py (encoder 64-128-4x16, four 16-d latents per digit, decoder
 4x16-128-64, K = 128 codes, Euclidean nearest code), imported; the codebook drawn U(-1/K, 1/K)
 (the VQ-VAE default of the public ports), Adam lr 1e-3, batch 128, 800 steps. Losses
@@ -85,7 +85,7 @@ FAR_OFFSET, RATIO_EVERY = 3.0, 20
 
 
 def rotate_to(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The rotation trick (Fifty et al. 2024, sec. 4.2, eq. 8 as Householder reflections): each
+    """The rotation trick (Fifty et al. 2024, sec. 4, as Householder reflections): each
     row of ``e`` rotated onto the direction of its code ``q`` and rescaled to its norm, R and
     the scale treated as constants; forward value ``q``, backward R^T scale grad."""
     e_norm = e.norm(dim=1, keepdim=True).clamp_min(1e-6)
@@ -166,7 +166,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
 FAMILY = Family(
     name="rotation-trick-vq",
     source="Fifty et al. 2024 (Restructuring Vector Quantization with the Rotation Trick, arXiv "
-           "2410.06424, sec. 4 eq. 4-8, VQ-VAE codebook and commitment losses, beta 0.25); "
+           "2410.06424, sec. 4, VQ-VAE codebook and commitment losses, beta 0.25); "
            "cfifty/rotation_trick src/models/vq_vae.py VQVAE.get_very_efficient_rotation, "
            "VQVAE.forward",
     train=train,
