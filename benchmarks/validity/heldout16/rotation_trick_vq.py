@@ -6,8 +6,8 @@ e/||e|| to q/||q||, computed as two Householder reflections without forming R:
 R e = e - 2 (e.w) w + 2 (e.u) q^, u = e/||e||, q^ = q/||q||, w = (u + q^)/||u + q^||. The
 forward value is q; the decoder's gradient reaches e rotated by R^T and scaled, so the
 angle between the gradient and the code is carried over to e, and points of one code region
-move apart or together by where they sit in it (sec. 4-5: higher codebook usage and lower reconstruction error than the STE). The
-losses are those of the VQ-VAE (van den Oord et al. 2017, eq. 3): reconstruction, the codebook
+move apart or together by where they sit in it (sec. 4-5: higher codebook usage and lower
+reconstruction error than the STE). The losses are those of the VQ-VAE (van den Oord et al. 2017, eq. 3): reconstruction, the codebook
 loss ||sg(e) - q||^2 and the commitment loss beta ||e - sg(q)||^2, beta 0.25.
 
 Official code: cfifty/rotation_trick ``src/models/vq_vae.py``,
@@ -21,8 +21,8 @@ the VQ-VAE objective, whose codebook loss learns the codebook here (an EMA codeb
 another family, vq-ema).
 
 Published setup: convolutional VQ-VAEs and VQGANs on ImageNet (the release's taming
-``Encoder`` / ``Decoder``), rotation trick against the STE. Here (CPU): scikit-learn's 8x8 digits, the MLP VQ-VAE of
-benchmarks/validity/vqvae.py (encoder 64-128-4x16, four 16-d latents per digit, decoder
+``Encoder`` / ``Decoder``), rotation trick against the STE. Here (CPU): scikit-learn's 8x8
+digits, the MLP VQ-VAE of benchmarks/validity/vqvae.py (encoder 64-128-4x16, four 16-d latents per digit, decoder
 4x16-128-64, K = 128 codes, Euclidean nearest code), imported; the codebook drawn U(-1/K, 1/K)
 (the VQ-VAE default of the public ports), Adam lr 1e-3, batch 128, 800 steps. Losses
 ``reconstruction`` (MSE, first), ``codebook`` and ``commitment`` (weight beta). The codebook
