@@ -1,14 +1,14 @@
 """The rotation trick for VQ-VAEs (Fifty et al. 2024, "Restructuring Vector Quantization with
-the Rotation Trick", arXiv 2410.06424), sec. 4: instead of the straight-through copy
-q = e + sg(q - e), the encoder output e is carried onto its code q by a rotation and
-rescaling treated as constants, q~ = sg(||q|| / ||e||) sg(R) e with R the rotation taking
-e/||e|| to q/||q||, computed as two Householder reflections without forming R:
-R e = e - 2 (e.w) w + 2 (e.u) q^, u = e/||e||, q^ = q/||q||, w = (u + q^)/||u + q^||. The
-forward value is q; the decoder's gradient reaches e rotated by R^T and scaled, so the
-angle between the gradient and the code is carried over to e, and points of one code region
-move apart or together by where they sit in it (sec. 4-5: higher codebook usage and lower
-reconstruction error than the STE). The losses are those of the VQ-VAE (van den Oord et al. 2017, eq. 3): reconstruction, the codebook
-loss ||sg(e) - q||^2 and the commitment loss beta ||e - sg(q)||^2, beta 0.25.
+the Rotation Trick", arXiv 2410.06424), sec. 4: instead of the straight-through copy q = e +
+sg(q - e), the encoder output e is carried onto its code q by a rotation and rescaling treated
+as constants, q~ = sg(||q|| / ||e||) sg(R) e with R the rotation taking e/||e|| to q/||q||,
+computed as two Householder reflections without forming R: R e = e - 2 (e.w) w + 2 (e.u) q^, u
+= e/||e||, q^ = q/||q||, w = (u + q^)/||u + q^||. The forward value is q; the decoder's
+gradient reaches e rotated by R^T and scaled, so the angle between the gradient and the code is
+carried over to e, and points of one code region move apart or together by where they sit in it
+(sec. 4-5: higher codebook usage and lower reconstruction error than the STE). The losses are
+those of the VQ-VAE (van den Oord et al. 2017, eq. 3): reconstruction, the codebook loss
+||sg(e) - q||^2 and the commitment loss beta ||e - sg(q)||^2, beta 0.25.
 
 Official code: cfifty/rotation_trick ``src/models/vq_vae.py``,
 ``VQVAE.get_very_efficient_rotation`` (``w = ((u + q) / ||u + q||).detach()``,
@@ -20,13 +20,13 @@ copy of lucidrains' ``VectorQuantize``, decay 0.8); the paper's sec. 4 states th
 the VQ-VAE objective, whose codebook loss learns the codebook here (an EMA codebook is
 another family, vq-ema).
 
-Published setup: convolutional VQ-VAEs and VQGANs on ImageNet (the release's taming
-``Encoder`` / ``Decoder``), rotation trick against the STE. Here (CPU): scikit-learn's 8x8
-digits, the MLP VQ-VAE of benchmarks/validity/vqvae.py (encoder 64-128-4x16, four 16-d latents per digit, decoder
-4x16-128-64, K = 128 codes, Euclidean nearest code), imported; the codebook drawn U(-1/K, 1/K)
-(the VQ-VAE default of the public ports), Adam lr 1e-3, batch 128, 800 steps. Losses
-``reconstruction`` (MSE, first), ``codebook`` and ``commitment`` (weight beta). The codebook
-is watched as a codebook user would: ``watch_latent("z_e")``,
+Published setup: convolutional VQ-VAEs and VQGANs on ImageNet (the release's taming ``Encoder``
+/ ``Decoder``), rotation trick against the STE. Here (CPU): scikit-learn's 8x8 digits, the MLP
+VQ-VAE of benchmarks/validity/vqvae.py (encoder 64-128-4x16, four 16-d latents per digit,
+decoder 4x16-128-64, K = 128 codes, Euclidean nearest code), imported; the codebook drawn
+U(-1/K, 1/K) (the VQ-VAE default of the public ports), Adam lr 1e-3, batch 128, 800 steps.
+Losses ``reconstruction`` (MSE, first), ``codebook`` and ``commitment`` (weight beta). The
+codebook is watched as a codebook user would: ``watch_latent("z_e")``,
 ``watch_prototypes("codebook", codebook.weight, latent="z_e")`` and ``observe(z_e=...,
 groups=codes)``. Probe at its defaults.
 
