@@ -39,7 +39,8 @@ against the ink's variance, ~80 in these units) against the same network trained
 task alone (``single_*``, same seed, steps and optimiser); every 20 steps on the trunk the
 ratio of the two weighted gradient norms digit / ink (``common.trunk_grad_ratio``, median
 over the run and over its first 200 steps), the cosine of the two gradients (median, share
-of steps below 0) and the digit's share of the weighted loss (median).
+of steps below 0) and the digit's share of the weighted loss (median); the evaluation and
+the trunk cosine are ``heldout5.cagrad``'s ``evaluate`` and ``trunk_cosine``.
 
 Variants (truth by construction):
 - ``stch``: healthy, STCH as published (mu 1, warm-up 4 epochs, log losses normalised by
