@@ -53,7 +53,8 @@ MODULES += ("misa",)  # a second public source with a true orthogonality-vanishi
 # heldout/, the n-th in heldout<n>/, each listing its modules as HELDOUT<n>_MODULES.
 HELDOUT_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",
                     "ninth", "tenth", "eleventh", "twelfth", "thirteenth",
-                    "fourteenth", "fifteenth")
+                    "fourteenth", "fifteenth",
+                    "sixteenth")
 
 
 def _heldout_sets() -> dict[str, tuple[str, tuple[str, ...], str, str]]:
@@ -124,16 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", nargs="?", const="first", choices=tuple(HELDOUT_SETS),
                         help="only a set of families held out by source (every variant and "
                              "seed): 'first' (the default; benchmarks/validity/heldout/) or "
-                             "'second' to 'fifteenth' (heldout2/ to heldout15/); reported "
+                             "'second' to 'sixteenth' (heldout2/ to heldout16/); reported "
                              "apart, never calibrated; writes a page only with --doc "
-                             "(docs/validity-heldout.md, -heldout2.md ... -heldout15.md)")
+                             "(docs/validity-heldout.md, -heldout2.md ... -heldout16.md)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training run (default 1); recorded in --out's "
                              "training.json and on the page")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run files are written (default: benchmarks/validity/runs, "
-                             "runs-heldout, runs-heldout2 ... runs-heldout15 with --heldout)")
+                             "runs-heldout, runs-heldout2 ... runs-heldout16 with --heldout)")
     parser.add_argument("--reuse", action="store_true", help="re-diagnose the run files in --out")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default: docs/validity.md for a full run, none for "
