@@ -103,9 +103,11 @@ def static_loss_weights(run: Run, th: Thresholds, earlier: Earlier) -> list[Find
         series = finite(get(run, WEIGHT, name))
         if series is None or len(series[0]) < th.min_points:
             continue
-        w = series[1]
-        if w[0] != 0 and is_fixed_weight(w, th.static_weight_tolerance):  # 0: switched off
-            constant[name] = float(w[0])
+        # Fixed wherever it is on: a stage schedule that switches a loss off or on (StableMoE's
+        # balance loss at weight 0 once its router is frozen) does not balance it.
+        on = series[1][series[1] != 0]
+        if len(on) >= th.min_points and is_fixed_weight(on, th.static_weight_tolerance):
+            constant[name] = float(on[0])
     related, reasons = [], []
     for f in earlier:
         if f.severity == "info":
