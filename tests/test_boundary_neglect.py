@@ -70,6 +70,7 @@ def test_a_swamped_boundary_of_its_own_inputs_is_neglected(tmp_path):
     assert evidence["constraint_ratio"] == pytest.approx(end / evidence["constraint_start_low"])
     assert evidence["constraint_ratio"] >= 1 / TH.neglect_constraint_fraction
     assert "inputs of its own" in finding.title
+    assert "Raise the weight of 'boundary'" in finding.remedy
 
 
 def test_a_met_boundary_and_one_read_from_the_task_s_own_pass_are_not_judged_so(tmp_path):

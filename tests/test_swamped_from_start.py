@@ -62,6 +62,8 @@ def test_a_task_flattened_at_chance_by_a_brief_penalty_is_swamped(tmp_path):
     assert held["dominant_end_fraction"] == pytest.approx(p_end / p_start, rel=1e-9)
     assert finding.evidence["held_steps"] == BRIEF
     assert "swamped from its first steps by 'penalty'" in finding.title
+    # No weight balanced on the ratio (which reads ~1 once the gradients cancel): a warm-up.
+    assert "linear_ramp" in finding.remedy and "->" not in finding.remedy
 
 
 def test_a_task_undone_from_its_floor_is_swamped_and_has_not_memorised(tmp_path):

@@ -26,7 +26,8 @@ from .purpose import (adversary_at_chance, carried_by, end_fraction, head_on_ano
                       held_back, own_measure_alarms, reach_failing, serves_another,
                       swamped_before_learning)
 from .inert import on_whole_set, rounding_residue
-from .remedies import conflict_remedy, serving_remedy, swamping_remedy
+from .remedies import (brief_swamping_remedy, conflict_remedy, serving_remedy,
+                       swamping_remedy)
 
 
 def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -187,6 +188,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
                           ratio_to=dominant),
             remedy=_KEPT_REMEDY if protected else _AT_CHANCE_REMEDY if at_chance
             else _CARRIED_REMEDY if carried is not None else serving_remedy(name) if trade_off
+            else brief_swamping_remedy(name, unlearned["by"]) if unlearned and "by" in unlearned
             else swamping_remedy(evidence)))
     return out
 

@@ -14,7 +14,7 @@ from ..findings import Finding, PlotHint
 from ..thresholds import Thresholds
 from .common import Earlier, make_finding, satisfied_constraints
 from .purpose import objective_of_its_own
-from .remedies import static_weights_remedy
+from .remedies import neglected_objective_remedy, static_weights_remedy
 
 
 def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Finding]:
@@ -91,7 +91,8 @@ def constraint_neglect(run: Run, th: Thresholds, earlier: Earlier) -> list[Findi
                                         "swamped)" if from_graph else "start)"),
             name, f"task x{g(t['end'] / t['start'])}, {name} x{g(ratio)}", evidence,
             (near_zero_from, int(series[0][-1])),
-            plot=PlotHint(LOSS, names=[task, name])))
+            plot=PlotHint(LOSS, names=[task, name]),
+            remedy=neglected_objective_remedy(name) if from_graph else None))
     return out
 
 

@@ -68,7 +68,11 @@ def balancing_weight_text(evidence: Mapping[str, Any]) -> str | None:
     """``weight 'cls' 1 -> 37 (or the weight of 'reg' x0.027)`` from a swamping finding's
     evidence; None where its numbers give none. Where the finding was judged on the layers the
     losses share, the balance is that of the ratio it judged there (its median over the judged
-    steps), so that the remedy and the finding read the same numbers."""
+    steps), so that the remedy and the finding read the same numbers. None too for a task
+    swamped only over its first steps by a loss that then sat at its floor, where the two
+    gradients cancel and their ratio gives no balance (``brief_swamping_remedy``)."""
+    if "by" in (evidence.get("never_learned") or {}):
+        return None
     name, dominant = evidence["loss"], evidence["dominant"]
     own = evidence["median_weighted_grad_norm"]
     other = evidence["median_dominant_weighted_grad_norm"]
@@ -97,6 +101,26 @@ def swamping_remedy(evidence: Mapping[str, Any]) -> str | None:
             f"{_where(evidence)}: {numbers}. They hold while the norms keep their ratio; for "
             f"norms that change during training use {ADAPTIVE_WEIGHTS}; or normalise each "
             "loss's gradient on the shared parameters.")
+
+
+def brief_swamping_remedy(task: str, rival: str) -> str:
+    """The remedy of a task swamped from its first steps by a loss that then fell to its own
+    floor: a balancing weight read from the ratio does not help, as the two gradients cancel
+    once the rival sits at its floor."""
+    return (f"Let '{task}' learn before '{rival}' takes hold: ramp the weight of '{rival}' in "
+            "after a warm-up (gradprobe.remedies.linear_ramp), or lower it until the task's "
+            f"loss falls. '{rival}' drove the network to its own floor within the first steps, "
+            "where the two gradients cancel, so a weight balanced on their ratio would not "
+            "move it off.")
+
+
+def neglected_objective_remedy(name: str) -> str:
+    """The remedy of a swamped loss with inputs of its own (a boundary condition) left unmet."""
+    return (f"Raise the weight of '{name}' until its weighted gradient is a fair share of the "
+            "task's (gradient-swamping gives the balancing weight), or let the weights follow "
+            f"the gradients ({ADAPTIVE_WEIGHTS}; for a physics-informed network, the "
+            "learning-rate annealing of Wang, Teng & Perdikaris 2021); or impose the "
+            "condition exactly, with a trial function that meets it by construction.")
 
 
 def static_weights_remedy(swamping_evidence: Iterable[Mapping[str, Any]],
