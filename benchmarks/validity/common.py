@@ -160,20 +160,28 @@ class DigitEncoder(torch.nn.Module):
         return self.net(x)
 
 
-def representation_truth(encoder: torch.nn.Module, head: torch.nn.Module) -> dict:
-    """What a self-supervised run learnt, measured on the digits' test split without
-    gradprobe: linear-probe accuracy of the backbone features and of the head's outputs, and
-    the centred effective rank and normalised std of the head's outputs."""
+def encoded_digits(encoder: torch.nn.Module, head: torch.nn.Module) -> tuple:
+    """The digits' train and test splits through a self-supervised run's backbone and head,
+    both put in eval mode, without gradients: (f_tr, f_te, z_tr, z_te, y_tr, y_te) as numpy
+    arrays, f the backbone features, z the head's outputs."""
     x_tr, y_tr, x_te, y_te = digits_split()
     encoder.eval()
     head.eval()
     with torch.no_grad():
         f_tr, f_te = encoder(x_tr), encoder(x_te)
         z_tr, z_te = head(f_tr), head(f_te)
-    y_tr, y_te = y_tr.numpy(), y_te.numpy()
-    return {"linear_acc": linear_probe_accuracy(f_tr.numpy(), y_tr, f_te.numpy(), y_te),
-            "z_linear_acc": linear_probe_accuracy(z_tr.numpy(), y_tr, z_te.numpy(), y_te),
-            "z_rank": centred_effective_rank(z_te.numpy()), "z_std": normalised_std(z_te.numpy()),
+    return (f_tr.numpy(), f_te.numpy(), z_tr.numpy(), z_te.numpy(), y_tr.numpy(),
+            y_te.numpy())
+
+
+def representation_truth(encoder: torch.nn.Module, head: torch.nn.Module) -> dict:
+    """What a self-supervised run learnt, measured on the digits' test split without
+    gradprobe: linear-probe accuracy of the backbone features and of the head's outputs, and
+    the centred effective rank and normalised std of the head's outputs."""
+    f_tr, f_te, z_tr, z_te, y_tr, y_te = encoded_digits(encoder, head)
+    return {"linear_acc": linear_probe_accuracy(f_tr, y_tr, f_te, y_te),
+            "z_linear_acc": linear_probe_accuracy(z_tr, y_tr, z_te, y_te),
+            "z_rank": centred_effective_rank(z_te), "z_std": normalised_std(z_te),
             "z_dim": int(z_te.shape[1])}
 
 

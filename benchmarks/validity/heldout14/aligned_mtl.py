@@ -123,54 +123,78 @@ def ink_target(x: torch.Tensor) -> torch.Tensor:
     return ink_of(x) / INK_UNIT
 
 
-def fit(variant: str, seed: int, log: Path | None):
-    """Train ``variant`` with the probe into ``log``; "digit-only" / "ink-only" (no probe):
-    the single-task references, that task's loss alone, plain backward."""
+def task_losses(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> dict:
+    logits, ink = model(x)
+    return {"digit": F.cross_entropy(logits, y), "ink": F.mse_loss(ink, ink_target(x))}
+
+
+def run_two_tasks(variant: str, seed: int, log: Path | None, losses_of, plan) -> DigitInkNet:
+    """The loop of a two-task family on ``common.DigitInkNet`` that runs its own backward
+    (this module's and heldout15/db_mtl.py's): Adam, EPOCHS epochs of BATCH, ``losses_of(model,
+    x, y)`` the tasks' losses. Without ``log`` (no probe), the single-task reference
+    "<task>-only": that task's loss alone, plain backward. With it, each step ``plan(model,
+    step, losses)`` gives the weights the probe records and the backward that writes the
+    update (None: the weighted sum's), run between ``probe.before_backward`` and
+    ``probe.after_backward``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_tr, y_tr, _, _ = digits_split()
     model = DigitInkNet(WIDTH)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     loader = batches(len(x_tr), BATCH, gen)
-    measured = {"ratio": [], "cosine": [], "kappa": [], "alpha_digit": [], "alpha_ink": []}
     probe = gradprobe.Probe(model, run_file=log) if log is not None else None
     try:
         for step in range(EPOCHS * (len(x_tr) // BATCH)):
             idx = next(loader)
-            logits, ink = model(x_tr[idx])
-            losses = {"digit": F.cross_entropy(logits, y_tr[idx]),
-                      "ink": F.mse_loss(ink, ink_target(x_tr[idx]))}
+            losses = losses_of(model, x_tr[idx], y_tr[idx])
             if probe is None:
                 losses[variant.removesuffix("-only")].backward()
                 opt.step()
                 opt.zero_grad()
                 continue
-            if variant == "aligned-mtl":
-                grads = trunk_rows(model, losses)
-                alpha = aligned_weights(grads)
-                weights = dict(zip(losses, alpha.tolist()))
-            else:
-                weights = {"digit": 1.0, "ink": 1.0}
-            if step % MEASURE_EVERY == 0:
-                rows = grads if variant == "aligned-mtl" else trunk_rows(model, losses)
-                measured["ratio"].append(trunk_grad_ratio(model, losses, {}, "digit", "ink"))
-                measured["cosine"].append(trunk_cosine(model, losses))
-                measured["kappa"].append(condition_number(rows))
-                measured["alpha_digit"].append(weights["digit"])
-                measured["alpha_ink"].append(weights["ink"])
+            weights, backward = plan(model, step, losses)
             pending = probe.before_backward(losses, weights=weights)
-            if variant == "aligned-mtl":
-                sum(losses.values()).backward()  # the heads: each task's own gradient
-                write_trunk(model, (alpha[:, None] * grads).sum(0))
-            else:
+            if backward is None:
                 pending.total.backward()
+            else:
+                backward()
             probe.after_backward(pending)
             opt.step()
             opt.zero_grad()
     finally:
         if probe is not None:
             probe.close()
-    return model, measured
+    return model
+
+
+def fit(variant: str, seed: int, log: Path | None):
+    """Train ``variant`` with the probe into ``log``; "digit-only" / "ink-only" (no probe):
+    the single-task references, that task's loss alone, plain backward."""
+    measured = {"ratio": [], "cosine": [], "kappa": [], "alpha_digit": [], "alpha_ink": []}
+
+    def plan(model: DigitInkNet, step: int, losses: dict):
+        if variant == "aligned-mtl":
+            grads = trunk_rows(model, losses)
+            alpha = aligned_weights(grads)
+            weights = dict(zip(losses, alpha.tolist()))
+        else:
+            weights = {"digit": 1.0, "ink": 1.0}
+        if step % MEASURE_EVERY == 0:
+            rows = grads if variant == "aligned-mtl" else trunk_rows(model, losses)
+            measured["ratio"].append(trunk_grad_ratio(model, losses, {}, "digit", "ink"))
+            measured["cosine"].append(trunk_cosine(model, losses))
+            measured["kappa"].append(condition_number(rows))
+            measured["alpha_digit"].append(weights["digit"])
+            measured["alpha_ink"].append(weights["ink"])
+        if variant != "aligned-mtl":
+            return weights, None
+
+        def backward():
+            sum(losses.values()).backward()  # the heads: each task's own gradient
+            write_trunk(model, (alpha[:, None] * grads).sum(0))
+        return weights, backward
+
+    return run_two_tasks(variant, seed, log, task_losses, plan), measured
 
 
 def train(variant: str, seed: int, log: Path) -> dict:

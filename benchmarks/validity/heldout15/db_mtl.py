@@ -85,13 +85,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import gradprobe
-
-from ..common import INK_SCALE, DigitInkNet, batches, digits_split, trunk_grad_ratio
+from ..common import INK_SCALE, DigitInkNet, digits_split, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
-from ..heldout14.aligned_mtl import trunk_rows, write_trunk
+from ..heldout14.aligned_mtl import run_two_tasks, trunk_rows, write_trunk
+from ..heldout5.cagrad import evaluate
 
-EPOCHS, BATCH, LR, WIDTH = 40, 64, 1e-3, 128
 BETA, BETA_SIGMA = 0.9, 0.5  # --DB_beta (LibMTL default), --DB_beta_sigma (default 0; see above)
 EPS = 1e-8
 MEASURE_EVERY = 20
@@ -133,71 +131,41 @@ class DualBalancing:
         write_trunk(model, (alpha[:, None] * self.buffer).sum(0))
 
 
-def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits, pred = model(x)
-    model.train()
-    return (float((logits.argmax(1) == y).float().mean()),
-            float(F.mse_loss(pred, lateral(x))))
-
-
 def fit(variant: str, seed: int, log: Path | None):
     """Train ``variant`` probed into ``log``; "digit-only" / "lateral-only" (no probe): the
-    single-task references, that task's loss alone, plain backward."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_tr, y_tr, _, _ = digits_split()
-    model = DigitInkNet(WIDTH)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    loader = batches(len(x_tr), BATCH, gen)
+    single-task references, that task's loss alone, plain backward (the loop, its Adam lr 1e-3,
+    batch 64 and 40 epochs: ``heldout14.aligned_mtl.run_two_tasks``)."""
     balance = DualBalancing()
     measured = {"ratio": [], "weighted_ratio": [], "alpha_digit": [], "alpha_lateral": [],
                 "w_digit": [], "w_lateral": []}
-    probe = gradprobe.Probe(model, run_file=log) if log is not None else None
-    try:
-        for step in range(EPOCHS * (len(x_tr) // BATCH)):
-            idx = next(loader)
-            losses = task_losses(model, x_tr[idx], y_tr[idx])
-            if probe is None:
-                losses[variant.removesuffix("-only")].backward()
-                opt.step()
-                opt.zero_grad()
-                continue
-            if variant == "db-mtl":
-                alpha, logs = balance.alphas(model, losses)
-                weights = {name: float(a) / (float(loss.detach()) + EPS)
-                           for (name, loss), a in zip(losses.items(), alpha)}
-            else:
-                weights = {name: 1.0 for name in TASKS}
-            if step % MEASURE_EVERY == 0:
-                measured["ratio"].append(trunk_grad_ratio(model, losses, {}, *TASKS))
-                measured["weighted_ratio"].append(
-                    trunk_grad_ratio(model, losses, weights, *TASKS))
-                for name in TASKS:
-                    measured[f"w_{name}"].append(weights[name])
-                    if variant == "db-mtl":
-                        measured[f"alpha_{name}"].append(float(alpha[TASKS.index(name)]))
-            pending = probe.before_backward(losses, weights=weights)
-            if variant == "db-mtl":
-                balance.backward(model, alpha, logs)
-            else:
-                pending.total.backward()
-            probe.after_backward(pending)
-            opt.step()
-            opt.zero_grad()
-    finally:
-        if probe is not None:
-            probe.close()
-    return model, measured
+
+    def plan(model: DigitInkNet, step: int, losses: dict):
+        if variant == "db-mtl":
+            alpha, logs = balance.alphas(model, losses)
+            weights = {name: float(a) / (float(loss.detach()) + EPS)
+                       for (name, loss), a in zip(losses.items(), alpha)}
+        else:
+            weights = {name: 1.0 for name in TASKS}
+        if step % MEASURE_EVERY == 0:
+            measured["ratio"].append(trunk_grad_ratio(model, losses, {}, *TASKS))
+            measured["weighted_ratio"].append(trunk_grad_ratio(model, losses, weights, *TASKS))
+            for name in TASKS:
+                measured[f"w_{name}"].append(weights[name])
+                if variant == "db-mtl":
+                    measured[f"alpha_{name}"].append(float(alpha[TASKS.index(name)]))
+        if variant != "db-mtl":
+            return weights, None
+        return weights, lambda: balance.backward(model, alpha, logs)
+
+    return run_two_tasks(variant, seed, log, task_losses, plan), measured
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
     _, _, x_te, y_te = digits_split()
     model, m = fit(variant, seed, log)
-    acc, mse = evaluate(model, x_te, y_te)
-    single_acc, _ = evaluate(fit("digit-only", seed, None)[0], x_te, y_te)
-    _, single_mse = evaluate(fit("lateral-only", seed, None)[0], x_te, y_te)
+    acc, mse = evaluate(model, x_te, y_te, target=lateral)
+    single_acc, _ = evaluate(fit("digit-only", seed, None)[0], x_te, y_te, target=lateral)
+    _, single_mse = evaluate(fit("lateral-only", seed, None)[0], x_te, y_te, target=lateral)
     outcome = {"digit_acc": acc, "single_digit_acc": single_acc, "lateral_mse": mse,
                "single_lateral_mse": single_mse,
                "trunk_grad_ratio": float(np.median(m["ratio"])),

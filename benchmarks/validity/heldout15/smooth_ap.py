@@ -91,6 +91,7 @@ import gradprobe
 
 from ..common import batches, centred_effective_rank, digits_split
 from ..harness import Expect, Family, Variant
+from ..heldout6.multi_similarity import observed_batches
 
 P_CLASSES, K_PER_CLASS = 8, 4
 BATCH = P_CLASSES * K_PER_CLASS
@@ -167,11 +168,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     block = torch.arange(BATCH) // K_PER_CLASS
     same_block = (block[:, None] == block[None, :]) & ~torch.eye(BATCH, dtype=torch.bool)
     with probe:
-        for _, idx in zip(range(STEPS), sampler):
-            labels = y_tr[idx]
-            f = model(x_tr[idx])
-            emb = F.normalize(f, dim=1)
-            probe.observe(embedding=emb, groups=labels)
+        for labels, f, emb in observed_batches(probe, model, x_tr, y_tr, sampler, STEPS):
             losses = {"smooth_ap": smooth_ap_loss(emb, P_CLASSES),
                       "embedding_norm": f.pow(2).sum(1).mean()}
             probe.backward(losses, weights={"embedding_norm": NORM_WEIGHT})

@@ -90,7 +90,8 @@ from torch import nn
 import gradprobe
 
 from ..common import (DigitEncoder, augment, batches, centred_effective_rank, digits_split,
-                      knn_accuracy, linear_probe_accuracy, loss_end_over_start, normalised_std)
+                      encoded_digits, knn_accuracy, linear_probe_accuracy, loss_end_over_start,
+                      normalised_std)
 from ..harness import Expect, Family, Variant
 
 BATCH, STEPS, LR, WEIGHT_DECAY, OUT_DIM, SCALE_LR = 256, 500, 1e-3, 1e-6, 64, 0.02
@@ -152,14 +153,7 @@ def ssl_truth(encoder: nn.Module, head: nn.Module) -> dict:
     head's output z, and z's centred effective rank and normalised std (common's measures;
     no linear probe on z: on collapsed z, logistic regression alone takes most of a run's
     CPU budget)."""
-    x_tr, y_tr, x_te, y_te = digits_split()
-    encoder.eval()
-    head.eval()
-    with torch.no_grad():
-        f_tr, f_te = encoder(x_tr), encoder(x_te)
-        z_tr, z_te = head(f_tr), head(f_te)
-    f_tr, f_te, z_tr, z_te = f_tr.numpy(), f_te.numpy(), z_tr.numpy(), z_te.numpy()
-    y_tr, y_te = y_tr.numpy(), y_te.numpy()
+    f_tr, f_te, z_tr, z_te, y_tr, y_te = encoded_digits(encoder, head)
     return {"linear_acc": linear_probe_accuracy(f_tr, y_tr, f_te, y_te),
             "knn_acc": knn_accuracy(f_tr, y_tr, f_te, y_te),
             "z_knn_acc": knn_accuracy(z_tr, y_tr, z_te, y_te),

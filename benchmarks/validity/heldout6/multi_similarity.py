@@ -126,6 +126,19 @@ def recall_at_1(f: np.ndarray, y: np.ndarray) -> float:
     return float((y[sim.argmax(1)] == y).mean())
 
 
+def observed_batches(probe: gradprobe.Probe, model: nn.Module, x: torch.Tensor,
+                     y: torch.Tensor, sampler, steps: int):
+    """``steps`` batches of ``sampler`` (index tensors) through ``model``: each its labels,
+    the raw embedding f and the l2-normalised one, which the probe observes (the latent
+    "embedding", labels "groups"); also heldout15/smooth_ap.py's loop."""
+    for _, idx in zip(range(steps), sampler):
+        labels = y[idx]
+        f = model(x[idx])
+        emb = F.normalize(f, dim=1)
+        probe.observe(embedding=emb, groups=labels)
+        yield labels, f, emb
+
+
 def train(variant: str, seed: int, log: Path) -> dict:
     x_tr, y_tr, x_te, y_te = retrieval_set(seed)
     torch.manual_seed(seed)
@@ -138,11 +151,7 @@ def train(variant: str, seed: int, log: Path) -> dict:
     probe.watch_latent("embedding", labels="groups")
     with_positive = []
     with probe:
-        for _, idx in zip(range(STEPS), sampler):
-            labels = y_tr[idx]
-            f = model(x_tr[idx])
-            emb = F.normalize(f, dim=1)
-            probe.observe(embedding=emb, groups=labels)
+        for labels, f, emb in observed_batches(probe, model, x_tr, y_tr, sampler, STEPS):
             probe.backward({"ms_loss": ms_loss(emb, labels),
                             "embedding_norm": NORM_WEIGHT * f.pow(2).sum(1).mean()})
             opt.step()
