@@ -116,13 +116,20 @@ class SwitchLayer(nn.Module):
     def forward(self, tokens):
         probs = F.softmax(self.router(tokens), dim=-1)
         gate, choice = probs.max(dim=-1)
-        limit = int(CAPACITY_FACTOR * len(tokens) / EXPERTS) if self.training else len(tokens)
-        out = torch.zeros_like(tokens)
-        for i, expert in enumerate(self.experts):
-            kept = torch.nonzero(choice == i).squeeze(1)[:limit]
-            if len(kept):
-                out[kept] = gate[kept, None] * expert(tokens[kept])
-        return out, probs, choice
+        return dispatch(self.experts, tokens, gate, choice, self.training), probs, choice
+
+
+def dispatch(experts: nn.ModuleList, tokens: torch.Tensor, gate: torch.Tensor,
+             choice: torch.Tensor, training: bool) -> torch.Tensor:
+    """Each token through its chosen expert, scaled by its gate; in training each expert takes
+    at most capacity x tokens / N tokens (in order), the rest get zeros (the residual only)."""
+    limit = int(CAPACITY_FACTOR * len(tokens) / EXPERTS) if training else len(tokens)
+    out = torch.zeros_like(tokens)
+    for i, expert in enumerate(experts):
+        kept = torch.nonzero(choice == i).squeeze(1)[:limit]
+        if len(kept):
+            out[kept] = gate[kept, None] * expert(tokens[kept])
+    return out
 
 
 def balance_loss(probs: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -132,12 +139,14 @@ def balance_loss(probs: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
 
 
 class SwitchClassifier(nn.Module):
+    layer = SwitchLayer  # the MoE layer's class (a subclass may route otherwise)
+
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(8, WIDTH)
         self.position = nn.Parameter(0.1 * torch.randn(8, WIDTH))
         self.norm = nn.LayerNorm(WIDTH)
-        self.moe = SwitchLayer()
+        self.moe = self.layer()
         self.head = nn.Linear(WIDTH, 10)
 
     def forward(self, x):

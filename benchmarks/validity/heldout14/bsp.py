@@ -109,9 +109,9 @@ MAX_ITERS = STEPS / 20  # WarmStartGradientReverseLayer max_iters 1000 of 20 x 1
 RATIO_EVERY = 20
 
 
-class BSPNet(nn.Module):
-    """tllib's ImageClassifier: backbone, bottleneck Linear-BN-ReLU (the features f that BSP
-    and the discriminator see), linear head; and the DomainDiscriminator."""
+class ImageClassifier(nn.Module):
+    """tllib's ImageClassifier: backbone, bottleneck Linear-BN-ReLU 256, linear head; returns
+    the logits and the bottleneck features."""
 
     def __init__(self):
         super().__init__()
@@ -119,13 +119,21 @@ class BSPNet(nn.Module):
         self.bottleneck = nn.Sequential(nn.Linear(FEATURES, BOTTLENECK),
                                         nn.BatchNorm1d(BOTTLENECK), nn.ReLU())
         self.head = nn.Linear(BOTTLENECK, CLASSES)
-        self.discriminator = nn.Sequential(
-            nn.Linear(BOTTLENECK, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(),
-            nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
 
     def forward(self, x):
         f = self.bottleneck(self.backbone(x))
         return self.head(f), f
+
+
+class BSPNet(ImageClassifier):
+    """tllib's ImageClassifier (the bottleneck features f are what BSP and the discriminator
+    see) and the DomainDiscriminator."""
+
+    def __init__(self):
+        super().__init__()
+        self.discriminator = nn.Sequential(
+            nn.Linear(BOTTLENECK, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
 
 
 def grl_coeff(step: int) -> float:
@@ -168,6 +176,24 @@ def ratio_to_cls(model: BSPNet, losses: dict, weights: dict) -> dict:
 def accuracy(model: BSPNet, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x)[0].argmax(1) == y).float().mean())
+
+
+def adaptation_step(model: nn.Module, probe, losses: dict, weights: dict, opt, schedule,
+                    step: int, test_tgt: torch.Tensor, test_y: torch.Tensor) -> None:
+    """One adaptation step: the weighted losses backward (through ``probe`` when there is one,
+    else their plain weighted sum), the optimiser and learning-rate schedule stepped, and every
+    100 steps the target test accuracy logged to the probe (the model in eval mode for it)."""
+    if probe is not None:
+        probe.backward(losses, weights=weights)
+    else:
+        sum(weights.get(k, 1.0) * v for k, v in losses.items()).backward()
+    opt.step()
+    opt.zero_grad()
+    schedule.step()
+    if probe is not None and step % 100 == 99:
+        model.eval()
+        probe.log(target_acc=accuracy(model, test_tgt, test_y))
+        model.train()
 
 
 def fit(variant: str, seed: int, log: Path | None) -> dict:
@@ -213,17 +239,7 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
         if probe is not None and step % RATIO_EVERY == 0:
             for name, r in ratio_to_cls(model, losses, weights).items():
                 ratios.setdefault(name, []).append(r)
-        if probe is not None:
-            probe.backward(losses, weights=weights)
-        else:
-            sum(weights.get(k, 1.0) * v for k, v in losses.items()).backward()
-        opt.step()
-        opt.zero_grad()
-        schedule.step()
-        if probe is not None and step % 100 == 99:
-            model.eval()
-            probe.log(target_acc=accuracy(model, test_tgt, test_y))
-            model.train()
+        adaptation_step(model, probe, losses, weights, opt, schedule, step, test_tgt, test_y)
     if probe is not None:
         probe.close()
     model.eval()
@@ -236,20 +252,35 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
                "target_feature_mean_norm": float(f_tgt.norm(dim=1).mean()),
                "source_top_singular_share": float(
                    (lambda s: s[0] ** 2 / (s ** 2).sum())(torch.linalg.svdvals(f_src)))}
-    for name, series in levels.items():
-        outcome[f"{name}_first50"] = float(np.mean(series[:50]))
-        outcome[f"{name}_last50"] = float(np.mean(series[-50:]))
+    outcome |= level_summary(levels)
     for name, series in ratios.items():
         outcome[f"median_{name}_over_cls_grad"] = float(np.median(series))
     return outcome
 
 
-def train(variant: str, seed: int, log: Path) -> dict:
+def level_summary(levels: dict) -> dict:
+    """Each loss's mean level over the first and the last 50 steps."""
+    summary = {}
+    for name, series in levels.items():
+        summary[f"{name}_first50"] = float(np.mean(series[:50]))
+        summary[f"{name}_last50"] = float(np.mean(series[-50:]))
+    return summary
+
+
+def with_source_only(fit, variant: str, seed: int, log: Path, extra: tuple = ()) -> dict:
+    """``fit(variant)``'s outcome with the source-only reference's (same seed, unprobed) source
+    and target accuracy, its ``extra`` outcomes as ``source_only_<name>``, and the target gain
+    over it."""
     outcome = fit(variant, seed, log)
     reference = fit("source-only", seed, None)
     return outcome | {"source_only_acc_source": reference["acc_source"],
                       "source_only_acc_target": reference["acc_target"],
+                      **{f"source_only_{name}": reference[name] for name in extra},
                       "target_gain": outcome["acc_target"] - reference["acc_target"]}
+
+
+def train(variant: str, seed: int, log: Path) -> dict:
+    return with_source_only(fit, variant, seed, log)
 
 
 _MUST_NOT = ("gradient-conflict", "non-finite")

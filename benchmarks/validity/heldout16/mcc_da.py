@@ -91,16 +91,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import gradprobe
 
 from ..common import batches, centred_effective_rank, fit_classifier
 from ..dann import domains
 from ..harness import Expect, Family, Variant
-from ..heldout3.cdan import FEATURES, digit_extractor
+from ..heldout14.bsp import (ImageClassifier, accuracy, adaptation_step, level_summary,
+                              with_source_only)
 
-PRETRAIN_STEPS, STEPS, BATCH, CLASSES, BOTTLENECK = 200, 600, 36, 10, 256
+PRETRAIN_STEPS, STEPS, BATCH, CLASSES = 200, 600, 36, 10
 RATIO_EVERY = 20
 LR, MOMENTUM, WEIGHT_DECAY, LR_GAMMA, LR_DECAY = 0.01, 0.9, 1e-3, 0.001, 0.75
 # variant: (trade_off, temperature, normalise the confusion matrix)
@@ -108,19 +108,9 @@ SETTINGS = {"published": (1.0, 2.5, True), "overweighted": (30.0, 2.5, True),
             "raw-confusion": (1.0, 1.0, False), "source-only": (0.0, 2.5, True)}
 
 
-class MCCNet(nn.Module):
-    """tllib's ImageClassifier: backbone, bottleneck Linear-BN-ReLU 256, linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = digit_extractor()
-        self.bottleneck = nn.Sequential(nn.Linear(FEATURES, BOTTLENECK),
-                                        nn.BatchNorm1d(BOTTLENECK), nn.ReLU())
-        self.head = nn.Linear(BOTTLENECK, CLASSES)
-
-    def forward(self, x):
-        f = self.bottleneck(self.backbone(x))
-        return self.head(f), f
+class MCCNet(ImageClassifier):
+    """tllib's ImageClassifier (heldout14/bsp.py's): backbone, bottleneck Linear-BN-ReLU 256,
+    linear head."""
 
 
 def mcc_loss(logits: torch.Tensor, temperature: float, normalise: bool = True) -> torch.Tensor:
@@ -146,11 +136,6 @@ def ratio_to_cls(model: MCCNet, losses: dict, trade_off: float) -> float:
         grads = torch.autograd.grad(loss, params, retain_graph=True)
         norms[name] = float(torch.cat([g.flatten() for g in grads]).norm())
     return trade_off * norms["transfer_loss"] / max(norms["cls_loss"], 1e-30)
-
-
-def accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((model(x)[0].argmax(1) == y).float().mean())
 
 
 def fit(variant: str, seed: int, log: Path | None) -> dict:
@@ -187,17 +172,7 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
         weights = {"transfer_loss": trade_off}
         if probe is not None and step % RATIO_EVERY == 0:
             ratios.append(ratio_to_cls(model, losses, trade_off))
-        if probe is not None:
-            probe.backward(losses, weights=weights)
-        else:
-            sum(weights.get(k, 1.0) * v for k, v in losses.items()).backward()
-        opt.step()
-        opt.zero_grad()
-        schedule.step()
-        if probe is not None and step % 100 == 99:
-            model.eval()
-            probe.log(target_acc=accuracy(model, test_tgt, test_y))
-            model.train()
+        adaptation_step(model, probe, losses, weights, opt, schedule, step, test_tgt, test_y)
     if probe is not None:
         probe.close()
     model.eval()
@@ -213,9 +188,7 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
                "target_top_class_share": float(share.max()),
                "target_pred_entropy_bits": float(-(used * used.log2()).sum()),
                "target_feature_effective_rank": centred_effective_rank(f_t.numpy())}
-    for name, series in levels.items():
-        outcome[f"{name}_first50"] = float(np.mean(series[:50]))
-        outcome[f"{name}_last50"] = float(np.mean(series[-50:]))
+    outcome |= level_summary(levels)
     if ratios:
         outcome["transfer_over_cls_grad_first100"] = float(np.median(ratios[:100 // RATIO_EVERY]))
         outcome["transfer_over_cls_grad_median"] = float(np.median(ratios))
@@ -223,12 +196,7 @@ def fit(variant: str, seed: int, log: Path | None) -> dict:
 
 
 def train(variant: str, seed: int, log: Path) -> dict:
-    outcome = fit(variant, seed, log)
-    reference = fit("source-only", seed, None)
-    return outcome | {"source_only_acc_source": reference["acc_source"],
-                      "source_only_acc_target": reference["acc_target"],
-                      "source_only_target_top_class_share": reference["target_top_class_share"],
-                      "target_gain": outcome["acc_target"] - reference["acc_target"]}
+    return with_source_only(fit, variant, seed, log, extra=("target_top_class_share",))
 
 
 _WEIGHTS = (Expect("static-loss-weights", "cls_loss"),

@@ -77,13 +77,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import gradprobe
 
 from ..common import DigitInkNet, batches, digits_split, ink_of, trunk_grad_ratio
 from ..harness import Expect, Family, Variant
-from ..heldout5.cagrad import evaluate, trunk_cosine
+from ..heldout5.cagrad import digit_ink_losses, evaluate, trunk_cosine
 
 EPOCHS, BATCH, LR, WEIGHT_DECAY, WIDTH = 60, 64, 1e-3, 1e-5, 128
 INK_UNIT = 4.0  # the ink target in units of 4 grey levels
@@ -135,9 +134,7 @@ def fit(variant: str, seed: int, log: Path | None):
     probe = gradprobe.Probe(model, run_file=log) if log else None
     for step in range(EPOCHS * steps_per_epoch):
         idx = next(loader)
-        logits, ink = model(x_tr[idx])
-        losses = {"digit": F.cross_entropy(logits, y_tr[idx]),
-                  "ink": F.mse_loss(ink, ink_target(x_tr[idx]))}
+        losses = digit_ink_losses(model, x_tr[idx], y_tr[idx], ink_target)
         if variant.endswith("-only"):
             losses[variant.removesuffix("-only")].backward()
         else:

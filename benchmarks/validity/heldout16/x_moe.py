@@ -85,10 +85,10 @@ import gradprobe
 
 from ..common import batches, digits_split
 from ..harness import Expect, Family, Variant
-from ..switch_moe import balance_loss, usage
+from ..switch_moe import SwitchClassifier, balance_loss, dispatch, usage
 
 BATCH, STEPS, EXPERTS, WIDTH, HIDDEN, ROUTE_DIM = 128, 800, 8, 32, 64, 16
-CAPACITY_FACTOR, LR, RATIO_EVERY = 1.0, 3e-3, 10
+LR, RATIO_EVERY = 3e-3, 10  # capacity factor 1.0: switch_moe.dispatch
 EMBED_GAIN, EMBED_NORM, TAU_INIT, TAU_MIN = 0.32, 1.5, 0.5, 0.01
 WEIGHT = {"published": 1e-2, "balance-1e-5": 1e-5, "no-balance": None}
 
@@ -122,23 +122,13 @@ class XMoELayer(nn.Module):
         scores = scale * routed @ self.unit_embeddings().t()
         probs = F.softmax(scores, dim=-1)
         gate, choice = probs.max(dim=-1)
-        limit = int(CAPACITY_FACTOR * len(tokens) / EXPERTS) if self.training else len(tokens)
-        out = torch.zeros_like(tokens)
-        for i, expert in enumerate(self.experts):
-            kept = torch.nonzero(choice == i).squeeze(1)[:limit]
-            if len(kept):
-                out[kept] = gate[kept, None] * expert(tokens[kept])
-        return out, routed, probs, choice
+        return dispatch(self.experts, tokens, gate, choice, self.training), routed, probs, choice
 
 
-class XMoEClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(8, WIDTH)
-        self.position = nn.Parameter(0.1 * torch.randn(8, WIDTH))
-        self.norm = nn.LayerNorm(WIDTH)
-        self.moe = XMoELayer()
-        self.head = nn.Linear(WIDTH, 10)
+class XMoEClassifier(SwitchClassifier):
+    """switch_moe's classifier (embedding, positions, LayerNorm, head) with the X-MoE layer."""
+
+    layer = XMoELayer
 
     def forward(self, x):
         """Logits, the tokens in the routing space, router probabilities, top-1 choices:

@@ -54,6 +54,7 @@ One run (the variant and its two single-task references) takes 5-10 CPU-seconds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,14 @@ def evaluate(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor,
     return float((logits.argmax(1) == y).float().mean()), float(F.mse_loss(ink, target(x)))
 
 
+def digit_ink_losses(model: DigitInkNet, x: torch.Tensor, y: torch.Tensor,
+                     target: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """The two task losses on a batch: the digit's cross-entropy and the ink regression's MSE
+    against ``target(x)``."""
+    logits, ink = model(x)
+    return {"digit": F.cross_entropy(logits, y), "ink": F.mse_loss(ink, target(x))}
+
+
 def fit(variant: str, seed: int, log: Path | None):
     """Train on ``variant`` (also "digit-only" / "ink-only", the single-task references)."""
     torch.manual_seed(seed)
@@ -142,9 +151,7 @@ def fit(variant: str, seed: int, log: Path | None):
     probe = gradprobe.Probe(model, run_file=log) if log else None
     for step in range(EPOCHS * (len(x_tr) // BATCH)):
         idx = next(loader)
-        logits, ink = model(x_tr[idx])
-        losses = {"digit": F.cross_entropy(logits, y_tr[idx]),
-                  "ink": F.mse_loss(ink, ink_target(x_tr[idx]))}
+        losses = digit_ink_losses(model, x_tr[idx], y_tr[idx], ink_target)
         if variant.endswith("-only"):
             losses[variant.removesuffix("-only")].backward()
         else:
