@@ -9,34 +9,20 @@ import numpy as np
 import pytest
 
 from gradprobe.diagnose import Thresholds, diagnose
-from gradprobe.record import RunWriter, load_run
+from gradprobe.record import load_run
 
-STEPS, SWITCH = 40, 28
+from test_swamping_layers import STEPS, _falling, _write
+
+SWITCH = 28
 
 
 def _staged(tmp_path, schedule: np.ndarray):
     """A task and a balancing loss on one shared layer, the balancing loss's raw gradient 40
     times the task's, weighted by ``schedule`` per step."""
-    rng = np.random.default_rng(5)
     path = tmp_path / f"staged-{len(list(tmp_path.glob('*.gprobe')))}.gprobe"
-    writer = RunWriter(path)
-    writer.set_meta(losses=["task", "balance"], task="task",
-                    roles={"task": "task", "balance": "other"}, every=1,
-                    expect_groups_per_batch=None)
-    task_loss = np.geomspace(2.0, 0.5, STEPS)
-    for step in range(STEPS):
-        rows = rng.normal(size=(2, 64)) * np.array([[1.0], [40.0]])
-        gram = rows @ rows.T
-        weights = (1.0, float(schedule[step]))
-        scalars = {}
-        for k, name in enumerate(("task", "balance")):
-            norm = float(np.sqrt(gram[k, k]))
-            scalars |= {("loss", name): float((task_loss[step], 1.5)[k]),
-                        ("grad_norm", name): norm, ("weighted_grad_norm", name): weights[k] * norm,
-                        ("weight", name): weights[k]}
-        writer.write_step(step, scalars, {("grad_gram", "shared"): gram,
-                                          ("grad_gram_layer", "router"): gram})
-    writer.close()
+    scales = {"router": [np.array([1.0, 40.0])] * STEPS}
+    _write(path, ("task", "balance"), [1.0, schedule], {"router": 64},
+           [_falling(2.0, 0.5), np.full(STEPS, 1.5)], scales, np.random.default_rng(5))
     return load_run(path)
 
 

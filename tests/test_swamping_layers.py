@@ -27,8 +27,9 @@ TH = Thresholds()
 
 def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True, meta=None,
            arrays_at=None, roles=None):
-    """``scales[layer]``: per step, per loss, the size of that loss's gradient rows on the
-    layer (0: the loss does not reach it); ``meta``, ``arrays_at(step)``: more metadata and
+    """``weights[k]``: loss k's weight, one for the run or one per step; ``scales[layer]``:
+    per step, per loss, the size of that loss's gradient rows on the layer (0: the loss does
+    not reach it); ``meta``, ``arrays_at(step)``: more metadata and
     arrays to record; ``roles``: roles other than the default (task first, then other).
     Returns the rows J[step][layer] [K, P]."""
     w = RunWriter(path)
@@ -50,9 +51,10 @@ def _write(path, names, weights, layers, losses, scales, rng, with_blocks=True, 
             arrays |= arrays_at(s)
         for k, name in enumerate(names):
             norm = float(np.sqrt(gram[k, k]))
+            weight = float(np.broadcast_to(weights[k], STEPS)[s])
             scalars |= {("loss", name): float(losses[k][s]), ("grad_norm", name): norm,
-                        ("weighted_grad_norm", name): abs(weights[k]) * norm,
-                        ("weight", name): weights[k]}
+                        ("weighted_grad_norm", name): abs(weight) * norm,
+                        ("weight", name): weight}
         w.write_step(s, scalars, arrays)
     w.close()
     return rows

@@ -23,8 +23,8 @@ from .common import Earlier, loss_start, make_finding, pooled_usage, satisfied_c
 from .conflict_harm import conflict_harm, terms_on_representation
 from .layers import layer_blocks, layer_ratios, layer_weights, pair_on_layers
 from .purpose import (adversary_at_chance, carried_by, end_fraction, head_on_another,
-                      held_back, own_measure_alarms, reach_failing, serves_another,
-                      swamped_before_learning)
+                      held_back, held_back_by, own_measure_alarms, reach_failing,
+                      serves_another, swamped_before_learning)
 from .inert import on_whole_set, rounding_residue
 from .remedies import (brief_swamping_remedy, conflict_remedy, serving_remedy,
                        swamping_remedy)
@@ -81,9 +81,11 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         # The losses that swamp it, the most frequent first.
         rivals = [names[d] for d, _ in Counter(
             dominant_idx[k][held & (dominant_idx[k] >= 0)].tolist()).most_common()]
+        # Read once, where a test below first asks for it.
+        held_by = functools.cache(lambda: held_back_by(run, name, rivals, th))
         unlearned = None
         if not persistent(steps, held, judged, th):
-            unlearned = swamped_before_learning(run, name, steps, held, judged, rivals, th)
+            unlearned = swamped_before_learning(run, name, steps, held, judged, held_by, th)
             if unlearned is None:
                 continue
         # How swamped, read where it is swamped: over all judged steps the median sits at
@@ -104,7 +106,7 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         quartiles = [float(q) for q in np.quantile(settled, [0.25, 0.75])]
         # Too close to call, unless the outcome calls it: a loss that never recovered its fit
         # while a loss that swamps it learned was held back whatever its ratio's spread.
-        stalled = next(filter(None, (held_back(run, name, rival, th) for rival in rivals)), None)
+        stalled = held_by()
         close = quartiles[0] < th.swamping_ratio < quartiles[1] and not stalled
         protected = _usage_it_keeps(run, name, th)
         at_chance = adversary_at_chance(run, name, th)
@@ -114,8 +116,8 @@ def gradient_swamping(run: Run, th: Thresholds, earlier: Earlier) -> list[Findin
         # or an objective held back, as intended; only what it reaches failing says harm, and
         # for one with a head of its own, its own loss failing to descend.
         head = head_on_another(run, name, th)
-        failing = reach_failing(run, name, th, alarms()) if serves_another(run, name) or \
-            head is not None else None
+        failing = reach_failing(run, name, th, alarms(), at_chance) \
+            if serves_another(run, name) or head is not None else None
         trade_off = failing == [] and not (protected or at_chance or carried is not None)
         severity = "info" if close or protected or at_chance or carried is not None or \
             trade_off else "error" if med < th.swamping_error_ratio else "warning"

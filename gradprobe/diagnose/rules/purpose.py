@@ -7,6 +7,8 @@ however short."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from gradprobe.record import Run
@@ -84,6 +86,12 @@ def held_back(run: Run, name: str, dominant: str, th: Thresholds) -> dict | None
             "by": dominant}
 
 
+def held_back_by(run: Run, name: str, rivals: list[str], th: Thresholds) -> dict | None:
+    """``held_back`` by the first of ``rivals`` (the losses that swamp ``name``, the most
+    frequent first) that held it back, or None."""
+    return next(filter(None, (held_back(run, name, rival, th) for rival in rivals)), None)
+
+
 def carried_by(run: Run, name: str, dominant: str, steps: np.ndarray, held: np.ndarray,
                blocks: np.ndarray | None, th: Thresholds) -> float | None:
     """The median cosine, over the steps a loss is held swamped, between its gradient and
@@ -111,8 +119,8 @@ def carried_by(run: Run, name: str, dominant: str, steps: np.ndarray, held: np.n
 
 
 def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.ndarray,
-                            judged: np.ndarray, rivals: list[str], th: Thresholds
-                            ) -> dict | None:
+                            judged: np.ndarray, held_by: Callable[[], dict | None],
+                            th: Thresholds) -> dict | None:
     """For the task (declared, or the first loss), swamped at the start of its judged steps,
     where a loss first learns, and kept from its fit by it; a swamping that shuts the task out
     of its start leaves it there after the other loss settles and the ratio recovers, so it is
@@ -123,9 +131,9 @@ def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.nda
       regression of squared error ~1e3: swamped over its first 13-40% of training, the digit
       loss never leaves 0.73-0.95 of ln 10); or
     - it never learned, or was undone (it ends at or above its start window), swamped from
-      its first judged step on (``min_points`` steps) by one of ``rivals`` (the losses that
-      swamp it, most frequent first) that went on to fall below that fraction of its own
-      start (``held_back``, whose figures are returned): a penalty that drives the network to
+      its first judged step on (``min_points`` steps) by a loss that went on to fall below
+      that fraction of its own start (``held_by()``: ``held_back_by`` the losses that swamp
+      it, whose figures are returned): a penalty that drives the network to
       its own floor needs no more than a brief start (an input-Jacobian penalty at 1e4 its
       weight flattens a classifier to a constant within 3% of training, the task then stays
       at ln 10 while the penalty falls to 2% of its start; a spectral penalty at 300 its
@@ -144,10 +152,13 @@ def swamped_before_learning(run: Run, name: str, steps: np.ndarray, held: np.nda
     if lowest >= th.swamping_stall_fraction and \
             persistent(steps[judged][:first], at_start, None, th):
         return {"lowest": lowest}
-    held = next(filter(None, (held_back(run, name, rival, th) for rival in rivals)), None)
-    if held is None or len(at_start) < th.min_points or not at_start[:th.min_points].all():
+    if len(at_start) < th.min_points or not at_start[:th.min_points].all():
         return None
-    return held if lowest >= th.swamping_stall_fraction or held["end_fraction"] >= 1.0 else None
+    holder = held_by()
+    if holder is None:
+        return None
+    return holder if lowest >= th.swamping_stall_fraction or holder["end_fraction"] >= 1.0 \
+        else None
 
 
 def _on_another_pass(record: dict) -> bool:
@@ -211,15 +222,18 @@ def own_measure_alarms(run: Run, th: Thresholds) -> set[str]:
             if f.severity != "info"}
 
 
-def reach_failing(run: Run, name: str, th: Thresholds, alarms: set[str]) -> list[str]:
+def reach_failing(run: Run, name: str, th: Thresholds, alarms: set[str],
+                  at_chance: dict | None) -> list[str]:
     """What a loss reaches that fails by its own measure: the watched prototypes it reaches as
     graph leaves whose pooled usage entropy is below ``usage_held_fraction`` of its maximum
     (as a balancing loss is judged), those that assign a latent it reaches with a
     prototype-collapse alarm, the watched latents its gradient reaches (a recorded
     ``latent_grad_norm`` above 0) with a representation-collapse, orthogonality-vanishing or
     latent-dependence alarm, and its own weak-contrastive-signal alarm (``alarms``:
-    :func:`own_measure_alarms`). The quantity a term serving another loss protects is not
-    named by its graph, so a failure of any of them counts."""
+    :func:`own_measure_alarms`), and the loss itself when it is adversarial and its
+    discriminator is not at chance (``at_chance``: :func:`adversary_at_chance` of it). The
+    quantity a term serving another loss protects is not named by its graph, so a failure of
+    any of them counts."""
     latents = set()
     for key in run.names(LATENT_GRAD_NORM):
         latent, loss = pair_parts(key)
@@ -236,7 +250,7 @@ def reach_failing(run: Run, name: str, th: Thresholds, alarms: set[str]) -> list
     assigning = {p for p, latent in (run.meta.get("prototypes") or {}).items() if latent in latents}
     subjects = latents | assigning | {name}
     failing += [subject for subject in alarms if set(pair_parts(subject)) & subjects]
-    if roles(run).get(name) == "adversarial" and adversary_at_chance(run, name, th) is None and \
+    if roles(run).get(name) == "adversarial" and at_chance is None and \
             end_fraction(run, name, th) is not None:
         failing.append(name)  # its discriminator wins: it reads what the term was to hide
     return sorted(set(failing))
